@@ -1,0 +1,69 @@
+"""Daemon settings.  Every limit the daemon enforces is one named field here, with its default.
+
+A config file (TOML) may set any field; command-line flags override the file.  ``docs/daemon.md``
+lists the settings with their meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+
+from shimmy import ring
+from shimmy.protocol import DEFAULT_SOCKET
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+@dataclass
+class Settings:
+    socket: str = DEFAULT_SOCKET          # control socket path (ZeroMQ ipc)
+    shm_dir: str = "/dev/shm"             # where POSIX shm objects appear (free-space checks, sweep)
+    default_capacity: int = ring.DEFAULT_CAPACITY
+    max_capacity: int = ring.MAX_CAPACITY
+    max_channels: int = 256
+    max_subscribers: int = 64             # per channel (slots in each ring)
+    max_clients: int = 1024
+    shm_budget: int = 0                   # bytes of rings in total; 0 = bounded by free space only
+    shm_reserve: int = 8 << 20            # keep this much of shm_dir free for others
+    heartbeat_interval: float = 1.0       # clients send one heartbeat per interval
+    lease_timeout: float = 5.0            # no heartbeat for this long: subscriber slots evicted
+    idle_channel_ttl: float = 300.0       # a channel nobody holds for this long is deleted
+    request_max_bytes: int = 65536        # larger control messages are refused unread
+    access: str = "open"                  # "open" or "closed" when a client has no policy labels
+    log_level: str = "info"
+    node: str = ""                        # node name (peering); empty = hostname
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> "Settings":
+        ring.check_capacity(self.default_capacity)
+        ring.check_capacity(self.max_capacity)
+        if self.default_capacity > self.max_capacity:
+            raise ValueError("default_capacity must not exceed max_capacity")
+        if not 1 <= self.max_subscribers <= ring.MAX_SUBSCRIBERS_LIMIT:
+            raise ValueError(f"max_subscribers must be 1..{ring.MAX_SUBSCRIBERS_LIMIT}")
+        for name in ("max_channels", "max_clients", "request_max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not 0 < self.heartbeat_interval < self.lease_timeout:
+            raise ValueError("need 0 < heartbeat_interval < lease_timeout")
+        if self.access not in ("open", "closed"):
+            raise ValueError("access must be 'open' or 'closed'")
+        return self
+
+
+def load(path: str | None, **overrides) -> Settings:
+    values: dict = {}
+    if path:
+        with open(path, "rb") as fh:
+            values = tomllib.load(fh)
+        known = {f.name for f in dataclasses.fields(Settings)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values).validate()

@@ -1,0 +1,368 @@
+"""Pub/sub channels: ``Channel``, ``Subscription``, ``Message``.
+
+The daemon is asked once for a ring (and, lazily, for the publisher role or a subscriber slot);
+after that every publish and receive goes straight to the shared mapping.
+"""
+
+from __future__ import annotations
+
+import _thread
+import mmap
+import time
+from contextlib import contextmanager
+
+import posix_ipc
+
+from shimmy import ring
+from shimmy.errors import (ChannelClosed, InvalidArgument, MessageTooLarge, ReceiveTimeout,
+                           ShimmyError)
+from shimmy.names import validate_name
+
+from .client import fork_generation, get_client
+
+DEFAULT_PUBLISH_TIMEOUT = 10.0   # seconds a reliable publisher waits for room, then raises
+DEFAULT_SPIN_US = 100            # adaptive spin ceiling before a receiver sleeps
+MIN_SPIN_US = 2
+MAX_SLEEP = 0.25                 # a sleeping receiver re-checks at least this often
+
+# A full memory barrier: an uncontended lock acquire+release executes LOCK-prefixed
+# instructions (sem_trywait/sem_post or a CAS), which order all earlier stores before all later
+# loads on x86-64 and are full barriers on ARM too.  See docs/ring-format.md, "wake-ups".
+_fence_lock = _thread.allocate_lock()
+
+
+def _fence() -> None:
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+class Message:
+    """One received message.
+
+    ``data`` is a read-only memoryview straight into the ring, valid until :meth:`release` or the
+    next ``receive`` on the same subscription.  In ``lossy`` mode the publisher may overwrite it
+    even then: :meth:`valid` says whether it still holds the bytes that were received, and
+    ``bytes(msg)`` raises :class:`MessageOverwritten` instead of returning corrupted data.
+    """
+
+    __slots__ = ("data", "seq", "lost", "_sub", "_pos", "_end")
+
+    def __init__(self, sub: "Subscription", data: memoryview, seq: int, lost: int, pos: int,
+                 end: int):
+        self.data = data
+        self.seq = seq
+        self.lost = lost
+        self._sub = sub
+        self._pos = pos
+        self._end = end
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def valid(self) -> bool:
+        """True while the publisher has not overwritten this message's bytes."""
+        return self._sub._reader.head_at_most(self._pos)
+
+    def __bytes__(self) -> bytes:
+        out = bytes(self.data)
+        if not self._sub._reader.head_at_most(self._pos):
+            raise MessageOverwritten(
+                f"message seq={self.seq} on {self._sub.channel.name!r} was overwritten while "
+                f"held (lossy mode); copy it promptly or use a larger capacity")
+        return out
+
+    def release(self) -> None:
+        """Hand the message's bytes back to the publisher now instead of at the next receive."""
+        self._sub._release(self)
+
+    def __enter__(self) -> "Message":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<shimmy.Message seq={self.seq} len={len(self.data)} lost={self.lost}>"
+
+
+class MessageOverwritten(ShimmyError):
+    """A lossy-mode message was overwritten by the publisher while it was held."""
+
+    code = "overwritten"
+
+
+class Channel:
+    """A named pub/sub channel on this node (created by the daemon if absent).
+
+    ``mode`` is ``"reliable"`` (a full ring makes the publisher wait, bounded by
+    ``publish_timeout``, then raise BackpressureTimeout) or ``"lossy"`` (the publisher never
+    waits; lapped subscribers see ``Message.lost``).  ``mode`` and ``capacity`` are fixed when the
+    channel is created; ``None`` accepts whatever the existing channel has.
+    """
+
+    def __init__(self, name: str, *, daemon: str | None = None, mode: str | None = None,
+                 capacity: int | None = None, spin_us: int | None = None,
+                 publish_timeout: float | None = DEFAULT_PUBLISH_TIMEOUT):
+        self.name = validate_name(name)
+        if mode is not None and mode not in ring.MODES:
+            raise InvalidArgument(f"mode must be one of {sorted(ring.MODES)}, got {mode!r}")
+        if capacity is not None:
+            try:
+                ring.check_capacity(capacity)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+        if spin_us is not None and (not isinstance(spin_us, int) or spin_us < 0):
+            raise InvalidArgument(f"spin_us must be a non-negative int, got {spin_us!r}")
+        self.spin_us = DEFAULT_SPIN_US if spin_us is None else spin_us
+        self.publish_timeout = publish_timeout
+        self._fork_gen = fork_generation()
+        self._client = get_client(daemon)
+        reply = self._client.request("open", name=self.name, mode=mode, capacity=capacity)
+        self.mode = reply["mode"]
+        self.capacity = reply["capacity"]
+        self.max_message = reply["max_message"]
+        self._sem_prefix = reply["sem_prefix"]
+        shm = posix_ipc.SharedMemory(reply["shm"])
+        try:
+            self._mm = mmap.mmap(shm.fd, shm.size)
+        finally:
+            shm.close_fd()
+        self._view = ring.RingView(self._mm)
+        self._writer: ring.RingWriter | None = None
+        self._sems: dict[int, posix_ipc.Semaphore] = {}
+        self._subs: list[Subscription] = []
+        self.closed = False
+
+    # -- publishing ---------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self.closed:
+            raise ChannelClosed(f"channel {self.name!r} is closed")
+        if self._fork_gen != fork_generation():
+            raise ChannelClosed(f"channel {self.name!r} was opened before fork(); open it again "
+                                f"in this process")
+        if self._view.retired():
+            raise ChannelClosed(f"channel {self.name!r} was retired by the daemon (deleted or "
+                                f"daemon restarted); open it again")
+
+    def _become_publisher(self) -> ring.RingWriter:
+        self._check()
+        self._client.request("publish", name=self.name)
+        self._writer = ring.RingWriter(self._view, self._wake, _fence)
+        return self._writer
+
+    def _wake(self, slot: int) -> None:
+        sem = self._sems.get(slot)
+        if sem is None:
+            try:
+                sem = posix_ipc.Semaphore(self._sem_prefix + str(slot))
+            except posix_ipc.ExistentialError:
+                return  # slot freed and its semaphore gone with its channel
+            self._sems[slot] = sem
+        sem.release()
+
+    def publish(self, data, *, timeout: float | None = ...) -> int:
+        """Copy ``data`` (any bytes-like object) into the ring; return its sequence number."""
+        writer = self._writer
+        if writer is None or self.closed:
+            writer = self._become_publisher()
+        return writer.publish(data, self.publish_timeout if timeout is ... else timeout)
+
+    @contextmanager
+    def loan(self, n: int, *, timeout: float | None = ...):
+        """Zero-copy publish: yield a writable memoryview of ``n`` bytes inside the ring.
+
+        The message is committed when the block exits normally and discarded (never visible to
+        subscribers) when it raises.  The view must not be used after the block.
+        """
+        if not isinstance(n, int) or n < 0:
+            raise InvalidArgument(f"loan size must be a non-negative int, got {n!r}")
+        if n > self.max_message:
+            raise MessageTooLarge(f"loan of {n} bytes exceeds the largest message "
+                                  f"{self.max_message} bytes of channel {self.name!r}")
+        writer = self._writer
+        if writer is None or self.closed:
+            writer = self._become_publisher()
+        view = writer.claim(n, self.publish_timeout if timeout is ... else timeout)
+        try:
+            yield view
+        finally:
+            view.release()
+        # Reached only when the block did not raise: commit.
+        writer.commit_claim(n)
+
+    # -- subscribing --------------------------------------------------------------------------
+    def subscribe(self, start: str = "next", *, spin_us: int | None = None) -> "Subscription":
+        """A new subscription; ``start="oldest"`` begins at the oldest message still held."""
+        self._check()
+        if start not in ("next", "oldest"):
+            raise InvalidArgument(f"start must be 'next' or 'oldest', got {start!r}")
+        reply = self._client.request("subscribe", name=self.name, start=start)
+        sub = Subscription(self, reply["slot"], reply["position"],
+                           self.spin_us if spin_us is None else spin_us)
+        self._subs.append(sub)
+        return sub
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for sub in list(self._subs):
+            sub.close()
+        for sem in self._sems.values():
+            sem.close()
+        if self._fork_gen == fork_generation() and not self._client.closed:
+            try:
+                self._client.request("close", name=self.name)
+            except ShimmyError:
+                pass  # the daemon is gone; nothing of ours to give back
+        self._writer = None
+        self._view.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a caller still holds a Message view; the mapping lives until it is dropped
+
+    def __enter__(self) -> "Channel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<shimmy.Channel {self.name!r} mode={self.mode} capacity={self.capacity}>"
+
+
+class Subscription:
+    """One subscriber's position in a channel; iterate it or call :meth:`receive`."""
+
+    def __init__(self, channel: Channel, slot: int, position: int, spin_us: int):
+        self.channel = channel
+        self.slot = slot
+        self._view = channel._view
+        self._reader = ring.RingReader(channel._view, slot, position)
+        self._sem = posix_ipc.Semaphore(channel._sem_prefix + str(slot))
+        self._waiting = channel._view.mv[ring.OFF_WAITING + slot:ring.OFF_WAITING + slot + 1]
+        self._ro = channel._view.mv.toreadonly()
+        self._spin_max = spin_us / 1e6
+        self._spin = self._spin_max
+        self._held = position   # start of the frame most recently handed out
+        self.closed = False
+
+    @property
+    def lost(self) -> int:
+        """Messages this subscription has missed so far (lossy mode)."""
+        return self._reader.lost_total
+
+    def _release(self, msg: Message) -> None:
+        if msg._end > self._held and self._reader.position >= msg._end:
+            self._held = msg._end
+            self._reader.release_to(msg._end)
+
+    def receive_nowait(self) -> Message | None:
+        """The next message, or None if none is committed yet."""
+        reader = self._reader
+        # Everything before the frame handed out last is done with: let the publisher reuse it.
+        reader.release_to(reader.position)
+        got = reader.poll()
+        if got is None:
+            return None
+        pos, off, length, seq, lost = got
+        self._held = pos
+        return Message(self, self._ro[off:off + length], seq, lost, pos, reader.position)
+
+    def receive(self, timeout: float | None = None) -> Message:
+        """Block until a message arrives (at most ``timeout`` seconds; None = forever)."""
+        if self.closed:
+            raise ChannelClosed(f"subscription to {self.channel.name!r} is closed")
+        msg = self.receive_nowait()
+        if msg is not None:
+            return msg
+        return self._wait(timeout)
+
+    def _wait(self, timeout: float | None) -> Message:
+        channel = self.channel
+        channel._check()
+        now = time.perf_counter()
+        deadline = None if timeout is None else now + timeout
+        # 1. Adaptive spin: poll for up to self._spin seconds (shrinks when spinning keeps
+        #    failing, grows back when a message arrives soon after we would have given up).
+        spin_end = now + self._spin
+        if deadline is not None and spin_end > deadline:
+            spin_end = deadline
+        reader, q, tail_word = self._reader, self._view.q, ring.OFF_TAIL // 8
+        while True:
+            if q[tail_word] != reader.position:
+                msg = self.receive_nowait()
+                if msg is not None:
+                    self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_max)
+                    return msg
+            if time.perf_counter() >= spin_end:
+                break
+        # 2. Sleep on our semaphore, re-checking at least every MAX_SLEEP.
+        slept_at = time.perf_counter()
+        waiting = self._waiting
+        try:
+            while True:
+                waiting[0] = 1
+                # SYNC POINT (Dekker pair with RingWriter._commit): store waiting, FENCE, load
+                # tail.  Either we see the new tail here, or the publisher sees our byte and
+                # posts the semaphore.
+                _fence()
+                msg = self.receive_nowait()
+                if msg is not None:
+                    break
+                now = time.perf_counter()
+                if deadline is not None and now >= deadline:
+                    raise ReceiveTimeout(f"no message on {channel.name!r} within {timeout} s")
+                wait = MAX_SLEEP if deadline is None else min(MAX_SLEEP, deadline - now)
+                try:
+                    self._sem.acquire(wait)
+                except posix_ipc.BusyError:
+                    channel._check()
+                    self._check_slot()
+        finally:
+            waiting[0] = 0
+        # Woken soon after we stopped spinning: a longer spin would have caught it.
+        if time.perf_counter() - slept_at < self._spin_max:
+            self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_max)
+        else:
+            self._spin = max(self._spin / 2, MIN_SPIN_US / 1e6) if self._spin_max else 0.0
+        return msg
+
+    def _check_slot(self) -> None:
+        if self._view.slot_state(self.slot) == ring.SLOT_EVICTED:
+            raise ChannelClosed(
+                f"subscription to {self.channel.name!r} was evicted: this process sent no "
+                f"heartbeat for the daemon's lease_timeout; subscribe again")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Message:
+        return self.receive()
+
+    async def receive_async(self, timeout: float | None = None) -> Message:
+        from .aio import receive_async
+        return await receive_async(self, timeout)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        channel = self.channel
+        if self in channel._subs:
+            channel._subs.remove(self)
+        self._sem.close()
+        self._waiting.release()
+        if channel._fork_gen == fork_generation() and not channel._client.closed:
+            try:
+                channel._client.request("unsubscribe", name=channel.name, slot=self.slot)
+            except ShimmyError:
+                pass
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,147 @@
+"""The SDK's connection to the node daemon (control plane only; no message bytes go this way).
+
+One :class:`DaemonClient` per (process, daemon socket).  It owns a ZeroMQ DEALER for requests and
+a session socket whose lifetime is the daemon's view of this process's lifetime.  A heartbeat
+thread keeps the lease.  After ``fork()`` the child drops the parent's client (closing its copy of
+the session socket, so the parent's death is still seen) and any object opened before the fork
+refuses to work in the child: a child must open its own channels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+import weakref
+
+import msgpack
+import zmq
+
+from shimmy.errors import DaemonUnavailable, ProtocolError, error_from_reply
+from shimmy.protocol import PROTOCOL_VERSION, endpoint, resolve_socket
+
+REQUEST_TIMEOUT = 5.0  # seconds to wait for a daemon reply before DaemonUnavailable
+
+_clients: dict[str, "DaemonClient"] = {}
+_clients_lock = threading.Lock()
+_generation = 0  # bumped in a forked child; objects remember the generation they were made in
+
+
+def fork_generation() -> int:
+    return _generation
+
+
+def _after_fork_in_child() -> None:
+    global _generation, _clients_lock
+    _generation += 1
+    _clients_lock = threading.Lock()
+    for client in _clients.values():
+        client._abandon()
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def get_client(daemon: str | None) -> "DaemonClient":
+    path = resolve_socket(daemon)
+    with _clients_lock:
+        client = _clients.get(path)
+        if client is None or client.closed:
+            client = DaemonClient(path)
+            _clients[path] = client
+        return client
+
+
+class DaemonClient:
+    def __init__(self, path: str):
+        self.path = path
+        self.closed = False
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        if not os.path.exists(path):
+            raise DaemonUnavailable(self._unavailable("no socket file there"))
+        self._ctx = zmq.Context.instance()
+        self._sock = self._new_socket()
+        hello = self.request("hello", pid=os.getpid())
+        self.id = hello["client"]
+        self.heartbeat_interval = hello["heartbeat_interval"]
+        self.lease_timeout = hello["lease_timeout"]
+        self._session = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._session.connect(hello["session"])
+            self._session.sendall(hello["token"].encode() + b"\n")
+        except OSError as exc:
+            self._session.close()
+            raise DaemonUnavailable(self._unavailable(f"session socket: {exc}")) from None
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=_heartbeat, name="shimmy-heartbeat", daemon=True,
+                                      args=(weakref.ref(self), self._session, self._stop,
+                                            self.heartbeat_interval))
+        self._beat.start()
+
+    def _unavailable(self, why: str) -> str:
+        return (f"shimmy daemon not reachable at {self.path} ({why}); start one with "
+                f"`shimmy daemon --socket {self.path}` or point $SHIMMY_DAEMON at its socket")
+
+    def _new_socket(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint(self.path))
+        return sock
+
+    def request(self, op: str, **fields) -> dict:
+        """Send one request and wait (bounded) for its reply; raise the reply's error."""
+        req_id = next(self._ids)
+        fields.update(v=PROTOCOL_VERSION, id=req_id, op=op)
+        if op != "hello":
+            fields["client"] = self.id
+        with self._lock:
+            if self.closed:
+                raise DaemonUnavailable(self._unavailable("client closed"))
+            self._sock.send(msgpack.packb(fields))
+            deadline_ms = int(REQUEST_TIMEOUT * 1000)
+            while True:
+                if not self._sock.poll(deadline_ms):
+                    # The DEALER may hold a half-sent request; start clean next time.
+                    self._sock.close(0)
+                    self._sock = self._new_socket()
+                    raise DaemonUnavailable(self._unavailable(
+                        f"no reply to {op!r} within {REQUEST_TIMEOUT} s"))
+                reply = msgpack.unpackb(self._sock.recv(), raw=False)
+                if reply.get("id") == req_id:
+                    break  # replies to abandoned requests are skipped
+        if reply.get("v") != PROTOCOL_VERSION:
+            raise ProtocolError(f"daemon speaks protocol {reply.get('v')}, "
+                                f"this SDK {PROTOCOL_VERSION}")
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise error_from_reply(err.get("code", "error"), err.get("message", "unknown error"))
+        return reply
+
+    def _abandon(self) -> None:
+        """In a forked child: forget the parent's connection without telling the daemon."""
+        self.closed = True
+        try:
+            self._session.close()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._stop.set()
+        self._session.close()
+        self._sock.close(0)
+
+
+def _heartbeat(ref, sock: socket.socket, stop: threading.Event, interval: float) -> None:
+    while not stop.wait(interval):
+        if ref() is None:
+            return
+        try:
+            sock.send(b"h")
+        except OSError:
+            return

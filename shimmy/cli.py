@@ -1,0 +1,194 @@
+"""The ``shimmy`` command: daemon | pub | sub | ls | stat | rm | health | bench | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from shimmy.errors import ShimmyError
+
+
+def _cmd_daemon(args) -> int:
+    from shimmy.daemon import config, server
+    settings = config.load(args.config, socket=args.socket, shm_dir=args.shm_dir,
+                           access=args.access, log_level=args.log_level)
+    server.run(settings)
+    return 0
+
+
+def _client(args):
+    from shimmy.sdk.client import get_client
+    return get_client(args.daemon)
+
+
+def _cmd_pub(args) -> int:
+    from shimmy import Channel
+    with Channel(args.channel, daemon=args.daemon, mode=args.mode) as ch:
+        messages = args.message or (line.rstrip("\n") for line in sys.stdin)
+        for text in messages:
+            seq = ch.publish(text.encode())
+            if args.verbose:
+                print(seq)
+    return 0
+
+
+def _cmd_sub(args) -> int:
+    from shimmy import Channel
+    with Channel(args.channel, daemon=args.daemon) as ch, ch.subscribe(start=args.start) as sub:
+        n = 0
+        while args.count is None or n < args.count:
+            msg = sub.receive(timeout=args.timeout)
+            data = bytes(msg)
+            if msg.lost:
+                print(f"# lost {msg.lost} messages", file=sys.stderr)
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                text = data.hex()
+            print(f"{msg.seq}\t{text}" if args.seq else text, flush=True)
+            n += 1
+    return 0
+
+
+def _cmd_ls(args) -> int:
+    reply = _client(args).request("list")
+    if args.json:
+        print(json.dumps(reply["channels"], indent=2))
+        return 0
+    rows = [("CHANNEL", "MODE", "CAPACITY", "PUBLISHED", "PUBLISHER", "SUBS", "MAX LAG")]
+    for ch in reply["channels"]:
+        lag = max((s["lag_bytes"] for s in ch["subscribers"]), default=0)
+        rows.append((ch["name"], ch["mode"], _size(ch["capacity"]), str(ch["published"]),
+                     "yes" if ch["publisher"] is not None else "-", str(len(ch["subscribers"])),
+                     _size(lag)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _cmd_stat(args) -> int:
+    reply = _client(args).request("stat")
+    reply.pop("ok", None), reply.pop("v", None), reply.pop("id", None)
+    print(json.dumps(reply, indent=2, default=str))
+    return 0
+
+
+def _cmd_rm(args) -> int:
+    _client(args).request("delete", name=args.channel)
+    return 0
+
+
+def _cmd_health(args) -> int:
+    from shimmy.sdk.client import DaemonClient  # noqa: F401  (import cost only)
+    import msgpack
+    import zmq
+    from shimmy.protocol import PROTOCOL_VERSION, endpoint, resolve_socket
+    path = resolve_socket(args.daemon)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint(path))
+        sock.send(msgpack.packb({"v": PROTOCOL_VERSION, "id": 1, "op": "ping"}))
+        if not sock.poll(int(args.timeout * 1000)):
+            print(f"unhealthy: no reply from {path} within {args.timeout} s", file=sys.stderr)
+            return 1
+        reply = msgpack.unpackb(sock.recv())
+        print(f"ok pid={reply['pid']} uptime={reply['uptime']:.0f}s")
+        return 0
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def _cmd_bench(args) -> int:
+    from shimmy.bench.runner import main as bench_main
+    return bench_main(args.bench_args)
+
+
+def _cmd_demo(args) -> int:
+    from shimmy.demo import run_demo
+    return run_demo(seconds=args.seconds, size=args.size)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shimmy", description="Shared-memory channels on a node.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_daemon(sp):
+        sp.add_argument("--daemon", help="daemon socket (default $SHIMMY_DAEMON or "
+                                         "/run/shimmy/shimmyd.sock)")
+        return sp
+
+    d = sub.add_parser("daemon", help="run the node daemon")
+    d.add_argument("--socket", help="control socket path (default /run/shimmy/shimmyd.sock)")
+    d.add_argument("--config", help="TOML settings file (docs/daemon.md)")
+    d.add_argument("--shm-dir", help="where shared memory lives (default /dev/shm)")
+    d.add_argument("--access", choices=["open", "closed"], help="policy for unlabelled clients")
+    d.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    d.set_defaults(func=_cmd_daemon)
+
+    pb = with_daemon(sub.add_parser("pub", help="publish messages (arguments, or stdin lines)"))
+    pb.add_argument("channel")
+    pb.add_argument("message", nargs="*")
+    pb.add_argument("--mode", choices=["reliable", "lossy"])
+    pb.add_argument("-v", "--verbose", action="store_true", help="print each sequence number")
+    pb.set_defaults(func=_cmd_pub)
+
+    sb = with_daemon(sub.add_parser("sub", help="print messages as they arrive"))
+    sb.add_argument("channel")
+    sb.add_argument("--count", type=int, help="stop after N messages")
+    sb.add_argument("--start", choices=["next", "oldest"], default="next")
+    sb.add_argument("--timeout", type=float, help="give up after this many idle seconds")
+    sb.add_argument("--seq", action="store_true", help="prefix each line with its sequence")
+    sb.set_defaults(func=_cmd_sub)
+
+    ls = with_daemon(sub.add_parser("ls", help="list channels"))
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_cmd_ls)
+    with_daemon(sub.add_parser("stat", help="daemon stats as JSON")).set_defaults(func=_cmd_stat)
+    rm = with_daemon(sub.add_parser("rm", help="delete a channel"))
+    rm.add_argument("channel")
+    rm.set_defaults(func=_cmd_rm)
+    h = with_daemon(sub.add_parser("health", help="exit 0 if the daemon answers"))
+    h.add_argument("--timeout", type=float, default=2.0)
+    h.set_defaults(func=_cmd_health)
+
+    b = sub.add_parser("bench", help="benchmarks against ZeroMQ, TCP and others",
+                       add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=_cmd_bench)
+
+    dm = sub.add_parser("demo", help="embedded daemon + publisher + 2 subscribers, vs ZeroMQ")
+    dm.add_argument("--seconds", type=float, default=3.0)
+    dm.add_argument("--size", type=int, default=256, help="message size in bytes")
+    dm.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ShimmyError as exc:
+        print(f"shimmy: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except TimeoutError as exc:
+        print(f"shimmy: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Shimmy's exception hierarchy.
+
+Every error derives from :class:`ShimmyError` and mixes in the builtin that a caller would
+naturally catch (``TimeoutError``, ``ValueError``, ``ConnectionError``...).  The daemon sends
+errors as ``{"code": CODE, "message": ...}``; :func:`error_from_reply` is the one place that turns
+a code back into an exception, so the SDK raises the same class whichever side found the fault.
+"""
+
+from __future__ import annotations
+
+
+class ShimmyError(Exception):
+    """Base class of every error Shimmy raises."""
+
+    code = "error"
+
+
+class DaemonUnavailable(ShimmyError, ConnectionError):
+    """The node daemon could not be reached (or stopped answering)."""
+
+    code = "daemon_unavailable"
+
+
+class InvalidName(ShimmyError, ValueError):
+    """A channel or stream name breaks the naming rule."""
+
+    code = "invalid_name"
+
+
+class InvalidArgument(ShimmyError, ValueError):
+    """An option or size is out of its documented range."""
+
+    code = "invalid_argument"
+
+
+class MessageTooLarge(ShimmyError, ValueError):
+    """A message is larger than the channel's largest message."""
+
+    code = "message_too_large"
+
+
+class ChannelConflict(ShimmyError, ValueError):
+    """A channel exists with options that differ from the ones asked for."""
+
+    code = "conflict"
+
+
+class ChannelNotFound(ShimmyError, LookupError):
+    """The channel does not exist (and the request did not ask to create it)."""
+
+    code = "not_found"
+
+
+class LimitExceeded(ShimmyError, OSError):
+    """A daemon limit (channels, subscribers, clients, memory) would be exceeded."""
+
+    code = "limit"
+
+
+class PermissionDenied(ShimmyError, PermissionError):
+    """An access rule refused the operation."""
+
+    code = "permission_denied"
+
+
+class BackpressureTimeout(ShimmyError, TimeoutError):
+    """A reliable publisher waited its bound for slow subscribers and gave up."""
+
+    code = "backpressure_timeout"
+
+
+class ReceiveTimeout(ShimmyError, TimeoutError):
+    """No message arrived within the receive timeout."""
+
+    code = "timeout"
+
+
+class ChannelClosed(ShimmyError):
+    """The object was closed by its owner (or belongs to the parent of a forked process)."""
+
+    code = "closed"
+
+
+class ProtocolError(ShimmyError):
+    """A control message was malformed or spoke another protocol version."""
+
+    code = "protocol"
+
+
+class StreamBusy(ShimmyError):
+    """A stream end (writer or reader) is already held by another process."""
+
+    code = "stream_busy"
+
+
+class StreamBroken(ShimmyError, BrokenPipeError):
+    """The other end of a stream went away without closing it cleanly."""
+
+    code = "stream_broken"
+
+
+class RingCorrupted(ShimmyError):
+    """A shared-memory segment failed validation (wrong magic, version or size)."""
+
+    code = "ring_corrupted"
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        ShimmyError, DaemonUnavailable, InvalidName, InvalidArgument, MessageTooLarge,
+        ChannelConflict, ChannelNotFound, LimitExceeded, PermissionDenied, BackpressureTimeout,
+        ReceiveTimeout, ChannelClosed, ProtocolError, StreamBusy, StreamBroken, RingCorrupted,
+    )
+}
+
+
+def error_from_reply(code: str, message: str) -> ShimmyError:
+    """The exception matching a daemon error reply (unknown codes become ``ShimmyError``)."""
+    return _BY_CODE.get(code, ShimmyError)(message)

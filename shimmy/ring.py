@@ -1,0 +1,455 @@
+"""The pub/sub ring: byte layout, the single writer, and the readers.
+
+One ring is one POSIX shared-memory object created and sized by the node daemon.  The full byte
+layout, the ownership of every word and the memory-ordering argument are in
+``docs/ring-format.md``; the constants below are the source of truth for the offsets::
+
+    0      control page (4 KiB)
+           +0    magic "SHMYRING" | +8 layout version u32 | +12 mode u32
+           +16   capacity u64     | +24 max_subscribers u32 | +28 data_offset u32
+           +32   created_ns u64   | +40 retired u64 (daemon: 1 = do not use, reopen)
+           +64   name length u32 + name bytes (up to 200)            -- all daemon, write-once
+           +320  tail u64       publisher: end of the last committed frame (commit word)
+           +328  head u64       publisher: start of the oldest intact frame
+           +336  published u64  publisher: number of messages committed (= next seq)
+           +384  slot_high u32  daemon: 1 + highest subscriber slot ever handed out
+           +448  waiting[max_subscribers] u8   byte i written only by subscriber i
+    4096   slot table: max_subscribers x 64 B, one cache line per subscriber
+           +0 position u64 (subscriber i) | +8 state u32 (daemon) | +12 generation u32 (daemon)
+           +16 pid u32 (daemon)
+    data_offset (page aligned): capacity bytes of frames
+
+Positions (tail, head, subscriber positions) are byte offsets in an endless stream; the ring
+offset is ``position & (capacity - 1)``.  A frame is a 16-byte header (length u32, flags u32,
+seq u64) followed by the payload, padded to 16 bytes; frames never straddle the wrap point (the
+writer fills the end with a PAD frame instead).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import time
+from typing import Callable
+
+from shimmy.errors import BackpressureTimeout, MessageTooLarge, RingCorrupted
+
+MAGIC = 0x474E4952594D4853  # b"SHMYRING" read as a little-endian u64
+LAYOUT_VERSION = 1
+
+MODE_RELIABLE = 0
+MODE_LOSSY = 1
+MODES = {"reliable": MODE_RELIABLE, "lossy": MODE_LOSSY}
+MODE_NAMES = {v: k for k, v in MODES.items()}
+
+PAGE = 4096
+CONTROL_SIZE = PAGE
+SLOT_SIZE = 64
+
+# Byte offsets inside the control page.  Words written by different processes sit on different
+# 64-byte cache lines so that a subscriber's stores never invalidate the publisher's line.
+OFF_MAGIC = 0
+OFF_VERSION = 8
+OFF_MODE = 12
+OFF_CAPACITY = 16
+OFF_MAX_SUBS = 24
+OFF_DATA_OFFSET = 28
+OFF_CREATED = 32
+OFF_RETIRED = 40
+OFF_NAME = 64
+OFF_TAIL = 320
+OFF_HEAD = 328
+OFF_PUBLISHED = 336
+OFF_SLOT_HIGH = 384
+OFF_WAITING = 448
+MAX_SUBSCRIBERS_LIMIT = CONTROL_SIZE - OFF_WAITING  # one waiting byte each must fit the page
+
+# Slot states (daemon-written).
+SLOT_FREE = 0
+SLOT_ACTIVE = 1
+SLOT_EVICTED = 2  # the owner lost its lease; the publisher ignores it, the slot is not reused yet
+
+HEADER = 16
+FLAG_PAD = 1
+FRAME = struct.Struct("<IIQ")  # length, flags, seq
+
+MIN_CAPACITY = 4096
+MAX_CAPACITY = 1 << 30
+DEFAULT_CAPACITY = 1 << 22  # 4 MiB
+
+
+def max_message_size(capacity: int) -> int:
+    """Largest payload a ring of ``capacity`` bytes accepts.
+
+    Half the ring less one header: a frame of that size plus the worst padding at the wrap point
+    still fits, so a reliable publisher can always make progress once subscribers catch up.
+    """
+    return capacity // 2 - HEADER
+
+
+def frame_size(length: int) -> int:
+    """Bytes a frame with ``length`` payload bytes occupies (header + payload, 16-aligned)."""
+    return (length + HEADER + 15) & ~15
+
+
+def check_capacity(capacity: int) -> int:
+    if not isinstance(capacity, int) or isinstance(capacity, bool):
+        raise ValueError(f"capacity must be an int, got {type(capacity).__name__}")
+    if capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or capacity & (capacity - 1):
+        raise ValueError(
+            f"capacity {capacity} must be a power of two between {MIN_CAPACITY} and {MAX_CAPACITY}"
+        )
+    return capacity
+
+
+def data_offset(max_subscribers: int) -> int:
+    table = CONTROL_SIZE + max_subscribers * SLOT_SIZE
+    return (table + PAGE - 1) // PAGE * PAGE
+
+
+def segment_size(capacity: int, max_subscribers: int) -> int:
+    return data_offset(max_subscribers) + capacity
+
+
+class RingView:
+    """A process's mapping of one ring plus typed views of its words.
+
+    ``q`` views the mapping as u64 words, ``u32`` as u32 words; index = byte offset // width.
+    Aligned 8-byte loads and stores through a ``memoryview.cast("Q")`` compile to one ``mov`` on
+    x86-64 and are single-copy atomic there (see docs/ring-format.md for the full argument).
+    """
+
+    def __init__(self, mm: mmap.mmap):
+        self.mm = mm
+        self.mv = memoryview(mm)
+        self.q = self.mv.cast("Q")
+        self.u32 = self.mv.cast("I")
+        if len(mm) < CONTROL_SIZE or self.q[OFF_MAGIC // 8] != MAGIC:
+            raise RingCorrupted("shared-memory segment is not a Shimmy ring (bad magic)")
+        version = self.u32[OFF_VERSION // 4]
+        if version != LAYOUT_VERSION:
+            raise RingCorrupted(f"ring layout version {version}, this library speaks {LAYOUT_VERSION}")
+        self.mode = self.u32[OFF_MODE // 4]
+        self.capacity = self.q[OFF_CAPACITY // 8]
+        self.max_subscribers = self.u32[OFF_MAX_SUBS // 4]
+        self.data_offset = self.u32[OFF_DATA_OFFSET // 4]
+        if len(mm) != self.data_offset + self.capacity:
+            raise RingCorrupted(f"ring segment is {len(mm)} bytes, header says "
+                                f"{self.data_offset + self.capacity}")
+        n = self.u32[OFF_NAME // 4]
+        self.name = bytes(self.mv[OFF_NAME + 4:OFF_NAME + 4 + n]).decode()
+
+    def retired(self) -> bool:
+        return self.q[OFF_RETIRED // 8] != 0
+
+    def slot_word(self, slot: int) -> int:
+        """u64 index of a slot's position word."""
+        return (CONTROL_SIZE + slot * SLOT_SIZE) // 8
+
+    def slot_state(self, slot: int) -> int:
+        return self.u32[(CONTROL_SIZE + slot * SLOT_SIZE + 8) // 4]
+
+    def slot_pid(self, slot: int) -> int:
+        return self.u32[(CONTROL_SIZE + slot * SLOT_SIZE + 16) // 4]
+
+    def release(self) -> None:
+        """Drop the typed views; the mapping can then be closed."""
+        for view in (self.u32, self.q, self.mv):
+            view.release()
+
+
+def format_ring(mm: mmap.mmap, name: str, mode: int, capacity: int, max_subscribers: int) -> None:
+    """Write a fresh control page (daemon only, before anyone else can open the segment)."""
+    mv = memoryview(mm)
+    struct.pack_into("<QIIQII", mv, 0, MAGIC, LAYOUT_VERSION, mode, capacity, max_subscribers,
+                     data_offset(max_subscribers))
+    struct.pack_into("<QQ", mv, OFF_CREATED, time.time_ns(), 0)
+    raw = name.encode()
+    struct.pack_into("<I", mv, OFF_NAME, len(raw))
+    mv[OFF_NAME + 4:OFF_NAME + 4 + len(raw)] = raw
+    mv.release()
+
+
+def daemon_activate_slot(view: RingView, slot: int, position: int, pid: int, generation: int) -> None:
+    """Hand ``slot`` to a new subscriber starting at ``position`` (daemon only).
+
+    Order matters: position and owner first, state last, so the publisher never counts an
+    ACTIVE slot whose position is stale.  slot_high grows before the state flips for the same
+    reason.
+    """
+    base = CONTROL_SIZE + slot * SLOT_SIZE
+    view.q[base // 8] = position
+    view.u32[(base + 12) // 4] = generation
+    view.u32[(base + 16) // 4] = pid
+    view.mv[OFF_WAITING + slot] = 0
+    if view.u32[OFF_SLOT_HIGH // 4] < slot + 1:
+        view.u32[OFF_SLOT_HIGH // 4] = slot + 1
+    view.u32[(base + 8) // 4] = SLOT_ACTIVE
+
+
+def daemon_set_slot_state(view: RingView, slot: int, state: int) -> None:
+    view.u32[(CONTROL_SIZE + slot * SLOT_SIZE + 8) // 4] = state
+
+
+class RingWriter:
+    """The one publisher of a ring.  Single-writer: only the process the daemon granted the
+    publisher role may construct one; it alone stores tail, head, published and frame bytes.
+
+    ``wake(slot)`` is called for every subscriber whose waiting byte is set after a commit.
+    ``barrier()`` must be a full memory fence (a lock acquire/release is one).
+    """
+
+    def __init__(self, view: RingView, wake: Callable[[int], None], barrier: Callable[[], None],
+                 backoff_max: float = 0.001):
+        self.v = view
+        self._mv = view.mv
+        self._q = view.q
+        self._cap = view.capacity
+        self._mask = view.capacity - 1
+        self._base = view.data_offset
+        self._reliable = view.mode == MODE_RELIABLE
+        self.max_message = max_message_size(view.capacity)
+        self._wake = wake
+        self._barrier = barrier
+        self._backoff_max = backoff_max
+        # The publisher role may move between processes over time (one at a time); it resumes
+        # from the words its predecessor committed.
+        self._tail = view.q[OFF_TAIL // 8]
+        self._head = view.q[OFF_HEAD // 8]
+        self._seq = view.q[OFF_PUBLISHED // 8]
+        self._limit = self._head + self._cap  # furthest end writable without overwriting
+        self._waiting_words = OFF_WAITING // 8
+        self._slot_high_index = OFF_SLOT_HIGH // 4
+
+    # -- hot path ---------------------------------------------------------------------------
+    def publish(self, data, timeout: float | None) -> int:
+        """Copy ``data`` into the ring as one frame; return its sequence number."""
+        n = len(data)
+        size = (n + HEADER + 15) & ~15
+        tail = self._tail
+        off = tail & self._mask
+        # Fast path: fits before the wrap point and within the limit.  Everything unusual
+        # (too large, wrap padding, room to make) goes through _reserve.
+        if off + size > self._cap or tail + size > self._limit or n > self.max_message:
+            off = self._reserve(n, timeout)
+        pos = self._base + off
+        mv = self._mv
+        FRAME.pack_into(mv, pos, n, 0, self._seq)
+        mv[pos + HEADER:pos + HEADER + n] = data
+        return self._commit(size)
+
+    def claim(self, n: int, timeout: float | None) -> memoryview:
+        """Reserve room for an ``n``-byte frame and return a writable view of its payload.
+
+        Nothing is visible to readers until :meth:`commit_claim`; dropping the claim publishes
+        nothing because tail is not moved.
+        """
+        off = self._reserve(n, timeout)
+        pos = self._base + off
+        FRAME.pack_into(self._mv, pos, n, 0, self._seq)
+        return self._mv[pos + HEADER:pos + HEADER + n]
+
+    def commit_claim(self, n: int) -> int:
+        return self._commit(frame_size(n))
+
+    def _reserve(self, n: int, timeout: float | None) -> int:
+        """Make room for a frame of payload ``n`` at the tail; return its ring offset.
+
+        Writes a PAD frame first when the frame would straddle the wrap point.  Only head may be
+        stored here (never tail), so an abandoned reservation leaves the ring unchanged to readers.
+        """
+        if n > self.max_message:
+            self._too_large(n)
+        size = frame_size(n)
+        tail = self._tail
+        off = tail & self._mask
+        room = self._cap - off
+        if size > room:
+            # Pad to the wrap point; the pad and the frame are committed together by one tail store.
+            if tail + room + size > self._limit:
+                self._make_room(tail + room + size, timeout)
+            FRAME.pack_into(self._mv, self._base + off, room - HEADER, FLAG_PAD, 0)
+            self._tail = tail + room
+            return 0
+        if tail + size > self._limit:
+            self._make_room(tail + size, timeout)
+        return off
+
+    def _commit(self, size: int) -> int:
+        seq = self._seq
+        self._tail += size
+        self._seq = seq + 1
+        q = self._q
+        q[OFF_PUBLISHED // 8] = seq + 1
+        # SYNC POINT (commit): this aligned 8-byte store makes the frame visible.  It comes after
+        # every byte of the frame (and of any PAD frame before it); x86-64 TSO keeps store order,
+        # so a reader whose load of tail (RingReader._poll) sees this value also sees the bytes.
+        q[OFF_TAIL // 8] = self._tail
+        # SYNC POINT (wake-up, Dekker pair with RingReader.wait): store tail, FENCE, load the
+        # waiting bytes.  The subscriber stores its waiting byte, FENCES, then loads tail.  With a
+        # fence on both sides at least one of us sees the other's store, so a subscriber never
+        # sleeps through a commit it did not see.  Without the fence x86's store buffer could let
+        # both loads see the old values.
+        self._barrier()
+        if q[self._waiting_words]:
+            self._wake_waiters()
+        elif self.v.u32[self._slot_high_index] > 8:
+            self._wake_waiters()
+        return seq
+
+    # -- slow paths ---------------------------------------------------------------------------
+    def _too_large(self, n: int) -> None:
+        raise MessageTooLarge(
+            f"message of {n} bytes exceeds the largest message {self.max_message} bytes of channel "
+            f"{self.v.name!r} (capacity {self._cap} bytes: largest = capacity/2 - {HEADER})"
+        )
+
+    def _wake_waiters(self) -> None:
+        mv = self._mv
+        high = self.v.u32[self._slot_high_index]
+        flags = mv[OFF_WAITING:OFF_WAITING + high]
+        if not any(flags):
+            return
+        for slot in range(high):
+            if flags[slot]:
+                self._wake(slot)
+
+    def min_position(self) -> int:
+        """Slowest ACTIVE subscriber position, or tail when there is none."""
+        v = self.v
+        low = self._tail
+        for slot in range(v.u32[self._slot_high_index]):
+            if v.slot_state(slot) == SLOT_ACTIVE:
+                p = self._q[v.slot_word(slot)]
+                if p < low:
+                    low = p
+        return low
+
+    def _make_room(self, end: int, timeout: float | None) -> None:
+        """Move head so that a frame ending at ``end`` overwrites nothing still needed.
+
+        Lossy: head simply advances (readers detect it).  Reliable: first wait, bounded by
+        ``timeout``, until every ACTIVE subscriber has consumed past ``end - capacity``.
+        """
+        cap = self._cap
+        if self._reliable:
+            floor = self.min_position()
+            if end - floor > cap:
+                floor = self._wait_for_space(end, timeout)
+        else:
+            floor = end
+        # Advance head frame by frame; go up to a sixteenth of the ring past the minimum so that
+        # this slow path (and the head store) runs once per many frames, never past ``floor``.
+        target = min(end - cap + (cap >> 4), floor)
+        must = end - cap
+        head = self._head
+        mv, base, mask = self._mv, self._base, self._mask
+        while head < must or head < target:
+            length = FRAME.unpack_from(mv, base + (head & mask))[0]
+            nxt = head + ((length + HEADER + 15) & ~15)
+            if head >= must and nxt > target:
+                break
+            head = nxt
+        self._head = head
+        # SYNC POINT (overwrite guard): head is stored before any byte of the frames it passes
+        # is overwritten (TSO store order).  Readers load head after loading a frame; seeing
+        # head <= their position proves the bytes they loaded were intact (seqlock pattern).
+        self._q[OFF_HEAD // 8] = head
+        self._limit = head + cap
+
+    def _wait_for_space(self, end: int, timeout: float | None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.000_02
+        while True:
+            floor = self.min_position()
+            if end - floor <= self._cap:
+                return floor
+            if self.v.retired():
+                from shimmy.errors import ChannelClosed
+                raise ChannelClosed(f"channel {self.v.name!r} was retired by the daemon; reopen it")
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise BackpressureTimeout(
+                    f"channel {self.v.name!r}: no room for {end - self._tail} bytes after waiting "
+                    f"{timeout} s for the slowest subscriber (publish_timeout)"
+                )
+            # Bounded backoff: poll quickly at first (a subscriber usually frees room within
+            # microseconds), then sleep up to backoff_max between checks.
+            time.sleep(delay if deadline is None else min(delay, max(deadline - now, 0)))
+            delay = min(delay * 2, self._backoff_max)
+
+
+class RingReader:
+    """One subscriber's cursor.  It stores only its own slot's position and waiting byte."""
+
+    def __init__(self, view: RingView, slot: int, position: int):
+        self.v = view
+        self.slot = slot
+        self._mv = view.mv
+        self._ro = view.mv.toreadonly()
+        self._q = view.q
+        self._cap = view.capacity
+        self._mask = view.capacity - 1
+        self._base = view.data_offset
+        self._pos = position
+        self._tail = view.q[OFF_TAIL // 8]
+        self._pos_word = view.slot_word(slot)
+        self._expect: int | None = None
+        self.lost_total = 0
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def head_at_most(self, pos: int) -> bool:
+        """True while the frame at ``pos`` has not been overwritten (pairs with _make_room)."""
+        return self._q[OFF_HEAD // 8] <= pos
+
+    def release_to(self, pos: int) -> None:
+        # SYNC POINT (consumption): tells the publisher (min_position) that bytes before ``pos``
+        # may be overwritten.  Stored only after the caller is done with them.
+        self._q[self._pos_word] = pos
+
+    def poll(self):
+        """Next frame as ``(pos, payload_offset, length, seq, lost)`` or None when caught up.
+
+        Moves the private cursor past the frame but not the shared position: the caller stores
+        that (release_to) once it no longer needs the frame's bytes.
+        """
+        q = self._q
+        while True:
+            p = self._pos
+            if p == self._tail:
+                # SYNC POINT (acquire): pairs with the publisher's tail store in _commit.
+                t = q[OFF_TAIL // 8]
+                if t == p:
+                    return None
+                self._tail = t
+            off = self._base + (p & self._mask)
+            length, flags, seq = FRAME.unpack_from(self._mv, off)
+            # SYNC POINT (validate): load head after the header; head <= p means the header
+            # was intact when read (pairs with the head store in RingWriter._make_room).
+            head = q[OFF_HEAD // 8]
+            if head > p:
+                self._resync(head)
+                continue
+            if flags & FLAG_PAD:
+                self._pos = p + length + HEADER
+                continue
+            self._pos = p + ((length + HEADER + 15) & ~15)
+            expect = self._expect
+            lost = 0 if expect is None else seq - expect
+            self._expect = seq + 1
+            if lost:
+                self.lost_total += lost
+            return p, off + HEADER, length, seq, lost
+
+    def _resync(self, head: int) -> None:
+        """We were lapped (lossy mode, or evicted): jump to the oldest intact frame."""
+        self._pos = head
+        if self._tail < head:
+            self._tail = head
+
+    def start_at(self, pos: int) -> None:
+        self._pos = pos
+        self._expect = None
