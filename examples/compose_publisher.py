@@ -1,0 +1,105 @@
+"""Publish N checksummed messages on a shimmy channel, then print one summary line.
+
+Used by deploy/compose/compose.yaml and the container tests; runs anywhere the SDK can reach a
+daemon (``$SHIMMY_DAEMON`` or /run/shimmy/shimmyd.sock).
+
+Environment:
+  SHIMMY_CHANNEL   channel name (default demo/compose)
+  SHIMMY_COUNT     messages to publish (default 10000)
+  SHIMMY_SIZE      payload bytes per message, at least 32 (default 256)
+  SHIMMY_MODE      reliable | lossy (default reliable)
+  SHIMMY_RATE      messages per second, 0 = as fast as the ring allows (default 0)
+  SHIMMY_TIMEOUT   overall limit in seconds (default 300)
+  SHIMMY_SEED      payload seed, shared with the subscriber (default shimmy)
+  SHIMMY_WAIT_FILE wait (within SHIMMY_TIMEOUT) until this file exists before publishing: the
+                   subscriber's SHIMMY_READY_FILE on a shared volume (Kubernetes example pod)
+
+Message layout (the subscriber checks all of it):
+  index u64 | body length u32 | body (derived from seed and index) | blake2b-16(index..body)
+
+Summary line: ``publisher: sent=N channel=C bytes=B seconds=S rate=R/s digest=HEX retries=K``;
+``digest`` is a blake2b over every payload in order, which the subscriber reports too.
+Exit status 0 when all N were published, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import sys
+import time
+
+import shimmy
+
+HEADER = struct.Struct("<QI")
+CHECK = 16
+
+
+def payload(seed: bytes, index: int, size: int) -> bytes:
+    """Deterministic payload of ``size`` bytes for message ``index``."""
+    body_len = size - HEADER.size - CHECK
+    block = hashlib.blake2b(seed + index.to_bytes(8, "little"), digest_size=64).digest()
+    body = (block * (body_len // len(block) + 1))[:body_len]
+    head = HEADER.pack(index, body_len)
+    return head + body + hashlib.blake2b(head + body, digest_size=CHECK).digest()
+
+
+def main() -> int:
+    channel = os.environ.get("SHIMMY_CHANNEL", "demo/compose")
+    count = int(os.environ.get("SHIMMY_COUNT", "10000"))
+    size = max(HEADER.size + CHECK, int(os.environ.get("SHIMMY_SIZE", "256")))
+    mode = os.environ.get("SHIMMY_MODE", "reliable")
+    rate = float(os.environ.get("SHIMMY_RATE", "0"))
+    limit = float(os.environ.get("SHIMMY_TIMEOUT", "300"))
+    seed = os.environ.get("SHIMMY_SEED", "shimmy").encode()
+
+    start = time.monotonic()
+    deadline = start + limit
+    wait_file = os.environ.get("SHIMMY_WAIT_FILE")
+    if wait_file:
+        while not os.path.exists(wait_file):
+            if time.monotonic() > deadline:
+                print(f"publisher: {wait_file} did not appear within {limit}s", flush=True)
+                return 1
+            time.sleep(0.1)
+        start = time.monotonic()
+    digest = hashlib.blake2b(digest_size=16)
+    sent = retries = total = 0
+    try:
+        with shimmy.Channel(channel, mode=mode) as ch:
+            print(f"publisher: ready channel={channel} mode={mode} count={count} size={size} "
+                  f"pid={os.getpid()}", flush=True)
+            while sent < count:
+                data = payload(seed, sent, size)
+                try:
+                    ch.publish(data)
+                except shimmy.BackpressureTimeout as exc:
+                    # a reliable ring is full of frames a live (or not yet reclaimed dead)
+                    # subscriber has not read: wait and go on, within the overall limit
+                    retries += 1
+                    if time.monotonic() > deadline:
+                        print(f"publisher: giving up after {limit}s: {exc}", flush=True)
+                        break
+                    continue
+                digest.update(data)
+                total += len(data)
+                sent += 1
+                if rate > 0:
+                    delay = start + sent / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                if time.monotonic() > deadline:
+                    print(f"publisher: overall limit {limit}s reached", flush=True)
+                    break
+    except shimmy.ShimmyError as exc:
+        print(f"publisher: error {type(exc).__name__}: {exc}", flush=True)
+    secs = time.monotonic() - start
+    print(f"publisher: sent={sent} channel={channel} bytes={total} seconds={secs:.3f} "
+          f"rate={sent / secs if secs else 0:.0f}/s digest={digest.hexdigest()} "
+          f"retries={retries}", flush=True)
+    return 0 if sent == count else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Receive N checksummed messages from a shimmy channel, check each, print one summary line.
+
+The counterpart of examples/compose_publisher.py (same environment variables: SHIMMY_CHANNEL,
+SHIMMY_COUNT, SHIMMY_SEED, SHIMMY_TIMEOUT, SHIMMY_MODE) plus:
+  SHIMMY_READY_FILE  a file created once subscribed (default /tmp/shimmy-subscribed), so a
+                     health check (compose) can hold the publisher back until then
+  SHIMMY_RECEIVE_TIMEOUT  seconds to wait for one message before giving up (default 60)
+
+Every message is checked: its checksum, its index (in order, none missing), and its bytes
+against the payload the publisher derives from the seed.  Summary line:
+``subscriber: received=N expected=N bad=B lost=L out_of_order=O channel=C seconds=S rate=R/s
+digest=HEX``.  Exit status 0 only when all N arrived intact and in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+
+import shimmy
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compose_publisher import CHECK, HEADER, payload  # noqa: E402  (same folder)
+
+
+def main() -> int:
+    channel = os.environ.get("SHIMMY_CHANNEL", "demo/compose")
+    count = int(os.environ.get("SHIMMY_COUNT", "10000"))
+    limit = float(os.environ.get("SHIMMY_TIMEOUT", "300"))
+    per_message = float(os.environ.get("SHIMMY_RECEIVE_TIMEOUT", "60"))
+    seed = os.environ.get("SHIMMY_SEED", "shimmy").encode()
+    ready_file = os.environ.get("SHIMMY_READY_FILE", "/tmp/shimmy-subscribed")
+
+    digest = hashlib.blake2b(digest_size=16)
+    received = bad = lost = out_of_order = 0
+    expected_index = 0
+    start = time.monotonic()
+    deadline = start + limit
+    try:
+        mode = os.environ.get("SHIMMY_MODE") or None  # None: the channel's existing mode
+        with shimmy.Channel(channel, mode=mode) as ch, ch.subscribe() as sub:
+            if ready_file:
+                with open(ready_file, "w") as f:
+                    f.write(str(os.getpid()))
+            print(f"subscriber: ready channel={channel} count={count} pid={os.getpid()}",
+                  flush=True)
+            while received < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    print(f"subscriber: overall limit {limit}s reached", flush=True)
+                    break
+                try:
+                    msg = sub.receive(timeout=min(per_message, remaining))
+                except shimmy.ReceiveTimeout as exc:
+                    print(f"subscriber: {exc}", flush=True)
+                    break
+                data = bytes(msg)
+                lost += msg.lost
+                msg.release()
+                received += 1
+                ok = len(data) >= HEADER.size + CHECK and hashlib.blake2b(
+                    data[:-CHECK], digest_size=CHECK).digest() == data[-CHECK:]
+                if not ok:
+                    bad += 1
+                    continue
+                index, _ = HEADER.unpack_from(data)
+                if index != expected_index:
+                    out_of_order += 1
+                if data != payload(seed, index, len(data)):
+                    bad += 1
+                expected_index = index + 1
+                digest.update(data)
+    except shimmy.ShimmyError as exc:
+        print(f"subscriber: error {type(exc).__name__}: {exc}", flush=True)
+    secs = time.monotonic() - start
+    print(f"subscriber: received={received} expected={count} bad={bad} lost={lost} "
+          f"out_of_order={out_of_order} channel={channel} seconds={secs:.3f} "
+          f"rate={received / secs if secs else 0:.0f}/s digest={digest.hexdigest()}",
+          flush=True)
+    return 0 if (received == count and bad == 0 and lost == 0 and out_of_order == 0) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
