@@ -8,6 +8,8 @@ layout, the ownership of every word and the memory-ordering argument are in
            +0    magic "SHMYRING" | +8 layout version u32 | +12 mode u32
            +16   capacity u64     | +24 max_subscribers u32 | +28 data_offset u32
            +32   created_ns u64   | +40 retired u64 (daemon: 1 = do not use, reopen)
+           +48   link u32 (daemon: replica link state, LINK_*) | +52 link_epoch u32 (daemon:
+                 reconnects of the replica's link) -- written only by the daemon of a replica
            +64   name length u32 + name bytes (up to 200)            -- all daemon, write-once
            +320  tail u64       publisher: end of the last committed frame (commit word)
            +328  head u64       publisher: start of the oldest intact frame
@@ -56,6 +58,8 @@ OFF_MAX_SUBS = 24
 OFF_DATA_OFFSET = 28
 OFF_CREATED = 32
 OFF_RETIRED = 40
+OFF_LINK = 48          # u32, daemon-written: state of the peer link feeding a replica ring
+OFF_LINK_EPOCH = 52    # u32, daemon-written: bumped on every reconnect of that link
 OFF_NAME = 64
 OFF_TAIL = 320
 OFF_HEAD = 328
@@ -63,6 +67,14 @@ OFF_PUBLISHED = 336
 OFF_SLOT_HIGH = 384
 OFF_WAITING = 448
 MAX_SUBSCRIBERS_LIMIT = CONTROL_SIZE - OFF_WAITING  # one waiting byte each must fit the page
+
+# Link states (OFF_LINK).  A channel published on this node stays LINK_LOCAL; a replica of a
+# channel published on another node is LINK_UP while its mirror streams and LINK_DOWN while the
+# daemon reconnects (messages resume, or a counted gap is reported, when it comes back).
+LINK_LOCAL = 0
+LINK_UP = 1
+LINK_DOWN = 2
+LINK_NAMES = {LINK_LOCAL: "local", LINK_UP: "up", LINK_DOWN: "down"}
 
 # Slot states (daemon-written).
 SLOT_FREE = 0
@@ -141,6 +153,10 @@ class RingView:
 
     def retired(self) -> bool:
         return self.q[OFF_RETIRED // 8] != 0
+
+    def link_state(self) -> str:
+        """'local', 'up' or 'down': the peer link feeding this ring (daemon-written word)."""
+        return LINK_NAMES.get(self.u32[OFF_LINK // 4], "down")
 
     def slot_word(self, slot: int) -> int:
         """u64 index of a slot's position word."""
