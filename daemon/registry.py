@@ -28,6 +28,7 @@ class Slot:
     client: int
     pid: int
     generation: int
+    seq: int = 0     # sequence number of the first message at the slot's start position
 
 
 @dataclass
@@ -61,7 +62,7 @@ class ChannelRecord:
             "name": self.name, "mode": ring.MODE_NAMES[self.mode], "capacity": self.capacity,
             "max_message": ring.max_message_size(self.capacity),
             "max_subscribers": self.max_subscribers, "shm": self.shm_name,
-            "publisher": self.publisher, "published": q[ring.OFF_PUBLISHED // 8],
+            "publisher": self.publisher, "published": ring.stream_point(self.view)[1],
             "tail": tail, "head": q[ring.OFF_HEAD // 8], "subscribers": subs,
             "evicted": [s.index for s in self.evicted.values()], "holders": len(self.holders),
         }
@@ -153,10 +154,9 @@ class Registry:
         while rec.semaphores <= index:
             self.segments.create_semaphore(rec.token, rec.semaphores)
             rec.semaphores += 1
-        q = rec.view.q
-        position = q[ring.OFF_TAIL // 8] if start == "next" else q[ring.OFF_HEAD // 8]
+        position, seq = ring.stream_point(rec.view, oldest=start == "oldest")
         rec.generation += 1
-        slot = Slot(index, client, pid, rec.generation)
+        slot = Slot(index, client, pid, rec.generation, seq)
         ring.daemon_activate_slot(rec.view, index, position, pid, rec.generation)
         rec.slots[index] = slot
         return slot

@@ -27,6 +27,7 @@ from .config import Settings
 from .registry import Registry
 from .segments import Segments
 from .sessions import Client, Sessions
+from .streams import StreamService
 
 log = logging.getLogger("shimmy.daemon")
 TICK = 0.1  # seconds between housekeeping passes (lease checks, idle channels)
@@ -70,6 +71,8 @@ class Daemon:
             "close": self.op_close, "list": self.op_list, "stat": self.op_stat,
             "delete": self.op_delete,
         }
+        self.streams = StreamService(self)
+        self.ops.update(self.streams.ops())
 
     # -- loop --------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -103,6 +106,7 @@ class Daemon:
 
     def shutdown(self) -> None:
         log.info("daemon stopping: retiring %d channels", len(self.registry.channels))
+        self.streams.close_all()
         self.registry.close_all()
         self.sessions.close()
         self.router.close(0)
@@ -128,6 +132,7 @@ class Daemon:
 
     def _client_gone(self, client: Client, crashed: bool) -> None:
         slots, roles = self.registry.drop_client(client.id)
+        self.streams.drop_client(client.id)
         self.counters["slots_reclaimed"] += slots
         if crashed:
             self.counters["clients_crashed"] += 1
@@ -270,7 +275,7 @@ class Daemon:
         rec = self._channel(req)
         start = self._field(req, "start", str, optional=True) or "next"
         slot = self.registry.add_subscriber(rec, client.id, client.pid or client.claimed_pid, start)
-        return {"slot": slot.index, "generation": slot.generation,
+        return {"slot": slot.index, "generation": slot.generation, "seq": slot.seq,
                 "position": rec.view.q[rec.view.slot_word(slot.index)]}
 
     def op_unsubscribe(self, req: dict) -> dict:
@@ -288,7 +293,8 @@ class Daemon:
                 "shm_allocated": self.segments.allocated,
                 "settings": {k: v for k, v in vars(self.settings).items() if k != "extra"},
                 "clients": [c.describe() for c in self.sessions.clients.values()],
-                "channels": [rec.describe() for rec in self.registry.channels.values()]}
+                "channels": [rec.describe() for rec in self.registry.channels.values()],
+                "streams": self.streams.describe()}
 
     def op_delete(self, req: dict) -> dict:
         name = validate_name(req.get("name"))

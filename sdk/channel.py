@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import _thread
 import mmap
+import os
 import time
+import weakref
 from contextlib import contextmanager
 
 import posix_ipc
@@ -34,6 +36,22 @@ _fence_lock = _thread.allocate_lock()
 def _fence() -> None:
     _fence_lock.acquire()
     _fence_lock.release()
+
+
+_open_channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
+
+
+def _invalidate_after_fork() -> None:
+    """In a forked child, every channel and subscription of the parent stops working (they
+    would otherwise write the parent's tail or slot position: two writers of one word)."""
+    for ch in list(_open_channels):
+        ch._writer = None
+        ch._forked = True
+        for sub in ch._subs:
+            sub.closed = True
+
+
+os.register_at_fork(after_in_child=_invalidate_after_fork)
 
 
 class Message:
@@ -131,13 +149,15 @@ class Channel:
         self._writer: ring.RingWriter | None = None
         self._sems: dict[int, posix_ipc.Semaphore] = {}
         self._subs: list[Subscription] = []
+        self._forked = False
         self.closed = False
+        _open_channels.add(self)
 
     # -- publishing ---------------------------------------------------------------------------
     def _check(self) -> None:
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} is closed")
-        if self._fork_gen != fork_generation():
+        if self._forked or self._fork_gen != fork_generation():
             raise ChannelClosed(f"channel {self.name!r} was opened before fork(); open it again "
                                 f"in this process")
         if self._view.retired():
@@ -197,7 +217,7 @@ class Channel:
         if start not in ("next", "oldest"):
             raise InvalidArgument(f"start must be 'next' or 'oldest', got {start!r}")
         reply = self._client.request("subscribe", name=self.name, start=start)
-        sub = Subscription(self, reply["slot"], reply["position"],
+        sub = Subscription(self, reply["slot"], reply["position"], reply["seq"],
                            self.spin_us if spin_us is None else spin_us)
         self._subs.append(sub)
         return sub
@@ -236,11 +256,11 @@ class Channel:
 class Subscription:
     """One subscriber's position in a channel; iterate it or call :meth:`receive`."""
 
-    def __init__(self, channel: Channel, slot: int, position: int, spin_us: int):
+    def __init__(self, channel: Channel, slot: int, position: int, seq: int, spin_us: int):
         self.channel = channel
         self.slot = slot
         self._view = channel._view
-        self._reader = ring.RingReader(channel._view, slot, position)
+        self._reader = ring.RingReader(channel._view, slot, position, seq)
         self._sem = posix_ipc.Semaphore(channel._sem_prefix + str(slot))
         self._waiting = channel._view.mv[ring.OFF_WAITING + slot:ring.OFF_WAITING + slot + 1]
         self._ro = channel._view.mv.toreadonly()
@@ -261,6 +281,9 @@ class Subscription:
 
     def receive_nowait(self) -> Message | None:
         """The next message, or None if none is committed yet."""
+        if self.closed:
+            raise ChannelClosed(f"subscription to {self.channel.name!r} is closed (or belongs "
+                                f"to the parent of this forked process)")
         reader = self._reader
         # Everything before the frame handed out last is done with: let the publisher reuse it.
         reader.release_to(reader.position)
@@ -273,8 +296,6 @@ class Subscription:
 
     def receive(self, timeout: float | None = None) -> Message:
         """Block until a message arrives (at most ``timeout`` seconds; None = forever)."""
-        if self.closed:
-            raise ChannelClosed(f"subscription to {self.channel.name!r} is closed")
         msg = self.receive_nowait()
         if msg is not None:
             return msg

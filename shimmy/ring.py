@@ -13,7 +13,7 @@ layout, the ownership of every word and the memory-ordering argument are in
            +64   name length u32 + name bytes (up to 200)            -- all daemon, write-once
            +320  tail u64       publisher: end of the last committed frame (commit word)
            +328  head u64       publisher: start of the oldest intact frame
-           +336  published u64  publisher: number of messages committed (= next seq)
+           +336  last u64       publisher: start of the last committed (non-PAD) frame
            +384  slot_high u32  daemon: 1 + highest subscriber slot ever handed out
            +448  waiting[max_subscribers] u8   byte i written only by subscriber i
     4096   slot table: max_subscribers x 64 B, one cache line per subscriber
@@ -63,7 +63,7 @@ OFF_LINK_EPOCH = 52    # u32, daemon-written: bumped on every reconnect of that 
 OFF_NAME = 64
 OFF_TAIL = 320
 OFF_HEAD = 328
-OFF_PUBLISHED = 336
+OFF_LAST = 336
 OFF_SLOT_HIGH = 384
 OFF_WAITING = 448
 MAX_SUBSCRIBERS_LIMIT = CONTROL_SIZE - OFF_WAITING  # one waiting byte each must fit the page
@@ -207,9 +207,42 @@ def daemon_set_slot_state(view: RingView, slot: int, state: int) -> None:
     view.u32[(CONTROL_SIZE + slot * SLOT_SIZE + 8) // 4] = state
 
 
+def stream_point(view: RingView, oldest: bool = False) -> tuple[int, int]:
+    """``(position, seq)`` where a new reader starts: the tail (next message) or the head.
+
+    Exact even while the publisher runs: the tail's sequence number is one past the seq of the
+    frame starting at ``last``, valid when ``last < tail`` (else the publisher moved on between
+    our loads; try again) and that frame is still intact (head <= last).
+    """
+    q, mv, base, mask = view.q, view.mv, view.data_offset, view.capacity - 1
+    for _ in range(100_000):
+        tail = q[OFF_TAIL // 8]
+        last = q[OFF_LAST // 8]
+        if tail == 0:
+            return 0, 0
+        if last >= tail:
+            continue
+        seq = FRAME.unpack_from(mv, base + (last & mask))[2] + 1
+        if q[OFF_HEAD // 8] > last or q[OFF_TAIL // 8] != tail:
+            continue
+        if not oldest:
+            return tail, seq
+        head = q[OFF_HEAD // 8]
+        while head < tail:
+            length, flags, first = FRAME.unpack_from(mv, base + (head & mask))
+            if q[OFF_HEAD // 8] > head:
+                break  # overwritten under us: start again
+            if not flags & FLAG_PAD:
+                return head, first
+            head += length + HEADER
+        else:
+            return tail, seq
+    raise RingCorrupted(f"ring {view.name!r}: could not find a consistent tail")
+
+
 class RingWriter:
     """The one publisher of a ring.  Single-writer: only the process the daemon granted the
-    publisher role may construct one; it alone stores tail, head, published and frame bytes.
+    publisher role may construct one; it alone stores tail, head, last and frame bytes.
 
     ``wake(slot)`` is called for every subscriber whose waiting byte is set after a commit.
     ``barrier()`` must be a full memory fence (a lock acquire/release is one).
@@ -232,7 +265,7 @@ class RingWriter:
         # from the words its predecessor committed.
         self._tail = view.q[OFF_TAIL // 8]
         self._head = view.q[OFF_HEAD // 8]
-        self._seq = view.q[OFF_PUBLISHED // 8]
+        self._seq = stream_point(view)[1]
         self._limit = self._head + self._cap  # furthest end writable without overwriting
         self._waiting_words = OFF_WAITING // 8
         self._slot_high_index = OFF_SLOT_HIGH // 4
@@ -293,10 +326,12 @@ class RingWriter:
 
     def _commit(self, size: int) -> int:
         seq = self._seq
+        q = self._q
+        # ``last`` lets anyone find the sequence number at the tail (stream_point); stored
+        # before tail, so a reader that sees last < tail knows last is the frame ending there.
+        q[OFF_LAST // 8] = self._tail
         self._tail += size
         self._seq = seq + 1
-        q = self._q
-        q[OFF_PUBLISHED // 8] = seq + 1
         # SYNC POINT (commit): this aligned 8-byte store makes the frame visible.  It comes after
         # every byte of the frame (and of any PAD frame before it); x86-64 TSO keeps store order,
         # so a reader whose load of tail (RingReader._poll) sees this value also sees the bytes.
@@ -398,7 +433,7 @@ class RingWriter:
 class RingReader:
     """One subscriber's cursor.  It stores only its own slot's position and waiting byte."""
 
-    def __init__(self, view: RingView, slot: int, position: int):
+    def __init__(self, view: RingView, slot: int, position: int, seq: int):
         self.v = view
         self.slot = slot
         self._mv = view.mv
@@ -410,7 +445,7 @@ class RingReader:
         self._pos = position
         self._tail = view.q[OFF_TAIL // 8]
         self._pos_word = view.slot_word(slot)
-        self._expect: int | None = None
+        self._expect = seq   # sequence number of the next frame at our position
         self.lost_total = 0
 
     @property
@@ -453,8 +488,7 @@ class RingReader:
                 self._pos = p + length + HEADER
                 continue
             self._pos = p + ((length + HEADER + 15) & ~15)
-            expect = self._expect
-            lost = 0 if expect is None else seq - expect
+            lost = seq - self._expect
             self._expect = seq + 1
             if lost:
                 self.lost_total += lost
@@ -465,7 +499,3 @@ class RingReader:
         self._pos = head
         if self._tail < head:
             self._tail = head
-
-    def start_at(self, pos: int) -> None:
-        self._pos = pos
-        self._expect = None

@@ -1,0 +1,119 @@
+"""Worker processes for the tests: each runs as its own interpreter (``python tests/workers.py``).
+
+Payloads are deterministic functions of the message's sequence number, so a subscriber checks
+every byte it receives without the publisher sending it anything else:
+``payload(seq, max_size)`` gives the size and the bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import time
+import zlib
+
+import shimmy
+
+
+def payload(seq: int, max_size: int) -> bytes:
+    rng = random.Random(seq)
+    size = rng.randint(0, max_size) if seq % 7 else rng.choice((0, max_size))
+    return rng.randbytes(size)
+
+
+def publish(args) -> dict:
+    ch = shimmy.Channel(args.channel, daemon=args.daemon, mode=args.mode, capacity=args.capacity)
+    if args.ready:
+        open(args.ready, "w").close()
+    pauses = 0
+    for i in range(args.count):
+        data = payload(i, args.max_size)
+        if args.loan:
+            with ch.loan(len(data), timeout=args.timeout) as buf:
+                buf[:] = data
+            seq = ch._writer._seq - 1
+        else:
+            seq = ch.publish(data, timeout=args.timeout)
+        if seq != i + args.first_seq:
+            raise SystemExit(f"publish returned seq {seq}, expected {i + args.first_seq}")
+        if args.rate and i % 100 == 99:
+            time.sleep(100 / args.rate)
+            pauses += 1
+    ch.close()
+    return {"published": args.count}
+
+
+def subscribe(args) -> dict:
+    ch = shimmy.Channel(args.channel, daemon=args.daemon, mode=args.mode, capacity=args.capacity)
+    sub = ch.subscribe(start=args.start)
+    if args.ready:
+        open(args.ready, "w").close()
+    received = lost = bad = 0
+    last_seq = None
+    crc = 0
+    try:
+        while True:
+            try:
+                msg = sub.receive(timeout=args.idle)
+            except TimeoutError:
+                break
+            if args.stall and received == 0:
+                time.sleep(args.stall)
+            try:
+                data = bytes(msg)
+            except shimmy.MessageOverwritten:
+                # Lossy mode: lapped while copying; counted as lost, never returned torn.
+                last_seq = msg.seq
+                lost += 1 + msg.lost
+                continue
+            if data != payload(msg.seq, args.max_size):
+                bad += 1
+            if last_seq is not None and msg.seq != last_seq + 1 + msg.lost:
+                bad += 1
+            last_seq = msg.seq
+            lost += msg.lost
+            received += 1
+            crc = zlib.crc32(data, crc)
+            if args.slow and received % 50 == 0:
+                time.sleep(args.slow)
+            if args.count and received + lost >= args.count:
+                break
+    except shimmy.ChannelClosed as exc:
+        return {"received": received, "lost": lost, "bad": bad, "last_seq": last_seq,
+                "closed": str(exc)}
+    sub.close()
+    ch.close()
+    return {"received": received, "lost": lost, "bad": bad, "last_seq": last_seq, "crc": crc}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("role", choices=["publish", "subscribe"])
+    p.add_argument("--daemon", required=True)
+    p.add_argument("--channel", required=True)
+    p.add_argument("--mode")
+    p.add_argument("--capacity", type=int)
+    p.add_argument("--count", type=int, default=0)
+    p.add_argument("--max-size", type=int, default=1024)
+    p.add_argument("--first-seq", type=int, default=0)
+    p.add_argument("--start", default="next")
+    p.add_argument("--idle", type=float, default=5.0, help="stop after this long without data")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--ready", help="touch this file once attached")
+    p.add_argument("--slow", type=float, default=0.0, help="sleep this long every 50 messages")
+    p.add_argument("--stall", type=float, default=0.0, help="sleep this long after the first")
+    p.add_argument("--rate", type=float, default=0.0, help="publish about this many per second")
+    p.add_argument("--loan", action="store_true")
+    args = p.parse_args()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    result = publish(args) if args.role == "publish" else subscribe(args)
+    result["pid"] = os.getpid()
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
