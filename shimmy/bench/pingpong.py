@@ -1,0 +1,169 @@
+"""Ping-pong round trip: a client sends a message, an echo server sends it back, the client times
+the round trip with ``perf_counter_ns``.  Client on one core, server on the other.
+
+Each repetition runs for ``ctx.seconds`` (bounded by an iteration cap); per repetition we keep
+p50 / p99 / p99.9 of the round trips and the CPU seconds both processes used (getrusage, all
+threads), and report medians over repetitions.  Repetitions are interleaved across transports
+(rep 1 of every transport, then rep 2, ...) so slow phases of a shared machine hit all alike.
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import harness, peers
+
+NAME = "pingpong"
+REQUIRES = None
+
+MAX_ITERS = 200_000
+
+
+def variants(ctx) -> list[dict]:
+    out = [
+        dict(transport="shimmy", variant="default", label="shimmy (default spin)", opts={}),
+        dict(transport="shimmy", variant="spin0", label="shimmy spin_us=0", opts={"spin_us": 0}),
+    ]
+    if ctx.iceoryx2_ok:
+        out.append(dict(transport="iceoryx2", variant="busy-poll", label="iceoryx2 busy-poll",
+                        opts={"max_size": max(ctx.sizes)}))
+    out += [
+        dict(transport="zmq-ipc", variant="PAIR", label="ZeroMQ ipc PAIR", opts={}),
+        dict(transport="zmq-tcp", variant="PAIR", label="ZeroMQ tcp PAIR", opts={}),
+        dict(transport="tcp", variant="raw", label="raw TCP 127.0.0.1", opts={}),
+    ]
+    return out
+
+
+def link_opts(ctx, v: dict, size: int) -> dict:
+    opts = dict(v["opts"])
+    if v["transport"] == "shimmy":
+        opts["daemon"] = ctx.daemon
+        opts["capacity"] = ctx.capacity_for(size)
+    return opts
+
+
+# -- worker side --------------------------------------------------------------------------------
+
+def server(ctl, transport: str, name: str, opts: dict):
+    link = peers.open_link(ctl, transport, "pair", "b", name, **opts)
+    ctl.ready(link.address)
+    link.accept()
+    recv, send = link.recv, link.send
+    n = 0
+    c0 = harness.cpu_seconds()
+    while True:
+        m = recv()
+        if len(m) == 1:
+            break
+        send(m)
+        n += 1
+    return {"n": n, "cpu_s": harness.cpu_seconds() - c0}
+
+
+def client(ctl, transport: str, name: str, opts: dict, size: int, seconds: float, warmup: int,
+           address=None):
+    link = peers.open_link(ctl, transport, "pair", "a", name, **opts)
+    link.connect(address)
+    ctl.ready()
+    data = peers.payload(size)
+    recv, send, now = link.recv, link.send, time.perf_counter_ns
+    for _ in range(warmup):
+        send(data)
+        if len(recv()) != size:
+            raise RuntimeError(f"{transport}: echo of wrong size")
+    lat = []
+    append = lat.append
+    c0 = harness.cpu_seconds()
+    t_start = now()
+    t_end = t_start + int(seconds * 1e9)
+    i = 0
+    while i < MAX_ITERS:
+        t0 = now()
+        send(data)
+        recv()
+        t1 = now()
+        append(t1 - t0)
+        i += 1
+        if t1 > t_end:
+            break
+    wall = now() - t_start
+    cpu = harness.cpu_seconds() - c0
+    send(peers.END)
+    lat.sort()
+    return {"iters": i, "wall_s": wall / 1e9, "cpu_s": cpu, "warmup": warmup,
+            "p50_us": harness.percentile(lat, 50) / 1e3,
+            "p99_us": harness.percentile(lat, 99) / 1e3,
+            "p999_us": harness.percentile(lat, 99.9) / 1e3,
+            "min_us": lat[0] / 1e3, "mean_us": sum(lat) / len(lat) / 1e3}
+
+
+# -- parent side ----------------------------------------------------------------------------------
+
+def measure(ctx, v, pair, size: int, rep: int) -> dict:
+    cli, srv = pair
+    name = f"bench/pp/{v['variant']}/{size}"
+    opts = link_opts(ctx, v, size)
+    warmup = 20 if size >= 1 << 20 else 300
+    srv.start_call(__name__, "server", transport=v["transport"], name=name, opts=opts)
+    address = srv.wait_ready()
+    cli.start_call(__name__, "client", transport=v["transport"], name=name, opts=opts, size=size,
+                   seconds=ctx.seconds, warmup=warmup, address=address)
+    cli.wait_ready()
+    srv.go()
+    cli.go()
+    c = cli.result(timeout=ctx.seconds + 60)
+    s = srv.result(timeout=30)
+    c["server_cpu_s"] = s["cpu_s"]
+    c["server_n"] = s["n"]
+    return c
+
+
+def run(ctx) -> dict:
+    vs = variants(ctx)
+    results, failed = [], {}
+    pairs = {}
+    try:
+        for v in vs:
+            key = (v["transport"], v["variant"])
+            pairs[key] = (harness.Worker(f"pp-client-{key[0]}-{key[1]}", ctx.cpu_a),
+                          harness.Worker(f"pp-server-{key[0]}-{key[1]}", ctx.cpu_b))
+        reps: dict = {}
+        for rep in range(ctx.reps):
+            for size in ctx.sizes:
+                for v in vs:
+                    key = (v["transport"], v["variant"])
+                    if key in failed:
+                        continue
+                    try:
+                        reps.setdefault((key, size), []).append(measure(ctx, v, pairs[key], size, rep))
+                    except harness.BenchError as exc:
+                        failed[key] = str(exc)[-2000:]
+                        ctx.log(f"  pingpong {v['label']} failed: {str(exc)[-300:]}")
+                        harness.close_all(pairs[key])
+                ctx.log(f"  pingpong rep {rep + 1}/{ctx.reps} size {size} done")
+        for v in vs:
+            key = (v["transport"], v["variant"])
+            for size in ctx.sizes:
+                runs = reps.get((key, size))
+                if not runs:
+                    continue
+                med = harness.median
+                results.append({
+                    "transport": v["transport"], "variant": v["variant"], "label": v["label"],
+                    "size": size, "reps": len(runs),
+                    "p50_us": med([r["p50_us"] for r in runs]),
+                    "p99_us": med([r["p99_us"] for r in runs]),
+                    "p999_us": med([r["p999_us"] for r in runs]),
+                    "wall_us_per_rt": med([r["wall_s"] / r["iters"] * 1e6 for r in runs]),
+                    "cpu_us_per_rt_client": med([r["cpu_s"] / r["iters"] * 1e6 for r in runs]),
+                    "cpu_us_per_rt_server": med([r["server_cpu_s"] / max(r["server_n"], 1) * 1e6
+                                                 for r in runs]),
+                    "iters": [r["iters"] for r in runs],
+                    "runs": runs,
+                })
+    finally:
+        for p in pairs.values():
+            harness.close_all(p)
+    return {"results": results, "failed": failed,
+            "placement": f"client pinned to CPU {ctx.cpu_a}, echo server to CPU {ctx.cpu_b}"}

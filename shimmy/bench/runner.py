@@ -1,0 +1,208 @@
+"""``shimmy bench``: shimmy against ZeroMQ, raw TCP and iceoryx2, in one run on one machine.
+
+Starts a private daemon, runs the selected suites (each in pinned worker processes), prints a
+table, checks the targets (ratios against peers measured in the same run) and writes JSON.
+See docs/benchmarks.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import os
+import platform
+import signal
+import sys
+import time
+
+from . import harness, peers, report
+
+# Suite registry: name -> (suite module, feature module that must import for the suite to run).
+# A suite whose feature is missing is skipped with the reason (e.g. streams, cross-node: written
+# elsewhere; their suite modules can be dropped in here without touching anything else).
+SUITES: dict[str, tuple[str, str | None]] = {
+    "pingpong": ("shimmy.bench.pingpong", None),
+    "throughput": ("shimmy.bench.throughput", None),
+    "fanout": ("shimmy.bench.fanout", None),
+    "stream": ("shimmy.bench.streams", "shimmy.sdk.stream"),
+    "crossnode": ("shimmy.bench.crossnode", "shimmy.daemon.peer"),
+}
+DEFAULT_SIZES = [64, 4096, 1 << 20]
+
+
+class Context:
+    """What every suite gets: the daemon, sizes, timing budget, CPU placement, a logger."""
+
+    def __init__(self, args, daemon: str, cpu_list: list[int]):
+        self.daemon = daemon
+        self.sizes = args.sizes
+        self.reps = args.reps
+        self.seconds = args.seconds
+        self.quick = args.quick
+        self.cpus = cpu_list
+        self.cpu_a = cpu_list[0]
+        self.cpu_b = cpu_list[1] if len(cpu_list) > 1 else cpu_list[0]
+        self.iceoryx2_ok, self.iceoryx2_info = peers.iceoryx2_status()
+        self.verbose = not args.quiet
+
+    @staticmethod
+    def capacity_for(size: int) -> int | None:
+        """Channel capacity for messages of ``size``: the default (4 MiB) up to 64 KiB, else a
+        power of two holding at least eight messages (1 MiB -> 8 MiB)."""
+        if size <= 1 << 16:
+            return None
+        need = 8 * (size + 16)
+        return 1 << (need - 1).bit_length()
+
+    def log(self, text: str) -> None:
+        if self.verbose:
+            print(text, file=sys.stderr, flush=True)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="shimmy bench",
+                                description="Benchmarks shimmy against ZeroMQ, raw TCP and iceoryx2.")
+    p.add_argument("--quick", action="store_true", help="1 repetition, short runs (~30 s)")
+    p.add_argument("--only", help=f"comma-separated suites: {','.join(SUITES)}")
+    p.add_argument("--json", dest="json_path", help="where to write results "
+                   "(default bench-results/bench-<timestamp>.json)")
+    p.add_argument("--sizes", help="comma-separated message sizes in bytes (k/m suffix ok); "
+                   "default 64,4k,1m")
+    p.add_argument("--seconds", type=float, help="seconds per measurement (default 0.4, quick 0.1)")
+    p.add_argument("--reps", type=int, help="repetitions per measurement (default 3, quick 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = p.parse_args(argv)
+    args.sizes = [_size(s) for s in args.sizes.split(",")] if args.sizes else list(DEFAULT_SIZES)
+    if args.seconds is None:
+        args.seconds = 0.1 if args.quick else 0.4
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
+    args.only = [s.strip() for s in args.only.split(",")] if args.only else list(SUITES)
+    unknown = [s for s in args.only if s not in SUITES]
+    if unknown:
+        p.error(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
+    return args
+
+
+def _size(text: str) -> int:
+    t = text.strip().lower()
+    mult = 1
+    if t.endswith(("k", "kib")):
+        mult, t = 1024, t.rstrip("kib")
+    elif t.endswith(("m", "mib")):
+        mult, t = 1 << 20, t.rstrip("mib")
+    return int(float(t) * mult)
+
+
+def machine_info(cpu_list: list[int]) -> dict:
+    info = {"host": platform.node(), "platform": platform.platform(),
+            "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+            "usable_cpus": cpu_list}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        info["loadavg_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    vers = {}
+    for mod in ("zmq", "shimmy", "iceoryx2"):
+        try:
+            from importlib.metadata import version
+            vers[mod] = version("pyzmq" if mod == "zmq" else mod)
+        except Exception:
+            vers[mod] = None
+    info["versions"] = vers
+    return info
+
+
+def _feature_missing(feature: str | None) -> str | None:
+    if feature is None:
+        return None
+    try:
+        importlib.import_module(feature)
+    except Exception as exc:
+        return f"{feature} not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(list(argv or []))
+    cpu_list = harness.cpus()
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path = args.json_path or os.path.join("bench-results", f"bench-{stamp}.json")
+    out = {"meta": {"timestamp": stamp, "argv": list(argv or []), "sizes": args.sizes,
+                    "reps": args.reps, "seconds_per_measurement": args.seconds,
+                    "quick": args.quick, **machine_info(cpu_list)},
+           "suites": {}, "skipped": {}, "targets": []}
+
+    # SIGTERM behaves like Ctrl-C: unwind, stop workers and the daemon.
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+    old_term = signal.signal(signal.SIGTERM, _term)
+    t0 = time.monotonic()
+    daemon = None
+    try:
+        daemon = harness.Daemon().start()
+        ctx = Context(args, daemon.socket, cpu_list)
+        out["meta"]["iceoryx2"] = ctx.iceoryx2_info if ctx.iceoryx2_ok else None
+        out["meta"]["placement"] = report.placement_text(ctx)
+        ctx.log(f"shimmy bench: {len(cpu_list)} usable CPU(s) {cpu_list}; "
+                f"{out['meta']['placement']}")
+        if not ctx.iceoryx2_ok:
+            out["skipped"]["iceoryx2"] = ctx.iceoryx2_info
+            ctx.log(f"  iceoryx2 skipped: {ctx.iceoryx2_info}")
+        for name in args.only:
+            modname, feature = SUITES[name]
+            why = _feature_missing(feature)
+            if why is None:
+                try:
+                    mod = importlib.import_module(modname)
+                except ImportError as exc:
+                    why = f"suite module {modname} not importable: {exc}"
+            if why is not None:
+                out["skipped"][name] = why
+                ctx.log(f"suite {name}: skipped ({why})")
+                continue
+            ctx.log(f"suite {name} ...")
+            ts = time.monotonic()
+            try:
+                res = mod.run(ctx)
+            except harness.BenchError as exc:
+                res = {"results": [], "failed": {"suite": str(exc)[-2000:]}}
+            res["seconds"] = round(time.monotonic() - ts, 2)
+            out["suites"][name] = res
+        out["targets"] = report.evaluate_targets(out)
+    except KeyboardInterrupt:
+        print("shimmy bench: interrupted; stopping workers and the daemon", file=sys.stderr)
+        harness.cleanup_all()
+        return 130
+    finally:
+        harness.cleanup_all()
+        if daemon is not None:
+            daemon.stop()
+        signal.signal(signal.SIGTERM, old_term)
+    out["meta"]["total_seconds"] = round(time.monotonic() - t0, 1)
+    try:
+        out["meta"]["loadavg_at_end"] = os.getloadavg()
+    except OSError:
+        pass
+    print(report.render(out))
+    d = os.path.dirname(json_path)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    with open(json_path, "w") as fh:
+        json.dump(out, fh, indent=1, default=str)
+    print(f"\nJSON written to {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
