@@ -73,6 +73,38 @@ class Segments:
         self.allocated += size
         return shm_name, mm
 
+    def create_stream(self, token: str, name: str, capacity: int) -> tuple[str, mmap.mmap]:
+        """A byte-stream segment (layout: shimmy/stream_ring.py), checked and pre-faulted like a
+        ring.  Its two semaphores are ``sem_prefix(token) + "r"`` / ``+ "w"`` (made by the
+        caller); ``destroy(token, mm, 0)`` retires and unlinks the segment."""
+        from shimmy import stream_ring
+        size = stream_ring.segment_size(capacity)
+        if self.budget and self.allocated + size > self.budget:
+            raise LimitExceeded(f"stream {name!r} needs {size} bytes; shm_budget {self.budget} "
+                                f"has {self.budget - self.allocated} left")
+        st = os.statvfs(self.shm_dir)
+        free = st.f_bavail * st.f_frsize
+        if free - size < self.reserve:
+            raise LimitExceeded(f"stream {name!r} needs {size} bytes but {self.shm_dir} has "
+                                f"{free} free and shm_reserve keeps {self.reserve}")
+        shm_name = self.ring_name(token)
+        shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=0o666, size=0)
+        try:
+            try:
+                os.posix_fallocate(shm.fd, 0, size)
+            except OSError as exc:
+                raise LimitExceeded(f"stream {name!r}: cannot allocate {size} bytes in "
+                                    f"{self.shm_dir}: {exc.strerror}") from None
+            mm = mmap.mmap(shm.fd, size)
+        except BaseException:
+            shm.close_fd()
+            posix_ipc.unlink_shared_memory(shm_name)
+            raise
+        shm.close_fd()
+        stream_ring.format_stream(mm, name, capacity)
+        self.allocated += size
+        return shm_name, mm
+
     def create_semaphore(self, token: str, slot: int) -> None:
         sem = posix_ipc.Semaphore(self.sem_prefix(token) + str(slot), posix_ipc.O_CREAT,
                                   mode=0o666, initial_value=0)

@@ -1,0 +1,237 @@
+"""The daemon's book of byte streams: who holds each end, and reclaiming a stream's memory.
+
+A stream is created by whichever end opens it first and lives until both ends are done:
+
+* an end is ``open`` (held by a live client), ``closed`` (its holder closed it cleanly) or
+  ``dead`` (its holder's session socket hit EOF while the end was open: a crash);
+* a dead end's *broken* flag is set in the segment and the survivor's semaphore posted, so a
+  reader drains what was committed and then gets StreamBroken, and a writer's next write fails;
+* the stream is freed (segment and semaphores unlinked) when the reader has finished and the
+  writer is not open, or when the writer died before any reader came.  A writer that closed
+  cleanly before a reader came keeps the stream (and its bytes) for that reader;
+* while any end of a stream is finished but the stream is not yet freed, opening that end again
+  is refused with StreamBusy; after the stream is freed the name is free for a new stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import posix_ipc
+
+from shimmy import stream_ring
+from shimmy.errors import ChannelConflict, InvalidArgument, LimitExceeded, StreamBusy
+from shimmy.names import object_token, validate_name
+
+log = logging.getLogger("shimmy.daemon")
+ROLES = ("writer", "reader")
+
+
+@dataclass
+class End:
+    client: int
+    pid: int
+    state: str = "open"  # open | closed | dead
+
+
+@dataclass
+class StreamRecord:
+    name: str
+    token: str
+    serial: int
+    capacity: int
+    shm_name: str
+    mm: object
+    view: stream_ring.StreamView
+    sems: dict  # role -> the posix_ipc.Semaphore that role sleeps on
+    created: float = field(default_factory=time.time)
+    writer: End | None = None
+    reader: End | None = None
+
+    def end(self, role: str) -> End | None:
+        return self.writer if role == "writer" else self.reader
+
+    def describe(self) -> dict:
+        q = self.view.q
+        tail, head = q[stream_ring.OFF_TAIL // 8], q[stream_ring.OFF_HEAD // 8]
+
+        def end(e: End | None):
+            return None if e is None else {"client": e.client, "pid": e.pid, "state": e.state}
+
+        return {"name": self.name, "kind": "stream", "capacity": self.capacity,
+                "shm": self.shm_name, "serial": self.serial, "written": tail, "read": head,
+                "buffered": tail - head, "eof": bool(q[stream_ring.OFF_EOF // 8]),
+                "writer": end(self.writer), "reader": end(self.reader)}
+
+
+class StreamService:
+    """Stream operations for the daemon (``ops()``) plus its client-death and shutdown hooks."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.settings = daemon.settings
+        self.segments = daemon.segments
+        self.streams: dict[str, StreamRecord] = {}
+        self._serial = itertools.count(1)
+        self.counters = {"streams_created": 0, "streams_freed": 0, "stream_ends_broken": 0}
+
+    def ops(self) -> dict:
+        return {"stream_open": self.op_open, "stream_close": self.op_close,
+                "stream_list": self.op_list}
+
+    # -- operations -------------------------------------------------------------------------------
+    def op_open(self, req: dict) -> dict:
+        client = self.daemon._client(req)
+        name = validate_name(req.get("name"))
+        role = req.get("role")
+        if role not in ROLES:
+            raise InvalidArgument(f"stream role must be 'writer' or 'reader', got {role!r}")
+        capacity = self.daemon._field(req, "capacity", int, optional=True)
+        rec = self.streams.get(name)
+        if rec is None:
+            rec = self._create(name, capacity)
+        elif capacity is not None and capacity != rec.capacity:
+            raise ChannelConflict(f"stream {name!r} exists with capacity={rec.capacity}, asked "
+                                  f"for capacity={capacity}")
+        held = rec.end(role)
+        if held is not None:
+            if held.state == "open":
+                raise StreamBusy(f"stream {name!r} already has a {role}: pid {held.pid}; one "
+                                 f"{role} at a time")
+            other = rec.end("reader" if role == "writer" else "writer")
+            raise StreamBusy(
+                f"stream {name!r}: its {role} (pid {held.pid}) has finished ({held.state}) but "
+                f"the stream is still in use by its "
+                f"{'reader' if role == 'writer' else 'writer'} (pid {other.pid if other else '-'}); "
+                f"the name is free again once both ends have closed")
+        pid = client.pid or client.claimed_pid
+        end = End(client.id, pid)
+        stream_ring.daemon_set_pid(rec.view, role, pid)
+        if role == "writer":
+            rec.writer = end
+        else:
+            rec.reader = end
+        prefix = self.segments.sem_prefix(rec.token)
+        return {"shm": rec.shm_name, "sem_reader": prefix + "r", "sem_writer": prefix + "w",
+                "capacity": rec.capacity, "serial": rec.serial}
+
+    def op_close(self, req: dict) -> dict:
+        client = self.daemon._client(req)
+        name = validate_name(req.get("name"))
+        role = req.get("role")
+        serial = self.daemon._field(req, "serial", int)
+        rec = self.streams.get(name)
+        if rec is None or rec.serial != serial:
+            return {}  # already freed (the daemon saw the other end go first)
+        end = rec.end(role) if role in ROLES else None
+        if end is None or end.client != client.id:
+            raise InvalidArgument(f"stream {name!r}: the {role} end is not yours")
+        if end.state == "open":
+            end.state = "closed"
+        self._maybe_free(rec)
+        return {}
+
+    def op_list(self, req: dict) -> dict:
+        return {"streams": self.describe()}
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def drop_client(self, client_id: int) -> int:
+        """The client is gone: break every end it held open, wake the peers, free what is done."""
+        n = 0
+        for rec in list(self.streams.values()):
+            for role in ROLES:
+                end = rec.end(role)
+                if end is None or end.client != client_id or end.state != "open":
+                    continue
+                end.state = "dead"
+                n += 1
+                self.counters["stream_ends_broken"] += 1
+                stream_ring.daemon_mark_broken(rec.view, role)
+                # Wake the survivor: the reader sleeps on "reader", the writer on "writer".
+                peer = "reader" if role == "writer" else "writer"
+                try:
+                    rec.sems[peer].release()
+                except posix_ipc.Error:
+                    pass
+                log.info("stream %s: %s pid=%s died without closing; marked broken",
+                         rec.name, role, end.pid)
+            self._maybe_free(rec)
+        return n
+
+    def close_all(self) -> None:
+        for rec in list(self.streams.values()):
+            self._free(rec)
+
+    def describe(self) -> list[dict]:
+        return [rec.describe() for rec in self.streams.values()]
+
+    # -- internals --------------------------------------------------------------------------------
+    def _create(self, name: str, capacity: int | None) -> StreamRecord:
+        s = self.settings
+        capacity = stream_ring.DEFAULT_CAPACITY if capacity is None else capacity
+        stream_ring.check_capacity(capacity)
+        if capacity > s.max_capacity:
+            raise InvalidArgument(f"stream capacity {capacity} exceeds max_capacity "
+                                  f"{s.max_capacity}")
+        if len(self.streams) >= s.max_channels:
+            raise LimitExceeded(f"cannot create stream {name!r}: max_channels ({s.max_channels}) "
+                                f"streams exist (streams count against the same limit separately)")
+        serial = next(self._serial)
+        # "stream:" cannot appear in a channel name, so stream and channel tokens never collide;
+        # the serial keeps a reused name from meeting the previous stream's objects.
+        token = f"{object_token('stream:' + name)}-{serial}"
+        shm_name, mm = self.segments.create_stream(token, name, capacity)
+        prefix = self.segments.sem_prefix(token)
+        sems = {}
+        try:
+            for role, suffix in (("reader", "r"), ("writer", "w")):
+                sems[role] = posix_ipc.Semaphore(prefix + suffix, posix_ipc.O_CREX, mode=0o666,
+                                                 initial_value=0)
+        except BaseException:
+            for sem in sems.values():
+                sem.close()
+            self.segments.destroy(token, mm, 0)
+            for suffix in "rw":
+                _unlink_sem(prefix + suffix)
+            raise
+        rec = StreamRecord(name=name, token=token, serial=serial, capacity=capacity,
+                           shm_name=shm_name, mm=mm, view=stream_ring.StreamView(mm), sems=sems)
+        self.streams[name] = rec
+        self.counters["streams_created"] += 1
+        log.info("created stream %s capacity=%d shm=%s", name, capacity, shm_name)
+        return rec
+
+    def _maybe_free(self, rec: StreamRecord) -> None:
+        w, r = rec.writer, rec.reader
+        writer_open = w is not None and w.state == "open"
+        reader_done = r is not None and r.state != "open"
+        writer_died_alone = w is not None and w.state == "dead" and r is None
+        if (reader_done and not writer_open) or writer_died_alone:
+            self._free(rec)
+
+    def _free(self, rec: StreamRecord) -> None:
+        self.streams.pop(rec.name, None)
+        written = rec.view.q[stream_ring.OFF_TAIL // 8]
+        rec.view.release()
+        self.segments.destroy(rec.token, rec.mm, 0)
+        prefix = self.segments.sem_prefix(rec.token)
+        for role, suffix in (("reader", "r"), ("writer", "w")):
+            sem = rec.sems[role]
+            try:
+                sem.release()  # anyone still asleep wakes, sees retired, and stops
+                sem.close()
+            except posix_ipc.Error:
+                pass
+            _unlink_sem(prefix + suffix)
+        self.counters["streams_freed"] += 1
+        log.info("freed stream %s (%d bytes written, serial %d)", rec.name, written, rec.serial)
+
+
+def _unlink_sem(name: str) -> None:
+    try:
+        posix_ipc.unlink_semaphore(name)
+    except posix_ipc.ExistentialError:
+        pass

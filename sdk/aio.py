@@ -1,0 +1,282 @@
+"""asyncio support: ``await sub.receive_async()``, ``async for msg in sub``, async stream I/O.
+
+Nothing here polls on the event loop's thread.  Every operation first tries the non-blocking
+path on the loop thread (a message or bytes already there cost one call).  When it would block,
+the wait moves to a helper thread, one per subscription or stream end, created on first use and
+ended after 30 s idle:
+
+* the helper runs the same Dekker protocol as the blocking API (store the waiting word, fence,
+  re-check, sleep on the posix semaphore for at most 0.25 s, repeat), so publishers and writers
+  need no change: they post the semaphore as they always do;
+* when the condition holds (or the deadline passes) it resolves an asyncio future with
+  ``loop.call_soon_threadsafe`` (measured against an eventfd registered with ``loop.add_reader``:
+  the same cost within noise, and call_soon_threadsafe needs no fd per waiter; see
+  docs/streams.md);
+* the helper never consumes anything: the message or bytes are taken on the loop thread after
+  the future resolves.  A cancelled ``receive_async`` therefore loses nothing: what arrived stays
+  in the ring for the next call.  On cancellation the loop thread posts the semaphore once so the
+  helper returns at once instead of after its 0.25 s bound (a spare post only causes one extra
+  re-check later).
+
+Fairness: a consumer whose messages are always ready would never yield to the loop, so
+``receive_async`` yields (``await asyncio.sleep(0)``) after every ``FAIR_BATCH`` messages taken
+without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+
+import posix_ipc
+
+from shimmy.errors import ChannelClosed, ReceiveTimeout
+from shimmy import ring, stream_ring
+
+from .channel import MAX_SLEEP, _fence
+
+FAIR_BATCH = 32         # messages handed out without yielding to the loop
+HELPER_IDLE = 30.0      # seconds an idle helper thread lingers before exiting
+
+
+class _Helper:
+    """One thread that runs blocking waits, one after another, for one subscription/stream end."""
+
+    def __init__(self, name: str):
+        self._cv = threading.Condition()
+        self._jobs: collections.deque = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._name = name
+
+    def submit(self, job) -> None:
+        with self._cv:
+            self._jobs.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            else:
+                self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if not self._jobs:
+                    self._cv.wait(HELPER_IDLE)
+                    if not self._jobs:
+                        self._thread = None
+                        return
+                job = self._jobs.popleft()
+            job()
+
+
+def _helper(obj, name: str) -> _Helper:
+    helper = obj.__dict__.get("_aio_helper")
+    if helper is None:
+        helper = obj.__dict__["_aio_helper"] = _Helper(name)
+    return helper
+
+
+def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
+
+
+def _block(sem, waiting_set, waiting_clear, ready, deadline, stop, gone) -> None:
+    """Runs on the helper thread: sleep (Dekker + bounded semaphore waits) until ready()."""
+    try:
+        while not stop[0] and not gone():
+            waiting_set()
+            # SYNC POINT (Dekker, sleeper side) - same pairing as the blocking API.
+            _fence()
+            if ready():
+                return
+            if deadline is None:
+                wait = MAX_SLEEP
+            else:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    return
+                wait = min(wait, MAX_SLEEP)
+            try:
+                sem.acquire(wait)
+            except posix_ipc.BusyError:
+                pass
+    finally:
+        waiting_clear()
+
+
+async def _wait(obj, name, sem, waiting_set, waiting_clear, ready, deadline, gone) -> None:
+    """Await ``ready()`` (or the deadline) without blocking the loop; cancellation-safe."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    stop = [False]
+
+    def job():
+        err = None
+        try:
+            _block(sem, waiting_set, waiting_clear, ready, deadline, stop, gone)
+        except BaseException as exc:  # report, never kill the helper
+            err = exc
+        try:
+            loop.call_soon_threadsafe(_resolve, fut, err)
+        except RuntimeError:
+            pass  # the loop is closed; nobody is waiting any more
+
+    _helper(obj, name).submit(job)
+    try:
+        await fut
+    except asyncio.CancelledError:
+        stop[0] = True
+        try:
+            sem.release()  # wake the helper now rather than after MAX_SLEEP
+        except posix_ipc.Error:
+            pass
+        raise
+
+
+# -- pub/sub ---------------------------------------------------------------------------------
+async def receive_async(sub, timeout: float | None = None):
+    """``await sub.receive_async(timeout)``: the next message; ReceiveTimeout after ``timeout``."""
+    if sub.closed:
+        raise ChannelClosed(f"subscription to {sub.channel.name!r} is closed")
+    d = sub.__dict__
+    if d.get("_aio_streak", 0) >= FAIR_BATCH:
+        d["_aio_streak"] = 0
+        await asyncio.sleep(0)  # before taking a message, so cancellation here loses nothing
+    msg = sub.receive_nowait()
+    if msg is not None:
+        d["_aio_streak"] = d.get("_aio_streak", 0) + 1
+        return msg
+    d["_aio_streak"] = 0
+    deadline = None if timeout is None else time.monotonic() + timeout
+    sem = d.get("_aio_sem")
+    if sem is None:
+        # A handle of our own: Subscription.close() closes its handle, possibly while the helper
+        # sleeps on it; this one is closed only when the subscription object goes away.
+        sem = d["_aio_sem"] = posix_ipc.Semaphore(sub.channel._sem_prefix + str(sub.slot))
+    waiting = sub._waiting
+    q, tail_word, reader = sub._view.q, ring.OFF_TAIL // 8, sub._reader
+
+    def waiting_set():
+        if not sub.closed:
+            waiting[0] = 1
+
+    def waiting_clear():
+        if not sub.closed:
+            waiting[0] = 0
+
+    def ready():
+        return q[tail_word] != reader.position
+
+    def gone():
+        return sub.closed or sub.channel.closed
+
+    while True:
+        sub.channel._check()
+        sub._check_slot()
+        await _wait(sub, "shimmy-aio-sub", sem, waiting_set, waiting_clear, ready, deadline, gone)
+        if sub.closed:
+            raise ChannelClosed(f"subscription to {sub.channel.name!r} is closed")
+        msg = sub.receive_nowait()
+        if msg is not None:
+            return msg
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ReceiveTimeout(f"no message on {sub.channel.name!r} within {timeout} s")
+
+
+def sub_aiter(sub):
+    return sub
+
+
+async def sub_anext(sub):
+    """``async for msg in sub`` (attached to Subscription as __anext__)."""
+    return await receive_async(sub)
+
+
+# -- streams ---------------------------------------------------------------------------------
+def _stream_waiters(end, waiting_off: int):
+    q = end._view.q
+    word = waiting_off // 8
+
+    def waiting_set():
+        if not end.closed:
+            q[word] = 1
+
+    def waiting_clear():
+        if not end.closed:
+            q[word] = 0
+
+    def gone():
+        return end.closed
+
+    return waiting_set, waiting_clear, gone
+
+
+async def stream_wait_data(reader, deadline) -> None:
+    ws, wc, gone = _stream_waiters(reader, stream_ring.OFF_R_WAITING)
+    await _wait(reader, "shimmy-aio-stream", reader._sem_r, ws, wc, reader._cursor._data_ready,
+                deadline, gone)
+
+
+async def stream_readinto_async(reader, b, timeout: float | None = None) -> int:
+    """Copy up to len(b) bytes into ``b``; 0 at end of stream.  Cancellation-safe: bytes are
+    consumed only on the loop thread, after the wait."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            return reader.readinto(b, timeout=0)
+        except ReceiveTimeout:
+            pass
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ReceiveTimeout(f"stream {reader.name!r}: no data within {timeout} s")
+        await stream_wait_data(reader, deadline)
+
+
+async def stream_read_async(reader, size: int = -1, timeout: float | None = None) -> bytes:
+    """Up to ``size`` bytes (-1: to end of stream); b"" at end of stream."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if size is None or size < 0:
+        parts = []
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            chunk = await stream_read_async(reader, reader.capacity, left)
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+    while True:
+        try:
+            return reader.read(size, timeout=0)
+        except ReceiveTimeout:
+            pass
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ReceiveTimeout(f"stream {reader.name!r}: no data within {timeout} s")
+        await stream_wait_data(reader, deadline)
+
+
+async def stream_write_async(writer, b, timeout: float | None = None) -> int:
+    """Write all of ``b``; waits for room without blocking the loop.  If cancelled, the bytes
+    already copied stay written (``writer.position`` says how far the stream got)."""
+    from shimmy.errors import BackpressureTimeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ws, wc, gone = _stream_waiters(writer, stream_ring.OFF_W_WAITING)
+    with memoryview(b) as mv:
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        n = len(mv)
+        done = writer.write_nowait(mv)
+        while done < n:
+            if deadline is not None and time.monotonic() >= deadline:
+                exc = BackpressureTimeout(f"stream {writer.name!r}: ring full for {timeout} s; "
+                                          f"wrote {done} of {n} bytes")
+                exc.written = done
+                raise exc
+            await _wait(writer, "shimmy-aio-stream", writer._sem_w, ws, wc,
+                        writer._cursor._space_ready, deadline, gone)
+            done += writer.write_nowait(mv[done:])
+        return n

@@ -1,0 +1,480 @@
+"""The stream ring: an SPSC byte ring for ``shimmy.Stream`` (one writer, one reader).
+
+One stream is one POSIX shared-memory object created, sized and reclaimed by the node daemon, plus
+two named semaphores (``...r``: the reader sleeps on it, ``...w``: the writer sleeps on it).
+Byte layout (all integers little-endian; ``docs/streams.md`` repeats it with the reasoning)::
+
+    0      control page (4 KiB)
+           +0    magic "SHMYSTRM" u64 | +8 layout version u32 | +12 reserved u32
+           +16   capacity u64         | +24 data_offset u32
+           +32   created_ns u64       | +40 retired u64 (daemon: 1 = stream gone, stop)
+           +64   name length u32 + name bytes (up to 200)       -- daemon, write-once
+           +320  tail u64         writer: bytes committed so far (commit word)
+           +328  eof u64          writer: 1 = clean end of stream, stored after the final tail
+           +336  w_waiting u64    writer: 1 while it is about to sleep for room
+           +384  head u64         reader: bytes consumed so far
+           +392  r_closed u64     reader: 1 = the reader closed its end (writes now fail)
+           +400  r_waiting u64    reader: 1 while it is about to sleep for data
+           +448  w_broken u64     daemon: the writer died without closing
+           +456  r_broken u64     daemon: the reader died
+           +464  writer pid u32 | +468 reader pid u32                 -- daemon
+    4096   capacity bytes of data (capacity is a power of two)
+
+Single writer per word: every word above has exactly one process that stores it (the owner named
+on its line); the three owners' words sit on three different 64-byte cache lines.  ``tail`` and
+``head`` are positions in the endless stream; the ring offset is ``position & (capacity - 1)``.
+``tail - head`` is the number of buffered bytes, ``0 <= tail - head <= capacity``.  Unlike pub/sub
+frames, stream bytes may wrap: a copy that crosses the end of the data area is split in two.
+
+Memory ordering (x86-64, TSO; see the SYNC POINT comments):
+
+* commit: the writer copies bytes, then stores ``tail`` with one aligned 8-byte store.  TSO keeps
+  store order, so a reader whose load of ``tail`` sees the new value also sees the bytes.
+* consume: the reader copies bytes out, then stores ``head``.  A load is never reordered with a
+  later store on x86, so the writer (which loads ``head``) never overwrites bytes still being read.
+* end of stream: the writer stores ``tail`` then ``eof``; the reader loads ``eof`` then ``tail``
+  (loads are not reordered with loads on x86), so seeing eof=1 means the tail it loads is final.
+* wake-ups are two Dekker pairs, each "store my flag, FENCE, load the other's word":
+  writer commit (tail / r_waiting) against reader sleep (r_waiting / tail), and reader consume
+  (head / w_waiting) against writer sleep (w_waiting / head).  With a full fence on both sides at
+  least one side sees the other's store, so a sleeper is always posted or never sleeps.
+* the daemon's broken flags are stored after the dead process's last store (the daemon learns of
+  the death by EOF on a socket, a kernel round trip), then it posts the survivor's semaphore.
+
+On ARM (weaker ordering) the commit store would need release semantics and the loads of
+``tail``/``head``/``eof`` acquire semantics; memoryview stores give neither, so this module is
+x86-64-only as written (the lock-based fence is a full barrier on both).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import time
+from typing import Callable
+
+from shimmy.errors import (BackpressureTimeout, InvalidArgument, ReceiveTimeout, RingCorrupted,
+                           StreamBroken)
+
+MAGIC = 0x4D525453594D4853  # b"SHMYSTRM" read as a little-endian u64
+LAYOUT_VERSION = 1
+
+PAGE = 4096
+CONTROL_SIZE = PAGE
+DATA_OFFSET = PAGE
+
+OFF_MAGIC = 0
+OFF_VERSION = 8
+OFF_CAPACITY = 16
+OFF_DATA_OFFSET = 24
+OFF_CREATED = 32
+OFF_RETIRED = 40  # same offset as in the pub/sub ring: Segments.destroy() sets it for both
+OFF_NAME = 64
+# writer's line
+OFF_TAIL = 320
+OFF_EOF = 328
+OFF_W_WAITING = 336
+# reader's line
+OFF_HEAD = 384
+OFF_R_CLOSED = 392
+OFF_R_WAITING = 400
+# daemon's line
+OFF_W_BROKEN = 448
+OFF_R_BROKEN = 456
+OFF_W_PID = 464
+OFF_R_PID = 468
+
+MIN_CAPACITY = 4096
+MAX_CAPACITY = 1 << 30
+DEFAULT_CAPACITY = 1 << 21  # 2 MiB: big enough to pipeline 1 MiB writes, small enough for L2/L3
+
+MAX_SLEEP = 0.25       # a sleeping end re-checks its condition (and liveness) at least this often
+DEFAULT_SPIN_US = 50   # spin this long before sleeping on the semaphore
+
+
+def check_capacity(capacity: object) -> int:
+    if not isinstance(capacity, int) or isinstance(capacity, bool):
+        raise InvalidArgument(f"stream capacity must be an int, got {type(capacity).__name__}")
+    if capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or capacity & (capacity - 1):
+        raise InvalidArgument(f"stream capacity {capacity} must be a power of two between "
+                              f"{MIN_CAPACITY} and {MAX_CAPACITY}")
+    return capacity
+
+
+def segment_size(capacity: int) -> int:
+    return DATA_OFFSET + capacity
+
+
+def format_stream(mm: mmap.mmap, name: str, capacity: int) -> None:
+    """Write a fresh control page (daemon only, before anyone else can open the segment)."""
+    mv = memoryview(mm)
+    struct.pack_into("<QIIQI", mv, 0, MAGIC, LAYOUT_VERSION, 0, capacity, DATA_OFFSET)
+    struct.pack_into("<QQ", mv, OFF_CREATED, time.time_ns(), 0)
+    raw = name.encode()
+    struct.pack_into("<I", mv, OFF_NAME, len(raw))
+    mv[OFF_NAME + 4:OFF_NAME + 4 + len(raw)] = raw
+    mv.release()
+
+
+class StreamView:
+    """A process's mapping of one stream segment plus a u64 view of its words."""
+
+    def __init__(self, mm: mmap.mmap):
+        self.mm = mm
+        self.mv = memoryview(mm)
+        self.q = self.mv.cast("Q")
+        self.u32 = self.mv.cast("I")
+        if len(mm) < CONTROL_SIZE or self.q[OFF_MAGIC // 8] != MAGIC:
+            self.release()
+            raise RingCorrupted("shared-memory segment is not a Shimmy stream (bad magic)")
+        version = self.u32[OFF_VERSION // 4]
+        if version != LAYOUT_VERSION:
+            self.release()
+            raise RingCorrupted(f"stream layout version {version}, this library speaks "
+                                f"{LAYOUT_VERSION}")
+        self.capacity = self.q[OFF_CAPACITY // 8]
+        self.data_offset = self.u32[OFF_DATA_OFFSET // 4]
+        if len(mm) != self.data_offset + self.capacity:
+            self.release()
+            raise RingCorrupted(f"stream segment is {len(mm)} bytes, header says "
+                                f"{self.data_offset + self.capacity}")
+        n = self.u32[OFF_NAME // 4]
+        self.name = bytes(self.mv[OFF_NAME + 4:OFF_NAME + 4 + n]).decode()
+
+    def word(self, off: int) -> int:
+        return self.q[off // 8]
+
+    def pid(self, role: str) -> int:
+        return self.u32[(OFF_W_PID if role == "writer" else OFF_R_PID) // 4]
+
+    def release(self) -> None:
+        for view in (self.u32, self.q, self.mv):
+            view.release()
+
+
+# -- daemon side ---------------------------------------------------------------------------------
+def daemon_set_pid(view: StreamView, role: str, pid: int) -> None:
+    view.u32[(OFF_W_PID if role == "writer" else OFF_R_PID) // 4] = pid & 0xFFFFFFFF
+
+
+def daemon_mark_broken(view: StreamView, role: str) -> None:
+    """The ``role`` end died without closing.  The caller posts the survivor's semaphore after."""
+    view.q[(OFF_W_BROKEN if role == "writer" else OFF_R_BROKEN) // 8] = 1
+
+
+class _End:
+    """What both cursors share: the view, the two semaphores, the fence and the bounded sleep."""
+
+    def __init__(self, view: StreamView, my_sem, peer_sem, barrier: Callable[[], None],
+                 spin_us: int = DEFAULT_SPIN_US):
+        self.v = view
+        self._mv = view.mv
+        self._q = view.q
+        self._cap = view.capacity
+        self._mask = view.capacity - 1
+        self._base = view.data_offset
+        self._sem = my_sem       # I sleep on this one
+        self._peer = peer_sem    # I post this one when the peer may be asleep
+        self._barrier = barrier
+        self._spin = spin_us / 1e6
+
+    def _sleep(self, waiting_word: int, ready: Callable[[], bool], deadline: float | None) -> bool:
+        """Wait until ``ready()`` (True) or the deadline passes (False).
+
+        Spin briefly, then sleep on our semaphore under the Dekker protocol: store the waiting
+        word, FENCE, re-check, sleep at most MAX_SLEEP, repeat.  ``ready`` must also turn True
+        when the peer is gone or the stream retired, so the caller can raise.
+        """
+        if self._spin:
+            end = time.perf_counter() + self._spin
+            while True:
+                if ready():
+                    return True
+                if time.perf_counter() >= end:
+                    break
+        q = self._q
+        try:
+            while True:
+                q[waiting_word] = 1
+                # SYNC POINT (Dekker, sleeper side): waiting store, FENCE, then ready() loads the
+                # peer's commit word.  Pairs with _post_peer_if_waiting on the other end.
+                self._barrier()
+                if ready():
+                    return True
+                if deadline is None:
+                    wait = MAX_SLEEP
+                else:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        return False
+                    wait = min(wait, MAX_SLEEP)
+                try:
+                    self._sem.acquire(wait)
+                except Exception:  # posix_ipc.BusyError: timed out; loop re-checks
+                    pass
+        finally:
+            q[waiting_word] = 0
+
+    def _post_peer_if_waiting(self, peer_waiting_word: int) -> None:
+        # SYNC POINT (Dekker, waker side): the caller has just stored its commit word (tail or
+        # head); FENCE, then load the peer's waiting word.  Either the peer's re-check saw our
+        # store, or we see its flag here and post its semaphore.
+        self._barrier()
+        if self._q[peer_waiting_word]:
+            self._peer.release()
+
+    def retired(self) -> bool:
+        return self._q[OFF_RETIRED // 8] != 0
+
+
+class WriterCursor(_End):
+    """The single writer's cursor.  It alone stores tail, eof, w_waiting and the data bytes."""
+
+    def __init__(self, view, my_sem, peer_sem, barrier, spin_us=DEFAULT_SPIN_US):
+        super().__init__(view, my_sem, peer_sem, barrier, spin_us)
+        self._tail = self._q[OFF_TAIL // 8]
+        self._head = self._q[OFF_HEAD // 8]
+        # Commit at least every quarter ring so that a large write is pipelined with the reader.
+        self._piece = max(self._cap // 4, 4096)
+        self.closed = False
+
+    @property
+    def position(self) -> int:
+        return self._tail
+
+    def reader_gone(self) -> bool:
+        q = self._q
+        return bool(q[OFF_R_CLOSED // 8] or q[OFF_R_BROKEN // 8] or q[OFF_RETIRED // 8])
+
+    def _broken(self) -> StreamBroken:
+        q = self._q
+        if q[OFF_RETIRED // 8]:
+            why = "the daemon retired the stream (deleted or restarted)"
+        elif q[OFF_R_BROKEN // 8]:
+            why = f"its reader (pid {self.v.pid('reader')}) died"
+        else:
+            why = f"its reader (pid {self.v.pid('reader')}) closed its end"
+        return StreamBroken(f"stream {self.v.name!r}: {why}; nothing more can be written")
+
+    def free(self) -> int:
+        """Room for this many bytes now (reloads head when the cached value shows no room)."""
+        free = self._cap - (self._tail - self._head)
+        if free == 0:
+            # SYNC POINT (acquire head): pairs with the reader's head store in ReaderCursor.consume.
+            self._head = self._q[OFF_HEAD // 8]
+            free = self._cap - (self._tail - self._head)
+        return free
+
+    def _space_ready(self) -> bool:
+        if self._cap - (self._tail - self._q[OFF_HEAD // 8]) > 0:
+            return True
+        return self.reader_gone()
+
+    def wait_space(self, deadline: float | None) -> bool:
+        """Block until there is room (or the reader is gone); False when the deadline passed."""
+        return self._sleep(OFF_W_WAITING // 8, self._space_ready, deadline)
+
+    def write_nowait(self, data: memoryview) -> int:
+        """Copy as much of ``data`` (a byte memoryview) as fits now; return the count."""
+        if self.reader_gone():
+            raise self._broken()
+        n = len(data)
+        done = 0
+        while done < n:
+            free = self.free()
+            if not free:
+                break
+            k = min(free, n - done, self._piece)
+            self._copy_in(data, done, k)
+            done += k
+            self._commit(k)
+        return done
+
+    def write(self, data: memoryview, timeout: float | None) -> int:
+        """Copy all of ``data`` in, waiting (bounded by ``timeout``) while the ring is full."""
+        n = len(data)
+        done = self.write_nowait(data)
+        if done == n:
+            return n
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while done < n:
+            if not self.wait_space(deadline):
+                exc = BackpressureTimeout(
+                    f"stream {self.v.name!r}: ring full for {timeout} s (capacity {self._cap} "
+                    f"bytes, reader pid {self.v.pid('reader') or 'none yet'}); wrote {done} of "
+                    f"{n} bytes")
+                exc.written = done
+                raise exc
+            done += self.write_nowait(data[done:])
+        return n
+
+    def _copy_in(self, data: memoryview, start: int, k: int) -> None:
+        off = self._tail & self._mask
+        first = self._cap - off
+        base = self._base
+        mv = self._mv
+        if k <= first:
+            mv[base + off:base + off + k] = data[start:start + k]
+        else:  # the write wraps: split it at the end of the data area
+            mv[base + off:base + self._cap] = data[start:start + first]
+            mv[base:base + k - first] = data[start + first:start + k]
+
+    def claim(self, max_n: int) -> memoryview | None:
+        """Writable view of up to ``max_n`` contiguous free bytes, or None when full (zero-copy)."""
+        if self.reader_gone():
+            raise self._broken()
+        free = self.free()
+        if not free:
+            return None
+        off = self._tail & self._mask
+        k = min(free, max_n, self._cap - off)
+        return self._mv[self._base + off:self._base + off + k]
+
+    def _commit(self, k: int) -> None:
+        self._tail += k
+        # SYNC POINT (commit): one aligned 8-byte store after every byte of the chunk; pairs with
+        # the reader's load of tail (ReaderCursor.available).
+        self._q[OFF_TAIL // 8] = self._tail
+        self._post_peer_if_waiting(OFF_R_WAITING // 8)
+
+    def commit(self, k: int) -> None:
+        self._commit(k)
+
+    def close(self) -> None:
+        """Clean end of stream: eof after the final tail, then always wake the reader."""
+        if self.closed:
+            return
+        self.closed = True
+        # SYNC POINT (eof): stored after the last tail store; the reader loads eof before tail.
+        self._q[OFF_EOF // 8] = 1
+        self._barrier()
+        self._peer.release()
+
+
+class ReaderCursor(_End):
+    """The single reader's cursor.  It alone stores head, r_closed and r_waiting."""
+
+    def __init__(self, view, my_sem, peer_sem, barrier, spin_us=DEFAULT_SPIN_US):
+        super().__init__(view, my_sem, peer_sem, barrier, spin_us)
+        self._head = self._q[OFF_HEAD // 8]
+        self._tail = self._q[OFF_TAIL // 8]
+        self._ro = view.mv.toreadonly()
+        self.closed = False
+
+    @property
+    def position(self) -> int:
+        return self._head
+
+    def available(self) -> int:
+        avail = self._tail - self._head
+        if avail == 0:
+            # SYNC POINT (acquire tail): pairs with the writer's tail store in _commit.
+            self._tail = self._q[OFF_TAIL // 8]
+            avail = self._tail - self._head
+        return avail
+
+    def at_end(self) -> int:
+        """With nothing buffered: 0 = more may come, 1 = clean EOF; raises StreamBroken."""
+        q = self._q
+        # Load eof / broken first, then tail again: the writer stored tail before eof (and the
+        # daemon sets broken only after the writer is dead), so a non-zero flag means the tail
+        # loaded afterwards is final.
+        eof = q[OFF_EOF // 8]
+        broken = q[OFF_W_BROKEN // 8] or q[OFF_RETIRED // 8]
+        if not eof and not broken:
+            return 0
+        if self.available():
+            return 0
+        if eof:
+            return 1
+        if q[OFF_RETIRED // 8]:
+            raise StreamBroken(f"stream {self.v.name!r}: the daemon retired the stream "
+                               f"(deleted or restarted)")
+        raise StreamBroken(f"stream {self.v.name!r}: its writer (pid {self.v.pid('writer')}) "
+                           f"died without closing; {self._head} bytes were delivered")
+
+    def _data_ready(self) -> bool:
+        q = self._q
+        return (q[OFF_TAIL // 8] != self._head or q[OFF_EOF // 8] != 0
+                or q[OFF_W_BROKEN // 8] != 0 or q[OFF_RETIRED // 8] != 0)
+
+    def wait_data(self, deadline: float | None) -> bool:
+        return self._sleep(OFF_R_WAITING // 8, self._data_ready, deadline)
+
+    def ready(self, timeout: float | None) -> int:
+        """Bytes available now, waiting (bounded) while empty; 0 means clean EOF."""
+        avail = self.available()
+        if avail:
+            return avail
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.at_end():
+                return 0
+            avail = self.available()
+            if avail:
+                return avail
+            if not self.wait_data(deadline):
+                avail = self.available()
+                if avail or self.at_end():
+                    return avail
+                raise ReceiveTimeout(
+                    f"stream {self.v.name!r}: no data within {timeout} s (writer pid "
+                    f"{self.v.pid('writer') or 'none yet'})")
+
+    def readinto(self, buf: memoryview, avail: int) -> int:
+        """Copy up to ``len(buf)`` of the ``avail`` buffered bytes into ``buf`` and consume them."""
+        k = min(avail, len(buf))
+        off = self._head & self._mask
+        first = self._cap - off
+        base = self._base
+        mv = self._mv
+        if k <= first:
+            buf[:k] = mv[base + off:base + off + k]
+        else:
+            buf[:first] = mv[base + off:base + self._cap]
+            buf[first:k] = mv[base:base + k - first]
+        self.consume(k)
+        return k
+
+    def read_bytes(self, n: int, avail: int) -> bytes:
+        k = min(avail, n)
+        off = self._head & self._mask
+        first = self._cap - off
+        base = self._base
+        if k <= first:
+            out = bytes(self._mv[base + off:base + off + k])
+        else:
+            out = bytes(self._mv[base + off:base + self._cap]) + bytes(self._mv[base:base + k - first])
+        self.consume(k)
+        return out
+
+    def view(self, max_n: int, avail: int) -> memoryview:
+        """Read-only view of up to ``max_n`` contiguous buffered bytes (stops at the wrap point)."""
+        off = self._head & self._mask
+        k = min(avail, max_n, self._cap - off)
+        return self._ro[self._base + off:self._base + off + k]
+
+    def peek(self, n: int, avail: int) -> bytes:
+        off = self._head & self._mask
+        k = min(avail, n, self._cap - off)
+        return bytes(self._mv[self._base + off:self._base + off + k])
+
+    def consume(self, k: int) -> None:
+        self._head += k
+        # SYNC POINT (release): stored after the bytes were copied out; pairs with the writer's
+        # load of head in WriterCursor.free.
+        self._q[OFF_HEAD // 8] = self._head
+        self._post_peer_if_waiting(OFF_W_WAITING // 8)
+
+    def close(self) -> None:
+        """The reader is done: the writer's next write raises StreamBroken (like EPIPE)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._q[OFF_R_CLOSED // 8] = 1
+        self._barrier()
+        self._peer.release()
+        try:
+            self._ro.release()
+        except BufferError:
+            pass  # a caller still holds a read_view slice; it dies with the mapping
