@@ -367,6 +367,12 @@ class Subscription:
         from .aio import receive_async
         return await receive_async(self, timeout)
 
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Message:
+        return await self.receive_async()
+
     def close(self) -> None:
         if self.closed:
             return

@@ -8,6 +8,7 @@ from shimmy.errors import (BackpressureTimeout, ChannelClosed, ChannelConflict, 
                            MessageTooLarge, PermissionDenied, ProtocolError, ReceiveTimeout,
                            ShimmyError, StreamBroken, StreamBusy)
 from shimmy.sdk.channel import Channel, Message, MessageOverwritten, Subscription
+from shimmy.sdk.stream import Stream, StreamClosed, StreamReader, StreamWriter
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,5 @@ __all__ = [
     "ChannelConflict", "ChannelNotFound", "LimitExceeded", "PermissionDenied",
     "BackpressureTimeout", "ReceiveTimeout", "ChannelClosed", "ProtocolError", "StreamBusy",
     "StreamBroken", "MessageOverwritten",
+    "Stream", "StreamReader", "StreamWriter", "StreamClosed",
 ]
