@@ -80,8 +80,14 @@ def daemon_factory():
             dirs.append(tmp)
             directory = tmp.name
         d = DaemonProcess(directory, *extra)
+        if start:
+            try:
+                d.start()
+            except RuntimeError:
+                d.stop()
+                raise
         started.append(d)
-        return d.start() if start else d
+        return d
 
     yield make
     leaks = []

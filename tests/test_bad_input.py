@@ -1,0 +1,201 @@
+"""Bad input gets a specific error naming what was wrong, and the daemon stays up."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import shimmy
+from shimmy.protocol import PROTOCOL_VERSION
+
+
+@pytest.mark.parametrize("name", ["", "a//b", "/lead", "trail/", "sp ace", "a/../b", ".", "x" * 201,
+                                  "ümlaut", "semi;colon", None, 42, b"bytes"])
+def test_invalid_names_raise_invalid_name(daemon, name):
+    with pytest.raises(shimmy.InvalidName, match="rule") as info:
+        shimmy.Channel(name, daemon=daemon.socket)
+    assert isinstance(info.value, ValueError)
+
+
+def test_valid_names(daemon):
+    for name in ["a", "sensors/temp", "A-b_c.d/e", "x" * 200]:
+        shimmy.Channel(name, daemon=daemon.socket).close()
+
+
+def test_oversize_message_names_the_limit(daemon):
+    with shimmy.Channel("big", daemon=daemon.socket, capacity=8192) as ch:
+        assert ch.max_message == 8192 // 2 - 16
+        with pytest.raises(shimmy.MessageTooLarge, match=r"4081 bytes exceeds .* 4080 bytes"):
+            ch.publish(b"x" * 4081)
+        with pytest.raises(shimmy.MessageTooLarge):
+            with ch.loan(4081):
+                pass
+        sub = ch.subscribe()
+        ch.publish(b"x" * 4080)  # the limit itself is fine
+        assert len(sub.receive(timeout=1).data) == 4080
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"capacity": 1000}, "power of two"),
+    ({"capacity": 1 << 31}, "power of two between"),
+    ({"mode": "fast"}, "mode must be one of"),
+    ({"spin_us": -1}, "spin_us"),
+])
+def test_bad_options(daemon, kwargs, match):
+    with pytest.raises(shimmy.InvalidArgument, match=match):
+        shimmy.Channel("opts", daemon=daemon.socket, **kwargs)
+
+
+def test_conflicting_options_are_refused(daemon):
+    with shimmy.Channel("conflict", daemon=daemon.socket, mode="lossy", capacity=8192):
+        with pytest.raises(shimmy.ChannelConflict, match="mode='lossy'"):
+            shimmy.Channel("conflict", daemon=daemon.socket, mode="reliable")
+        with pytest.raises(shimmy.ChannelConflict, match="capacity=8192"):
+            shimmy.Channel("conflict", daemon=daemon.socket, capacity=16384)
+        shimmy.Channel("conflict", daemon=daemon.socket).close()  # no options: accept
+
+
+def test_unreachable_daemon_says_where_and_how(tmp_path):
+    path = str(tmp_path / "nobody.sock")
+    with pytest.raises(shimmy.DaemonUnavailable, match="shimmy daemon --socket") as info:
+        shimmy.Channel("x", daemon=path)
+    assert path in str(info.value) and isinstance(info.value, ConnectionError)
+
+
+def test_second_publisher_is_refused_with_the_rule(daemon):
+    import subprocess, sys  # noqa: E401
+    with shimmy.Channel("onepub", daemon=daemon.socket) as ch:
+        ch.publish(b"mine")
+        code = ("import shimmy,sys\nch=shimmy.Channel('onepub',daemon=sys.argv[1])\n"
+                "try:\n ch.publish(b'x')\nexcept shimmy.ShimmyError as e:\n print(e)\n")
+        out = subprocess.run([sys.executable, "-c", code, daemon.socket], capture_output=True,
+                             text=True, timeout=30).stdout
+        assert "already has a publisher" in out
+
+
+def test_too_many_subscribers(daemon_factory, tmp_path):
+    cfg = tmp_path / "limits.toml"
+    cfg.write_text("max_subscribers = 2\nmax_channels = 2\n")
+    d = daemon_factory("--config", str(cfg))
+    with shimmy.Channel("a", daemon=d.socket) as ch:
+        ch.subscribe(), ch.subscribe()
+        with pytest.raises(shimmy.LimitExceeded, match=r"max_subscribers \(2\)"):
+            ch.subscribe()
+        with shimmy.Channel("b", daemon=d.socket):
+            with pytest.raises(shimmy.LimitExceeded, match=r"max_channels \(2\)"):
+                shimmy.Channel("c", daemon=d.socket)
+
+
+def test_shm_space_is_checked_before_allocating(daemon_factory, tmp_path):
+    cfg = tmp_path / "space.toml"
+    st = os.statvfs("/dev/shm")
+    cfg.write_text(f"shm_reserve = {st.f_bavail * st.f_frsize}\n")  # nothing may be used
+    d = daemon_factory("--config", str(cfg))
+    with pytest.raises(shimmy.LimitExceeded, match="shm_reserve"):
+        shimmy.Channel("nospace", daemon=d.socket)
+    assert d.shm_objects() == []
+
+
+def test_unknown_config_setting_is_refused(daemon_factory, tmp_path):
+    cfg = tmp_path / "typo.toml"
+    cfg.write_text("max_channel = 3\n")
+    with pytest.raises(RuntimeError, match="unknown settings"):
+        daemon_factory("--config", str(cfg))
+
+
+def _raw(daemon):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect("ipc://" + daemon.socket)
+    return sock
+
+
+def _ask(sock, payload, timeout=5000):
+    sock.send(payload)
+    assert sock.poll(timeout), "daemon did not answer"
+    return msgpack.unpackb(sock.recv(), raw=False)
+
+
+def _ping_ok(daemon):
+    sock = _raw(daemon)
+    try:
+        reply = _ask(sock, msgpack.packb({"v": PROTOCOL_VERSION, "id": 7, "op": "ping"}))
+        return reply["ok"] and reply["id"] == 7
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("payload, code", [
+    (b"\xc1", "protocol"),                                       # never-valid msgpack byte
+    (msgpack.packb([1, 2, 3]), "protocol"),                      # not a map
+    (msgpack.packb({"v": 99, "op": "ping"}), "protocol"),        # wrong version
+    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "explode"}), "protocol"),
+    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "open", "client": "me"}), "invalid_argument"),
+    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "open", "client": 12345}), "invalid_argument"),
+    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "delete", "name": "../etc"}), "invalid_name"),
+    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "delete", "name": "nothere"}), "not_found"),
+])
+def test_malformed_requests_get_specific_errors(daemon, payload, code):
+    sock = _raw(daemon)
+    try:
+        reply = _ask(sock, payload)
+        assert reply["ok"] is False and reply["error"]["code"] == code, reply
+    finally:
+        sock.close()
+    assert _ping_ok(daemon)
+
+
+def test_oversized_and_multipart_requests(daemon):
+    sock = _raw(daemon)
+    try:
+        sock.send(b"x" * (1 << 20))  # over request_max_bytes: libzmq drops the connection
+        sock.send_multipart([b"a", b"b", b"c"])
+    finally:
+        sock.close()
+    assert _ping_ok(daemon)
+
+
+def test_garbage_on_the_session_socket(daemon):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(daemon.socket + ".session")
+    s.sendall(os.urandom(5000))
+    s.close()
+    assert _ping_ok(daemon)
+
+
+_msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() |
+    st.text(max_size=20) | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4),
+    max_leaves=12)
+_requests = st.fixed_dictionaries(
+    {"v": st.sampled_from([PROTOCOL_VERSION, 0, "1"]),
+     "op": st.sampled_from(["open", "subscribe", "unsubscribe", "publish", "unpublish", "close",
+                            "list", "stat", "delete", "hello", "ping", "bogus"])},
+    optional={"id": _msgpack_values, "client": _msgpack_values, "name": _msgpack_values,
+              "mode": _msgpack_values, "capacity": _msgpack_values, "start": _msgpack_values,
+              "slot": _msgpack_values, "pid": _msgpack_values, "create": _msgpack_values})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(req=_requests, raw=st.binary(max_size=64))
+def test_fuzzed_control_messages_never_hurt_the_daemon(daemon, req, raw):
+    sock = _raw(daemon)
+    try:
+        reply = _ask(sock, msgpack.packb(req))
+        assert reply["v"] == PROTOCOL_VERSION and isinstance(reply["ok"], bool)
+        if not reply["ok"]:
+            assert reply["error"]["code"] != "error", reply  # no internal errors
+        reply = _ask(sock, raw)
+        assert isinstance(reply["ok"], bool)
+    finally:
+        sock.close()
+    assert _ping_ok(daemon)
