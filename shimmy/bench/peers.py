@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import socket
 import struct
 import tempfile
@@ -144,6 +145,8 @@ class ZmqLink:
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
+        if getattr(self, "_dir", None):
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 # -- raw TCP --------------------------------------------------------------------------------------

@@ -1,0 +1,152 @@
+"""One-way throughput: a sender pushes messages of one size as fast as the transport accepts
+them for ``ctx.seconds``, then a one-byte end marker; the receiver counts them.
+
+msgs/s is measured at the receiver, from its first message to the end marker (what was
+delivered, not what was queued).  Every transport here is lossless (shimmy reliable mode,
+ZeroMQ PUSH/PULL, TCP), and the receiver checks the count against what the sender sent.
+CPU per message is each process's getrusage CPU over its loop divided by the message count.
+
+Variants of shimmy: ``copy`` (``publish(bytes)`` / ``bytes(msg)``) and ``loan+view``
+(``with ch.loan(n) as buf: buf[:] = data`` / ``msg.data`` without copying: the receiver only
+takes ``len``).  The sender fills the loan from a prepared buffer, so ``loan+view`` still has one
+memcpy per message (into the ring); a producer that builds its data in place saves that too.
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import harness, peers
+
+NAME = "throughput"
+REQUIRES = None
+
+
+def variants(ctx) -> list[dict]:
+    return [
+        dict(transport="shimmy", variant="copy", label="shimmy publish/bytes(msg)", opts={}),
+        dict(transport="shimmy", variant="loan+view", label="shimmy loan/msg.data",
+             opts={"zero_copy": True}),
+        dict(transport="zmq-ipc", variant="PUSH/PULL", label="ZeroMQ ipc PUSH/PULL", opts={}),
+        dict(transport="zmq-tcp", variant="PUSH/PULL", label="ZeroMQ tcp PUSH/PULL", opts={}),
+        dict(transport="tcp", variant="raw", label="raw TCP 127.0.0.1", opts={}),
+    ]
+
+
+def link_opts(ctx, v: dict, size: int) -> dict:
+    opts = dict(v["opts"])
+    if v["transport"] == "shimmy":
+        opts["daemon"] = ctx.daemon
+        opts["capacity"] = ctx.capacity_for(size)
+    return opts
+
+
+# -- worker side --------------------------------------------------------------------------------
+
+def receiver(ctl, transport: str, name: str, opts: dict):
+    link = peers.open_link(ctl, transport, "pipe", "rx", name, **opts)
+    ctl.ready(link.address)
+    link.accept()
+    recv, now = link.recv, time.perf_counter
+    c0 = harness.cpu_seconds()
+    m = recv()
+    t_first = now()
+    n = 0
+    nbytes = 0
+    size = len(m)
+    while len(m) != 1:
+        n += 1
+        m = recv()
+    t_end = now()
+    nbytes = n * size
+    return {"n": n, "bytes": nbytes, "elapsed_s": t_end - t_first,
+            "cpu_s": harness.cpu_seconds() - c0}
+
+
+def sender(ctl, transport: str, name: str, opts: dict, size: int, seconds: float, address=None):
+    link = peers.open_link(ctl, transport, "pipe", "tx", name, **opts)
+    link.connect(address)
+    ctl.ready()
+    data = peers.payload(size)
+    send, now = link.send, time.perf_counter
+    step = 1 if size >= 1 << 18 else 32
+    c0 = harness.cpu_seconds()
+    t0 = now()
+    end = t0 + seconds
+    n = 0
+    while True:
+        for _ in range(step):
+            send(data)
+        n += step
+        if now() >= end:
+            break
+    t1 = now()
+    cpu = harness.cpu_seconds() - c0
+    send(peers.END)
+    return {"n": n, "elapsed_s": t1 - t0, "cpu_s": cpu}
+
+
+# -- parent side ----------------------------------------------------------------------------------
+
+def measure(ctx, v, pair, size: int) -> dict:
+    tx, rx = pair
+    name = f"bench/tp/{v['variant'].replace('+', '_').replace('/', '_')}/{size}"
+    opts = link_opts(ctx, v, size)
+    rx.start_call(__name__, "receiver", transport=v["transport"], name=name, opts=opts)
+    address = rx.wait_ready()
+    tx.start_call(__name__, "sender", transport=v["transport"], name=name, opts=opts, size=size,
+                  seconds=ctx.seconds, address=address)
+    tx.wait_ready()
+    rx.go()
+    tx.go()
+    s = tx.result(timeout=ctx.seconds + 60)
+    r = rx.result(timeout=60)
+    if r["n"] != s["n"]:
+        raise harness.BenchError(f"{v['label']} {size} B: sent {s['n']}, received {r['n']}")
+    return {"n": r["n"], "rx_elapsed_s": r["elapsed_s"], "tx_elapsed_s": s["elapsed_s"],
+            "tx_cpu_s": s["cpu_s"], "rx_cpu_s": r["cpu_s"]}
+
+
+def run(ctx) -> dict:
+    vs = variants(ctx)
+    results, failed, pairs, reps = [], {}, {}, {}
+    try:
+        for v in vs:
+            key = (v["transport"], v["variant"])
+            pairs[key] = (harness.Worker(f"tp-tx-{key[0]}", ctx.cpu_a),
+                          harness.Worker(f"tp-rx-{key[0]}", ctx.cpu_b))
+        for rep in range(ctx.reps):
+            for size in ctx.sizes:
+                for v in vs:
+                    key = (v["transport"], v["variant"])
+                    if key in failed:
+                        continue
+                    try:
+                        reps.setdefault((key, size), []).append(measure(ctx, v, pairs[key], size))
+                    except harness.BenchError as exc:
+                        failed[key] = str(exc)[-2000:]
+                        ctx.log(f"  throughput {v['label']} failed: {str(exc)[-300:]}")
+                        harness.close_all(pairs[key])
+                ctx.log(f"  throughput rep {rep + 1}/{ctx.reps} size {size} done")
+        med = harness.median
+        for v in vs:
+            key = (v["transport"], v["variant"])
+            for size in ctx.sizes:
+                runs = reps.get((key, size))
+                if not runs:
+                    continue
+                rate = med([r["n"] / r["rx_elapsed_s"] for r in runs])
+                results.append({
+                    "transport": v["transport"], "variant": v["variant"], "label": v["label"],
+                    "size": size, "reps": len(runs), "msgs_per_s": rate,
+                    "mb_per_s": rate * size / 1e6,
+                    "wall_us_per_msg": 1e6 / rate if rate else None,
+                    "cpu_us_per_msg_tx": med([r["tx_cpu_s"] / r["n"] * 1e6 for r in runs]),
+                    "cpu_us_per_msg_rx": med([r["rx_cpu_s"] / r["n"] * 1e6 for r in runs]),
+                    "messages": [r["n"] for r in runs], "runs": runs,
+                })
+    finally:
+        for p in pairs.values():
+            harness.close_all(p)
+    return {"results": results, "failed": failed,
+            "placement": f"sender pinned to CPU {ctx.cpu_a}, receiver to CPU {ctx.cpu_b}"}
