@@ -11,12 +11,16 @@ from shimmy.errors import ShimmyError
 
 def _cmd_daemon(args) -> int:
     from shimmy.daemon import config, server
-    settings = config.load(args.config, socket=args.socket, shm_dir=args.shm_dir,
-                           access=args.access, log_level=args.log_level, node=args.node,
-                           peer_listen=args.peer_listen, peers=args.peer,
-                           cluster_key_file=args.cluster_key_file,
-                           peer_tls_cert=args.peer_tls_cert, peer_tls_key=args.peer_tls_key,
-                           peer_tls_ca=args.peer_tls_ca)
+    try:
+        settings = config.load(args.config, socket=args.socket, shm_dir=args.shm_dir,
+                               access=args.access, log_level=args.log_level, node=args.node,
+                               peer_listen=args.peer_listen, peers=args.peer,
+                               cluster_key_file=args.cluster_key_file,
+                               peer_tls_cert=args.peer_tls_cert, peer_tls_key=args.peer_tls_key,
+                               peer_tls_ca=args.peer_tls_ca)
+    except (OSError, ValueError) as exc:
+        print(f"shimmy daemon: bad settings: {exc}", file=sys.stderr)
+        return 2
     server.run(settings)
     return 0
 
@@ -117,6 +121,62 @@ def _cmd_demo(args) -> int:
     return run_demo(seconds=args.seconds, size=args.size)
 
 
+def _cmd_cat(args) -> int:
+    """``shimmy cat --write NAME < file`` / ``shimmy cat NAME > file``: copy stdin into a stream
+    or a stream to stdout, with a progress bar on stderr when stderr is a terminal."""
+    import os
+    import stat
+    import time
+    from shimmy import Stream
+    stream = Stream(args.stream, daemon=args.daemon, capacity=args.capacity)
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    total = None
+    if args.write:
+        src, end = sys.stdin.buffer, stream.writer(timeout=args.timeout)
+        try:
+            st = os.fstat(src.fileno())
+            total = st.st_size if st.st_size and stat.S_ISREG(st.st_mode) else None
+        except (OSError, ValueError):
+            pass
+    else:
+        end, src = stream.reader(timeout=args.timeout), None
+    out = sys.stdout.buffer
+    buf = bytearray(args.chunk)
+    done, start, shown = 0, time.monotonic(), 0.0
+
+    def progress(final=False):
+        el = max(time.monotonic() - start, 1e-9)
+        rate = done / el
+        line = f"\r{_size(done)}  {_size(rate)}/s"
+        if total:
+            eta = (total - done) / rate if rate else 0
+            line += f"  {100 * done / total:5.1f}%  ETA {eta:4.0f}s"
+        sys.stderr.write(line + ("\n" if final else ""))
+        sys.stderr.flush()
+
+    with end:
+        while True:
+            if args.write:
+                n = src.readinto(buf)
+                if not n:
+                    break
+                end.write(memoryview(buf)[:n])
+            else:
+                n = end.readinto(buf)
+                if not n:
+                    break
+                out.write(memoryview(buf)[:n])
+            done += n
+            if show and time.monotonic() - shown > 0.2:
+                shown = time.monotonic()
+                progress()
+    if not args.write:
+        out.flush()
+    if show:
+        progress(final=True)
+    return 0
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -185,6 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seconds", type=float, default=3.0)
     dm.add_argument("--size", type=int, default=256, help="message size in bytes")
     dm.set_defaults(func=_cmd_demo)
+
+    ct = with_daemon(sub.add_parser("cat", help="copy stdin into a byte stream (--write) or a "
+                                                "stream to stdout"))
+    ct.add_argument("stream")
+    ct.add_argument("--write", action="store_true", help="write stdin into the stream")
+    ct.add_argument("--capacity", type=int, help="ring size when the stream is created")
+    ct.add_argument("--chunk", type=int, default=1 << 16, help="bytes per copy (default 64 KiB)")
+    ct.add_argument("--timeout", type=float, help="give up after this many seconds blocked")
+    ct.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar on stderr (default: when stderr is a terminal)")
+    ct.set_defaults(func=_cmd_cat)
     return p
 
 
