@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import socket
 import threading
 import weakref
@@ -138,10 +139,17 @@ class DaemonClient:
 
 
 def _heartbeat(ref, sock: socket.socket, stop: threading.Event, interval: float) -> None:
-    while not stop.wait(interval):
-        if ref() is None:
-            return
+    """Send one byte per interval; notice the daemon going away (EOF) within one interval."""
+    while not stop.is_set():
         try:
+            readable, _, _ = select.select([sock], [], [], interval)
+            if readable and not sock.recv(64):
+                raise ConnectionResetError("daemon closed the session")
             sock.send(b"h")
-        except OSError:
+        except (OSError, ValueError):
+            client = ref()
+            if client is not None and not stop.is_set():
+                client.closed = True   # the next get_client() says hello to a new daemon
+            return
+        if ref() is None:
             return

@@ -34,7 +34,7 @@ import struct
 import time
 from typing import Callable
 
-from shimmy.errors import BackpressureTimeout, MessageTooLarge, RingCorrupted
+from shimmy.errors import BackpressureTimeout, ChannelClosed, MessageTooLarge, RingCorrupted
 
 MAGIC = 0x474E4952594D4853  # b"SHMYRING" read as a little-endian u64
 LAYOUT_VERSION = 1
@@ -383,6 +383,9 @@ class RingWriter:
         ``timeout``, until every ACTIVE subscriber has consumed past ``end - capacity``.
         """
         cap = self._cap
+        if self.v.retired():
+            raise ChannelClosed(f"channel {self.v.name!r} was retired by the daemon (deleted, or "
+                                f"the daemon restarted); open it again")
         if self._reliable:
             floor = self.min_position()
             if end - floor > cap:
@@ -416,7 +419,6 @@ class RingWriter:
             if end - floor <= self._cap:
                 return floor
             if self.v.retired():
-                from shimmy.errors import ChannelClosed
                 raise ChannelClosed(f"channel {self.v.name!r} was retired by the daemon; reopen it")
             now = time.monotonic()
             if deadline is not None and now >= deadline:

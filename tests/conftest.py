@@ -29,6 +29,7 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15.0) -> "DaemonProcess":
+        before = self.log().count("daemon ready")
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shimmy.cli", "daemon", "--socket", self.socket, *self.extra],
@@ -38,7 +39,7 @@ class DaemonProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            if os.path.exists(self.socket) and os.path.exists(self.socket + ".session"):
+            if self.log().count("daemon ready") > before:
                 return self
             time.sleep(0.02)
         raise RuntimeError(f"daemon did not start within {timeout} s:\n{self.log()}")
