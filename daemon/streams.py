@@ -7,8 +7,9 @@ A stream is created by whichever end opens it first and lives until both ends ar
 * a dead end's *broken* flag is set in the segment and the survivor's semaphore posted, so a
   reader drains what was committed and then gets StreamBroken, and a writer's next write fails;
 * the stream is freed (segment and semaphores unlinked) when the reader has finished and the
-  writer is not open, or when the writer died before any reader came.  A writer that closed
-  cleanly before a reader came keeps the stream (and its bytes) for that reader;
+  writer is not open, or when the writer died before any reader came and had written nothing.
+  A writer that finished (closed, or died after writing) before a reader came leaves the stream
+  and its bytes for that reader, until the daemon stops;
 * while any end of a stream is finished but the stream is not yet freed, opening that end again
   is refused with StreamBusy; after the stream is freed the name is free for a new stream.
 """
@@ -208,7 +209,10 @@ class StreamService:
         w, r = rec.writer, rec.reader
         writer_open = w is not None and w.state == "open"
         reader_done = r is not None and r.state != "open"
-        writer_died_alone = w is not None and w.state == "dead" and r is None
+        # A dead writer with no reader yet keeps the stream (the committed bytes, then
+        # StreamBroken, are for the reader that comes) unless it never committed anything.
+        writer_died_alone = (w is not None and w.state == "dead" and r is None
+                             and rec.view.q[stream_ring.OFF_TAIL // 8] == 0)
         if (reader_done and not writer_open) or writer_died_alone:
             self._free(rec)
 
