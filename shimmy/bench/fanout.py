@@ -138,7 +138,7 @@ def run(ctx) -> dict:
         for rep in range(ctx.reps):
             for v in vs:
                 key = (v["transport"], v["variant"])
-                if key in failed:
+                if f"{key[0]} {key[1]}" in failed:
                     continue
                 try:
                     reps.setdefault(key, []).append(measure(ctx, v, pub, subs))

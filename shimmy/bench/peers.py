@@ -120,6 +120,7 @@ class ZmqLink:
         if (kind, side) == ("fanout", "rx"):
             self.sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.address = None
+        self._connected: set = set()
         if (kind, side) in _BINDS:
             if proto == "ipc":
                 self._dir = tempfile.mkdtemp(prefix="shimmy-bench-zmq-")
@@ -130,8 +131,11 @@ class ZmqLink:
                 self.address = f"tcp://127.0.0.1:{port}"
 
     def connect(self, address) -> None:
-        if address:
+        # Once only: a second connect to the same endpoint adds a second pipe, and PUSH/PAIR
+        # would round-robin over both (messages overtaking each other).
+        if address and address not in self._connected:
             self.sock.connect(address)
+            self._connected.add(address)
 
     def accept(self) -> None:
         pass

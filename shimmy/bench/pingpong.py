@@ -133,12 +133,12 @@ def run(ctx) -> dict:
             for size in ctx.sizes:
                 for v in vs:
                     key = (v["transport"], v["variant"])
-                    if key in failed:
+                    if " ".join(key) in failed:
                         continue
                     try:
                         reps.setdefault((key, size), []).append(measure(ctx, v, pairs[key], size, rep))
                     except harness.BenchError as exc:
-                        failed[key] = str(exc)[-2000:]
+                        failed[" ".join(key)] = str(exc)[-2000:]
                         ctx.log(f"  pingpong {v['label']} failed: {str(exc)[-300:]}")
                         harness.close_all(pairs[key])
                 ctx.log(f"  pingpong rep {rep + 1}/{ctx.reps} size {size} done")
