@@ -436,6 +436,20 @@ class AccessPolicy:
             f"{label}={self.sources.get(op, ','.join(patterns))!r} has no pattern matching it "
             f"(patterns are comma-separated; '*' stays inside one '/' segment, '**' crosses)")
 
+    def check_open(self, channel: str) -> None:
+        """Opening (and so creating) a channel needs one of the ops on it: return if
+        ``publish`` or ``subscribe`` is allowed, else raise :class:`PermissionDenied` naming both
+        rules.  The op itself is checked again when the client publishes or subscribes."""
+        refusals = []
+        for op in OP_LABELS:
+            try:
+                self.check(op, channel)
+                return
+            except PermissionDenied as exc:
+                refusals.append(str(exc).split(": ", 1)[1])
+        raise PermissionDenied(f"{self.subject} may not open channel {channel!r} (neither "
+                               f"publish nor subscribe is allowed): " + "; ".join(refusals))
+
     def describe(self) -> dict:
         """A JSON-able summary for ``shimmy stat``."""
         return {"subject": self.subject, "container_id": self.container_id,

@@ -200,6 +200,22 @@ def test_labelled_container_gets_exactly_what_its_labels_list():
         p.check("subscribe", "sensors/temp")
 
 
+def test_open_needs_either_op_and_names_both_rules():
+    p = AccessPolicy.from_labels("container abc", {"shimmy.publish": "a/*",
+                                                   "shimmy.subscribe": "b/*"},
+                                 default_open=False)
+    p.check_open("a/x")
+    p.check_open("b/x")
+    with pytest.raises(PermissionDenied) as e:
+        p.check_open("c/x")
+    msg = str(e.value)
+    assert msg.startswith("container abc may not open channel 'c/x'")
+    assert "shimmy.publish='a/*'" in msg and "shimmy.subscribe='b/*'" in msg
+    AccessPolicy.allow_all("host").check_open("anything")
+    with pytest.raises(PermissionDenied, match="closed"):
+        AccessPolicy.deny_all("c", "--access closed").check_open("x")
+
+
 def test_one_label_means_the_other_op_is_refused_even_when_open():
     p = AccessPolicy.from_labels("container abc", {"shimmy.subscribe": "sensors/*"},
                                  default_open=True)
