@@ -37,6 +37,26 @@ class Settings:
     access: str = "open"                  # "open" or "closed" when a client has no policy labels
     log_level: str = "info"
     node: str = ""                        # node name (peering); empty = hostname
+    # -- peering (daemon/peer, docs/peering.md) --
+    peer_listen: str = ""                 # HOST:PORT to accept peer daemons on; empty = none
+    peers: list = field(default_factory=list)   # HOST:PORT of peers this daemon dials
+    cluster_key_file: str = ""            # shared secret for peer authentication (required)
+    peer_tls_cert: str = ""               # PEM cert+key enable TLS on peer links (both sides)
+    peer_tls_key: str = ""
+    peer_tls_ca: str = ""                 # CA bundle to verify the other side's certificate
+    peer_backoff_initial: float = 0.05    # first reconnect delay, doubled per failure ...
+    peer_backoff_max: float = 2.0         # ... up to this cap
+    peer_handshake_timeout: float = 5.0   # a peer must finish authenticating within this
+    peer_link_timeout: float = 10.0       # silence (no data, no keepalive) for this long: dead
+    peer_keepalive: float = 1.0           # keepalive period on idle links
+    peer_max_pending: int = 16            # unauthenticated connections handled at once
+    peer_max_links: int = 64              # authenticated links at once
+    peer_max_control_bytes: int = 1 << 20  # largest control message a peer may send
+    peer_max_replica_capacity: int = 1 << 28  # largest ring a peer may make us replicate
+    peer_max_replicas: int = 128          # replica rings this node keeps at once
+    peer_hold: float = 10.0               # reliable: keep a disconnected mirror's data this long
+    peer_credit_interval: float = 0.001   # replica reports consumed positions this often (busy)
+    peer_unmirror_grace: float = 1.0      # mirror stops this long after its last subscriber left
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "Settings":
@@ -53,6 +73,13 @@ class Settings:
             raise ValueError("need 0 < heartbeat_interval < lease_timeout")
         if self.access not in ("open", "closed"):
             raise ValueError("access must be 'open' or 'closed'")
+        if (self.peer_listen or self.peers) and not self.cluster_key_file:
+            raise ValueError("peering (peer_listen/peers) needs cluster_key_file: peers are "
+                             "authenticated with a shared key")
+        if not 0 < self.peer_backoff_initial <= self.peer_backoff_max:
+            raise ValueError("need 0 < peer_backoff_initial <= peer_backoff_max")
+        if self.peer_max_replica_capacity > ring.MAX_CAPACITY:
+            raise ValueError(f"peer_max_replica_capacity must be <= {ring.MAX_CAPACITY}")
         return self
 
 

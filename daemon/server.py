@@ -12,7 +12,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import queue
 import signal
+import threading
 import time
 
 import msgpack
@@ -23,6 +25,7 @@ from shimmy.errors import InvalidArgument, ProtocolError, ShimmyError
 from shimmy.names import validate_name
 from shimmy.protocol import PROTOCOL_VERSION, endpoint, session_path
 
+from . import identity
 from .config import Settings
 from .registry import Registry
 from .segments import Segments
@@ -30,6 +33,7 @@ from .sessions import Client, Sessions
 from .streams import StreamService
 
 log = logging.getLogger("shimmy.daemon")
+DOCKER_SOCKET = "/var/run/docker.sock"
 TICK = 0.1  # seconds between housekeeping passes (lease checks, idle channels)
 
 
@@ -64,6 +68,21 @@ class Daemon:
         os.chmod(self.socket_path, 0o666)
         self.sessions = Sessions(session_path(self.socket_path), settings.lease_timeout,
                                  settings.max_clients)
+        # Peering (docs/peering.md): own threads for sockets and data; registry changes arrive
+        # here as events through a pipe this loop polls (PeerService.fds / on_readable).
+        from .peer.service import PeerService
+        self.peer = PeerService(self)
+        # Identity and access (docs/containers.md): peer credentials -> cgroup -> labels.
+        self.labels = identity.DockerLabelSource()
+        self._deaths: "queue.SimpleQueue[str]" = queue.SimpleQueue()
+        self._death_r, self._death_w = os.pipe()
+        os.set_blocking(self._death_r, False)
+        os.set_blocking(self._death_w, False)
+        self._stop_watch = threading.Event()
+        if os.path.exists(DOCKER_SOCKET):
+            threading.Thread(target=identity.watch_container_deaths, name="container-deaths",
+                             args=(self._on_container_death, self._stop_watch),
+                             daemon=True).start()
         self.ops = {
             "ping": self.op_ping, "hello": self.op_hello, "open": self.op_open,
             "publish": self.op_publish, "unpublish": self.op_unpublish,
@@ -84,9 +103,17 @@ class Daemon:
                 poller.register(self.router, zmq.POLLIN)
                 for fd in self.sessions.fds():
                     poller.register(fd, zmq.POLLIN)
+                poller.register(self._death_r, zmq.POLLIN)
+                peer_fds = self.peer.fds()
+                for fd in peer_fds:
+                    poller.register(fd, zmq.POLLIN)
                 for sock_or_fd, _ in poller.poll(TICK * 1000):
                     if sock_or_fd is self.router:
                         self._drain_router()
+                    elif sock_or_fd == self._death_r:
+                        self._drain_deaths()
+                    elif sock_or_fd in peer_fds:
+                        self.peer.on_readable(sock_or_fd)
                     else:
                         for client in self.sessions.on_readable(sock_or_fd):
                             self._client_gone(client, crashed=True)
@@ -106,6 +133,8 @@ class Daemon:
 
     def shutdown(self) -> None:
         log.info("daemon stopping: retiring %d channels", len(self.registry.channels))
+        self._stop_watch.set()
+        self.peer.shutdown()  # mirror threads stop reading rings before they are retired
         self.streams.close_all()
         self.registry.close_all()
         self.sessions.close()
@@ -129,6 +158,41 @@ class Daemon:
         for client in ghosts:
             self._client_gone(client, crashed=False)
         self.registry.expire_idle()
+        self.peer.tick(now)
+
+    def _on_container_death(self, container_id: str) -> None:
+        """Watcher thread: hand the event to the loop thread (the only one touching state)."""
+        self._deaths.put(container_id)
+        try:
+            os.write(self._death_w, b"d")
+        except BlockingIOError:
+            pass
+
+    def _drain_deaths(self) -> None:
+        try:
+            os.read(self._death_r, 4096)
+        except BlockingIOError:
+            pass
+        while not self._deaths.empty():
+            cid = self._deaths.get()
+            self.labels.forget(cid)
+            for client in list(self.sessions.clients.values()):
+                if client.container == cid:
+                    log.info("container %s died: reclaiming client %d", cid[:12], client.id)
+                    self.sessions.disconnect(client)
+                    self._client_gone(client, crashed=True)
+
+    def _policy(self, client: Client) -> identity.AccessPolicy:
+        policy = getattr(client, "policy", None)
+        if policy is None:
+            if client.sock is None:
+                self.sessions.settle()
+            policy = identity.policy_for_pid(client.pid, self.labels,
+                                             default_open=self.settings.access == "open")
+            client.container = policy.container_id
+            if client.sock is not None:
+                client.policy = policy  # identified for good; before that, ask again next time
+        return policy
 
     def _client_gone(self, client: Client, crashed: bool) -> None:
         slots, roles = self.registry.drop_client(client.id)
@@ -242,6 +306,9 @@ class Daemon:
         mode = self._field(req, "mode", str, optional=True)
         capacity = self._field(req, "capacity", int, optional=True)
         create = bool(req.get("create", True))
+        self._policy(client).check_open(name)
+        if create and name not in self.registry.channels:
+            self.peer.prepare_open(name, mode, capacity)  # published on a peer: make a replica
         rec = self.registry.open(client.id, name, mode, capacity, create)
         return {"shm": rec.shm_name, "sem_prefix": self.segments.sem_prefix(rec.token),
                 "mode": ring.MODE_NAMES[rec.mode], "capacity": rec.capacity,
@@ -260,6 +327,7 @@ class Daemon:
     def op_publish(self, req: dict) -> dict:
         client = self._client(req)
         rec = self._channel(req)
+        self._policy(client).check("publish", rec.name)
         self.registry.grant_publisher(rec, client.id, client.pid or client.claimed_pid)
         return {}
 
@@ -273,8 +341,10 @@ class Daemon:
     def op_subscribe(self, req: dict) -> dict:
         client = self._client(req)
         rec = self._channel(req)
+        self._policy(client).check("subscribe", rec.name)
         start = self._field(req, "start", str, optional=True) or "next"
         slot = self.registry.add_subscriber(rec, client.id, client.pid or client.claimed_pid, start)
+        self.peer.on_subscribe(rec)  # a replica: ask its publishing node for a mirror
         return {"slot": slot.index, "generation": slot.generation, "seq": slot.seq,
                 "position": rec.view.q[rec.view.slot_word(slot.index)]}
 
@@ -285,7 +355,9 @@ class Daemon:
         return {}
 
     def op_list(self, req: dict) -> dict:
-        return {"channels": [rec.describe() for rec in self.registry.channels.values()]}
+        return {"channels": [self.peer.annotate(rec.describe())
+                             for rec in self.registry.channels.values()],
+                "remote": self.peer.remote_channels(), "node": self.peer.node}
 
     def op_stat(self, req: dict) -> dict:
         return {"pid": os.getpid(), "uptime": time.time() - self.started,
@@ -293,7 +365,9 @@ class Daemon:
                 "shm_allocated": self.segments.allocated,
                 "settings": {k: v for k, v in vars(self.settings).items() if k != "extra"},
                 "clients": [c.describe() for c in self.sessions.clients.values()],
-                "channels": [rec.describe() for rec in self.registry.channels.values()],
+                "channels": [self.peer.annotate(rec.describe())
+                             for rec in self.registry.channels.values()],
+                "peer": self.peer.describe(),
                 "streams": self.streams.describe()}
 
     def op_delete(self, req: dict) -> dict:

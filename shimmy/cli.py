@@ -64,12 +64,19 @@ def _cmd_ls(args) -> int:
     if args.json:
         print(json.dumps(reply["channels"], indent=2))
         return 0
-    rows = [("CHANNEL", "MODE", "CAPACITY", "PUBLISHED", "PUBLISHER", "SUBS", "MAX LAG")]
+    rows = [("CHANNEL", "MODE", "CAPACITY", "PUBLISHED", "PUBLISHER", "SUBS", "MAX LAG",
+             "NODE", "MIRRORED TO")]
     for ch in reply["channels"]:
         lag = max((s["lag_bytes"] for s in ch["subscribers"]), default=0)
+        node = ch.get("node", "")
+        if "replica" in ch:
+            node += f" (replica, link {ch['replica']['link']})"
         rows.append((ch["name"], ch["mode"], _size(ch["capacity"]), str(ch["published"]),
                      "yes" if ch["publisher"] is not None else "-", str(len(ch["subscribers"])),
-                     _size(lag)))
+                     _size(lag), node, ",".join(m["to"] for m in ch.get("mirrors", ())) or "-"))
+    for ch in reply.get("remote", ()):
+        rows.append((ch["name"], ch["mode"], _size(ch["capacity"]), "-", "remote", "-", "-",
+                     ch["node"], "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

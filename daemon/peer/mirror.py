@@ -1,0 +1,391 @@
+"""The two halves of one mirror, independent of the transport under them.
+
+Source (``MirrorSource``, a thread on the publishing node) is a subscriber of the local ring
+like any other: it holds a slot (so a reliable publisher never overwrites what the remote side
+has not consumed: the slot's position is the replica's credit) and sleeps on the slot's semaphore
+between commits.  Each wake-up it takes *everything* committed since the last batch
+(``[pos, tail)``, split only at the wrap) and puts it in one transport call, then commits the
+tail.  Positions are identical on both sides, so the replica's ring offsets equal the source's.
+
+Replica (``MirrorReplica``, on the subscribing node, called by the transport's receiving side)
+is the one publisher of the replica ring: it stores the guard head before bytes land, lets the
+transport fill the ring in place, then stores last and tail (the commit) and wakes sleeping
+subscribers exactly as ``RingWriter._commit`` does (tail store, fence, waiting bytes, semaphores).
+
+Loss accounting is by the frames' own sequence numbers: when the source no longer holds bytes
+the replica lacks (lossy lapping, or reliable after ``peer_hold`` expired while disconnected),
+the source sends ``jump``: replica head and tail move past the hole, readers resync to the head
+and see ``Message.lost`` = the exact number of sequence numbers skipped.  Bytes the source finds
+overwritten *while* it was sending them (lossy only; detected by re-reading head after the send,
+the seqlock check) are turned into PAD frames by the replica before the commit, so no torn frame
+is ever visible and the loss is still exact.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import threading
+import time
+
+import posix_ipc
+
+from shimmy import ring
+from shimmy.ring import FLAG_PAD, FRAME, HEADER
+
+from .transport import ReplicaSink, Transport, TransportClosed
+
+log = logging.getLogger("shimmy.peer")
+
+_fence_lock = _thread.allocate_lock()
+
+
+def fence() -> None:
+    """Full barrier (LOCK-prefixed instruction), as in sdk/channel.py."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+class ReplicaViolation(Exception):
+    """The source sent something inconsistent with the replica's state."""
+
+
+class MirrorSource:
+    """Streams one local ring to one replica.  Run :meth:`run` in a thread."""
+
+    def __init__(self, name: str, view: ring.RingView, slot: int, sem_name: str,
+                 transport: Transport, start: int, start_seq: int | None, resume: int | None):
+        self.name = name
+        self.v = view
+        self.slot = slot
+        self.sem_name = sem_name
+        self.t = transport
+        self.pos = start                 # next stream position to send
+        self.resume = resume             # replica's committed tail when it asked (None = fresh)
+        self.start_seq = start_seq       # not None: first tell the replica to jump to start
+        self.reliable = view.mode == ring.MODE_RELIABLE
+        self.credit = start
+        self.stopped = False
+        self.error: str | None = None
+        self.stats = {"bytes": 0, "messages": 0, "batches": 0, "gaps": 0, "gap_bytes": 0,
+                      "torn": 0}
+        self._seq_end: int | None = None
+        self.thread = threading.Thread(target=self._run, name=f"mirror-{name}", daemon=True)
+        if hasattr(transport, "on_credit"):
+            transport.on_credit = self.on_credit
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def on_credit(self, consumed: int) -> None:
+        """Replica reports its slowest subscriber (transport receive thread)."""
+        if consumed > self.credit and consumed <= self.pos:
+            self.credit = consumed
+            if self.reliable:
+                # SYNC POINT (consumption, as RingReader.release_to): the publisher may now
+                # overwrite bytes before ``consumed``; the replica no longer needs them.
+                self.v.q[self.v.slot_word(self.slot)] = consumed
+
+    def lag(self) -> int:
+        return max(self.v.q[ring.OFF_TAIL // 8] - self.credit, 0)
+
+    def stop(self) -> None:
+        self.stopped = True
+        try:
+            sem = posix_ipc.Semaphore(self.sem_name)
+            sem.release()
+            sem.close()
+        except posix_ipc.Error:
+            pass
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except TransportClosed as exc:
+            self.error = str(exc)
+        except Exception as exc:  # keep the daemon alive; the service sees ``error``
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("mirror source %s failed", self.name)
+        finally:
+            self.stopped = True
+
+    def _loop(self) -> None:
+        v, t = self.v, self.t
+        q, mv = v.q, v.mv
+        cap, base, mask = v.capacity, v.data_offset, v.capacity - 1
+        tail_w, head_w, last_w = ring.OFF_TAIL // 8, ring.OFF_HEAD // 8, ring.OFF_LAST // 8
+        unpack = FRAME.unpack_from
+        waiting = mv[ring.OFF_WAITING + self.slot:ring.OFF_WAITING + self.slot + 1]
+        sem = posix_ipc.Semaphore(self.sem_name)
+        stats = self.stats
+        pos = self.pos
+        try:
+            if self.start_seq is not None:
+                # Fresh replica, or a hole between what it holds and what we still hold.
+                if self.resume is not None and pos > self.resume:
+                    stats["gaps"] += 1
+                    stats["gap_bytes"] += pos - self.resume
+                t.jump(pos, self.start_seq)
+            while not self.stopped:
+                # SYNC POINT (acquire): pairs with the publisher's tail store (RingWriter._commit).
+                tail = q[tail_w]
+                if tail == pos:
+                    # Sleep like a subscriber: waiting byte, fence, re-check, bounded wait.
+                    waiting[0] = 1
+                    fence()
+                    if q[tail_w] == pos and not self.stopped:
+                        try:
+                            sem.acquire(0.05)
+                        except posix_ipc.BusyError:
+                            if v.retired():
+                                self.error = "source channel retired"
+                                return
+                    waiting[0] = 0
+                    continue
+                # ``last`` (start of the last frame before tail) is stored before tail by the
+                # publisher: last < tail proves it belongs to this tail (as ring.stream_point).
+                last = q[last_w]
+                spins = 0
+                while last >= tail and spins < 10_000:
+                    tail = q[tail_w]
+                    last = q[last_w]
+                    spins += 1
+                if last >= tail:
+                    last = 0   # publisher died between its two stores: replica keeps its own
+                # SYNC POINT (validate): head loaded after tail (pairs with RingWriter._make_room).
+                head = q[head_w]
+                if head > pos:
+                    # The publisher overwrote bytes we had not sent (lossy lapping, or reliable
+                    # after the slot was released): a counted hole, then carry on from the
+                    # oldest intact frame with its exact sequence number.
+                    jpos, jseq = ring.stream_point(v, oldest=True)
+                    stats["gaps"] += 1
+                    stats["gap_bytes"] += jpos - pos
+                    t.jump(jpos, jseq)
+                    pos = self.pos = jpos
+                    if self.credit < pos:
+                        self.credit = pos
+                    continue
+                off = pos & mask
+                n = tail - pos
+                if off + n <= cap:
+                    views = (mv[base + off:base + off + n],)
+                else:
+                    first = cap - off
+                    views = (mv[base + off:base + cap], mv[base:base + n - first])
+                t.put(pos, views, head)
+                for view in views:
+                    view.release()
+                pad = 0
+                if not self.reliable:
+                    # SYNC POINT (seqlock check after the copy): head stored by the publisher
+                    # before it overwrote anything; head <= pos now proves every byte sent was
+                    # intact when the socket copied it.
+                    h2 = q[head_w]
+                    if h2 > pos:
+                        pad = min(h2, tail)
+                        stats["torn"] += 1
+                t.commit(tail, last, pad)
+                stats["bytes"] += n
+                stats["batches"] += 1
+                if last:
+                    seq_end = unpack(mv, base + (last & mask))[2] + 1
+                    if self._seq_end is not None and seq_end > self._seq_end:
+                        stats["messages"] += seq_end - self._seq_end
+                    self._seq_end = seq_end
+                pos = self.pos = tail
+        finally:
+            waiting[0] = 0
+            waiting.release()
+            sem.close()
+
+    def describe(self) -> dict:
+        return {"position": self.pos, "credit": self.credit, "lag_bytes": self.lag(),
+                "transport": self.t.kind, "running": not self.stopped, "error": self.error,
+                **self.stats}
+
+
+class MirrorReplica(ReplicaSink):
+    """Replica ring writer, driven by a transport's receiving side (one thread at a time)."""
+
+    def __init__(self, view: ring.RingView, sem_prefix: str):
+        self.v = view
+        self.q = view.q
+        self.mv = view.mv
+        self.cap = view.capacity
+        self.mask = view.capacity - 1
+        self.base = view.data_offset
+        self.tail = self.q[ring.OFF_TAIL // 8]
+        self.head = self.q[ring.OFF_HEAD // 8]
+        self.next = self.tail            # where the next put must start
+        self.fed = False                 # has a source ever positioned this ring
+        self.sem_prefix = sem_prefix
+        self._sems: dict[int, posix_ipc.Semaphore] = {}
+        self.stats = {"bytes": 0, "batches": 0, "messages": 0, "gaps": 0, "gap_bytes": 0,
+                      "torn_padded": 0}
+        self._seq_end: int | None = None
+        self.reset_needed = False
+
+    # -- ReplicaSink ---------------------------------------------------------------------------
+    def put_target(self, start: int, end: int, guard: int) -> list[memoryview]:
+        if self.reset_needed:   # being retired: drain the bytes, touch nothing
+            return [memoryview(bytearray(min(end - start, self.cap)))] if end > start else []
+        if start != self.next:
+            raise ReplicaViolation(f"put at {start}, replica expects {self.next}")
+        if end - start > self.cap:
+            raise ReplicaViolation(f"put of {end - start} bytes into a {self.cap}-byte ring")
+        if guard > self.tail or guard + self.cap < end:
+            raise ReplicaViolation(f"guard head {guard} outside [{end - self.cap}, {self.tail}]")
+        if guard > self.head:
+            self.head = guard
+            # SYNC POINT (overwrite guard, as RingWriter._make_room): head is stored before any
+            # byte of the frames it passes is overwritten by the incoming put.
+            self.q[ring.OFF_HEAD // 8] = guard
+        self.next = end
+        off = start & self.mask
+        n = end - start
+        base, mv = self.base, self.mv
+        if off + n <= self.cap:
+            return [mv[base + off:base + off + n]]
+        first = self.cap - off
+        return [mv[base + off:base + self.cap], mv[base:base + n - first]]
+
+    def commit(self, tail: int, last: int, pad_until: int) -> None:
+        if self.reset_needed:
+            return
+        if tail != self.next:
+            raise ReplicaViolation(f"commit of tail {tail}, replica has bytes up to {self.next}")
+        if pad_until > self.tail:
+            self._pad(self.tail, min(pad_until, tail))
+            self.stats["torn_padded"] += 1
+        self.stats["bytes"] += tail - self.tail
+        self.stats["batches"] += 1
+        if last:
+            if not self.tail <= last < tail:
+                raise ReplicaViolation(f"last frame {last} outside the batch [{self.tail}, {tail})")
+            seq_end = FRAME.unpack_from(self.mv, self.base + (last & self.mask))[2] + 1
+            if self._seq_end is not None and seq_end > self._seq_end:
+                self.stats["messages"] += seq_end - self._seq_end
+            self._seq_end = seq_end
+            self.q[ring.OFF_LAST // 8] = last
+        self._commit(tail)
+
+    def jump(self, position: int, seq: int) -> None:
+        """Move head and tail to ``position``, whose next message has sequence ``seq``."""
+        if self.reset_needed:
+            return
+        if position < self.next:
+            # The source's stream restarted below us (its daemon restarted): positions cannot go
+            # back under live readers; the service retires this replica (subscribers see the
+            # channel retired and reopen it).
+            self.reset_needed = True
+            log.warning("replica %s: source restarted at %d below replica tail %d",
+                        self.v.name, position, self.tail)
+            return
+        if self.fed and position > self.tail:
+            self.stats["gaps"] += 1
+            self.stats["gap_bytes"] += position - self.tail
+        self.fed = True
+        if position == self.tail:
+            return
+        old = self.tail
+        if position - old > 0xFFFF_FFF0:
+            self.reset_needed = True   # a hole beyond one PAD frame's reach: start afresh
+            log.warning("replica %s: gap of %d bytes is too large to pad: resetting",
+                        self.v.name, position - old)
+            return
+        # The hole [old, position) becomes PAD frames that readers skip: one spanning
+        # [old, position - 16) (a PAD's length is a stream distance; readers do not care about
+        # the wrap) and a zero-payload PAD at position - 16 that carries seq - 1 and becomes
+        # ``last``, so ring.stream_point finds the exact sequence number at the new tail and
+        # readers crossing the hole see Message.lost = the exact count.  Never head > tail.
+        lp = position - HEADER
+        mv, base, mask = self.mv, self.base, self.mask
+        # Overwrite guard first: the two headers land on ring offsets of older positions; move
+        # head past every frame that could share those offsets (>= position - capacity).
+        need = position - self.cap
+        h = self.head
+        while h < need and h < old:
+            length, flags, _ = FRAME.unpack_from(mv, base + (h & mask))
+            h += length + HEADER if flags & FLAG_PAD else (length + HEADER + 15) & ~15
+        h = min(h, old)
+        if h > self.head:
+            self.head = h
+            self.q[ring.OFF_HEAD // 8] = h
+        if lp > old:
+            FRAME.pack_into(mv, base + (old & mask), lp - old - HEADER, FLAG_PAD, 0)
+        FRAME.pack_into(mv, base + (lp & mask), 0, FLAG_PAD, seq - 1)
+        self.q[ring.OFF_LAST // 8] = lp
+        self.next = position
+        self._seq_end = seq
+        self._commit(position)
+
+    def consumed(self) -> int:
+        v, q = self.v, self.q
+        low = self.tail
+        for slot in range(v.u32[ring.OFF_SLOT_HIGH // 4]):
+            if v.slot_state(slot) == ring.SLOT_ACTIVE:
+                p = q[v.slot_word(slot)]
+                if p < low:
+                    low = p
+        return low
+
+    # -- internals -----------------------------------------------------------------------------
+    def _pad(self, start: int, end: int) -> None:
+        """Turn ``[start, end)`` (received, not yet committed) into PAD frames."""
+        p = start
+        while p < end:
+            off = p & self.mask
+            size = min(self.cap - off, end - p)
+            FRAME.pack_into(self.mv, self.base + off, size - HEADER, FLAG_PAD, 0)
+            p += size
+
+    def _commit(self, tail: int) -> None:
+        q = self.q
+        self.tail = tail
+        # SYNC POINT (commit): every byte of the batch landed (recv_into returned) before this
+        # aligned store; readers acquire it in RingReader.poll.
+        q[ring.OFF_TAIL // 8] = tail
+        # SYNC POINT (wake-up, Dekker pair with Subscription._wait), as RingWriter._commit.
+        fence()
+        self.wake_all(only_waiting=True)
+
+    def wake_all(self, only_waiting: bool = False) -> None:
+        v = self.v
+        high = v.u32[ring.OFF_SLOT_HIGH // 4]
+        if not high:
+            return
+        flags = self.mv[ring.OFF_WAITING:ring.OFF_WAITING + high]
+        try:
+            if only_waiting and not any(flags):
+                return
+            for slot in range(high):
+                if flags[slot] or not only_waiting:
+                    sem = self._sems.get(slot)
+                    if sem is None:
+                        try:
+                            sem = posix_ipc.Semaphore(self.sem_prefix + str(slot))
+                        except posix_ipc.ExistentialError:
+                            continue
+                        self._sems[slot] = sem
+                    sem.release()
+        finally:
+            flags.release()
+
+    def set_link(self, state: int, bump: bool = False) -> None:
+        u32 = self.v.u32
+        if bump:
+            u32[ring.OFF_LINK_EPOCH // 4] = (u32[ring.OFF_LINK_EPOCH // 4] + 1) & 0xFFFFFFFF
+        u32[ring.OFF_LINK // 4] = state
+
+    def close(self) -> None:
+        for sem in self._sems.values():
+            try:
+                sem.close()
+            except posix_ipc.Error:
+                pass
+        self._sems.clear()
+
+    def describe(self) -> dict:
+        return {"tail": self.tail, "head": self.head, "consumed": self.consumed(),
+                "lag_bytes": self.tail - self.consumed(), **self.stats}

@@ -1,0 +1,299 @@
+"""The peer link (one authenticated TCP connection between two daemons) and the TCP transport.
+
+Framing: every message starts with a fixed 40-byte header ``HDR`` (kind u8, 3 pad, mirror id
+u32, four u64 arguments).  Kinds:
+
+========  =====================================  =========================================
+kind      arguments                              followed by
+========  =====================================  =========================================
+CTRL      a = payload length                     msgpack map (<= peer_max_control_bytes)
+PUT       a = start, b = end, c = guard head     ``end - start`` raw ring bytes
+COMMIT    a = tail, b = last, c = pad_until       -
+JUMP      a = position, b = seq at position       -
+CREDIT    a = consumed position, b = replica tail -
+PING      -                                      -
+========  =====================================  =========================================
+
+The data path: a mirror's batch is *one* ``sendmsg([PUT header, ring view, (ring view after the
+wrap)])`` straight from the source ring's memory (MSG_MORE), then one small COMMIT; the reader
+``recv_into``s the PUT's bytes straight into the replica ring's memory at the same offsets.  No
+Python object is made per message; a few are made per batch.
+
+Threads: the dialer/acceptor thread that owns the connection runs :meth:`Link.run_reader`; a
+small writer thread sends queued control messages and keepalives; mirror source threads send
+data.  One lock serialises whole messages on the socket; the daemon's main thread never takes it
+(it only queues control messages), so a stalled peer can never freeze the control plane.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from typing import Callable, Sequence
+
+import msgpack
+
+from .transport import ReplicaSink, Transport, TransportClosed
+
+log = logging.getLogger("shimmy.peer")
+
+HDR = struct.Struct("<BxxxIQQQQ")
+K_CTRL, K_PUT, K_COMMIT, K_JUMP, K_CREDIT, K_PING = 1, 2, 3, 4, 5, 6
+DISCARD_CHUNK = 1 << 16
+
+
+class LinkError(Exception):
+    """The other side broke the protocol; ``reason`` is 'protocol' or 'size'."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Link:
+    """One authenticated connection to a peer daemon (either direction)."""
+
+    _ids = iter(range(1, 1 << 62))
+
+    def __init__(self, sock: socket.socket, node: str, remote: str, addr: str, dialed: bool,
+                 max_control: int, keepalive: float):
+        self.id = next(self._ids)
+        self.sock = sock
+        self.node = node
+        self.remote = remote
+        self.addr = addr
+        self.dialed = dialed
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.max_control = max_control
+        self.keepalive = keepalive
+        self.lock = threading.Lock()
+        self.closed = False
+        self.up_since = time.time()
+        self.sinks: dict[int, ReplicaSink] = {}                 # replica side, by mirror id
+        self.credit_handlers: dict[int, Callable[[int, int], None]] = {}  # source side
+        self._ctrl: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self.stats = {"bytes_sent": 0, "bytes_received": 0, "batches_sent": 0,
+                      "batches_received": 0, "control_sent": 0, "control_received": 0}
+        self._writer = threading.Thread(target=self._run_writer, name=f"peer-w-{remote}",
+                                        daemon=True)
+        self._writer.start()
+
+    # -- sending -------------------------------------------------------------------------------
+    def send(self, parts: Sequence, more: bool = False) -> None:
+        """Send one whole message (header + payload views) atomically; raise TransportClosed."""
+        if self.closed:
+            raise TransportClosed(f"link to {self.remote} is closed")
+        with self.lock:
+            try:
+                self._send_locked(parts, more)
+            except OSError as exc:
+                self.close()
+                raise TransportClosed(f"link to {self.remote}: {exc}") from None
+
+    def _send_locked(self, parts: Sequence, more: bool) -> None:
+        sock = self.sock
+        if self.tls:  # SSLSocket has no sendmsg; each part still goes without a Python copy
+            n = 0
+            for p in parts:
+                sock.sendall(p)
+                n += len(p)
+            self.stats["bytes_sent"] += n
+            return
+        flags = socket.MSG_MORE if more else 0
+        total = 0
+        for p in parts:
+            total += len(p)
+        sent = sock.sendmsg(parts, (), flags)
+        self.stats["bytes_sent"] += total
+        if sent == total:
+            return
+        # Partial send (socket buffer full past the timeout slice): continue with the rest.
+        rest = []
+        for p in parts:
+            if sent >= len(p):
+                sent -= len(p)
+                continue
+            rest.append(memoryview(p)[sent:])
+            sent = 0
+        while rest:
+            sent = sock.sendmsg(rest, (), flags)
+            while rest and sent >= len(rest[0]):
+                sent -= len(rest[0])
+                rest.pop(0)
+            if rest and sent:
+                rest[0] = rest[0][sent:]
+
+    def send_ctrl(self, obj: dict) -> None:
+        """Queue a control message; never blocks (safe from the daemon's main thread)."""
+        if not self.closed:
+            self._ctrl.append(msgpack.packb(obj))
+            self._wake.set()
+
+    def _run_writer(self) -> None:
+        ping = HDR.pack(K_PING, 0, 0, 0, 0, 0)
+        try:
+            while not self.closed:
+                self._wake.wait(self.keepalive)
+                self._wake.clear()
+                if self.closed:
+                    return
+                if not self._ctrl:
+                    self.send([ping])
+                while self._ctrl:
+                    payload = self._ctrl.popleft()
+                    self.send([HDR.pack(K_CTRL, 0, len(payload), 0, 0, 0), payload])
+                    self.stats["control_sent"] += 1
+        except TransportClosed:
+            pass
+
+    # -- receiving -----------------------------------------------------------------------------
+    def _recv_into(self, view: memoryview) -> None:
+        sock = self.sock
+        n = len(view)
+        got = 0
+        while got < n:
+            k = sock.recv_into(view[got:] if got else view)
+            if k == 0:
+                raise TransportClosed(f"{self.remote} closed the link")
+            got += k
+        self.stats["bytes_received"] += n
+
+    def _discard(self, n: int) -> None:
+        scratch = memoryview(bytearray(min(n, DISCARD_CHUNK)))
+        while n:
+            k = min(n, len(scratch))
+            self._recv_into(scratch[:k])
+            n -= k
+
+    def run_reader(self, on_ctrl: Callable[["Link", dict], None], max_put: int) -> None:
+        """Read until the link dies.  Raises LinkError on a protocol violation, TransportClosed
+        (or OSError) when the connection ends."""
+        hdr = bytearray(HDR.size)
+        hv = memoryview(hdr)
+        unpack = HDR.unpack_from
+        sinks = self.sinks
+        stats = self.stats
+        try:
+            while True:
+                self._recv_into(hv)
+                kind, mid, a, b, c, d = unpack(hdr)
+                if kind == K_PUT:
+                    n = b - a
+                    if n <= 0 or n > max_put:
+                        raise LinkError("size", f"put of {n} bytes (limit "
+                                                f"peer_max_replica_capacity={max_put})")
+                    sink = sinks.get(mid)
+                    if sink is None:
+                        self._discard(n)   # a mirror we already stopped: drain its bytes
+                        continue
+                    for view in sink.put_target(a, b, c):
+                        self._recv_into(view)
+                    stats["batches_received"] += 1
+                elif kind == K_COMMIT:
+                    sink = sinks.get(mid)
+                    if sink is not None:
+                        sink.commit(a, b, c)
+                elif kind == K_CREDIT:
+                    handler = self.credit_handlers.get(mid)
+                    if handler is not None:
+                        handler(a, b)
+                elif kind == K_JUMP:
+                    sink = sinks.get(mid)
+                    if sink is not None:
+                        sink.jump(a, b)
+                elif kind == K_CTRL:
+                    if a > self.max_control:
+                        raise LinkError("size", f"control message of {a} bytes exceeds "
+                                                f"peer_max_control_bytes={self.max_control}")
+                    payload = bytearray(a)
+                    self._recv_into(memoryview(payload))
+                    try:
+                        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+                    except Exception as exc:
+                        raise LinkError("protocol", f"control message is not msgpack: "
+                                                    f"{type(exc).__name__}") from None
+                    if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
+                        raise LinkError("protocol", "control message is not a map with 't'")
+                    stats["control_received"] += 1
+                    on_ctrl(self, obj)
+                elif kind != K_PING:
+                    raise LinkError("protocol", f"unknown message kind {kind}")
+        finally:
+            self.close()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._wake.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def describe(self) -> dict:
+        return {"node": self.remote, "addr": self.addr, "dialed": self.dialed, "tls": self.tls,
+                "up_s": round(time.time() - self.up_since, 3), **self.stats}
+
+
+class TcpTransport(Transport):
+    """Source end of one mirror over a :class:`Link`."""
+
+    kind = "tcp"
+
+    def __init__(self, link: Link, mirror_id: int):
+        self.link = link
+        self.mid = mirror_id
+        self._credit: int | None = None
+        self._closed = False
+        link.credit_handlers[mirror_id] = self._on_credit
+        self.on_credit: Callable[[int], None] | None = None
+
+    def _on_credit(self, consumed: int, replica_tail: int) -> None:
+        self._credit = consumed
+        cb = self.on_credit
+        if cb is not None:
+            cb(consumed)
+
+    def _check(self) -> None:
+        if self._closed:
+            raise TransportClosed("transport closed")
+
+    def put(self, start: int, views, guard: int) -> None:
+        self._check()
+        total = 0
+        for v in views:
+            total += len(v)
+        self.link.send([HDR.pack(K_PUT, self.mid, start, start + total, guard, 0), *views],
+                       more=True)
+        self.link.stats["batches_sent"] += 1
+
+    def commit(self, tail: int, last: int, pad_until: int = 0) -> None:
+        self._check()
+        self.link.send([HDR.pack(K_COMMIT, self.mid, tail, last, pad_until, 0)])
+
+    def jump(self, position: int, seq: int) -> None:
+        self._check()
+        self.link.send([HDR.pack(K_JUMP, self.mid, position, seq, 0, 0)])
+
+    def credits(self) -> int | None:
+        return self._credit
+
+    def close(self) -> None:
+        self._closed = True
+        self.link.credit_handlers.pop(self.mid, None)
+
+
+def send_credit(link: Link, mirror_id: int, consumed: int, tail: int) -> None:
+    link.send([HDR.pack(K_CREDIT, mirror_id, consumed, tail, 0, 0)])
