@@ -274,6 +274,12 @@ class Subscription:
         """Messages this subscription has missed so far (lossy mode)."""
         return self._reader.lost_total
 
+    @property
+    def status(self) -> str:
+        """Where the messages come from: ``"local"`` (published on this node), or for a channel
+        mirrored from another node ``"up"`` (link streaming) / ``"down"`` (reconnecting)."""
+        return self._view.link_state()
+
     def _release(self, msg: Message) -> None:
         if msg._end > self._held and self._reader.position >= msg._end:
             self._held = msg._end

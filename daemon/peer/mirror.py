@@ -190,9 +190,12 @@ class MirrorSource:
                 stats["batches"] += 1
                 if last:
                     seq_end = unpack(mv, base + (last & mask))[2] + 1
-                    if self._seq_end is not None and seq_end > self._seq_end:
+                    if q[head_w] > last:       # overwritten meanwhile (lossy): skip the stat
+                        seq_end = None
+                    elif self._seq_end is not None and seq_end > self._seq_end:
                         stats["messages"] += seq_end - self._seq_end
-                    self._seq_end = seq_end
+                    if seq_end is not None:
+                        self._seq_end = seq_end
                 pos = self.pos = tail
         finally:
             waiting[0] = 0
