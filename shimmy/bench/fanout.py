@@ -167,6 +167,7 @@ def run(ctx) -> dict:
                 "label": v["label"], "size": SIZE, "reps": len(runs),
                 "sent": med([r["sent"] for r in runs]),
                 "delivered_each": [s["n"] for s in last["subs"]],
+                "sent_last": last["sent"],
                 "all_delivered": complete,
                 "loss_pct": 100.0 * (1 - delivered / expected) if expected else 0.0,
                 "check": ("count == sent, seq contiguous, lost == 0 for every subscriber in every "

@@ -84,7 +84,7 @@ def evaluate_targets(out: dict) -> list[dict]:
             ok = bool(f4.get("all_delivered"))
             t.append({"id": "fanout-complete", "target": "fan-out 4 KiB to 4 subscribers: every "
                       "message reaches every subscriber (reliable)", "status": "PASS" if ok else
-                      "MISS", "value": f4.get("delivered_each"), "reference": f4.get("sent"),
+                      "MISS", "value": f4.get("delivered_each"), "reference": f4.get("sent_last"),
                       "ratio": None, "threshold": None, "unit": "messages",
                       "note": f4.get("check", "")})
         else:
