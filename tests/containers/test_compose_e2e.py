@@ -3,6 +3,7 @@ messages through shared memory (deploy/compose/compose.yaml, as a user runs it).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -81,7 +82,6 @@ def test_compose_sidecar_moves_10000_messages_through_shared_memory(project):
     stats = docker("exec", daemon, "shimmy", "stat", check=False)
     if stats.returncode != 0:
         stats = docker("exec", daemon, "shimmy", "stat", "--json")
-    import json
     st = json.loads(stats.stdout)
     (ch,) = [c for c in st["channels"] if c["name"] == "e2e/compose"]
     assert ch["published"] == COUNT
@@ -95,6 +95,21 @@ def test_compose_sidecar_moves_10000_messages_through_shared_memory(project):
     daemon_id = docker("inspect", "-f", "{{.Id}}", daemon).stdout.strip()
     assert docker("inspect", "-f", "{{.HostConfig.IpcMode}}", pub).stdout.strip() \
         == f"container:{daemon_id}"
+
+    # daemon restart (docs/containers.md): the restarted shimmyd starts with no channels and a
+    # fresh IPC namespace (/dev/shm); apps joined to the old one must be recreated, and then work
+    project("restart", "-t", "10", "shimmyd", timeout=90)
+    wait_until(lambda: docker("exec", daemon, "shimmy", "health", check=False).returncode == 0,
+               30, 0.3, "restarted shimmyd healthy")
+    assert shm_name not in docker("exec", daemon, "ls", "/dev/shm").stdout.split()
+    assert not [c for c in json.loads(docker("exec", daemon, "shimmy", "stat").stdout)["channels"]
+                if c["name"] == "e2e/compose"]
+    project("up", "-d", "--no-build", "--force-recreate", "subscriber", "publisher", timeout=180)
+    daemon = project.container("shimmyd")
+    pub, sub = project.container("publisher"), project.container("subscriber")
+    wait_until(lambda: exited(pub) and exited(sub), 180, 0.5, "second run done")
+    p2, s2 = summary(docker("logs", pub).stdout), summary(docker("logs", sub).stdout)
+    assert int(s2["received"]) == COUNT and s2["digest"] == p2["digest"] == p["digest"]
 
     # graceful stop: SIGTERM, exit 0, nothing left in /dev/shm
     project("stop", "-t", "10", "shimmyd", timeout=60)
