@@ -183,7 +183,7 @@ class Daemon:
                     self._client_gone(client, crashed=True)
 
     def _policy(self, client: Client) -> identity.AccessPolicy:
-        policy = getattr(client, "policy", None)
+        policy = client.policy
         if policy is None:
             if client.sock is None:
                 self.sessions.settle()

@@ -39,11 +39,13 @@ class Client:
     last_beat: float = field(default_factory=time.monotonic)
     evicted: bool = False
     container: str | None = None
+    policy: object | None = None  # identity.AccessPolicy, computed on first channel operation
 
     def describe(self) -> dict:
         return {"id": self.id, "pid": self.pid or self.claimed_pid, "uid": self.uid,
                 "connected": self.sock is not None, "evicted": self.evicted,
                 "container": self.container,
+                "access": self.policy.describe() if self.policy is not None else None,
                 "idle_s": round(time.monotonic() - self.last_beat, 3)}
 
 
@@ -96,6 +98,13 @@ class Sessions:
             return [self._close(client)]
         client.last_beat = time.monotonic()
         return []
+
+    def settle(self) -> None:
+        """Accept and identify session connections already queued.  A client sends its token
+        before its first request, so a request that overtakes it in our loop finds it here."""
+        self._accept()
+        for fd in list(self._pending):
+            self._read_token(fd)
 
     def _accept(self) -> None:
         while True:
