@@ -1,6 +1,7 @@
 """Single-process cost of shimmy's hot paths (no second process, no waiting), for profiling.
 
     python -m shimmy.bench.micro [--size 64] [--n 200000] [--profile publish|receive|loan|view]
+    python -m shimmy.bench.micro --two-process --size 4096 [--seconds 1]
 
 Starts a private daemon, opens one reliable channel, and times batches of ``publish`` followed
 by the same number of ``receive_nowait``/``receive`` calls, so each phase is measured alone:
@@ -26,7 +27,7 @@ def _phases(ch, sub, size: int, n: int, batch: int) -> dict:
     t = {"publish": 0.0, "receive+bytes": 0.0, "receive_nowait+bytes": 0.0, "loan": 0.0,
          "receive+view": 0.0}
     done = 0
-    pc = time.perf_counter
+    pc = time.process_time  # CPU time: robust against other tenants on a shared machine
     while done < n:
         t0 = pc()
         for _ in range(batch):
@@ -98,7 +99,13 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=200_000)
     p.add_argument("--profile", choices=["publish", "receive", "loan", "view"])
     p.add_argument("--cpu", type=int, default=0)
+    p.add_argument("--two-process", action="store_true",
+                   help="profile both sides of the throughput suite (CPU 0 -> CPU 1) instead")
+    p.add_argument("--seconds", type=float, default=1.0)
     args = p.parse_args(argv)
+    if args.two_process:
+        print(profile_throughput(args.size, args.seconds))
+        return 0
     harness.pin(args.cpu)
     import shimmy
     daemon = harness.Daemon().start()
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
             else:
                 per = _phases(ch, sub, args.size, args.n, batch)
                 print(f"size {args.size} B, {args.n} messages per phase, batch {batch}, "
-                      f"pinned to CPU {args.cpu}, python {sys.version.split()[0]}")
+                      f"pinned to CPU {args.cpu}, python {sys.version.split()[0]}; CPU time per message")
                 for k, v in per.items():
                     print(f"  {k:22s} {v:8.3f} us/message")
             sub.close()
@@ -121,6 +128,51 @@ def main(argv=None) -> int:
         daemon.stop()
         harness.cleanup_all()
     return 0
+
+
+
+# -- two-process profiling: run a suite's worker function under cProfile -------------------------
+
+def profiled(ctl, target_module: str, target_func: str, **kwargs):
+    """Worker-side wrapper: run ``target_module.target_func(ctl, **kwargs)`` under cProfile; return its result
+    and the top of the profile (sorted by internal time)."""
+    import importlib
+    fn = getattr(importlib.import_module(target_module), target_func)
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        out = fn(ctl, **kwargs)
+    finally:
+        prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(12)
+    return {"result": out, "profile": s.getvalue()}
+
+
+def profile_throughput(size: int = 64, seconds: float = 1.0, zero_copy: bool = False) -> str:
+    """Profile both sides of the shimmy throughput measurement (sender CPU 0, receiver CPU 1)."""
+    from . import throughput
+    daemon = harness.Daemon().start()
+    tx, rx = harness.Worker("prof-tx", 0), harness.Worker("prof-rx", 1)
+    try:
+        opts = {"daemon": daemon.socket, "capacity": None, "zero_copy": zero_copy}
+        name = f"bench/prof/{size}"
+        rx.start_call("shimmy.bench.micro", "profiled", target_module="shimmy.bench.throughput", target_func="receiver",
+                      transport="shimmy", name=name, opts=opts)
+        rx.wait_ready()
+        tx.start_call("shimmy.bench.micro", "profiled", target_module="shimmy.bench.throughput", target_func="sender",
+                      transport="shimmy", name=name, opts=opts, size=size, seconds=seconds)
+        tx.wait_ready()
+        rx.go()
+        tx.go()
+        s = tx.result(timeout=seconds + 60)
+        r = rx.result(timeout=60)
+        rate = r["result"]["n"] / r["result"]["elapsed_s"]
+        return (f"shimmy throughput {size} B zero_copy={zero_copy}: {rate:,.0f} msgs/s under "
+                f"cProfile\n--- sender ---\n{s['profile']}\n--- receiver ---\n{r['profile']}")
+    finally:
+        harness.close_all([tx, rx])
+        daemon.stop()
 
 
 if __name__ == "__main__":
