@@ -1,0 +1,472 @@
+"""Multi-node tests of the peer module: several daemons on one machine, each in its own IPC and
+mount namespace with a private /dev/shm, peered over 127.0.0.1 only.
+
+Client processes of a node run inside that node's namespaces (nsenter).  The test process talks
+to the daemons' control sockets directly (plain files) for stats.  Every process started here is
+stopped here, by pid.  Also runnable as a script: ``python test_peer_mirror.py pub|sub ...`` is
+what the client processes execute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+
+import pytest
+
+HERE = os.path.abspath(__file__)
+HAVE_NS = os.geteuid() == 0 and shutil.which("unshare") and shutil.which("nsenter")
+pytestmark = pytest.mark.skipif(not HAVE_NS, reason="needs root, unshare and nsenter "
+                                                     "(a private IPC namespace and /dev/shm per node)")
+
+
+# -- client processes (run inside a node's namespaces) ----------------------------------------------
+def make_payload(i: int, rng: random.Random) -> bytes:
+    body = rng.randbytes(rng.choice((0, 8, 60, 200, 1000, 3000)))
+    head = struct.pack("<Q", i) + body
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def check_payload(data: bytes) -> int:
+    if len(data) < 12 or zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
+        raise AssertionError(f"checksum mismatch in a message of {len(data)} bytes")
+    return struct.unpack("<Q", data[:8])[0]
+
+
+def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: int) -> None:
+    import shimmy
+    ch = shimmy.Channel(name, daemon=sock, mode=mode, capacity=capacity, publish_timeout=60)
+    ch.publish(b"announce")   # the channel is announced to peers once it has a publisher
+    print("ready", flush=True)
+    sys.stdin.readline()      # go
+    rng = random.Random(1234)
+    for i in range(n):
+        ch.publish(make_payload(i, rng))
+        if pace and i % 100 == 99:
+            time.sleep(pace)
+    print("done", flush=True)
+    sys.stdin.readline()
+    ch.close()
+
+
+def worker_sub(sock: str, name: str, n: int, idle: float) -> None:
+    import shimmy
+    import shimmy.sdk.channel
+    from shimmy.sdk.client import get_client
+    deadline = time.monotonic() + 20
+    while True:   # wait until our daemon knows the channel (local, or announced by a peer)
+        reply = get_client(sock).request("list")
+        names = {c["name"] for c in reply["channels"]} | {c["name"] for c in reply.get("remote", [])}
+        if name in names:
+            break
+        assert time.monotonic() < deadline, f"channel {name} never announced"
+        time.sleep(0.05)
+    ch = shimmy.Channel(name, daemon=sock)
+    sub = ch.subscribe()
+    while sub.status == "down":
+        assert time.monotonic() < deadline, "mirror link never came up"
+        time.sleep(0.02)
+    print("ready", sub.status, flush=True)
+    got = lost = 0
+    prev = None
+    first = None
+    errors = []
+    while True:
+        try:
+            msg = sub.receive(timeout=idle)
+        except TimeoutError:
+            break
+        try:
+            data = bytes(msg)
+        except shimmy.sdk.channel.MessageOverwritten:   # lossy: lapped while we copied it
+            if prev is not None:
+                lost += msg.lost + 1
+                prev += 1 + msg.lost
+            continue
+        if data == b"announce":
+            continue
+        i = check_payload(data)
+        if first is None:
+            first = i
+        elif i != prev + 1 + msg.lost:   # exact loss accounting: the jump equals msg.lost
+            errors.append(f"index {i} after {prev} with lost={msg.lost}")
+        lost += msg.lost if prev is not None else 0
+        prev = i
+        got += 1
+        if i == n - 1:
+            break
+    print(json.dumps({"got": got, "lost": lost, "first": first, "last": prev,
+                      "errors": errors[:5], "status": sub.status}), flush=True)
+
+
+# -- nodes and processes ------------------------------------------------------------------------------
+class Node:
+    def __init__(self, name: str, key: str, *args: str):
+        self.name = name
+        self.dir = tempfile.mkdtemp(prefix=f"shimmy-peer-{name}-")
+        self.socket = os.path.join(self.dir, "shimmyd.sock")
+        self.key = key
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Node":
+        for p in (self.socket, self.socket + ".session"):
+            if os.path.exists(p):
+                os.unlink(p)
+        cmd = (f"mount -t tmpfs -o size=256m none /dev/shm && exec {sys.executable} -m shimmy.cli "
+               f"daemon --socket {self.socket} --node {self.name} --cluster-key-file {self.key} "
+               + " ".join(self.args))
+        log = open(os.path.join(self.dir, "daemon.log"), "ab")
+        self.proc = subprocess.Popen(["unshare", "--ipc", "--mount", "sh", "-c", cmd],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 15
+        while not os.path.exists(self.socket + ".session"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"node {self.name} did not start:\n{self.log()}")
+            time.sleep(0.02)
+        return self
+
+    def log(self) -> str:
+        with open(os.path.join(self.dir, "daemon.log"), errors="replace") as fh:
+            return fh.read()
+
+    def stat(self) -> dict:
+        from shimmy.sdk.client import DaemonClient
+        c = DaemonClient(self.socket)
+        try:
+            return c.request("stat")
+        finally:
+            c.close()
+
+    def peer(self) -> dict:
+        return self.stat()["peer"]
+
+    def client(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(["nsenter", "-t", str(self.proc.pid), "--ipc", "--mount",
+                                 sys.executable, HERE, *args], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def wait_line(proc: subprocess.Popen, want: str, timeout: float = 30) -> str:
+    result: list[str] = []
+    t = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    line = result[0] if result else ""
+    if not line.startswith(want):
+        proc.kill()
+        raise AssertionError(f"expected {want!r}, got {line!r}; stderr: {proc.stderr.read()[-3000:]}")
+    return line
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cluster():
+    made: list = []
+    procs: list[subprocess.Popen] = []
+    keydir = tempfile.mkdtemp(prefix="shimmy-key-")
+    key = os.path.join(keydir, "cluster.key")
+    from shimmy.daemon.peer.auth import random_key_file
+    random_key_file(key)
+
+    class C:
+        pass
+    c = C()
+    c.key = key
+    c.dir = keydir
+
+    def node(name, *args, key_file=None):
+        n = Node(name, key_file or key, "--log-level", "info", *args).start()
+        made.append(n)
+        return n
+
+    def client(n, *args):
+        p = n.client(*args)
+        procs.append(p)
+        return p
+    c.node, c.client = node, client
+    yield c
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+    for n in made:
+        n.stop()
+    for n in made:
+        shutil.rmtree(n.dir, ignore_errors=True)
+    shutil.rmtree(keydir, ignore_errors=True)
+
+
+def run_stream(c, pub_node, sub_nodes, name, mode, n, pace=0.0, capacity=1 << 20, during=None,
+               idle=15.0):
+    """Publisher on pub_node, one subscriber per node in sub_nodes; returns their results."""
+    pub = c.client(pub_node, "pub", pub_node.socket, name, mode, str(n), str(pace), str(capacity))
+    wait_line(pub, "ready")
+    subs = [c.client(nd, "sub", nd.socket, name, str(n), str(idle)) for nd in sub_nodes]
+    for s in subs:
+        wait_line(s, "ready")
+    pub.stdin.write("go\n")
+    pub.stdin.flush()
+    if during is not None:
+        during(pub, subs)
+    results = [json.loads(wait_line(s, "{", timeout=120)) for s in subs]
+    wait_line(pub, "done", timeout=60)
+    pub.stdin.write("bye\n")
+    pub.stdin.flush()
+    pub.wait(20)
+    return results
+
+
+def check(result, n, reliable, allow_start_after=False):
+    assert not result["errors"], result
+    if reliable:
+        assert result["lost"] == 0, result
+        assert result["first"] == 0 or allow_start_after, result
+        assert result["last"] == n - 1, result
+        assert result["got"] == n - result["first"], result
+    else:
+        assert result["got"] + result["lost"] == result["last"] - result["first"] + 1, result
+
+
+# -- tests ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["reliable", "lossy"])
+def test_fanout_to_two_nodes_in_order(cluster, mode):
+    port = free_port()
+    a = cluster.node("A", "--peer-listen", f"127.0.0.1:{port}")
+    b = cluster.node("B", "--peer", f"127.0.0.1:{port}")
+    c = cluster.node("C", "--peer", f"127.0.0.1:{port}")
+    n = 50_000
+    results = run_stream(cluster, a, [a, b, c], "fan/" + mode, mode, n)
+    for r in results:
+        check(r, n, mode == "reliable")
+    assert results[0]["status"] == "local" and results[1]["status"] == "up"
+    mirrors = {m["to"]: m for m in a.peer()["mirrors"]}
+    assert set(mirrors) == {"B", "C"}
+    for m in mirrors.values():
+        assert m["batches"] > 0 and m["bytes"] > 0 and m["messages"] > 0
+        # batching: far fewer sends than messages
+        assert m["batches"] < n
+    if mode == "reliable":
+        assert all(r["got"] == n for r in results)
+    else:
+        assert all(r["last"] == n - 1 for r in results)
+
+
+def test_kill_and_restart_replica_daemon(cluster):
+    port = free_port()
+    a = cluster.node("A", "--peer-listen", f"127.0.0.1:{port}")
+    b = cluster.node("B", "--peer", f"127.0.0.1:{port}")
+    c = cluster.node("C", "--peer", f"127.0.0.1:{port}")
+    n = 20_000
+
+    def during(pub, subs):
+        time.sleep(0.5)
+        b.stop(signal.SIGKILL)
+        subs[1].kill()
+        subs[1].wait(5)
+        b.start()
+        subs[1] = cluster.client(b, "sub", b.socket, "kr/x", str(n), "10")
+        wait_line(subs[1], "ready", timeout=30)
+
+    results = run_stream(cluster, a, [c, b], "kr/x", "reliable", n, pace=0.002,
+                         during=during)
+    check(results[0], n, True)                    # C undisturbed
+    late = results[1]
+    check(late, n, True, allow_start_after=True)   # restarted B: in order, nothing lost
+    assert late["got"] > 0
+    assert "reconnects" in a.peer()["counters"]
+
+
+class Proxy:
+    """127.0.0.1 TCP proxy whose live connections the test can cut."""
+
+    def __init__(self, target: int):
+        self.target = target
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopped:
+            try:
+                a, _ = self.lsock.accept()
+            except OSError:
+                return
+            b = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [a, b]
+            for x, y in ((a, b), (b, a)):
+                threading.Thread(target=self._pipe, args=(x, y), daemon=True).start()
+
+    @staticmethod
+    def _pipe(x, y):
+        try:
+            while True:
+                d = x.recv(1 << 16)
+                if not d:
+                    break
+                y.sendall(d)
+        except OSError:
+            pass
+        for s in (x, y):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        conns, self.conns = self.conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self.stopped = True
+        self.lsock.close()
+        self.cut()
+
+
+@pytest.mark.parametrize("mode", ["reliable", "lossy"])
+def test_connection_cut_by_proxy_resumes(cluster, mode):
+    port = free_port()
+    a = cluster.node("A", "--peer-listen", f"127.0.0.1:{port}")
+    proxy = Proxy(port)
+    try:
+        b = cluster.node("B", "--peer", f"127.0.0.1:{proxy.port}")
+        n = 20_000
+
+        def during(pub, subs):
+            for _ in range(2):
+                time.sleep(0.4)
+                proxy.cut()
+
+        (r,) = run_stream(cluster, a, [b], "px/" + mode, mode, n, pace=0.002, during=during)
+        check(r, n, mode == "reliable")
+        replica = b.peer()["replicas"][0]
+        assert replica["reconnects"] >= 1, replica
+        assert a.peer()["counters"]["reconnects"] >= 1
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("mode", ["reliable", "lossy"])
+def test_paused_source(cluster, mode):
+    port = free_port()
+    a = cluster.node("A", "--peer-listen", f"127.0.0.1:{port}")
+    b = cluster.node("B", "--peer", f"127.0.0.1:{port}")
+    n = 20_000
+
+    def during(pub, subs):
+        time.sleep(0.3)
+        a.proc.send_signal(signal.SIGSTOP)   # the source daemon: its mirror stops reading
+        time.sleep(1.5)
+        a.proc.send_signal(signal.SIGCONT)
+
+    (r,) = run_stream(cluster, a, [b], "ps/" + mode, mode, n, pace=0.001, capacity=1 << 16,
+                      during=during)
+    check(r, n, mode == "reliable")
+    if mode == "lossy":
+        mirror = a.peer()["mirrors"][0]
+        # the publisher lapped the paused mirror: the hole was reported, exactly (check())
+        assert mirror["gaps"] >= 1 and r["lost"] > 0, (mirror, r)
+
+
+def test_bad_peers_are_refused_and_nothing_else_disturbed(cluster):
+    from shimmy.daemon.peer import auth
+    from shimmy.daemon.peer.tcp import HDR, K_CTRL
+    import msgpack
+    port = free_port()
+    a = cluster.node("A", "--peer-listen", f"127.0.0.1:{port}")
+    b = cluster.node("B", "--peer", f"127.0.0.1:{port}")
+    wrong = os.path.join(cluster.dir, "wrong.key")
+    auth.random_key_file(wrong)
+    cluster.node("W", "--peer", f"127.0.0.1:{port}", key_file=wrong)
+
+    def during(pub, subs):
+        # garbage on the peer port
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(64))
+            s.settimeout(5)
+            try:
+                assert s.recv(100) == b""   # closed on us
+            except ConnectionResetError:
+                pass
+        # an authenticated peer announcing absurd sizes
+        for payload in ("ctrl", "dir"):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.settimeout(5)
+            auth.dial_handshake(s, auth.load_key(cluster.key), "evil-" + payload)
+            if payload == "ctrl":
+                s.sendall(HDR.pack(K_CTRL, 0, 1 << 40, 0, 0, 0))
+            else:
+                body = msgpack.packb({"t": "dir", "node": "evil",
+                                      "channels": {"huge": [0, 1 << 40, 0, 0]}})
+                s.sendall(HDR.pack(K_CTRL, 0, len(body), 0, 0, 0) + body)
+            time.sleep(0.3)
+            s.close()
+
+    n = 5_000
+    (r,) = run_stream(cluster, a, [b], "bad/x", "reliable", n, pace=0.002, during=during)
+    check(r, n, True)
+    counters = a.peer()["counters"]
+    assert counters["auth_failures"] >= 1, counters
+    assert counters["protocol_errors"] >= 1, counters
+    assert counters["refused_sizes"] >= 2, counters
+    log = a.log()
+    assert "peer refused" in log and ": auth:" in log
+    assert "bad magic" in log
+    assert "exceeds peer_max_control_bytes" in log
+    assert "outside [4096, peer_max_replica_capacity" in log
+    assert {lk["node"] for lk in a.peer()["links"]} >= {"B"}
+
+
+def test_ls_shows_where_channels_are_published_and_mirrored(cluster):
+    port = free_port()
+    a = cluster.node("A", "--peer-listen", f"127.0.0.1:{port}")
+    b = cluster.node("B", "--peer", f"127.0.0.1:{port}")
+    (r,) = run_stream(cluster, a, [b], "ls/x", "reliable", 100)
+    check(r, 100, True)
+    out = subprocess.run([sys.executable, "-m", "shimmy.cli", "ls", "--daemon", b.socket],
+                         capture_output=True, text=True, timeout=20).stdout
+    assert "ls/x" in out and "A (replica" in out, out
+    out = subprocess.run([sys.executable, "-m", "shimmy.cli", "ls", "--daemon", a.socket],
+                         capture_output=True, text=True, timeout=20).stdout
+    assert "ls/x" in out, out
+
+
+if __name__ == "__main__":
+    role, args = sys.argv[1], sys.argv[2:]
+    if role == "pub":
+        worker_pub(args[0], args[1], args[2], int(args[3]), float(args[4]), int(args[5]))
+    elif role == "sub":
+        worker_sub(args[0], args[1], int(args[2]), float(args[3]))
