@@ -1,0 +1,186 @@
+"""Conformance suite for peer transports (daemon/peer/transport.py contract).
+
+Every transport runs the same tests: TCP always (over a local socket pair, no daemon); RDMA only
+where a device and pyverbs exist, otherwise skipped with the reason ``rdma.available()`` gives.
+"""
+
+from __future__ import annotations
+
+import mmap
+import socket
+import threading
+import time
+
+import pytest
+
+from shimmy import ring
+from shimmy.daemon.peer import rdma
+from shimmy.daemon.peer.mirror import MirrorReplica
+from shimmy.daemon.peer.tcp import Link, TcpTransport, send_credit
+from shimmy.daemon.peer.transport import TransportClosed
+
+CAP = 1 << 16
+SUBS = 4
+
+
+def make_ring(mode=ring.MODE_LOSSY):
+    mm = mmap.mmap(-1, ring.segment_size(CAP, SUBS))
+    ring.format_ring(mm, "conf/x", mode, CAP, SUBS)
+    return mm, ring.RingView(mm)
+
+
+class TcpPair:
+    """Source transport + replica sink joined by a real TCP connection on 127.0.0.1."""
+
+    def __init__(self):
+        lsock = socket.create_server(("127.0.0.1", 0))
+        a = socket.create_connection(lsock.getsockname())
+        b, _ = lsock.accept()
+        lsock.close()
+        for s in (a, b):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.settimeout(5)
+        self.src_link = Link(a, "src", "dst", "pair", True, 1 << 20, 0.2)
+        self.dst_link = Link(b, "dst", "src", "pair", False, 1 << 20, 0.2)
+        self.mm, self.view = make_ring()
+        self.sink = MirrorReplica(self.view, "/shimmy-conformance-none.s")
+        self.dst_link.sinks[7] = self.sink
+        self.transport = TcpTransport(self.src_link, 7)
+        self.errors: list[BaseException] = []
+        for link in (self.src_link, self.dst_link):
+            threading.Thread(target=self._read, args=(link,), daemon=True).start()
+
+    def _read(self, link):
+        try:
+            link.run_reader(lambda lk, obj: None, CAP)
+        except (TransportClosed, OSError):
+            pass
+        except BaseException as exc:  # surfaced by the test
+            self.errors.append(exc)
+
+    def report_credit(self, consumed):
+        send_credit(self.dst_link, 7, consumed, self.sink.tail)
+
+    def close(self):
+        self.transport.close()
+        self.src_link.close()
+        self.dst_link.close()
+
+
+def make_pair(kind):
+    if kind == "tcp":
+        return TcpPair()
+    ok, why = rdma.available()
+    if not ok:
+        pytest.skip(f"RDMA transport: {why}")
+    pytest.skip("RDMA transport: device present but the loopback pair harness needs two ports")
+
+
+KINDS = ["tcp", "rdma"]
+
+
+def until(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.001)
+
+
+def frames(start_seq, sizes):
+    """Bytes of consecutive frames (header + payload padded to 16)."""
+    out = bytearray()
+    for k, n in enumerate(sizes):
+        hdr = ring.FRAME.pack(n, 0, start_seq + k)
+        out += hdr + bytes([k & 0xFF]) * n + bytes(ring.frame_size(n) - ring.HEADER - n)
+    return bytes(out)
+
+
+@pytest.fixture(params=KINDS)
+def pair(request):
+    p = make_pair(request.param)
+    yield p
+    p.close()
+    assert not p.errors, p.errors
+
+
+def data_at(view, pos, n):
+    off = pos & (CAP - 1)
+    base = view.data_offset
+    if off + n <= CAP:
+        return bytes(view.mv[base + off:base + off + n])
+    first = CAP - off
+    return bytes(view.mv[base + off:base + CAP]) + bytes(view.mv[base:base + n - first])
+
+
+def test_put_lands_at_same_offset_and_commit_makes_it_visible(pair):
+    blob = frames(0, [10, 100, 0, 33])
+    pair.transport.jump(0, 0)
+    pair.transport.put(0, [memoryview(blob)], 0)
+    until(lambda: pair.sink.next == len(blob))
+    assert pair.view.q[ring.OFF_TAIL // 8] == 0            # not visible before the commit
+    last = len(blob) - ring.frame_size(33)
+    pair.transport.commit(len(blob), last)
+    until(lambda: pair.view.q[ring.OFF_TAIL // 8] == len(blob))
+    assert data_at(pair.view, 0, len(blob)) == blob
+    assert ring.stream_point(pair.view) == (len(blob), 4)
+
+
+def test_range_split_at_the_wrap(pair):
+    start = CAP - 64
+    pair.transport.jump(start, 100)
+    blob = frames(100, [40, 40, 40])          # 64 + 64 + 64 bytes: crosses the wrap
+    views = [memoryview(blob)[:64], memoryview(blob)[64:]]
+    pair.transport.put(start, views, start - ring.HEADER)
+    pair.transport.commit(start + len(blob), start + 128)
+    until(lambda: pair.view.q[ring.OFF_TAIL // 8] == start + len(blob))
+    assert data_at(pair.view, start, len(blob)) == blob
+    assert ring.stream_point(pair.view)[1] == 103
+
+
+def test_jump_reports_exact_loss_to_readers(pair):
+    pair.transport.jump(0, 0)
+    a = frames(0, [8])
+    pair.transport.put(0, [memoryview(a)], 0)
+    pair.transport.commit(len(a), 0)
+    until(lambda: pair.sink.tail == len(a))
+    reader = ring.RingReader(pair.view, 0, 0, 0)
+    assert reader.poll()[3] == 0
+    pair.transport.jump(4096, 57)                       # seqs 1..56 are gone
+    b = frames(57, [8])
+    pair.transport.put(4096, [memoryview(b)], 4096 - ring.HEADER)
+    pair.transport.commit(4096 + len(b), 4096)
+    until(lambda: pair.sink.tail == 4096 + len(b))
+    got = reader.poll()
+    assert got[3] == 57 and got[4] == 56
+
+
+def test_pad_until_hides_torn_bytes(pair):
+    pair.transport.jump(0, 0)
+    blob = frames(0, [8, 8, 8])
+    pair.transport.put(0, [memoryview(blob)], 0)
+    pair.transport.commit(len(blob), 64, 64)            # first two frames were torn at the source
+    until(lambda: pair.sink.tail == len(blob))
+    reader = ring.RingReader(pair.view, 0, 0, 0)
+    got = reader.poll()
+    assert got[3] == 2 and got[4] == 2                  # exactly two lost, no torn frame
+
+
+def test_credits_flow_back(pair):
+    assert pair.transport.credits() is None
+    pair.report_credit(4096)
+    until(lambda: pair.transport.credits() == 4096)
+
+
+def test_close_stops_the_transport(pair):
+    pair.transport.close()
+    with pytest.raises(TransportClosed):
+        pair.transport.put(0, [memoryview(b"x" * 16)], 0)
+    pair.transport.close()  # idempotent
+
+
+def test_link_loss_raises_transport_closed(pair):
+    pair.dst_link.close()
+    with pytest.raises(TransportClosed):
+        for _ in range(1000):
+            pair.transport.put(0, [memoryview(bytes(4096))], 0)
+            time.sleep(0.001)
