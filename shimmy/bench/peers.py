@@ -250,6 +250,9 @@ class IceoryxLink:
         except Exception:
             pass
         self.node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+        # iceoryx2 service names are machine-wide: make them unique to this bench run, so that
+        # a run killed before cleanup (stale publisher ports) cannot block the next one.
+        name = f"{name}_{os.environ.get('SHIMMY_BENCH_RUN', os.getppid())}"
         if kind == "pair":
             tx, rx = (name + "_a2b", name + "_b2a") if side == "a" else (name + "_b2a", name + "_a2b")
         elif side == "tx":

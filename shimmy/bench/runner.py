@@ -148,6 +148,7 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt
     old_term = signal.signal(signal.SIGTERM, _term)
     t0 = time.monotonic()
+    os.environ["SHIMMY_BENCH_RUN"] = f"{os.getpid()}-{stamp}"  # inherited by spawned workers
     daemon = None
     try:
         daemon = harness.Daemon().start()
