@@ -1,0 +1,220 @@
+"""Cross-node one-way throughput: two daemons peered on loopback vs a raw TCP stream and ZeroMQ
+tcp carrying the same messages.  Reusable by shimmy/bench:
+
+    from shimmy.daemon.peer.bench import cross_node, compare
+    cross_node(size=64, count=200_000)          -> {"msgs_per_s", "mb_per_s", "seconds"}
+    compare(sizes=(64, 65536, 1 << 20), repeat=3) -> {size: {"shimmy": .., "raw_tcp": .., "zmq": ..}}
+
+Each side runs in its own process (publisher/sender, subscriber/receiver); the two daemons are
+real ``shimmy daemon`` subprocesses with their own sockets (distinct shm prefixes), peered over
+127.0.0.1.  Timing is from the receiver's first message to its last.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _count_for(size: int, budget_bytes: int = 256 << 20, cap: int = 200_000) -> int:
+    return max(200, min(cap, budget_bytes // max(size, 1)))
+
+
+def _recv_exact(s, view):
+    got = 0
+    while got < len(view):
+        k = s.recv_into(view[got:])
+        if not k:
+            raise EOFError
+        got += k
+
+
+def _raw_rx(port_q, res_q, size, count):
+    ls = socket.create_server(("127.0.0.1", 0))
+    port_q.put(ls.getsockname()[1])
+    c, _ = ls.accept()
+    buf = bytearray(max(size, 1) + 4)
+    hv = memoryview(buf)
+    t0 = None
+    for _ in range(count):
+        _recv_exact(c, hv[:4])
+        n = struct.unpack_from("<I", buf)[0]
+        _recv_exact(c, hv[4:4 + n])
+        if t0 is None:
+            t0 = time.perf_counter()
+    res_q.put(time.perf_counter() - t0)
+
+
+def _raw_tx(port, size, count):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    payload = os.urandom(size)
+    hdr = struct.pack("<I", size)
+    for _ in range(count):
+        s.sendmsg([hdr, payload])
+    s.close()
+
+
+def raw_tcp(size: int, count: int) -> float:
+    port_q, res_q = mp.Queue(), mp.Queue()
+    rx = mp.Process(target=_raw_rx, args=(port_q, res_q, size, count))
+    rx.start()
+    tx = mp.Process(target=_raw_tx, args=(port_q.get(), size, count))
+    tx.start()
+    dt = res_q.get(timeout=300)
+    tx.join(), rx.join()
+    return dt
+
+
+def _zmq_rx(port_q, res_q, count):
+    import zmq
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    port_q.put(s.bind_to_random_port("tcp://127.0.0.1"))
+    s.recv()
+    t0 = time.perf_counter()
+    for _ in range(count - 1):
+        s.recv(copy=False)
+    res_q.put(time.perf_counter() - t0)
+
+
+def _zmq_tx(port, size, count):
+    import zmq
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.SNDHWM, 100_000)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    payload = os.urandom(size)
+    for _ in range(count):
+        s.send(payload, copy=size < 4096)
+    s.close(linger=-1)
+    ctx.term()
+
+
+def zmq_tcp(size: int, count: int) -> float:
+    port_q, res_q = mp.Queue(), mp.Queue()
+    rx = mp.Process(target=_zmq_rx, args=(port_q, res_q, count))
+    rx.start()
+    tx = mp.Process(target=_zmq_tx, args=(port_q.get(), size, count))
+    tx.start()
+    dt = res_q.get(timeout=300)
+    tx.join(), rx.join()
+    return dt
+
+
+def _shimmy_rx(sock, name, ready_q, res_q, count):
+    import shimmy
+    from shimmy.sdk.client import get_client
+    while name not in {c["name"] for c in get_client(sock).request("list").get("remote", [])}:
+        time.sleep(0.02)
+    ch = shimmy.Channel(name, daemon=sock)
+    sub = ch.subscribe()
+    while sub.status != "up":
+        time.sleep(0.01)
+    ready_q.put(1)
+    sub.receive(timeout=30)
+    t0 = time.perf_counter()
+    for _ in range(count - 1):
+        sub.receive(timeout=30)
+    res_q.put(time.perf_counter() - t0)
+
+
+def _shimmy_tx(sock, name, ready_q, go_q, size, count, capacity):
+    import shimmy
+    ch = shimmy.Channel(name, daemon=sock, mode="reliable", capacity=capacity,
+                        publish_timeout=60)
+    ch.publish(b"x")
+    ready_q.put(1)
+    go_q.get()
+    payload = os.urandom(size)
+    for _ in range(count):
+        ch.publish(payload)
+
+
+class TwoDaemons:
+    """Two peered daemons on loopback (no namespaces needed: distinct sockets, shm prefixes)."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="shimmy-xbench-")
+        key = os.path.join(self.dir, "key")
+        from .auth import random_key_file
+        random_key_file(key)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.a = os.path.join(self.dir, "a.sock")
+        self.b = os.path.join(self.dir, "b.sock")
+        base = [sys.executable, "-m", "shimmy.cli", "daemon", "--cluster-key-file", key,
+                "--log-level", "warning"]
+        log = open(os.path.join(self.dir, "log"), "ab")
+        self.procs = [
+            subprocess.Popen(base + ["--socket", self.a, "--node", "bench-a", "--peer-listen",
+                                     f"127.0.0.1:{port}"], stdout=log, stderr=log),
+            subprocess.Popen(base + ["--socket", self.b, "--node", "bench-b", "--peer",
+                                     f"127.0.0.1:{port}"], stdout=log, stderr=log)]
+        for p in (self.a, self.b):
+            while not os.path.exists(p + ".session"):
+                time.sleep(0.02)
+
+    def close(self):
+        for p in self.procs:
+            p.terminate()
+            p.wait(10)
+
+
+def cross_node(size: int, count: int, daemons: TwoDaemons | None = None) -> float:
+    """Seconds for ``count`` messages of ``size`` bytes, publisher on A to subscriber on B."""
+    own = daemons is None
+    d = daemons or TwoDaemons()
+    name = f"xbench/{size}/{time.monotonic_ns()}"
+    capacity = 1 << max(22, (size * 8 - 1).bit_length())
+    try:
+        ready_q, go_q, res_q = mp.Queue(), mp.Queue(), mp.Queue()
+        tx = mp.Process(target=_shimmy_tx, args=(d.a, name, ready_q, go_q, size, count, capacity))
+        tx.start()
+        ready_q.get(timeout=30)
+        rx = mp.Process(target=_shimmy_rx, args=(d.b, name, ready_q, res_q, count))
+        rx.start()
+        ready_q.get(timeout=30)
+        go_q.put(1)
+        dt = res_q.get(timeout=300)
+        tx.join(), rx.join()
+        return dt
+    finally:
+        if own:
+            d.close()
+
+
+def compare(sizes=(64, 65536, 1 << 20), repeat=3) -> dict:
+    ctx_method = "fork"
+    mp.set_start_method(ctx_method, force=True)
+    d = TwoDaemons()
+    out = {}
+    try:
+        for size in sizes:
+            count = _count_for(size)
+            row = {}
+            for label, fn in (("shimmy", lambda: cross_node(size, count, d)),
+                              ("raw_tcp", lambda: raw_tcp(size, count)),
+                              ("zmq", lambda: zmq_tcp(size, count))):
+                dts = [fn() for _ in range(repeat)]
+                dt = statistics.median(dts)
+                row[label] = {"msgs_per_s": round(count / dt), "mb_per_s": round(count * size / dt / 1e6, 1),
+                              "count": count}
+            out[size] = row
+    finally:
+        d.close()
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    sizes = tuple(int(x) for x in sys.argv[1:]) or (64, 65536, 1 << 20)
+    print(json.dumps(compare(sizes), indent=1))
