@@ -119,8 +119,11 @@ class Containers:
         def ok():
             if not self.running(name):
                 raise AssertionError(f"{name} exited:\n{self.logs(name)}")
-            return docker("exec", name, "shimmy", "health", check=False,
-                          timeout=15).returncode == 0
+            try:
+                return docker("exec", name, "shimmy", "health", check=False,
+                              timeout=15).returncode == 0
+            except subprocess.TimeoutExpired:
+                return False
         wait_until(ok, timeout, 0.25, f"{name} healthy")
 
     def app(self, role: str, daemon: str, script: str, env: dict[str, str],
