@@ -222,6 +222,7 @@ class MirrorReplica(ReplicaSink):
         self.head = self.q[ring.OFF_HEAD // 8]
         self.next = self.tail            # where the next put must start
         self.fed = False                 # has a source ever positioned this ring
+        self.same_from = 0               # from here on our frame boundaries equal the source's
         self.sem_prefix = sem_prefix
         self._sems: dict[int, posix_ipc.Semaphore] = {}
         self.stats = {"bytes": 0, "batches": 0, "messages": 0, "gaps": 0, "gap_bytes": 0,
@@ -239,11 +240,22 @@ class MirrorReplica(ReplicaSink):
             raise ReplicaViolation(f"put of {end - start} bytes into a {self.cap}-byte ring")
         if guard > self.tail or guard + self.cap < end:
             raise ReplicaViolation(f"guard head {guard} outside [{end - self.cap}, {self.tail}]")
-        if guard > self.head:
-            self.head = guard
+        need = end - self.cap
+        if self.head < need:
+            if guard >= self.same_from:
+                h = guard   # frame boundaries from same_from on are the source's own
+            else:
+                # guard may fall inside a hole this replica PAD-ed (its boundaries differ from
+                # the source's there): walk our own frames instead.
+                h = self.head
+                mv, base, mask = self.mv, self.base, self.mask
+                while h < need and h < self.tail:
+                    length, flags, _ = FRAME.unpack_from(mv, base + (h & mask))
+                    h += length + HEADER if flags & FLAG_PAD else (length + HEADER + 15) & ~15
+            self.head = h
             # SYNC POINT (overwrite guard, as RingWriter._make_room): head is stored before any
             # byte of the frames it passes is overwritten by the incoming put.
-            self.q[ring.OFF_HEAD // 8] = guard
+            self.q[ring.OFF_HEAD // 8] = h
         self.next = end
         off = start & self.mask
         n = end - start
@@ -260,6 +272,7 @@ class MirrorReplica(ReplicaSink):
             raise ReplicaViolation(f"commit of tail {tail}, replica has bytes up to {self.next}")
         if pad_until > self.tail:
             self._pad(self.tail, min(pad_until, tail))
+            self.same_from = min(pad_until, tail)
             self.stats["torn_padded"] += 1
         self.stats["bytes"] += tail - self.tail
         self.stats["batches"] += 1
@@ -320,6 +333,7 @@ class MirrorReplica(ReplicaSink):
         FRAME.pack_into(mv, base + (lp & mask), 0, FLAG_PAD, seq - 1)
         self.q[ring.OFF_LAST // 8] = lp
         self.next = position
+        self.same_from = position
         self._seq_end = seq
         self._commit(position)
 
