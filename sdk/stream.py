@@ -28,6 +28,7 @@ from shimmy.errors import ChannelClosed, InvalidArgument, ShimmyError
 from shimmy.names import validate_name
 
 from .channel import _fence
+from . import client as _client_mod
 from .client import fork_generation, get_client
 
 _DEFAULT = object()
@@ -195,12 +196,16 @@ class StreamWriter(_StreamEnd):
         Raises BackpressureTimeout (with ``.written``) after ``timeout`` seconds without room,
         StreamBroken if the reader closed or died.
         """
-        self._check()
-        timeout = self._timeout(timeout)
-        with memoryview(b) as mv:
-            if mv.ndim != 1 or mv.itemsize != 1:
-                mv = mv.cast("B")
-            return self._cursor.write(mv, timeout)
+        cursor = self._cursor
+        if cursor is None or self._fork_gen != _client_mod._generation:
+            self._check()
+        timeout = self.timeout if timeout is _DEFAULT else _check_timeout(timeout)
+        t = type(b)
+        if t is not bytes and t is not bytearray:
+            b = memoryview(b)
+            if b.ndim != 1 or b.format != "B":
+                b = b.cast("B")
+        return cursor.write(b, timeout)
 
     def write_nowait(self, b) -> int:
         """Copy as much of ``b`` as fits right now; return the count (0 when full)."""
@@ -280,16 +285,17 @@ class StreamReader(_StreamEnd):
 
         Waits while the stream is empty; returns as soon as any bytes are there (like a pipe).
         """
-        with memoryview(b) as mv:
-            if mv.ndim != 1 or mv.itemsize != 1:
-                mv = mv.cast("B")
-            if len(mv) == 0:
-                self._check()
-                return 0
-            avail = self._ready(timeout)
-            if not avail:
-                return 0
-            return self._cursor.readinto(mv, avail)
+        cursor = self._cursor
+        if cursor is None or self._lent is not None or self._fork_gen != _client_mod._generation:
+            self._ready(0)  # raises the right error
+        timeout = self.timeout if timeout is _DEFAULT else _check_timeout(timeout)
+        if type(b) is not bytearray:
+            b = memoryview(b)
+            if b.ndim != 1 or b.format != "B":
+                b = b.cast("B")
+        if len(b) == 0:
+            return 0
+        return cursor.readinto_fast(b, timeout)
 
     def read(self, size: int | None = -1, timeout=_DEFAULT) -> bytes:
         """Up to ``size`` bytes (at least one unless at end of stream); -1/None reads to EOF."""
@@ -327,21 +333,35 @@ class StreamReader(_StreamEnd):
         point).  It stays valid until :meth:`consume`, which releases it; an empty view means end
         of stream.  Waits while the stream is empty.
         """
-        _check_size("read_view size", max_n)
-        if max_n == 0:
+        if type(max_n) is not int or max_n <= 0:
+            _check_size("read_view size", max_n)
             raise InvalidArgument("read_view size must be at least 1 byte")
-        avail = self._ready(timeout)
+        cursor = self._cursor
+        if cursor is None or self._lent is not None or self._fork_gen != _client_mod._generation:
+            self._ready(0)  # raises the right error
+        avail = cursor.available()
         if not avail:
-            return memoryview(b"")
-        view = self._cursor.view(max_n, avail)
+            avail = cursor.ready(self.timeout if timeout is _DEFAULT else _check_timeout(timeout))
+            if not avail:
+                return memoryview(b"")
+        view = cursor.view(max_n, avail)
         self._lent = view
         return view
 
     def consume(self, n: int) -> None:
         """Hand ``n`` bytes of the last :meth:`read_view` back to the writer (releases the view)."""
+        lent = self._lent
+        if (lent is not None and type(n) is int and 0 < n <= len(lent)
+                and self._cursor is not None):
+            self._lent = None  # fast path
+            try:
+                lent.release()
+            except BufferError:
+                pass
+            self._cursor.consume(n)
+            return
         self._check()
         _check_size("consume size", n)
-        lent = self._lent
         limit = 0 if lent is None else len(lent)
         if n > limit:
             raise InvalidArgument(f"consume of {n} bytes exceeds the {limit} bytes of the last "

@@ -290,9 +290,36 @@ class WriterCursor(_End):
             self._commit(k)
         return done
 
-    def write(self, data: memoryview, timeout: float | None) -> int:
-        """Copy all of ``data`` in, waiting (bounded by ``timeout``) while the ring is full."""
+    def write(self, data, timeout: float | None) -> int:
+        """Copy all of ``data`` (bytes, bytearray or a byte memoryview) in, waiting (bounded by
+        ``timeout``) while the ring is full."""
+        # Fast path, flattened (Python calls cost more than the copy for small writes): the
+        # whole write fits now and in one piece.  Same stores, same order as the slow path.
         n = len(data)
+        q = self._q
+        if not (q[OFF_R_CLOSED // 8] or q[OFF_R_BROKEN // 8] or q[OFF_RETIRED // 8]):
+            tail = self._tail
+            cap = self._cap
+            if cap - (tail - self._head) < n:
+                self._head = q[OFF_HEAD // 8]  # SYNC POINT (acquire head), as in free()
+            if n <= cap - (tail - self._head) and n <= self._piece:
+                off = tail & self._mask
+                base = self._base
+                if off + n <= cap:
+                    self._mv[base + off:base + off + n] = data
+                else:
+                    first = cap - off
+                    data = memoryview(data)
+                    self._mv[base + off:base + cap] = data[:first]
+                    self._mv[base:base + n - first] = data[first:]
+                tail += n
+                self._tail = tail
+                q[OFF_TAIL // 8] = tail  # SYNC POINT (commit), as in _commit()
+                self._barrier()          # SYNC POINT (Dekker, waker side)
+                if q[OFF_R_WAITING // 8]:
+                    self._peer.release()
+                return n
+        data = memoryview(data)
         done = self.write_nowait(data)
         if done == n:
             return n
@@ -421,6 +448,35 @@ class ReaderCursor(_End):
                     f"stream {self.v.name!r}: no data within {timeout} s (writer pid "
                     f"{self.v.pid('writer') or 'none yet'})")
 
+    def readinto_fast(self, buf, timeout: float | None) -> int:
+        """``ready`` + ``readinto`` flattened for the common case (bytes already buffered, no
+        wrap); falls back to them otherwise.  ``buf`` is a writable byte buffer, len > 0."""
+        head = self._head
+        avail = self._tail - head
+        if not avail:
+            self._tail = self._q[OFF_TAIL // 8]  # SYNC POINT (acquire tail)
+            avail = self._tail - head
+        if avail:
+            k = len(buf)
+            if avail < k:
+                k = avail
+            off = head & self._mask
+            if off + k <= self._cap:
+                base = self._base + off
+                buf[:k] = self._mv[base:base + k]
+                head += k
+                self._head = head
+                q = self._q
+                q[OFF_HEAD // 8] = head  # SYNC POINT (release), as in consume()
+                self._barrier()          # SYNC POINT (Dekker, waker side)
+                if q[OFF_W_WAITING // 8]:
+                    self._peer.release()
+                return k
+        avail = self.ready(timeout)
+        if not avail:
+            return 0
+        return self.readinto(memoryview(buf), avail)
+
     def readinto(self, buf: memoryview, avail: int) -> int:
         """Copy up to ``len(buf)`` of the ``avail`` buffered bytes into ``buf`` and consume them."""
         k = min(avail, len(buf))
@@ -461,10 +517,14 @@ class ReaderCursor(_End):
 
     def consume(self, k: int) -> None:
         self._head += k
+        q = self._q
         # SYNC POINT (release): stored after the bytes were copied out; pairs with the writer's
         # load of head in WriterCursor.free.
-        self._q[OFF_HEAD // 8] = self._head
-        self._post_peer_if_waiting(OFF_W_WAITING // 8)
+        q[OFF_HEAD // 8] = self._head
+        # SYNC POINT (Dekker, waker side): as _post_peer_if_waiting, inlined (hot path).
+        self._barrier()
+        if q[OFF_W_WAITING // 8]:
+            self._peer.release()
 
     def close(self) -> None:
         """The reader is done: the writer's next write raises StreamBroken (like EPIPE)."""
