@@ -32,9 +32,10 @@ import time
 
 import posix_ipc
 
-from shimmy.errors import ChannelClosed, ReceiveTimeout
+from shimmy.errors import ChannelClosed, InvalidArgument, ReceiveTimeout
 from shimmy import ring, stream_ring
 
+from . import client as _client_mod
 from .channel import MAX_SLEEP, _fence
 
 FAIR_BATCH = 32         # messages handed out without yielding to the loop
@@ -200,7 +201,14 @@ async def sub_anext(sub):
 
 
 # -- streams ---------------------------------------------------------------------------------
-def _stream_waiters(end, waiting_off: int):
+def _stream_waiter(end, waiting_off: int, sem_index: int, ready):
+    """Everything ``_wait`` needs for one stream end.  The helper sleeps on a semaphore handle
+    of its own (opened by name): ``close()`` on the end closes the end's handles, possibly while
+    the helper is asleep, and a handle must not be closed under a waiter."""
+    d = end.__dict__
+    sem = d.get("_aio_sem")
+    if sem is None:
+        sem = d["_aio_sem"] = posix_ipc.Semaphore(end._sem_names[sem_index])
     q = end._view.q
     word = waiting_off // 8
 
@@ -215,27 +223,45 @@ def _stream_waiters(end, waiting_off: int):
     def gone():
         return end.closed
 
-    return waiting_set, waiting_clear, gone
+    return ("shimmy-aio-stream", sem, waiting_set, waiting_clear, ready, gone)
 
 
-async def stream_wait_data(reader, deadline) -> None:
-    ws, wc, gone = _stream_waiters(reader, stream_ring.OFF_R_WAITING)
-    await _wait(reader, "shimmy-aio-stream", reader._sem_r, ws, wc, reader._cursor._data_ready,
-                deadline, gone)
+def _reader_state(reader) -> int:
+    """Bytes buffered now (> 0), 0 at a clean end of stream, -1 when more may come.  Never
+    waits or spins (it runs on the loop thread); raises StreamBroken / StreamClosed."""
+    if (reader._cursor is None or reader._lent is not None
+            or reader._fork_gen != _client_mod._generation):
+        reader._ready(0)  # raises the matching error
+    cur = reader._cursor
+    avail = cur.available()
+    if avail:
+        return avail
+    return 0 if cur.at_end() else -1
+
+
+async def _reader_wait(reader, deadline, timeout) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise ReceiveTimeout(f"stream {reader.name!r}: no data within {timeout} s")
+    cur = reader._cursor
+    name, sem, ws, wc, ready, gone = _stream_waiter(reader, stream_ring.OFF_R_WAITING, 0,
+                                                    cur._data_ready)
+    await _wait(reader, name, sem, ws, wc, ready, deadline, gone)
 
 
 async def stream_readinto_async(reader, b, timeout: float | None = None) -> int:
     """Copy up to len(b) bytes into ``b``; 0 at end of stream.  Cancellation-safe: bytes are
     consumed only on the loop thread, after the wait."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        try:
-            return reader.readinto(b, timeout=0)
-        except ReceiveTimeout:
-            pass
-        if deadline is not None and time.monotonic() >= deadline:
-            raise ReceiveTimeout(f"stream {reader.name!r}: no data within {timeout} s")
-        await stream_wait_data(reader, deadline)
+    with memoryview(b) as mv:
+        if mv.ndim != 1 or mv.format != "B":
+            mv = mv.cast("B")
+        if not len(mv):
+            return 0
+        while True:
+            avail = _reader_state(reader)
+            if avail >= 0:
+                return reader._cursor.readinto(mv, avail) if avail else 0
+            await _reader_wait(reader, deadline, timeout)
 
 
 async def stream_read_async(reader, size: int = -1, timeout: float | None = None) -> bytes:
@@ -249,14 +275,16 @@ async def stream_read_async(reader, size: int = -1, timeout: float | None = None
             if not chunk:
                 return b"".join(parts)
             parts.append(chunk)
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise InvalidArgument(f"read size must be an int, got {size!r}")
+    if size == 0:
+        reader._check()
+        return b""
     while True:
-        try:
-            return reader.read(size, timeout=0)
-        except ReceiveTimeout:
-            pass
-        if deadline is not None and time.monotonic() >= deadline:
-            raise ReceiveTimeout(f"stream {reader.name!r}: no data within {timeout} s")
-        await stream_wait_data(reader, deadline)
+        avail = _reader_state(reader)
+        if avail >= 0:
+            return reader._cursor.read_bytes(size, avail) if avail else b""
+        await _reader_wait(reader, deadline, timeout)
 
 
 async def stream_write_async(writer, b, timeout: float | None = None) -> int:
@@ -264,9 +292,8 @@ async def stream_write_async(writer, b, timeout: float | None = None) -> int:
     already copied stay written (``writer.position`` says how far the stream got)."""
     from shimmy.errors import BackpressureTimeout
     deadline = None if timeout is None else time.monotonic() + timeout
-    ws, wc, gone = _stream_waiters(writer, stream_ring.OFF_W_WAITING)
     with memoryview(b) as mv:
-        if mv.ndim != 1 or mv.itemsize != 1:
+        if mv.ndim != 1 or mv.format != "B":
             mv = mv.cast("B")
         n = len(mv)
         done = writer.write_nowait(mv)
@@ -276,7 +303,8 @@ async def stream_write_async(writer, b, timeout: float | None = None) -> int:
                                           f"wrote {done} of {n} bytes")
                 exc.written = done
                 raise exc
-            await _wait(writer, "shimmy-aio-stream", writer._sem_w, ws, wc,
-                        writer._cursor._space_ready, deadline, gone)
+            name, sem, ws, wc, ready, gone = _stream_waiter(writer, stream_ring.OFF_W_WAITING, 1,
+                                                            writer._cursor._space_ready)
+            await _wait(writer, name, sem, ws, wc, ready, deadline, gone)
             done += writer.write_nowait(mv[done:])
         return n

@@ -130,8 +130,14 @@ class _StreamEnd(io.RawIOBase):
             try:
                 self._client.request("stream_close", name=self.name, role=self.role,
                                      serial=self._serial)
-            except ShimmyError:
-                pass  # the daemon is gone; nothing of ours to give back
+            except Exception:  # ShimmyError, or zmq errors at interpreter exit
+                pass  # the daemon is gone (or going); it frees what we held when we die
+
+    @property
+    def position(self) -> int:
+        """Bytes written (writer) or consumed (reader) on this stream so far."""
+        self._check()
+        return self._cursor.position
 
     @property
     def peer_pid(self) -> int:

@@ -53,6 +53,8 @@ import struct
 import time
 from typing import Callable
 
+import posix_ipc
+
 from shimmy.errors import (BackpressureTimeout, InvalidArgument, ReceiveTimeout, RingCorrupted,
                            StreamBroken)
 
@@ -185,8 +187,11 @@ class _End:
         word, FENCE, re-check, sleep at most MAX_SLEEP, repeat.  ``ready`` must also turn True
         when the peer is gone or the stream retired, so the caller can raise.
         """
-        if self._spin:
-            end = time.perf_counter() + self._spin
+        spin = self._spin
+        if deadline is not None:
+            spin = min(spin, deadline - time.monotonic())  # timeout=0 must not spin
+        if spin > 0:
+            end = time.perf_counter() + spin
             while True:
                 if ready():
                     return True
@@ -210,7 +215,7 @@ class _End:
                     wait = min(wait, MAX_SLEEP)
                 try:
                     self._sem.acquire(wait)
-                except Exception:  # posix_ipc.BusyError: timed out; loop re-checks
+                except posix_ipc.BusyError:  # timed out; the loop re-checks
                     pass
         finally:
             q[waiting_word] = 0

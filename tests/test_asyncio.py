@@ -255,6 +255,24 @@ def test_cancelled_stream_read_loses_nothing(daemon):
     asyncio.run(main())
 
 
+def test_closing_an_end_wakes_its_pending_async_read(daemon):
+    async def main():
+        w = shimmy.Stream("aio/cl", daemon=daemon.socket).writer()
+        r = shimmy.Stream("aio/cl", daemon=daemon.socket).reader()
+        task = asyncio.create_task(r.read_async(10, timeout=30))
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        r.close()
+        with pytest.raises(shimmy.StreamClosed):
+            await asyncio.wait_for(task, 5)
+        assert time.monotonic() - t0 < 2
+        with pytest.raises(shimmy.StreamBroken):  # the reader closed: writes fail like EPIPE
+            await w.write_async(b"late", timeout=1)
+        w.close()
+
+    asyncio.run(main())
+
+
 # -- worker processes --------------------------------------------------------------------------
 def _worker(role: str, kw: dict) -> None:
     if role == "publish":
