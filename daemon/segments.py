@@ -152,7 +152,9 @@ def _retire_file(path: str) -> None:
         with open(path, "r+b") as fh:
             mm = mmap.mmap(fh.fileno(), 0)
             try:
-                if len(mm) >= ring.CONTROL_SIZE and int.from_bytes(mm[0:8], "little") == ring.MAGIC:
+                # A stream segment (shimmy/stream_ring.py) has its retired word at the same +40.
+                if len(mm) >= ring.CONTROL_SIZE and int.from_bytes(mm[0:8], "little") in (
+                        ring.MAGIC, 0x4D525453594D4853):  # b"SHMYRING", b"SHMYSTRM"
                     mm[ring.OFF_RETIRED:ring.OFF_RETIRED + 8] = (1).to_bytes(8, "little")
             finally:
                 mm.close()

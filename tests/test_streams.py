@@ -203,6 +203,26 @@ def test_reader_killed_writer_gets_stream_broken(daemon):
     wait_freed(daemon)
 
 
+def test_reader_killed_wakes_a_writer_blocked_on_a_full_ring(daemon):
+    import threading
+    reader = spawn("hold_reader", daemon=daemon.socket, name="fail/rb", read=1)
+    w = shimmy.Stream("fail/rb", daemon=daemon.socket, capacity=4096).writer()
+    w.write(b"!")
+    wait_line(reader, "read")
+    killer = threading.Timer(0.3, os.kill, (reader.pid, signal.SIGKILL))
+    killer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(StreamBroken):
+            w.write(b"b" * (1 << 20), timeout=20)  # blocks: the ring holds 4 KiB
+    finally:
+        killer.join()
+        reader.wait(timeout=10)
+    assert time.monotonic() - t0 < 10  # woken by the daemon's post, not by the timeout
+    w.close()
+    wait_freed(daemon)
+
+
 def test_writer_killed_reader_drains_then_stream_broken(daemon):
     committed = 300_001
     writer = spawn("write_and_hang", daemon=daemon.socket, name="fail/w", total=committed,
@@ -259,6 +279,22 @@ def test_reader_closing_breaks_the_writer_like_a_pipe(daemon):
         w.write(b"d")
     w.close()
     wait_freed(daemon)
+
+
+def test_restarted_daemon_retires_orphaned_streams(daemon_factory):
+    first = daemon_factory()
+    w = shimmy.Stream("orphan/x", daemon=first.socket).writer(timeout=5)
+    r = shimmy.Stream("orphan/x", daemon=first.socket).reader(timeout=5)
+    w.write(b"abc")
+    first.kill()
+    daemon_factory(directory=first.dir)  # its successor sweeps what the first one left
+    assert r.read(3) == b"abc"           # committed bytes are still delivered
+    with pytest.raises(StreamBroken, match="retired"):
+        r.read(1)
+    with pytest.raises(StreamBroken, match="retired"):
+        w.write(b"d")
+    w.close()
+    r.close()
 
 
 # -- exclusivity and reuse -------------------------------------------------------------------
