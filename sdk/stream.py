@@ -192,6 +192,7 @@ class StreamWriter(_StreamEnd):
         self._cursor = stream_ring.WriterCursor(self._view, self._sem_w, self._sem_r, _fence,
                                                 stream.spin_us)
         self._claimed = 0
+        self._claim_view: memoryview | None = None
 
     def writable(self) -> bool:
         return True
@@ -238,6 +239,7 @@ class StreamWriter(_StreamEnd):
             view = self._cursor.claim(max_n)
             if view is not None:
                 self._claimed = len(view)
+                self._claim_view = view
                 return view
             if not self._cursor.wait_space(deadline):
                 from shimmy.errors import BackpressureTimeout
@@ -252,6 +254,12 @@ class StreamWriter(_StreamEnd):
             raise InvalidArgument(f"commit of {n} bytes exceeds the {self._claimed} bytes "
                                   f"claimed")
         self._claimed = 0
+        view, self._claim_view = self._claim_view, None
+        if view is not None:
+            try:
+                view.release()  # no writes into the ring after the commit
+            except BufferError:
+                pass  # the caller holds a slice of it
         if n:
             self._cursor.commit(n)
 

@@ -402,6 +402,8 @@ def test_bad_input(daemon):
     with pytest.raises(InvalidArgument, match="claimed"):
         w.commit(4)
     w.commit(3)
+    with pytest.raises(ValueError):
+        buf[0] = 1  # released by commit: no late writes into the ring
     w.close()
     assert r.read() == b"456789abc"
     for call in (lambda: w.write(b"x"), lambda: w.claim(1)):
