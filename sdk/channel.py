@@ -6,7 +6,6 @@ after that every publish and receive goes straight to the shared mapping.
 
 from __future__ import annotations
 
-import _thread
 import mmap
 import os
 import time
@@ -27,15 +26,7 @@ DEFAULT_SPIN_US = 100            # adaptive spin ceiling before a receiver sleep
 MIN_SPIN_US = 2
 MAX_SLEEP = 0.25                 # a sleeping receiver re-checks at least this often
 
-# A full memory barrier: an uncontended lock acquire+release executes LOCK-prefixed
-# instructions (sem_trywait/sem_post or a CAS), which order all earlier stores before all later
-# loads on x86-64 and are full barriers on ARM too.  See docs/ring-format.md, "wake-ups".
-_fence_lock = _thread.allocate_lock()
-
-
-def _fence() -> None:
-    _fence_lock.acquire()
-    _fence_lock.release()
+_fence = ring.fence  # the full barrier of the wake-up handshake (docs/ring-format.md)
 
 
 _open_channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
@@ -167,7 +158,7 @@ class Channel:
     def _become_publisher(self) -> ring.RingWriter:
         self._check()
         self._client.request("publish", name=self.name)
-        self._writer = ring.RingWriter(self._view, self._wake, _fence)
+        self._writer = ring.RingWriter(self._view, self._wake)
         return self._writer
 
     def _wake(self, slot: int) -> None:
@@ -275,6 +266,11 @@ class Subscription:
         return self._reader.lost_total
 
     @property
+    def last_seq(self) -> int:
+        """Sequence number of the message received last (-1 before the first)."""
+        return self._reader._expect - 1
+
+    @property
     def status(self) -> str:
         """Where the messages come from: ``"local"`` (published on this node), or for a channel
         mirrored from another node ``"up"`` (link streaming) / ``"down"`` (reconnecting)."""
@@ -288,26 +284,45 @@ class Subscription:
     def receive_nowait(self) -> Message | None:
         """The next message, or None if none is committed yet."""
         if self.closed:
-            raise ChannelClosed(f"subscription to {self.channel.name!r} is closed (or belongs "
-                                f"to the parent of this forked process)")
-        reader = self._reader
-        # Everything before the frame handed out last is done with: let the publisher reuse it.
-        reader.release_to(reader.position)
-        got = reader.poll()
+            self._closed()
+        # take() first releases the frame handed out last: the caller is done with it.
+        got = self._reader.take()
         if got is None:
             return None
         pos, off, length, seq, lost = got
         self._held = pos
-        return Message(self, self._ro[off:off + length], seq, lost, pos, reader.position)
+        return Message(self, self._ro[off:off + length], seq, lost, pos, self._reader.position)
 
     def receive(self, timeout: float | None = None) -> Message:
         """Block until a message arrives (at most ``timeout`` seconds; None = forever)."""
-        msg = self.receive_nowait()
-        if msg is not None:
-            return msg
-        return self._wait(timeout)
+        if self.closed:
+            self._closed()
+        got = self._reader.take()
+        if got is None:
+            return self._wait(timeout, self.receive_nowait)
+        pos, off, length, seq, lost = got
+        self._held = pos
+        return Message(self, self._ro[off:off + length], seq, lost, pos, self._reader.position)
 
-    def _wait(self, timeout: float | None) -> Message:
+    def receive_bytes(self, timeout: float | None = None) -> bytes:
+        """Copy path: the next message's bytes, released to the publisher at once.
+
+        No Message object and no view to manage; in lossy mode a message overwritten while it
+        was copied is skipped and counted in :attr:`lost` instead of raising.
+        """
+        if self.closed:
+            self._closed()
+        got = self._reader.take_bytes()
+        if got is None:
+            got = self._wait(timeout, self._reader.take_bytes)
+        return got[0]
+
+    def _closed(self):
+        raise ChannelClosed(f"subscription to {self.channel.name!r} is closed (or belongs to the "
+                            f"parent of this forked process)")
+
+    def _wait(self, timeout: float | None, attempt):
+        """Spin, then sleep, until ``attempt()`` returns something (bounded by ``timeout``)."""
         channel = self.channel
         channel._check()
         now = time.perf_counter()
@@ -317,10 +332,10 @@ class Subscription:
         spin_end = now + self._spin
         if deadline is not None and spin_end > deadline:
             spin_end = deadline
-        reader, q, tail_word = self._reader, self._view.q, ring.OFF_TAIL // 8
+        has_data = self._reader.has_data
         while True:
-            if q[tail_word] != reader.position:
-                msg = self.receive_nowait()
+            if has_data():
+                msg = attempt()
                 if msg is not None:
                     self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_max)
                     return msg
@@ -336,7 +351,7 @@ class Subscription:
                 # tail.  Either we see the new tail here, or the publisher sees our byte and
                 # posts the semaphore.
                 _fence()
-                msg = self.receive_nowait()
+                msg = attempt()
                 if msg is not None:
                     break
                 now = time.perf_counter()

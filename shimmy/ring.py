@@ -30,9 +30,13 @@ writer fills the end with a PAD frame instead).
 from __future__ import annotations
 
 import mmap
+import os
+import secrets
 import struct
 import time
 from typing import Callable
+
+import posix_ipc
 
 from shimmy.errors import BackpressureTimeout, ChannelClosed, MessageTooLarge, RingCorrupted
 
@@ -84,6 +88,48 @@ SLOT_EVICTED = 2  # the owner lost its lease; the publisher ignores it, the slot
 HEADER = 16
 FLAG_PAD = 1
 FRAME = struct.Struct("<IIQ")  # length, flags, seq
+
+# u64 / u32 word indexes of the hot words (byte offset // width), precomputed for the hot paths.
+W_TAIL = OFF_TAIL // 8
+W_HEAD = OFF_HEAD // 8
+W_LAST = OFF_LAST // 8
+W_WAITING0 = OFF_WAITING // 8     # waiting bytes of slots 0-7 read as one u64
+I_SLOT_HIGH = OFF_SLOT_HIGH // 4
+
+# The full memory barrier of the wake-up handshake (docs/ring-format.md, "Wake-ups").  Posting a
+# process-private semaphore is one LOCK-prefixed read-modify-write in glibc's sem_post, a full
+# fence on x86-64, and costs about 25 ns from Python (an uncontended lock acquire+release, the
+# other candidate, about 75 ns).  The semaphore is unlinked at once, so it never shows in
+# /dev/shm; it only counts up, and is replaced when it reaches SEM_VALUE_MAX (once per 2**31
+# fences).
+def _new_fence_semaphore() -> posix_ipc.Semaphore:
+    while True:
+        name = f"/shimmy-fence-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX)
+        except posix_ipc.ExistentialError:
+            continue
+        sem.unlink()
+        return sem
+
+
+_fence_sem = _new_fence_semaphore()
+_fence_post = _fence_sem.release
+
+
+def _fence_overflowed() -> None:
+    global _fence_sem, _fence_post
+    _fence_sem = _new_fence_semaphore()
+    _fence_post = _fence_sem.release
+    _fence_post()
+
+
+def fence() -> None:
+    try:
+        _fence_post()
+    except OSError:   # EOVERFLOW after 2**31 posts: start a fresh counter (and still fence)
+        _fence_overflowed()
+
 
 MIN_CAPACITY = 4096
 MAX_CAPACITY = 1 << 30
@@ -245,11 +291,9 @@ class RingWriter:
     publisher role may construct one; it alone stores tail, head, last and frame bytes.
 
     ``wake(slot)`` is called for every subscriber whose waiting byte is set after a commit.
-    ``barrier()`` must be a full memory fence (a lock acquire/release is one).
     """
 
-    def __init__(self, view: RingView, wake: Callable[[int], None], barrier: Callable[[], None],
-                 backoff_max: float = 0.001):
+    def __init__(self, view: RingView, wake: Callable[[int], None], backoff_max: float = 0.001):
         self.v = view
         self._mv = view.mv
         self._q = view.q
@@ -259,7 +303,7 @@ class RingWriter:
         self._reliable = view.mode == MODE_RELIABLE
         self.max_message = max_message_size(view.capacity)
         self._wake = wake
-        self._barrier = barrier
+        self._u32 = view.u32
         self._backoff_max = backoff_max
         # The publisher role may move between processes over time (one at a time); it resumes
         # from the words its predecessor committed.
@@ -267,25 +311,37 @@ class RingWriter:
         self._head = view.q[OFF_HEAD // 8]
         self._seq = stream_point(view)[1]
         self._limit = self._head + self._cap  # furthest end writable without overwriting
-        self._waiting_words = OFF_WAITING // 8
-        self._slot_high_index = OFF_SLOT_HIGH // 4
 
     # -- hot path ---------------------------------------------------------------------------
     def publish(self, data, timeout: float | None) -> int:
         """Copy ``data`` into the ring as one frame; return its sequence number."""
         n = len(data)
-        size = (n + HEADER + 15) & ~15
+        size = (n + 31) & ~15          # frame_size(n), inlined
         tail = self._tail
         off = tail & self._mask
         # Fast path: fits before the wrap point and within the limit.  Everything unusual
         # (too large, wrap padding, room to make) goes through _reserve.
         if off + size > self._cap or tail + size > self._limit or n > self.max_message:
             off = self._reserve(n, timeout)
+            tail = self._tail
         pos = self._base + off
         mv = self._mv
-        FRAME.pack_into(mv, pos, n, 0, self._seq)
+        seq = self._seq
+        FRAME.pack_into(mv, pos, n, 0, seq)
         mv[pos + HEADER:pos + HEADER + n] = data
-        return self._commit(size)
+        # Commit, as in _commit (inlined: this is the hottest path in the project).
+        q = self._q
+        q[W_LAST] = tail
+        self._tail = end = tail + size
+        self._seq = seq + 1
+        q[W_TAIL] = end                # SYNC POINT (commit), see _commit
+        try:
+            _fence_post()              # SYNC POINT (wake-up fence), see _commit
+        except OSError:
+            _fence_overflowed()
+        if q[W_WAITING0] or self._u32[I_SLOT_HIGH] > 8:
+            self._wake_waiters()
+        return seq
 
     def claim(self, n: int, timeout: float | None) -> memoryview:
         """Reserve room for an ``n``-byte frame and return a writable view of its payload.
@@ -329,22 +385,20 @@ class RingWriter:
         q = self._q
         # ``last`` lets anyone find the sequence number at the tail (stream_point); stored
         # before tail, so a reader that sees last < tail knows last is the frame ending there.
-        q[OFF_LAST // 8] = self._tail
+        q[W_LAST] = self._tail
         self._tail += size
         self._seq = seq + 1
         # SYNC POINT (commit): this aligned 8-byte store makes the frame visible.  It comes after
         # every byte of the frame (and of any PAD frame before it); x86-64 TSO keeps store order,
-        # so a reader whose load of tail (RingReader._poll) sees this value also sees the bytes.
-        q[OFF_TAIL // 8] = self._tail
-        # SYNC POINT (wake-up, Dekker pair with RingReader.wait): store tail, FENCE, load the
+        # so a reader whose load of tail (RingReader.take) sees this value also sees the bytes.
+        q[W_TAIL] = self._tail
+        # SYNC POINT (wake-up, Dekker pair with Subscription._wait): store tail, FENCE, load the
         # waiting bytes.  The subscriber stores its waiting byte, FENCES, then loads tail.  With a
         # fence on both sides at least one of us sees the other's store, so a subscriber never
         # sleeps through a commit it did not see.  Without the fence x86's store buffer could let
         # both loads see the old values.
-        self._barrier()
-        if q[self._waiting_words]:
-            self._wake_waiters()
-        elif self.v.u32[self._slot_high_index] > 8:
+        fence()
+        if q[W_WAITING0] or self._u32[I_SLOT_HIGH] > 8:
             self._wake_waiters()
         return seq
 
@@ -357,7 +411,7 @@ class RingWriter:
 
     def _wake_waiters(self) -> None:
         mv = self._mv
-        high = self.v.u32[self._slot_high_index]
+        high = self.v.u32[I_SLOT_HIGH]
         flags = mv[OFF_WAITING:OFF_WAITING + high]
         if not any(flags):
             return
@@ -369,7 +423,7 @@ class RingWriter:
         """Slowest ACTIVE subscriber position, or tail when there is none."""
         v = self.v
         low = self._tail
-        for slot in range(v.u32[self._slot_high_index]):
+        for slot in range(v.u32[I_SLOT_HIGH]):
             if v.slot_state(slot) == SLOT_ACTIVE:
                 p = self._q[v.slot_word(slot)]
                 if p < low:
@@ -433,7 +487,12 @@ class RingWriter:
 
 
 class RingReader:
-    """One subscriber's cursor.  It stores only its own slot's position and waiting byte."""
+    """One subscriber's cursor.  It stores only its own slot's position and waiting byte.
+
+    ``take`` hands out frames in place (zero copy): the shared position moves past a frame only
+    at the next ``take`` or an explicit ``release_to``, so the publisher cannot reuse bytes the
+    caller may still be reading.  ``take_bytes`` copies and releases at once.
+    """
 
     def __init__(self, view: RingView, slot: int, position: int, seq: int):
         self.v = view
@@ -441,18 +500,13 @@ class RingReader:
         self._mv = view.mv
         self._ro = view.mv.toreadonly()
         self._q = view.q
-        self._cap = view.capacity
         self._mask = view.capacity - 1
         self._base = view.data_offset
-        self._pos = position
+        self.position = position   # private cursor: start of the next frame to read
         self._tail = view.q[OFF_TAIL // 8]
         self._pos_word = view.slot_word(slot)
-        self._expect = seq   # sequence number of the next frame at our position
+        self._expect = seq          # sequence number of the next frame at our position
         self.lost_total = 0
-
-    @property
-    def position(self) -> int:
-        return self._pos
 
     def head_at_most(self, pos: int) -> bool:
         """True while the frame at ``pos`` has not been overwritten (pairs with _make_room)."""
@@ -463,15 +517,17 @@ class RingReader:
         # may be overwritten.  Stored only after the caller is done with them.
         self._q[self._pos_word] = pos
 
-    def poll(self):
-        """Next frame as ``(pos, payload_offset, length, seq, lost)`` or None when caught up.
+    def has_data(self) -> bool:
+        """Cheap check for the spin loop: has the publisher committed past our cursor?"""
+        return self._q[OFF_TAIL // 8] != self.position
 
-        Moves the private cursor past the frame but not the shared position: the caller stores
-        that (release_to) once it no longer needs the frame's bytes.
-        """
+    def take(self):
+        """Release everything before the cursor, then return the next frame in place as
+        ``(pos, payload_offset, length, seq, lost)``, or None when caught up."""
         q = self._q
+        p = self.position
+        q[self._pos_word] = p  # SYNC POINT (consumption), see release_to
         while True:
-            p = self._pos
             if p == self._tail:
                 # SYNC POINT (acquire): pairs with the publisher's tail store in _commit.
                 t = q[OFF_TAIL // 8]
@@ -484,20 +540,57 @@ class RingReader:
             # was intact when read (pairs with the head store in RingWriter._make_room).
             head = q[OFF_HEAD // 8]
             if head > p:
-                self._resync(head)
+                p = self._resync(head)
                 continue
             if flags & FLAG_PAD:
-                self._pos = p + length + HEADER
+                p = self.position = p + length + HEADER
                 continue
-            self._pos = p + ((length + HEADER + 15) & ~15)
+            self.position = p + ((length + HEADER + 15) & ~15)
             lost = seq - self._expect
             self._expect = seq + 1
             if lost:
                 self.lost_total += lost
             return p, off + HEADER, length, seq, lost
 
-    def _resync(self, head: int) -> None:
+    def take_bytes(self):
+        """Copy the next message out: ``(bytes, seq, lost)`` or None when caught up.
+
+        A frame overwritten while being copied (lossy mode) is skipped without advancing the
+        expected sequence number, so the next message's ``lost`` counts it: this never returns
+        torn bytes and never raises for it.
+        """
+        q = self._q
+        while True:
+            p = self.position
+            if p == self._tail:
+                t = q[OFF_TAIL // 8]          # SYNC POINT (acquire), as in take
+                if t == p:
+                    return None
+                self._tail = t
+            off = self._base + (p & self._mask)
+            length, flags, seq = FRAME.unpack_from(self._mv, off)
+            head = q[OFF_HEAD // 8]           # SYNC POINT (validate header), as in take
+            if head > p:
+                self._resync(head)
+                continue
+            if flags & FLAG_PAD:
+                self.position = p + length + HEADER
+                continue
+            start = off + HEADER
+            data = self._ro[start:start + length].tobytes()
+            end = self.position = p + ((length + HEADER + 15) & ~15)
+            if q[OFF_HEAD // 8] > p:
+                continue                      # SYNC POINT (validate payload): overwritten
+            q[self._pos_word] = end           # SYNC POINT (consumption): copied, release it
+            lost = seq - self._expect
+            self._expect = seq + 1
+            if lost:
+                self.lost_total += lost
+            return data, seq, lost
+
+    def _resync(self, head: int) -> int:
         """We were lapped (lossy mode, or evicted): jump to the oldest intact frame."""
-        self._pos = head
+        self.position = head
         if self._tail < head:
             self._tail = head
+        return head

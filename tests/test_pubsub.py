@@ -46,13 +46,16 @@ def start_subscribers(daemon, tmp_path, channel, n, *args):
     return procs
 
 
-@pytest.mark.parametrize("mode", ["reliable", "lossy"])
-def test_100k_random_sizes_one_publisher_three_subscribers(daemon, tmp_path, mode):
+@pytest.mark.parametrize("mode, api", [("reliable", "view"), ("lossy", "view"),
+                                       ("lossy", "copy")])
+def test_100k_random_sizes_one_publisher_three_subscribers(daemon, tmp_path, mode, api):
     capacity = 1 << 16
     max_size = ring.max_message_size(capacity)
     common = ["--mode", mode, "--capacity", str(capacity), "--max-size", str(max_size)]
     count = 100_000
-    subs = start_subscribers(daemon, tmp_path, "integrity", 3, *common, "--count", str(count))
+    extra = ["--copy-path"] if api == "copy" else []
+    subs = start_subscribers(daemon, tmp_path, "integrity", 3, *common, "--count", str(count),
+                             *extra)
     pub = spawn(daemon, "publish", "integrity", *common, "--count", str(count))
     assert result(pub)["published"] == count
     for proc in subs:

@@ -57,6 +57,21 @@ def subscribe(args) -> dict:
     crc = 0
     try:
         while True:
+            if args.copy_path:
+                lost_before = sub.lost
+                try:
+                    data = sub.receive_bytes(timeout=args.idle)
+                except TimeoutError:
+                    break
+                seq, msg_lost = sub.last_seq, sub.lost - lost_before
+                if data != payload(seq, args.max_size) or (
+                        last_seq is not None and seq != last_seq + 1 + msg_lost):
+                    bad += 1
+                last_seq, lost, received = seq, lost + msg_lost, received + 1
+                crc = zlib.crc32(data, crc)
+                if args.count and received + lost >= args.count:
+                    break
+                continue
             try:
                 msg = sub.receive(timeout=args.idle)
             except TimeoutError:
@@ -108,6 +123,7 @@ def main() -> None:
     p.add_argument("--stall", type=float, default=0.0, help="sleep this long after the first")
     p.add_argument("--rate", type=float, default=0.0, help="publish about this many per second")
     p.add_argument("--loan", action="store_true")
+    p.add_argument("--copy-path", action="store_true", help="receive with receive_bytes()")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     result = publish(args) if args.role == "publish" else subscribe(args)

@@ -23,7 +23,6 @@ is ever visible and the loss is still exact.
 
 from __future__ import annotations
 
-import _thread
 import logging
 import threading
 import time
@@ -37,13 +36,7 @@ from .transport import ReplicaSink, Transport, TransportClosed
 
 log = logging.getLogger("shimmy.peer")
 
-_fence_lock = _thread.allocate_lock()
-
-
-def fence() -> None:
-    """Full barrier (LOCK-prefixed instruction), as in sdk/channel.py."""
-    _fence_lock.acquire()
-    _fence_lock.release()
+fence = ring.fence  # full barrier of the wake-up handshake (docs/ring-format.md)
 
 
 class ReplicaViolation(Exception):
@@ -361,7 +354,7 @@ class MirrorReplica(ReplicaSink):
         q = self.q
         self.tail = tail
         # SYNC POINT (commit): every byte of the batch landed (recv_into returned) before this
-        # aligned store; readers acquire it in RingReader.poll.
+        # aligned store; readers acquire it in RingReader.take.
         q[ring.OFF_TAIL // 8] = tail
         # SYNC POINT (wake-up, Dekker pair with Subscription._wait), as RingWriter._commit.
         fence()
