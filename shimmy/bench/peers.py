@@ -85,12 +85,16 @@ class ShimmyLink:
             self.tx_ch.publish(data)
 
     def recv(self):
+        if not self.zero_copy:  # copy path: bytes straight out of the ring, no Message object
+            data = self.sub.receive_bytes(RECV_TIMEOUT)
+            while not data:  # the publisher-role probe of another process
+                data = self.sub.receive_bytes(RECV_TIMEOUT)
+            return data
         msg = self.sub.receive(RECV_TIMEOUT)
-        self.last = msg
-        while len(msg.data) == 0:  # the publisher-role probe of another process
+        while not msg.data:
             msg = self.sub.receive(RECV_TIMEOUT)
-            self.last = msg
-        return msg.data if self.zero_copy else bytes(msg)
+        self.last = msg
+        return msg.data
 
     def close(self) -> None:
         for obj in (self.sub, self._rx_ch, self.tx_ch):
