@@ -25,6 +25,7 @@ without waiting.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import collections
 import threading
@@ -48,15 +49,17 @@ class _Helper:
     def __init__(self, name: str):
         self._cv = threading.Condition()
         self._jobs: collections.deque = collections.deque()
-        self._thread: threading.Thread | None = None
+        self._thread: int | None = None  # ident of the running helper thread
         self._name = name
 
     def submit(self, job) -> None:
         with self._cv:
             self._jobs.append(job)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
+                # _thread.start_new_thread returns at once; threading.Thread.start waits on
+                # the loop thread until the new thread has been scheduled and has started,
+                # which on a busy machine can take a scheduler round.
+                self._thread = _thread.start_new_thread(self._run, ())
             else:
                 self._cv.notify()
 

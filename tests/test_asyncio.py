@@ -99,14 +99,21 @@ def test_async_for_10000_messages_keeps_the_loop_responsive(daemon):
             pub = spawn("publish", daemon=daemon.socket, name="aio/ten", count=n, burst=200,
                         pause=0.002)
             got = 0
-            with Ticker() as ticker:
-                async with asyncio.timeout(60):
-                    async for msg in sub:
-                        assert msg.seq == got and msg.lost == 0
-                        assert bytes(msg) == body(got)
-                        got += 1
-                        if got == n:
-                            break
+            try:
+                with Ticker() as ticker:
+                    async with asyncio.timeout(60):
+                        async for msg in sub:
+                            assert msg.seq == got and msg.lost == 0
+                            assert bytes(msg) == body(got)
+                            got += 1
+                            if got == n:
+                                break
+            except TimeoutError:
+                pub.kill()
+                out, err = pub.communicate(timeout=10)
+                raise AssertionError(f"stuck after {got} messages; publisher rc={pub.returncode} "
+                                     f"stderr: {err[-2000:]} sub state: tail="
+                                     f"{sub._view.q[320 // 8]} pos={sub._reader.position}")
             finish(pub)
             return got, ticker
 
