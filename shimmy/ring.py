@@ -88,6 +88,8 @@ SLOT_EVICTED = 2  # the owner lost its lease; the publisher ignores it, the slot
 HEADER = 16
 FLAG_PAD = 1
 FRAME = struct.Struct("<IIQ")  # length, flags, seq
+_pack_frame = FRAME.pack_into
+_unpack_frame = FRAME.unpack_from
 
 # u64 / u32 word indexes of the hot words (byte offset // width), precomputed for the hot paths.
 W_TAIL = OFF_TAIL // 8
@@ -327,7 +329,7 @@ class RingWriter:
         pos = self._base + off
         mv = self._mv
         seq = self._seq
-        FRAME.pack_into(mv, pos, n, 0, seq)
+        _pack_frame(mv, pos, n, 0, seq)
         mv[pos + HEADER:pos + HEADER + n] = data
         # Commit, as in _commit (inlined: this is the hottest path in the project).
         q = self._q
@@ -510,7 +512,7 @@ class RingReader:
 
     def head_at_most(self, pos: int) -> bool:
         """True while the frame at ``pos`` has not been overwritten (pairs with _make_room)."""
-        return self._q[OFF_HEAD // 8] <= pos
+        return self._q[W_HEAD] <= pos
 
     def release_to(self, pos: int) -> None:
         # SYNC POINT (consumption): tells the publisher (min_position) that bytes before ``pos``
@@ -519,7 +521,7 @@ class RingReader:
 
     def has_data(self) -> bool:
         """Cheap check for the spin loop: has the publisher committed past our cursor?"""
-        return self._q[OFF_TAIL // 8] != self.position
+        return self._q[W_TAIL] != self.position
 
     def take(self):
         """Release everything before the cursor, then return the next frame in place as
@@ -530,15 +532,15 @@ class RingReader:
         while True:
             if p == self._tail:
                 # SYNC POINT (acquire): pairs with the publisher's tail store in _commit.
-                t = q[OFF_TAIL // 8]
+                t = q[W_TAIL]
                 if t == p:
                     return None
                 self._tail = t
             off = self._base + (p & self._mask)
-            length, flags, seq = FRAME.unpack_from(self._mv, off)
+            length, flags, seq = _unpack_frame(self._mv, off)
             # SYNC POINT (validate): load head after the header; head <= p means the header
             # was intact when read (pairs with the head store in RingWriter._make_room).
-            head = q[OFF_HEAD // 8]
+            head = q[W_HEAD]
             if head > p:
                 p = self._resync(head)
                 continue
@@ -563,13 +565,13 @@ class RingReader:
         while True:
             p = self.position
             if p == self._tail:
-                t = q[OFF_TAIL // 8]          # SYNC POINT (acquire), as in take
+                t = q[W_TAIL]                 # SYNC POINT (acquire), as in take
                 if t == p:
                     return None
                 self._tail = t
             off = self._base + (p & self._mask)
-            length, flags, seq = FRAME.unpack_from(self._mv, off)
-            head = q[OFF_HEAD // 8]           # SYNC POINT (validate header), as in take
+            length, flags, seq = _unpack_frame(self._mv, off)
+            head = q[W_HEAD]                  # SYNC POINT (validate header), as in take
             if head > p:
                 self._resync(head)
                 continue
@@ -579,7 +581,7 @@ class RingReader:
             start = off + HEADER
             data = self._ro[start:start + length].tobytes()
             end = self.position = p + ((length + HEADER + 15) & ~15)
-            if q[OFF_HEAD // 8] > p:
+            if q[W_HEAD] > p:
                 continue                      # SYNC POINT (validate payload): overwritten
             q[self._pos_word] = end           # SYNC POINT (consumption): copied, release it
             lost = seq - self._expect

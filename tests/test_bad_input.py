@@ -95,7 +95,7 @@ def test_too_many_subscribers(daemon_factory, tmp_path):
 def test_shm_space_is_checked_before_allocating(daemon_factory, tmp_path):
     cfg = tmp_path / "space.toml"
     st = os.statvfs("/dev/shm")
-    cfg.write_text(f"shm_reserve = {st.f_bavail * st.f_frsize}\n")  # nothing may be used
+    cfg.write_text(f"shm_reserve = {st.f_blocks * st.f_frsize}\n")  # more than the whole tmpfs
     d = daemon_factory("--config", str(cfg))
     with pytest.raises(shimmy.LimitExceeded, match="shm_reserve"):
         shimmy.Channel("nospace", daemon=d.socket)
