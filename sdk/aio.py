@@ -168,15 +168,22 @@ async def receive_async(sub, timeout: float | None = None):
     q, tail_word, reader = sub._view.q, ring.OFF_TAIL // 8, sub._reader
 
     def waiting_set():
-        if not sub.closed:
+        try:
             waiting[0] = 1
+        except ValueError:
+            pass  # the subscription was closed (its view released); gone() ends the wait
 
     def waiting_clear():
-        if not sub.closed:
+        try:
             waiting[0] = 0
+        except ValueError:
+            pass
 
     def ready():
-        return q[tail_word] != reader.position
+        try:
+            return q[tail_word] != reader.position
+        except ValueError:
+            return True  # closed under us: return to the loop, which raises ChannelClosed
 
     def gone():
         return sub.closed or sub.channel.closed
@@ -214,14 +221,25 @@ def _stream_waiter(end, waiting_off: int, sem_index: int, ready):
         sem = d["_aio_sem"] = posix_ipc.Semaphore(end._sem_names[sem_index])
     q = end._view.q
     word = waiting_off // 8
+    cursor_ready = ready
+
+    def ready():
+        try:
+            return cursor_ready()
+        except ValueError:
+            return True  # closed under us: back to the loop, which raises StreamClosed
 
     def waiting_set():
-        if not end.closed:
+        try:
             q[word] = 1
+        except ValueError:
+            pass  # the end was closed (its views released); gone() ends the wait
 
     def waiting_clear():
-        if not end.closed:
+        try:
             q[word] = 0
+        except ValueError:
+            pass
 
     def gone():
         return end.closed
