@@ -144,13 +144,13 @@ def test_jump_reports_exact_loss_to_readers(pair):
     pair.transport.commit(len(a), 0)
     until(lambda: pair.sink.tail == len(a))
     reader = ring.RingReader(pair.view, 0, 0, 0)
-    assert reader.poll()[3] == 0
+    assert reader.take()[3] == 0
     pair.transport.jump(4096, 57)                       # seqs 1..56 are gone
     b = frames(57, [8])
     pair.transport.put(4096, [memoryview(b)], 4096 - ring.HEADER)
     pair.transport.commit(4096 + len(b), 4096)
     until(lambda: pair.sink.tail == 4096 + len(b))
-    got = reader.poll()
+    got = reader.take()
     assert got[3] == 57 and got[4] == 56
 
 
@@ -161,7 +161,7 @@ def test_pad_until_hides_torn_bytes(pair):
     pair.transport.commit(len(blob), 64, 64)            # first two frames were torn at the source
     until(lambda: pair.sink.tail == len(blob))
     reader = ring.RingReader(pair.view, 0, 0, 0)
-    got = reader.poll()
+    got = reader.take()
     assert got[3] == 2 and got[4] == 2                  # exactly two lost, no torn frame
 
 
