@@ -43,7 +43,8 @@ Memory ordering (x86-64, TSO; see the SYNC POINT comments):
 
 On ARM (weaker ordering) the commit store would need release semantics and the loads of
 ``tail``/``head``/``eof`` acquire semantics; memoryview stores give neither, so this module is
-x86-64-only as written (the lock-based fence is a full barrier on both).
+x86-64-only as written (the fence the SDK passes in, ``shimmy.ring.fence``, is a full barrier on
+both).
 """
 
 from __future__ import annotations
