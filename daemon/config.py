@@ -40,6 +40,9 @@ class Settings:
     # -- peering (daemon/peer, docs/peering.md) --
     peer_listen: str = ""                 # HOST:PORT to accept peer daemons on; empty = none
     peers: list = field(default_factory=list)   # HOST:PORT of peers this daemon dials
+    peer_dns: str = ""                    # NAME:PORT resolved to all peers (Kubernetes headless
+                                          # Service); re-resolved every peer_dns_interval
+    peer_dns_interval: float = 10.0
     cluster_key_file: str = ""            # shared secret for peer authentication (required)
     peer_tls_cert: str = ""               # PEM cert+key enable TLS on peer links (both sides)
     peer_tls_key: str = ""
@@ -57,7 +60,6 @@ class Settings:
     peer_hold: float = 10.0               # reliable: keep a disconnected mirror's data this long
     peer_credit_interval: float = 0.001   # replica reports consumed positions this often (busy)
     peer_unmirror_grace: float = 1.0      # mirror stops this long after its last subscriber left
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> "Settings":
         ring.check_capacity(self.default_capacity)
@@ -73,7 +75,7 @@ class Settings:
             raise ValueError("need 0 < heartbeat_interval < lease_timeout")
         if self.access not in ("open", "closed"):
             raise ValueError("access must be 'open' or 'closed'")
-        if (self.peer_listen or self.peers) and not self.cluster_key_file:
+        if (self.peer_listen or self.peers or self.peer_dns) and not self.cluster_key_file:
             raise ValueError("peering (peer_listen/peers) needs cluster_key_file: peers are "
                              "authenticated with a shared key")
         if not 0 < self.peer_backoff_initial <= self.peer_backoff_max:

@@ -15,6 +15,7 @@ def _cmd_daemon(args) -> int:
         settings = config.load(args.config, socket=args.socket, shm_dir=args.shm_dir,
                                access=args.access, log_level=args.log_level, node=args.node,
                                peer_listen=args.peer_listen, peers=args.peer,
+                               peer_dns=args.peer_dns,
                                cluster_key_file=args.cluster_key_file,
                                peer_tls_cert=args.peer_tls_cert, peer_tls_key=args.peer_tls_key,
                                peer_tls_ca=args.peer_tls_ca)
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--peer-listen", metavar="HOST:PORT", help="accept peer daemons here")
     d.add_argument("--peer", action="append", metavar="HOST:PORT",
                    help="dial this peer daemon (repeatable)")
+    d.add_argument("--peer-dns", metavar="NAME:PORT",
+                   help="dial every address NAME resolves to (a Kubernetes headless Service)")
     d.add_argument("--cluster-key-file", help="shared secret authenticating peer daemons")
     d.add_argument("--peer-tls-cert", help="PEM certificate: TLS on peer links")
     d.add_argument("--peer-tls-key", help="PEM private key for --peer-tls-cert")

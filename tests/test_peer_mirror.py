@@ -470,3 +470,20 @@ if __name__ == "__main__":
         worker_pub(args[0], args[1], args[2], int(args[3]), float(args[4]), int(args[5]))
     elif role == "sub":
         worker_sub(args[0], args[1], int(args[2]), float(args[3]))
+
+
+def test_peers_found_through_dns_discovery(cluster):
+    """--peer-dns: every address a name resolves to is a peer (a Kubernetes headless Service).
+    Here the "name" is an address literal on loopback; the node with the higher address is the
+    one dialed, so exactly one link forms and messages flow."""
+    port = free_port()
+    a = cluster.node("a", "--peer-listen", f"127.0.0.3:{port}", "--peer-dns", f"127.0.0.2:{port}")
+    b = cluster.node("b", "--peer-listen", f"127.0.0.2:{port}", "--peer-dns", f"127.0.0.3:{port}")
+    deadline = time.monotonic() + 20
+    while not (a.peer()["links"] and b.peer()["links"]):
+        assert time.monotonic() < deadline, a.log()[-3000:] + b.log()[-3000:]
+        time.sleep(0.1)
+    assert b.peer()["counters"]["peers_discovered"] == 1   # 127.0.0.2 dials 127.0.0.3 ...
+    assert a.peer()["counters"]["peers_discovered"] == 0   # ... and not the other way round
+    (result,) = run_stream(cluster, a, [b], "dns/found", "reliable", 2000)
+    check(result, 2000, reliable=True)

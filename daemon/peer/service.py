@@ -17,6 +17,7 @@ threads post events on a queue and write a byte to a pipe the main loop polls (`
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import queue
@@ -37,6 +38,14 @@ log = logging.getLogger("shimmy.peer")
 
 REPLICA_PUBLISHER = -1          # registry publisher id meaning "the daemon (peer module)"
 _MIRROR_CLIENT_BASE = -1000     # registry client ids of mirror source slots: -1000, -1001, ...
+
+
+def _ip_key(ip: str) -> tuple:
+    """Sort key for addresses (numeric where possible) for the one-dialer-per-pair rule."""
+    try:
+        return (0, int(ipaddress.ip_address(ip)))
+    except ValueError:
+        return (1, ip)
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -85,11 +94,11 @@ class PeerService:
         self.d = daemon
         s = self.s = daemon.settings
         self.node = s.node or socket.gethostname()
-        self.enabled = bool(s.peer_listen or s.peers)
+        self.enabled = bool(s.peer_listen or s.peers or s.peer_dns)
         self.counters = {"auth_failures": 0, "protocol_errors": 0, "refused_sizes": 0,
                          "refused_busy": 0, "links_accepted": 0, "links_dialed": 0,
                          "reconnects": 0, "mirrors_served": 0, "mirrors_requested": 0,
-                         "replica_resets": 0, "rdma_fallbacks": 0}
+                         "replica_resets": 0, "rdma_fallbacks": 0, "peers_discovered": 0}
         self.links: dict[int, Link] = {}
         self.remote_dirs: dict[int, dict[str, tuple[int, int]]] = {}
         self.sources: dict[tuple[int, int], SourceEntry] = {}
@@ -135,6 +144,8 @@ class PeerService:
             log.info("peer listening on %s node=%s", self.listen_addr, self.node)
         for addr in s.peers:
             self._spawn(self._dial_loop, f"peer-dial-{addr}", parse_addr(addr), addr)
+        if s.peer_dns:
+            self._spawn(self._discover_loop, "peer-dns", *parse_addr(s.peer_dns))
         self._spawn(self._credit_loop, "peer-credits")
 
     # -- plumbing --------------------------------------------------------------------------------
@@ -229,6 +240,31 @@ class PeerService:
         if len(self.links) >= self.s.peer_max_links:
             raise auth.PeerRefused("protocol", f"peer_max_links={self.s.peer_max_links} links up")
 
+    def _discover_loop(self, name: str, port: int) -> None:
+        """Peers from DNS: every address ``name`` resolves to (a Kubernetes headless Service
+        lists one per daemon pod) is a peer.  Each pair of nodes needs one link, so a node dials
+        only the addresses that sort above its own (``peer_listen`` host, else $POD_IP); with
+        its own address unknown it dials every address and the handshake drops the self-link."""
+        own = parse_addr(self.s.peer_listen)[0] if self.s.peer_listen else ""
+        if own in ("", "0.0.0.0", "::"):
+            own = os.environ.get("POD_IP", "")
+        dialing: set[str] = set()
+        while not self._stop.is_set():
+            try:
+                found = {ai[4][0] for ai in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)}
+            except OSError as exc:
+                log.warning("peer discovery: cannot resolve %s: %s", name, exc)
+                found = set()
+            for ip in sorted(found - dialing):
+                if own and _ip_key(ip) <= _ip_key(own):
+                    continue  # ourselves, or a peer that dials us
+                dialing.add(ip)
+                self.counters["peers_discovered"] += 1
+                log.info("peer discovery: %s resolves to %s; dialing it", name, ip)
+                self._spawn(self._dial_loop, f"peer-dial-{ip}", (ip, port), f"{ip}:{port}")
+            if self._stop.wait(self.s.peer_dns_interval):
+                return
+
     def _dial_loop(self, addr: tuple[str, int], text: str) -> None:
         backoff = self.s.peer_backoff_initial
         while not self._stop.is_set():
@@ -243,6 +279,8 @@ class PeerService:
                 self._run_link(sock, remote, text, dialed=True)
             except auth.PeerRefused as exc:
                 self._refused(text, exc, exc.reason)
+                if "our own node name" in str(exc):
+                    return  # we dialed ourselves (DNS discovery without a known own address)
             except OSError as exc:
                 log.debug("peer %s unreachable: %s", text, exc)
             finally:
@@ -639,7 +677,8 @@ class PeerService:
 
     def describe(self) -> dict:
         return {"node": self.node, "enabled": self.enabled, "listen": self.listen_addr,
-                "peers": list(self.s.peers), "transport": self.transport_kind,
+                "peers": list(self.s.peers), "peer_dns": self.s.peer_dns,
+                "transport": self.transport_kind,
                 "rdma": self.rdma_reason or "available",
                 "counters": dict(self.counters),
                 "links": [lk.describe() for lk in self.links.values()],
