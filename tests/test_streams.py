@@ -161,6 +161,36 @@ def test_shimmy_cat_round_trip(daemon, tmp_path):
     wait_freed(daemon)
 
 
+def test_shimmy_cat_progress_bar_on_a_terminal(daemon, tmp_path):
+    import pty
+    src = tmp_path / "in.bin"
+    src.write_bytes(os.urandom(1 * MiB))
+    cli = [sys.executable, "-m", "shimmy.cli", "cat", "--daemon", daemon.socket]
+    master, slave = pty.openpty()
+    try:
+        with open(src, "rb") as fin:
+            w = subprocess.Popen(cli + ["--write", "cat/tty"], stdin=fin, stderr=slave)
+        os.close(slave)
+        r = subprocess.run(cli + ["cat/tty", "--timeout", "30"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=60)
+        assert w.wait(timeout=60) == 0
+        out = b""
+        import select
+        while select.select([master], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+    assert r.stdout == src.read_bytes()
+    # bytes, rate, and (the input is a regular file of known size) percent and ETA
+    assert b"MiB" in out and b"/s" in out and b"100.0%" in out and b"ETA" in out, out
+
+
 def test_buffered_reader_readline_and_context_managers(daemon):
     lines = [f"line {i} {'x' * (i % 97)}\n".encode() for i in range(2000)]
     with shimmy.Stream("text/a", daemon=daemon.socket, capacity=4096).reader(timeout=10) as raw:
