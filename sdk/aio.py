@@ -33,11 +33,12 @@ import time
 
 import posix_ipc
 
-from shimmy.errors import ChannelClosed, InvalidArgument, ReceiveTimeout
 from shimmy import ring, stream_ring
+from shimmy.errors import ChannelClosed, InvalidArgument, ReceiveTimeout
+from shimmy.ring import fence
 
 from . import client as _client_mod
-from .channel import MAX_SLEEP, _fence
+from .channel import MAX_SLEEP
 
 FAIR_BATCH = 32         # messages handed out without yielding to the loop
 HELPER_IDLE = 30.0      # seconds an idle helper thread lingers before exiting
@@ -97,7 +98,7 @@ def _block(sem, waiting_set, waiting_clear, ready, deadline, stop, gone) -> None
         while not stop[0] and not gone():
             waiting_set()
             # SYNC POINT (Dekker, sleeper side) - same pairing as the blocking API.
-            _fence()
+            fence()
             if ready():
                 return
             if deadline is None:

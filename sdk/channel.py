@@ -25,7 +25,6 @@ DEFAULT_SPIN_US = 100            # adaptive spin ceiling before a receiver sleep
 MIN_SPIN_US = 2
 MAX_SLEEP = 0.25                 # a sleeping receiver re-checks at least this often
 
-_fence = ring.fence  # the full barrier of the wake-up handshake (docs/ring-format.md)
 
 
 _open_channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
@@ -361,7 +360,7 @@ class Subscription:
                 # SYNC POINT (Dekker pair with RingWriter._commit): store waiting, FENCE, load
                 # tail.  Either we see the new tail here, or the publisher sees our byte and
                 # posts the semaphore.
-                _fence()
+                ring.fence()
                 msg = attempt()
                 if msg is not None:
                     break

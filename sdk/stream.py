@@ -24,10 +24,10 @@ import mmap
 import posix_ipc
 
 from shimmy import stream_ring
+from shimmy.ring import fence
 from shimmy.errors import ChannelClosed, InvalidArgument, ShimmyError
 from shimmy.names import validate_name
 
-from .channel import _fence
 from . import client as _client_mod
 from .client import fork_generation, get_client
 
@@ -189,7 +189,7 @@ class StreamWriter(_StreamEnd):
 
     def __init__(self, stream: Stream, timeout: float | None = None):
         super().__init__(stream, timeout)
-        self._cursor = stream_ring.WriterCursor(self._view, self._sem_w, self._sem_r, _fence,
+        self._cursor = stream_ring.WriterCursor(self._view, self._sem_w, self._sem_r, fence,
                                                 stream.spin_us)
         self._claimed = 0
         self._claim_view: memoryview | None = None
@@ -281,7 +281,7 @@ class StreamReader(_StreamEnd):
 
     def __init__(self, stream: Stream, timeout: float | None = None):
         super().__init__(stream, timeout)
-        self._cursor = stream_ring.ReaderCursor(self._view, self._sem_r, self._sem_w, _fence,
+        self._cursor = stream_ring.ReaderCursor(self._view, self._sem_r, self._sem_w, fence,
                                                 stream.spin_us)
         self._lent: memoryview | None = None
 

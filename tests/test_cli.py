@@ -56,10 +56,12 @@ def test_errors_are_one_clear_line(daemon, tmp_path):
 
 
 def test_demo_runs_end_to_end_and_cleans_up():
-    before = set(os.listdir("/dev/shm"))
+    from shimmy.daemon.segments import daemon_id
     r = run("demo", "--seconds", "1", timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "messages/s per subscriber" in r.stdout and "zeromq ipc" in r.stdout
     assert re.search(r"all messages delivered\s+True", r.stdout), r.stdout
-    leftover = {e for e in set(os.listdir("/dev/shm")) - before if e.startswith(("shimmy", "sem.shimmy"))}
-    assert not leftover
+    sock = re.search(r"embedded daemon at (\S+);", r.stdout).group(1)
+    assert not os.path.exists(os.path.dirname(sock)), "the demo's temporary directory is gone"
+    prefix = f"shimmy.{daemon_id(sock)}."
+    assert not [e for e in os.listdir("/dev/shm") if e.startswith((prefix, "sem." + prefix))]

@@ -38,9 +38,10 @@ def wait_file(path, timeout=15.0):
 
 
 def start_subscribers(daemon, tmp_path, channel, n, *args):
+    """Start n subscriber processes and wait until each has subscribed (ready file)."""
     procs = []
     for i in range(n):
-        ready = str(tmp_path / f"sub{i}.ready")
+        ready = str(tmp_path / f"sub-{len(list(tmp_path.glob('*.ready')))}.ready")
         procs.append(spawn(daemon, "subscribe", channel, *args, ready=ready))
         wait_file(ready)
     return procs
