@@ -357,7 +357,8 @@ class Daemon:
     def op_list(self, req: dict) -> dict:
         return {"channels": [self.peer.annotate(rec.describe())
                              for rec in self.registry.channels.values()],
-                "remote": self.peer.remote_channels(), "node": self.peer.node}
+                "remote": self.peer.remote_channels(), "node": self.peer.node,
+                "streams": self.streams.describe()}
 
     def op_stat(self, req: dict) -> dict:
         return {"pid": os.getpid(), "uptime": time.time() - self.started,

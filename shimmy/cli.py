@@ -78,10 +78,24 @@ def _cmd_ls(args) -> int:
     for ch in reply.get("remote", ()):
         rows.append((ch["name"], ch["mode"], _size(ch["capacity"]), "-", "remote", "-", "-",
                      ch["node"], "-"))
+    _print_table(rows)
+    streams = reply.get("streams") or []
+    if streams:
+        print()
+        rows = [("STREAM", "CAPACITY", "BUFFERED", "WRITTEN", "WRITER", "READER", "EOF")]
+        for st in streams:
+            ends = [f"pid {e['pid']} ({e['state']})" if e else "-"
+                    for e in (st["writer"], st["reader"])]
+            rows.append((st["name"], _size(st["capacity"]), _size(st["buffered"]),
+                         _size(st["written"]), *ends, "yes" if st["eof"] else "-"))
+        _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[tuple]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    return 0
 
 
 def _cmd_stat(args) -> int:

@@ -65,3 +65,14 @@ def test_demo_runs_end_to_end_and_cleans_up():
     assert not os.path.exists(os.path.dirname(sock)), "the demo's temporary directory is gone"
     prefix = f"shimmy.{daemon_id(sock)}."
     assert not [e for e in os.listdir("/dev/shm") if e.startswith((prefix, "sem." + prefix))]
+
+
+def test_ls_lists_streams_with_their_ends(daemon):
+    import shimmy
+    w = shimmy.Stream("cli/bytes", daemon=daemon.socket).writer()
+    w.write(b"x" * 1000)
+    table = run("ls", "--daemon", daemon.socket)
+    assert table.returncode == 0, table.stderr
+    line = next(ln for ln in table.stdout.splitlines() if ln.startswith("cli/bytes"))
+    assert f"pid {os.getpid()}" in line and "1000B" in line
+    w.close()
