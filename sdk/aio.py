@@ -170,7 +170,8 @@ async def receive_async(sub, timeout: float | None = None):
 
     def waiting_set():
         try:
-            waiting[0] = 1
+            sub._epoch = epoch = ring.next_epoch(sub._epoch)   # see RingWriter._wake_waiters
+            waiting[0] = epoch
         except ValueError:
             pass  # the subscription was closed (its view released); gone() ends the wait
 

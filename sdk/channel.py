@@ -264,6 +264,7 @@ class Subscription:
         self._reader = ring.RingReader(channel._view, slot, position, seq)
         self._sem = posix_ipc.Semaphore(channel._sem_prefix + str(slot))
         self._waiting = channel._view.mv[ring.OFF_WAITING + slot:ring.OFF_WAITING + slot + 1]
+        self._epoch = 0  # sleep epoch last stored in the waiting byte (ring.next_epoch)
         self._ro = channel._view.mv.toreadonly()
         self._spin_max = spin_us / 1e6
         self._spin = self._spin_max
@@ -356,7 +357,8 @@ class Subscription:
         waiting = self._waiting
         try:
             while True:
-                waiting[0] = 1
+                self._epoch = epoch = ring.next_epoch(self._epoch)
+                waiting[0] = epoch
                 # SYNC POINT (Dekker pair with RingWriter._commit): store waiting, FENCE, load
                 # tail.  Either we see the new tail here, or the publisher sees our byte and
                 # posts the semaphore.

@@ -255,6 +255,11 @@ def daemon_set_slot_state(view: RingView, slot: int, state: int) -> None:
     view.u32[(CONTROL_SIZE + slot * SLOT_SIZE + 8) // 4] = state
 
 
+def next_epoch(epoch: int) -> int:
+    """The sleep epoch a waiter stores in its waiting byte next (cycles 1..255, never 0)."""
+    return epoch % 255 + 1
+
+
 def stream_point(view: RingView, oldest: bool = False) -> tuple[int, int]:
     """``(position, seq)`` where a new reader starts: the tail (next message) or the head.
 
@@ -297,6 +302,10 @@ class RingWriter:
 
     def __init__(self, view: RingView, wake: Callable[[int], None], backoff_max: float = 0.001):
         self.v = view
+        # Sleep epochs already posted, per slot, and the first waiting word they add up to: a
+        # subscriber asleep on epoch e gets one post, not one per commit until it wakes.
+        self._posted = bytearray(view.max_subscribers)
+        self._posted_w0 = 0
         self._mv = view.mv
         self._q = view.q
         self._cap = view.capacity
@@ -341,7 +350,8 @@ class RingWriter:
             _fence_post()              # SYNC POINT (wake-up fence), see _commit
         except OSError:
             _fence_overflowed()
-        if q[W_WAITING0] or self._u32[I_SLOT_HIGH] > 8:
+        w = q[W_WAITING0]
+        if (w and w != self._posted_w0) or self._u32[I_SLOT_HIGH] > 8:
             self._wake_waiters()
         return seq
 
@@ -400,7 +410,8 @@ class RingWriter:
         # sleeps through a commit it did not see.  Without the fence x86's store buffer could let
         # both loads see the old values.
         fence()
-        if q[W_WAITING0] or self._u32[I_SLOT_HIGH] > 8:
+        w = q[W_WAITING0]
+        if (w and w != self._posted_w0) or self._u32[I_SLOT_HIGH] > 8:
             self._wake_waiters()
         return seq
 
@@ -412,14 +423,20 @@ class RingWriter:
         )
 
     def _wake_waiters(self) -> None:
-        mv = self._mv
-        high = self.v.u32[I_SLOT_HIGH]
-        flags = mv[OFF_WAITING:OFF_WAITING + high]
-        if not any(flags):
-            return
-        for slot in range(high):
-            if flags[slot]:
+        """Post the semaphore of every subscriber asleep on an epoch not posted yet.
+
+        A waiting byte holds the sleeper's epoch (1..255, new on every arming), so a subscriber
+        that wakes and sleeps again is always seen as new, while one that has not woken yet is
+        not posted again by every commit (each post is a futex syscall while it sleeps).
+        """
+        high = self._u32[I_SLOT_HIGH]
+        flags = bytes(self._mv[OFF_WAITING:OFF_WAITING + high])
+        posted = self._posted
+        for slot, epoch in enumerate(flags):
+            if epoch and epoch != posted[slot]:
+                posted[slot] = epoch
                 self._wake(slot)
+        self._posted_w0 = int.from_bytes(flags[:8].ljust(8, b"\0"), "little")
 
     def min_position(self) -> int:
         """Slowest ACTIVE subscriber position, or tail when there is none."""

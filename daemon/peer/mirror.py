@@ -112,6 +112,7 @@ class MirrorSource:
         sem = posix_ipc.Semaphore(self.sem_name)
         stats = self.stats
         pos = self.pos
+        epoch = 0
         try:
             if self.start_seq is not None:
                 # Fresh replica, or a hole between what it holds and what we still hold.
@@ -124,7 +125,8 @@ class MirrorSource:
                 tail = q[tail_w]
                 if tail == pos:
                     # Sleep like a subscriber: waiting byte, fence, re-check, bounded wait.
-                    waiting[0] = 1
+                    epoch = ring.next_epoch(epoch)  # new epoch per sleep: RingWriter._wake_waiters
+                    waiting[0] = epoch
                     fence()
                     if q[tail_w] == pos and not self.stopped:
                         try:

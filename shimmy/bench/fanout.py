@@ -90,15 +90,16 @@ def subscriber(ctl, transport: str, name: str, opts: dict, size: int, address=No
     while len(m) == size:
         n += 1
         if shimmy_sub is not None:
-            msg = link.last
-            if prev is not None and msg.seq != prev + 1:
+            seq = shimmy_sub.last_seq       # the copy path returns bytes; the subscription
+            if prev is not None and seq != prev + 1:   # knows the seq it handed out last
                 gaps += 1
-            prev = msg.seq
-            lost += msg.lost
+            prev = seq
         m = recv()
     t_last = now()
     if len(m) != 1:
         raise RuntimeError(f"unexpected {len(m)}-byte message in the measured burst")
+    if shimmy_sub is not None:
+        lost = shimmy_sub.lost
     return {"n": n, "elapsed_s": t_last - t_first, "cpu_s": harness.cpu_seconds() - c0,
             "seq_gaps": gaps, "lost": lost}
 
