@@ -262,9 +262,13 @@ class Subscription:
         self.slot = slot
         self._view = channel._view
         self._reader = ring.RingReader(channel._view, slot, position, seq)
+        self._take_bytes = self._reader.take_bytes
         self._sem = posix_ipc.Semaphore(channel._sem_prefix + str(slot))
-        self._waiting = channel._view.mv[ring.OFF_WAITING + slot:ring.OFF_WAITING + slot + 1]
+        at = ring.waiting_offset(slot)
+        self._waiting = channel._view.mv[at:at + 1]
         self._epoch = 0  # sleep epoch last stored in the waiting byte (ring.next_epoch)
+        self._sleeps = 0          # times this subscription slept on its semaphore ...
+        self._sleep_timeouts = 0  # ... and how many of those ended by the bound, not a post
         self._ro = channel._view.mv.toreadonly()
         self._spin_max = spin_us / 1e6
         self._spin = self._spin_max
@@ -275,6 +279,12 @@ class Subscription:
     def lost(self) -> int:
         """Messages this subscription has missed so far (lossy mode)."""
         return self._reader.lost_total
+
+    def stats(self) -> dict:
+        """This subscription's counters: messages missed, sleeps on the semaphore and how many
+        of them ended by their bound instead of a publisher's post, and the spin budget now."""
+        return {"last_seq": self.last_seq, "lost": self.lost, "sleeps": self._sleeps,
+                "sleep_timeouts": self._sleep_timeouts, "spin_us": round(self._spin * 1e6, 1)}
 
     @property
     def last_seq(self) -> int:
@@ -318,15 +328,16 @@ class Subscription:
     def receive_bytes(self, timeout: float | None = None) -> bytes:
         """Copy path: the next message's bytes, released to the publisher at once.
 
-        No Message object and no view to manage; in lossy mode a message overwritten while it
-        was copied is skipped and counted in :attr:`lost` instead of raising.
+        No Message object and no view to manage (``last_seq`` and ``lost`` tell the sequence
+        number and the losses); in lossy mode a message overwritten while it was copied is
+        skipped and counted in :attr:`lost` instead of raising.
         """
         if self.closed:
             self._closed()
-        got = self._reader.take_bytes()
-        if got is None:
-            got = self._wait(timeout, self._reader.take_bytes)
-        return got[0]
+        data = self._take_bytes()
+        if data is None:
+            data = self._wait(timeout, self._take_bytes)
+        return data
 
     def _closed(self):
         raise ChannelClosed(f"subscription to {self.channel.name!r} is closed (or belongs to the "
@@ -370,9 +381,11 @@ class Subscription:
                 if deadline is not None and now >= deadline:
                     raise ReceiveTimeout(f"no message on {channel.name!r} within {timeout} s")
                 wait = MAX_SLEEP if deadline is None else min(MAX_SLEEP, deadline - now)
+                self._sleeps += 1
                 try:
                     self._sem.acquire(wait)
                 except posix_ipc.BusyError:
+                    self._sleep_timeouts += 1
                     channel._check()
                     self._check_slot()
         finally:

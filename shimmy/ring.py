@@ -70,7 +70,8 @@ OFF_HEAD = 328
 OFF_LAST = 336
 OFF_SLOT_HIGH = 384
 OFF_WAITING = 448
-MAX_SUBSCRIBERS_LIMIT = CONTROL_SIZE - OFF_WAITING  # one waiting byte each must fit the page
+OFF_WIDE = OFF_WAITING + 7    # daemon-written byte: 1 once a slot >= 7 was handed out
+MAX_SUBSCRIBERS_LIMIT = CONTROL_SIZE - OFF_WAITING - 1  # a waiting byte each (+ the wide byte)
 
 # Link states (OFF_LINK).  A channel published on this node stays LINK_LOCAL; a replica of a
 # channel published on another node is LINK_UP while its mirror streams and LINK_DOWN while the
@@ -95,7 +96,8 @@ _unpack_frame = FRAME.unpack_from
 W_TAIL = OFF_TAIL // 8
 W_HEAD = OFF_HEAD // 8
 W_LAST = OFF_LAST // 8
-W_WAITING0 = OFF_WAITING // 8     # waiting bytes of slots 0-7 read as one u64
+W_WAITING0 = OFF_WAITING // 8     # waiting bytes of slots 0-6 + the wide byte, as one u64
+WIDE_BIT = 1 << 56                # the wide byte's lowest bit inside that u64
 I_SLOT_HIGH = OFF_SLOT_HIGH // 4
 
 # The full memory barrier of the wake-up handshake (docs/ring-format.md, "Wake-ups").  Posting a
@@ -234,6 +236,13 @@ def format_ring(mm: mmap.mmap, name: str, mode: int, capacity: int, max_subscrib
     mv.release()
 
 
+def waiting_offset(slot: int) -> int:
+    """Byte offset of ``slot``'s waiting byte: slots 0-6 fill the first u64 word with the
+    daemon's wide byte (so a publisher checks up to 7 sleepers, or learns that it must scan
+    further, with one load); slots 7 and up follow it."""
+    return OFF_WAITING + slot + (slot >= 7)
+
+
 def daemon_activate_slot(view: RingView, slot: int, position: int, pid: int, generation: int) -> None:
     """Hand ``slot`` to a new subscriber starting at ``position`` (daemon only).
 
@@ -245,7 +254,9 @@ def daemon_activate_slot(view: RingView, slot: int, position: int, pid: int, gen
     view.q[base // 8] = position
     view.u32[(base + 12) // 4] = generation
     view.u32[(base + 16) // 4] = pid
-    view.mv[OFF_WAITING + slot] = 0
+    view.mv[waiting_offset(slot)] = 0
+    if slot >= 7:
+        view.mv[OFF_WIDE] = 1   # before the slot can sleep: publishers scan past word 0
     if view.u32[OFF_SLOT_HIGH // 4] < slot + 1:
         view.u32[OFF_SLOT_HIGH // 4] = slot + 1
     view.u32[(base + 8) // 4] = SLOT_ACTIVE
@@ -253,6 +264,13 @@ def daemon_activate_slot(view: RingView, slot: int, position: int, pid: int, gen
 
 def daemon_set_slot_state(view: RingView, slot: int, state: int) -> None:
     view.u32[(CONTROL_SIZE + slot * SLOT_SIZE + 8) // 4] = state
+
+
+def _as_bytes(data) -> memoryview:
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise ValueError("publish needs a contiguous buffer")
+    return view.cast("B")
 
 
 def next_epoch(epoch: int) -> int:
@@ -302,6 +320,7 @@ class RingWriter:
 
     def __init__(self, view: RingView, wake: Callable[[int], None], backoff_max: float = 0.001):
         self.v = view
+        self._mm = view.mm
         # Sleep epochs already posted, per slot, and the first waiting word they add up to: a
         # subscriber asleep on epoch e gets one post, not one per commit until it wakes.
         self._posted = bytearray(view.max_subscribers)
@@ -336,10 +355,14 @@ class RingWriter:
             off = self._reserve(n, timeout)
             tail = self._tail
         pos = self._base + off
-        mv = self._mv
         seq = self._seq
-        _pack_frame(mv, pos, n, 0, seq)
-        mv[pos + HEADER:pos + HEADER + n] = data
+        _pack_frame(self._mv, pos, n, 0, seq)
+        try:
+            self._mm[pos + HEADER:pos + HEADER + n] = data   # mmap slice store: the cheapest copy
+        except (IndexError, ValueError, TypeError):
+            # len() was not the byte count (an array of wider items): publish its bytes instead.
+            # Nothing is visible yet: tail is stored only below.
+            return self.publish(_as_bytes(data), timeout)
         # Commit, as in _commit (inlined: this is the hottest path in the project).
         q = self._q
         q[W_LAST] = tail
@@ -351,7 +374,7 @@ class RingWriter:
         except OSError:
             _fence_overflowed()
         w = q[W_WAITING0]
-        if (w and w != self._posted_w0) or self._u32[I_SLOT_HIGH] > 8:
+        if w and (w != self._posted_w0 or w >= WIDE_BIT):
             self._wake_waiters()
         return seq
 
@@ -411,7 +434,7 @@ class RingWriter:
         # both loads see the old values.
         fence()
         w = q[W_WAITING0]
-        if (w and w != self._posted_w0) or self._u32[I_SLOT_HIGH] > 8:
+        if w and (w != self._posted_w0 or w >= WIDE_BIT):
             self._wake_waiters()
         return seq
 
@@ -430,9 +453,10 @@ class RingWriter:
         not posted again by every commit (each post is a futex syscall while it sleeps).
         """
         high = self._u32[I_SLOT_HIGH]
-        flags = bytes(self._mv[OFF_WAITING:OFF_WAITING + high])
+        flags = bytes(self._mv[OFF_WAITING:OFF_WAITING + high + 1])  # + the wide byte
         posted = self._posted
-        for slot, epoch in enumerate(flags):
+        for slot in range(high):
+            epoch = flags[slot + (slot >= 7)]
             if epoch and epoch != posted[slot]:
                 posted[slot] = epoch
                 self._wake(slot)
@@ -517,7 +541,7 @@ class RingReader:
         self.v = view
         self.slot = slot
         self._mv = view.mv
-        self._ro = view.mv.toreadonly()
+        self._mm = view.mm
         self._q = view.q
         self._mask = view.capacity - 1
         self._base = view.data_offset
@@ -572,17 +596,41 @@ class RingReader:
             return p, off + HEADER, length, seq, lost
 
     def take_bytes(self):
-        """Copy the next message out: ``(bytes, seq, lost)`` or None when caught up.
+        """Copy the next message out and release it: its bytes, or None when caught up.
 
-        A frame overwritten while being copied (lossy mode) is skipped without advancing the
-        expected sequence number, so the next message's ``lost`` counts it: this never returns
-        torn bytes and never raises for it.
+        Its sequence number is then ``expected_seq - 1``; messages missed before it were added
+        to ``lost_total``.  A frame overwritten while being copied (lossy mode) is skipped
+        without advancing the expected sequence number, so the next message's loss counts it:
+        this never returns torn bytes and never raises for it.
         """
+        p = self.position
+        if p == self._tail:
+            t = self._q[W_TAIL]               # SYNC POINT (acquire), as in take
+            if t == p:
+                return None
+            self._tail = t
+        q = self._q
+        off = self._base + (p & self._mask)
+        length, flags, seq = _unpack_frame(self._mv, off)
+        if flags or q[W_HEAD] > p:            # PAD frame, or lapped: the general loop
+            return self._take_bytes_slow()
+        start = off + HEADER
+        data = self._mm[start:start + length]   # one copy, straight into a bytes object
+        end = self.position = p + ((length + HEADER + 15) & ~15)
+        if q[W_HEAD] > p:                     # SYNC POINT (validate payload): overwritten
+            return self._take_bytes_slow()
+        q[self._pos_word] = end               # SYNC POINT (consumption): copied, release it
+        if seq != self._expect:
+            self.lost_total += seq - self._expect
+        self._expect = seq + 1
+        return data
+
+    def _take_bytes_slow(self):
         q = self._q
         while True:
             p = self.position
             if p == self._tail:
-                t = q[W_TAIL]                 # SYNC POINT (acquire), as in take
+                t = q[W_TAIL]
                 if t == p:
                     return None
                 self._tail = t
@@ -596,16 +644,15 @@ class RingReader:
                 self.position = p + length + HEADER
                 continue
             start = off + HEADER
-            data = self._ro[start:start + length].tobytes()
+            data = self._mm[start:start + length]
             end = self.position = p + ((length + HEADER + 15) & ~15)
             if q[W_HEAD] > p:
-                continue                      # SYNC POINT (validate payload): overwritten
-            q[self._pos_word] = end           # SYNC POINT (consumption): copied, release it
-            lost = seq - self._expect
+                continue                      # overwritten while copied: counted by the next
+            q[self._pos_word] = end
+            if seq != self._expect:
+                self.lost_total += seq - self._expect
             self._expect = seq + 1
-            if lost:
-                self.lost_total += lost
-            return data, seq, lost
+            return data
 
     def _resync(self, head: int) -> int:
         """We were lapped (lossy mode, or evicted): jump to the oldest intact frame."""

@@ -214,3 +214,42 @@ def shimmy_stat(daemon) -> dict:
     out = subprocess.run([sys.executable, "-m", "shimmy.cli", "stat", "--daemon", daemon.socket],
                          capture_output=True, text=True, timeout=30, check=True).stdout
     return json.loads(out)
+
+
+def test_every_sleeping_subscriber_of_a_wide_channel_is_woken(daemon):
+    """12 subscribers (slots beyond the first waiting word included) sleep between bursts; every
+    burst's first commit must wake every one of them by a post.  A lost wake-up does not lose
+    data (sleeps are bounded and re-check) but shows as a sleep ended by its bound."""
+    import threading
+    n_subs, n_msgs = 12, 1500
+    with shimmy.Channel("wide", daemon=daemon.socket, spin_us=0) as ch:
+        subs = [ch.subscribe() for _ in range(n_subs)]
+        assert max(s.slot for s in subs) >= 7
+        got = [[] for _ in subs]
+        timeouts_after_first = [0] * n_subs
+        errors = []
+
+        def drain(i):
+            try:
+                got[i].append(subs[i].receive(timeout=30).seq)
+                before = subs[i].stats()["sleep_timeouts"]
+                for _ in range(n_msgs - 1):
+                    got[i].append(subs[i].receive(timeout=30).seq)
+                timeouts_after_first[i] = subs[i].stats()["sleep_timeouts"] - before
+            except Exception as exc:  # reported below with the subscriber's slot
+                errors.append((subs[i].slot, repr(exc)))
+        threads = [threading.Thread(target=drain, args=(i,)) for i in range(n_subs)]
+        for t in threads:
+            t.start()
+        # bursts of 100 with 50 ms pauses (shorter than the 250 ms sleep bound): between
+        # bursts every subscriber sleeps, and only a post can end that sleep in time
+        pub = spawn(daemon, "publish", "wide", "--count", str(n_msgs), "--max-size", "64",
+                    "--rate", "2000")
+        result(pub)
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert all(g == list(range(n_msgs)) for g in got)
+        assert sum(s.stats()["sleeps"] for s in subs) > n_subs, "subscribers did sleep"
+        assert timeouts_after_first == [0] * n_subs, \
+            dict(zip([s.slot for s in subs], timeouts_after_first))

@@ -92,3 +92,16 @@ def test_release_lets_the_publisher_reuse_the_frame(daemon):
             msg = sub.receive(timeout=1)
             msg.release()
             assert msg.seq == i
+
+
+def test_publish_accepts_any_contiguous_buffer(daemon):
+    with shimmy.Channel("buffers", daemon=daemon.socket) as ch:
+        sub = ch.subscribe()
+        arr = np.arange(100, dtype=np.float64)         # len() is 100, its bytes are 800
+        for data in (arr, bytearray(b"ba"), memoryview(b"mv"), b""):
+            ch.publish(data)
+            assert sub.receive_bytes(timeout=1) == bytes(memoryview(data))
+        with pytest.raises(ValueError, match="contiguous"):
+            ch.publish(arr[::2])
+        ch.publish(b"still fine")
+        assert sub.receive_bytes(timeout=1) == b"still fine"

@@ -108,7 +108,8 @@ class MirrorSource:
         cap, base, mask = v.capacity, v.data_offset, v.capacity - 1
         tail_w, head_w, last_w = ring.OFF_TAIL // 8, ring.OFF_HEAD // 8, ring.OFF_LAST // 8
         unpack = FRAME.unpack_from
-        waiting = mv[ring.OFF_WAITING + self.slot:ring.OFF_WAITING + self.slot + 1]
+        at = ring.waiting_offset(self.slot)
+        waiting = mv[at:at + 1]
         sem = posix_ipc.Semaphore(self.sem_name)
         stats = self.stats
         pos = self.pos
@@ -367,12 +368,10 @@ class MirrorReplica(ReplicaSink):
         high = v.u32[ring.OFF_SLOT_HIGH // 4]
         if not high:
             return
-        flags = self.mv[ring.OFF_WAITING:ring.OFF_WAITING + high]
+        flags = self.mv[ring.OFF_WAITING:ring.OFF_WAITING + high + 1]  # + the wide byte
         try:
-            if only_waiting and not any(flags):
-                return
             for slot in range(high):
-                if flags[slot] or not only_waiting:
+                if flags[ring.waiting_offset(slot) - ring.OFF_WAITING] or not only_waiting:
                     sem = self._sems.get(slot)
                     if sem is None:
                         try:
