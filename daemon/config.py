@@ -58,7 +58,7 @@ class Settings:
     peer_max_replica_capacity: int = 1 << 28  # largest ring a peer may make us replicate
     peer_max_replicas: int = 128          # replica rings this node keeps at once
     peer_hold: float = 10.0               # reliable: keep a disconnected mirror's data this long
-    peer_credit_interval: float = 0.001   # replica reports consumed positions this often (busy)
+    peer_credit_interval: float = 0.0002  # replica reports consumed positions this often (busy)
     peer_unmirror_grace: float = 1.0      # mirror stops this long after its last subscriber left
 
     def validate(self) -> "Settings":

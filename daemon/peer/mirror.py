@@ -181,6 +181,9 @@ class MirrorSource:
                     if h2 > pos:
                         pad = min(h2, tail)
                         stats["torn"] += 1
+                # Before the commit goes out: the replica may consume and credit it back before
+                # this thread runs again, and on_credit refuses credits beyond self.pos.
+                pos = self.pos = tail
                 t.commit(tail, last, pad)
                 stats["bytes"] += n
                 stats["batches"] += 1
@@ -192,7 +195,6 @@ class MirrorSource:
                         stats["messages"] += seq_end - self._seq_end
                     if seq_end is not None:
                         self._seq_end = seq_end
-                pos = self.pos = tail
         finally:
             waiting[0] = 0
             waiting.release()
@@ -219,6 +221,7 @@ class MirrorReplica(ReplicaSink):
         self.next = self.tail            # where the next put must start
         self.fed = False                 # has a source ever positioned this ring
         self.same_from = 0               # from here on our frame boundaries equal the source's
+        self.on_commit = None            # called after every commit (wakes the credit loop)
         self.sem_prefix = sem_prefix
         self._sems: dict[int, posix_ipc.Semaphore] = {}
         self.stats = {"bytes": 0, "batches": 0, "messages": 0, "gaps": 0, "gap_bytes": 0,
@@ -362,6 +365,8 @@ class MirrorReplica(ReplicaSink):
         # SYNC POINT (wake-up, Dekker pair with Subscription._wait), as RingWriter._commit.
         fence()
         self.wake_all(only_waiting=True)
+        if self.on_commit is not None:
+            self.on_commit()
 
     def wake_all(self, only_waiting: bool = False) -> None:
         v = self.v

@@ -106,6 +106,7 @@ class PeerService:
         self.replicas: dict[str, ReplicaEntry] = {}
         self.seen_nodes: set[str] = set()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._credit_wake = threading.Event()   # set by replica commits
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._pending = threading.Semaphore(s.peer_max_pending)
@@ -312,24 +313,36 @@ class PeerService:
             self._post("link_down", link)
 
     def _credit_loop(self) -> None:
+        """Report each replica's consumed position to its source.  While a replica holds data
+        its subscribers have not consumed, poll every ``peer_credit_interval``; when everything
+        is consumed, sleep until the next replica commit (not a fixed period: a reliable source
+        whose ring is full waits for exactly this credit)."""
         interval = self.s.peer_credit_interval
+        refresh = False
         while not self._stop.is_set():
+            self._credit_wake.clear()
             busy = False
             for entry in list(self.replicas.values()):
                 link = entry.link
                 if entry.state != "streaming" or link is None or link.closed:
                     continue
                 c = entry.sink.consumed()
-                if c != entry.last_credit:
+                if c != entry.last_credit or refresh:
+                    # (refresh: an idle link repeats its credit now and then, so a credit the
+                    # source could not apply never leaves a reliable publisher waiting)
                     entry.last_credit = c
-                    busy = True
+                    busy = busy or not refresh
                     try:
                         send_credit(link, entry.mid, c, entry.sink.tail)
                     except TransportClosed:
                         pass
                 elif entry.sink.tail != c:
                     busy = True
-            self._stop.wait(interval if busy else 0.02)
+            if busy:
+                self._stop.wait(interval)
+                refresh = False
+            else:
+                refresh = not self._credit_wake.wait(0.25)
 
     # -- events (main thread) ----------------------------------------------------------------------
     def _ev_link_up(self, link: Link) -> None:
@@ -533,6 +546,7 @@ class PeerService:
         rec = self.d.registry._create(name, ring.MODE_NAMES[rmode], rcap)
         rec.publisher = REPLICA_PUBLISHER
         sink = MirrorReplica(rec.view, self.d.segments.sem_prefix(rec.token))
+        sink.on_commit = self._credit_wake.set
         # Position the replica at the source's tail as last announced, before any subscriber
         # can attach: "next" subscribers then start there with the exact sequence number, and
         # the mirror resumes from it (or reports the gap if the source no longer holds it).
