@@ -76,6 +76,19 @@ def evaluate_targets(out: dict) -> list[dict]:
                              f"{fmt_size(size)} one-way msgs/s, shimmy {var} >= {thr}x ZeroMQ ipc "
                              f"PUSH/PULL", tp("shimmy", var, size),
                              tp("zmq-ipc", "PUSH/PULL", size), ">=", thr, "msg/s"))
+    if "crossnode" in out["suites"]:
+        rows = out["suites"]["crossnode"].get("results", [])
+
+        def xn(label, size):
+            return next((r["msgs_per_s"] for r in rows
+                         if r["transport"] == label and r["size"] == size), None)
+        for size in (65536, MIB):
+            t.append(_target(f"xn-{fmt_size(size).replace(' ', '')}", f"cross-node {fmt_size(size)}"
+                             f" msgs/s >= 0.8x a raw TCP stream", xn("shimmy (2 daemons)", size),
+                             xn("raw TCP 127.0.0.1", size), ">=", 0.8, "msg/s"))
+        t.append(_target("xn-64B", "cross-node 64 B msgs/s >= 2x ZeroMQ tcp",
+                         xn("shimmy (2 daemons)", 64), xn("ZeroMQ tcp PUSH/PULL", 64), ">=", 2.0,
+                         "msg/s"))
     if "fanout" in out["suites"]:
         f4 = find(out, "fanout", "shimmy", "4 subs", 4096)
         f1 = find(out, "fanout", "shimmy", "1 sub", 4096)

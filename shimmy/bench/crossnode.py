@@ -1,0 +1,39 @@
+"""Cross-node one-way throughput: a publisher on daemon A, a subscriber on daemon B, the two
+daemons peered over 127.0.0.1 (TCP transport), against a raw TCP stream and ZeroMQ tcp carrying
+the same messages in the same run.  The measurement itself lives beside the peer module
+(``shimmy.daemon.peer.bench``), which can also be run on its own."""
+
+from __future__ import annotations
+
+import statistics
+
+from . import report
+
+NAME = "crossnode"
+SIZES = [64, 65536, 1 << 20]
+
+
+def run(ctx) -> dict:
+    from shimmy.daemon.peer import bench as xbench
+    budget = (32 << 20) if ctx.quick else (256 << 20)
+    d = xbench.TwoDaemons()
+    results = []
+    try:
+        for size in SIZES:
+            count = xbench._count_for(size, budget_bytes=budget,
+                                      cap=50_000 if ctx.quick else 200_000)
+            for label, fn in (("shimmy (2 daemons)", lambda: xbench.cross_node(size, count, d)),
+                              ("raw TCP 127.0.0.1", lambda: xbench.raw_tcp(size, count)),
+                              ("ZeroMQ tcp PUSH/PULL", lambda: xbench.zmq_tcp(size, count))):
+                secs = statistics.median(fn() for _ in range(ctx.reps))
+                results.append({"transport": label, "size": size, "count": count,
+                                "msgs_per_s": count / secs, "mb_per_s": count * size / secs / 1e6})
+                ctx.log(f"  crossnode {label} {report.fmt_size(size)}: "
+                        f"{count / secs:,.0f} msgs/s")
+    finally:
+        d.close()
+    rows = [[r["transport"], report.fmt_size(r["size"]), f"{r['msgs_per_s']:,.0f}",
+             f"{r['mb_per_s']:,.1f}"] for r in results]
+    table = "CROSS-NODE one-way throughput, publisher on node A -> subscriber on node B\n" + \
+        report._table(rows, ["transport", "size", "msgs/s", "MB/s"])
+    return {"results": results, "table": table}
