@@ -41,16 +41,31 @@ class Segments:
 
     def create_ring(self, token: str, name: str, mode: int, capacity: int,
                     max_subscribers: int) -> tuple[str, mmap.mmap]:
-        size = ring.segment_size(capacity, max_subscribers)
+        """A pub/sub ring (layout: shimmy/ring.py), space-checked, allocated and formatted."""
+        shm_name, mm = self._allocate(token, f"channel {name!r}",
+                                      ring.segment_size(capacity, max_subscribers))
+        ring.format_ring(mm, name, mode, capacity, max_subscribers)
+        return shm_name, mm
+
+    def create_stream(self, token: str, name: str, capacity: int) -> tuple[str, mmap.mmap]:
+        """A byte-stream segment (layout: shimmy/stream_ring.py), checked and pre-faulted like a
+        ring.  Its two semaphores are ``sem_prefix(token) + "r"`` / ``+ "w"`` (made by the
+        caller); ``destroy(token, mm, 0)`` retires and unlinks the segment."""
+        from shimmy import stream_ring
+        shm_name, mm = self._allocate(token, f"stream {name!r}", stream_ring.segment_size(capacity))
+        stream_ring.format_stream(mm, name, capacity)
+        return shm_name, mm
+
+    def _allocate(self, token: str, what: str, size: int) -> tuple[str, mmap.mmap]:
+        """Check the budget and free space, create the object and allocate every page of it."""
         if self.budget and self.allocated + size > self.budget:
-            raise LimitExceeded(
-                f"channel {name!r} needs {size} bytes; shm_budget {self.budget} has "
-                f"{self.budget - self.allocated} left")
+            raise LimitExceeded(f"{what} needs {size} bytes; shm_budget {self.budget} has "
+                                f"{self.budget - self.allocated} left")
         st = os.statvfs(self.shm_dir)
         free = st.f_bavail * st.f_frsize
         if free - size < self.reserve:
             raise LimitExceeded(
-                f"channel {name!r} needs {size} bytes but {self.shm_dir} has {free} free and "
+                f"{what} needs {size} bytes but {self.shm_dir} has {free} free and "
                 f"shm_reserve keeps {self.reserve}; raise the tmpfs size (docker shm_size) or "
                 f"lower the capacity")
         shm_name = self.ring_name(token)
@@ -61,7 +76,7 @@ class Segments:
                 # a client later.
                 os.posix_fallocate(shm.fd, 0, size)
             except OSError as exc:
-                raise LimitExceeded(f"channel {name!r}: cannot allocate {size} bytes in "
+                raise LimitExceeded(f"{what}: cannot allocate {size} bytes in "
                                     f"{self.shm_dir}: {exc.strerror}") from None
             mm = mmap.mmap(shm.fd, size)
         except BaseException:
@@ -69,39 +84,6 @@ class Segments:
             posix_ipc.unlink_shared_memory(shm_name)
             raise
         shm.close_fd()
-        ring.format_ring(mm, name, mode, capacity, max_subscribers)
-        self.allocated += size
-        return shm_name, mm
-
-    def create_stream(self, token: str, name: str, capacity: int) -> tuple[str, mmap.mmap]:
-        """A byte-stream segment (layout: shimmy/stream_ring.py), checked and pre-faulted like a
-        ring.  Its two semaphores are ``sem_prefix(token) + "r"`` / ``+ "w"`` (made by the
-        caller); ``destroy(token, mm, 0)`` retires and unlinks the segment."""
-        from shimmy import stream_ring
-        size = stream_ring.segment_size(capacity)
-        if self.budget and self.allocated + size > self.budget:
-            raise LimitExceeded(f"stream {name!r} needs {size} bytes; shm_budget {self.budget} "
-                                f"has {self.budget - self.allocated} left")
-        st = os.statvfs(self.shm_dir)
-        free = st.f_bavail * st.f_frsize
-        if free - size < self.reserve:
-            raise LimitExceeded(f"stream {name!r} needs {size} bytes but {self.shm_dir} has "
-                                f"{free} free and shm_reserve keeps {self.reserve}")
-        shm_name = self.ring_name(token)
-        shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=0o666, size=0)
-        try:
-            try:
-                os.posix_fallocate(shm.fd, 0, size)
-            except OSError as exc:
-                raise LimitExceeded(f"stream {name!r}: cannot allocate {size} bytes in "
-                                    f"{self.shm_dir}: {exc.strerror}") from None
-            mm = mmap.mmap(shm.fd, size)
-        except BaseException:
-            shm.close_fd()
-            posix_ipc.unlink_shared_memory(shm_name)
-            raise
-        shm.close_fd()
-        stream_ring.format_stream(mm, name, capacity)
         self.allocated += size
         return shm_name, mm
 

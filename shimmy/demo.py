@@ -37,34 +37,32 @@ def _percentiles(samples: list[int]) -> dict:
     return {"p50": pick(0.50), "p99": pick(0.99), "p999": pick(0.999)}
 
 
-# -- shimmy side -------------------------------------------------------------------------------
-def _shimmy_pub(sock: str, size: int, seconds: float, progress) -> None:
-    import shimmy
-    ch = shimmy.Channel("demo/stream", daemon=sock)
+# -- the workload, whatever carries it -------------------------------------------------------
+def _run_publisher(send, size: int, seconds: float, progress) -> None:
     payload = bytearray(size)
     n = 0
     end = time.monotonic() + seconds / 2
     while time.monotonic() < end:
         for _ in range(256):
             STAMP.pack_into(payload, 0, n, 0)
-            ch.publish(payload)
+            send(payload)
             n += 1
         progress[0] = n
-    _end_throughput_phase(ch.publish, payload, progress)
-    _latency_phase(lambda b: ch.publish(b), payload, seconds / 2)
+    _end_throughput_phase(send, payload, progress)
+    _latency_phase(send, payload, seconds / 2)
     STAMP.pack_into(payload, 0, END, 0)
-    ch.publish(payload)
-    ch.close()
+    send(payload)
 
 
-def _shimmy_sub(sock: str, index: int, ready, progress, results) -> None:
-    import shimmy
-    ch = shimmy.Channel("demo/stream", daemon=sock)
-    sub = ch.subscribe()
-    ready.set()
+def _run_subscriber(next_data, index: int, progress, results) -> None:
+    """Count phase-1 messages, collect phase-2 latencies; ``next_data()`` returns a message's
+    bytes (any buffer) or None when nothing came for a long time."""
     got, lat, t_first, t_last = 0, [], None, None
-    for msg in sub:
-        counter, sent = STAMP.unpack_from(msg.data)
+    while True:
+        data = next_data()
+        if data is None:
+            break
+        counter, sent = STAMP.unpack_from(data)
         if counter == END:
             break
         if counter == PHASE:
@@ -80,8 +78,6 @@ def _shimmy_sub(sock: str, index: int, ready, progress, results) -> None:
             lat.append(time.monotonic_ns() - sent)
     progress[index] = got
     results.put((index, got, (t_last or 0) - (t_first or 0), lat))
-    sub.close()
-    ch.close()
 
 
 def _end_throughput_phase(send, payload: bytearray, progress) -> None:
@@ -103,7 +99,27 @@ def _latency_phase(send, payload: bytearray, seconds: float) -> None:
         send(payload)
 
 
-# -- ZeroMQ side (same workload, PUB/SUB over ipc with a high-water mark of 0 = no drops) -----
+# -- shimmy ------------------------------------------------------------------------------------
+def _shimmy_pub(sock: str, size: int, seconds: float, progress) -> None:
+    import shimmy
+    with shimmy.Channel("demo/stream", daemon=sock) as ch:
+        _run_publisher(ch.publish, size, seconds, progress)
+
+
+def _shimmy_sub(sock: str, index: int, ready, progress, results) -> None:
+    import shimmy
+    with shimmy.Channel("demo/stream", daemon=sock) as ch, ch.subscribe() as sub:
+        ready.set()
+
+        def next_data():
+            try:
+                return sub.receive(timeout=10).data
+            except TimeoutError:
+                return None
+        _run_subscriber(next_data, index, progress, results)
+
+
+# -- ZeroMQ: the same workload, PUB/SUB over ipc with a high-water mark of 0 (no drops) -------
 def _zmq_pub(endpoint: str, size: int, seconds: float, progress, subs_ready) -> None:
     import zmq
     ctx = zmq.Context()
@@ -112,19 +128,7 @@ def _zmq_pub(endpoint: str, size: int, seconds: float, progress, subs_ready) -> 
     s.bind(endpoint)
     subs_ready.wait(10)
     time.sleep(0.3)  # slow-joiner: let subscriptions propagate
-    payload = bytearray(size)
-    n = 0
-    end = time.monotonic() + seconds / 2
-    while time.monotonic() < end:
-        for _ in range(256):
-            STAMP.pack_into(payload, 0, n, 0)
-            s.send(payload, copy=True)
-            n += 1
-        progress[0] = n
-    _end_throughput_phase(s.send, payload, progress)
-    _latency_phase(lambda b: s.send(b, copy=True), payload, seconds / 2)
-    STAMP.pack_into(payload, 0, END, 0)
-    s.send(payload)
+    _run_publisher(lambda b: s.send(b, copy=True), size, seconds, progress)
     s.close(linger=5000)
     ctx.term()
 
@@ -137,27 +141,8 @@ def _zmq_sub(endpoint: str, index: int, ready, progress, results) -> None:
     s.setsockopt(zmq.SUBSCRIBE, b"")
     s.connect(endpoint)
     ready.set()
-    got, lat, t_first, t_last = 0, [], None, None
-    while True:
-        if not s.poll(10_000):
-            break
-        data = s.recv(copy=False).buffer
-        counter, sent = STAMP.unpack_from(data)
-        if counter == END:
-            break
-        if counter == PHASE:
-            progress[index] = got
-            progress[index + 2] = 1
-        elif counter >= 0:
-            got += 1
-            t_last = time.perf_counter()
-            t_first = t_first or t_last
-            if got % 4096 == 0:
-                progress[index] = got
-        else:
-            lat.append(time.monotonic_ns() - sent)
-    progress[index] = got
-    results.put((index, got, (t_last or 0) - (t_first or 0), lat))
+    _run_subscriber(lambda: s.recv(copy=False).buffer if s.poll(10_000) else None, index,
+                    progress, results)
     s.close(0)
     ctx.term()
 
