@@ -233,8 +233,8 @@ def _stream_waiter(end, waiting_off: int, sem_index: int, ready):
 
     def waiting_set():
         try:
-            q[word] = 1
-        except ValueError:
+            q[word] = end._cursor.next_epoch()   # a new epoch per sleep, as the blocking path
+        except (ValueError, AttributeError):
             pass  # the end was closed (its views released); gone() ends the wait
 
     def waiting_clear():

@@ -11,10 +11,10 @@ Byte layout (all integers little-endian; ``docs/streams.md`` repeats it with the
            +64   name length u32 + name bytes (up to 200)       -- daemon, write-once
            +320  tail u64         writer: bytes committed so far (commit word)
            +328  eof u64          writer: 1 = clean end of stream, stored after the final tail
-           +336  w_waiting u64    writer: 1 while it is about to sleep for room
+           +336  w_waiting u64    writer: its sleep epoch (never 0) while about to sleep for room
            +384  head u64         reader: bytes consumed so far
            +392  r_closed u64     reader: 1 = the reader closed its end (writes now fail)
-           +400  r_waiting u64    reader: 1 while it is about to sleep for data
+           +400  r_waiting u64    reader: its sleep epoch (never 0) while about to sleep for data
            +448  w_broken u64     daemon: the writer died without closing
            +456  r_broken u64     daemon: the reader died
            +464  writer pid u32 | +468 reader pid u32                 -- daemon
@@ -179,6 +179,8 @@ class _End:
         self._base = view.data_offset
         self._sem = my_sem       # I sleep on this one
         self._peer = peer_sem    # I post this one when the peer may be asleep
+        self._epoch = 0          # my last sleep epoch (stored in my waiting word)
+        self._posted = 0         # the peer's sleep epoch I posted last
         self._barrier = barrier
         self._spin = spin_us / 1e6
 
@@ -208,7 +210,7 @@ class _End:
         q = self._q
         try:
             while True:
-                q[waiting_word] = 1
+                q[waiting_word] = self.next_epoch()
                 # SYNC POINT (Dekker, sleeper side): waiting store, FENCE, then ready() loads the
                 # peer's commit word.  Pairs with _post_peer_if_waiting on the other end.
                 self._barrier()
@@ -228,12 +230,21 @@ class _End:
         finally:
             q[waiting_word] = 0
 
+    def next_epoch(self) -> int:
+        """A new sleep epoch for our waiting word (never 0, never repeated).  The peer posts
+        each epoch once, so while we are still waking up its further commits cost no syscall
+        (the same scheme as the pub/sub ring's waiting bytes)."""
+        self._epoch += 1
+        return self._epoch
+
     def _post_peer_if_waiting(self, peer_waiting_word: int) -> None:
         # SYNC POINT (Dekker, waker side): the caller has just stored its commit word (tail or
         # head); FENCE, then load the peer's waiting word.  Either the peer's re-check saw our
-        # store, or we see its flag here and post its semaphore.
+        # store, or we see its epoch here and post its semaphore (once per epoch).
         self._barrier()
-        if self._q[peer_waiting_word]:
+        w = self._q[peer_waiting_word]
+        if w and w != self._posted:
+            self._posted = w
             self._peer.release()
 
     def retired(self) -> bool:
@@ -329,7 +340,9 @@ class WriterCursor(_End):
                 self._tail = tail
                 q[OFF_TAIL // 8] = tail  # SYNC POINT (commit), as in _commit()
                 self._barrier()          # SYNC POINT (Dekker, waker side)
-                if q[OFF_R_WAITING // 8]:
+                w = q[OFF_R_WAITING // 8]
+                if w and w != self._posted:
+                    self._posted = w
                     self._peer.release()
                 return n
         data = memoryview(data)
@@ -482,7 +495,9 @@ class ReaderCursor(_End):
                 q = self._q
                 q[OFF_HEAD // 8] = head  # SYNC POINT (release), as in consume()
                 self._barrier()          # SYNC POINT (Dekker, waker side)
-                if q[OFF_W_WAITING // 8]:
+                w = q[OFF_W_WAITING // 8]
+                if w and w != self._posted:
+                    self._posted = w
                     self._peer.release()
                 return k
         avail = self.ready(timeout)
@@ -536,7 +551,9 @@ class ReaderCursor(_End):
         q[OFF_HEAD // 8] = self._head
         # SYNC POINT (Dekker, waker side): as _post_peer_if_waiting, inlined (hot path).
         self._barrier()
-        if q[OFF_W_WAITING // 8]:
+        w = q[OFF_W_WAITING // 8]
+        if w and w != self._posted:
+            self._posted = w
             self._peer.release()
 
     def close(self) -> None:
