@@ -192,6 +192,123 @@ def cross_node(size: int, count: int, daemons: TwoDaemons | None = None) -> floa
             d.close()
 
 
+# -- round trip: a ping published on A and mirrored to B, a pong published on B and mirrored to A
+
+def _subscribe_remote(sock, name):
+    import shimmy
+    from shimmy.sdk.client import get_client
+    deadline = time.monotonic() + 30
+    while name not in {c["name"] for c in get_client(sock).request("list").get("remote", [])}:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} never announced to {sock}")
+        time.sleep(0.02)
+    ch = shimmy.Channel(name, daemon=sock)
+    sub = ch.subscribe()
+    while sub.status != "up":
+        time.sleep(0.01)
+    return ch, sub
+
+
+def _rtt_side(sock, mine, theirs, size, count, ready, go, res_q):
+    """Publish ``mine`` here, subscribe ``theirs`` (published on the other node).  The side
+    given ``res_q`` pings and measures; the other echoes."""
+    import shimmy
+    out = shimmy.Channel(mine, daemon=sock)
+    out.publish(b"")                     # announce it (and take the publisher role)
+    _, sub = _subscribe_remote(sock, theirs)
+    ready.put(1)
+    go.get()
+    payload = os.urandom(size)
+    if res_q is None:                    # echo
+        for _ in range(count):
+            out.publish(sub.receive_bytes(timeout=30))
+        return
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter_ns()
+        out.publish(payload)
+        sub.receive_bytes(timeout=30)
+        samples.append(time.perf_counter_ns() - t0)
+    res_q.put(samples)
+
+
+def cross_node_rtt(size: int, count: int, daemons: TwoDaemons) -> list[int]:
+    """Round trips (ns) of ``size``-byte pings: A -> mirror -> B -> mirror -> A."""
+    tag = f"{size}/{time.monotonic_ns()}"
+    ready, go_a, go_b, res_q = mp.Queue(), mp.Queue(), mp.Queue(), mp.Queue()
+    a = mp.Process(target=_rtt_side, args=(daemons.a, f"xrtt/ping/{tag}", f"xrtt/pong/{tag}",
+                                           size, count, ready, go_a, res_q))
+    b = mp.Process(target=_rtt_side, args=(daemons.b, f"xrtt/pong/{tag}", f"xrtt/ping/{tag}",
+                                           size, count, ready, go_b, None))
+    a.start(), b.start()
+    ready.get(timeout=60), ready.get(timeout=60)
+    go_b.put(1), go_a.put(1)
+    samples = res_q.get(timeout=300)
+    a.join(30), b.join(30)
+    return samples
+
+
+def _tcp_echo(port_q, size, count):
+    ls = socket.create_server(("127.0.0.1", 0))
+    port_q.put(ls.getsockname()[1])
+    c, _ = ls.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = memoryview(bytearray(size))
+    for _ in range(count):
+        _recv_exact(c, buf)
+        c.sendall(buf)
+
+
+def raw_tcp_rtt(size: int, count: int) -> list[int]:
+    port_q = mp.Queue()
+    srv = mp.Process(target=_tcp_echo, args=(port_q, size, count))
+    srv.start()
+    s = socket.create_connection(("127.0.0.1", port_q.get(timeout=30)))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    payload, buf = os.urandom(size), memoryview(bytearray(size))
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter_ns()
+        s.sendall(payload)
+        _recv_exact(s, buf)
+        samples.append(time.perf_counter_ns() - t0)
+    s.close()
+    srv.join(30)
+    return samples
+
+
+def _zmq_echo(port_q, count):
+    import zmq
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PAIR)
+    port_q.put(s.bind_to_random_port("tcp://127.0.0.1"))
+    for _ in range(count):
+        s.send(s.recv())
+    s.close(linger=1000)
+    ctx.term()
+
+
+def zmq_tcp_rtt(size: int, count: int) -> list[int]:
+    import zmq
+    port_q = mp.Queue()
+    srv = mp.Process(target=_zmq_echo, args=(port_q, count))
+    srv.start()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PAIR)
+    s.connect(f"tcp://127.0.0.1:{port_q.get(timeout=30)}")
+    payload = os.urandom(size)
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter_ns()
+        s.send(payload)
+        s.recv()
+        samples.append(time.perf_counter_ns() - t0)
+    s.close(linger=0)
+    ctx.term()
+    srv.join(30)
+    return samples
+
+
 def compare(sizes=(64, 65536, 1 << 20), repeat=3) -> dict:
     ctx_method = "fork"
     mp.set_start_method(ctx_method, force=True)

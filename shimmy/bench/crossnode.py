@@ -30,10 +30,23 @@ def run(ctx) -> dict:
                                 "msgs_per_s": count / secs, "mb_per_s": count * size / secs / 1e6})
                 ctx.log(f"  crossnode {label} {report.fmt_size(size)}: "
                         f"{count / secs:,.0f} msgs/s")
+        rtt = []
+        n = 300 if ctx.quick else 2000
+        for label, fn in (("shimmy (2 daemons)", lambda: xbench.cross_node_rtt(64, n, d)),
+                          ("raw TCP 127.0.0.1", lambda: xbench.raw_tcp_rtt(64, n)),
+                          ("ZeroMQ tcp PAIR", lambda: xbench.zmq_tcp_rtt(64, n))):
+            samples = sorted(fn()[n // 10:])            # the first tenth warms up
+            rtt.append({"transport": label, "size": 64, "count": len(samples),
+                        "p50_us": samples[len(samples) // 2] / 1e3,
+                        "p99_us": samples[int(len(samples) * 0.99)] / 1e3})
+            ctx.log(f"  crossnode rtt {label}: p50 {rtt[-1]['p50_us']:.1f} us")
     finally:
         d.close()
     rows = [[r["transport"], report.fmt_size(r["size"]), f"{r['msgs_per_s']:,.0f}",
              f"{r['mb_per_s']:,.1f}"] for r in results]
     table = "CROSS-NODE one-way throughput, publisher on node A -> subscriber on node B\n" + \
         report._table(rows, ["transport", "size", "msgs/s", "MB/s"])
-    return {"results": results, "table": table}
+    rows = [[r["transport"], "64 B", f"{r['p50_us']:,.1f}", f"{r['p99_us']:,.1f}"] for r in rtt]
+    table += "\n\nCROSS-NODE round trip (A publishes, B echoes on a channel of its own)\n" + \
+        report._table(rows, ["transport", "size", "p50 us", "p99 us"])
+    return {"results": results, "rtt": rtt, "table": table}
