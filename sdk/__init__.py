@@ -1,0 +1,2 @@
+"""The client SDK (imported as ``shimmy.sdk``): the daemon connection, ``Channel``, ``Stream``
+and their asyncio forms.  Users import these from ``shimmy``."""
