@@ -294,7 +294,9 @@ def test_kill_and_restart_replica_daemon(cluster):
         subs[1] = cluster.client(b, "sub", b.socket, "kr/x", str(n), "10")
         wait_line(subs[1], "ready", timeout=30)
 
-    results = run_stream(cluster, a, [c, b], "kr/x", "reliable", n, pace=0.002,
+    # pace: 10 ms per 100 messages, so the stream (>= 2 s) outlasts B's kill and restart and
+    # the restarted subscriber has something left to receive
+    results = run_stream(cluster, a, [c, b], "kr/x", "reliable", n, pace=0.01,
                          during=during)
     check(results[0], n, True)                    # C undisturbed
     late = results[1]
