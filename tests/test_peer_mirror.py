@@ -372,7 +372,8 @@ def test_connection_cut_by_proxy_resumes(cluster, mode):
                 time.sleep(0.4)
                 proxy.cut()
 
-        (r,) = run_stream(cluster, a, [b], "px/" + mode, mode, n, pace=0.002, during=during)
+        # pace: >= 1 s of stream, so both cuts land mid-stream
+        (r,) = run_stream(cluster, a, [b], "px/" + mode, mode, n, pace=0.005, during=during)
         check(r, n, mode == "reliable")
         replica = b.peer()["replicas"][0]
         assert replica["reconnects"] >= 1, replica
@@ -394,7 +395,8 @@ def test_paused_source(cluster, mode):
         time.sleep(1.5)
         a.proc.send_signal(signal.SIGCONT)
 
-    (r,) = run_stream(cluster, a, [b], "ps/" + mode, mode, n, pace=0.001, capacity=1 << 16,
+    # pace: >= 1 s of stream, so the pause (at 0.3 s) lands mid-stream
+    (r,) = run_stream(cluster, a, [b], "ps/" + mode, mode, n, pace=0.005, capacity=1 << 16,
                       during=during)
     check(r, n, mode == "reliable")
     if mode == "lossy":
