@@ -25,7 +25,7 @@ import posix_ipc
 
 from shimmy import stream_ring
 from shimmy.ring import fence
-from shimmy.errors import ChannelClosed, InvalidArgument, ShimmyError
+from shimmy.errors import ChannelClosed, InvalidArgument
 from shimmy.names import validate_name
 
 from . import client as _client_mod

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import posix_ipc
 

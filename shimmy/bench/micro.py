@@ -151,7 +151,6 @@ def profiled(ctl, target_module: str, target_func: str, **kwargs):
 
 def profile_throughput(size: int = 64, seconds: float = 1.0, zero_copy: bool = False) -> str:
     """Profile both sides of the shimmy throughput measurement (sender CPU 0, receiver CPU 1)."""
-    from . import throughput
     daemon = harness.Daemon().start()
     tx, rx = harness.Worker("prof-tx", 0), harness.Worker("prof-rx", 1)
     try:
