@@ -250,6 +250,12 @@ class Channel:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    async def __aenter__(self) -> "Channel":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()   # never blocks for long: one bounded daemon request
+
     def __repr__(self) -> str:
         return f"<shimmy.Channel {self.name!r} mode={self.mode} capacity={self.capacity}>"
 
@@ -438,4 +444,10 @@ class Subscription:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "Subscription":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
         self.close()

@@ -315,3 +315,19 @@ def _worker(role: str, kw: dict) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1], json.loads(sys.argv[2]))
+
+
+def test_async_context_managers_close_channel_and_subscription(daemon):
+    import asyncio
+
+    import shimmy
+
+    async def main():
+        async with shimmy.Channel("aio/ctx", daemon=daemon.socket) as ch:
+            async with ch.subscribe() as sub:
+                ch.publish(b"hello")
+                msg = await sub.receive_async(timeout=5)
+                assert bytes(msg) == b"hello"
+            assert sub.closed
+        assert ch.closed
+    asyncio.run(main())
