@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import queue
+import secrets
 import signal
 import threading
 import time
@@ -21,7 +22,7 @@ import msgpack
 import zmq
 
 from shimmy import ring
-from shimmy.errors import InvalidArgument, ProtocolError, ShimmyError
+from shimmy.errors import InvalidArgument, PermissionDenied, ProtocolError, ShimmyError
 from shimmy.names import validate_name
 from shimmy.protocol import PROTOCOL_VERSION, endpoint, session_path
 
@@ -275,10 +276,16 @@ class Daemon:
         return value
 
     def _client(self, req: dict) -> Client:
+        """The client a request speaks for.  Client ids are small integers anyone could guess,
+        so a request must also carry the client's secret token from ``hello``: a process cannot
+        act (and be judged by the access policy) as another."""
         cid = self._field(req, "client", int)
         client = self.sessions.clients.get(cid)
         if client is None:
             raise InvalidArgument(f"unknown client {cid}; say hello first")
+        token = req.get("token")
+        if not isinstance(token, str) or not secrets.compare_digest(token, client.token):
+            raise PermissionDenied(f"request for client {cid} without that client's token")
         return client
 
     def _channel(self, req: dict):
@@ -373,6 +380,7 @@ class Daemon:
 
     def op_delete(self, req: dict) -> dict:
         name = validate_name(req.get("name"))
+        self._policy(self._client(req)).check("publish", name)  # deleting is a publisher's act
         self.registry.delete(name)
         return {}
 

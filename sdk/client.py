@@ -67,6 +67,7 @@ class DaemonClient:
         self._sock = self._new_socket()
         hello = self.request("hello", pid=os.getpid())
         self.id = hello["client"]
+        self._token = hello["token"]   # proves our requests are ours (see docs/protocol.md)
         self.heartbeat_interval = hello["heartbeat_interval"]
         self.lease_timeout = hello["lease_timeout"]
         self._session = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -98,6 +99,7 @@ class DaemonClient:
         fields.update(v=PROTOCOL_VERSION, id=req_id, op=op)
         if op != "hello":
             fields["client"] = self.id
+            fields["token"] = self._token
         with self._lock:
             if self.closed:
                 raise DaemonUnavailable(self._unavailable("client closed"))

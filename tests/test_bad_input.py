@@ -140,7 +140,8 @@ def _ping_ok(daemon):
     (msgpack.packb({"v": PROTOCOL_VERSION, "op": "open", "client": "me"}), "invalid_argument"),
     (msgpack.packb({"v": PROTOCOL_VERSION, "op": "open", "client": 12345}), "invalid_argument"),
     (msgpack.packb({"v": PROTOCOL_VERSION, "op": "delete", "name": "../etc"}), "invalid_name"),
-    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "delete", "name": "nothere"}), "not_found"),
+    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "delete", "name": "nothere"}),
+     "invalid_argument"),                                      # deleting needs a client
 ])
 def test_malformed_requests_get_specific_errors(daemon, payload, code):
     sock = _raw(daemon)
@@ -199,3 +200,20 @@ def test_fuzzed_control_messages_never_hurt_the_daemon(daemon, req, raw):
     finally:
         sock.close()
     assert _ping_ok(daemon)
+
+
+def test_a_request_cannot_speak_for_another_client(daemon):
+    with shimmy.Channel("mine", daemon=daemon.socket) as ch:
+        client = ch._client
+        sock = _raw(daemon)
+        try:
+            for token in (None, "0" * 32, 42):
+                req = {"v": PROTOCOL_VERSION, "id": 1, "op": "subscribe", "name": "mine",
+                       "client": client.id}
+                if token is not None:
+                    req["token"] = token
+                reply = _ask(sock, msgpack.packb(req))
+                assert reply["error"]["code"] == "permission_denied", reply
+        finally:
+            sock.close()
+        assert ch.subscribe() is not None  # the real client is unaffected
