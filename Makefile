@@ -5,14 +5,17 @@ PYTHON ?= python3
 
 .PHONY: demo test install install-dev bench
 
+# Editable installs: the package maps sdk/ and daemon/ into shimmy.sdk and shimmy.daemon, and an
+# editable install resolves that mapping even when run from this folder (where the plain
+# shimmy/ folder would otherwise shadow an installed copy).
 install:
-	$(PYTHON) -m pip install -q .
+	$(PYTHON) -m pip install -q -e .
 
 install-dev:
 	$(PYTHON) -m pip install -q -e '.[dev,daemon]'
 
 demo: install
-	shimmy demo
+	$(PYTHON) -m shimmy.cli demo
 
 # Unit and multi-process tests first, then the real-container tests, which install and start a
 # Docker engine from Debian packages when none answers (needs root and apt).
@@ -21,4 +24,4 @@ test: install-dev
 	bash .ci/containers.sh
 
 bench: install-dev
-	shimmy bench
+	$(PYTHON) -m shimmy.cli bench
