@@ -15,7 +15,8 @@ layout, the ownership of every word and the memory-ordering argument are in
            +328  head u64       publisher: start of the oldest intact frame
            +336  last u64       publisher: start of the last committed (non-PAD) frame
            +384  slot_high u32  daemon: 1 + highest subscriber slot ever handed out
-           +448  waiting[max_subscribers] u8   byte i written only by subscriber i
+           +448  waiting bytes: slot s at 448 + s + (s >= 7), written only by subscriber s
+                 (0 = awake, else its sleep epoch); +455 wide u8 (daemon: a slot >= 7 exists)
     4096   slot table: max_subscribers x 64 B, one cache line per subscriber
            +0 position u64 (subscriber i) | +8 state u32 (daemon) | +12 generation u32 (daemon)
            +16 pid u32 (daemon)
