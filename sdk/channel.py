@@ -34,8 +34,7 @@ def _invalidate_after_fork() -> None:
     """In a forked child, every channel and subscription of the parent stops working (they
     would otherwise write the parent's tail or slot position: two writers of one word)."""
     for ch in list(_open_channels):
-        ch._writer = None
-        ch._forked = True
+        ch._writer = None          # publish() then goes through _check(), which refuses
         for sub in ch._subs:
             sub.closed = True
 
@@ -153,9 +152,8 @@ class Channel:
             shm.close_fd()
         self._view = ring.RingView(self._mm)
         self._writer: ring.RingWriter | None = None
-        self._sems: dict[int, posix_ipc.Semaphore] = {}
+        self._wakeups = ring.Wakeups(self._view, reply["sem_prefix"])
         self._subs: list[Subscription] = []
-        self._forked = False
         self.closed = False
         _open_channels.add(self)
 
@@ -163,7 +161,7 @@ class Channel:
     def _check(self) -> None:
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} is closed")
-        if self._forked or self._fork_gen != fork_generation():
+        if self._fork_gen != fork_generation():
             raise ChannelClosed(f"channel {self.name!r} was opened before fork(); open it again "
                                 f"in this process")
         if self._view.retired():
@@ -173,18 +171,8 @@ class Channel:
     def _become_publisher(self) -> ring.RingWriter:
         self._check()
         self._client.request("publish", name=self.name)
-        self._writer = ring.RingWriter(self._view, self._wake)
+        self._writer = ring.RingWriter(self._view, self._wakeups)
         return self._writer
-
-    def _wake(self, slot: int) -> None:
-        sem = self._sems.get(slot)
-        if sem is None:
-            try:
-                sem = posix_ipc.Semaphore(self._sem_prefix + str(slot))
-            except posix_ipc.ExistentialError:
-                return  # slot freed and its semaphore gone with its channel
-            self._sems[slot] = sem
-        sem.release()
 
     def publish(self, data, *, timeout: float | None = ...) -> int:
         """Copy ``data`` (any bytes-like object) into the ring; return its sequence number."""
@@ -230,8 +218,7 @@ class Channel:
         self.closed = True
         for sub in list(self._subs):
             sub.close()
-        for sem in self._sems.values():
-            sem.close()
+        self._wakeups.close()
         if self._fork_gen == fork_generation() and not self._client.closed:
             try:
                 self._client.request("close", name=self.name)
@@ -278,7 +265,6 @@ class Subscription:
         self._ro = channel._view.mv.toreadonly()
         self._spin_max = spin_us / 1e6
         self._spin = self._spin_max
-        self._held = position   # start of the frame most recently handed out
         self.closed = False
 
     @property
@@ -304,8 +290,9 @@ class Subscription:
         return self._view.link_state()
 
     def _release(self, msg: Message) -> None:
-        if msg._end > self._held and self._reader.position >= msg._end:
-            self._held = msg._end
+        # Only the message handed out last still holds its frame (the next take() released the
+        # earlier ones); releasing it early lets the publisher reuse the frame now.
+        if msg._end == self._reader.position:
             self._reader.release_to(msg._end)
 
     def receive_nowait(self) -> Message | None:
@@ -317,19 +304,14 @@ class Subscription:
         if got is None:
             return None
         pos, off, length, seq, lost = got
-        self._held = pos
         return Message(self, self._ro[off:off + length], seq, lost, pos, self._reader.position)
 
     def receive(self, timeout: float | None = None) -> Message:
         """Block until a message arrives (at most ``timeout`` seconds; None = forever)."""
-        if self.closed:
-            self._closed()
-        got = self._reader.take()
-        if got is None:
-            return self._wait(timeout, self.receive_nowait)
-        pos, off, length, seq, lost = got
-        self._held = pos
-        return Message(self, self._ro[off:off + length], seq, lost, pos, self._reader.position)
+        msg = self.receive_nowait()
+        if msg is None:
+            msg = self._wait(timeout, self.receive_nowait)
+        return msg
 
     def receive_bytes(self, timeout: float | None = None) -> bytes:
         """Copy path: the next message's bytes, released to the publisher at once.

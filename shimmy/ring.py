@@ -35,8 +35,6 @@ import os
 import secrets
 import struct
 import time
-from typing import Callable
-
 import posix_ipc
 
 from shimmy.errors import BackpressureTimeout, ChannelClosed, MessageTooLarge, RingCorrupted
@@ -174,36 +172,65 @@ def segment_size(capacity: int, max_subscribers: int) -> int:
     return data_offset(max_subscribers) + capacity
 
 
-class RingView:
-    """A process's mapping of one ring plus typed views of its words.
+class SegmentView:
+    """A process's mapping of one of the daemon's segments (a pub/sub ring or a byte stream)
+    plus typed views of its words, validated against the segment kind's header.
 
     ``q`` views the mapping as u64 words, ``u32`` as u32 words; index = byte offset // width.
     Aligned 8-byte loads and stores through a ``memoryview.cast("Q")`` compile to one ``mov`` on
     x86-64 and are single-copy atomic there (see docs/ring-format.md for the full argument).
+    Both kinds keep magic (+0), version (+8), capacity (+16), retired (+40) and name (+64) at the
+    same offsets; where the data area starts is a u32 at ``DATA_OFFSET_AT``.
     """
+
+    KIND = "ring"
+    MAGIC = MAGIC
+    LAYOUT_VERSION = LAYOUT_VERSION
+    DATA_OFFSET_AT = OFF_DATA_OFFSET
 
     def __init__(self, mm: mmap.mmap):
         self.mm = mm
         self.mv = memoryview(mm)
         self.q = self.mv.cast("Q")
         self.u32 = self.mv.cast("I")
-        if len(mm) < CONTROL_SIZE or self.q[OFF_MAGIC // 8] != MAGIC:
-            raise RingCorrupted("shared-memory segment is not a Shimmy ring (bad magic)")
+        try:
+            self._validate()
+        except RingCorrupted:
+            self.release()
+            raise
+
+    def _validate(self) -> None:
+        kind = self.KIND
+        if len(self.mm) < CONTROL_SIZE or self.q[OFF_MAGIC // 8] != self.MAGIC:
+            raise RingCorrupted(f"shared-memory segment is not a Shimmy {kind} (bad magic)")
         version = self.u32[OFF_VERSION // 4]
-        if version != LAYOUT_VERSION:
-            raise RingCorrupted(f"ring layout version {version}, this library speaks {LAYOUT_VERSION}")
-        self.mode = self.u32[OFF_MODE // 4]
+        if version != self.LAYOUT_VERSION:
+            raise RingCorrupted(f"{kind} layout version {version}, this library speaks "
+                                f"{self.LAYOUT_VERSION}")
         self.capacity = self.q[OFF_CAPACITY // 8]
-        self.max_subscribers = self.u32[OFF_MAX_SUBS // 4]
-        self.data_offset = self.u32[OFF_DATA_OFFSET // 4]
-        if len(mm) != self.data_offset + self.capacity:
-            raise RingCorrupted(f"ring segment is {len(mm)} bytes, header says "
+        self.data_offset = self.u32[self.DATA_OFFSET_AT // 4]
+        if len(self.mm) != self.data_offset + self.capacity:
+            raise RingCorrupted(f"{kind} segment is {len(self.mm)} bytes, header says "
                                 f"{self.data_offset + self.capacity}")
         n = self.u32[OFF_NAME // 4]
         self.name = bytes(self.mv[OFF_NAME + 4:OFF_NAME + 4 + n]).decode()
 
     def retired(self) -> bool:
         return self.q[OFF_RETIRED // 8] != 0
+
+    def release(self) -> None:
+        """Drop the typed views; the mapping can then be closed."""
+        for view in (self.u32, self.q, self.mv):
+            view.release()
+
+
+class RingView(SegmentView):
+    """A mapped pub/sub ring (layout in the module docstring)."""
+
+    def _validate(self) -> None:
+        super()._validate()
+        self.mode = self.u32[OFF_MODE // 4]
+        self.max_subscribers = self.u32[OFF_MAX_SUBS // 4]
 
     def link_state(self) -> str:
         """'local', 'up' or 'down': the peer link feeding this ring (daemon-written word)."""
@@ -218,11 +245,6 @@ class RingView:
 
     def slot_pid(self, slot: int) -> int:
         return self.u32[(CONTROL_SIZE + slot * SLOT_SIZE + 16) // 4]
-
-    def release(self) -> None:
-        """Drop the typed views; the mapping can then be closed."""
-        for view in (self.u32, self.q, self.mv):
-            view.release()
 
 
 def format_ring(mm: mmap.mmap, name: str, mode: int, capacity: int, max_subscribers: int) -> None:
@@ -312,20 +334,72 @@ def stream_point(view: RingView, oldest: bool = False) -> tuple[int, int]:
     raise RingCorrupted(f"ring {view.name!r}: could not find a consistent tail")
 
 
+class Wakeups:
+    """Posts the semaphores of a ring's sleeping subscribers, for whichever process writes the
+    ring (the publisher's RingWriter, or a replica's MirrorReplica in the daemon).
+
+    A waiting byte holds its sleeper's epoch (1..255, new on every arming), and each epoch is
+    posted once: a subscriber that wakes and sleeps again is always seen as new, while one that
+    has not run yet is not posted again by every commit (each post to a sleeping futex is a
+    syscall).  ``posted_w0`` is the first waiting word as of the last scan; the writer's commit
+    path compares the live word with it and calls :meth:`wake` only when they differ (or the
+    daemon's wide byte says slots past the first word exist).
+    """
+
+    def __init__(self, view: RingView, sem_prefix: str):
+        self.v = view
+        self._sem_prefix = sem_prefix
+        self._posted = bytearray(view.max_subscribers)
+        self.posted_w0 = 0
+        self._sems: dict[int, posix_ipc.Semaphore] = {}
+
+    def wake(self) -> None:
+        """Post every subscriber asleep on an epoch not posted yet."""
+        high = self.v.u32[I_SLOT_HIGH]
+        flags = bytes(self.v.mv[OFF_WAITING:OFF_WAITING + high + 1])  # + the wide byte
+        posted = self._posted
+        for slot in range(high):
+            epoch = flags[slot + (slot >= 7)]
+            if epoch and epoch != posted[slot]:
+                posted[slot] = epoch
+                self.post(slot)
+        self.posted_w0 = int.from_bytes(flags[:8].ljust(8, b"\0"), "little")
+
+    def post_all(self) -> None:
+        """Post every slot, asleep or not (something every subscriber must re-check changed)."""
+        for slot in range(self.v.u32[I_SLOT_HIGH]):
+            self.post(slot)
+
+    def post(self, slot: int) -> None:
+        sem = self._sems.get(slot)
+        if sem is None:
+            try:
+                sem = posix_ipc.Semaphore(self._sem_prefix + str(slot))
+            except posix_ipc.ExistentialError:
+                return  # never handed out, or gone with its channel
+            self._sems[slot] = sem
+        sem.release()
+
+    def close(self) -> None:
+        for sem in self._sems.values():
+            try:
+                sem.close()
+            except posix_ipc.Error:
+                pass
+        self._sems.clear()
+
+
 class RingWriter:
     """The one publisher of a ring.  Single-writer: only the process the daemon granted the
     publisher role may construct one; it alone stores tail, head, last and frame bytes.
 
-    ``wake(slot)`` is called for every subscriber whose waiting byte is set after a commit.
+    ``wakeups`` posts the subscribers found asleep after a commit.
     """
 
-    def __init__(self, view: RingView, wake: Callable[[int], None], backoff_max: float = 0.001):
+    def __init__(self, view: RingView, wakeups: Wakeups, backoff_max: float = 0.001):
         self.v = view
         self._mm = view.mm
-        # Sleep epochs already posted, per slot, and the first waiting word they add up to: a
-        # subscriber asleep on epoch e gets one post, not one per commit until it wakes.
-        self._posted = bytearray(view.max_subscribers)
-        self._posted_w0 = 0
+        self._wakeups = wakeups
         self._mv = view.mv
         self._q = view.q
         self._cap = view.capacity
@@ -333,8 +407,6 @@ class RingWriter:
         self._base = view.data_offset
         self._reliable = view.mode == MODE_RELIABLE
         self.max_message = max_message_size(view.capacity)
-        self._wake = wake
-        self._u32 = view.u32
         self._backoff_max = backoff_max
         # The publisher role may move between processes over time (one at a time); it resumes
         # from the words its predecessor committed.
@@ -375,8 +447,8 @@ class RingWriter:
         except OSError:
             _fence_overflowed()
         w = q[W_WAITING0]
-        if w and (w != self._posted_w0 or w >= WIDE_BIT):
-            self._wake_waiters()
+        if w and (w != self._wakeups.posted_w0 or w >= WIDE_BIT):
+            self._wakeups.wake()
         return seq
 
     def claim(self, n: int, timeout: float | None) -> memoryview:
@@ -435,8 +507,8 @@ class RingWriter:
         # both loads see the old values.
         fence()
         w = q[W_WAITING0]
-        if w and (w != self._posted_w0 or w >= WIDE_BIT):
-            self._wake_waiters()
+        if w and (w != self._wakeups.posted_w0 or w >= WIDE_BIT):
+            self._wakeups.wake()
         return seq
 
     # -- slow paths ---------------------------------------------------------------------------
@@ -445,23 +517,6 @@ class RingWriter:
             f"message of {n} bytes exceeds the largest message {self.max_message} bytes of channel "
             f"{self.v.name!r} (capacity {self._cap} bytes: largest = capacity/2 - {HEADER})"
         )
-
-    def _wake_waiters(self) -> None:
-        """Post the semaphore of every subscriber asleep on an epoch not posted yet.
-
-        A waiting byte holds the sleeper's epoch (1..255, new on every arming), so a subscriber
-        that wakes and sleeps again is always seen as new, while one that has not woken yet is
-        not posted again by every commit (each post is a futex syscall while it sleeps).
-        """
-        high = self._u32[I_SLOT_HIGH]
-        flags = bytes(self._mv[OFF_WAITING:OFF_WAITING + high + 1])  # + the wide byte
-        posted = self._posted
-        for slot in range(high):
-            epoch = flags[slot + (slot >= 7)]
-            if epoch and epoch != posted[slot]:
-                posted[slot] = epoch
-                self._wake(slot)
-        self._posted_w0 = int.from_bytes(flags[:8].ljust(8, b"\0"), "little")
 
     def min_position(self) -> int:
         """Slowest ACTIVE subscriber position, or tail when there is none."""
@@ -604,34 +659,11 @@ class RingReader:
         without advancing the expected sequence number, so the next message's loss counts it:
         this never returns torn bytes and never raises for it.
         """
-        p = self.position
-        if p == self._tail:
-            t = self._q[W_TAIL]               # SYNC POINT (acquire), as in take
-            if t == p:
-                return None
-            self._tail = t
-        q = self._q
-        off = self._base + (p & self._mask)
-        length, flags, seq = _unpack_frame(self._mv, off)
-        if flags or q[W_HEAD] > p:            # PAD frame, or lapped: the general loop
-            return self._take_bytes_slow()
-        start = off + HEADER
-        data = self._mm[start:start + length]   # one copy, straight into a bytes object
-        end = self.position = p + ((length + HEADER + 15) & ~15)
-        if q[W_HEAD] > p:                     # SYNC POINT (validate payload): overwritten
-            return self._take_bytes_slow()
-        q[self._pos_word] = end               # SYNC POINT (consumption): copied, release it
-        if seq != self._expect:
-            self.lost_total += seq - self._expect
-        self._expect = seq + 1
-        return data
-
-    def _take_bytes_slow(self):
         q = self._q
         while True:
             p = self.position
             if p == self._tail:
-                t = q[W_TAIL]
+                t = q[W_TAIL]                 # SYNC POINT (acquire), as in take
                 if t == p:
                     return None
                 self._tail = t
@@ -645,11 +677,11 @@ class RingReader:
                 self.position = p + length + HEADER
                 continue
             start = off + HEADER
-            data = self._mm[start:start + length]
+            data = self._mm[start:start + length]   # one copy, straight into a bytes object
             end = self.position = p + ((length + HEADER + 15) & ~15)
-            if q[W_HEAD] > p:
-                continue                      # overwritten while copied: counted by the next
-            q[self._pos_word] = end
+            if q[W_HEAD] > p:                 # SYNC POINT (validate payload): overwritten
+                continue                      # while copied: counted by the next message
+            q[self._pos_word] = end           # SYNC POINT (consumption): copied, release it
             if seq != self._expect:
                 self.lost_total += seq - self._expect
             self._expect = seq + 1

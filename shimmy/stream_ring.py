@@ -57,8 +57,9 @@ from typing import Callable
 
 import posix_ipc
 
-from shimmy.errors import (BackpressureTimeout, InvalidArgument, ReceiveTimeout, RingCorrupted,
+from shimmy.errors import (BackpressureTimeout, InvalidArgument, ReceiveTimeout,
                            StreamBroken)
+from shimmy.ring import SegmentView
 
 MAGIC = 0x4D525453594D4853  # b"SHMYSTRM" read as a little-endian u64
 LAYOUT_VERSION = 1
@@ -120,40 +121,19 @@ def format_stream(mm: mmap.mmap, name: str, capacity: int) -> None:
     mv.release()
 
 
-class StreamView:
-    """A process's mapping of one stream segment plus a u64 view of its words."""
+class StreamView(SegmentView):
+    """A process's mapping of one stream segment (validation and views: ``SegmentView``)."""
 
-    def __init__(self, mm: mmap.mmap):
-        self.mm = mm
-        self.mv = memoryview(mm)
-        self.q = self.mv.cast("Q")
-        self.u32 = self.mv.cast("I")
-        if len(mm) < CONTROL_SIZE or self.q[OFF_MAGIC // 8] != MAGIC:
-            self.release()
-            raise RingCorrupted("shared-memory segment is not a Shimmy stream (bad magic)")
-        version = self.u32[OFF_VERSION // 4]
-        if version != LAYOUT_VERSION:
-            self.release()
-            raise RingCorrupted(f"stream layout version {version}, this library speaks "
-                                f"{LAYOUT_VERSION}")
-        self.capacity = self.q[OFF_CAPACITY // 8]
-        self.data_offset = self.u32[OFF_DATA_OFFSET // 4]
-        if len(mm) != self.data_offset + self.capacity:
-            self.release()
-            raise RingCorrupted(f"stream segment is {len(mm)} bytes, header says "
-                                f"{self.data_offset + self.capacity}")
-        n = self.u32[OFF_NAME // 4]
-        self.name = bytes(self.mv[OFF_NAME + 4:OFF_NAME + 4 + n]).decode()
+    KIND = "stream"
+    MAGIC = MAGIC
+    LAYOUT_VERSION = LAYOUT_VERSION
+    DATA_OFFSET_AT = OFF_DATA_OFFSET
 
     def word(self, off: int) -> int:
         return self.q[off // 8]
 
     def pid(self, role: str) -> int:
         return self.u32[(OFF_W_PID if role == "writer" else OFF_R_PID) // 4]
-
-    def release(self) -> None:
-        for view in (self.u32, self.q, self.mv):
-            view.release()
 
 
 # -- daemon side ---------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ MIN_KEY = 16
 
 
 class PeerRefused(Exception):
-    """A peer failed the handshake; ``reason`` is 'auth' or 'protocol'."""
+    """A peer failed the handshake; ``reason`` is 'auth', 'protocol', or 'self' (the other end
+    is this very daemon, as when a discovered address turns out to be our own)."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)

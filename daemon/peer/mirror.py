@@ -221,8 +221,7 @@ class MirrorReplica(ReplicaSink):
         self.fed = False                 # has a source ever positioned this ring
         self.same_from = 0               # from here on our frame boundaries equal the source's
         self.on_commit = None            # called after every commit (wakes the credit loop)
-        self.sem_prefix = sem_prefix
-        self._sems: dict[int, posix_ipc.Semaphore] = {}
+        self.wakeups = ring.Wakeups(view, sem_prefix)
         self.stats = {"bytes": 0, "batches": 0, "messages": 0, "gaps": 0, "gap_bytes": 0,
                       "torn_padded": 0}
         self._seq_end: int | None = None
@@ -363,29 +362,11 @@ class MirrorReplica(ReplicaSink):
         q[ring.OFF_TAIL // 8] = tail
         # SYNC POINT (wake-up, Dekker pair with Subscription._wait), as RingWriter._commit.
         fence()
-        self.wake_all(only_waiting=True)
+        w = q[ring.W_WAITING0]
+        if w and (w != self.wakeups.posted_w0 or w >= ring.WIDE_BIT):
+            self.wakeups.wake()
         if self.on_commit is not None:
             self.on_commit()
-
-    def wake_all(self, only_waiting: bool = False) -> None:
-        v = self.v
-        high = v.u32[ring.OFF_SLOT_HIGH // 4]
-        if not high:
-            return
-        flags = self.mv[ring.OFF_WAITING:ring.OFF_WAITING + high + 1]  # + the wide byte
-        try:
-            for slot in range(high):
-                if flags[ring.waiting_offset(slot) - ring.OFF_WAITING] or not only_waiting:
-                    sem = self._sems.get(slot)
-                    if sem is None:
-                        try:
-                            sem = posix_ipc.Semaphore(self.sem_prefix + str(slot))
-                        except posix_ipc.ExistentialError:
-                            continue
-                        self._sems[slot] = sem
-                    sem.release()
-        finally:
-            flags.release()
 
     def set_link(self, state: int, bump: bool = False) -> None:
         u32 = self.v.u32
@@ -394,12 +375,7 @@ class MirrorReplica(ReplicaSink):
         u32[ring.OFF_LINK // 4] = state
 
     def close(self) -> None:
-        for sem in self._sems.values():
-            try:
-                sem.close()
-            except posix_ipc.Error:
-                pass
-        self._sems.clear()
+        self.wakeups.close()
 
     def describe(self) -> dict:
         return {"tail": self.tail, "head": self.head, "consumed": self.consumed(),

@@ -183,6 +183,9 @@ class PeerService:
 
     # -- connections (threads) ---------------------------------------------------------------------
     def _refused(self, who: str, exc: Exception, reason: str) -> None:
+        if reason == "self":  # our own discovered address dialed us: expected, not an attack
+            log.info("peer connection from %s is this daemon itself; closed", who)
+            return
         key = {"auth": "auth_failures", "size": "refused_sizes"}.get(reason, "protocol_errors")
         self.counters[key] += 1
         log.warning("peer refused %s: %s: %s", who, reason, exc)
@@ -237,7 +240,7 @@ class PeerService:
 
     def _check_remote(self, remote: str) -> None:
         if remote == self.node:
-            raise auth.PeerRefused("protocol", f"peer uses our own node name {remote!r}")
+            raise auth.PeerRefused("self", f"peer uses our own node name {remote!r}")
         if len(self.links) >= self.s.peer_max_links:
             raise auth.PeerRefused("protocol", f"peer_max_links={self.s.peer_max_links} links up")
 
@@ -280,8 +283,8 @@ class PeerService:
                 self._run_link(sock, remote, text, dialed=True)
             except auth.PeerRefused as exc:
                 self._refused(text, exc, exc.reason)
-                if "our own node name" in str(exc):
-                    return  # we dialed ourselves (DNS discovery without a known own address)
+                if exc.reason == "self":
+                    return  # DNS discovery without a known own address found ourselves
             except OSError as exc:
                 log.debug("peer %s unreachable: %s", text, exc)
             finally:
@@ -600,7 +603,7 @@ class PeerService:
         entry.link = None
         entry.state = "idle"
         entry.sink.set_link(ring.LINK_DOWN, bump=reconnect)
-        entry.sink.wake_all()
+        entry.sink.wakeups.post_all()   # subscribers re-read the link state
 
     def is_replica(self, name: str) -> bool:
         return name in self.replicas
