@@ -62,15 +62,20 @@ def _raw_tx(port, size, count):
     s.close()
 
 
-def raw_tcp(size: int, count: int) -> float:
+def _one_way(rx_target, rx_args, tx_target, tx_args) -> float:
+    """Receiver first (it reports its port), then the sender; seconds the receiver measured."""
     port_q, res_q = mp.Queue(), mp.Queue()
-    rx = mp.Process(target=_raw_rx, args=(port_q, res_q, size, count))
+    rx = mp.Process(target=rx_target, args=(port_q, res_q, *rx_args))
     rx.start()
-    tx = mp.Process(target=_raw_tx, args=(port_q.get(), size, count))
+    tx = mp.Process(target=tx_target, args=(port_q.get(timeout=30), *tx_args))
     tx.start()
     dt = res_q.get(timeout=300)
     tx.join(), rx.join()
     return dt
+
+
+def raw_tcp(size: int, count: int) -> float:
+    return _one_way(_raw_rx, (size, count), _raw_tx, (size, count))
 
 
 def _zmq_rx(port_q, res_q, count):
@@ -99,14 +104,7 @@ def _zmq_tx(port, size, count):
 
 
 def zmq_tcp(size: int, count: int) -> float:
-    port_q, res_q = mp.Queue(), mp.Queue()
-    rx = mp.Process(target=_zmq_rx, args=(port_q, res_q, count))
-    rx.start()
-    tx = mp.Process(target=_zmq_tx, args=(port_q.get(), size, count))
-    tx.start()
-    dt = res_q.get(timeout=300)
-    tx.join(), rx.join()
-    return dt
+    return _one_way(_zmq_rx, (count,), _zmq_tx, (size, count))
 
 
 def _shimmy_rx(sock, name, ready_q, res_q, count):

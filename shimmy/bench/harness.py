@@ -253,6 +253,20 @@ class Worker:
             _live.remove(self)
 
 
+def run_pair(first: "Worker", second: "Worker", module: str, first_func: str, second_func: str,
+             first_kw: dict, second_kw: dict, seconds: float) -> tuple[dict, dict]:
+    """One two-sided measurement: start ``first`` (the side that listens or receives), then
+    ``second`` with the address ``first`` reported, release both at once, and return
+    ``(second's result, first's result)``."""
+    first.start_call(module, first_func, **first_kw)
+    address = first.wait_ready()
+    second.start_call(module, second_func, address=address, **second_kw)
+    second.wait_ready()
+    first.go()
+    second.go()
+    return second.result(timeout=seconds + 60), first.result(timeout=60)
+
+
 def close_all(workers) -> None:
     for w in workers:
         try:

@@ -156,16 +156,13 @@ def profile_throughput(size: int = 64, seconds: float = 1.0, zero_copy: bool = F
     try:
         opts = {"daemon": daemon.socket, "capacity": None, "zero_copy": zero_copy}
         name = f"bench/prof/{size}"
-        rx.start_call("shimmy.bench.micro", "profiled", target_module="shimmy.bench.throughput", target_func="receiver",
-                      transport="shimmy", name=name, opts=opts)
-        rx.wait_ready()
-        tx.start_call("shimmy.bench.micro", "profiled", target_module="shimmy.bench.throughput", target_func="sender",
-                      transport="shimmy", name=name, opts=opts, size=size, seconds=seconds)
-        tx.wait_ready()
-        rx.go()
-        tx.go()
-        s = tx.result(timeout=seconds + 60)
-        r = rx.result(timeout=60)
+        common = dict(transport="shimmy", name=name, opts=opts)
+        s, r = harness.run_pair(rx, tx, "shimmy.bench.micro", "profiled", "profiled",
+                                dict(target_module="shimmy.bench.throughput",
+                                     target_func="receiver", **common),
+                                dict(target_module="shimmy.bench.throughput",
+                                     target_func="sender", size=size, seconds=seconds, **common),
+                                seconds)
         rate = r["result"]["n"] / r["result"]["elapsed_s"]
         return (f"shimmy throughput {size} B zero_copy={zero_copy}: {rate:,.0f} msgs/s under "
                 f"cProfile\n--- sender ---\n{s['profile']}\n--- receiver ---\n{r['profile']}")

@@ -35,14 +35,6 @@ def variants(ctx) -> list[dict]:
     return out
 
 
-def link_opts(ctx, v: dict, size: int) -> dict:
-    opts = dict(v["opts"])
-    if v["transport"] == "shimmy":
-        opts["daemon"] = ctx.daemon
-        opts["capacity"] = ctx.capacity_for(size)
-    return opts
-
-
 # -- worker side --------------------------------------------------------------------------------
 
 def server(ctl, transport: str, name: str, opts: dict):
@@ -103,17 +95,12 @@ def client(ctl, transport: str, name: str, opts: dict, size: int, seconds: float
 def measure(ctx, v, pair, size: int, rep: int) -> dict:
     cli, srv = pair
     name = f"bench/pp/{v['variant']}/{size}"
-    opts = link_opts(ctx, v, size)
+    opts = ctx.link_opts(v, size)
     warmup = 20 if size >= 1 << 20 else 300
-    srv.start_call(__name__, "server", transport=v["transport"], name=name, opts=opts)
-    address = srv.wait_ready()
-    cli.start_call(__name__, "client", transport=v["transport"], name=name, opts=opts, size=size,
-                   seconds=ctx.seconds, warmup=warmup, address=address)
-    cli.wait_ready()
-    srv.go()
-    cli.go()
-    c = cli.result(timeout=ctx.seconds + 60)
-    s = srv.result(timeout=30)
+    c, s = harness.run_pair(srv, cli, __name__, "server", "client",
+                            dict(transport=v["transport"], name=name, opts=opts),
+                            dict(transport=v["transport"], name=name, opts=opts, size=size,
+                                 seconds=ctx.seconds, warmup=warmup), ctx.seconds)
     c["server_cpu_s"] = s["cpu_s"]
     c["server_n"] = s["n"]
     return c

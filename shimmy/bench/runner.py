@@ -56,6 +56,14 @@ class Context:
         need = 8 * (size + 16)
         return 1 << (need - 1).bit_length()
 
+    def link_opts(self, variant: dict, size: int) -> dict:
+        """A suite variant's link options, plus the daemon and ring size for shimmy links."""
+        opts = dict(variant["opts"])
+        if variant["transport"] == "shimmy":
+            opts["daemon"] = self.daemon
+            opts["capacity"] = self.capacity_for(size)
+        return opts
+
     def log(self, text: str) -> None:
         if self.verbose:
             print(text, file=sys.stderr, flush=True)

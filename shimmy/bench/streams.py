@@ -175,18 +175,13 @@ def run(ctx) -> dict:
                     name = f"bench/stream/{k}"
                     path = os.path.join(tmp, f"s{k}")
                     try:
-                        rd.start_call(__name__, "reader", transport=v["transport"],
-                                      variant=v["variant"], name=name, chunk=chunk,
-                                      daemon=ctx.daemon, path=path)
-                        address = rd.wait_ready()
-                        wr.start_call(__name__, "writer", transport=v["transport"],
-                                      variant=v["variant"], name=name, chunk=chunk,
-                                      daemon=ctx.daemon, seconds=ctx.seconds, address=address)
-                        wr.wait_ready()
-                        rd.go()
-                        wr.go()
-                        w = wr.result(timeout=ctx.seconds + 60)
-                        r = rd.result(timeout=60)
+                        w, r = harness.run_pair(
+                            rd, wr, __name__, "reader", "writer",
+                            dict(transport=v["transport"], variant=v["variant"], name=name,
+                                 chunk=chunk, daemon=ctx.daemon, path=path),
+                            dict(transport=v["transport"], variant=v["variant"], name=name,
+                                 chunk=chunk, daemon=ctx.daemon, seconds=ctx.seconds),
+                            ctx.seconds)
                         if r["bytes"] != w["bytes"]:
                             raise harness.BenchError(f"wrote {w['bytes']} B, read {r['bytes']} B")
                         reps.setdefault((key, chunk), []).append({"w": w, "r": r})

@@ -33,14 +33,6 @@ def variants(ctx) -> list[dict]:
     ]
 
 
-def link_opts(ctx, v: dict, size: int) -> dict:
-    opts = dict(v["opts"])
-    if v["transport"] == "shimmy":
-        opts["daemon"] = ctx.daemon
-        opts["capacity"] = ctx.capacity_for(size)
-    return opts
-
-
 # -- worker side --------------------------------------------------------------------------------
 
 def receiver(ctl, transport: str, name: str, opts: dict):
@@ -91,16 +83,11 @@ def sender(ctl, transport: str, name: str, opts: dict, size: int, seconds: float
 def measure(ctx, v, pair, size: int) -> dict:
     tx, rx = pair
     name = f"bench/tp/{v['variant'].replace('+', '_').replace('/', '_')}/{size}"
-    opts = link_opts(ctx, v, size)
-    rx.start_call(__name__, "receiver", transport=v["transport"], name=name, opts=opts)
-    address = rx.wait_ready()
-    tx.start_call(__name__, "sender", transport=v["transport"], name=name, opts=opts, size=size,
-                  seconds=ctx.seconds, address=address)
-    tx.wait_ready()
-    rx.go()
-    tx.go()
-    s = tx.result(timeout=ctx.seconds + 60)
-    r = rx.result(timeout=60)
+    opts = ctx.link_opts(v, size)
+    s, r = harness.run_pair(rx, tx, __name__, "receiver", "sender",
+                            dict(transport=v["transport"], name=name, opts=opts),
+                            dict(transport=v["transport"], name=name, opts=opts, size=size,
+                                 seconds=ctx.seconds), ctx.seconds)
     if r["n"] != s["n"]:
         raise harness.BenchError(f"{v['label']} {size} B: sent {s['n']}, received {r['n']}")
     return {"n": r["n"], "rx_elapsed_s": r["elapsed_s"], "tx_elapsed_s": s["elapsed_s"],
