@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import zlib
 
 import pytest
@@ -195,11 +196,7 @@ def cluster():
     from shimmy.daemon.peer.auth import random_key_file
     random_key_file(key)
 
-    class C:
-        pass
-    c = C()
-    c.key = key
-    c.dir = keydir
+    c = types.SimpleNamespace(key=key, dir=keydir)
 
     def node(name, *args, key_file=None):
         n = Node(name, key_file or key, "--log-level", "info", *args).start()
