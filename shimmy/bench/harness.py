@@ -267,6 +267,28 @@ def run_pair(first: "Worker", second: "Worker", module: str, first_func: str, se
     return second.result(timeout=seconds + 60), first.result(timeout=60)
 
 
+def repeat_measurements(ctx, suite: str, variants: list[dict], pairs: dict, measure) -> tuple:
+    """Run ``measure(v, pair, size, rep)`` for every repetition, size and variant, interleaved
+    (so a noisy moment hits every peer alike).  A variant that fails once is dropped from the
+    rest of the run and its workers closed.  Returns ``(runs by (key, size), failures)``."""
+    reps: dict = {}
+    failed: dict = {}
+    for rep in range(ctx.reps):
+        for size in ctx.sizes:
+            for v in variants:
+                key = (v["transport"], v["variant"])
+                if " ".join(key) in failed:
+                    continue
+                try:
+                    reps.setdefault((key, size), []).append(measure(v, pairs[key], size, rep))
+                except BenchError as exc:
+                    failed[" ".join(key)] = str(exc)[-2000:]
+                    ctx.log(f"  {suite} {v['label']} failed: {str(exc)[-300:]}")
+                    close_all(pairs[key])
+            ctx.log(f"  {suite} rep {rep + 1}/{ctx.reps} size {size} done")
+    return reps, failed
+
+
 def close_all(workers) -> None:
     for w in workers:
         try:

@@ -108,27 +108,15 @@ def measure(ctx, v, pair, size: int, rep: int) -> dict:
 
 def run(ctx) -> dict:
     vs = variants(ctx)
-    results, failed = [], {}
-    pairs = {}
+    results, failed, pairs = [], {}, {}
     try:
         for v in vs:
             key = (v["transport"], v["variant"])
             pairs[key] = (harness.Worker(f"pp-client-{key[0]}-{key[1]}", ctx.cpu_a),
                           harness.Worker(f"pp-server-{key[0]}-{key[1]}", ctx.cpu_b))
-        reps: dict = {}
-        for rep in range(ctx.reps):
-            for size in ctx.sizes:
-                for v in vs:
-                    key = (v["transport"], v["variant"])
-                    if " ".join(key) in failed:
-                        continue
-                    try:
-                        reps.setdefault((key, size), []).append(measure(ctx, v, pairs[key], size, rep))
-                    except harness.BenchError as exc:
-                        failed[" ".join(key)] = str(exc)[-2000:]
-                        ctx.log(f"  pingpong {v['label']} failed: {str(exc)[-300:]}")
-                        harness.close_all(pairs[key])
-                ctx.log(f"  pingpong rep {rep + 1}/{ctx.reps} size {size} done")
+        reps, failed = harness.repeat_measurements(
+            ctx, "pingpong", vs, pairs,
+            lambda v, pair, size, rep: measure(ctx, v, pair, size, rep))
         for v in vs:
             key = (v["transport"], v["variant"])
             for size in ctx.sizes:

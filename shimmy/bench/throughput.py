@@ -96,25 +96,15 @@ def measure(ctx, v, pair, size: int) -> dict:
 
 def run(ctx) -> dict:
     vs = variants(ctx)
-    results, failed, pairs, reps = [], {}, {}, {}
+    results, failed, pairs = [], {}, {}
     try:
         for v in vs:
             key = (v["transport"], v["variant"])
             pairs[key] = (harness.Worker(f"tp-tx-{key[0]}", ctx.cpu_a),
                           harness.Worker(f"tp-rx-{key[0]}", ctx.cpu_b))
-        for rep in range(ctx.reps):
-            for size in ctx.sizes:
-                for v in vs:
-                    key = (v["transport"], v["variant"])
-                    if " ".join(key) in failed:
-                        continue
-                    try:
-                        reps.setdefault((key, size), []).append(measure(ctx, v, pairs[key], size))
-                    except harness.BenchError as exc:
-                        failed[" ".join(key)] = str(exc)[-2000:]
-                        ctx.log(f"  throughput {v['label']} failed: {str(exc)[-300:]}")
-                        harness.close_all(pairs[key])
-                ctx.log(f"  throughput rep {rep + 1}/{ctx.reps} size {size} done")
+        reps, failed = harness.repeat_measurements(
+            ctx, "throughput", vs, pairs,
+            lambda v, pair, size, rep: measure(ctx, v, pair, size))
         med = harness.median
         for v in vs:
             key = (v["transport"], v["variant"])
