@@ -225,7 +225,7 @@ def _stream_waiter(end, waiting_off: int, sem_index: int, ready):
     word = waiting_off // 8
     cursor_ready = ready
 
-    def ready():
+    def closed_aware_ready():
         try:
             return cursor_ready()
         except ValueError:
@@ -246,7 +246,7 @@ def _stream_waiter(end, waiting_off: int, sem_index: int, ready):
     def gone():
         return end.closed
 
-    return ("shimmy-aio-stream", sem, waiting_set, waiting_clear, ready, gone)
+    return ("shimmy-aio-stream", sem, waiting_set, waiting_clear, closed_aware_ready, gone)
 
 
 def _reader_state(reader) -> int:
@@ -291,7 +291,7 @@ async def stream_read_async(reader, size: int = -1, timeout: float | None = None
     """Up to ``size`` bytes (-1: to end of stream); b"" at end of stream."""
     deadline = None if timeout is None else time.monotonic() + timeout
     if size is None or size < 0:
-        parts = []
+        parts: list[bytes] = []
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0)
             chunk = await stream_read_async(reader, reader.capacity, left)

@@ -67,6 +67,7 @@ class BackpressureTimeout(ShimmyError, TimeoutError):
     """A reliable publisher waited its bound for slow subscribers and gave up."""
 
     code = "backpressure_timeout"
+    written = 0  # stream writes: the bytes that went in before the timeout
 
 
 class ReceiveTimeout(ShimmyError, TimeoutError):

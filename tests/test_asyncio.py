@@ -108,12 +108,12 @@ def test_async_for_10000_messages_keeps_the_loop_responsive(daemon):
                             got += 1
                             if got == n:
                                 break
-            except TimeoutError:
+            except TimeoutError as exc:
                 pub.kill()
                 out, err = pub.communicate(timeout=10)
                 raise AssertionError(f"stuck after {got} messages; publisher rc={pub.returncode} "
                                      f"stderr: {err[-2000:]} sub state: tail="
-                                     f"{sub._view.q[320 // 8]} pos={sub._reader.position}")
+                                     f"{sub._view.q[320 // 8]} pos={sub._reader.position}") from exc
             finish(pub)
             return got, ticker
 

@@ -40,7 +40,7 @@ def wait_file(path, timeout=15.0):
 def start_subscribers(daemon, tmp_path, channel, n, *args):
     """Start n subscriber processes and wait until each has subscribed (ready file)."""
     procs = []
-    for i in range(n):
+    for _ in range(n):
         ready = str(tmp_path / f"sub-{len(list(tmp_path.glob('*.ready')))}.ready")
         procs.append(spawn(daemon, "subscribe", channel, *args, ready=ready))
         wait_file(ready)
@@ -252,4 +252,4 @@ def test_every_sleeping_subscriber_of_a_wide_channel_is_woken(daemon):
         assert all(g == list(range(n_msgs)) for g in got)
         assert sum(s.stats()["sleeps"] for s in subs) > n_subs, "subscribers did sleep"
         assert timeouts_after_first == [0] * n_subs, \
-            dict(zip([s.slot for s in subs], timeouts_after_first))
+            dict(zip([s.slot for s in subs], timeouts_after_first, strict=True))
