@@ -31,7 +31,13 @@ def variants(ctx) -> list[dict]:
         dict(transport="zmq-ipc", variant="PAIR", label="ZeroMQ ipc PAIR", opts={}),
         dict(transport="zmq-tcp", variant="PAIR", label="ZeroMQ tcp PAIR", opts={}),
         dict(transport="tcp", variant="raw", label="raw TCP 127.0.0.1", opts={}),
+        dict(transport="udp", variant="datagram", label="UDP 127.0.0.1", opts={},
+             max_size=peers.UDP_MAX),
+        dict(transport="unix", variant="stream", label="unix socket", opts={}),
+        dict(transport="pipe", variant="fifo", label="os.pipe (FIFO)", opts={}),
     ]
+    if ctx.redis_ok:
+        out.append(dict(transport="redis", variant="pub/sub", label="Redis pub/sub", opts={}))
     return out
 
 

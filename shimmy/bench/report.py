@@ -122,7 +122,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     lines = []
     for j, r in enumerate(rows):
         lines.append("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
