@@ -135,7 +135,9 @@ def measure(ctx, v, pub, subs) -> dict:
 def run(ctx) -> dict:
     vs = variants(ctx)
     sub_cpus = report.fanout_sub_cpus(ctx, max(v["subs"] for v in vs))
-    results, failed, reps = [], {}, {}
+    results: list = []
+    failed: dict = {}
+    reps: dict = {}
     pub = harness.Worker("fan-pub", ctx.cpu_a)
     subs = [harness.Worker(f"fan-sub{i}", c) for i, c in enumerate(sub_cpus)]
     workers = [pub] + subs

@@ -32,6 +32,7 @@ import socket
 import struct
 import tempfile
 import time
+from typing import Any
 
 RECV_TIMEOUT = 10.0  # seconds; a benchmark never waits forever for a message
 
@@ -69,9 +70,12 @@ class ShimmyLink:
         tx, rx = _directions(kind, side, name, "/")
         self.address = None
         self.zero_copy = zero_copy
-        self._rx_ch = shimmy.Channel(rx, **opts) if rx else None
-        self.sub = self._rx_ch.subscribe(start="next") if rx else None
-        self.tx_ch = shimmy.Channel(tx, **opts) if tx else None
+        self._rx_ch: Any = None
+        self.sub: Any = None
+        if rx:
+            self._rx_ch = shimmy.Channel(rx, **opts)
+            self.sub = self._rx_ch.subscribe(start="next")
+        self.tx_ch: Any = shimmy.Channel(tx, **opts) if tx else None
         if self.tx_ch is not None:
             self.tx_ch.publish(b"")  # take the publisher role now, not inside the timed loop
         if self.sub is not None:
@@ -224,7 +228,7 @@ class TcpLink(_FramedLink):
 
     def __init__(self, kind: str, side: str, name: str, **_):
         super().__init__()
-        self.sock: socket.socket | None = None
+        self.sock: Any = None
         self.address = None
         self._listener = None
         self._dir = None
@@ -315,7 +319,7 @@ class PipeLink(_FramedLink):
         pass
 
     def send(self, data) -> None:
-        parts = [_LEN.pack(len(data)), memoryview(data).cast("B")]
+        parts: list[Any] = [_LEN.pack(len(data)), memoryview(data).cast("B")]
         total = 4 + len(parts[1])
         done = os.writev(self._wfd, parts)
         while done < total:  # a pipe takes up to its buffer (64 KiB) per call
@@ -353,7 +357,7 @@ class UdpLink:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
         self.address = self.sock.getsockname() if (kind, side) in _BINDS else None
-        self._peer = None
+        self._peer: Any = None
         self._buf = bytearray(UDP_MAX + 1)
         self._view = memoryview(self._buf)
         self._lossy_rx = (kind, side) == ("pipe", "rx")
@@ -425,8 +429,8 @@ class RedisLink:
         name = f"{run}:{name}"
         tx, rx = _directions(kind, side, name, "/")
         self.address = None
-        self._tx = tx
-        self.ps = None
+        self._tx: Any = tx
+        self.ps: Any = None
         if rx:
             self.ps = self.r.pubsub(ignore_subscribe_messages=True)
             self.ps.subscribe(rx)
@@ -479,7 +483,7 @@ class IceoryxLink:
         name = f"{name}_{os.environ.get('SHIMMY_BENCH_RUN', os.getppid())}"
         tx, rx = _directions(kind, side, name, "_")
         self.address = None
-        self._svcs = []
+        self._svcs: list = []
 
         def service(n):
             svc = (self.node.service_builder(iox2.ServiceName.new(n))
@@ -490,10 +494,10 @@ class IceoryxLink:
             self._svcs.append(svc)
             return svc
 
-        self.sub = service(rx).subscriber_builder().create() if rx else None
+        self.sub: Any = service(rx).subscriber_builder().create() if rx else None
         # Block (retry) when a subscriber's buffer is full, like shimmy's reliable mode: the
         # one-way runs check that every message arrived.
-        self.pub = (service(tx).publisher_builder().initial_max_slice_len(max_size)
+        self.pub: Any = (service(tx).publisher_builder().initial_max_slice_len(max_size)
                     .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
                     .create() if tx else None)
 

@@ -20,7 +20,7 @@ MAX_ITERS = 200_000
 
 
 def variants(ctx) -> list[dict]:
-    out = [
+    out: list[dict] = [
         dict(transport="shimmy", variant="default", label="shimmy (default spin)", opts={}),
         dict(transport="shimmy", variant="spin0", label="shimmy spin_us=0", opts={"spin_us": 0}),
     ]
@@ -70,7 +70,7 @@ def client(ctl, transport: str, name: str, opts: dict, size: int, seconds: float
         send(data)
         if len(recv()) != size:
             raise RuntimeError(f"{transport}: echo of wrong size")
-    lat = []
+    lat: list[int] = []
     append = lat.append
     c0 = harness.cpu_seconds()
     t_start = now()

@@ -116,7 +116,7 @@ def _size(text: str) -> int:
 
 
 def machine_info(cpu_list: list[int]) -> dict:
-    info = {"host": platform.node(), "platform": platform.platform(),
+    info: dict = {"host": platform.node(), "platform": platform.platform(),
             "kernel": platform.release(), "python": sys.version.split()[0],
             "cpu_count": os.cpu_count(), "usable_cpus": cpu_list}
     try:
@@ -131,7 +131,7 @@ def machine_info(cpu_list: list[int]) -> dict:
         info["loadavg_at_start"] = os.getloadavg()
     except OSError:
         pass
-    vers = {}
+    vers: dict[str, str | None] = {}
     dists = {"zmq": "pyzmq", "shimmy": "shimmy", "iceoryx2": "iceoryx2", "redis-py": "redis",
              "matplotlib": "matplotlib", "prometheus-client": "prometheus-client",
              "posix_ipc": "posix_ipc", "msgpack": "msgpack"}
@@ -175,7 +175,7 @@ def _start_redis(args, out: dict, log) -> "harness.RedisServer | None":
             why = "redis-py not installed (pip install 'shimmy[bench]')"
     if why is None:
         try:
-            server = harness.RedisServer(binary).start()
+            server = harness.RedisServer(str(binary)).start()
         except harness.BenchError as exc:
             why = str(exc)
         else:
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     json_path = args.json_path or (None if args.report else
                                    os.path.join("bench-results", f"bench-{stamp}.json"))
     command = "shimmy bench " + " ".join(shlex.quote(a) for a in (argv or []))
-    out = {"meta": {"timestamp": stamp, "argv": list(argv or []), "command": command.strip(),
+    out: dict = {"meta": {"timestamp": stamp, "argv": list(argv or []), "command": command.strip(),
                     "nice": os.nice(0),
                     "sizes": args.sizes,
                     "reps": args.reps, "seconds_per_measurement": args.seconds,

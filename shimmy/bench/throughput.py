@@ -23,7 +23,7 @@ REQUIRES = None
 
 
 def variants(ctx) -> list[dict]:
-    out = [
+    out: list[dict] = [
         dict(transport="shimmy", variant="copy", label="shimmy publish/bytes(msg)", opts={}),
         dict(transport="shimmy", variant="loan+view", label="shimmy loan/msg.data",
              opts={"zero_copy": True}),
