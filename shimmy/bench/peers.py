@@ -502,10 +502,16 @@ class IceoryxLink:
                     .create() if tx else None)
 
     def connect(self, address) -> None:
-        pass
+        self._connect()
 
     def accept(self) -> None:
-        pass
+        self._connect()
+
+    def _connect(self) -> None:
+        # Both ends exist by now (the other side said ready): let the publisher see the
+        # subscriber before the first send, or that send reaches nobody.
+        if self.pub is not None:
+            self.pub.update_connections()
 
     def send(self, data) -> None:
         n = len(data)

@@ -97,8 +97,9 @@ def figures(out: dict) -> list[Figure]:
     tp = suites.get("throughput", {}).get("results", [])
     if tp:
         f = Figure("throughput", "One-way throughput by message size", "messages/s", "msg/s",
-                   False, "size", note="UDP counts what arrived (it drops under load); every "
-                   "other system delivered every message (checked).")
+                   False, "size", note="UDP and iceoryx2 count what arrived (both dropped "
+                   "messages here; the loss is shown); every other system delivered every "
+                   "message (checked).")
         for r in tp:
             med, lo, hi = _spread([run["n"] / run["rx_elapsed_s"] for run in r["runs"]])
             loss = r.get("loss_pct") or 0.0
