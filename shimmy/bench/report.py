@@ -19,10 +19,10 @@ def fmt_size(n: int) -> str:
 
 def placement_text(ctx) -> str:
     n = len(ctx.cpus)
-    subs = ", ".join(str(c) for c in fanout_sub_cpus(ctx, 4))
+    order = ", ".join(str(c) for c in fanout_sub_cpus(ctx, n))
     return (f"{n} usable CPU(s); two-sided runs: side A (client/sender) on CPU {ctx.cpu_a}, "
             f"side B (server/receiver) on CPU {ctx.cpu_b}; fan-out: publisher on CPU {ctx.cpu_a}, "
-            f"4 subscribers on CPUs [{subs}] (more processes than cores: they share)")
+            f"subscriber i on CPU [{order}][i mod {n}] (more processes than cores: they share)")
 
 
 def fanout_sub_cpus(ctx, n: int) -> list[int]:
