@@ -375,6 +375,15 @@ def close_all(workers) -> None:
             pass
 
 
+def cleanup_workers() -> None:
+    """Kill every worker this process started (a suite that failed may leave some behind)."""
+    for w in list(_live):
+        try:
+            w.close(timeout=1.0)
+        except Exception:
+            pass
+
+
 def cleanup_all() -> None:
     """Kill every worker and stop every daemon this process started (Ctrl-C, errors, exit)."""
     for w in list(_live):

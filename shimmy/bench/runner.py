@@ -239,6 +239,10 @@ def main(argv=None) -> int:
                 res = mod.run(ctx)
             except harness.BenchError as exc:
                 res = {"results": [], "failed": {"suite": str(exc)[-2000:]}}
+            except Exception as exc:   # one broken suite must not lose the others' numbers
+                res = {"results": [], "failed": {"suite": f"{type(exc).__name__}: {exc}"[-2000:]}}
+                ctx.log(f"suite {name} failed: {type(exc).__name__}: {exc}")
+                harness.cleanup_workers()
             res["seconds"] = round(time.monotonic() - ts, 2)
             out["suites"][name] = res
         out["targets"] = report.evaluate_targets(out)
