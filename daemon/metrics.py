@@ -2,9 +2,10 @@
 
 Nothing on the data path feeds these numbers.  At scrape time a custom collector, running in
 the exporter's HTTP thread, reads the words the rings already keep in shared memory (tail,
-head, the sequence number at ``last``, subscriber positions, the publisher's back-pressure wait
-count, each subscriber's lost count) and copies the daemon's own bookkeeping (client table,
-peer links, mirrors).  Publishers and subscribers pay nothing for being observed.
+head, the sequence number of the frame at ``last``, subscriber positions, the publisher's
+back-pressure wait count, each subscriber's lost count) and copies the daemon's own
+bookkeeping (client table, peer links, mirrors).  Publishers and subscribers pay nothing for
+being observed.
 
 Thread safety.  The daemon's state belongs to its loop thread and has no locks.  The collector
 only takes GIL-atomic snapshots of it (``list(d.values())``, ``dict(counters)``: one C call
@@ -88,6 +89,27 @@ class _LostTally:
         for name in [n for n in self.seen if n not in channels]:
             self.seen.pop(name, None)
             self.retired.pop(name, None)
+
+
+def _published(view: ring.RingView) -> int | None:
+    """Messages committed to the ring: 1 + the sequence number of the frame at ``last``.
+
+    The publisher writes a frame's header before it stores ``last`` (then ``tail``), so the
+    header at ``last`` is valid unless the writer has overwritten it since (``head > last``,
+    lossy or lapped): then read again.  Unlike ``ring.stream_point`` this needs no snapshot
+    consistent with ``tail`` and so cannot be starved by a fast publisher; it is monotonic
+    across scrapes because ``last`` only grows.  None when lapped every time (left out of
+    this scrape).
+    """
+    q, base, mask = view.q, view.data_offset, view.capacity - 1
+    for _ in range(16):
+        if q[ring.W_TAIL] == 0:
+            return 0
+        last = q[ring.W_LAST]
+        seq = ring.FRAME.unpack_from(view.mv, base + (last & mask))[2]
+        if q[ring.W_HEAD] <= last:
+            return seq + 1
+    return None
 
 
 class DaemonCollector(Collector):
@@ -189,7 +211,7 @@ class DaemonCollector(Collector):
         view = rec.view
         q = view.q
         name = rec.name
-        seq = ring.stream_point(view)[1]
+        published = _published(view)
         tail = q[ring.W_TAIL]
         head = q[ring.W_HEAD]
         slots = list(rec.slots.values())
@@ -199,7 +221,8 @@ class DaemonCollector(Collector):
         waits = q[ring.OFF_WAITS // 8]
         link = view.link_state()
         # Everything read: now emit (a released view raised before any sample was added).
-        fam["msgs"].add_metric([name], seq)
+        if published is not None:
+            fam["msgs"].add_metric([name], published)
         fam["bytes"].add_metric([name], tail)
         fam["cap"].add_metric([name], rec.capacity)
         fam["fill"].add_metric([name], (max(lags) if lags else 0) / rec.capacity)
