@@ -195,6 +195,13 @@ def render(out: dict) -> str:
     for name in ("stream", "crossnode"):
         if name in suites and suites[name].get("table"):
             parts.append("\n" + suites[name]["table"])
+    if suites.get("scrape", {}).get("results"):
+        rows = [[r["label"], fmt_size(r["size"]), _n(r["msgs_per_s"], 0),
+                 _n(r["cpu_us_per_msg_tx"], 2), _n(r["cpu_us_per_msg_rx"], 2),
+                 f"{r['ratio_to_unobserved']:.3f}x" if r.get("ratio_to_unobserved") else "-"]
+                for r in suites["scrape"]["results"]]
+        parts.append("\nPUBLISHING WHILE /metrics IS SCRAPED (one-way, copy path)\n" + _table(
+            rows, ["row", "size", "msgs/s", "cpu/msg tx", "cpu/msg rx", "vs unobserved"]))
     if out.get("skipped"):
         parts.append("\nSKIPPED")
         for k, why in out["skipped"].items():
