@@ -162,8 +162,7 @@ def _plot(fig: Figure, path: str) -> None:
     import matplotlib.pyplot as plt
     labels, xs = fig.labels(), fig.xs()
     width = 0.8 / max(len(labels), 1)
-    plt_fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(xs) * max(len(labels), 4) / 3), 4.2),
-                               dpi=80)
+    plt_fig, ax = plt.subplots(figsize=(10.0, 4.4), dpi=80)
     cmap = plt.get_cmap("tab20")
     for i, label in enumerate(labels):
         pos, vals, err_lo, err_hi = [], [], [], []
@@ -184,10 +183,10 @@ def _plot(fig: Figure, path: str) -> None:
                         for x in xs])
     ax.set_xlabel(fig.x_name)
     ax.set_yscale("log")
-    ax.set_ylabel(f"{fig.metric} ({fig.unit}, log; {'lower' if fig.lower_is_better else 'higher'}"
-                  f" is better)")
-    ax.set_title(fig.title + " — median, whiskers = min/max of repetitions", fontsize=9)
-    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.set_ylabel(f"{fig.unit}, log scale")
+    ax.set_title(f"{fig.title}\n{fig.metric}, {'lower' if fig.lower_is_better else 'higher'} is "
+                 f"better; bars: median of repetitions, whiskers: min-max", fontsize=9)
+    ax.grid(axis="y", which="major", alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     plt_fig.tight_layout()
     plt_fig.savefig(path)
@@ -287,12 +286,14 @@ def markdown(out: dict, figs: list[Figure], pngs: dict[str, str]) -> str:
     if sc and sc.get("results"):
         lines += ["### Publishing while /metrics is scraped", "",
                   f"Median scrape took {_fmt(sc.get('scrape_ms_median'))} ms.", "",
-                  "| row | size | msgs/s (median) | CPU µs/msg tx | CPU µs/msg rx | vs nobody "
-                  "scraping |", "|---|---|---:|---:|---:|---:|"]
+                  "| row | size | msgs/s (median) | spread (min–max) | CPU µs/msg tx | "
+                  "CPU µs/msg rx | vs nobody scraping |", "|---|---|---:|---:|---:|---:|---:|"]
         for r in sc["results"]:
             rr = r.get("ratio_to_unobserved")
+            _, lo, hi = _spread([run["n"] / run["rx_elapsed_s"] for run in r["runs"]])
             lines.append(f"| {r['label']} | {report.fmt_size(r['size'])} | "
-                         f"{_fmt(r['msgs_per_s'])} | {_fmt(r['cpu_us_per_msg_tx'])} | "
+                         f"{_fmt(r['msgs_per_s'])} | {_fmt(lo)}–{_fmt(hi)} | "
+                         f"{_fmt(r['cpu_us_per_msg_tx'])} | "
                          f"{_fmt(r['cpu_us_per_msg_rx'])} | {f'{rr:.3f}x' if rr else '-'} |")
         lines.append("")
     rs = ratios(figs)
@@ -313,6 +314,20 @@ def markdown(out: dict, figs: list[Figure], pngs: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m shimmy.bench.publish RESULTS.json DIR``: the report of a saved run again."""
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m shimmy.bench.publish RESULTS.json DIR", file=sys.stderr)
+        return 2
+    with open(args[0]) as fh:
+        out = json.load(fh)
+    out.pop("ratios", None)
+    print(", ".join(write(out, args[1])))
+    return 0
+
+
 def write(out: dict, directory: str) -> list[str]:
     """Write the report files; return their names."""
     os.makedirs(directory, exist_ok=True)
@@ -328,3 +343,7 @@ def write(out: dict, directory: str) -> list[str]:
     with open(os.path.join(directory, "report.md"), "w") as fh:
         fh.write(markdown(out, figs, pngs))
     return ["results.json", "report.md", *pngs.values()]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
