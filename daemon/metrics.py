@@ -274,9 +274,12 @@ class DaemonCollector(Collector):
     def _peering(self) -> Iterator[Metric]:
         p = self.d.peer
         g = _gauge("shimmy_peer_transport_info",
-                   "Peer data transport in use (value 1) and whether an RDMA device is usable",
-                   ["transport", "rdma"])
-        g.add_metric([p.transport_kind, "unavailable" if p.rdma_reason else "available"], 1)
+                   "Peer data transport in use (value 1; 'none' with peering off) and whether "
+                   "an RDMA device is usable ('unchecked' with peering off)", ["transport", "rdma"])
+        if not p.enabled:
+            g.add_metric(["none", "unchecked"], 1)
+        else:
+            g.add_metric([p.transport_kind, "unavailable" if p.rdma_reason else "available"], 1)
         yield g
         c = _counter("shimmy_peer_events_total",
                      "Peering events: links accepted/dialed, reconnects, refusals, auth failures, "
