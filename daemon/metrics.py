@@ -24,11 +24,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Iterator
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from typing import TYPE_CHECKING
 
 from shimmy import ring
+
+if TYPE_CHECKING:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+# prometheus-client (the `metrics` extra) is imported only when metrics_listen is set: the daemon
+# runs without it, and a daemon asked to serve metrics without it says what to install.
 
 log = logging.getLogger("shimmy.daemon")
 
@@ -61,11 +65,13 @@ class ControlStats:
             self.errors[key] = self.errors.get(key, 0) + 1
 
 
-def _counter(name: str, doc: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
+def _counter(name: str, doc: str, labels: Iterable[str] = ()) -> "CounterMetricFamily":
+    from prometheus_client.core import CounterMetricFamily
     return CounterMetricFamily(name, doc, labels=list(labels))
 
 
-def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
+def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> "GaugeMetricFamily":
+    from prometheus_client.core import GaugeMetricFamily
     return GaugeMetricFamily(name, doc, labels=list(labels))
 
 
@@ -112,15 +118,16 @@ def _published(view: ring.RingView) -> int | None:
     return None
 
 
-class DaemonCollector(Collector):
-    """Builds every metric family from the daemon's state at scrape time."""
+class DaemonCollector:
+    """Builds every metric family from the daemon's state at scrape time (a prometheus_client
+    custom collector: registered with a registry, which calls ``collect`` on every scrape)."""
 
     def __init__(self, daemon) -> None:
         self.d = daemon
         self._lost = _LostTally()
         self._lock = threading.Lock()   # concurrent scrapes share the _LostTally
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator["Metric"]:
         with self._lock:
             yield from self._daemon()
             yield from self._channels()
@@ -128,7 +135,7 @@ class DaemonCollector(Collector):
             yield from self._peering()
 
     # -- daemon-wide ------------------------------------------------------------------------------
-    def _daemon(self) -> Iterator[Metric]:
+    def _daemon(self) -> Iterator["Metric"]:
         d = self.d
         counters = dict(d.counters)
         g = _gauge("shimmy_daemon_start_time_seconds", "Unix time the daemon started")
@@ -164,9 +171,9 @@ class DaemonCollector(Collector):
         yield c
 
     # -- pub/sub channels -------------------------------------------------------------------------
-    def _channels(self) -> Iterator[Metric]:
+    def _channels(self) -> Iterator["Metric"]:
         lab = ["channel"]
-        fam: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+        fam: dict[str, "CounterMetricFamily | GaugeMetricFamily"] = {
             "channels": _gauge("shimmy_channels", "Pub/sub channels on this node"),
             "msgs": _counter("shimmy_channel_messages_published_total",
                              "Messages committed to the ring (sequence number at its tail)", lab),
@@ -238,7 +245,7 @@ class DaemonCollector(Collector):
             fam["link"].add_metric([name], 1 if link == "up" else 0)
 
     # -- byte streams ----------------------------------------------------------------------------
-    def _streams(self) -> Iterator[Metric]:
+    def _streams(self) -> Iterator["Metric"]:
         from shimmy import stream_ring
         svc = self.d.streams
         lab = ["stream"]
@@ -271,7 +278,7 @@ class DaemonCollector(Collector):
             yield c
 
     # -- peering -----------------------------------------------------------------------------------
-    def _peering(self) -> Iterator[Metric]:
+    def _peering(self) -> Iterator["Metric"]:
         p = self.d.peer
         g = _gauge("shimmy_peer_transport_info",
                    "Peer data transport in use (value 1; 'none' with peering off) and whether "
@@ -303,7 +310,7 @@ class DaemonCollector(Collector):
         yield from link_fams.values()
         yield from self._mirrors(p)
 
-    def _mirrors(self, p) -> Iterator[Metric]:
+    def _mirrors(self, p) -> Iterator["Metric"]:
         lab = ["channel", "peer", "role"]
         fams = {key: _counter(f"shimmy_mirror_{key}_total", doc, lab) for key, doc in (
             ("bytes", "Ring bytes mirrored (role=source: sent to peer; replica: received)"),
@@ -336,6 +343,7 @@ class Exporter:
 
     def __init__(self, daemon, listen: str) -> None:
         from prometheus_client import start_http_server
+        from prometheus_client.registry import CollectorRegistry
         host, port = parse_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(DaemonCollector(daemon))
@@ -354,6 +362,11 @@ def start(daemon, listen: str) -> Exporter | None:
     cannot be bound stops the daemon with a message naming the setting, not a traceback."""
     if not listen:
         return None
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"shimmy daemon: metrics_listen={listen!r} needs prometheus-client, "
+                         f"which is not installed: pip install 'shimmy[metrics]'") from None
     try:
         return Exporter(daemon, listen)
     except OSError as exc:

@@ -285,3 +285,38 @@ def test_json_logs_parse_line_by_line(daemon_factory, tmp_path):
     assert any(r["msg"].startswith("daemon ready") for r in lines)
     assert all({"ts", "level", "logger", "msg", "pid"} <= set(r) for r in lines)
     assert lines[-1]["msg"] == "daemon stopped" and lines[-1]["level"] == "info"
+
+
+NO_PROMETHEUS = r"""
+import sys
+sys.modules["prometheus_client"] = None     # as if the `metrics` extra were not installed
+from shimmy.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_daemon_without_prometheus_client(tmp_path):
+    """The base install has no prometheus-client: the daemon runs, and one asked to serve
+    metrics stops with a message saying what to install, not a traceback."""
+    sock = str(tmp_path / "shimmyd.sock")
+    cfg = tmp_path / "shimmyd.toml"
+    cfg.write_text('metrics_listen = "127.0.0.1:0"\n')
+    proc = subprocess.run([sys.executable, "-c", NO_PROMETHEUS, "daemon", "--socket", sock,
+                           "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "pip install 'shimmy[metrics]'" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not os.path.exists(sock)          # shut down cleanly: socket removed
+
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as fh:
+        plain = subprocess.Popen([sys.executable, "-c", NO_PROMETHEUS, "daemon", "--socket",
+                                  sock], stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        assert _until(lambda: "daemon ready" in log.read_text() or plain.poll() is not None)
+        assert plain.poll() is None, log.read_text()      # up and serving without the package
+    finally:
+        plain.terminate()
+        plain.wait(30)
+    assert plain.returncode == 0, log.read_text()
+    assert "Traceback" not in log.read_text()
