@@ -98,6 +98,12 @@ def parse_args(argv):
         args.seconds = 0.1 if args.quick else 0.4
     if args.reps is None:
         args.reps = 1 if args.quick else 3
+    if args.report:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:   # say so now, not after a run of several minutes
+            p.error("--report draws its plots with matplotlib, which is not installed: "
+                    "pip install 'shimmy[bench]'")
     args.only = [s.strip() for s in args.only.split(",")] if args.only else list(SUITES)
     unknown = [s for s in args.only if s not in SUITES]
     if unknown:
