@@ -60,6 +60,13 @@ class Settings:
     peer_hold: float = 10.0               # reliable: keep a disconnected mirror's data this long
     peer_credit_interval: float = 0.0002  # replica reports consumed positions this often (busy)
     peer_unmirror_grace: float = 1.0      # mirror stops this long after its last subscriber left
+    # -- observability (daemon/metrics.py, daemon/logformat.py, docs/metrics.md) --
+    metrics_listen: str = field(default="", metadata={
+        "help": "HOST:PORT serving Prometheus metrics at /metrics (e.g. 127.0.0.1:9464); "
+                "empty = no metrics endpoint"})
+    log_format: str = field(default="text", metadata={
+        "help": "log line format: 'text' (human) or 'json' (one JSON object per line, for log "
+                "shippers)"})
 
     def validate(self) -> "Settings":
         ring.check_capacity(self.default_capacity)
@@ -82,6 +89,12 @@ class Settings:
             raise ValueError("need 0 < peer_backoff_initial <= peer_backoff_max")
         if self.peer_max_replica_capacity > ring.MAX_CAPACITY:
             raise ValueError(f"peer_max_replica_capacity must be <= {ring.MAX_CAPACITY}")
+        # -- observability --
+        if self.metrics_listen:
+            from .metrics import parse_listen
+            parse_listen(self.metrics_listen)
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         return self
 
 

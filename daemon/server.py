@@ -26,7 +26,7 @@ from shimmy.errors import InvalidArgument, PermissionDenied, ProtocolError, Shim
 from shimmy.names import validate_name
 from shimmy.protocol import PROTOCOL_VERSION, endpoint, session_path
 
-from . import identity
+from . import identity, logformat, metrics
 from .config import Settings
 from .registry import Registry
 from .segments import Segments
@@ -93,12 +93,15 @@ class Daemon:
         }
         self.streams = StreamService(self)
         self.ops.update(self.streams.ops())
+        self.control_stats = metrics.ControlStats()   # by op and error code, for /metrics
+        self.exporter: metrics.Exporter | None = None   # started by run()
 
     # -- loop --------------------------------------------------------------------------------------
     def run(self) -> None:
         log.info("daemon ready socket=%s pid=%d swept=%d", self.socket_path, os.getpid(), self.swept)
         last_tick = time.monotonic()
         try:
+            self.exporter = metrics.start(self, self.settings.metrics_listen)
             while not self._stop:
                 poller = zmq.Poller()
                 poller.register(self.router, zmq.POLLIN)
@@ -134,6 +137,8 @@ class Daemon:
 
     def shutdown(self) -> None:
         log.info("daemon stopping: retiring %d channels", len(self.registry.channels))
+        if self.exporter is not None:
+            self.exporter.stop()   # no scrape reads rings while they are retired
         self._stop_watch.set()
         self.peer.shutdown()  # mirror threads stop reading rings before they are retired
         self.streams.close_all()
@@ -235,6 +240,7 @@ class Daemon:
     def _handle(self, payload: bytes):
         self.counters["requests"] += 1
         req_id = None
+        op_label = metrics.OP_MALFORMED   # the metrics label until the op is known
         try:
             try:
                 # Size is already bounded by ZMQ_MAXMSGSIZE (request_max_bytes).
@@ -251,15 +257,19 @@ class Daemon:
             handler = self.ops.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise ProtocolError(f"unknown op {op!r}; known: {sorted(self.ops)}")
+            op_label = str(op)
             result = handler(req)
             result["ok"] = True
+            self.control_stats.count(op_label)
             return req_id, result
         except ShimmyError as exc:
+            self.control_stats.count(op_label, exc.code)
             self.counters["errors"] += 1
             if isinstance(exc, ProtocolError):
                 self.counters["malformed"] += 1
             return req_id, self._error(exc)
         except Exception as exc:  # a bug must not take the node's channels down with it
+            self.control_stats.count(op_label, metrics.CODE_INTERNAL)
             self.counters["errors"] += 1
             log.exception("internal error handling a request")
             return req_id, self._error(ShimmyError(f"internal daemon error: {type(exc).__name__}: {exc}"))
@@ -386,8 +396,7 @@ class Daemon:
 
 
 def run(settings: Settings) -> None:
-    level = getattr(logging, settings.log_level.upper(), logging.INFO)
-    logging.basicConfig(level=level, format='%(asctime)s %(levelname)s %(name)s %(message)s')
+    logformat.configure(settings.log_level, settings.log_format)
     daemon = Daemon(settings)
     daemon.install_signal_handlers()
     daemon.run()

@@ -14,12 +14,14 @@ layout, the ownership of every word and the memory-ordering argument are in
            +320  tail u64       publisher: end of the last committed frame (commit word)
            +328  head u64       publisher: start of the oldest intact frame
            +336  last u64       publisher: start of the last committed (non-PAD) frame
+           +344  waits u64      publisher: times it waited for room (reliable back-pressure)
            +384  slot_high u32  daemon: 1 + highest subscriber slot ever handed out
            +448  waiting bytes: slot s at 448 + s + (s >= 7), written only by subscriber s
                  (0 = awake, else its sleep epoch); +455 wide u8 (daemon: a slot >= 7 exists)
     4096   slot table: max_subscribers x 64 B, one cache line per subscriber
            +0 position u64 (subscriber i) | +8 state u32 (daemon) | +12 generation u32 (daemon)
-           +16 pid u32 (daemon)
+           +16 pid u32 (daemon) | +24 lost u64 (daemon zeroes it, then subscriber i counts
+           the messages it lost; read by the daemon's metrics at scrape time)
     data_offset (page aligned): capacity bytes of frames
 
 Positions (tail, head, subscriber positions) are byte offsets in an endless stream; the ring
@@ -50,6 +52,7 @@ MODE_NAMES = {v: k for k, v in MODES.items()}
 PAGE = 4096
 CONTROL_SIZE = PAGE
 SLOT_SIZE = 64
+SLOT_OFF_LOST = 24  # u64 inside a slot's line: messages its subscriber lost (subscriber-written)
 
 # Byte offsets inside the control page.  Words written by different processes sit on different
 # 64-byte cache lines so that a subscriber's stores never invalidate the publisher's line.
@@ -67,6 +70,7 @@ OFF_NAME = 64
 OFF_TAIL = 320
 OFF_HEAD = 328
 OFF_LAST = 336
+OFF_WAITS = 344        # u64, publisher-written: back-pressure waits (slow path only)
 OFF_SLOT_HIGH = 384
 OFF_WAITING = 448
 OFF_WIDE = OFF_WAITING + 7    # daemon-written byte: 1 once a slot >= 7 was handed out
@@ -246,6 +250,10 @@ class RingView(SegmentView):
     def slot_pid(self, slot: int) -> int:
         return self.u32[(CONTROL_SIZE + slot * SLOT_SIZE + 16) // 4]
 
+    def slot_lost(self, slot: int) -> int:
+        """Messages the subscriber in ``slot`` lost since it was handed the slot."""
+        return self.q[(CONTROL_SIZE + slot * SLOT_SIZE + SLOT_OFF_LOST) // 8]
+
 
 def format_ring(mm: mmap.mmap, name: str, mode: int, capacity: int, max_subscribers: int) -> None:
     """Write a fresh control page (daemon only, before anyone else can open the segment)."""
@@ -275,6 +283,7 @@ def daemon_activate_slot(view: RingView, slot: int, position: int, pid: int, gen
     """
     base = CONTROL_SIZE + slot * SLOT_SIZE
     view.q[base // 8] = position
+    view.q[(base + SLOT_OFF_LOST) // 8] = 0
     view.u32[(base + 12) // 4] = generation
     view.u32[(base + 16) // 4] = pid
     view.mv[waiting_offset(slot)] = 0
@@ -565,6 +574,7 @@ class RingWriter:
         self._limit = head + cap
 
     def _wait_for_space(self, end: int, timeout: float | None) -> int:
+        self._q[OFF_WAITS // 8] += 1   # slow path only; this process alone writes the word
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.000_02
         while True:
@@ -606,6 +616,7 @@ class RingReader:
         self._pos_word = view.slot_word(slot)
         self._expect = seq          # sequence number of the next frame at our position
         self.lost_total = 0
+        self._lost_word = self._pos_word + SLOT_OFF_LOST // 8   # shared copy of lost_total
 
     def head_at_most(self, pos: int) -> bool:
         """True while the frame at ``pos`` has not been overwritten (pairs with _make_room)."""
@@ -649,6 +660,7 @@ class RingReader:
             self._expect = seq + 1
             if lost:
                 self.lost_total += lost
+                q[self._lost_word] = self.lost_total
             return p, off + HEADER, length, seq, lost
 
     def take_bytes(self):
@@ -684,6 +696,7 @@ class RingReader:
             q[self._pos_word] = end           # SYNC POINT (consumption): copied, release it
             if seq != self._expect:
                 self.lost_total += seq - self._expect
+                q[self._lost_word] = self.lost_total
             self._expect = seq + 1
             return data
 

@@ -25,13 +25,17 @@ REQUIRES = None
 SIZE = 4096
 
 
+SUBSCRIBERS = [1, 2, 4, 8, 16]
+QUICK_SUBSCRIBERS = [1, 4]
+
+
 def variants(ctx) -> list[dict]:
-    return [
-        dict(transport="shimmy", variant="4 subs", subs=4, label="shimmy reliable"),
-        dict(transport="shimmy", variant="1 sub", subs=1, label="shimmy reliable"),
-        dict(transport="zmq-ipc", variant="4 subs", subs=4, label="ZeroMQ ipc PUB/SUB"),
-        dict(transport="zmq-ipc", variant="1 sub", subs=1, label="ZeroMQ ipc PUB/SUB"),
-    ]
+    systems = [("shimmy", "shimmy reliable"), ("zmq-ipc", "ZeroMQ ipc PUB/SUB")]
+    if ctx.redis_ok:
+        systems.append(("redis", "Redis pub/sub"))
+    counts = QUICK_SUBSCRIBERS if ctx.quick else SUBSCRIBERS
+    return [dict(transport=t, variant=f"{n} sub" + ("s" if n > 1 else ""), subs=n, label=label)
+            for n in counts for t, label in systems]
 
 
 # -- worker side --------------------------------------------------------------------------------
@@ -108,7 +112,7 @@ def subscriber(ctl, transport: str, name: str, opts: dict, size: int, address=No
 
 def measure(ctx, v, pub, subs) -> dict:
     opts = {"daemon": ctx.daemon} if v["transport"] == "shimmy" else {}
-    name = f"bench/fan/{v['subs']}"
+    name = f"bench/fan/{v['transport']}/{v['subs']}"
     pub.start_call(__name__, "publisher", transport=v["transport"], name=name, opts=opts,
                    size=SIZE, seconds=ctx.seconds)
     address = pub.wait_ready()
@@ -130,8 +134,10 @@ def measure(ctx, v, pub, subs) -> dict:
 
 def run(ctx) -> dict:
     vs = variants(ctx)
-    sub_cpus = report.fanout_sub_cpus(ctx, 4)
-    results, failed, reps = [], {}, {}
+    sub_cpus = report.fanout_sub_cpus(ctx, max(v["subs"] for v in vs))
+    results: list = []
+    failed: dict = {}
+    reps: dict = {}
     pub = harness.Worker("fan-pub", ctx.cpu_a)
     subs = [harness.Worker(f"fan-sub{i}", c) for i, c in enumerate(sub_cpus)]
     workers = [pub] + subs

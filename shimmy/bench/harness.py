@@ -32,7 +32,7 @@ import traceback
 
 _ctx = mp.get_context("spawn")
 _live: list["Worker"] = []
-_daemons: list["Daemon"] = []
+_daemons: list["Daemon | RedisServer"] = []
 
 
 class BenchError(RuntimeError):
@@ -82,19 +82,26 @@ def pin(cpu: int | None) -> None:
 # -- the daemon ---------------------------------------------------------------------------------
 
 class Daemon:
-    """A private ``shimmy daemon`` subprocess in a temporary directory (default settings)."""
+    """A private ``shimmy daemon`` subprocess in a temporary directory (default settings, plus
+    ``settings`` written to a config file)."""
 
-    def __init__(self):
+    def __init__(self, settings: dict | None = None):
         self._tmp = tempfile.TemporaryDirectory(prefix="shimmy-bench-")
         self.dir = self._tmp.name
         self.socket = os.path.join(self.dir, "shimmyd.sock")
         self.log_path = os.path.join(self.dir, "daemon.log")
         self.proc: subprocess.Popen | None = None
+        self.args = ["--socket", self.socket]
+        if settings:
+            cfg = os.path.join(self.dir, "shimmyd.toml")
+            with open(cfg, "w") as fh:
+                fh.writelines(f"{k} = {v!r}\n" for k, v in settings.items())
+            self.args += ["--config", cfg]
 
     def start(self, timeout: float = 15.0) -> "Daemon":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shimmy.cli", "daemon", "--socket", self.socket],
+            [sys.executable, "-m", "shimmy.cli", "daemon", *self.args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)  # Ctrl-C in the terminal goes to us; we stop it in order
         log.close()
@@ -114,6 +121,77 @@ class Daemon:
                 return fh.read()[-4000:]
         except OSError:
             return ""
+
+    def metrics_url(self, timeout: float = 10.0) -> str:
+        """The /metrics URL the daemon announced (started with metrics_listen)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path) as fh:
+                for line in fh:
+                    if "metrics on http://" in line:
+                        return line.split("metrics on ", 1)[1].split()[0]
+            time.sleep(0.02)
+        raise BenchError(f"daemon announced no metrics endpoint:\n{self.log()}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        if self in _daemons:
+            _daemons.remove(self)
+        self._tmp.cleanup()
+
+
+class RedisServer:
+    """A private redis-server on 127.0.0.1 for the Redis pub/sub peer: no persistence, no
+    output-buffer limit for pub/sub clients.  Stopped (and, if need be, killed) by :meth:`stop`
+    and by :func:`cleanup_all`, so a benchmark never leaves one running."""
+
+    def __init__(self, binary: str):
+        self.binary = binary
+        self._tmp = tempfile.TemporaryDirectory(prefix="shimmy-bench-redis-")
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.version = ""
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        import socket as _socket
+        with _socket.socket() as probe:   # a free port on loopback
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", self._tmp.name, "--protected-mode", "yes",
+             "--client-output-buffer-limit", "pubsub 0 0 0", "--daemonize", "no",
+             "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        _daemons.append(self)
+        deadline = time.monotonic() + timeout
+        import redis
+        r = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise BenchError(f"redis-server exited with {self.proc.returncode}")
+                try:
+                    self.version = r.info("server")["redis_version"]
+                    return self
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise BenchError("redis-server did not answer within "
+                                         f"{timeout} s") from None
+                    time.sleep(0.05)
+        finally:
+            r.close()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -277,7 +355,7 @@ def repeat_measurements(ctx, suite: str, variants: list[dict], pairs: dict, meas
         for size in ctx.sizes:
             for v in variants:
                 key = (v["transport"], v["variant"])
-                if " ".join(key) in failed:
+                if " ".join(key) in failed or size > v.get("max_size", size):
                     continue
                 try:
                     reps.setdefault((key, size), []).append(measure(v, pairs[key], size, rep))
@@ -293,6 +371,15 @@ def close_all(workers) -> None:
     for w in workers:
         try:
             w.close()
+        except Exception:
+            pass
+
+
+def cleanup_workers() -> None:
+    """Kill every worker this process started (a suite that failed may leave some behind)."""
+    for w in list(_live):
+        try:
+            w.close(timeout=1.0)
         except Exception:
             pass
 

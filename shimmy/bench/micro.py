@@ -120,7 +120,8 @@ def main(argv=None) -> int:
             else:
                 per = _phases(ch, sub, args.size, args.n, batch)
                 print(f"size {args.size} B, {args.n} messages per phase, batch {batch}, "
-                      f"pinned to CPU {args.cpu}, python {sys.version.split()[0]}; CPU time per message")
+                      f"pinned to CPU {args.cpu}, python {sys.version.split()[0]}; "
+                      f"CPU time per message")
                 for k, v in per.items():
                     print(f"  {k:22s} {v:8.3f} us/message")
             sub.close()
@@ -134,8 +135,8 @@ def main(argv=None) -> int:
 # -- two-process profiling: run a suite's worker function under cProfile -------------------------
 
 def profiled(ctl, target_module: str, target_func: str, **kwargs):
-    """Worker-side wrapper: run ``target_module.target_func(ctl, **kwargs)`` under cProfile; return its result
-    and the top of the profile (sorted by internal time)."""
+    """Worker-side wrapper: run ``target_module.target_func(ctl, **kwargs)`` under cProfile;
+    return its result and the top of the profile (sorted by internal time)."""
     import importlib
     fn = getattr(importlib.import_module(target_module), target_func)
     prof = cProfile.Profile()

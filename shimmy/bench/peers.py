@@ -16,7 +16,11 @@ receives: one-way throughput) and ``fanout`` (one ``tx``, many ``rx``; shimmy ch
 PUB/SUB).  Links are cached in the worker's state, so repetitions reuse open sockets/channels.
 
 Transport names: ``shimmy`` (options: spin_us, capacity, zero_copy), ``zmq-ipc``, ``zmq-tcp``,
-``tcp`` (raw socket on 127.0.0.1, 4-byte length prefix) and ``iceoryx2`` (busy polling).
+``tcp`` (raw socket on 127.0.0.1, 4-byte length prefix), ``unix`` (the same framing on a unix
+stream socket), ``pipe`` (the same framing on kernel pipes: FIFOs, as os.pipe() between unrelated
+processes), ``udp`` (one datagram per message on 127.0.0.1; lossy, at most 65,507 bytes),
+``redis`` (Redis pub/sub through a local redis-server, see :func:`redis_address`) and
+``iceoryx2`` (busy polling).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import socket
 import struct
 import tempfile
 import time
+from typing import Any
 
 RECV_TIMEOUT = 10.0  # seconds; a benchmark never waits forever for a message
 
@@ -47,6 +52,14 @@ def iceoryx2_status() -> tuple[bool, str]:
         return True, "unknown"
 
 
+def _directions(kind: str, side: str, name: str, sep: str) -> tuple[str | None, str | None]:
+    """(name sent on, name received on) for one side: a pair uses one name per direction."""
+    if kind == "pair":
+        a2b, b2a = f"{name}{sep}a2b", f"{name}{sep}b2a"
+        return (a2b, b2a) if side == "a" else (b2a, a2b)
+    return (name, None) if side == "tx" else (None, name)
+
+
 # -- shimmy ---------------------------------------------------------------------------------------
 
 class ShimmyLink:
@@ -54,17 +67,15 @@ class ShimmyLink:
                  spin_us: int | None = None, zero_copy: bool = False, mode: str = "reliable"):
         import shimmy
         opts = dict(daemon=daemon, mode=mode, capacity=capacity, spin_us=spin_us)
-        if kind == "pair":
-            tx, rx = (name + "/a2b", name + "/b2a") if side == "a" else (name + "/b2a", name + "/a2b")
-        elif side == "tx":
-            tx, rx = name, None
-        else:
-            tx, rx = None, name
+        tx, rx = _directions(kind, side, name, "/")
         self.address = None
         self.zero_copy = zero_copy
-        self._rx_ch = shimmy.Channel(rx, **opts) if rx else None
-        self.sub = self._rx_ch.subscribe(start="next") if rx else None
-        self.tx_ch = shimmy.Channel(tx, **opts) if tx else None
+        self._rx_ch: Any = None
+        self.sub: Any = None
+        if rx:
+            self._rx_ch = shimmy.Channel(rx, **opts)
+            self.sub = self._rx_ch.subscribe(start="next")
+        self.tx_ch: Any = shimmy.Channel(tx, **opts) if tx else None
         if self.tx_ch is not None:
             self.tx_ch.publish(b"")  # take the publisher role now, not inside the timed loop
         if self.sub is not None:
@@ -157,49 +168,22 @@ class ZmqLink:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
-# -- raw TCP --------------------------------------------------------------------------------------
+# -- byte-stream transports: raw TCP, unix socket, pipe ---------------------------------------
 
-class TcpLink:
-    """Length-prefixed frames on one TCP connection (127.0.0.1, TCP_NODELAY), scatter-gather
-    sends (header + payload in one sendmsg) and a buffered receiver that parses many small frames
-    out of one recv_into."""
+class _FramedLink:
+    """Length-prefixed frames (4-byte length, then the payload) over a byte stream, with a
+    buffered receiver that parses many small frames out of one read.  Subclasses provide
+    ``_read_into(view) -> int`` and ``send``."""
 
     BUF = 1 << 21
 
-    def __init__(self, kind: str, side: str, name: str, **_):
-        self.sock = None
-        self.address = None
-        self._listener = None
-        if (kind, side) in _BINDS:
-            self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self._listener.bind(("127.0.0.1", 0))
-            self._listener.listen(4)
-            self.address = self._listener.getsockname()
+    def __init__(self) -> None:
         self._buf = bytearray(self.BUF)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
 
-    def _setup(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(RECV_TIMEOUT)
-        self.sock = sock
-
-    def connect(self, address) -> None:
-        if address and self.sock is None:
-            self._setup(socket.create_connection(tuple(address), timeout=RECV_TIMEOUT))
-
-    def accept(self) -> None:
-        if self.sock is None and self._listener is not None:
-            self._listener.settimeout(RECV_TIMEOUT)
-            conn, _ = self._listener.accept()
-            self._setup(conn)
-
-    def send(self, data) -> None:
-        n = len(data)
-        sent = self.sock.sendmsg([_LEN.pack(n), data])
-        if sent < n + 4:  # rare for small frames; finish the rest
-            rest = (_LEN.pack(n) + bytes(data))[sent:] if sent < 4 else memoryview(data)[sent - 4:]
-            self.sock.sendall(rest)
+    def _read_into(self, view: memoryview) -> int:
+        raise NotImplementedError
 
     def _fill(self, need: int) -> None:
         """Make at least ``need`` bytes available from _start."""
@@ -210,7 +194,7 @@ class TcpLink:
             self._view[:n] = self._view[self._start:self._end]
             self._start, self._end = 0, n
         while self._end - self._start < need:
-            got = self.sock.recv_into(self._view[self._end:])
+            got = self._read_into(self._view[self._end:])
             if not got:
                 raise ConnectionError("peer closed")
             self._end += got
@@ -235,10 +219,250 @@ class TcpLink:
         self._start = s + n
         return self._view[s:s + n]
 
+
+class TcpLink(_FramedLink):
+    """Frames on one TCP connection (127.0.0.1, TCP_NODELAY); scatter-gather sends (header +
+    payload in one sendmsg)."""
+
+    FAMILY = socket.AF_INET
+
+    def __init__(self, kind: str, side: str, name: str, **_):
+        super().__init__()
+        self.sock: Any = None
+        self.address = None
+        self._listener = None
+        self._dir = None
+        if (kind, side) in _BINDS:
+            self._listener = socket.socket(self.FAMILY, socket.SOCK_STREAM)
+            if self.FAMILY == socket.AF_UNIX:
+                self._dir = tempfile.mkdtemp(prefix="shimmy-bench-unix-")
+                self._listener.bind(os.path.join(self._dir, "s"))
+            else:
+                self._listener.bind(("127.0.0.1", 0))
+            self._listener.listen(4)
+            self.address = self._listener.getsockname()
+
+    def _setup(self, sock: socket.socket) -> None:
+        if self.FAMILY == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(RECV_TIMEOUT)
+        self.sock = sock
+
+    def connect(self, address) -> None:
+        if address and self.sock is None:
+            sock = socket.socket(self.FAMILY, socket.SOCK_STREAM)
+            sock.settimeout(RECV_TIMEOUT)
+            sock.connect(address if self.FAMILY == socket.AF_UNIX else tuple(address))
+            self._setup(sock)
+
+    def accept(self) -> None:
+        if self.sock is None and self._listener is not None:
+            self._listener.settimeout(RECV_TIMEOUT)
+            conn, _ = self._listener.accept()
+            self._setup(conn)
+
+    def send(self, data) -> None:
+        n = len(data)
+        sent = self.sock.sendmsg([_LEN.pack(n), data])
+        if sent < n + 4:  # rare for small frames; finish the rest
+            rest = (_LEN.pack(n) + bytes(data))[sent:] if sent < 4 else memoryview(data)[sent - 4:]
+            self.sock.sendall(rest)
+
+    def _read_into(self, view: memoryview) -> int:
+        return self.sock.recv_into(view)
+
     def close(self) -> None:
         for s in (self.sock, self._listener):
             if s is not None:
                 s.close()
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class UnixLink(TcpLink):
+    """The same frames on a unix domain stream socket."""
+
+    FAMILY = socket.AF_UNIX
+
+
+class PipeLink(_FramedLink):
+    """The same frames on kernel pipes.  Benchmark workers are unrelated processes, so the pipes
+    are FIFOs (what os.pipe() gives a parent and its child, reachable by path).  The binding side
+    opens its FIFOs read-write, which never blocks, so the other side's opens return at once."""
+
+    def __init__(self, kind: str, side: str, name: str, **_):
+        super().__init__()
+        self.address = None
+        self._dir = None
+        self._rfd = self._wfd = -1
+        self._kind, self._side = kind, side
+        if (kind, side) in _BINDS:
+            self._dir = tempfile.mkdtemp(prefix="shimmy-bench-pipe-")
+            self.address = self._dir
+            for fifo in ("a2b", "b2a") if kind == "pair" else ("a2b",):
+                os.mkfifo(os.path.join(self._dir, fifo), 0o600)
+            self._open(self._dir, os.O_RDWR, os.O_RDWR)
+
+    def _open(self, path: str, rflags: int, wflags: int) -> None:
+        # a (client/sender) writes a2b and reads b2a; b (server/receiver) the other way round.
+        writer = self._side in ("a", "tx")
+        if self._kind == "pair" or not writer:
+            self._rfd = os.open(os.path.join(path, "b2a" if writer else "a2b"), rflags)
+        if self._kind == "pair" or writer:
+            self._wfd = os.open(os.path.join(path, "a2b" if writer else "b2a"), wflags)
+
+    def connect(self, address) -> None:
+        if address and self._rfd < 0 and self._wfd < 0:
+            self._open(address, os.O_RDONLY, os.O_WRONLY)
+
+    def accept(self) -> None:
+        pass
+
+    def send(self, data) -> None:
+        parts: list[Any] = [_LEN.pack(len(data)), memoryview(data).cast("B")]
+        total = 4 + len(parts[1])
+        done = os.writev(self._wfd, parts)
+        while done < total:  # a pipe takes up to its buffer (64 KiB) per call
+            rest = (b"".join(bytes(p) for p in parts))[done:] if done < 4 else parts[1][done - 4:]
+            done += os.write(self._wfd, rest[:1 << 20])
+
+    def _read_into(self, view: memoryview) -> int:
+        return os.readv(self._rfd, [view])
+
+    def close(self) -> None:
+        for fd in (self._rfd, self._wfd):
+            if fd >= 0:
+                os.close(fd)
+        self._rfd = self._wfd = -1
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+# -- UDP ------------------------------------------------------------------------------------------
+
+UDP_MAX = 65507  # largest UDP payload over IPv4
+
+
+class UdpLink:
+    """One datagram per message on 127.0.0.1.  UDP drops datagrams when the receiver's socket
+    buffer is full, so in one-way runs the receiver counts what arrived (loss is reported), the
+    sender repeats the end marker, and a receiver that hears nothing for END_SILENCE seconds
+    treats the sender as done."""
+
+    END_SILENCE = 1.0
+
+    def __init__(self, kind: str, side: str, name: str, **_):
+        self.kind, self.side = kind, side
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        self.address = self.sock.getsockname() if (kind, side) in _BINDS else None
+        self._peer: Any = None
+        self._buf = bytearray(UDP_MAX + 1)
+        self._view = memoryview(self._buf)
+        self._lossy_rx = (kind, side) == ("pipe", "rx")
+        self.sock.settimeout(self.END_SILENCE if self._lossy_rx else RECV_TIMEOUT)
+
+    def connect(self, address) -> None:
+        if address:
+            self._peer = tuple(address)
+            self.sock.connect(self._peer)
+
+    def accept(self) -> None:
+        if self._lossy_rx:   # leftovers of the previous repetition (repeated end markers)
+            self.sock.setblocking(False)
+            try:
+                while True:
+                    self.sock.recv_into(self._view)
+            except BlockingIOError:
+                pass
+            self.sock.settimeout(self.END_SILENCE)
+
+    def send(self, data) -> None:
+        if self._peer is None:
+            raise RuntimeError("udp: nobody to send to yet")
+        self.sock.send(data)
+        if self.kind == "pipe" and len(data) == 1:   # the end marker: make it through
+            for _ in range(4):
+                time.sleep(0.002)
+                self.sock.send(data)
+
+    def recv(self):
+        try:
+            n, addr = self.sock.recvfrom_into(self._view)
+        except socket.timeout:
+            if self._lossy_rx:
+                return END
+            raise
+        if self._peer is None:   # the echo server answers whoever spoke first
+            self._peer = addr
+            self.sock.connect(addr)
+        return self._view[:n]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- Redis pub/sub --------------------------------------------------------------------------------
+
+def redis_address() -> tuple[str, int] | None:
+    """The redis-server this benchmark run started (``SHIMMY_BENCH_REDIS=host:port``), if any."""
+    text = os.environ.get("SHIMMY_BENCH_REDIS")
+    if not text:
+        return None
+    host, port = text.rsplit(":", 1)
+    return host, int(port)
+
+
+class RedisLink:
+    """Redis pub/sub with redis-py: ``PUBLISH`` per message (a request-reply to the server),
+    subscribers read pushed messages.  The server runs with no output-buffer limit for pub/sub
+    clients (so a slow subscriber is not disconnected mid-run) and no persistence."""
+
+    def __init__(self, kind: str, side: str, name: str, **_):
+        import redis
+        addr = redis_address()
+        if addr is None:
+            raise RuntimeError("no redis-server for this run (SHIMMY_BENCH_REDIS unset)")
+        self.r = redis.Redis(host=addr[0], port=addr[1], socket_timeout=RECV_TIMEOUT)
+        run = os.environ.get("SHIMMY_BENCH_RUN", "")
+        name = f"{run}:{name}"
+        tx, rx = _directions(kind, side, name, "/")
+        self.address = None
+        self._tx: Any = tx
+        self.ps: Any = None
+        if rx:
+            self.ps = self.r.pubsub(ignore_subscribe_messages=True)
+            self.ps.subscribe(rx)
+            deadline = time.monotonic() + RECV_TIMEOUT
+            while self.r.pubsub_numsub(rx)[0][1] < 1:   # subscribed before we say ready
+                if time.monotonic() > deadline:
+                    raise TimeoutError("redis: subscription not confirmed")
+                self.ps.get_message(timeout=0.01)
+
+    def connect(self, address) -> None:
+        pass
+
+    def accept(self) -> None:
+        pass
+
+    def send(self, data) -> None:
+        self.r.publish(self._tx, bytes(data) if not isinstance(data, bytes) else data)
+
+    def recv(self):
+        get = self.ps.get_message
+        deadline = time.monotonic() + RECV_TIMEOUT
+        while True:
+            m = get(timeout=RECV_TIMEOUT)
+            if m is not None and m["type"] == "message":
+                return m["data"]
+            if time.monotonic() > deadline:
+                raise TimeoutError("redis: no message within RECV_TIMEOUT")
+
+    def close(self) -> None:
+        if self.ps is not None:
+            self.ps.close()
+        self.r.close()
 
 
 # -- iceoryx2 -------------------------------------------------------------------------------------
@@ -257,14 +481,9 @@ class IceoryxLink:
         # iceoryx2 service names are machine-wide: make them unique to this bench run, so that
         # a run killed before cleanup (stale publisher ports) cannot block the next one.
         name = f"{name}_{os.environ.get('SHIMMY_BENCH_RUN', os.getppid())}"
-        if kind == "pair":
-            tx, rx = (name + "_a2b", name + "_b2a") if side == "a" else (name + "_b2a", name + "_a2b")
-        elif side == "tx":
-            tx, rx = name, None
-        else:
-            tx, rx = None, name
+        tx, rx = _directions(kind, side, name, "_")
         self.address = None
-        self._svcs = []
+        self._svcs: list = []
 
         def service(n):
             svc = (self.node.service_builder(iox2.ServiceName.new(n))
@@ -275,15 +494,24 @@ class IceoryxLink:
             self._svcs.append(svc)
             return svc
 
-        self.sub = service(rx).subscriber_builder().create() if rx else None
-        self.pub = (service(tx).publisher_builder().initial_max_slice_len(max_size).create()
-                    if tx else None)
+        self.sub: Any = service(rx).subscriber_builder().create() if rx else None
+        # Block (retry) when a subscriber's buffer is full, like shimmy's reliable mode: the
+        # one-way runs check that every message arrived.
+        self.pub: Any = (service(tx).publisher_builder().initial_max_slice_len(max_size)
+                    .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
+                    .create() if tx else None)
 
     def connect(self, address) -> None:
-        pass
+        self._connect()
 
     def accept(self) -> None:
-        pass
+        self._connect()
+
+    def _connect(self) -> None:
+        # Both ends exist by now (the other side said ready): let the publisher see the
+        # subscriber before the first send, or that send reaches nobody.
+        if self.pub is not None:
+            self.pub.update_connections()
 
     def send(self, data) -> None:
         n = len(data)
@@ -328,6 +556,14 @@ def open_link(ctl, transport: str, kind: str, side: str, name: str, **opts):
             link = ZmqLink(kind, side, name, transport.split("-")[1], **opts)
         elif transport == "tcp":
             link = TcpLink(kind, side, name, **opts)
+        elif transport == "unix":
+            link = UnixLink(kind, side, name, **opts)
+        elif transport == "pipe":
+            link = PipeLink(kind, side, name, **opts)
+        elif transport == "udp":
+            link = UdpLink(kind, side, name, **opts)
+        elif transport == "redis":
+            link = RedisLink(kind, side, name, **opts)
         elif transport == "iceoryx2":
             link = IceoryxLink(kind, side, name, **opts)
         else:

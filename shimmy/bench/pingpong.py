@@ -20,7 +20,7 @@ MAX_ITERS = 200_000
 
 
 def variants(ctx) -> list[dict]:
-    out = [
+    out: list[dict] = [
         dict(transport="shimmy", variant="default", label="shimmy (default spin)", opts={}),
         dict(transport="shimmy", variant="spin0", label="shimmy spin_us=0", opts={"spin_us": 0}),
     ]
@@ -31,7 +31,13 @@ def variants(ctx) -> list[dict]:
         dict(transport="zmq-ipc", variant="PAIR", label="ZeroMQ ipc PAIR", opts={}),
         dict(transport="zmq-tcp", variant="PAIR", label="ZeroMQ tcp PAIR", opts={}),
         dict(transport="tcp", variant="raw", label="raw TCP 127.0.0.1", opts={}),
+        dict(transport="udp", variant="datagram", label="UDP 127.0.0.1", opts={},
+             max_size=peers.UDP_MAX),
+        dict(transport="unix", variant="stream", label="unix socket", opts={}),
+        dict(transport="pipe", variant="fifo", label="os.pipe (FIFO)", opts={}),
     ]
+    if ctx.redis_ok:
+        out.append(dict(transport="redis", variant="pub/sub", label="Redis pub/sub", opts={}))
     return out
 
 
@@ -64,7 +70,7 @@ def client(ctl, transport: str, name: str, opts: dict, size: int, seconds: float
         send(data)
         if len(recv()) != size:
             raise RuntimeError(f"{transport}: echo of wrong size")
-    lat = []
+    lat: list[int] = []
     append = lat.append
     c0 = harness.cpu_seconds()
     t_start = now()

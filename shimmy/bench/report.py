@@ -19,10 +19,10 @@ def fmt_size(n: int) -> str:
 
 def placement_text(ctx) -> str:
     n = len(ctx.cpus)
-    subs = ", ".join(str(c) for c in fanout_sub_cpus(ctx, 4))
+    order = ", ".join(str(c) for c in fanout_sub_cpus(ctx, n))
     return (f"{n} usable CPU(s); two-sided runs: side A (client/sender) on CPU {ctx.cpu_a}, "
             f"side B (server/receiver) on CPU {ctx.cpu_b}; fan-out: publisher on CPU {ctx.cpu_a}, "
-            f"4 subscribers on CPUs [{subs}] (more processes than cores: they share)")
+            f"subscriber i on CPU [{order}][i mod {n}] (more processes than cores: they share)")
 
 
 def fanout_sub_cpus(ctx, n: int) -> list[int]:
@@ -122,7 +122,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     lines = []
     for j, r in enumerate(rows):
         lines.append("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -195,6 +195,13 @@ def render(out: dict) -> str:
     for name in ("stream", "crossnode"):
         if name in suites and suites[name].get("table"):
             parts.append("\n" + suites[name]["table"])
+    if suites.get("scrape", {}).get("results"):
+        rows = [[r["label"], fmt_size(r["size"]), _n(r["msgs_per_s"], 0),
+                 _n(r["cpu_us_per_msg_tx"], 2), _n(r["cpu_us_per_msg_rx"], 2),
+                 f"{r['ratio_to_unobserved']:.3f}x" if r.get("ratio_to_unobserved") else "-"]
+                for r in suites["scrape"]["results"]]
+        parts.append("\nPUBLISHING WHILE /metrics IS SCRAPED (one-way, copy path)\n" + _table(
+            rows, ["row", "size", "msgs/s", "cpu/msg tx", "cpu/msg rx", "vs unobserved"]))
     if out.get("skipped"):
         parts.append("\nSKIPPED")
         for k, why in out["skipped"].items():

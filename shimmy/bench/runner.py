@@ -1,8 +1,10 @@
-"""``shimmy bench``: shimmy against ZeroMQ, raw TCP and iceoryx2, in one run on one machine.
+"""``shimmy bench``: shimmy against ZeroMQ (ipc, tcp), raw TCP, UDP, a unix socket, pipes, Redis
+pub/sub and iceoryx2, in one run on one machine.
 
-Starts a private daemon, runs the selected suites (each in pinned worker processes), prints a
-table, checks the targets (ratios against peers measured in the same run) and writes JSON.
-See docs/benchmarks.md for what each number means.
+Starts a private daemon (and a private redis-server when the binary exists), runs the selected
+suites (each in pinned worker processes), prints a table, checks the targets (ratios against
+peers measured in the same run) and writes JSON; ``--report DIR`` also writes a Markdown report
+with PNG plots.  See docs/benchmarks.md for what each number means.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import importlib
 import json
 import os
 import platform
+import shlex
+import shutil
 import signal
 import sys
 import time
@@ -28,6 +32,7 @@ SUITES: dict[str, tuple[str, str | None]] = {
     "fanout": ("shimmy.bench.fanout", None),
     "stream": ("shimmy.bench.streams", "shimmy.sdk.stream"),
     "crossnode": ("shimmy.bench.crossnode", "shimmy.daemon.peer"),
+    "scrape": ("shimmy.bench.scrape", "prometheus_client"),
 }
 DEFAULT_SIZES = [64, 4096, 1 << 20]
 
@@ -45,6 +50,7 @@ class Context:
         self.cpu_a = cpu_list[0]
         self.cpu_b = cpu_list[1] if len(cpu_list) > 1 else cpu_list[0]
         self.iceoryx2_ok, self.iceoryx2_info = peers.iceoryx2_status()
+        self.redis_ok = peers.redis_address() is not None
         self.verbose = not args.quiet
 
     @staticmethod
@@ -71,7 +77,8 @@ class Context:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="shimmy bench",
-                                description="Benchmarks shimmy against ZeroMQ, raw TCP and iceoryx2.")
+                                description="Benchmarks shimmy against ZeroMQ, raw TCP, UDP, a "
+                                "unix socket, pipes, Redis pub/sub and iceoryx2.")
     p.add_argument("--quick", action="store_true", help="1 repetition, short runs (~30 s)")
     p.add_argument("--only", help=f"comma-separated suites: {','.join(SUITES)}")
     p.add_argument("--json", dest="json_path", help="where to write results "
@@ -81,12 +88,22 @@ def parse_args(argv):
     p.add_argument("--seconds", type=float, help="seconds per measurement (default 0.4, quick 0.1)")
     p.add_argument("--reps", type=int, help="repetitions per measurement (default 3, quick 1)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--report", metavar="DIR", help="also write DIR/results.json, DIR/report.md "
+                   "and PNG plots (needs matplotlib: pip install 'shimmy[bench]')")
+    p.add_argument("--no-redis", action="store_true",
+                   help="leave Redis out even if redis-server is installed")
     args = p.parse_args(argv)
     args.sizes = [_size(s) for s in args.sizes.split(",")] if args.sizes else list(DEFAULT_SIZES)
     if args.seconds is None:
         args.seconds = 0.1 if args.quick else 0.4
     if args.reps is None:
         args.reps = 1 if args.quick else 3
+    if args.report:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:   # say so now, not after a run of several minutes
+            p.error("--report draws its plots with matplotlib, which is not installed: "
+                    "pip install 'shimmy[bench]'")
     args.only = [s.strip() for s in args.only.split(",")] if args.only else list(SUITES)
     unknown = [s for s in args.only if s not in SUITES]
     if unknown:
@@ -105,9 +122,9 @@ def _size(text: str) -> int:
 
 
 def machine_info(cpu_list: list[int]) -> dict:
-    info = {"host": platform.node(), "platform": platform.platform(),
-            "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
-            "usable_cpus": cpu_list}
+    info: dict = {"host": platform.node(), "platform": platform.platform(),
+            "kernel": platform.release(), "python": sys.version.split()[0],
+            "cpu_count": os.cpu_count(), "usable_cpus": cpu_list}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -120,13 +137,21 @@ def machine_info(cpu_list: list[int]) -> dict:
         info["loadavg_at_start"] = os.getloadavg()
     except OSError:
         pass
-    vers = {}
-    for mod in ("zmq", "shimmy", "iceoryx2"):
+    vers: dict[str, str | None] = {}
+    dists = {"zmq": "pyzmq", "shimmy": "shimmy", "iceoryx2": "iceoryx2", "redis-py": "redis",
+             "matplotlib": "matplotlib", "prometheus-client": "prometheus-client",
+             "posix_ipc": "posix_ipc", "msgpack": "msgpack"}
+    from importlib.metadata import version
+    for mod, dist in dists.items():
         try:
-            from importlib.metadata import version
-            vers[mod] = version("pyzmq" if mod == "zmq" else mod)
+            vers[mod] = version(dist)
         except Exception:
             vers[mod] = None
+    try:
+        import zmq
+        vers["libzmq"] = zmq.zmq_version()
+    except Exception:
+        pass
     info["versions"] = vers
     return info
 
@@ -141,12 +166,44 @@ def _feature_missing(feature: str | None) -> str | None:
     return None
 
 
+def _start_redis(args, out: dict, log) -> "harness.RedisServer | None":
+    """A private redis-server for the Redis peer, when the binary and redis-py exist."""
+    why = None
+    binary = shutil.which("redis-server")
+    if args.no_redis:
+        why = "--no-redis"
+    elif binary is None:
+        why = "redis-server not on PATH (apt-get install redis-server)"
+    else:
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            why = "redis-py not installed (pip install 'shimmy[bench]')"
+    if why is None:
+        try:
+            server = harness.RedisServer(str(binary)).start()
+        except harness.BenchError as exc:
+            why = str(exc)
+        else:
+            os.environ["SHIMMY_BENCH_REDIS"] = server.address   # inherited by the workers
+            out["meta"]["versions"]["redis-server"] = server.version
+            log(f"redis-server {server.version} on {server.address} (stopped at the end)")
+            return server
+    out["skipped"]["redis"] = why
+    log(f"  redis skipped: {why}")
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(list(argv or []))
     cpu_list = harness.cpus()
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    json_path = args.json_path or os.path.join("bench-results", f"bench-{stamp}.json")
-    out = {"meta": {"timestamp": stamp, "argv": list(argv or []), "sizes": args.sizes,
+    json_path = args.json_path or (None if args.report else
+                                   os.path.join("bench-results", f"bench-{stamp}.json"))
+    command = "shimmy bench " + " ".join(shlex.quote(a) for a in (argv or []))
+    out: dict = {"meta": {"timestamp": stamp, "argv": list(argv or []), "command": command.strip(),
+                    "nice": os.nice(0),
+                    "sizes": args.sizes,
                     "reps": args.reps, "seconds_per_measurement": args.seconds,
                     "quick": args.quick, **machine_info(cpu_list)},
            "suites": {}, "skipped": {}, "targets": []}
@@ -157,9 +214,11 @@ def main(argv=None) -> int:
     old_term = signal.signal(signal.SIGTERM, _term)
     t0 = time.monotonic()
     os.environ["SHIMMY_BENCH_RUN"] = f"{os.getpid()}-{stamp}"  # inherited by spawned workers
-    daemon = None
+    daemon = redis_server = None
     try:
         daemon = harness.Daemon().start()
+        redis_server = _start_redis(args, out, lambda text: print(text, file=sys.stderr)
+                                    if not args.quiet else None)
         ctx = Context(args, daemon.socket, cpu_list)
         out["meta"]["iceoryx2"] = ctx.iceoryx2_info if ctx.iceoryx2_ok else None
         out["meta"]["placement"] = report.placement_text(ctx)
@@ -186,6 +245,10 @@ def main(argv=None) -> int:
                 res = mod.run(ctx)
             except harness.BenchError as exc:
                 res = {"results": [], "failed": {"suite": str(exc)[-2000:]}}
+            except Exception as exc:   # one broken suite must not lose the others' numbers
+                res = {"results": [], "failed": {"suite": f"{type(exc).__name__}: {exc}"[-2000:]}}
+                ctx.log(f"suite {name} failed: {type(exc).__name__}: {exc}")
+                harness.cleanup_workers()
             res["seconds"] = round(time.monotonic() - ts, 2)
             out["suites"][name] = res
         out["targets"] = report.evaluate_targets(out)
@@ -197,6 +260,9 @@ def main(argv=None) -> int:
         harness.cleanup_all()
         if daemon is not None:
             daemon.stop()
+        if redis_server is not None:
+            redis_server.stop()
+        os.environ.pop("SHIMMY_BENCH_REDIS", None)
         signal.signal(signal.SIGTERM, old_term)
     out["meta"]["total_seconds"] = round(time.monotonic() - t0, 1)
     try:
@@ -204,12 +270,17 @@ def main(argv=None) -> int:
     except OSError:
         pass
     print(report.render(out))
-    d = os.path.dirname(json_path)
-    if d:
-        os.makedirs(d, exist_ok=True)
-    with open(json_path, "w") as fh:
-        json.dump(out, fh, indent=1, default=str)
-    print(f"\nJSON written to {json_path}")
+    if json_path:
+        d = os.path.dirname(json_path)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        with open(json_path, "w") as fh:
+            json.dump(out, fh, indent=1, default=str)
+        print(f"\nJSON written to {json_path}")
+    if args.report:
+        from . import publish
+        written = publish.write(out, args.report)
+        print(f"report written to {args.report}: {', '.join(sorted(written))}")
     return 0
 
 

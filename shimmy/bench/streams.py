@@ -19,6 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
+from typing import Any
 
 from . import harness
 
@@ -47,9 +48,9 @@ def _capacity(chunk: int) -> int:
 
 def reader(ctl, transport: str, variant: str, name: str, chunk: int, daemon: str, path: str):
     buf = bytearray(chunk)
-    listener = None
+    listener: Any = None
     address = None
-    r = None
+    r: Any = None
     if transport == "shimmy-stream":
         from shimmy.sdk.stream import Stream
         r = Stream(name, daemon=daemon, capacity=_capacity(chunk)).reader(timeout=30)
@@ -122,7 +123,7 @@ def reader(ctl, transport: str, variant: str, name: str, chunk: int, daemon: str
 def writer(ctl, transport: str, variant: str, name: str, chunk: int, daemon: str, seconds: float,
            address=None):
     data = os.urandom(chunk)
-    w = None
+    w: Any = None
     if transport == "shimmy-stream":
         from shimmy.sdk.stream import Stream
         w = Stream(name, daemon=daemon, capacity=_capacity(chunk)).writer(timeout=30)
@@ -160,7 +161,9 @@ def run(ctx) -> dict:
     chunks = [c for c in CHUNKS if not ctx.quick or c != 65536]
     wr, rd = harness.Worker("stream-writer", ctx.cpu_a), harness.Worker("stream-reader", ctx.cpu_b)
     tmp = tempfile.mkdtemp(prefix="shimmy-bench-stream-")
-    results, failed, reps = [], {}, {}
+    results: list = []
+    failed: dict = {}
+    reps: dict = {}
     k = 0
     try:
         for rep in range(ctx.reps):

@@ -1,0 +1,374 @@
+"""Prometheus metrics for the daemon (``metrics_listen = "HOST:PORT"``; off when empty).
+
+Nothing on the data path feeds these numbers.  At scrape time a custom collector, running in
+the exporter's HTTP thread, reads the words the rings already keep in shared memory (tail,
+head, the sequence number of the frame at ``last``, subscriber positions, the publisher's
+back-pressure wait count, each subscriber's lost count) and copies the daemon's own
+bookkeeping (client table, peer links, mirrors).  Publishers and subscribers pay nothing for
+being observed.
+
+Thread safety.  The daemon's state belongs to its loop thread and has no locks.  The collector
+only takes GIL-atomic snapshots of it (``list(d.values())``, ``dict(counters)``: one C call
+each, which no other Python thread can interleave with) and then reads shared-memory words
+through the views the daemon already holds.  It never creates a new buffer export of a mapping
+(that would make the loop thread's ``mmap.close`` fail); a view the loop thread released in the
+meantime raises ValueError, and that channel is simply left out of this scrape.
+
+Label sets are bounded: ``channel`` by ``max_channels``, ``peer`` by ``peer_max_links``, ``op``
+by the daemon's operation table, ``code`` by the error classes of shimmy.errors.  Subscribers
+are aggregated per channel (never a label per client).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from shimmy import ring
+
+if TYPE_CHECKING:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+# prometheus-client (the `metrics` extra) is imported only when metrics_listen is set: the daemon
+# runs without it, and a daemon asked to serve metrics without it says what to install.
+
+log = logging.getLogger("shimmy.daemon")
+
+# Label value for a request whose operation could not be read (not msgpack, no/unknown op).
+OP_MALFORMED = "malformed"
+CODE_INTERNAL = "internal"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port); ValueError naming the rule otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics_listen {text!r} must be HOST:PORT (port 0..65535), "
+                         f"e.g. 127.0.0.1:9464")
+    return host.strip("[]"), int(port)
+
+
+class ControlStats:
+    """Control requests and errors by operation and error code.  The loop thread increments;
+    the exporter thread copies the dicts (GIL-atomic) at scrape time."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        self.errors: dict[tuple[str, str], int] = {}
+
+    def count(self, op: str, error_code: str | None = None) -> None:
+        self.requests[op] = self.requests.get(op, 0) + 1
+        if error_code is not None:
+            key = (op, error_code)
+            self.errors[key] = self.errors.get(key, 0) + 1
+
+
+def _counter(name: str, doc: str, labels: Iterable[str] = ()) -> "CounterMetricFamily":
+    from prometheus_client.core import CounterMetricFamily
+    return CounterMetricFamily(name, doc, labels=list(labels))
+
+
+def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> "GaugeMetricFamily":
+    from prometheus_client.core import GaugeMetricFamily
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+class _LostTally:
+    """Keeps ``shimmy_channel_messages_lost_total`` monotonic although the per-slot words it is
+    summed from vanish with their subscribers: the last value seen of a slot that has gone
+    (by slot index and generation) moves into a retired total of its channel."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict[tuple[int, int], int]] = {}
+        self.retired: dict[str, int] = {}
+
+    def total(self, channel: str, current: dict[tuple[int, int], int]) -> int:
+        before = self.seen.get(channel, {})
+        gone = sum(v for k, v in before.items() if k not in current)
+        self.retired[channel] = self.retired.get(channel, 0) + gone
+        self.seen[channel] = current
+        return self.retired[channel] + sum(current.values())
+
+    def forget_except(self, channels: set[str]) -> None:
+        for name in [n for n in self.seen if n not in channels]:
+            self.seen.pop(name, None)
+            self.retired.pop(name, None)
+
+
+def _published(view: ring.RingView) -> int | None:
+    """Messages committed to the ring: 1 + the sequence number of the frame at ``last``.
+
+    The publisher writes a frame's header before it stores ``last`` (then ``tail``), so the
+    header at ``last`` is valid unless the writer has overwritten it since (``head > last``,
+    lossy or lapped): then read again.  Unlike ``ring.stream_point`` this needs no snapshot
+    consistent with ``tail`` and so cannot be starved by a fast publisher; it is monotonic
+    across scrapes because ``last`` only grows.  None when lapped every time (left out of
+    this scrape).
+    """
+    q, base, mask = view.q, view.data_offset, view.capacity - 1
+    for _ in range(16):
+        if q[ring.W_TAIL] == 0:
+            return 0
+        last = q[ring.W_LAST]
+        seq = ring.FRAME.unpack_from(view.mv, base + (last & mask))[2]
+        if q[ring.W_HEAD] <= last:
+            return seq + 1
+    return None
+
+
+class DaemonCollector:
+    """Builds every metric family from the daemon's state at scrape time (a prometheus_client
+    custom collector: registered with a registry, which calls ``collect`` on every scrape)."""
+
+    def __init__(self, daemon) -> None:
+        self.d = daemon
+        self._lost = _LostTally()
+        self._lock = threading.Lock()   # concurrent scrapes share the _LostTally
+
+    def collect(self) -> Iterator["Metric"]:
+        with self._lock:
+            yield from self._daemon()
+            yield from self._channels()
+            yield from self._streams()
+            yield from self._peering()
+
+    # -- daemon-wide ------------------------------------------------------------------------------
+    def _daemon(self) -> Iterator["Metric"]:
+        d = self.d
+        counters = dict(d.counters)
+        g = _gauge("shimmy_daemon_start_time_seconds", "Unix time the daemon started")
+        g.add_metric([], d.started)
+        yield g
+        g = _gauge("shimmy_clients", "Clients attached now")
+        g.add_metric([], len(d.sessions.clients))
+        yield g
+        for key, name, doc in (
+                ("clients_total", "shimmy_clients_attached_total", "Clients that said hello"),
+                ("clients_crashed", "shimmy_clients_crashed_total",
+                 "Clients that went away without closing (crash, kill, container death)"),
+                ("leases_expired", "shimmy_leases_expired_total",
+                 "Clients whose lease lapsed (no heartbeat within lease_timeout)"),
+                ("slots_reclaimed", "shimmy_subscriber_slots_reclaimed_total",
+                 "Subscriber slots freed after their client went away")):
+            c = _counter(name, doc)
+            c.add_metric([], counters.get(key, 0))
+            yield c
+        g = _gauge("shimmy_shm_allocated_bytes", "Shared memory the daemon's segments take")
+        g.add_metric([], d.segments.allocated)
+        yield g
+        stats: ControlStats = d.control_stats
+        c = _counter("shimmy_control_requests_total", "Control requests by operation", ["op"])
+        for op, n in sorted(dict(stats.requests).items()):
+            c.add_metric([op], n)
+        yield c
+        c = _counter("shimmy_control_errors_total",
+                     "Control requests answered with an error, by operation and error code",
+                     ["op", "code"])
+        for (op, code), n in sorted(dict(stats.errors).items()):
+            c.add_metric([op, code], n)
+        yield c
+
+    # -- pub/sub channels -------------------------------------------------------------------------
+    def _channels(self) -> Iterator["Metric"]:
+        lab = ["channel"]
+        fam: dict[str, "CounterMetricFamily | GaugeMetricFamily"] = {
+            "channels": _gauge("shimmy_channels", "Pub/sub channels on this node"),
+            "msgs": _counter("shimmy_channel_messages_published_total",
+                             "Messages committed to the ring (sequence number at its tail)", lab),
+            "bytes": _counter("shimmy_channel_published_bytes_total",
+                              "Ring bytes committed: payload + 16-byte frame header, 16-byte "
+                              "aligned, plus wrap padding", lab),
+            "cap": _gauge("shimmy_channel_capacity_bytes", "Ring data capacity", lab),
+            "fill": _gauge("shimmy_channel_ring_fill_ratio",
+                           "Fraction of the ring holding bytes the slowest active subscriber "
+                           "has not read (reliable: 1 = publisher blocked)", lab),
+            "subs": _gauge("shimmy_channel_subscribers", "Subscriber slots in use by state",
+                           ["channel", "state"]),
+            "holders": _gauge("shimmy_channel_clients", "Clients holding the channel open", lab),
+            "publisher": _gauge("shimmy_channel_publisher_attached",
+                                "1 while a client holds the publisher role", lab),
+            "lag_max": _gauge("shimmy_channel_subscriber_lag_bytes_max",
+                              "Bytes the slowest active subscriber is behind the tail", lab),
+            "lag_sum": _gauge("shimmy_channel_subscriber_lag_bytes_sum",
+                              "Bytes all active subscribers together are behind the tail", lab),
+            "lost": _counter("shimmy_channel_messages_lost_total",
+                             "Messages subscribers lost (lossy mode overwrote them unread), "
+                             "summed over the channel's subscribers", lab),
+            "waits": _counter("shimmy_channel_backpressure_waits_total",
+                              "Times a reliable publisher waited for the slowest subscriber", lab),
+            "link": _gauge("shimmy_channel_replica_link_up",
+                           "Replica of a channel published on another node: 1 while its peer "
+                           "link streams, 0 while it reconnects", lab),
+        }
+        recs = list(self.d.registry.channels.values())
+        names = set()
+        for rec in recs:
+            try:
+                self._channel(rec, fam)
+            except (ValueError, IndexError, ring.RingCorrupted):
+                continue   # deleted (views released) or rewritten under us: next scrape
+            names.add(rec.name)
+        self._lost.forget_except(names)
+        fam["channels"].add_metric([], len(names))
+        yield from fam.values()
+
+    def _channel(self, rec, fam: dict) -> None:
+        view = rec.view
+        q = view.q
+        name = rec.name
+        published = _published(view)
+        tail = q[ring.W_TAIL]
+        head = q[ring.W_HEAD]
+        slots = list(rec.slots.values())
+        evicted = list(rec.evicted.values())
+        lags = [max(tail - max(q[view.slot_word(s.index)], head), 0) for s in slots]
+        lost = {(s.index, s.generation): view.slot_lost(s.index) for s in slots + evicted}
+        waits = q[ring.OFF_WAITS // 8]
+        link = view.link_state()
+        # Everything read: now emit (a released view raised before any sample was added).
+        if published is not None:
+            fam["msgs"].add_metric([name], published)
+        fam["bytes"].add_metric([name], tail)
+        fam["cap"].add_metric([name], rec.capacity)
+        fam["fill"].add_metric([name], (max(lags) if lags else 0) / rec.capacity)
+        fam["subs"].add_metric([name, "active"], len(slots))
+        fam["subs"].add_metric([name, "evicted"], len(evicted))
+        fam["holders"].add_metric([name], len(rec.holders))
+        fam["publisher"].add_metric([name], 0 if rec.publisher is None else 1)
+        fam["lag_max"].add_metric([name], max(lags) if lags else 0)
+        fam["lag_sum"].add_metric([name], sum(lags))
+        fam["lost"].add_metric([name], self._lost.total(name, lost))
+        fam["waits"].add_metric([name], waits)
+        if link != "local":
+            fam["link"].add_metric([name], 1 if link == "up" else 0)
+
+    # -- byte streams ----------------------------------------------------------------------------
+    def _streams(self) -> Iterator["Metric"]:
+        from shimmy import stream_ring
+        svc = self.d.streams
+        lab = ["stream"]
+        written = _counter("shimmy_stream_written_bytes_total", "Bytes written into the stream",
+                           lab)
+        read = _counter("shimmy_stream_read_bytes_total", "Bytes the reader consumed", lab)
+        buffered = _gauge("shimmy_stream_buffered_bytes", "Bytes written and not yet read", lab)
+        count = 0
+        for rec in list(svc.streams.values()):
+            try:
+                q = rec.view.q
+                tail, head = q[stream_ring.OFF_TAIL // 8], q[stream_ring.OFF_HEAD // 8]
+            except (ValueError, IndexError):
+                continue
+            count += 1
+            written.add_metric([rec.name], tail)
+            read.add_metric([rec.name], head)
+            buffered.add_metric([rec.name], tail - head)
+        g = _gauge("shimmy_streams", "Byte streams on this node")
+        g.add_metric([], count)
+        yield g
+        yield from (written, read, buffered)
+        counters = dict(svc.counters)
+        for key, name, doc in (("streams_created", "shimmy_streams_created_total",
+                                "Streams created"),
+                               ("stream_ends_broken", "shimmy_stream_ends_broken_total",
+                                "Stream ends whose client died (the other end sees it)")):
+            c = _counter(name, doc)
+            c.add_metric([], counters.get(key, 0))
+            yield c
+
+    # -- peering -----------------------------------------------------------------------------------
+    def _peering(self) -> Iterator["Metric"]:
+        p = self.d.peer
+        g = _gauge("shimmy_peer_transport_info",
+                   "Peer data transport in use (value 1; 'none' with peering off) and whether "
+                   "an RDMA device is usable ('unchecked' with peering off)", ["transport", "rdma"])
+        if not p.enabled:
+            g.add_metric(["none", "unchecked"], 1)
+        else:
+            g.add_metric([p.transport_kind, "unavailable" if p.rdma_reason else "available"], 1)
+        yield g
+        c = _counter("shimmy_peer_events_total",
+                     "Peering events: links accepted/dialed, reconnects, refusals, auth failures, "
+                     "mirrors served/requested, replica resets, RDMA fallbacks", ["event"])
+        for event, n in sorted(dict(p.counters).items()):
+            c.add_metric([event], n)
+        yield c
+        links = list(p.links.values())
+        g = _gauge("shimmy_peer_links", "Authenticated peer links up")
+        g.add_metric([], len(links))
+        yield g
+        link_fams = {key: _counter(f"shimmy_peer_{key}_total", doc, ["peer"]) for key, doc in (
+            ("bytes_sent", "Bytes sent to the peer node (data and control)"),
+            ("bytes_received", "Bytes received from the peer node"),
+            ("batches_sent", "Mirror batches sent to the peer node"),
+            ("batches_received", "Mirror batches received from the peer node"))}
+        for link in links:
+            stats = dict(link.stats)
+            for key, fam in link_fams.items():
+                fam.add_metric([link.remote], stats.get(key, 0))
+        yield from link_fams.values()
+        yield from self._mirrors(p)
+
+    def _mirrors(self, p) -> Iterator["Metric"]:
+        lab = ["channel", "peer", "role"]
+        fams = {key: _counter(f"shimmy_mirror_{key}_total", doc, lab) for key, doc in (
+            ("bytes", "Ring bytes mirrored (role=source: sent to peer; replica: received)"),
+            ("batches", "Mirror batches"),
+            ("messages", "Messages mirrored"),
+            ("gaps", "Gaps: mirrored data the source had already overwritten (lossy)"),
+            ("gap_bytes", "Ring bytes skipped by gaps"))}
+        reconnects = _counter("shimmy_mirror_reconnects_total",
+                              "Times a replica's mirror was re-established", ["channel", "peer"])
+        lag = _gauge("shimmy_mirror_lag_bytes", "Bytes the mirror is behind its source ring", lab)
+        rows = [(e.name, e.node, "source", e.source) for e in list(p.sources.values())]
+        for e in list(p.replicas.values()):
+            rows.append((e.name, e.node, "replica", e.sink))
+            reconnects.add_metric([e.name, e.node], e.reconnects)
+        for name, node, role, end in rows:
+            stats = dict(end.stats)
+            for key, fam in fams.items():
+                fam.add_metric([name, node, role], stats.get(key, 0))
+            try:
+                lag.add_metric([name, node, role], end.describe()["lag_bytes"])
+            except (ValueError, IndexError, KeyError):
+                pass
+        yield from fams.values()
+        yield reconnects
+        yield lag
+
+
+class Exporter:
+    """The HTTP endpoint (prometheus_client's threaded server) serving one daemon's metrics."""
+
+    def __init__(self, daemon, listen: str) -> None:
+        from prometheus_client import start_http_server
+        from prometheus_client.registry import CollectorRegistry
+        host, port = parse_listen(listen)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(DaemonCollector(daemon))
+        self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        self.address = f"{host}:{self.server.server_port}"
+        log.info("metrics on http://%s/metrics", self.address)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(2.0)
+
+
+def start(daemon, listen: str) -> Exporter | None:
+    """Start the exporter when ``listen`` is set (the ``metrics_listen`` setting).  A port that
+    cannot be bound stops the daemon with a message naming the setting, not a traceback."""
+    if not listen:
+        return None
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"shimmy daemon: metrics_listen={listen!r} needs prometheus-client, "
+                         f"which is not installed: pip install 'shimmy[metrics]'") from None
+    try:
+        return Exporter(daemon, listen)
+    except OSError as exc:
+        raise SystemExit(f"shimmy daemon: cannot serve metrics on {listen} (metrics_listen): "
+                         f"{exc.strerror or exc}") from None
