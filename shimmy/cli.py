@@ -152,13 +152,11 @@ cli.add_command(click.Command(
 
 
 # -- pub / sub -------------------------------------------------------------------------------------
-def _delimiter(delimiter: str, null: bool) -> bytes:
-    if null:
-        return b"\0"
+def _parse_delimiter(ctx: click.Context, param: click.Parameter, value: str) -> bytes:
     try:
-        return cli_io.parse_delimiter(delimiter)
+        return cli_io.parse_delimiter(value)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--delimiter") from None
+        raise click.BadParameter(str(exc)) from None
 
 
 def _planned_max_message(client, name: str, capacity: int | None) -> int:
@@ -185,6 +183,7 @@ def _planned_max_message(client, name: str, capacity: int | None) -> int:
               help="ring size when the channel is created: a power of two, 4K..1G (largest "
                    "message = capacity/2 - 16); default: the daemon's default_capacity (4 MiB)")
 @click.option("--delimiter", default="\\n", show_default=True, metavar="BYTES",
+              callback=_parse_delimiter,
               help="what separates messages on stdin (escapes like \\n, \\0, \\x1e work)")
 @click.option("-0", "--null", is_flag=True, help="messages on stdin end with a NUL byte")
 @click.option("--whole", is_flag=True, help="all of stdin is one message")
@@ -192,7 +191,7 @@ def _planned_max_message(client, name: str, capacity: int | None) -> int:
               show_default=True, help="reliable mode: seconds to wait for room in a full ring")
 @click.option("-v", "--verbose", is_flag=True, help="print each message's sequence number")
 def pub(channel: str, message: tuple[str, ...], daemon_path: str | None, mode: str | None,
-        capacity: int | None, delimiter: str, null: bool, whole: bool, timeout: float,
+        capacity: int | None, delimiter: bytes, null: bool, whole: bool, timeout: float,
         verbose: bool) -> None:
     """Publish each MESSAGE argument, or else stdin: one message per line (see --delimiter,
     --null, --whole).  Bytes are published as they are, never decoded.  Input is read as it
@@ -210,7 +209,7 @@ def pub(channel: str, message: tuple[str, ...], daemon_path: str | None, mode: s
         source: object = payloads
     else:
         source = cli_io.MessageReader(sys.stdin.buffer,
-                                      None if whole else _delimiter(delimiter, null), limit)
+                                      None if whole else b"\0" if null else delimiter, limit)
     ch = None
     try:
         for data in source:  # type: ignore[attr-defined]
@@ -240,14 +239,14 @@ def pub(channel: str, message: tuple[str, ...], daemon_path: str | None, mode: s
               help="text: UTF-8, other bytes as \\xNN escapes; hex; raw: the bytes themselves; "
                    "json: one object per line (text or base64)")
 @click.option("--delimiter", default="\\n", show_default=True, metavar="BYTES",
-              help="written after each message (text, hex, raw)")
+              callback=_parse_delimiter, help="written after each message (text, hex, raw)")
 @click.option("-0", "--null", is_flag=True, help="end each message with a NUL byte (for raw)")
 @click.option("--seq", is_flag=True, help="prefix each message with its sequence number and a tab")
 def sub(channel: str, daemon_path: str | None, count: int | None, start: str,
-        timeout: float | None, fmt: str, delimiter: str, null: bool, seq: bool) -> None:
+        timeout: float | None, fmt: str, delimiter: bytes, null: bool, seq: bool) -> None:
     """Print the messages of CHANNEL as they arrive.  Lost messages (lossy channels) are
     reported on stderr as `# lost N messages`."""
-    delim = _delimiter(delimiter, null)
+    delim = b"\0" if null else delimiter
     out = sys.stdout.buffer
     with shimmy.Channel(channel, daemon=daemon_path) as ch, ch.subscribe(start=start) as s:
         n = 0
@@ -407,15 +406,6 @@ def _stat(daemon_path: str | None) -> dict:
     return reply
 
 
-def _console():
-    from rich.console import Console
-    # Piped output: no colour, no terminal width to fit, so never wrap a table row.
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200, no_color=True, highlight=False)
-    return console
-
-
 @cli.command(short_help="daemon summary: uptime, counters, channels, peers")
 @_daemon_option
 @click.option("--json", "as_json", is_flag=True, help="the daemon's full stat reply as JSON")
@@ -426,8 +416,8 @@ def stat(daemon_path: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(reply, indent=2, default=str))
         return
-    from shimmy.cli_view import stat_summary
-    _console().print(stat_summary(reply))
+    from shimmy.cli_view import console_for_stdout, stat_summary
+    console_for_stdout().print(stat_summary(reply))
 
 
 @cli.command(short_help="live view: channels by traffic, peers and mirrors")
@@ -545,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if isinstance(exc.code, str):
             _fail(exc.code)
+        if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
+            code = 0  # click met a closed stdout while printing help or usage
     except USAGE_ERRORS as exc:
         _fail(f"shimmy: {type(exc).__name__}: {exc}")
         code = 2

@@ -14,10 +14,9 @@ import sys
 import time
 from collections.abc import Callable
 
-from rich.console import Console
 from rich.live import Live
 
-from shimmy.cli_view import top_view
+from shimmy.cli_view import PipeAwareConsole, console_for_stdout, top_view
 from shimmy.errors import ShimmyError
 
 
@@ -47,14 +46,12 @@ def snapshot(sample: Callable[[], dict], interval: float, rows: int | None) -> i
     t0 = time.monotonic()
     time.sleep(interval)
     second = sample()
-    console = Console(width=200, no_color=True, highlight=False) \
-        if not sys.stdout.isatty() else Console()
-    console.print(top_view(second, first, time.monotonic() - t0, rows=rows))
+    console_for_stdout().print(top_view(second, first, time.monotonic() - t0, rows=rows))
     return 0
 
 
 def run_top(sample: Callable[[], dict], interval: float, once: bool, rows: int | None) -> int:
-    console = Console()
+    console = PipeAwareConsole()
     if once or not console.is_terminal:
         return snapshot(sample, interval, rows)
     for sig in (signal.SIGHUP, signal.SIGTERM):

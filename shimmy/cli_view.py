@@ -7,13 +7,31 @@ command whose stdout is a pipe).
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+class PipeAwareConsole(Console):
+    """A closed stdout surfaces as BrokenPipeError, which the command line ends quietly on
+    (rich's own handling exits with status 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "stdout closed")
+
+
+def console_for_stdout() -> Console:
+    """The terminal's console; on a pipe or file, no colour and a width that never wraps rows."""
+    console = PipeAwareConsole()
+    if not console.is_terminal:
+        console = PipeAwareConsole(width=200, no_color=True, highlight=False)
+    return console
 
 
 def human_bytes(n: float) -> str:
