@@ -1,7 +1,8 @@
 """``shimmy top``: the daemon's ``stat`` reply, sampled every interval and drawn with rich.Live.
 
 On a terminal it redraws in the alternate screen until Ctrl-C, SIGTERM or a closed terminal
-(SIGHUP, or a write failing with EIO/EPIPE), each of which ends it quietly with exit code 0.
+(SIGHUP, a hung-up tty, or a write failing with EIO/EPIPE), each of which ends it quietly with
+exit code 0.
 When stdout is not a terminal (or with ``--once``) it takes two samples one interval apart and
 prints one plain snapshot, rates included.
 """
@@ -40,6 +41,15 @@ def _silence_stdio() -> None:
         pass
 
 
+def _still_a_terminal() -> bool:
+    """False once the terminal hung up (its ioctls fail), even without a SIGHUP: rich then
+    stops drawing silently, so the loop has to notice by itself."""
+    try:
+        return os.isatty(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+
+
 def snapshot(sample: Callable[[], dict], interval: float, rows: int | None) -> int:
     """One plain view: two samples ``interval`` apart, so the rates are real."""
     first = sample()
@@ -63,6 +73,8 @@ def run_top(sample: Callable[[], dict], interval: float, once: bool, rows: int |
         with Live(console=console, auto_refresh=False, screen=True, transient=True,
                   redirect_stdout=False, redirect_stderr=False) as live:
             while True:
+                if not _still_a_terminal():
+                    raise _Hangup()
                 note = "Ctrl-C quits"
                 try:
                     snap = sample()
