@@ -521,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         # Everything after "bench" goes to the benchmark's own parser, untouched.
         argv = ["bench", "--", *argv[1:]]
     code = 0
+    stdout = sys.stdout
     try:
         result = cli.main(args=argv, prog_name="shimmy", standalone_mode=False)
         code = result if isinstance(result, int) else 0
@@ -535,8 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if isinstance(exc.code, str):
             _fail(exc.code)
-        if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
-            code = 0  # click met a closed stdout while printing help or usage
+        if sys.stdout is not stdout:
+            code = 0  # click met a closed stdout (printing help) and wrapped it: not an error
     except USAGE_ERRORS as exc:
         _fail(f"shimmy: {type(exc).__name__}: {exc}")
         code = 2
