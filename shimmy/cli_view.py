@@ -158,7 +158,7 @@ def header(stat: dict) -> Text:
     text.append(f"node {peer.get('node') or '-'}  clients {len(clients)}"
                 f"  shared memory {human_bytes(stat.get('shm_allocated', 0))}"
                 f"  peering {'on' if peer.get('enabled') else 'off'}"
-                f"  rdma {rdma}" + (f" ({why})" if why and rdma != "active" else ""))
+                f"  rdma {rdma}" + (f": {why}" if why else ""))
     return text
 
 
@@ -209,17 +209,17 @@ def peer_tables(stat: dict, prev: dict | None, dt: float) -> list[Table]:
                       human_bytes(lk.get("bytes_received", 0)))
     mirrors = _table(f"Mirrors ({len(peer.get('mirrors', ()))} out, "
                      f"{len(peer.get('replicas', ()))} in)", "CHANNEL", "WHAT", "NODE",
-                     "STATE", "TRANSPORT", "BYTES/S", "LAG", "GAPS")
+                     "STATE", "TRANSPORT", "BYTES/S", "LAG", "GAPS", "RECONNECTS")
     for m in peer.get("mirrors", ()):
         state = "running" if m.get("running") else f"stopped {m.get('error') or ''}".strip()
         mirrors.add_row(m["name"], "to", str(m.get("to")), state, str(m.get("transport", "-")),
                         _rate(rate(m, old.get("mirrors", []), "name", "bytes"), "B"),
-                        human_bytes(m.get("lag_bytes", 0)), str(m.get("gaps", 0)))
+                        human_bytes(m.get("lag_bytes", 0)), str(m.get("gaps", 0)), "-")
     for rp in peer.get("replicas", ()):
         mirrors.add_row(rp["name"], "from", str(rp.get("from")),
                         f"{rp.get('state')}, link {rp.get('link')}", "-",
                         _rate(rate(rp, old.get("replicas", []), "name", "tail"), "B"),
-                        human_bytes(rp.get("lag_bytes", 0)), str(rp.get("reconnects", 0)) + " rc")
+                        human_bytes(rp.get("lag_bytes", 0)), "-", str(rp.get("reconnects", 0)))
     return [links, mirrors]
 
 

@@ -155,3 +155,50 @@ def test_live_top_exits_when_its_terminal_goes_away(daemon, traffic, controlling
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_top_and_stat_show_peer_links_mirrors_and_the_rdma_state(daemon_factory, tmp_path):
+    """Two daemons peered over loopback; a subscriber on B makes A mirror its channel."""
+    import socket as socket_mod
+
+    from shimmy.daemon.peer.auth import random_key_file
+    key = str(tmp_path / "cluster.key")
+    random_key_file(key)
+    with socket_mod.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a = daemon_factory("--node", "A", "--peer-listen", f"127.0.0.1:{port}",
+                       "--cluster-key-file", key)
+    b = daemon_factory("--node", "B", "--peer", f"127.0.0.1:{port}", "--cluster-key-file", key)
+    with shimmy.Channel("top/peered", daemon=a.socket) as pub_ch:
+        pub_ch.publish(b"first")
+        deadline = time.monotonic() + 20
+        while True:  # B learns where top/peered is published
+            try:
+                sub_ch = shimmy.Channel("top/peered", daemon=b.socket)
+                break
+            except shimmy.ShimmyError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        with sub_ch, sub_ch.subscribe() as sub:
+            deadline = time.monotonic() + 30
+            while True:  # the mirror starts asynchronously: publish until one arrives
+                pub_ch.publish(b"x" * 100)
+                try:
+                    assert bytes(sub.receive(timeout=0.2)) == b"x" * 100
+                    break
+                except shimmy.ReceiveTimeout:
+                    assert time.monotonic() < deadline, "nothing reached B's replica"
+            top_a = subprocess.run([*SHIMMY, "top", "--once", "--daemon", a.socket,
+                                    "--interval", "0.2"], capture_output=True, text=True,
+                                   timeout=60)
+            stat_b = subprocess.run([*SHIMMY, "stat", "--daemon", b.socket],
+                                    capture_output=True, text=True, timeout=60)
+    assert top_a.returncode == 0 and "Traceback" not in top_a.stderr, top_a.stderr
+    out = top_a.stdout
+    assert "peering on" in out and "rdma unavailable: " in out, out
+    assert re.search(r"^B\s+127\.0\.0\.1:\d+\s+accepted", out, re.M), out
+    assert re.search(r"^top/peered\s+to\s+B\s+running\s+tcp", out, re.M), out
+    assert stat_b.returncode == 0, stat_b.stderr
+    assert re.search(r"^top/peered\s+from\s+A\s+\S+, link up", stat_b.stdout, re.M), stat_b.stdout
+    assert re.search(r"^top/peered\s+reliable.*A \(replica\)", stat_b.stdout, re.M)
