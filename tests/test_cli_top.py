@@ -172,14 +172,14 @@ def test_top_and_stat_show_peer_links_mirrors_and_the_rdma_state(daemon_factory,
     b = daemon_factory("--node", "B", "--peer", f"127.0.0.1:{port}", "--cluster-key-file", key)
     with shimmy.Channel("top/peered", daemon=a.socket) as pub_ch:
         pub_ch.publish(b"first")
-        deadline = time.monotonic() + 20
-        while True:  # B learns where top/peered is published
-            try:
-                sub_ch = shimmy.Channel("top/peered", daemon=b.socket)
-                break
-            except shimmy.ShimmyError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        from shimmy.sdk.client import get_client
+        deadline = time.monotonic() + 30
+        # B must learn that A publishes top/peered before opening it, or B creates its own
+        while not any(c["name"] == "top/peered"
+                      for c in get_client(b.socket).request("list")["remote"]):
+            assert time.monotonic() < deadline, "B never heard of A's channel"
+            time.sleep(0.1)
+        sub_ch = shimmy.Channel("top/peered", daemon=b.socket)
         with sub_ch, sub_ch.subscribe() as sub:
             deadline = time.monotonic() + 30
             while True:  # the mirror starts asynchronously: publish until one arrives
