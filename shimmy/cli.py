@@ -551,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         _fail(f"shimmy: {exc.strerror or exc}{where}")
         code = 1
+    except Exception as exc:  # a bug: one line for the user, the traceback on request
+        if os.environ.get("SHIMMY_DEBUG"):
+            raise
+        _fail(f"shimmy: internal error: {type(exc).__name__}: {exc} (SHIMMY_DEBUG=1 shows the "
+              f"traceback)")
+        code = 1
     try:
         sys.stdout.flush()
     except (BrokenPipeError, ValueError):

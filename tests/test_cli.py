@@ -343,3 +343,36 @@ def test_demo_runs_end_to_end_and_cleans_up():
     assert not os.path.exists(os.path.dirname(sock)), "the demo's temporary directory is gone"
     prefix = f"shimmy.{daemon_id(sock)}."
     assert not [e for e in os.listdir("/dev/shm") if e.startswith((prefix, "sem." + prefix))]
+
+
+def test_fake_daemon_sending_garbage_gives_one_line_not_a_traceback(tmp_path):
+    """A fake daemon (a bare ZeroMQ ROUTER answering every request with invalid msgpack) makes
+    the SDK fail in an unplanned way: the user still gets one line and exit code 1."""
+    import threading
+
+    import zmq
+
+    from shimmy.protocol import endpoint
+    path = str(tmp_path / "fake.sock")
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(endpoint(path))
+    stop = threading.Event()
+
+    def answer():
+        while not stop.is_set():
+            if router.poll(100):
+                ident, _ = router.recv_multipart()
+                router.send_multipart([ident, b"\xc1"])
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        r = run("ls", "--daemon", path, timeout=30)
+    finally:
+        stop.set()
+        t.join(5)
+        router.close(0)
+        ctx.term()
+    assert r.returncode == 1, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("shimmy: "), r.stderr
