@@ -14,6 +14,7 @@ import os
 import stat as stat_mod
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -206,13 +207,13 @@ def pub(channel: str, message: tuple[str, ...], daemon_path: str | None, mode: s
                 raise MessageTooLarge(
                     f"message {i} is {len(data)} bytes; channel {channel!r} takes at most "
                     f"{limit} bytes (largest message = capacity/2 - 16; see --capacity)")
-        source: object = payloads
+        source: Iterable[bytes] = payloads
     else:
         source = cli_io.MessageReader(sys.stdin.buffer,
                                       None if whole else b"\0" if null else delimiter, limit)
     ch = None
     try:
-        for data in source:  # type: ignore[attr-defined]
+        for data in source:
             if ch is None:  # opened (and perhaps created) only once a message is acceptable
                 ch = shimmy.Channel(channel, daemon=daemon_path, mode=mode, capacity=capacity,
                                     publish_timeout=timeout)
@@ -255,7 +256,7 @@ def sub(channel: str, daemon_path: str | None, count: int | None, start: str,
                 msg = s.receive(timeout=timeout)
             except ReceiveTimeout:
                 raise ReceiveTimeout(f"no message on {channel!r} within {timeout} s "
-                                            f"(--timeout)") from None
+                                     f"(--timeout)") from None
             if msg.lost:
                 click.echo(f"# lost {msg.lost} messages", err=True)
             out.write(cli_io.render_message(bytes(msg), fmt, seq=msg.seq, lost=msg.lost,
