@@ -376,3 +376,24 @@ def test_fake_daemon_sending_garbage_gives_one_line_not_a_traceback(tmp_path):
         ctx.term()
     assert r.returncode == 1, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("shimmy: "), r.stderr
+
+
+def test_stat_json_is_the_daemons_own_view(daemon):
+    from shimmy.sdk.client import DaemonClient
+    pub = run("pub", "cli/view", "x", "--capacity", "64K", "--daemon", daemon.socket)
+    assert pub.returncode == 0, pub.stderr
+    cli_view = stat_json(daemon)
+    client = DaemonClient(daemon.socket)
+    try:
+        own = client.request("stat")
+    finally:
+        client.close()
+    for key in ("ok", "v", "id"):
+        own.pop(key, None)
+    assert set(cli_view) == set(own)
+    for key in ("pid", "socket", "settings", "shm_allocated", "rdma"):
+        assert cli_view[key] == own[key], key
+    strip = [{k: v for k, v in c.items() if k not in ("idle_s",)} for c in own["channels"]]
+    assert [{k: v for k, v in c.items() if k not in ("idle_s",)} for c in cli_view["channels"]] \
+        == strip
+    assert cli_view["channels"][0]["capacity"] == 64 << 10
