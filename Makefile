@@ -1,27 +1,60 @@
 # The two commands a newcomer needs (see README):
-#   make demo   install, start an embedded daemon, run live traffic between processes
-#   make test   install everything (Docker engine included, as root) and run the whole suite
+#   make demo   make .venv, install Shimmy into it, run the demo (embedded daemon, live traffic)
+#   make test   make .venv, install Shimmy with its test tools into it, run ruff, mypy, pytest,
+#               the real-container tests and (where .ci/rdma.sh exists) the RDMA tests
+#   make clean  remove .venv and the build and test leftovers in this folder
+#
+# Everything Python goes into $(VENV) (default .venv, in this folder), never into the system
+# interpreter: distribution interpreters refuse global installs (PEP 668) anyway.  PYTHON picks
+# the interpreter the environment is made from (>= 3.10).
 PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
 
-.PHONY: demo test install install-dev bench
+.PHONY: demo test lint unit containers rdma bench clean venv
+
+# Made once; tools/venv.sh installs python3.X-venv with apt-get when the interpreter lacks it.
+$(VENV)/bin/python:
+	bash tools/venv.sh "$(PYTHON)" "$(VENV)"
+
+venv: $(VPY)
 
 # Editable installs: the package maps sdk/ and daemon/ into shimmy.sdk and shimmy.daemon, and an
-# editable install resolves that mapping even when run from this folder (where the plain
-# shimmy/ folder would otherwise shadow an installed copy).
-install:
-	$(PYTHON) -m pip install -q -e .
+# editable install resolves that mapping even when run from this folder (where the plain shimmy/
+# folder would otherwise shadow an installed copy).  Redone when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(VPY)
+	$(VPY) -m pip install -q --disable-pip-version-check -e .
+	touch $@
 
-install-dev:
-	$(PYTHON) -m pip install -q -e '.[dev,daemon]'
+$(VENV)/.installed-dev: pyproject.toml | $(VPY)
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev,daemon]'
+	touch $@ $(VENV)/.installed
 
-demo: install
-	$(PYTHON) -m shimmy.cli demo
+demo: $(VENV)/.installed
+	$(VPY) -m shimmy.cli demo
 
-# Unit and multi-process tests first, then the real-container tests, which install and start a
-# Docker engine from Debian packages when none answers (needs root and apt).
-test: install-dev
-	$(PYTHON) -m pytest -m "not container"
-	bash .ci/containers.sh
+lint: $(VENV)/.installed-dev
+	$(VPY) -m ruff check .
+	$(VPY) -m mypy
 
-bench: install-dev
-	$(PYTHON) -m shimmy.cli bench
+unit: $(VENV)/.installed-dev
+	$(VPY) -m pytest -m "not container and not rdma"
+
+# Docker engine from Debian packages when none answers (needs root and apt); see .ci/containers.sh
+# for what it starts, builds and removes.
+containers: $(VENV)/.installed-dev
+	PYTHON="$(abspath $(VPY))" bash .ci/containers.sh
+
+rdma: $(VENV)/.installed-dev
+	if [ -f .ci/rdma.sh ]; then PYTHON="$(abspath $(VPY))" bash .ci/rdma.sh; \
+	else echo "no .ci/rdma.sh: RDMA tests skipped"; fi
+
+test: lint unit containers rdma
+
+bench: $(VENV)/.installed-dev
+	$(VPY) -m shimmy.cli bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+		bench-results
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

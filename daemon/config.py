@@ -21,45 +21,85 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 @dataclass
 class Settings:
-    socket: str = DEFAULT_SOCKET          # control socket path (ZeroMQ ipc)
-    shm_dir: str = "/dev/shm"             # where POSIX shm objects appear (free-space checks, sweep)
-    default_capacity: int = ring.DEFAULT_CAPACITY
-    max_capacity: int = ring.MAX_CAPACITY
-    max_channels: int = 256
-    max_subscribers: int = 64             # per channel (slots in each ring)
-    max_clients: int = 1024
-    shm_budget: int = 0                   # bytes of rings in total; 0 = bounded by free space only
-    shm_reserve: int = 8 << 20            # keep this much of shm_dir free for others
-    heartbeat_interval: float = 1.0       # clients send one heartbeat per interval
-    lease_timeout: float = 5.0            # no heartbeat for this long: subscriber slots evicted
-    idle_channel_ttl: float = 300.0       # a channel nobody holds for this long is deleted
-    request_max_bytes: int = 65536        # larger control messages are refused unread
-    access: str = "open"                  # "open" or "closed" when a client has no policy labels
-    log_level: str = "info"
-    node: str = ""                        # node name (peering); empty = hostname
+    socket: str = field(default=DEFAULT_SOCKET,
+        metadata={"help": "control socket path (ZeroMQ ipc); clients find it via $SHIMMY_DAEMON"})
+    shm_dir: str = field(default="/dev/shm",
+        metadata={"help": "where POSIX shared-memory objects appear (free-space checks, sweep)"})
+    default_capacity: int = field(default=ring.DEFAULT_CAPACITY,
+        metadata={"help": "ring size in bytes for a channel created without one (power of two)"})
+    max_capacity: int = field(default=ring.MAX_CAPACITY,
+        metadata={"help": "largest ring a client may ask for, in bytes (power of two)"})
+    max_channels: int = field(default=256,
+        metadata={"help": "channels and streams this daemon holds at once"})
+    max_subscribers: int = field(default=64,
+        metadata={"help": "subscriber slots in each ring (per channel)"})
+    max_clients: int = field(default=1024,
+        metadata={"help": "client sessions connected at once"})
+    shm_budget: int = field(default=0,
+        metadata={"help": "bytes of rings in total; 0 = bounded by free space only"})
+    shm_reserve: int = field(default=8 << 20,
+        metadata={"help": "bytes of shm_dir always left free for others"})
+    heartbeat_interval: float = field(default=1.0,
+        metadata={"help": "seconds between client heartbeats"})
+    lease_timeout: float = field(default=5.0,
+        metadata={"help": "seconds without a heartbeat before a client's subscriber "
+                            "slots are evicted"})
+    idle_channel_ttl: float = field(default=300.0,
+        metadata={"help": "seconds a channel nobody holds is kept before it is deleted"})
+    request_max_bytes: int = field(default=65536,
+        metadata={"help": "larger control messages are refused unread"})
+    access: str = field(default="open",
+        metadata={"help": "policy for clients with no policy labels: open or closed"})
+    log_level: str = field(default="info",
+        metadata={"help": "debug, info, warning or error"})
+    node: str = field(default="",
+        metadata={"help": "this node's name among peers; empty = hostname"})
     # -- peering (daemon/peer, docs/peering.md) --
-    peer_listen: str = ""                 # HOST:PORT to accept peer daemons on; empty = none
-    peers: list = field(default_factory=list)   # HOST:PORT of peers this daemon dials
-    peer_dns: str = ""                    # NAME:PORT resolved to all peers (Kubernetes headless
-                                          # Service); re-resolved every peer_dns_interval
-    peer_dns_interval: float = 10.0
-    cluster_key_file: str = ""            # shared secret for peer authentication (required)
-    peer_tls_cert: str = ""               # PEM cert+key enable TLS on peer links (both sides)
-    peer_tls_key: str = ""
-    peer_tls_ca: str = ""                 # CA bundle to verify the other side's certificate
-    peer_backoff_initial: float = 0.05    # first reconnect delay, doubled per failure ...
-    peer_backoff_max: float = 2.0         # ... up to this cap
-    peer_handshake_timeout: float = 5.0   # a peer must finish authenticating within this
-    peer_link_timeout: float = 10.0       # silence (no data, no keepalive) for this long: dead
-    peer_keepalive: float = 1.0           # keepalive period on idle links
-    peer_max_pending: int = 16            # unauthenticated connections handled at once
-    peer_max_links: int = 64              # authenticated links at once
-    peer_max_control_bytes: int = 1 << 20  # largest control message a peer may send
-    peer_max_replica_capacity: int = 1 << 28  # largest ring a peer may make us replicate
-    peer_max_replicas: int = 128          # replica rings this node keeps at once
-    peer_hold: float = 10.0               # reliable: keep a disconnected mirror's data this long
-    peer_credit_interval: float = 0.0002  # replica reports consumed positions this often (busy)
-    peer_unmirror_grace: float = 1.0      # mirror stops this long after its last subscriber left
+    peer_listen: str = field(default="",
+        metadata={"help": "HOST:PORT to accept peer daemons on; empty = none"})
+    peers: list = field(default_factory=list,
+        metadata={"help": "HOST:PORT of a peer daemon to dial (repeatable)"})
+    peer_dns: str = field(default="",
+        metadata={"help": "NAME:PORT resolved to all peers (a Kubernetes headless "
+                            "Service), re-resolved every peer_dns_interval"})
+    peer_dns_interval: float = field(default=10.0,
+        metadata={"help": "seconds between re-resolutions of peer_dns"})
+    cluster_key_file: str = field(default="",
+        metadata={"help": "file holding the shared secret that authenticates peer "
+                            "daemons (required for peering)"})
+    peer_tls_cert: str = field(default="",
+        metadata={"help": "PEM certificate: enables TLS on peer links (with peer_tls_key)"})
+    peer_tls_key: str = field(default="",
+        metadata={"help": "PEM private key for peer_tls_cert"})
+    peer_tls_ca: str = field(default="",
+        metadata={"help": "CA bundle verifying the other daemon's certificate"})
+    peer_backoff_initial: float = field(default=0.05,
+        metadata={"help": "first reconnect delay in seconds, doubled per failure"})
+    peer_backoff_max: float = field(default=2.0,
+        metadata={"help": "cap on the reconnect delay in seconds"})
+    peer_handshake_timeout: float = field(default=5.0,
+        metadata={"help": "seconds a peer has to finish authenticating"})
+    peer_link_timeout: float = field(default=10.0,
+        metadata={"help": "seconds of silence (no data, no keepalive) before a link is dead"})
+    peer_keepalive: float = field(default=1.0,
+        metadata={"help": "keepalive period in seconds on idle links"})
+    peer_max_pending: int = field(default=16,
+        metadata={"help": "unauthenticated peer connections handled at once"})
+    peer_max_links: int = field(default=64,
+        metadata={"help": "authenticated peer links at once"})
+    peer_max_control_bytes: int = field(default=1 << 20,
+        metadata={"help": "largest control message a peer may send, in bytes"})
+    peer_max_replica_capacity: int = field(default=1 << 28,
+        metadata={"help": "largest ring a peer may make this node replicate, in bytes"})
+    peer_max_replicas: int = field(default=128,
+        metadata={"help": "replica rings this node keeps at once"})
+    peer_hold: float = field(default=10.0,
+        metadata={"help": "reliable mode: seconds a disconnected mirror's data is kept"})
+    peer_credit_interval: float = field(default=0.0002,
+        metadata={"help": "seconds between a replica's consumed-position reports (while busy)"})
+    peer_unmirror_grace: float = field(default=1.0,
+        metadata={"help": "seconds a mirror keeps running after its last subscriber left"})
+
     # -- observability (daemon/metrics.py, daemon/logformat.py, docs/metrics.md) --
     metrics_listen: str = field(default="", metadata={
         "help": "HOST:PORT serving Prometheus metrics at /metrics (e.g. 127.0.0.1:9464); "

@@ -48,7 +48,8 @@ class Daemon:
                                  settings.shm_budget)
         self.registry = Registry(settings, self.segments)
         self.counters = {"requests": 0, "errors": 0, "malformed": 0, "clients_total": 0,
-                         "clients_crashed": 0, "leases_expired": 0, "slots_reclaimed": 0}
+                         "clients_exited": 0, "clients_crashed": 0, "leases_expired": 0,
+                         "slots_reclaimed": 0}
         self._stop = False
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -120,7 +121,7 @@ class Daemon:
                         self.peer.on_readable(sock_or_fd)
                     else:
                         for client in self.sessions.on_readable(sock_or_fd):
-                            self._client_gone(client, crashed=True)
+                            self._client_gone(client, crashed=not client.said_goodbye)
                 now = time.monotonic()
                 if now - last_tick >= TICK:
                     last_tick = now
@@ -204,8 +205,7 @@ class Daemon:
         slots, roles = self.registry.drop_client(client.id)
         self.streams.drop_client(client.id)
         self.counters["slots_reclaimed"] += slots
-        if crashed:
-            self.counters["clients_crashed"] += 1
+        self.counters["clients_crashed" if crashed else "clients_exited"] += 1
         log.info("client %d pid=%s gone: freed %d slots, %d publisher roles", client.id,
                  client.pid, slots, roles)
 
@@ -375,7 +375,8 @@ class Daemon:
         return {"channels": [self.peer.annotate(rec.describe())
                              for rec in self.registry.channels.values()],
                 "remote": self.peer.remote_channels(), "node": self.peer.node,
-                "streams": self.streams.describe()}
+                "streams": self.streams.describe(),
+                "finished_streams": list(self.streams.finished.values())}
 
     def op_stat(self, req: dict) -> dict:
         return {"pid": os.getpid(), "uptime": time.time() - self.started,
@@ -385,8 +386,22 @@ class Daemon:
                 "clients": [c.describe() for c in self.sessions.clients.values()],
                 "channels": [self.peer.annotate(rec.describe())
                              for rec in self.registry.channels.values()],
-                "peer": self.peer.describe(),
+                "peer": self.peer.describe(), "rdma": self._rdma_state(),
                 "streams": self.streams.describe()}
+
+    def _rdma_state(self) -> dict:
+        """RDMA as it is: off (no peering), unavailable (and why), idle (a device, no mirror on
+        it) or active (mirrors running over it)."""
+        peer = self.peer
+        if not peer.enabled:
+            return {"state": "off", "why": "no peer_listen, peers or peer_dns set"}
+        if peer.rdma_reason:
+            return {"state": "unavailable", "why": peer.rdma_reason}
+        on_rdma = sum(1 for e in peer.sources.values()
+                      if e.source.describe()["transport"] == "rdma")
+        if on_rdma:
+            return {"state": "active", "why": f"{on_rdma} mirror(s) over RDMA"}
+        return {"state": "idle", "why": "RDMA device found; no mirror uses it yet"}
 
     def op_delete(self, req: dict) -> dict:
         name = validate_name(req.get("name"))

@@ -40,6 +40,7 @@ class Client:
     evicted: bool = False
     container: str | None = None
     policy: object | None = None  # identity.AccessPolicy, computed on first channel operation
+    said_goodbye: bool = False    # sent b"q" before closing: a clean exit, not a crash
 
     def describe(self) -> dict:
         return {"id": self.id, "pid": self.pid or self.claimed_pid, "uid": self.uid,
@@ -96,6 +97,8 @@ class Sessions:
             data = b""
         if not data:
             return [self._close(client)]
+        if b"q" in data:
+            client.said_goodbye = True
         client.last_beat = time.monotonic()
         return []
 

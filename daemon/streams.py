@@ -29,6 +29,7 @@ from shimmy.names import object_token, validate_name
 
 log = logging.getLogger("shimmy.daemon")
 ROLES = ("writer", "reader")
+FINISHED_KEPT = 64  # freed streams remembered for `list` (so a second reader is told, not hung)
 
 
 @dataclass
@@ -78,6 +79,8 @@ class StreamService:
         self.streams: dict[str, StreamRecord] = {}
         self._serial = itertools.count(1)
         self.counters = {"streams_created": 0, "streams_freed": 0, "stream_ends_broken": 0}
+        # name -> what the last freed stream of that name carried; bounded, oldest dropped first
+        self.finished: dict[str, dict] = {}
 
     def ops(self) -> dict:
         return {"stream_open": self.op_open, "stream_close": self.op_close,
@@ -201,6 +204,7 @@ class StreamService:
         rec = StreamRecord(name=name, token=token, serial=serial, capacity=capacity,
                            shm_name=shm_name, mm=mm, view=stream_ring.StreamView(mm), sems=sems)
         self.streams[name] = rec
+        self.finished.pop(name, None)
         self.counters["streams_created"] += 1
         log.info("created stream %s capacity=%d shm=%s", name, capacity, shm_name)
         return rec
@@ -218,7 +222,9 @@ class StreamService:
 
     def _free(self, rec: StreamRecord) -> None:
         self.streams.pop(rec.name, None)
-        written = rec.view.q[stream_ring.OFF_TAIL // 8]
+        q = rec.view.q
+        written = q[stream_ring.OFF_TAIL // 8]
+        read_to_end = bool(q[stream_ring.OFF_EOF // 8]) and q[stream_ring.OFF_HEAD // 8] == written
         rec.view.release()
         self.segments.destroy(rec.token, rec.mm, 0)
         prefix = self.segments.sem_prefix(rec.token)
@@ -231,6 +237,12 @@ class StreamService:
                 pass
             _unlink_sem(prefix + suffix)
         self.counters["streams_freed"] += 1
+        if read_to_end and rec.reader is not None and rec.reader.state == "closed":
+            self.finished.pop(rec.name, None)
+            self.finished[rec.name] = {"name": rec.name, "written": written,
+                                       "freed": time.time()}
+            while len(self.finished) > FINISHED_KEPT:
+                del self.finished[next(iter(self.finished))]
         log.info("freed stream %s (%d bytes written, serial %d)", rec.name, written, rec.serial)
 
 

@@ -9,6 +9,7 @@ refuses to work in the child: a child must open its own channels.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import select
@@ -23,6 +24,7 @@ from shimmy.errors import DaemonUnavailable, ProtocolError, error_from_reply
 from shimmy.protocol import PROTOCOL_VERSION, endpoint, resolve_socket
 
 REQUEST_TIMEOUT = 5.0  # seconds to wait for a daemon reply before DaemonUnavailable
+GOODBYE = b"q"         # sent on the session socket by close(): the daemon counts a clean exit
 
 _clients: dict[str, "DaemonClient"] = {}
 _clients_lock = threading.Lock()
@@ -43,6 +45,14 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _close_all_at_exit() -> None:
+    for client in list(_clients.values()):
+        client.close()
+
+
+atexit.register(_close_all_at_exit)
 
 
 def get_client(daemon: str | None) -> "DaemonClient":
@@ -136,6 +146,10 @@ class DaemonClient:
             return
         self.closed = True
         self._stop.set()
+        try:
+            self._session.send(GOODBYE)  # a clean exit, not a crash, in the daemon's counters
+        except OSError:
+            pass
         self._session.close()
         self._sock.close(0)
 

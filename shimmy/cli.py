@@ -1,175 +1,334 @@
-"""The ``shimmy`` command: daemon | pub | sub | ls | stat | rm | health | bench | demo."""
+"""The ``shimmy`` command: daemon | pub | sub | cat | ls | stat | top | rm | health | bench | demo.
+
+Exit codes: 0 success, 1 a runtime failure (daemon unreachable, refused operation, timeout),
+2 a usage error (bad option, bad value, bad name), 130 interrupted.  Errors are one line on
+stderr naming what was wrong; no traceback reaches the user.  A closed stdout (``shimmy ls |
+head -1``) ends the command quietly.
+"""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
+import os
+import stat as stat_mod
 import sys
+import time
+from collections.abc import Iterable
+from typing import Any
 
-from shimmy.errors import ShimmyError
+import click
+
+import shimmy
+from shimmy import cli_io, ring, stream_ring
+from shimmy.errors import (
+    ChannelConflict,
+    ChannelNotFound,
+    DaemonUnavailable,
+    InvalidArgument,
+    InvalidName,
+    MessageTooLarge,
+    ReceiveTimeout,
+    ShimmyError,
+)
+from shimmy.names import validate_name
+
+MiB = 1 << 20
+# Argument errors found by the SDK or the daemon count as usage errors (exit 2).
+USAGE_ERRORS = (InvalidName, InvalidArgument)
 
 
-def _cmd_daemon(args) -> int:
-    from shimmy.daemon import config, server
+class Size(click.ParamType):
+    """A byte count: ``65536``, ``64K``/``64KiB``, ``4M``/``4MiB``, ``1G``/``1GiB``."""
+
+    name = "size"
+    _units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removesuffix("b").removesuffix("i")
+        unit = text[-1:] if text[-1:] in ("k", "m", "g") else ""
+        number = text[:len(text) - len(unit)]
+        if not number.isdigit():
+            self.fail(f"{value!r} is not a size (bytes, or with K, M, G: 64K, 4MiB)", param, ctx)
+        return int(number) * self._units[unit]
+
+
+class RingCapacity(Size):
+    """A ring capacity: a power of two within the ring's limits."""
+
+    def __init__(self, check):
+        self.check = check
+
+    def convert(self, value, param, ctx):
+        n = super().convert(value, param, ctx)
+        try:
+            self.check(n)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return n
+
+
+def _daemon_option(f):
+    return click.option("--daemon", "daemon_path", metavar="PATH",
+                        help="daemon control socket (default: $SHIMMY_DAEMON, else "
+                             "/run/shimmy/shimmyd.sock)")(f)
+
+
+def _client(daemon_path: str | None):
+    from shimmy.sdk.client import get_client
+    return get_client(daemon_path)
+
+
+class _PipeClosed(Exception):
+    """Whoever read our stdout stopped reading (``| head``): the command ends quietly."""
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            if isinstance(exc, ShimmyError):  # StreamBroken: a stream's writer died
+                raise
+            raise _PipeClosed() from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
+                                           "max_content_width": 100})
+@click.version_option(shimmy.__version__, "-V", "--version", prog_name="shimmy",
+                      message="%(prog)s %(version)s")
+def cli() -> None:
+    """Shared-memory channels and streams on one node, mirrored across nodes."""
+
+
+# -- daemon: one flag per Settings field (daemon/config.py is the single source) -------------------
+_FLAG_ALIASES = {"peers": ["--peer"]}   # the singular spelling the docs use
+
+
+def _settings_params() -> list[click.Parameter]:
+    from shimmy.daemon.config import Settings
+    params: list[click.Parameter] = [
+        click.Option(["config", "--config"], metavar="FILE", type=click.Path(dir_okay=False),
+                     help="TOML settings file (docs/daemon.md); flags override it")]
+    for f in dataclasses.fields(Settings):
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else f.default)
+        help_text = f.metadata.get("help", "")
+        flag = "--" + f.name.replace("_", "-")
+        decls = [f.name, flag, *_FLAG_ALIASES.get(f.name, [])]
+        if isinstance(default, bool):
+            params.append(click.Option([f.name, f"{flag}/--no-{flag[2:]}"], default=None,
+                                       help=f"{help_text} (default: {default})"))
+        elif isinstance(default, list):
+            params.append(click.Option(decls, multiple=True, metavar="VALUE",
+                                       help=f"{help_text}"))
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            shown = default if default != "" else "none"
+            params.append(click.Option(decls, type=kind, default=None,
+                                       help=f"{help_text} (default: {shown})"))
+    return params
+
+
+def _run_daemon(config: str | None, **overrides) -> int:
+    from shimmy.daemon import config as config_mod
+    from shimmy.daemon import server
+    overrides = {k: (list(v) if v else None) if isinstance(v, tuple) else v
+                 for k, v in overrides.items()}
     try:
-        settings = config.load(args.config, socket=args.socket, shm_dir=args.shm_dir,
-                               access=args.access, log_level=args.log_level, node=args.node,
-                               peer_listen=args.peer_listen, peers=args.peer,
-                               peer_dns=args.peer_dns,
-                               cluster_key_file=args.cluster_key_file,
-                               peer_tls_cert=args.peer_tls_cert, peer_tls_key=args.peer_tls_key,
-                               peer_tls_ca=args.peer_tls_ca)
-    except (OSError, ValueError) as exc:
-        print(f"shimmy daemon: bad settings: {exc}", file=sys.stderr)
+        settings = config_mod.load(config, **overrides)
+    except (OSError, ValueError, TypeError) as exc:
+        click.echo(f"shimmy daemon: bad settings: {exc}", err=True)
         return 2
     server.run(settings)
     return 0
 
 
-def _client(args):
-    from shimmy.sdk.client import get_client
-    return get_client(args.daemon)
+cli.add_command(click.Command(
+    "daemon", callback=_run_daemon, params=_settings_params(),
+    help="Run the node daemon.  Every setting of docs/daemon.md is a flag here; flags override "
+         "--config.", short_help="run the node daemon"))
 
 
-def _cmd_pub(args) -> int:
-    from shimmy import Channel
-    with Channel(args.channel, daemon=args.daemon, mode=args.mode) as ch:
-        messages = args.message or (line.rstrip("\n") for line in sys.stdin)
-        for text in messages:
-            seq = ch.publish(text.encode())
-            if args.verbose:
-                print(seq)
-    return 0
-
-
-def _cmd_sub(args) -> int:
-    from shimmy import Channel
-    with Channel(args.channel, daemon=args.daemon) as ch, ch.subscribe(start=args.start) as sub:
-        n = 0
-        while args.count is None or n < args.count:
-            msg = sub.receive(timeout=args.timeout)
-            data = bytes(msg)
-            if msg.lost:
-                print(f"# lost {msg.lost} messages", file=sys.stderr)
-            try:
-                text = data.decode()
-            except UnicodeDecodeError:
-                text = data.hex()
-            print(f"{msg.seq}\t{text}" if args.seq else text, flush=True)
-            n += 1
-    return 0
-
-
-def _cmd_ls(args) -> int:
-    reply = _client(args).request("list")
-    if args.json:
-        print(json.dumps(reply["channels"], indent=2))
-        return 0
-    rows = [("CHANNEL", "MODE", "CAPACITY", "PUBLISHED", "PUBLISHER", "SUBS", "MAX LAG",
-             "NODE", "MIRRORED TO")]
-    for ch in reply["channels"]:
-        lag = max((s["lag_bytes"] for s in ch["subscribers"]), default=0)
-        node = ch.get("node", "")
-        if "replica" in ch:
-            node += f" (replica, link {ch['replica']['link']})"
-        rows.append((ch["name"], ch["mode"], _size(ch["capacity"]), str(ch["published"]),
-                     "yes" if ch["publisher"] is not None else "-", str(len(ch["subscribers"])),
-                     _size(lag), node, ",".join(m["to"] for m in ch.get("mirrors", ())) or "-"))
-    for ch in reply.get("remote", ()):
-        rows.append((ch["name"], ch["mode"], _size(ch["capacity"]), "-", "remote", "-", "-",
-                     ch["node"], "-"))
-    _print_table(rows)
-    streams = reply.get("streams") or []
-    if streams:
-        print()
-        rows = [("STREAM", "CAPACITY", "BUFFERED", "WRITTEN", "WRITER", "READER", "EOF")]
-        for st in streams:
-            ends = [f"pid {e['pid']} ({e['state']})" if e else "-"
-                    for e in (st["writer"], st["reader"])]
-            rows.append((st["name"], _size(st["capacity"]), _size(st["buffered"]),
-                         _size(st["written"]), *ends, "yes" if st["eof"] else "-"))
-        _print_table(rows)
-    return 0
-
-
-def _print_table(rows: list[tuple]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-
-
-def _cmd_stat(args) -> int:
-    reply = _client(args).request("stat")
-    reply.pop("ok", None), reply.pop("v", None), reply.pop("id", None)
-    print(json.dumps(reply, indent=2, default=str))
-    return 0
-
-
-def _cmd_rm(args) -> int:
-    _client(args).request("delete", name=args.channel)
-    return 0
-
-
-def _cmd_health(args) -> int:
-    from shimmy.sdk.client import DaemonClient  # noqa: F401  (import cost only)
-    import msgpack
-    import zmq
-    from shimmy.protocol import PROTOCOL_VERSION, endpoint, resolve_socket
-    path = resolve_socket(args.daemon)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+# -- pub / sub -------------------------------------------------------------------------------------
+def _parse_delimiter(ctx: click.Context, param: click.Parameter, value: str) -> bytes:
     try:
-        sock.connect(endpoint(path))
-        sock.send(msgpack.packb({"v": PROTOCOL_VERSION, "id": 1, "op": "ping"}))
-        if not sock.poll(int(args.timeout * 1000)):
-            print(f"unhealthy: no reply from {path} within {args.timeout} s", file=sys.stderr)
-            return 1
-        reply = msgpack.unpackb(sock.recv())
-        print(f"ok pid={reply['pid']} uptime={reply['uptime']:.0f}s")
-        return 0
+        return cli_io.parse_delimiter(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _planned_max_message(client, name: str, capacity: int | None) -> int:
+    """The largest message the channel will take, known before opening it (so a refused message
+    creates nothing): the existing channel's, else that of the capacity it would be created with."""
+    listing = client.request("list")
+    for ch in listing.get("channels", ()):
+        if ch["name"] == name:
+            return ring.max_message_size(ch["capacity"])
+    if capacity is None:
+        settings = client.request("stat").get("settings", {})
+        capacity = settings.get("default_capacity", ring.DEFAULT_CAPACITY)
+    return ring.max_message_size(capacity)
+
+
+@cli.command(short_help="publish messages (arguments, or stdin)")
+@click.argument("channel")
+@click.argument("message", nargs=-1)
+@_daemon_option
+@click.option("--mode", type=click.Choice(sorted(ring.MODES)),
+              help="reliable (wait for slow subscribers) or lossy (never wait), when the channel "
+                   "is created (default reliable)")
+@click.option("--capacity", type=RingCapacity(ring.check_capacity), metavar="SIZE",
+              help="ring size when the channel is created: a power of two, 4K..1G (largest "
+                   "message = capacity/2 - 16); default: the daemon's default_capacity (4 MiB)")
+@click.option("--delimiter", default="\\n", show_default=True, metavar="BYTES",
+              callback=_parse_delimiter,
+              help="what separates messages on stdin (escapes like \\n, \\0, \\x1e work)")
+@click.option("-0", "--null", is_flag=True, help="messages on stdin end with a NUL byte")
+@click.option("--whole", is_flag=True, help="all of stdin is one message")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="reliable mode: seconds to wait for room in a full ring")
+@click.option("-v", "--verbose", is_flag=True, help="print each message's sequence number")
+def pub(channel: str, message: tuple[str, ...], daemon_path: str | None, mode: str | None,
+        capacity: int | None, delimiter: bytes, null: bool, whole: bool, timeout: float,
+        verbose: bool) -> None:
+    """Publish each MESSAGE argument, or else stdin: one message per line (see --delimiter,
+    --null, --whole).  Bytes are published as they are, never decoded.  Input is read as it
+    arrives, so `tail -f log | shimmy pub logs` works."""
+    validate_name(channel)
+    client = _client(daemon_path)
+    limit = _planned_max_message(client, channel, capacity)
+    if message:
+        payloads = [os.fsencode(m) for m in message]
+        for i, data in enumerate(payloads, 1):
+            if len(data) > limit:
+                raise MessageTooLarge(
+                    f"message {i} is {len(data)} bytes; channel {channel!r} takes at most "
+                    f"{limit} bytes (largest message = capacity/2 - 16; see --capacity)")
+        source: Iterable[bytes] = payloads
+    else:
+        source = cli_io.MessageReader(sys.stdin.buffer,
+                                      None if whole else b"\0" if null else delimiter, limit)
+    ch = None
+    try:
+        for data in source:
+            if ch is None:  # opened (and perhaps created) only once a message is acceptable
+                ch = shimmy.Channel(channel, daemon=daemon_path, mode=mode, capacity=capacity,
+                                    publish_timeout=timeout)
+                if isinstance(source, cli_io.MessageReader):
+                    source.limit = ch.max_message
+            seq = ch.publish(data)
+            if verbose:
+                click.echo(seq)
     finally:
-        sock.close(0)
-        ctx.term()
+        if ch is not None:
+            ch.close()
 
 
-def _cmd_bench(args) -> int:
-    from shimmy.bench.runner import main as bench_main
-    return bench_main(args.bench_args)
+@cli.command(short_help="print messages as they arrive")
+@click.argument("channel")
+@_daemon_option
+@click.option("--count", type=click.IntRange(min=1), metavar="N", help="stop after N messages")
+@click.option("--start", type=click.Choice(["next", "oldest"]), default="next", show_default=True,
+              help="next: only messages published from now on; oldest: also those still held")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="fail (exit 1) when no message arrives for this long (default: wait forever)")
+@click.option("--format", "fmt", type=click.Choice(cli_io.FORMATS), default="text",
+              show_default=True,
+              help="text: UTF-8, other bytes as \\xNN escapes; hex; raw: the bytes themselves; "
+                   "json: one object per line (text or base64)")
+@click.option("--delimiter", default="\\n", show_default=True, metavar="BYTES",
+              callback=_parse_delimiter, help="written after each message (text, hex, raw)")
+@click.option("-0", "--null", is_flag=True, help="end each message with a NUL byte (for raw)")
+@click.option("--seq", is_flag=True, help="prefix each message with its sequence number and a tab")
+def sub(channel: str, daemon_path: str | None, count: int | None, start: str,
+        timeout: float | None, fmt: str, delimiter: bytes, null: bool, seq: bool) -> None:
+    """Print the messages of CHANNEL as they arrive.  Lost messages (lossy channels) are
+    reported on stderr as `# lost N messages`."""
+    delim = b"\0" if null else delimiter
+    out = sys.stdout.buffer
+    with shimmy.Channel(channel, daemon=daemon_path) as ch, ch.subscribe(start=start) as s:
+        n = 0
+        while count is None or n < count:
+            try:
+                msg = s.receive(timeout=timeout)
+            except ReceiveTimeout:
+                raise ReceiveTimeout(f"no message on {channel!r} within {timeout} s "
+                                     f"(--timeout)") from None
+            if msg.lost:
+                click.echo(f"# lost {msg.lost} messages", err=True)
+            out.write(cli_io.render_message(bytes(msg), fmt, seq=msg.seq, lost=msg.lost,
+                                            with_seq=seq, delimiter=delim))
+            out.flush()
+            n += 1
 
 
-def _cmd_demo(args) -> int:
-    from shimmy.demo import run_demo
-    return run_demo(seconds=args.seconds, size=args.size)
+# -- streams ---------------------------------------------------------------------------------------
+def _check_stream_name(client, name: str, write: bool, wait: bool) -> None:
+    """Refuse, before creating anything, what would otherwise wait forever: a pub/sub channel's
+    name, or reading again a stream whose reader already finished it."""
+    listing = client.request("list")
+    if any(s["name"] == name for s in listing.get("streams", ())):
+        return
+    if any(c["name"] == name for c in listing.get("channels", ())):
+        raise ChannelConflict(
+            f"{name!r} is a pub/sub channel, not a stream: read it with `shimmy sub {name}`, "
+            f"publish with `shimmy pub {name}`")
+    if not write and not wait:
+        done = next((s for s in listing.get("finished_streams", ()) if s["name"] == name), None)
+        if done is not None:
+            raise ChannelNotFound(
+                f"stream {name!r} already ended: its reader read all {done['written']} bytes and "
+                f"the stream was freed; start a writer again (`shimmy cat --write {name}`), or "
+                f"pass --wait to wait for one")
 
 
-def _cmd_cat(args) -> int:
-    """``shimmy cat --write NAME < file`` / ``shimmy cat NAME > file``: copy stdin into a stream
-    or a stream to stdout, with a progress bar on stderr when stderr is a terminal."""
-    import os
-    import stat
-    import time
-    from shimmy import Stream
-    stream = Stream(args.stream, daemon=args.daemon, capacity=args.capacity)
-    show = sys.stderr.isatty() if args.progress is None else args.progress
+@cli.command(short_help="copy stdin into a byte stream (--write), or a stream to stdout")
+@click.argument("stream")
+@_daemon_option
+@click.option("--write", is_flag=True, help="write stdin into the stream (default: read it)")
+@click.option("--capacity", type=RingCapacity(stream_ring.check_capacity), metavar="SIZE",
+              help="ring size when the stream is created: a power of two, 4K..1G (default 2 MiB)")
+@click.option("--chunk", type=click.IntRange(min=1, max=64 * MiB), default=1 << 16,
+              show_default=True, metavar="BYTES", help="bytes per copy, 1..64 MiB")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="fail (exit 1) after this long blocked (default: wait forever)")
+@click.option("--wait", is_flag=True,
+              help="reading: wait for a new writer even when the stream already ended")
+@click.option("--progress/--no-progress", default=None,
+              help="progress on stderr (default: when stderr is a terminal)")
+def cat(stream: str, daemon_path: str | None, write: bool, capacity: int | None, chunk: int,
+        timeout: float | None, wait: bool, progress: bool | None) -> None:
+    """`shimmy cat --write NAME < file` copies stdin into stream NAME; `shimmy cat NAME > file`
+    copies the stream to stdout until its writer closes it."""
+    validate_name(stream)
+    _check_stream_name(_client(daemon_path), stream, write, wait)
+    handle = shimmy.Stream(stream, daemon=daemon_path, capacity=capacity)
+    show = sys.stderr.isatty() if progress is None else progress
     total = None
-    if args.write:
-        src, end = sys.stdin.buffer, stream.writer(timeout=args.timeout)
+    src: Any = sys.stdin.buffer
+    end: shimmy.StreamWriter | shimmy.StreamReader
+    if write:
+        end = handle.writer(timeout=timeout)
         try:
             st = os.fstat(src.fileno())
-            total = st.st_size if st.st_size and stat.S_ISREG(st.st_mode) else None
+            total = st.st_size if st.st_size and stat_mod.S_ISREG(st.st_mode) else None
         except (OSError, ValueError):
             pass
     else:
-        end, src = stream.reader(timeout=args.timeout), None
+        end = handle.reader(timeout=timeout)
     out = sys.stdout.buffer
-    buf = bytearray(args.chunk)
-    done, start, shown = 0, time.monotonic(), 0.0
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    done, started, shown = 0, time.monotonic(), 0.0
 
-    def progress(final=False):
-        el = max(time.monotonic() - start, 1e-9)
-        rate = done / el
-        line = f"\r{_size(done)}  {_size(rate)}/s"
+    def report(final: bool = False) -> None:
+        from shimmy.cli_view import human_bytes
+        elapsed = max(time.monotonic() - started, 1e-9)
+        rate = done / elapsed
+        line = f"\r{human_bytes(done)}  {human_bytes(rate)}/s"
         if total:
             eta = (total - done) / rate if rate else 0
             line += f"  {100 * done / total:5.1f}%  ETA {eta:4.0f}s"
@@ -178,132 +337,234 @@ def _cmd_cat(args) -> int:
 
     with end:
         while True:
-            if args.write:
+            if write:
                 n = src.readinto(buf)
                 if not n:
                     break
-                end.write(memoryview(buf)[:n])
+                end.write(view[:n])
             else:
                 n = end.readinto(buf)
                 if not n:
                     break
-                out.write(memoryview(buf)[:n])
+                out.write(view[:n])
             done += n
             if show and time.monotonic() - shown > 0.2:
                 shown = time.monotonic()
-                progress()
-    if not args.write:
+                report()
+    if not write:
         out.flush()
     if show:
-        progress(final=True)
-    return 0
+        report(final=True)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
+# -- inspection ------------------------------------------------------------------------------------
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shimmy", description="Shared-memory channels on a node.")
-    sub = p.add_subparsers(dest="command", required=True)
+@cli.command(short_help="list channels and streams")
+@_daemon_option
+@click.option("--json", "as_json", is_flag=True, help="the daemon's channel list as JSON")
+def ls(daemon_path: str | None, as_json: bool) -> None:
+    """Channels (mode, capacity, publisher, subscribers, lag, node, mirrors) and streams."""
+    from shimmy.cli_view import human_bytes as size
+    reply = _client(daemon_path).request("list")
+    if as_json:
+        click.echo(json.dumps(reply["channels"], indent=2))
+        return
+    rows: list[tuple[str, ...]] = [("CHANNEL", "MODE", "CAPACITY", "PUBLISHED", "PUBLISHER",
+                                    "SUBS", "MAX LAG", "NODE", "MIRRORED TO")]
+    for ch in reply["channels"]:
+        lag = max((s["lag_bytes"] for s in ch["subscribers"]), default=0)
+        node = ch.get("node", "")
+        if "replica" in ch:
+            node += f" (replica, link {ch['replica']['link']})"
+        rows.append((ch["name"], ch["mode"], size(ch["capacity"]), str(ch["published"]),
+                     "yes" if ch["publisher"] is not None else "-", str(len(ch["subscribers"])),
+                     size(lag), node, ",".join(m["to"] for m in ch.get("mirrors", ())) or "-"))
+    for ch in reply.get("remote", ()):
+        rows.append((ch["name"], ch["mode"], size(ch["capacity"]), "-", "remote", "-", "-",
+                     ch["node"], "-"))
+    _print_table(rows)
+    streams = reply.get("streams") or []
+    if streams:
+        click.echo()
+        rows = [("STREAM", "CAPACITY", "BUFFERED", "WRITTEN", "WRITER", "READER", "EOF")]
+        for st in streams:
+            ends = [f"pid {e['pid']} ({e['state']})" if e else "-"
+                    for e in (st["writer"], st["reader"])]
+            rows.append((st["name"], size(st["capacity"]), size(st["buffered"]),
+                         size(st["written"]), *ends, "yes" if st["eof"] else "-"))
+        _print_table(rows)
 
-    def with_daemon(sp):
-        sp.add_argument("--daemon", help="daemon socket (default $SHIMMY_DAEMON or "
-                                         "/run/shimmy/shimmyd.sock)")
-        return sp
 
-    d = sub.add_parser("daemon", help="run the node daemon")
-    d.add_argument("--socket", help="control socket path (default /run/shimmy/shimmyd.sock)")
-    d.add_argument("--config", help="TOML settings file (docs/daemon.md)")
-    d.add_argument("--shm-dir", help="where shared memory lives (default /dev/shm)")
-    d.add_argument("--access", choices=["open", "closed"], help="policy for unlabelled clients")
-    d.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    d.add_argument("--node", help="this node's name among peers (default: hostname)")
-    d.add_argument("--peer-listen", metavar="HOST:PORT", help="accept peer daemons here")
-    d.add_argument("--peer", action="append", metavar="HOST:PORT",
-                   help="dial this peer daemon (repeatable)")
-    d.add_argument("--peer-dns", metavar="NAME:PORT",
-                   help="dial every address NAME resolves to (a Kubernetes headless Service)")
-    d.add_argument("--cluster-key-file", help="shared secret authenticating peer daemons")
-    d.add_argument("--peer-tls-cert", help="PEM certificate: TLS on peer links")
-    d.add_argument("--peer-tls-key", help="PEM private key for --peer-tls-cert")
-    d.add_argument("--peer-tls-ca", help="CA bundle verifying the other daemon's certificate")
-    d.set_defaults(func=_cmd_daemon)
+def _stat(daemon_path: str | None) -> dict:
+    reply = _client(daemon_path).request("stat")
+    for key in ("ok", "v", "id"):
+        reply.pop(key, None)
+    return reply
 
-    pb = with_daemon(sub.add_parser("pub", help="publish messages (arguments, or stdin lines)"))
-    pb.add_argument("channel")
-    pb.add_argument("message", nargs="*")
-    pb.add_argument("--mode", choices=["reliable", "lossy"])
-    pb.add_argument("-v", "--verbose", action="store_true", help="print each sequence number")
-    pb.set_defaults(func=_cmd_pub)
 
-    sb = with_daemon(sub.add_parser("sub", help="print messages as they arrive"))
-    sb.add_argument("channel")
-    sb.add_argument("--count", type=int, help="stop after N messages")
-    sb.add_argument("--start", choices=["next", "oldest"], default="next")
-    sb.add_argument("--timeout", type=float, help="give up after this many idle seconds")
-    sb.add_argument("--seq", action="store_true", help="prefix each line with its sequence")
-    sb.set_defaults(func=_cmd_sub)
+@cli.command(short_help="daemon summary: uptime, counters, channels, peers")
+@_daemon_option
+@click.option("--json", "as_json", is_flag=True, help="the daemon's full stat reply as JSON")
+def stat(daemon_path: str | None, as_json: bool) -> None:
+    """The daemon at a glance: uptime, clients, shared memory, RDMA state, counters, channels,
+    streams and peers.  --json prints the daemon's own reply (docs/protocol.md)."""
+    reply = _stat(daemon_path)
+    if as_json:
+        click.echo(json.dumps(reply, indent=2, default=str))
+        return
+    from shimmy.cli_view import console_for_stdout, stat_summary
+    console_for_stdout().print(stat_summary(reply))
 
-    ls = with_daemon(sub.add_parser("ls", help="list channels"))
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=_cmd_ls)
-    with_daemon(sub.add_parser("stat", help="daemon stats as JSON")).set_defaults(func=_cmd_stat)
-    rm = with_daemon(sub.add_parser("rm", help="delete a channel"))
-    rm.add_argument("channel")
-    rm.set_defaults(func=_cmd_rm)
-    h = with_daemon(sub.add_parser("health", help="exit 0 if the daemon answers"))
-    h.add_argument("--timeout", type=float, default=2.0)
-    h.set_defaults(func=_cmd_health)
 
-    b = sub.add_parser("bench", help="benchmarks against ZeroMQ, TCP and others",
-                       add_help=False)
-    b.add_argument("bench_args", nargs=argparse.REMAINDER)
-    b.set_defaults(func=_cmd_bench)
+@cli.command(short_help="live view: channels by traffic, peers and mirrors")
+@_daemon_option
+@click.option("--interval", type=click.FloatRange(min=0.1, max=60), default=1.0,
+              show_default=True, metavar="SECONDS", help="refresh period")
+@click.option("--once", is_flag=True,
+              help="print one snapshot and exit (the default when stdout is not a terminal)")
+@click.option("--rows", type=click.IntRange(min=1), metavar="N",
+              help="show at most N channels (default: as many as fit the terminal)")
+def top(daemon_path: str | None, interval: float, once: bool, rows: int | None) -> None:
+    """Channels sorted by traffic with message and byte rates, ring fill, the slowest
+    subscriber's lag and lapped bytes; peer links and mirrors with rates and state.  Rates
+    compare two samples INTERVAL apart.  Ctrl-C (or closing the terminal) exits."""
+    from shimmy.cli_top import run_top
+    sys.exit(run_top(lambda: _stat(daemon_path), interval, once, rows))
 
-    dm = sub.add_parser("demo", help="embedded daemon + publisher + 2 subscribers, vs ZeroMQ")
-    dm.add_argument("--seconds", type=float, default=3.0)
-    dm.add_argument("--size", type=int, default=256, help="message size in bytes")
-    dm.set_defaults(func=_cmd_demo)
 
-    ct = with_daemon(sub.add_parser("cat", help="copy stdin into a byte stream (--write) or a "
-                                                "stream to stdout"))
-    ct.add_argument("stream")
-    ct.add_argument("--write", action="store_true", help="write stdin into the stream")
-    ct.add_argument("--capacity", type=int, help="ring size when the stream is created")
-    ct.add_argument("--chunk", type=int, default=1 << 16, help="bytes per copy (default 64 KiB)")
-    ct.add_argument("--timeout", type=float, help="give up after this many seconds blocked")
-    ct.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                    help="progress bar on stderr (default: when stderr is a terminal)")
-    ct.set_defaults(func=_cmd_cat)
-    return p
+@cli.command(short_help="delete a channel")
+@click.argument("channel")
+@_daemon_option
+def rm(channel: str, daemon_path: str | None) -> None:
+    """Delete CHANNEL: its ring is retired, holders see ChannelClosed."""
+    _client(daemon_path).request("delete", name=channel)
+
+
+@cli.command(short_help="exit 0 when the daemon answers (for probes)")
+@_daemon_option
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=2.0,
+              show_default=True, metavar="SECONDS", help="how long to wait for the reply")
+def health(daemon_path: str | None, timeout: float) -> None:
+    """Ping the daemon without registering as a client: exit 0 and print its pid and uptime when
+    it answers, 1 when it does not (no socket file fails at once)."""
+    import msgpack
+    import zmq
+
+    from shimmy.protocol import PROTOCOL_VERSION, endpoint, resolve_socket
+    path = resolve_socket(daemon_path)
+    if not os.path.exists(path):
+        raise DaemonUnavailable(f"unhealthy: no socket file at {path} (is the daemon "
+                                       f"running? see `shimmy daemon --socket {path}`)")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint(path))
+        sock.send(msgpack.packb({"v": PROTOCOL_VERSION, "id": 1, "op": "ping"}))
+        if not sock.poll(int(timeout * 1000)):
+            raise DaemonUnavailable(f"unhealthy: no reply from {path} within {timeout} s")
+        reply = msgpack.unpackb(sock.recv())
+        click.echo(f"ok pid={reply['pid']} uptime={reply['uptime']:.0f}s")
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                               "help_option_names": []},
+             short_help="benchmarks against ZeroMQ, TCP and others (--help for options)")
+@click.argument("bench_args", nargs=-1, type=click.UNPROCESSED)
+def bench(bench_args: tuple[str, ...]) -> None:
+    """Benchmarks; every argument goes to shimmy.bench.runner (`shimmy bench --help`)."""
+    from shimmy.bench.runner import main as bench_main
+    sys.exit(bench_main(list(bench_args)))
+
+
+@cli.command(short_help="embedded daemon + publisher + 2 subscribers, vs ZeroMQ")
+@click.option("--seconds", type=click.FloatRange(min=0.1, max=3600), default=3.0,
+              show_default=True, help="how long each workload runs")
+@click.option("--size", type=click.IntRange(min=1, max=ring.max_message_size(ring.DEFAULT_CAPACITY)
+                                            ),
+              default=256, show_default=True, metavar="BYTES", help="message size")
+def demo(seconds: float, size: int) -> None:
+    """Start a private daemon, run one publisher and two subscriber processes with live
+    progress, then the same workload over ZeroMQ ipc; everything is removed at the end."""
+    from shimmy.demo import run_demo
+    sys.exit(run_demo(seconds=seconds, size=size))
+
+
+# -- entry point -----------------------------------------------------------------------------------
+def _quiet_stdout() -> None:
+    """stdout's reader went away: point stdout at /dev/null so the final flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _fail(message: str) -> None:
+    try:
+        click.echo(message, err=True)
+    except OSError:
+        pass  # stderr is gone too
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
-        # argparse.REMAINDER does not capture a remainder that starts with an option
-        # (`shimmy bench --quick`), so the bench's own parser gets everything after "bench".
-        from shimmy.bench.runner import main as bench_main
-        try:
-            return bench_main(argv[1:])
-        except KeyboardInterrupt:
-            return 130
-    args = build_parser().parse_args(argv)
+        # Everything after "bench" goes to the benchmark's own parser, untouched.
+        argv = ["bench", "--", *argv[1:]]
+    code = 0
+    stdout = sys.stdout
     try:
-        return args.func(args) or 0
+        result = cli.main(args=argv, prog_name="shimmy", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        code = 130
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            _fail(exc.code)
+        if sys.stdout is not stdout:
+            code = 0  # click met a closed stdout (printing help) and wrapped it: not an error
+    except USAGE_ERRORS as exc:
+        _fail(f"shimmy: {type(exc).__name__}: {exc}")
+        code = 2
     except ShimmyError as exc:
-        print(f"shimmy: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except TimeoutError as exc:
-        print(f"shimmy: {exc}", file=sys.stderr)
-        return 3
+        _fail(f"shimmy: {type(exc).__name__}: {exc}")
+        code = 1
+    except _PipeClosed:
+        _quiet_stdout()
+        code = 0
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(f"shimmy: {exc.strerror or exc}{where}")
+        code = 1
+    except Exception as exc:  # a bug: one line for the user, the traceback on request
+        if os.environ.get("SHIMMY_DEBUG"):
+            raise
+        _fail(f"shimmy: internal error: {type(exc).__name__}: {exc} (SHIMMY_DEBUG=1 shows the "
+              f"traceback)")
+        code = 1
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        _quiet_stdout()
+    except OSError:
+        pass
+    return code
 
 
 if __name__ == "__main__":

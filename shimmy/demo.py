@@ -232,10 +232,11 @@ def _print_table(a: dict, b: dict) -> None:
     ]
     for q in ("p50", "p99", "p999"):
         x, y = a["latency_us"][q], b["latency_us"][q]
-        rows.append((f"latency {q} (µs)", f"{x:,.1f}", f"{y:,.1f}", f"{y / x:.1f}x lower" if x else "-"))
+        rows.append((f"latency {q} (µs)", f"{x:,.1f}", f"{y:,.1f}",
+                     f"{y / x:.1f}x lower" if x else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print()
     for r in rows:
         print("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                               enumerate(zip(r, widths))))
+                               enumerate(zip(r, widths, strict=True))))
     print("\n(one run on a shared machine: `shimmy bench` repeats and reports medians)")

@@ -211,7 +211,8 @@ def test_forked_child_does_not_share_the_parents_channel(daemon):
 
 
 def shimmy_stat(daemon) -> dict:
-    out = subprocess.run([sys.executable, "-m", "shimmy.cli", "stat", "--daemon", daemon.socket],
+    out = subprocess.run([sys.executable, "-m", "shimmy.cli", "stat", "--json", "--daemon",
+                          daemon.socket],
                          capture_output=True, text=True, timeout=30, check=True).stdout
     return json.loads(out)
 
