@@ -26,8 +26,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_ID = uuid.uuid4().hex[:8]
-DAEMON_IMAGE = os.environ.get("SHIMMY_TEST_DAEMON_IMAGE", "shimmy-ci-daemon:latest")
-APP_IMAGE = os.environ.get("SHIMMY_TEST_APP_IMAGE", "shimmy-ci-app:latest")
+DAEMON_IMAGE = os.environ.get("SHIMMY_TEST_DAEMON_IMAGE", "shimmy-ci-daemon:test")
+APP_IMAGE = os.environ.get("SHIMMY_TEST_APP_IMAGE", "shimmy-ci-app:test")
 REQUIRE = os.environ.get("SHIMMY_TEST_REQUIRE_DOCKER") == "1"
 DOCKER = os.environ.get("DOCKER", "docker")
 SOCKET = "/run/shimmy/shimmyd.sock"
