@@ -58,14 +58,6 @@ def pytest_runtest_makereport(item, call):
         item.rep_call_failed = rep.failed
 
 
-@pytest.fixture(scope="session")
-def compose_bin(engine) -> str:
-    path = os.environ.get("SHIMMY_TEST_COMPOSE")
-    if not path or not os.access(path, os.X_OK):
-        _unavailable("Compose v2 binary not found (SHIMMY_TEST_COMPOSE; run .ci/containers.sh)")
-    return path
-
-
 @pytest.fixture
 def tmpfs_dir():
     """A fresh tmpfs mounted on the host (root only): the model of a node's shm directory

@@ -2,7 +2,7 @@
 
 They drive the docker CLI (and the Compose v2 binary) with subprocess, every call bounded by a
 timeout. Images come from ``.ci/containers.sh`` (env ``SHIMMY_TEST_DAEMON_IMAGE``,
-``SHIMMY_TEST_APP_IMAGE``, ``SHIMMY_TEST_COMPOSE``); without a reachable engine or the images
+``SHIMMY_TEST_APP_IMAGE``); without a reachable engine or the images
 the tests are skipped with the reason, unless ``SHIMMY_TEST_REQUIRE_DOCKER=1`` (set by the CI
 script), where that is a failure.
 
