@@ -99,8 +99,9 @@ def test_the_subset_renderer_refuses_what_it_does_not_implement(tmp_path):
 
 
 def test_images_are_set_in_one_place_with_a_version_and_no_always_pull():
-    version = re.search(r'^version\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text(),
-                        re.M).group(1)
+    m = re.search(r'^version\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    assert m, "no version in pyproject.toml"
+    version = m.group(1)
     rules = {i["name"]: i for i in kustomization()["images"]}
     # the manifests name bare images; only the kustomization says registry and tag
     for f in resource_files():

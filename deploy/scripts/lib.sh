@@ -152,6 +152,13 @@ base_image() {
 # context there, `docker build --network none` (works with or without the engine's bridge)
 # ---------------------------------------------------------------------------------------------
 images() {
+  # a distribution python3 often has no pip (Debian's python3-pip is separate, and PEP 668 bars
+  # installing into it): build the wheels from a virtual environment in $SHIMMY_WORK instead
+  if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+    local bv="$SHIMMY_WORK/build-venv"
+    [ -x "$bv/bin/python" ] || timeout 120 "$PYTHON" -m venv "$bv" || return 1
+    PYTHON="$bv/bin/python"
+  fi
   [ "$(host_pyv)" = "$("$DOCKER" run --rm --network none "$SHIMMY_BASE_IMAGE" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')" ] \
     || { log "$PYTHON and $SHIMMY_BASE_IMAGE have different Python versions: the wheels would not fit"; return 1; }
   local src="$SHIMMY_WORK/src" ctx="$SHIMMY_WORK/context" key

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def engine() -> None:
 
 
 @pytest.fixture
-def containers(engine, request) -> Containers:
+def containers(engine, request) -> Iterator[Containers]:
     test = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower().removeprefix("test_"))[:24]
     c = Containers(test.strip("-"))
     tmp = tempfile.mkdtemp(prefix=f"shimmy-ci-{c.test}-",

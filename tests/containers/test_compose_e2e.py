@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,37 +21,44 @@ UP, DOWN, COMPOSE = (str(REPO / "deploy" / "compose" / f) for f in ("up.sh", "do
                                                                      "compose.sh"))
 
 
+class Project:
+    """One compose project, driven only through the documented scripts."""
+
+    def __init__(self, name: str, env: dict[str, str]):
+        self.name = name
+        self.env = env
+
+    def __call__(self, script: str, *args: str, timeout: float = 300,
+                 check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([script, *args], capture_output=True, text=True, timeout=timeout,
+                           env=self.env, cwd=REPO)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{script} {' '.join(args)} -> {r.returncode}\n{r.stdout}\n"
+                                 f"{r.stderr[-5000:]}")
+        return r
+
+    def container(self, service: str) -> str:
+        ids = docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={self.name}",
+                     "--filter", f"label=com.docker.compose.service={service}").stdout.split()
+        assert len(ids) == 1, (service, ids)
+        return ids[0]
+
+
 @pytest.fixture
-def project(engine):
+def project(engine) -> Iterator[Project]:
     name = f"shimmy-ci-e2e-{RUN_ID}"
     # what a user may set (docs/containers.md); the rest (engine, work folder, base image) comes
     # from the environment as it is, as it would for a user
     env = dict(os.environ, COMPOSE_PROJECT_NAME=name, SHIMMY_DAEMON_IMAGE=DAEMON_IMAGE,
                SHIMMY_APP_IMAGE=APP_IMAGE, SHIMMY_COUNT=str(COUNT),
                SHIMMY_CHANNEL="e2e/compose", SHIMMY_SHM_SIZE="256m")
-
-    def sh(script, *args, timeout=300, check=True):
-        r = subprocess.run([script, *args], capture_output=True, text=True, timeout=timeout,
-                           env=env, cwd=REPO)
-        if check and r.returncode != 0:
-            raise AssertionError(f"{script} {' '.join(args)} -> {r.returncode}\n{r.stdout}\n"
-                                 f"{r.stderr[-5000:]}")
-        return r
-
-    def container(service):
-        ids = docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={name}",
-                     "--filter", f"label=com.docker.compose.service={service}").stdout.split()
-        assert len(ids) == 1, (service, ids)
-        return ids[0]
-
-    sh.container = container
-    sh.name = name
+    proj = Project(name, env)
     try:
-        yield sh
+        yield proj
     finally:
-        r = sh(COMPOSE, "logs", "--no-color", check=False, timeout=60)
+        r = proj(COMPOSE, "logs", "--no-color", check=False, timeout=60)
         print(r.stdout[-6000:])
-        sh(DOWN, check=False, timeout=180)
+        proj(DOWN, check=False, timeout=180)
         for cid in docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={name}",
                           check=False).stdout.split():
             docker("rm", "-f", "-v", cid, check=False)
@@ -62,6 +70,7 @@ def _untracked() -> set[str]:
     return {ln for ln in r.stdout.splitlines() if ln.startswith("??")}
 
 
+@pytest.mark.timeout(900)   # up.sh builds whatever is not current: wheels, images
 def test_documented_compose_path_moves_10000_messages_through_shared_memory(project):
     untracked_before = _untracked()
     up = project(UP, timeout=900)
@@ -72,9 +81,11 @@ def test_documented_compose_path_moves_10000_messages_through_shared_memory(proj
     assert (s["bad"], s["lost"], s["out_of_order"]) == ("0", "0", "0")
     assert p["digest"] == s["digest"]
     assert "messages flowed" in up.stderr
-    # no warning of a deprecated setting, and nothing left in the checkout (wheels, contexts)
-    assert "deprecat" not in (up.stderr + up.stdout).replace(
-        "The legacy builder is deprecated", "").lower(), up.stderr[-3000:]
+    # no warning about a deprecated setting of ours (the legacy builder's own notice, printed
+    # when up.sh rebuilds an image, is not one), nothing left in the checkout (wheels, contexts)
+    warnings = [ln for ln in (up.stderr + up.stdout).splitlines()
+                if "deprecat" in ln.lower() and "legacy builder" not in ln]
+    assert not warnings, warnings
     assert _untracked() == untracked_before
 
     daemon = project.container("shimmyd")

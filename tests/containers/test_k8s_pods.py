@@ -44,8 +44,9 @@ def _spec(objs: list[dict], kind: str) -> dict:
 def _cluster(objs: list[dict], secret: bytes | None) -> Cluster:
     ns = next(o for o in objs if o["kind"] == "Namespace")["metadata"]["name"]
     cms = {o["metadata"]["name"]: o["data"] for o in objs if o["kind"] == "ConfigMap"}
-    version = re.search(r'^version\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text(),
-                        re.M).group(1)
+    m = re.search(r'^version\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    assert m, "no version in pyproject.toml"
+    version = m.group(1)
     cluster = Cluster(namespace=ns, configmaps=cms,
                       # what a user's `kustomize edit set image` does: the locally built images
                       images={f"shimmy-daemon:{version}": DAEMON_IMAGE,
@@ -112,7 +113,7 @@ SUB_LINE = re.compile(r"^subscriber: received=(\d+) .*bad=(\d+) lost=\d+ out_of_
                       r".* reopens=(\d+)$", re.M)
 
 
-def _sub_lines(containers, pod) -> list[tuple[int, int, int, int]]:
+def _sub_lines(containers, pod) -> list[tuple[int, ...]]:
     log = containers.logs(pod.containers["subscriber"])
     return [tuple(int(x) for x in m.groups()) for m in SUB_LINE.finditer(log)]
 
