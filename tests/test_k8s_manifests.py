@@ -281,3 +281,28 @@ def test_headless_service_selects_the_daemon_and_no_rbac_is_needed():
     assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
     assert not [d for d in docs() if d["kind"] in ("Role", "ClusterRole", "RoleBinding",
                                                     "ClusterRoleBinding", "ServiceAccount")]
+
+
+def test_the_subset_renderer_sets_images_as_kustomize_does(tmp_path):
+    """newName/newTag/digest on containers and init containers, a registry port not taken for a
+    tag, namespace on namespaced objects only, literals generated as a ConfigMap."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "namespace": "ns", "resources": ["r.yaml"],
+        "images": [{"name": "reg:5000/a", "newTag": "2"},
+                   {"name": "b", "newName": "reg.example/b", "digest": "sha256:00"}],
+        "configMapGenerator": [{"name": "c", "literals": ["k=v=w"]}],
+        "generatorOptions": {"disableNameSuffixHash": True}}))
+    pod = {"initContainers": [{"name": "i", "image": "b:1"}],
+           "containers": [{"name": "x", "image": "reg:5000/a:1"}, {"name": "y", "image": "c:3"}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump_all([
+        {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "d"},
+         "spec": {"template": {"spec": pod}}},
+        {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+         "metadata": {"name": "p"}, "value": 1}]))
+    ds, pc, cm = kustomize_subset.render(tmp_path)
+    spec = ds["spec"]["template"]["spec"]
+    assert [c["image"] for c in spec["initContainers"] + spec["containers"]] == \
+        ["reg.example/b@sha256:00", "reg:5000/a:2", "c:3"]
+    assert ds["metadata"]["namespace"] == "ns" and "namespace" not in pc["metadata"]
+    assert cm["kind"] == "ConfigMap" and cm["data"] == {"k": "v=w"}
+    assert cm["metadata"] == {"name": "c", "namespace": "ns"}
