@@ -233,3 +233,44 @@ def test_socket_dir_mounted_at_another_path_gets_the_contract_error(
     log = containers.logs(n)
     assert "must be mounted at the same path" in log, log[-2000:]
     assert "/run/shimmy/shimmyd.sock.session" in log and "start one with" not in log
+
+
+def test_a_pod_without_the_daemons_group_cannot_reach_the_daemon_or_the_rings(
+        rendered, containers, nodes, runner):
+    """The negative control of 'apps by group': the example pod's spec with another uid and no
+    supplementary group 10001 is kept out of the socket directory (0750) and the shm directory
+    (1770), so it neither reaches the daemon nor maps a ring."""
+    pods = runner(_cluster(rendered, secret=None))
+    ds, app = _spec(rendered, "DaemonSet"), _spec(rendered, "Deployment")
+    node = nodes("a", IP_A)
+    d = pods.run("shimmyd", ds, node)
+    pods.wait_probe(d, "shimmyd", "readinessProbe")
+    ok = pods.run("member", app, node)   # the example as shipped: it works
+    wait_until(lambda: _published(d, "demo/k8s") > 100, 60, 0.5, "member app publishing")
+    outsider = copy.deepcopy(app)
+    del outsider["initContainers"]
+    outsider["securityContext"].update(runAsUser=10003, runAsGroup=10003, supplementalGroups=[])
+    c = outsider["containers"][0]
+    outsider["containers"] = [c]
+    # plain system calls, not the SDK: `import shimmy` itself needs to create (and at once
+    # unlink) a semaphore in /dev/shm, which this pod may not do
+    c["command"] = ["python", "-c", """
+import os, socket
+for what, call in [
+        ("socket", lambda: socket.socket(socket.AF_UNIX).connect("/run/shimmy/shimmyd.sock")),
+        ("socket dir", lambda: os.listdir("/run/shimmy")),
+        ("shm dir", lambda: os.listdir("/dev/shm")),
+        ("shm create", lambda: os.open("/dev/shm/x", os.O_CREAT | os.O_RDWR, 0o600))]:
+    try:
+        call()
+        print(what, "ALLOWED")
+    except PermissionError as exc:
+        print(what, "refused:", exc)
+"""]
+    p = pods.run("outsider", outsider, node)
+    n = p.containers[c["name"]]
+    assert containers.wait_exit(n, 30) == 0, containers.logs(n)
+    log = containers.logs(n)
+    assert "ALLOWED" not in log and log.count("refused:") == 4, log
+    for name in ok.containers.values():
+        assert containers.running(name)
