@@ -5,7 +5,9 @@ daemon (``$SHIMMY_DAEMON`` or /run/shimmy/shimmyd.sock).
 
 Environment:
   SHIMMY_CHANNEL   channel name (default demo/compose)
-  SHIMMY_COUNT     messages to publish (default 10000)
+  SHIMMY_COUNT     messages to publish (default 10000); 0 = publish for ever (a long-running
+                   workload such as the Kubernetes example), reopening the channel whenever the
+                   node's daemon is replaced (see "Daemon upgrades" in docs/containers.md)
   SHIMMY_SIZE      payload bytes per message, at least 32 (default 256)
   SHIMMY_MODE      reliable | lossy (default reliable)
   SHIMMY_RATE      messages per second, 0 = as fast as the ring allows (default 0)
@@ -13,13 +15,16 @@ Environment:
   SHIMMY_SEED      payload seed, shared with the subscriber (default shimmy)
   SHIMMY_WAIT_FILE wait (within SHIMMY_TIMEOUT) until this file exists before publishing: the
                    subscriber's SHIMMY_READY_FILE on a shared volume (Kubernetes example pod)
+  SHIMMY_REPORT_EVERY  with SHIMMY_COUNT=0: seconds between summary lines (default 10)
 
 Message layout (the subscriber checks all of it):
   index u64 | body length u32 | body (derived from seed and index) | blake2b-16(index..body)
 
 Summary line: ``publisher: sent=N channel=C bytes=B seconds=S rate=R/s digest=HEX retries=K``;
 ``digest`` is a blake2b over every payload in order, which the subscriber reports too.
-Exit status 0 when all N were published, 1 otherwise.
+Exit status 0 when all N were published, 1 otherwise.  With SHIMMY_COUNT=0 it never exits by
+itself; the summary line then also says ``reopens=K`` (channels reopened after the daemon went
+away) and comes every SHIMMY_REPORT_EVERY seconds.
 """
 
 from __future__ import annotations
@@ -45,9 +50,29 @@ def payload(seed: bytes, index: int, size: int) -> bytes:
     return head + body + hashlib.blake2b(head + body, digest_size=CHECK).digest()
 
 
+def daemon_instance() -> tuple[int, int] | None:
+    """Which daemon is serving: the (device, inode) of its control socket file.  A daemon that
+    restarts (a rolling update, a crash) makes a new socket file, and every channel opened
+    through the old one is gone with it: a long-running app compares this value and reopens."""
+    try:
+        st = os.stat(os.environ.get("SHIMMY_DAEMON") or "/run/shimmy/shimmyd.sock")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class DaemonReplaced(Exception):
+    """The daemon this app opened its channel through is no longer the one serving."""
+
+
 def main() -> int:
     channel = os.environ.get("SHIMMY_CHANNEL", "demo/compose")
     count = int(os.environ.get("SHIMMY_COUNT", "10000"))
+    if count < 0:
+        print(f"publisher: SHIMMY_COUNT must be >= 0 (0 = for ever), got {count}", flush=True)
+        return 2
+    forever = count == 0
+    report_every = float(os.environ.get("SHIMMY_REPORT_EVERY", "10"))
     size = max(HEADER.size + CHECK, int(os.environ.get("SHIMMY_SIZE", "256")))
     mode = os.environ.get("SHIMMY_MODE", "reliable")
     rate = float(os.environ.get("SHIMMY_RATE", "0"))
@@ -65,39 +90,63 @@ def main() -> int:
             time.sleep(0.1)
         start = time.monotonic()
     digest = hashlib.blake2b(digest_size=16)
-    sent = retries = total = 0
-    try:
-        with shimmy.Channel(channel, mode=mode) as ch:
-            print(f"publisher: ready channel={channel} mode={mode} count={count} size={size} "
-                  f"pid={os.getpid()}", flush=True)
-            while sent < count:
-                data = payload(seed, sent, size)
-                try:
-                    ch.publish(data)
-                except shimmy.BackpressureTimeout as exc:
-                    # a reliable ring is full of frames a live (or not yet reclaimed dead)
-                    # subscriber has not read: wait and go on, within the overall limit
-                    retries += 1
-                    if time.monotonic() > deadline:
-                        print(f"publisher: giving up after {limit}s: {exc}", flush=True)
+    sent = retries = total = reopens = 0
+
+    def report() -> None:
+        secs = time.monotonic() - start
+        print(f"publisher: sent={sent} channel={channel} bytes={total} seconds={secs:.3f} "
+              f"rate={sent / secs if secs else 0:.0f}/s digest={digest.hexdigest()} "
+              f"retries={retries} reopens={reopens}", flush=True)
+
+    next_report, next_check = time.monotonic() + report_every, 0.0
+    while True:  # one pass per daemon; only the for-ever mode makes a second pass
+        try:
+            instance = daemon_instance()
+            with shimmy.Channel(channel, mode=mode) as ch:
+                print(f"publisher: ready channel={channel} mode={mode} count={count} "
+                      f"size={size} pid={os.getpid()}", flush=True)
+                while forever or sent < count:
+                    data = payload(seed, sent, size)
+                    try:
+                        ch.publish(data)
+                    except shimmy.BackpressureTimeout as exc:
+                        # a reliable ring is full of frames a live (or not yet reclaimed dead)
+                        # subscriber has not read: wait and go on, within the overall limit
+                        retries += 1
+                        if forever and daemon_instance() != instance:
+                            raise DaemonReplaced("the daemon's socket was replaced") from None
+                        if not forever and time.monotonic() > deadline:
+                            print(f"publisher: giving up after {limit}s: {exc}", flush=True)
+                            break
+                        continue
+                    digest.update(data)
+                    total += len(data)
+                    sent += 1
+                    if rate > 0:
+                        delay = start + sent / rate - time.monotonic()
+                        if delay > 0:
+                            time.sleep(delay)
+                    if forever:
+                        now = time.monotonic()
+                        if now >= next_check:  # one stat() a second, not one per message
+                            next_check = now + 1.0
+                            if daemon_instance() != instance:
+                                raise DaemonReplaced("the daemon's socket was replaced")
+                        if now >= next_report:
+                            next_report = now + report_every
+                            report()
+                    elif time.monotonic() > deadline:
+                        print(f"publisher: overall limit {limit}s reached", flush=True)
                         break
-                    continue
-                digest.update(data)
-                total += len(data)
-                sent += 1
-                if rate > 0:
-                    delay = start + sent / rate - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                if time.monotonic() > deadline:
-                    print(f"publisher: overall limit {limit}s reached", flush=True)
-                    break
-    except shimmy.ShimmyError as exc:
-        print(f"publisher: error {type(exc).__name__}: {exc}", flush=True)
-    secs = time.monotonic() - start
-    print(f"publisher: sent={sent} channel={channel} bytes={total} seconds={secs:.3f} "
-          f"rate={sent / secs if secs else 0:.0f}/s digest={digest.hexdigest()} "
-          f"retries={retries}", flush=True)
+        except (shimmy.ShimmyError, DaemonReplaced) as exc:
+            print(f"publisher: error {type(exc).__name__}: {exc}", flush=True)
+            if not forever:
+                break
+            reopens += 1
+            time.sleep(1.0)  # the daemon is being replaced: reopen once it answers again
+            continue
+        break
+    report()
     return 0 if sent == count else 1
 
 

@@ -21,7 +21,7 @@ import msgpack
 import zmq
 
 from shimmy.errors import DaemonUnavailable, ProtocolError, error_from_reply
-from shimmy.protocol import PROTOCOL_VERSION, endpoint, resolve_socket
+from shimmy.protocol import PROTOCOL_VERSION, endpoint, resolve_socket, session_path
 
 REQUEST_TIMEOUT = 5.0  # seconds to wait for a daemon reply before DaemonUnavailable
 GOODBYE = b"q"         # sent on the session socket by close(): the daemon counts a clean exit
@@ -86,6 +86,9 @@ class DaemonClient:
             self._session.sendall(hello["token"].encode() + b"\n")
         except OSError as exc:
             self._session.close()
+            if hello["session"] != session_path(self.path):
+                raise DaemonUnavailable(_socket_path_mismatch(self.path, hello["session"], exc)) \
+                    from None
             raise DaemonUnavailable(self._unavailable(f"session socket: {exc}")) from None
         self._stop = threading.Event()
         self._beat = threading.Thread(target=_heartbeat, name="shimmy-heartbeat", daemon=True,
@@ -152,6 +155,16 @@ class DaemonClient:
             pass
         self._session.close()
         self._sock.close(0)
+
+
+def _socket_path_mismatch(path: str, session: str, exc: OSError) -> str:
+    """The error for a client that reached the daemon's control socket under another path than
+    the daemon's own (a container mounting the socket directory elsewhere)."""
+    return (f"the shimmy daemon answering at {path} serves its session socket at {session}, "
+            f"which this process cannot open ({exc.strerror or exc}): the daemon's socket "
+            f"directory must be mounted at the same path in the daemon and in every client "
+            f"(here {os.path.dirname(path)}, in the daemon {os.path.dirname(session)}); see "
+            f"'The socket path contract' in docs/containers.md")
 
 
 def _heartbeat(ref, sock: socket.socket, stop: threading.Event, interval: float) -> None:

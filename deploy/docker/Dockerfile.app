@@ -1,14 +1,13 @@
 # An example application image: the shimmy SDK plus examples/compose_publisher.py and
-# examples/compose_subscriber.py. Your own app image needs only the first stage's install line.
+# examples/compose_subscriber.py.  Your own app image needs only the first stage's install line.
 #
-# Build context: a folder holding wheels/ (`pip wheel . -w wheels`) and examples/ (the repo root
-# after `pip wheel . -w wheels` works). Offline build (`--network none`), no caches baked in.
+# Built by deploy/scripts/build-images.sh (see Dockerfile.daemon): the context holds wheels/ and
+# examples/; offline (`docker build --network none`), no caches baked in.
 #
-#   pip wheel . -w wheels
-#   docker build -f deploy/docker/Dockerfile.app -t shimmy-app .
-#
-# Runs as uid 10001, the daemon image's uid, so the daemon's socket and the shared-memory objects
-# it creates are the app's own (see docs/containers.md, "Users and permissions").
+# The image's default user is 10001:10001, but apps need not be the daemon's uid: any uid that
+# has the daemon's group (10001, "shimmy") as a supplementary group can reach the socket and map
+# the rings (compose: `user` + `group_add`; Kubernetes: `supplementalGroups`).  See
+# docs/containers.md, "Users, groups and permissions".
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
@@ -21,7 +20,7 @@ RUN python3 -m venv /opt/shimmy \
 FROM ${BASE_IMAGE}
 COPY --from=build /opt/shimmy /opt/shimmy
 COPY examples/compose_publisher.py examples/compose_subscriber.py /opt/shimmy-examples/
-RUN python3 -c "import os; os.makedirs('/run/shimmy', exist_ok=True); os.chown('/run/shimmy', 10001, 10001); os.chmod('/run/shimmy', 0o755)"
+RUN python3 -c "import os; os.makedirs('/run/shimmy', exist_ok=True); os.chown('/run/shimmy', 10001, 10001); os.chmod('/run/shimmy', 0o750)"
 ENV PATH=/opt/shimmy/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

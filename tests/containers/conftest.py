@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def engine() -> None:
 
 
 @pytest.fixture
-def containers(engine, request) -> Containers:
+def containers(engine, request) -> Iterator[Containers]:
     test = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower().removeprefix("test_"))[:24]
     c = Containers(test.strip("-"))
     tmp = tempfile.mkdtemp(prefix=f"shimmy-ci-{c.test}-",
@@ -56,14 +57,6 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.when == "call":
         item.rep_call_failed = rep.failed
-
-
-@pytest.fixture(scope="session")
-def compose_bin(engine) -> str:
-    path = os.environ.get("SHIMMY_TEST_COMPOSE")
-    if not path or not os.access(path, os.X_OK):
-        _unavailable("Compose v2 binary not found (SHIMMY_TEST_COMPOSE; run .ci/containers.sh)")
-    return path
 
 
 @pytest.fixture

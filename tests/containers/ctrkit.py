@@ -2,7 +2,7 @@
 
 They drive the docker CLI (and the Compose v2 binary) with subprocess, every call bounded by a
 timeout. Images come from ``.ci/containers.sh`` (env ``SHIMMY_TEST_DAEMON_IMAGE``,
-``SHIMMY_TEST_APP_IMAGE``, ``SHIMMY_TEST_COMPOSE``); without a reachable engine or the images
+``SHIMMY_TEST_APP_IMAGE``); without a reachable engine or the images
 the tests are skipped with the reason, unless ``SHIMMY_TEST_REQUIRE_DOCKER=1`` (set by the CI
 script), where that is a failure.
 
@@ -26,8 +26,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_ID = uuid.uuid4().hex[:8]
-DAEMON_IMAGE = os.environ.get("SHIMMY_TEST_DAEMON_IMAGE", "shimmy-ci-daemon:latest")
-APP_IMAGE = os.environ.get("SHIMMY_TEST_APP_IMAGE", "shimmy-ci-app:latest")
+DAEMON_IMAGE = os.environ.get("SHIMMY_TEST_DAEMON_IMAGE", "shimmy-ci-daemon:test")
+APP_IMAGE = os.environ.get("SHIMMY_TEST_APP_IMAGE", "shimmy-ci-app:test")
 REQUIRE = os.environ.get("SHIMMY_TEST_REQUIRE_DOCKER") == "1"
 DOCKER = os.environ.get("DOCKER", "docker")
 SOCKET = "/run/shimmy/shimmyd.sock"
