@@ -82,6 +82,22 @@ def pid_from_peer_address(peer_address: str | None) -> int | None:
     return pid if pid > 0 else None
 
 
+def supplementary_groups(pid: int | None, proc_root: str = "/proc") -> frozenset[int]:
+    """The supplementary groups of process ``pid`` (``Groups:`` in ``/proc/<pid>/status``);
+    empty when the pid is unknown or its status cannot be read (other pid namespace)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return frozenset()
+    try:
+        with open(os.path.join(proc_root, str(pid), "status"), encoding="ascii",
+                  errors="replace") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:] if g.isdigit())
+    except OSError:
+        pass
+    return frozenset()
+
+
 # --------------------------------------------------------------------------------------------
 # 2. /proc/<pid>/cgroup -> container id
 # --------------------------------------------------------------------------------------------
