@@ -202,7 +202,7 @@ class AccessControl:
         if self.open:
             return
         owner_uid = owner.uid if owner is not None else self.daemon_uid
-        group = owner.group if owner is not None else self.group
+        group = self.group   # channel_group shares everything; a rule's gid only its ops
         if caller.uid == owner_uid:
             return
         if op in ("delete", "stat") and caller.uid == 0:
