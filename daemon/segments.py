@@ -131,6 +131,9 @@ class Segments:
         return shm_name, mm
 
     def _no_space(self, what: str, size: int, exc: OSError) -> Exception:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return LimitExceeded(f"{what}: the daemon is out of file descriptors "
+                                 f"({exc.strerror}); try again")
         if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EDQUOT):
             return LimitExceeded(f"{what}: cannot allocate {size} bytes in {self.shm_dir}: "
                                  f"{exc.strerror}; {self.free_bytes()} bytes free there (raise "

@@ -10,6 +10,7 @@ goes on.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
@@ -35,7 +36,7 @@ from .config import Settings, parse_mode, resolve_group
 from .quotas import Quotas, tenant
 from .registry import Registry
 from .segments import Segments
-from .sessions import Client, Sessions
+from .sessions import RESOURCE_ERRNOS, Client, Sessions
 from .streams import StreamService
 
 log = logging.getLogger("shimmy.daemon")
@@ -45,6 +46,7 @@ TICK = 0.1  # seconds between housekeeping passes (lease checks, idle channels)
 
 PID_MAX = 1 << 22          # Linux pid_max ceiling (PID_MAX_LIMIT)
 ID_MAX = (1 << 63) - 1
+FD_HEADROOM = 64           # descriptors kept for rings, semaphores and zmq beyond sessions
 LOCK_MODE = 0o600          # nobody else may open (and so flock) the lock file
 
 
@@ -107,7 +109,8 @@ class Daemon:
         self.router.bind(endpoint(self.socket_path))
         self._prepare_socket(self.socket_path)
         self.sessions = Sessions(session_path(self.socket_path), settings,
-                                 lambda uid, pid: tenant(uid, pid), self._prepare_socket)
+                                 lambda uid, pid: tenant(uid, pid), self._prepare_socket,
+                                 max_fds=max(16, self.nofile[0] - FD_HEADROOM))
         # Peering (docs/peering.md): own threads for sockets and data; registry changes arrive
         # here as events through a pipe this loop polls (PeerService.fds / on_readable).
         from .peer.service import PeerService
@@ -397,6 +400,17 @@ class Daemon:
             if isinstance(exc, ProtocolError):
                 self.counters["malformed"] += 1
             return req_id, self._error(exc)
+        except OSError as exc:
+            self.counters["errors"] += 1
+            if exc.errno in RESOURCE_ERRNOS or exc.errno == errno.ENOSPC:
+                # Out of descriptors or memory right now: the client may retry; nothing broke.
+                log.warning("request refused for lack of resources: %s", exc)
+                return req_id, self._error(LimitExceeded(
+                    f"the daemon is out of resources ({exc.strerror}; {self.sessions.open_fds()} "
+                    f"session connections, nofile limit {self.nofile[0]}); try again"))
+            log.exception("internal error handling a request")
+            return req_id, self._error(ShimmyError(
+                f"internal daemon error: {type(exc).__name__}: {exc}"))
         except Exception as exc:  # a bug must not take the node's channels down with it
             self.counters["errors"] += 1
             log.exception("internal error handling a request")

@@ -79,8 +79,9 @@ class _Pending:
 
 class Sessions:
     def __init__(self, path: str, settings: Settings, tenant_of: Callable[[int, int], str],
-                 prepare_socket: Callable[[str], None]):
+                 prepare_socket: Callable[[str], None], max_fds: int):
         self.path = path
+        self.max_fds = max_fds          # session connections at most (descriptor headroom)
         self.settings = settings
         self.tenant_of = tenant_of      # (uid, pid) -> quota account
         self.clients: dict[int, Client] = {}
@@ -183,11 +184,13 @@ class Sessions:
             pid, uid, _gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                           _CRED.size))
             tenant = self.tenant_of(uid, pid)
-            if self.open_fds() >= s.max_clients or self.connections(tenant) >= s.quota_connections:
+            if (self.open_fds() >= min(s.max_clients, self.max_fds)
+                    or self.connections(tenant) >= s.quota_connections):
                 self.counters["connections_refused"] += 1
                 self._warn("quota:" + tenant, "session socket: refusing a connection from %s "
-                           "(pid %d): quota_connections=%d per tenant, max_clients=%d in all",
-                           tenant, pid, s.quota_connections, s.max_clients)
+                           "(pid %d): quota_connections=%d per tenant, %d in all (max_clients, "
+                           "or the nofile limit less headroom)", tenant, pid,
+                           s.quota_connections, min(s.max_clients, self.max_fds))
                 sock.close()
                 continue
             sock.setblocking(False)
