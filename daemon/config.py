@@ -148,7 +148,8 @@ class Settings:
             if not getattr(self, name) > 0:
                 raise SettingError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not 0 < self.heartbeat_interval < self.lease_timeout:
-            raise SettingError("need 0 < heartbeat_interval < lease_timeout")
+            raise SettingError(f"need 0 < heartbeat_interval ({self.heartbeat_interval}) < "
+                               f"lease_timeout ({self.lease_timeout})")
         if not self.session_timeout > self.lease_timeout:
             raise SettingError(f"session_timeout ({self.session_timeout}) must exceed "
                                f"lease_timeout ({self.lease_timeout})")
