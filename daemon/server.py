@@ -41,6 +41,7 @@ from .streams import StreamService
 
 log = logging.getLogger("shimmy.daemon")
 DOCKER_SOCKET = "/var/run/docker.sock"
+ROUTER_BATCH = 256  # requests answered per loop iteration before sessions are looked at
 TICK = 0.1  # seconds between housekeeping passes (lease checks, idle channels)
 
 
@@ -337,7 +338,10 @@ class Daemon:
                  client.pid, slots, roles)
 
     def _drain_router(self) -> None:
-        while True:
+        """Answer up to ROUTER_BATCH requests, then go back to the poll: under a flood of
+        requests the session sockets (heartbeats, crash signals) still get their turn.  The
+        ROUTER queues fairly across clients, so a flooder cannot starve a normal client."""
+        for _ in range(ROUTER_BATCH):
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:

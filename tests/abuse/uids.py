@@ -30,7 +30,8 @@ import shimmy.sdk.client, shimmy.sdk.channel, shimmy.sdk.stream
 import shimmy.cli, shimmy.daemon.server, shimmy.daemon.access, shimmy.daemon.quotas
 import shimmy.daemon.peer.service, shimmy.daemon.streams, shimmy.daemon.config
 import argparse, fcntl, gettext, grp, hashlib, hmac, ipaddress, locale, logging, pwd, queue
-import resource, secrets, signal, ssl, struct, threading, tomllib, zlib
+import random, resource, secrets, shutil, signal, ssl, statistics, struct, subprocess, tempfile
+import threading, tomllib, zlib
 import encodings.ascii, encodings.latin_1, encodings.idna, encodings.utf_8, encodings.hex_codec
 shimmy.cli.build_parser().parse_args(["daemon"])   # loads argparse's translations now
 ident = json.loads(sys.argv[1])
