@@ -153,11 +153,11 @@ class Settings:
         if not self.session_timeout > self.lease_timeout:
             raise SettingError(f"session_timeout ({self.session_timeout}) must exceed "
                                f"lease_timeout ({self.lease_timeout})")
-        for name in dataclasses.fields(self):
-            choices = name.metadata.get("choices")
-            if choices and getattr(self, name.name) not in choices:
-                raise SettingError(f"{name.name} must be one of {', '.join(choices)}, got "
-                                   f"{getattr(self, name.name)!r}")
+        for setting in dataclasses.fields(self):
+            choices = setting.metadata.get("choices")
+            if choices and getattr(self, setting.name) not in choices:
+                raise SettingError(f"{setting.name} must be one of {', '.join(choices)}, got "
+                                   f"{getattr(self, setting.name)!r}")
         for name in ("object_mode", "shared_object_mode", "socket_mode"):
             parse_mode(name, getattr(self, name))
         for name in ("object_mode", "shared_object_mode"):

@@ -96,6 +96,7 @@ class Daemon:
         self.counters = {"requests": 0, "errors": 0, "malformed": 0, "clients_total": 0,
                          "clients_crashed": 0, "leases_expired": 0, "slots_reclaimed": 0}
         self._stop = False
+        self._peer_address: str | None = None   # of the request being handled
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -186,7 +187,7 @@ class Daemon:
                 peer_fds = self.peer.fds()
                 for fd in peer_fds:
                     poller.register(fd, zmq.POLLIN)
-                for sock_or_fd, _ in poller.poll(TICK * 1000):
+                for sock_or_fd, _ in poller.poll(int(TICK * 1000)):
                     if sock_or_fd is self.router:
                         self._drain_router()
                     elif sock_or_fd == self._death_r:
@@ -355,7 +356,7 @@ class Daemon:
                 continue
             ident, payload = frames
             try:
-                peer = payload.get("Peer-Address")
+                peer = str(payload.get("Peer-Address"))
             except zmq.ZMQError:
                 peer = None
             self._send(ident.bytes, *self._handle(payload.bytes, peer))
@@ -396,7 +397,8 @@ class Daemon:
             handler = self.ops.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise ProtocolError(f"unknown op {_show(op)}; known: {sorted(self.ops)}")
-            result = handler(req, peer) if op == "hello" else handler(req)
+            self._peer_address = peer   # the kernel's word on who sent it (op_hello reads it)
+            result = handler(req)
             result["ok"] = True
             return req_id, result
         except ShimmyError as exc:
@@ -517,9 +519,9 @@ class Daemon:
         return {"pid": os.getpid(), "uptime": time.time() - self.started,
                 "protocol": PROTOCOL_VERSION}
 
-    def op_hello(self, req: dict, peer: str | None = None) -> dict:
+    def op_hello(self, req: dict) -> dict:
         pid = self._field(req, "pid", int, lo=1, hi=PID_MAX)
-        uid, real_pid = _peer_uid_pid(peer)
+        uid, real_pid = _peer_uid_pid(self._peer_address)
         who = tenant(uid, real_pid)
         if len(self.sessions.clients) >= self.settings.max_clients:
             raise LimitExceeded(f"max_clients ({self.settings.max_clients}) clients attached")

@@ -124,7 +124,8 @@ class StreamService:
             raise StreamBusy(
                 f"stream {name!r}: its {role} (pid {held.pid}) has finished ({held.state}) but "
                 f"the stream is still in use by its "
-                f"{'reader' if role == 'writer' else 'writer'} (pid {other.pid if other else '-'}); "
+                f"{'reader' if role == 'writer' else 'writer'} "
+                f"(pid {other.pid if other else '-'}); "
                 f"the name is free again once both ends have closed")
         pid = client.pid or client.claimed_pid
         end = End(client.id, pid)

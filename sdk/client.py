@@ -69,7 +69,7 @@ class DaemonClient:
             raise DaemonUnavailable(self._unavailable("no socket file there"))
         if not os.access(path, os.R_OK | os.W_OK):
             raise _denied(path, "the daemon's control socket")
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context = zmq.Context.instance()
         self._sock = self._new_socket()
         hello = self.request("hello", pid=os.getpid())
         self.id = hello["client"]

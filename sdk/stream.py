@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import mmap
 
-import posix_ipc
 
 from shimmy import stream_ring
 from shimmy.ring import fence
