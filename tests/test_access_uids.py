@@ -91,8 +91,13 @@ def assert_nothing_for_others(d) -> None:
 def test_a_channel_belongs_to_its_uid_and_an_outsider_gets_nothing(shared_dir, daemon_factory,
                                                                   users):
     """Findings 3 and 5: with the default policy another uid cannot read, write, delete,
-    squat or stall a channel, and cannot see it in ls."""
-    d = daemon_factory(directory=shared_dir)
+    squat or stall a channel, and cannot see it in ls.  The daemon starts with umask 000, under
+    which the old build made every ring 0666."""
+    old = os.umask(0)
+    try:
+        d = daemon_factory(directory=shared_dir)
+    finally:
+        os.umask(old)
     a, out = users["shimmy-a"], users["shimmy-out"]
     assert client("shimmy-a", d.socket, "create", "a/private")["ok"]
     sub = subprocess.Popen(uids.command_as("shimmy-a", CLIENT, d.socket, "subscribe", "a/private",
