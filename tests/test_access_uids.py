@@ -48,6 +48,13 @@ try:
         reply = get_client(sock).request("list")
         out["names"] = [c["name"] for c in reply["channels"]]
         out["hidden"] = reply["hidden"]
+    elif action == "stream_writer":     # hold a stream's writer end until stdin closes
+        w = shimmy.Stream(name, daemon=sock).writer()
+        print(json.dumps({"ready": True}), flush=True)
+        sys.stdin.read()
+        w.close()
+    elif action == "stream_reader":
+        shimmy.Stream(name, daemon=sock).reader().close()
     elif action == "raw_open":          # what the kernel allows, bypassing the daemon
         posix_ipc.SharedMemory(name).close_fd()
     elif action == "sdk_open":          # the SDK's own open of a daemon object
@@ -127,6 +134,17 @@ def test_a_channel_belongs_to_its_uid_and_an_outsider_gets_nothing(shared_dir, d
     finally:
         sub.kill()
         sub.wait()
+    # Streams follow the same rule: the outsider cannot take the reader end of a's stream.
+    writer = subprocess.Popen(uids.command_as("shimmy-a", CLIENT, d.socket, "stream_writer",
+                                              "a/pipe"), stdout=subprocess.PIPE,
+                              stdin=subprocess.PIPE, text=True)
+    try:
+        assert '"ready"' in writer.stdout.readline()
+        got = client("shimmy-out", d.socket, "stream_reader", "a/pipe")
+        assert got["error"] == "PermissionDenied" and "'a/pipe'" in got["message"], got
+    finally:
+        writer.stdin.close()
+        writer.wait(10)
     # The outsider's own channel is its own.
     assert client("shimmy-out", d.socket, "create", "out/mine")["ok"]
     assert client("shimmy-a", d.socket, "delete", "out/mine")["error"] == "PermissionDenied"
