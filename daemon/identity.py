@@ -575,13 +575,20 @@ def watch_container_deaths(callback: Callable[[str], None], stop_event: threadin
             # timestamps as "seconds.nanoseconds" strings, the form the engine parses exactly
             events = client.events(decode=True, since=f"{since:.9f}", until=f"{until:.9f}",
                                    filters={"type": "container", "event": "die"})
-            for ev in events:
-                cid = ev.get("id") or (ev.get("Actor") or {}).get("ID")
-                if cid:
-                    try:
-                        callback(cid)
-                    except Exception:
-                        log.exception("container death callback failed for %s", cid[:12])
+            try:
+                for ev in events:
+                    cid = ev.get("id") or (ev.get("Actor") or {}).get("ID")
+                    if cid:
+                        try:
+                            callback(cid)
+                        except Exception:
+                            log.exception("container death callback failed for %s", cid[:12])
+            finally:
+                # Each window is its own HTTP stream: close it, or its connection to the engine
+                # stays open until garbage collection (one descriptor per window).
+                close = getattr(events, "close", None)
+                if callable(close):
+                    close()
             # the next window starts where this one ended; an event stamped exactly on the
             # boundary may be reported twice, so callbacks must be idempotent
             since = until
