@@ -41,6 +41,7 @@ from .streams import StreamService
 
 log = logging.getLogger("shimmy.daemon")
 DOCKER_SOCKET = "/var/run/docker.sock"
+ROUTER_HWM = 64     # control messages queued per client connection, each way
 ROUTER_BATCH = 256  # requests answered per loop iteration before sessions are looked at
 TICK = 0.1  # seconds between housekeeping passes (lease checks, idle channels)
 
@@ -102,6 +103,10 @@ class Daemon:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, settings.request_max_bytes)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Messages queued per client connection, each way: a client sends one request and waits
+        # for its reply, so a deep queue only serves a flooder (and holds the daemon's memory).
+        self.router.setsockopt(zmq.RCVHWM, ROUTER_HWM)
+        self.router.setsockopt(zmq.SNDHWM, ROUTER_HWM)
         # One daemon per socket: the lock dies with its holder, so a crashed daemon never blocks
         # its successor, and the successor alone may sweep what it left.
         self._lock = self._take_lock(self.socket_path + ".lock")
