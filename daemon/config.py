@@ -1,12 +1,18 @@
-"""Daemon settings.  Every limit the daemon enforces is one named field here, with its default.
+"""Daemon settings.  Every limit the daemon enforces is one named field here, with its default and
+its help text (``metadata["help"]``, from which the CLI builds one ``--field-name`` flag per field).
 
-A config file (TOML) may set any field; command-line flags override the file.  ``docs/daemon.md``
-lists the settings with their meaning.
+A config file (TOML) may set any field; command-line flags override the file.  :meth:`validate`
+checks every value at start (type, range, paths that must exist and be writable), so a bad
+setting is a startup error naming the setting, never a failure at the first request.
+``docs/daemon.md`` lists the settings with their meaning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import grp
+import os
+import pwd
 import sys
 from dataclasses import dataclass, field
 
@@ -19,133 +25,258 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 
+class SettingError(ValueError):
+    """A setting is missing, of the wrong type or out of range; the message names it."""
+
+
+def _s(default, help: str, **kw):
+    """A setting: its default and its help text (the CLI and docs read ``metadata["help"]``)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+ACCESS_POLICIES = ("owner", "closed", "open")
+
+
 @dataclass
 class Settings:
-    socket: str = field(default=DEFAULT_SOCKET,
-        metadata={"help": "control socket path (ZeroMQ ipc); clients find it via $SHIMMY_DAEMON"})
-    shm_dir: str = field(default="/dev/shm",
-        metadata={"help": "where POSIX shared-memory objects appear (free-space checks, sweep)"})
-    default_capacity: int = field(default=ring.DEFAULT_CAPACITY,
-        metadata={"help": "ring size in bytes for a channel created without one (power of two)"})
-    max_capacity: int = field(default=ring.MAX_CAPACITY,
-        metadata={"help": "largest ring a client may ask for, in bytes (power of two)"})
-    max_channels: int = field(default=256,
-        metadata={"help": "channels and streams this daemon holds at once"})
-    max_subscribers: int = field(default=64,
-        metadata={"help": "subscriber slots in each ring (per channel)"})
-    max_clients: int = field(default=1024,
-        metadata={"help": "client sessions connected at once"})
-    shm_budget: int = field(default=0,
-        metadata={"help": "bytes of rings in total; 0 = bounded by free space only"})
-    shm_reserve: int = field(default=8 << 20,
-        metadata={"help": "bytes of shm_dir always left free for others"})
-    heartbeat_interval: float = field(default=1.0,
-        metadata={"help": "seconds between client heartbeats"})
-    lease_timeout: float = field(default=5.0,
-        metadata={"help": "seconds without a heartbeat before a client's subscriber "
-                            "slots are evicted"})
-    idle_channel_ttl: float = field(default=300.0,
-        metadata={"help": "seconds a channel nobody holds is kept before it is deleted"})
-    request_max_bytes: int = field(default=65536,
-        metadata={"help": "larger control messages are refused unread"})
-    access: str = field(default="open",
-        metadata={"help": "policy for clients with no policy labels: open or closed"})
-    log_level: str = field(default="info",
-        metadata={"help": "debug, info, warning or error"})
-    node: str = field(default="",
-        metadata={"help": "this node's name among peers; empty = hostname"})
+    socket: str = _s(DEFAULT_SOCKET, "control socket path (ZeroMQ ipc); its directory must exist "
+                                     "or be creatable")
+    shm_dir: str = _s("/dev/shm", "where POSIX shm objects appear (free-space checks, sweep); "
+                                  "must exist and be writable")
+    default_capacity: int = _s(ring.DEFAULT_CAPACITY, "ring size when a client does not ask "
+                                                      "(power of two)")
+    max_capacity: int = _s(ring.MAX_CAPACITY, "largest ring a client may ask for")
+    max_channels: int = _s(256, "channels (and, counted apart, streams) at once, all clients")
+    max_subscribers: int = _s(64, "subscriber slots in each ring")
+    max_clients: int = _s(1024, "client sessions (hello) at once, all clients")
+    shm_budget: int = _s(0, "bytes of rings in total; 0 = bounded by free space only")
+    shm_reserve: int = _s(8 << 20, "bytes of shm_dir kept free for others")
+    heartbeat_interval: float = _s(1.0, "clients send one heartbeat per interval (seconds)")
+    lease_timeout: float = _s(5.0, "no heartbeat for this long: the client's subscriber slots "
+                                   "are evicted (seconds)")
+    idle_channel_ttl: float = _s(300.0, "a channel nobody holds for this long is deleted (s)")
+    request_max_bytes: int = _s(65536, "larger control messages are refused unread")
+    access: str = _s("owner", "access policy: 'owner' (a channel belongs to the uid that created "
+                              "it; others need a channel_rules entry or channel_group), 'closed' "
+                              "(as owner, and unlabelled containers get nothing), 'open' (any "
+                              "local user may read, write and delete every channel: single-tenant "
+                              "hosts only)", choices=ACCESS_POLICIES)
+    log_level: str = _s("info", "debug, info, warning or error",
+                        choices=("debug", "info", "warning", "error"))
+    node: str = _s("", "node name (peering); empty = hostname")
     # -- peering (daemon/peer, docs/peering.md) --
-    peer_listen: str = field(default="",
-        metadata={"help": "HOST:PORT to accept peer daemons on; empty = none"})
-    peers: list = field(default_factory=list,
-        metadata={"help": "HOST:PORT of a peer daemon to dial (repeatable)"})
-    peer_dns: str = field(default="",
-        metadata={"help": "NAME:PORT resolved to all peers (a Kubernetes headless "
-                            "Service), re-resolved every peer_dns_interval"})
-    peer_dns_interval: float = field(default=10.0,
-        metadata={"help": "seconds between re-resolutions of peer_dns"})
-    cluster_key_file: str = field(default="",
-        metadata={"help": "file holding the shared secret that authenticates peer "
-                            "daemons (required for peering)"})
-    peer_tls_cert: str = field(default="",
-        metadata={"help": "PEM certificate: enables TLS on peer links (with peer_tls_key)"})
-    peer_tls_key: str = field(default="",
-        metadata={"help": "PEM private key for peer_tls_cert"})
-    peer_tls_ca: str = field(default="",
-        metadata={"help": "CA bundle verifying the other daemon's certificate"})
-    peer_backoff_initial: float = field(default=0.05,
-        metadata={"help": "first reconnect delay in seconds, doubled per failure"})
-    peer_backoff_max: float = field(default=2.0,
-        metadata={"help": "cap on the reconnect delay in seconds"})
-    peer_handshake_timeout: float = field(default=5.0,
-        metadata={"help": "seconds a peer has to finish authenticating"})
-    peer_link_timeout: float = field(default=10.0,
-        metadata={"help": "seconds of silence (no data, no keepalive) before a link is dead"})
-    peer_keepalive: float = field(default=1.0,
-        metadata={"help": "keepalive period in seconds on idle links"})
-    peer_max_pending: int = field(default=16,
-        metadata={"help": "unauthenticated peer connections handled at once"})
-    peer_max_links: int = field(default=64,
-        metadata={"help": "authenticated peer links at once"})
-    peer_max_control_bytes: int = field(default=1 << 20,
-        metadata={"help": "largest control message a peer may send, in bytes"})
-    peer_max_replica_capacity: int = field(default=1 << 28,
-        metadata={"help": "largest ring a peer may make this node replicate, in bytes"})
-    peer_max_replicas: int = field(default=128,
-        metadata={"help": "replica rings this node keeps at once"})
-    peer_hold: float = field(default=10.0,
-        metadata={"help": "reliable mode: seconds a disconnected mirror's data is kept"})
-    peer_credit_interval: float = field(default=0.0002,
-        metadata={"help": "seconds between a replica's consumed-position reports (while busy)"})
-    peer_unmirror_grace: float = field(default=1.0,
-        metadata={"help": "seconds a mirror keeps running after its last subscriber left"})
+    peer_listen: str = _s("", "HOST:PORT to accept peer daemons on; empty = none")
+    peers: list = _s([], "HOST:PORT of peers this daemon dials")
+    peer_dns: str = _s("", "NAME:PORT resolved to all peers (Kubernetes headless Service); "
+                           "re-resolved every peer_dns_interval")
+    peer_dns_interval: float = _s(10.0, "seconds between peer_dns resolutions")
+    cluster_key_file: str = _s("", "shared secret for peer authentication (required to peer)")
+    peer_tls_cert: str = _s("", "PEM cert+key enable TLS on peer links (both sides)")
+    peer_tls_key: str = _s("", "PEM private key for peer_tls_cert")
+    peer_tls_ca: str = _s("", "CA bundle to verify the other side's certificate")
+    peer_backoff_initial: float = _s(0.05, "first reconnect delay, doubled per failure ...")
+    peer_backoff_max: float = _s(2.0, "... up to this cap")
+    peer_handshake_timeout: float = _s(5.0, "a peer must finish authenticating within this")
+    peer_link_timeout: float = _s(10.0, "silence (no data, no keepalive) for this long: dead")
+    peer_keepalive: float = _s(1.0, "keepalive period on idle links")
+    peer_max_pending: int = _s(16, "unauthenticated peer connections handled at once")
+    peer_max_links: int = _s(64, "authenticated peer links at once")
+    peer_max_control_bytes: int = _s(1 << 20, "largest control message a peer may send")
+    peer_max_replica_capacity: int = _s(1 << 28, "largest ring a peer may make us replicate")
+    peer_max_replicas: int = _s(128, "replica rings this node keeps at once")
+    peer_hold: float = _s(10.0, "reliable: keep a disconnected mirror's data this long")
+    peer_credit_interval: float = _s(0.0002, "replica reports consumed positions this often")
+    peer_unmirror_grace: float = _s(1.0, "mirror stops this long after its last subscriber left")
+    # -- survival: file descriptors, half-open and silent sessions (docs/daemon.md) --
+    nofile_limit: int = _s(65536, "the daemon raises its RLIMIT_NOFILE soft limit to this at "
+                                  "start (capped at the hard limit; the figure is logged)")
+    accept_backoff: float = _s(0.1, "after accept() fails for lack of descriptors or memory "
+                                    "(EMFILE, ENFILE, ENOMEM, ENOBUFS), stop accepting this long "
+                                    "(seconds) and go on serving")
+    session_connect_timeout: float = _s(2.0, "a hello whose session socket has not sent its "
+                                             "token within this (seconds) is removed, and so is "
+                                             "a session connection that sends no valid token")
+    session_timeout: float = _s(30.0, "a session silent (no heartbeat) this long is closed and "
+                                      "removed (seconds; more than lease_timeout)")
+    # -- quotas: per container where the daemon identifies one, else per uid (docs/security.md) --
+    quota_connections: int = _s(128, "session-socket connections at once per container/uid")
+    quota_sessions: int = _s(128, "client sessions (hello) at once per container/uid")
+    quota_channels: int = _s(64, "channels and streams created and alive per container/uid")
+    quota_subscribers: int = _s(256, "subscriber slots held at once per container/uid")
+    quota_shm_bytes: int = _s(1 << 30, "bytes of rings and streams created and alive per "
+                                       "container/uid")
+    # -- object ownership and modes (docs/security.md) --
+    object_mode: str = _s("0600", "mode (octal) of the rings and semaphores of a channel that "
+                                  "no group shares: owner only")
+    shared_object_mode: str = _s("0660", "mode (octal) of the objects of a channel shared with "
+                                         "a group (channel_group or a rule's gid)")
+    channel_group: str = _s("", "group (name or gid) that owns every channel's objects; its "
+                                "members may use every channel; empty = none")
+    channel_rules: list = _s([], "rules opening channels to others: 'PATTERN who=... "
+                                 "[ops=publish,subscribe,delete]' with who among uid=, gid=, "
+                                 "label=KEY=VALUE, namespace= (docs/security.md)")
+    socket_mode: str = _s("0666", "mode (octal) of the control and session sockets: who may "
+                                  "connect at all (access is then decided per uid)")
+    socket_group: str = _s("", "group (name or gid) of the control and session sockets; empty = "
+                               "the daemon's")
 
     # -- observability (daemon/metrics.py, daemon/logformat.py, docs/metrics.md) --
-    metrics_listen: str = field(default="", metadata={
-        "help": "HOST:PORT serving Prometheus metrics at /metrics (e.g. 127.0.0.1:9464); "
-                "empty = no metrics endpoint"})
-    log_format: str = field(default="text", metadata={
-        "help": "log line format: 'text' (human) or 'json' (one JSON object per line, for log "
-                "shippers)"})
+    metrics_listen: str = _s("", "HOST:PORT serving Prometheus metrics at /metrics (e.g. "
+                                 "127.0.0.1:9464); empty = no metrics endpoint")
+    log_format: str = _s("text", "log line format: 'text' (human) or 'json' (one JSON object per "
+                                 "line, for log shippers)", choices=("text", "json"))
 
     def validate(self) -> "Settings":
-        ring.check_capacity(self.default_capacity)
-        ring.check_capacity(self.max_capacity)
+        _check_types(self)
+        try:
+            ring.check_capacity(self.default_capacity)
+            ring.check_capacity(self.max_capacity)
+        except ValueError as exc:
+            raise SettingError(f"default_capacity/max_capacity: {exc}") from None
         if self.default_capacity > self.max_capacity:
-            raise ValueError("default_capacity must not exceed max_capacity")
+            raise SettingError("default_capacity must not exceed max_capacity")
         if not 1 <= self.max_subscribers <= ring.MAX_SUBSCRIBERS_LIMIT:
-            raise ValueError(f"max_subscribers must be 1..{ring.MAX_SUBSCRIBERS_LIMIT}")
-        for name in ("max_channels", "max_clients", "request_max_bytes"):
+            raise SettingError(f"max_subscribers must be 1..{ring.MAX_SUBSCRIBERS_LIMIT}")
+        for name in ("max_channels", "max_clients", "request_max_bytes", "nofile_limit",
+                     "quota_connections", "quota_sessions", "quota_channels",
+                     "quota_subscribers", "quota_shm_bytes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise SettingError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("shm_budget", "shm_reserve"):
+            if getattr(self, name) < 0:
+                raise SettingError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("idle_channel_ttl", "accept_backoff", "session_connect_timeout",
+                     "peer_dns_interval", "peer_handshake_timeout", "peer_link_timeout",
+                     "peer_keepalive", "peer_hold", "peer_credit_interval",
+                     "peer_unmirror_grace"):
+            if not getattr(self, name) > 0:
+                raise SettingError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not 0 < self.heartbeat_interval < self.lease_timeout:
-            raise ValueError("need 0 < heartbeat_interval < lease_timeout")
-        if self.access not in ("open", "closed"):
-            raise ValueError("access must be 'open' or 'closed'")
+            raise SettingError(f"need 0 < heartbeat_interval ({self.heartbeat_interval}) < "
+                               f"lease_timeout ({self.lease_timeout})")
+        if not self.session_timeout > self.lease_timeout:
+            raise SettingError(f"session_timeout ({self.session_timeout}) must exceed "
+                               f"lease_timeout ({self.lease_timeout})")
+        for setting in dataclasses.fields(self):
+            choices = setting.metadata.get("choices")
+            if choices and getattr(self, setting.name) not in choices:
+                raise SettingError(f"{setting.name} must be one of {', '.join(choices)}, got "
+                                   f"{getattr(self, setting.name)!r}")
+        for name in ("object_mode", "shared_object_mode", "socket_mode"):
+            parse_mode(name, getattr(self, name))
+        for name in ("object_mode", "shared_object_mode"):
+            if parse_mode(name, getattr(self, name)) & 0o007:
+                raise SettingError(f"{name}={getattr(self, name)} gives other users access to "
+                                   f"channel memory; use a group (channel_group) instead, or "
+                                   f"access='open' on a single-tenant host")
+        for name in ("channel_group", "socket_group"):
+            if getattr(self, name):
+                gid = resolve_group(name, getattr(self, name))
+                if os.geteuid() != 0 and gid not in (os.getegid(), *os.getgroups()):
+                    raise SettingError(f"{name}={getattr(self, name)}: the daemon (uid "
+                                       f"{os.geteuid()}) is not a member of group {gid}, so it "
+                                       f"cannot give its objects to that group")
+        from .access import parse_rule  # the rule grammar lives with the policy
+        for rule in self.peers + self.channel_rules:
+            if not isinstance(rule, str):
+                raise SettingError(f"peers and channel_rules entries must be strings, got "
+                                   f"{rule!r}")
+        for rule in self.channel_rules:
+            parse_rule(rule)
+        _check_dir("shm_dir", self.shm_dir)
+        _check_dir("socket", os.path.dirname(os.path.abspath(self.socket)) or "/", create=True)
+        for name in ("cluster_key_file", "peer_tls_cert", "peer_tls_key", "peer_tls_ca"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise SettingError(f"{name}={path}: not a readable file")
         if (self.peer_listen or self.peers or self.peer_dns) and not self.cluster_key_file:
-            raise ValueError("peering (peer_listen/peers) needs cluster_key_file: peers are "
-                             "authenticated with a shared key")
+            raise SettingError("peering (peer_listen/peers) needs cluster_key_file: peers are "
+                               "authenticated with a shared key")
         if not 0 < self.peer_backoff_initial <= self.peer_backoff_max:
-            raise ValueError("need 0 < peer_backoff_initial <= peer_backoff_max")
+            raise SettingError("need 0 < peer_backoff_initial <= peer_backoff_max")
         if self.peer_max_replica_capacity > ring.MAX_CAPACITY:
-            raise ValueError(f"peer_max_replica_capacity must be <= {ring.MAX_CAPACITY}")
-        # -- observability --
+            raise SettingError(f"peer_max_replica_capacity must be <= {ring.MAX_CAPACITY}")
         if self.metrics_listen:
             from .metrics import parse_listen
-            parse_listen(self.metrics_listen)
-        if self.log_format not in ("text", "json"):
-            raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+            try:
+                parse_listen(self.metrics_listen)
+            except ValueError as exc:
+                raise SettingError(str(exc)) from None
         return self
+
+
+def _check_types(settings: Settings) -> None:
+    """Every value has its field's type (an int where a float is expected is fine)."""
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        want = type(f.default) if f.default is not dataclasses.MISSING else list
+        ok = isinstance(value, want) and not (isinstance(value, bool) and want is not bool)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(settings, f.name, float(value))
+            ok = True
+        if not ok:
+            raise SettingError(f"setting {f.name} must be {want.__name__}, got "
+                               f"{type(value).__name__} {value!r}")
+
+
+def _check_dir(name: str, path: str, create: bool = False) -> None:
+    if create and not os.path.exists(path):
+        try:
+            os.makedirs(path, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise SettingError(f"{name}: cannot create directory {path}: {exc.strerror}") from None
+    if not os.path.isdir(path):
+        raise SettingError(f"{name}: {path} is not an existing directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SettingError(f"{name}: directory {path} is not writable by the daemon "
+                           f"(uid {os.geteuid()})")
+
+
+def parse_mode(name: str, value: str) -> int:
+    """An octal mode string such as ``"0660"``; refuses anything but permission bits."""
+    try:
+        mode = int(value, 8)
+    except (TypeError, ValueError):
+        raise SettingError(f"{name} must be an octal mode such as '0660', got {value!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise SettingError(f"{name} must be permission bits 0000..0777, got {value!r}")
+    return mode
+
+
+def resolve_group(name: str, value: str) -> int:
+    """A group given by name or number, as a gid."""
+    if value.isdigit():
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise SettingError(f"{name}: no group named {value!r}") from None
+
+
+def resolve_user(name: str, value: str) -> int:
+    """A user given by name or number, as a uid."""
+    if value.isdigit():
+        return int(value)
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise SettingError(f"{name}: no user named {value!r}") from None
 
 
 def load(path: str | None, **overrides) -> Settings:
     values: dict = {}
     if path:
-        with open(path, "rb") as fh:
-            values = tomllib.load(fh)
+        try:
+            with open(path, "rb") as fh:
+                values = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingError(f"{path}: not valid TOML: {exc}") from None
         known = {f.name for f in dataclasses.fields(Settings)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+            raise SettingError(f"{path}: unknown settings {sorted(unknown)}; known: "
+                               f"{sorted(known)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values).validate()

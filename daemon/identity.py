@@ -82,6 +82,22 @@ def pid_from_peer_address(peer_address: str | None) -> int | None:
     return pid if pid > 0 else None
 
 
+def supplementary_groups(pid: int | None, proc_root: str = "/proc") -> frozenset[int]:
+    """The supplementary groups of process ``pid`` (``Groups:`` in ``/proc/<pid>/status``);
+    empty when the pid is unknown or its status cannot be read (other pid namespace)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return frozenset()
+    try:
+        with open(os.path.join(proc_root, str(pid), "status"), encoding="ascii",
+                  errors="replace") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:] if g.isdigit())
+    except OSError:
+        pass
+    return frozenset()
+
+
 # --------------------------------------------------------------------------------------------
 # 2. /proc/<pid>/cgroup -> container id
 # --------------------------------------------------------------------------------------------
@@ -559,13 +575,20 @@ def watch_container_deaths(callback: Callable[[str], None], stop_event: threadin
             # timestamps as "seconds.nanoseconds" strings, the form the engine parses exactly
             events = client.events(decode=True, since=f"{since:.9f}", until=f"{until:.9f}",
                                    filters={"type": "container", "event": "die"})
-            for ev in events:
-                cid = ev.get("id") or (ev.get("Actor") or {}).get("ID")
-                if cid:
-                    try:
-                        callback(cid)
-                    except Exception:
-                        log.exception("container death callback failed for %s", cid[:12])
+            try:
+                for ev in events:
+                    cid = ev.get("id") or (ev.get("Actor") or {}).get("ID")
+                    if cid:
+                        try:
+                            callback(cid)
+                        except Exception:
+                            log.exception("container death callback failed for %s", cid[:12])
+            finally:
+                # Each window is its own HTTP stream: close it, or its connection to the engine
+                # stays open until garbage collection (one descriptor per window).
+                close = getattr(events, "close", None)
+                if callable(close):
+                    close()
             # the next window starts where this one ended; an event stamped exactly on the
             # boundary may be reported twice, so callbacks must be idempotent
             since = until

@@ -4,21 +4,34 @@ Every object this daemon creates is named ``shimmy.<daemon id>.<channel token>[.
 daemon id is a hash of its control socket path, so two daemons on one machine (tests, nodes in
 namespaces) never touch each other's objects, and a restarted daemon finds exactly what its
 predecessor left.  The daemon is the only process that unlinks them.
+
+Ownership and mode are never left to the umask: each object is created 0600 (so it is private
+from the first instant), then given its owner, group and mode with ``fchown``/``fchmod`` on its
+own descriptor (:meth:`Segments.claim` says what a channel's objects get, see
+``daemon/access.py``).  Running out of space anywhere (``ENOSPC``, ``ENOMEM``) is
+:class:`~shimmy.errors.LimitExceeded` naming the bytes asked for and free.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import mmap
 import os
+from typing import TYPE_CHECKING
 
 import posix_ipc
 
 from shimmy import ring
 from shimmy.errors import LimitExceeded
 
+if TYPE_CHECKING:
+    from .access import Ownership
+
 log = logging.getLogger("shimmy.daemon")
+SEM_DIR = "/dev/shm"  # where glibc keeps named semaphores, whatever shm_dir says
+CREATE_MODE = 0o600  # every object starts private; its real mode is set explicitly after
 
 
 def daemon_id(socket_path: str) -> str:
@@ -32,6 +45,34 @@ class Segments:
         self.reserve = reserve
         self.budget = budget
         self.allocated = 0
+        self._owners: dict[str, Ownership] = {}
+        self.default: Ownership | None = None   # objects of tokens nobody claimed
+
+    def claim(self, token: str, ownership: "Ownership") -> None:
+        """The objects made for ``token`` from now on (ring, semaphores) get ``ownership``."""
+        self._owners[token] = ownership
+
+    def unclaim(self, token: str) -> None:
+        self._owners.pop(token, None)
+
+    def ownership(self, token: str) -> "Ownership | None":
+        return self._owners.get(token, self.default)
+
+    def free_bytes(self) -> int:
+        try:
+            st = os.statvfs(self.shm_dir)
+        except OSError:
+            return -1
+        return st.f_bavail * st.f_frsize
+
+    def _apply(self, token: str, fd: int) -> None:
+        """Give the object behind ``fd`` its owner, group and mode (whatever the umask)."""
+        own = self.ownership(token)
+        if own is None:
+            return
+        if own.file_uid != -1 or own.file_gid != -1:
+            os.fchown(fd, own.file_uid, own.file_gid)
+        os.fchmod(fd, own.mode)
 
     def ring_name(self, token: str) -> str:
         return "/" + self.prefix + token
@@ -61,23 +102,25 @@ class Segments:
         if self.budget and self.allocated + size > self.budget:
             raise LimitExceeded(f"{what} needs {size} bytes; shm_budget {self.budget} has "
                                 f"{self.budget - self.allocated} left")
-        st = os.statvfs(self.shm_dir)
-        free = st.f_bavail * st.f_frsize
+        free = self.free_bytes()
         if free - size < self.reserve:
             raise LimitExceeded(
                 f"{what} needs {size} bytes but {self.shm_dir} has {free} free and "
                 f"shm_reserve keeps {self.reserve}; raise the tmpfs size (docker shm_size) or "
                 f"lower the capacity")
         shm_name = self.ring_name(token)
-        shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=0o666, size=0)
+        try:
+            shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=CREATE_MODE, size=0)
+        except OSError as exc:
+            raise self._no_space(what, size, exc) from None
         try:
             try:
                 # Allocate every page now: a full tmpfs fails here with ENOSPC, not with SIGBUS in
                 # a client later.
                 os.posix_fallocate(shm.fd, 0, size)
             except OSError as exc:
-                raise LimitExceeded(f"{what}: cannot allocate {size} bytes in "
-                                    f"{self.shm_dir}: {exc.strerror}") from None
+                raise self._no_space(what, size, exc) from None
+            self._apply(token, shm.fd)
             mm = mmap.mmap(shm.fd, size)
         except BaseException:
             shm.close_fd()
@@ -87,10 +130,45 @@ class Segments:
         self.allocated += size
         return shm_name, mm
 
+    def _no_space(self, what: str, size: int, exc: OSError) -> Exception:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return LimitExceeded(f"{what}: the daemon is out of file descriptors "
+                                 f"({exc.strerror}); try again")
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EDQUOT):
+            return LimitExceeded(f"{what}: cannot allocate {size} bytes in {self.shm_dir}: "
+                                 f"{exc.strerror}; {self.free_bytes()} bytes free there (raise "
+                                 f"the tmpfs size, docker shm_size, or lower the capacity)")
+        return exc
+
     def create_semaphore(self, token: str, slot: int) -> None:
-        sem = posix_ipc.Semaphore(self.sem_prefix(token) + str(slot), posix_ipc.O_CREAT,
-                                  mode=0o666, initial_value=0)
-        sem.close()
+        """Create subscriber slot ``slot``'s semaphore, owned like the token's ring."""
+        self.open_semaphore(token, str(slot)).close()
+
+    def open_semaphore(self, token: str, suffix: str) -> posix_ipc.Semaphore:
+        """Create the semaphore ``sem_prefix(token) + suffix``, owned and moded like the rest of
+        the token's objects; return it open."""
+        name = self.sem_prefix(token) + suffix
+        try:
+            sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=CREATE_MODE, initial_value=0)
+        except posix_ipc.ExistentialError:
+            # Left by a subscriber slot created before (semaphores outlive unsubscribes).
+            sem = posix_ipc.Semaphore(name)
+        except OSError as exc:
+            raise self._no_space(f"semaphore {name}", 32, exc) from None
+        try:
+            # A semaphore has no descriptor of its own: open its file (never following a link)
+            # to fchown/fchmod it.
+            fd = os.open(os.path.join(SEM_DIR, "sem." + name.lstrip("/")),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                self._apply(token, fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            sem.close()
+            _unlink_sem(name)
+            raise
+        return sem
 
     def destroy(self, token: str, mm: mmap.mmap | None, slots: int) -> None:
         """Retire and unlink a ring and its semaphores.  Clients still mapping it see retired=1."""
@@ -105,6 +183,7 @@ class Segments:
             except BufferError:
                 pass  # a view is still exported in this process; the mapping dies with it
         _unlink_shm(self.ring_name(token))
+        self._owners.pop(token, None)
         for slot in range(slots):
             _unlink_sem(self.sem_prefix(token) + str(slot))
 

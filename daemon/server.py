@@ -9,10 +9,13 @@ goes on.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import fcntl
 import logging
 import os
 import queue
+import resource
 import secrets
 import signal
 import threading
@@ -22,54 +25,100 @@ import msgpack
 import zmq
 
 from shimmy import ring
-from shimmy.errors import InvalidArgument, PermissionDenied, ProtocolError, ShimmyError
-from shimmy.names import validate_name
+from shimmy.errors import (ChannelNotFound, InvalidArgument, LimitExceeded, PermissionDenied,
+                           ProtocolError, ShimmyError)
+from shimmy.names import object_token, validate_name
 from shimmy.protocol import PROTOCOL_VERSION, endpoint, session_path
 
 from . import identity, logformat, metrics
-from .config import Settings
+from .access import AccessControl, Caller, Ownership
+from .config import Settings, parse_mode, resolve_group
+from .quotas import Quotas, tenant
 from .registry import Registry
 from .segments import Segments
-from .sessions import Client, Sessions
+from .sessions import RESOURCE_ERRNOS, Client, Sessions
 from .streams import StreamService
 
 log = logging.getLogger("shimmy.daemon")
 DOCKER_SOCKET = "/var/run/docker.sock"
+ROUTER_HWM = 64     # control messages queued per client connection, each way
+ROUTER_BATCH = 256  # requests answered per loop iteration before sessions are looked at
 TICK = 0.1  # seconds between housekeeping passes (lease checks, idle channels)
+
+
+PID_MAX = 1 << 22          # Linux pid_max ceiling (PID_MAX_LIMIT)
+ID_MAX = (1 << 63) - 1
+FD_HEADROOM = 64           # descriptors kept for rings, semaphores and zmq beyond sessions
+LOCK_MODE = 0o600          # nobody else may open (and so flock) the lock file
+
+
+def raise_nofile_limit(want: int) -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to ``want`` (capped at the hard limit; never
+    lowered); return the (soft, hard) limits now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise RLIMIT_NOFILE from %d to %d: %s", soft, target, exc)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _peer_uid_pid(peer_address: str | None) -> tuple[int | None, int | None]:
+    """(uid, pid) from a zmq ipc ``Peer-Address`` (``host:uid:gid:pid``), or Nones."""
+    if not peer_address:
+        return None, None
+    parts = peer_address.rsplit(":", 3)
+    if len(parts) != 4 or not parts[1].isdigit():
+        return None, None
+    return int(parts[1]), identity.pid_from_peer_address(peer_address)
 
 
 class Daemon:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.started = time.time()
+        # Anything made without an explicit mode is private; every object then gets its real
+        # mode and group explicitly (fchmod/fchown; sockets by path, see _prepare_socket).
+        os.umask(0o077)
+        self.nofile = raise_nofile_limit(settings.nofile_limit)
         self.socket_path = os.path.abspath(settings.socket)
-        os.makedirs(os.path.dirname(self.socket_path), exist_ok=True)
+        os.makedirs(os.path.dirname(self.socket_path), mode=0o755, exist_ok=True)
+        self.access = AccessControl(settings)
+        self.quotas = Quotas(settings)
         self.segments = Segments(self.socket_path, settings.shm_dir, settings.shm_reserve,
                                  settings.shm_budget)
+        self.segments.default = self.access.default_ownership()
         self.registry = Registry(settings, self.segments)
+        self.owners: dict[str, tuple[object, Ownership]] = {}   # name -> (record, ownership)
+        self.tenants: dict[int, str] = {}        # client id -> quota account, orphans included
+        self.orphans: dict[int, Client] = {}     # pidfd -> silent client whose session we closed
         self.counters = {"requests": 0, "errors": 0, "malformed": 0, "clients_total": 0,
                          "clients_exited": 0, "clients_crashed": 0, "leases_expired": 0,
                          "slots_reclaimed": 0}
         self._stop = False
+        self._peer_address: str | None = None   # of the request being handled
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, settings.request_max_bytes)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Messages queued per client connection, each way: a client sends one request and waits
+        # for its reply, so a deep queue only serves a flooder (and holds the daemon's memory).
+        self.router.setsockopt(zmq.RCVHWM, ROUTER_HWM)
+        self.router.setsockopt(zmq.SNDHWM, ROUTER_HWM)
         # One daemon per socket: the lock dies with its holder, so a crashed daemon never blocks
         # its successor, and the successor alone may sweep what it left.
-        self._lock = open(self.socket_path + ".lock", "a")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"another shimmy daemon is running on {self.socket_path}") from None
+        self._lock = self._take_lock(self.socket_path + ".lock")
         self.swept = self.segments.sweep()
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)  # stale socket of a dead daemon: we hold the lock
         self.router.bind(endpoint(self.socket_path))
-        os.chmod(self.socket_path, 0o666)
-        self.sessions = Sessions(session_path(self.socket_path), settings.lease_timeout,
-                                 settings.max_clients)
+        self._prepare_socket(self.socket_path)
+        self.sessions = Sessions(session_path(self.socket_path), settings,
+                                 lambda uid, pid: tenant(uid, pid), self._prepare_socket,
+                                 max_fds=max(16, self.nofile[0] - FD_HEADROOM))
         # Peering (docs/peering.md): own threads for sockets and data; registry changes arrive
         # here as events through a pipe this loop polls (PeerService.fds / on_readable).
         from .peer.service import PeerService
@@ -97,28 +146,65 @@ class Daemon:
         self.control_stats = metrics.ControlStats()   # by op and error code, for /metrics
         self.exporter: metrics.Exporter | None = None   # started by run()
 
+    def _take_lock(self, path: str) -> int:
+        """Open (creating 0600, never following a link) and flock the lock file.  A lock file
+        owned by another uid (planted to be flock-ed by its owner) is replaced."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, LOCK_MODE)
+        except OSError as exc:
+            raise SystemExit(f"cannot open lock file {path}: {exc.strerror}") from None
+        if os.fstat(fd).st_uid != os.geteuid():
+            os.close(fd)
+            log.warning("lock file %s belongs to another uid: replacing it", path)
+            os.unlink(path)
+            fd = os.open(path, flags | os.O_EXCL, LOCK_MODE)
+        os.fchmod(fd, LOCK_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SystemExit(f"another shimmy daemon is running on {self.socket_path}") from None
+        return fd
+
+    def _prepare_socket(self, path: str) -> None:
+        """Give a listening socket its mode and group from the settings.  ``fchmod`` on a socket
+        descriptor does not reach the file a unix socket is bound to, so this goes by path, in
+        the daemon's own directory, right after bind (the umask made it private meanwhile)."""
+        s = self.settings
+        if s.socket_group:
+            os.chown(path, -1, resolve_group("socket_group", s.socket_group),
+                     follow_symlinks=False)
+        os.chmod(path, parse_mode("socket_mode", s.socket_mode))
+
     # -- loop --------------------------------------------------------------------------------------
     def run(self) -> None:
-        log.info("daemon ready socket=%s pid=%d swept=%d", self.socket_path, os.getpid(), self.swept)
+        log.info("daemon ready socket=%s pid=%d swept=%d nofile=%d (hard %d) access=%s",
+                 self.socket_path, os.getpid(), self.swept, self.nofile[0], self.nofile[1],
+                 self.settings.access)
         last_tick = time.monotonic()
         try:
             self.exporter = metrics.start(self, self.settings.metrics_listen)
             while not self._stop:
                 poller = zmq.Poller()
                 poller.register(self.router, zmq.POLLIN)
-                for fd in self.sessions.fds():
+                for fd in self.sessions.fds(last_tick):
+                    poller.register(fd, zmq.POLLIN)
+                for fd in self.orphans:
                     poller.register(fd, zmq.POLLIN)
                 poller.register(self._death_r, zmq.POLLIN)
                 peer_fds = self.peer.fds()
                 for fd in peer_fds:
                     poller.register(fd, zmq.POLLIN)
-                for sock_or_fd, _ in poller.poll(TICK * 1000):
+                for sock_or_fd, _ in poller.poll(int(TICK * 1000)):
                     if sock_or_fd is self.router:
                         self._drain_router()
                     elif sock_or_fd == self._death_r:
                         self._drain_deaths()
                     elif sock_or_fd in peer_fds:
                         self.peer.on_readable(sock_or_fd)
+                    elif sock_or_fd in self.orphans:
+                        self._orphan_exited(sock_or_fd)
                     else:
                         for client in self.sessions.on_readable(sock_or_fd):
                             self._client_gone(client, crashed=not client.said_goodbye)
@@ -145,6 +231,9 @@ class Daemon:
         self.streams.close_all()
         self.registry.close_all()
         self.sessions.close()
+        for fd in self.orphans:
+            os.close(fd)
+        self.orphans.clear()
         self.router.close(0)
         self.ctx.term()
         for path in (self.socket_path, self.socket_path + ".lock"):
@@ -152,11 +241,11 @@ class Daemon:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        self._lock.close()
+        os.close(self._lock)
         log.info("daemon stopped")
 
     def _housekeeping(self, now: float) -> None:
-        lapsed, ghosts = self.sessions.expired(now)
+        lapsed, ghosts, silent = self.sessions.expired(now)
         for client in lapsed:
             n = self.registry.evict_client_slots(client.id)
             self.counters["leases_expired"] += 1
@@ -164,8 +253,34 @@ class Daemon:
                         "subscriber slots", client.id, client.pid, self.settings.lease_timeout, n)
         for client in ghosts:
             self._client_gone(client, crashed=False)
+        for client in silent:
+            self._orphan(client)
         self.registry.expire_idle()
         self.peer.tick(now)
+
+    def _orphan(self, client: Client) -> None:
+        """A client silent for session_timeout: its session is closed and it no longer counts
+        as a client.  While its process lives, its EVICTED slots and publisher role stay
+        reserved (it may wake up and write to them: one writer per word); a pidfd tells the
+        loop when it exits."""
+        fd = None
+        if client.pid:
+            try:
+                fd = os.pidfd_open(client.pid)
+            except (OSError, AttributeError):
+                fd = None
+        log.warning("client %d pid=%s silent for session_timeout=%.1fs: session closed%s",
+                    client.id, client.pid, self.settings.session_timeout,
+                    "; its slots stay reserved until it exits" if fd is not None else "")
+        if fd is None:
+            self._client_gone(client, crashed=False)
+        else:
+            self.orphans[fd] = client
+
+    def _orphan_exited(self, fd: int) -> None:
+        client = self.orphans.pop(fd)
+        os.close(fd)
+        self._client_gone(client, crashed=True)
 
     def _on_container_death(self, container_id: str) -> None:
         """Watcher thread: hand the event to the loop thread (the only one touching state)."""
@@ -195,41 +310,72 @@ class Daemon:
             if client.sock is None:
                 self.sessions.settle()
             policy = identity.policy_for_pid(client.pid, self.labels,
-                                             default_open=self.settings.access == "open")
+                                             default_open=self.settings.access != "closed")
             client.container = policy.container_id
             if client.sock is not None:
                 client.policy = policy  # identified for good; before that, ask again next time
+        assert isinstance(policy, identity.AccessPolicy)
         return policy
+
+    def _caller(self, client: Client) -> Caller:
+        """Who the client is for the access policy: the uid, groups and container the kernel
+        reports for its session socket (never what it claims)."""
+        if isinstance(client.caller, Caller):
+            return client.caller
+        self._policy(client)  # identifies the container
+        if client.uid is None or client.gid is None:
+            raise PermissionDenied(
+                f"client {client.id} has not presented its session token on "
+                f"{self.sessions.path}; a client connects its session (docs/protocol.md) before "
+                f"any channel request, which is how the daemon learns its uid")
+        labels: dict = {}
+        if client.container is not None:
+            try:
+                labels = self.labels.labels(client.container) or {}
+            except Exception:  # the label source must not take a request down
+                labels = {}
+        caller = Caller(client.uid, client.gid, identity.supplementary_groups(client.pid),
+                        client.pid, client.container, tuple(sorted(labels.items())))
+        client.caller = caller
+        return caller
 
     def _client_gone(self, client: Client, crashed: bool) -> None:
         slots, roles = self.registry.drop_client(client.id)
         self.streams.drop_client(client.id)
+        self.tenants.pop(client.id, None)
         self.counters["slots_reclaimed"] += slots
         self.counters["clients_crashed" if crashed else "clients_exited"] += 1
         log.info("client %d pid=%s gone: freed %d slots, %d publisher roles", client.id,
                  client.pid, slots, roles)
 
     def _drain_router(self) -> None:
-        while True:
+        """Answer up to ROUTER_BATCH requests, then go back to the poll: under a flood of
+        requests the session sockets (heartbeats, crash signals) still get their turn.  The
+        ROUTER queues fairly across clients, so a flooder cannot starve a normal client."""
+        for _ in range(ROUTER_BATCH):
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             if len(frames) != 2:
                 self.counters["malformed"] += 1
                 log.warning("dropped control message with %d frames (expected 2)", len(frames))
                 if len(frames) >= 1:
-                    self._send(frames[0], None, self._error(ProtocolError(
+                    self._send(frames[0].bytes, None, self._error(ProtocolError(
                         "expected exactly one msgpack frame per request")))
                 continue
-            identity, payload = frames
-            self._send(identity, *self._handle(payload))
+            ident, payload = frames
+            try:
+                peer = str(payload.get("Peer-Address"))
+            except zmq.ZMQError:
+                peer = None
+            self._send(ident.bytes, *self._handle(payload.bytes, peer))
 
-    def _send(self, identity: bytes, req_id, reply: dict) -> None:
+    def _send(self, ident: bytes, req_id, reply: dict) -> None:
         reply["v"] = PROTOCOL_VERSION
         reply["id"] = req_id
         try:
-            self.router.send_multipart([identity, msgpack.packb(reply)], zmq.NOBLOCK)
+            self.router.send_multipart([ident, msgpack.packb(reply)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("could not reply to a client: %s", exc)
 
@@ -237,7 +383,7 @@ class Daemon:
     def _error(exc: ShimmyError) -> dict:
         return {"ok": False, "error": {"code": exc.code, "message": str(exc)}}
 
-    def _handle(self, payload: bytes):
+    def _handle(self, payload: bytes, peer: str | None = None):
         self.counters["requests"] += 1
         req_id = None
         op_label = metrics.OP_MALFORMED   # the metrics label until the op is known
@@ -249,15 +395,21 @@ class Daemon:
                 raise ProtocolError(f"request is not valid msgpack: {type(exc).__name__}") from None
             if not isinstance(req, dict):
                 raise ProtocolError(f"request must be a msgpack map, got {type(req).__name__}")
-            req_id = req.get("id") if isinstance(req.get("id"), int) else None
+            rid = req.get("id")
+            req_id = rid if isinstance(rid, int) and not isinstance(rid, bool) \
+                and 0 <= rid <= ID_MAX else None
             if req.get("v") != PROTOCOL_VERSION:
                 raise ProtocolError(f"protocol version {req.get('v')!r} not supported; this "
                                     f"daemon speaks {PROTOCOL_VERSION}")
+            if "id" in req and req_id is None:
+                raise InvalidArgument(f"field 'id' must be an int in 0..{ID_MAX}, got "
+                                      f"{_show(req.get('id'))}")
             op = req.get("op")
             handler = self.ops.get(op) if isinstance(op, str) else None
             if handler is None:
-                raise ProtocolError(f"unknown op {op!r}; known: {sorted(self.ops)}")
+                raise ProtocolError(f"unknown op {_show(op)}; known: {sorted(self.ops)}")
             op_label = str(op)
+            self._peer_address = peer   # the kernel's word on who sent it (op_hello reads it)
             result = handler(req)
             result["ok"] = True
             self.control_stats.count(op_label)
@@ -268,38 +420,114 @@ class Daemon:
             if isinstance(exc, ProtocolError):
                 self.counters["malformed"] += 1
             return req_id, self._error(exc)
+        except OSError as exc:
+            self.counters["errors"] += 1
+            if exc.errno in RESOURCE_ERRNOS or exc.errno == errno.ENOSPC:
+                # Out of descriptors or memory right now: the client may retry; nothing broke.
+                log.warning("request refused for lack of resources: %s", exc)
+                return req_id, self._error(LimitExceeded(
+                    f"the daemon is out of resources ({exc.strerror}; {self.sessions.open_fds()} "
+                    f"session connections, nofile limit {self.nofile[0]}); try again"))
+            log.exception("internal error handling a request")
+            return req_id, self._error(ShimmyError(
+                f"internal daemon error: {type(exc).__name__}: {exc}"))
         except Exception as exc:  # a bug must not take the node's channels down with it
             self.control_stats.count(op_label, metrics.CODE_INTERNAL)
             self.counters["errors"] += 1
             log.exception("internal error handling a request")
-            return req_id, self._error(ShimmyError(f"internal daemon error: {type(exc).__name__}: {exc}"))
+            return req_id, self._error(ShimmyError(
+                f"internal daemon error: {type(exc).__name__}: {exc}"))
 
     # -- request helpers ---------------------------------------------------------------------------
     @staticmethod
-    def _field(req: dict, key: str, kind, optional: bool = False):
+    def _field(req: dict, key: str, kind, optional: bool = False, lo: int | None = None,
+               hi: int | None = None):
+        """``req[key]`` checked for type (and, for ints, for the range lo..hi)."""
         value = req.get(key)
         if value is None and optional:
             return None
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             raise InvalidArgument(f"field {key!r} must be {getattr(kind, '__name__', kind)}, "
                                   f"got {type(value).__name__}")
+        if kind is int and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+            raise InvalidArgument(f"field {key!r} must be in {lo}..{hi}, got {_show(value)}")
+        if kind is str and len(value) > 256:
+            raise InvalidArgument(f"field {key!r} is {len(value)} characters; at most 256")
         return value
 
     def _client(self, req: dict) -> Client:
         """The client a request speaks for.  Client ids are small integers anyone could guess,
         so a request must also carry the client's secret token from ``hello``: a process cannot
         act (and be judged by the access policy) as another."""
-        cid = self._field(req, "client", int)
+        cid = self._field(req, "client", int, lo=1, hi=ID_MAX)
         client = self.sessions.clients.get(cid)
         if client is None:
             raise InvalidArgument(f"unknown client {cid}; say hello first")
         token = req.get("token")
-        if not isinstance(token, str) or not secrets.compare_digest(token, client.token):
+        if not isinstance(token, str) or not token.isascii() or \
+                not secrets.compare_digest(token, client.token):
             raise PermissionDenied(f"request for client {cid} without that client's token")
         return client
 
     def _channel(self, req: dict):
         return self.registry.get(validate_name(req.get("name")))
+
+    def owner(self, name: str) -> Ownership | None:
+        """The ownership of live channel ``name`` (None: made for no client, e.g. a replica)."""
+        entry = self.owners.get(name)
+        if entry is None:
+            return None
+        if entry[0] is not self.registry.channels.get(name):
+            del self.owners[name]   # the channel it was recorded for is gone
+            return None
+        return entry[1]
+
+    def authorize(self, client: Client, op: str, name: str, owner: Ownership | None) -> None:
+        """Both layers: container labels (identity) and ownership (access)."""
+        policy = self._policy(client)
+        if op in ("publish", "subscribe"):
+            policy.check(op, name)
+        elif op == "open":
+            policy.check_open(name)
+        self.access.check(self._caller(client), op, name, owner)
+
+    def tenant_usage(self, who: str) -> tuple[int, int]:
+        """(channels and streams, bytes of shared memory) tenant ``who`` created and holds."""
+        count = size = 0
+        for name in list(self.owners):
+            own = self.owner(name)
+            if own is not None and own.principal == who:
+                count += 1
+                size += own.size
+        for st in self.streams.owned_by(who):
+            count += 1
+            size += st
+        return count, size
+
+    def check_create_quota(self, who: str, size: int) -> None:
+        count, used = self.tenant_usage(who)
+        self.quotas.check("channels", who, count)
+        self.quotas.check("shm_bytes", who, used, size)
+
+    def _visible(self, req: dict):
+        """The caller of a list/stat request, or None when it may see everything."""
+        if self.settings.access == "open":
+            return None
+        if req.get("client") is None:
+            return False   # anonymous: no channel details
+        caller = self._caller(self._client(req))
+        return None if caller.uid == 0 else caller
+
+    def _channels_for(self, req: dict) -> tuple[list[dict], int]:
+        who = self._visible(req)
+        shown, hidden = [], 0
+        for rec in self.registry.channels.values():
+            if who is None or (who is not False and self.access.allows(
+                    who, "stat", rec.name, self.owner(rec.name))):
+                shown.append(self.peer.annotate(rec.describe()))
+            else:
+                hidden += 1
+        return shown, hidden
 
     # -- operations --------------------------------------------------------------------------------
     def op_ping(self, req: dict) -> dict:
@@ -307,11 +535,14 @@ class Daemon:
                 "protocol": PROTOCOL_VERSION}
 
     def op_hello(self, req: dict) -> dict:
-        pid = self._field(req, "pid", int)
+        pid = self._field(req, "pid", int, lo=1, hi=PID_MAX)
+        uid, real_pid = _peer_uid_pid(self._peer_address)
+        who = tenant(uid, real_pid)
         if len(self.sessions.clients) >= self.settings.max_clients:
-            from shimmy.errors import LimitExceeded
             raise LimitExceeded(f"max_clients ({self.settings.max_clients}) clients attached")
-        client = self.sessions.new_client(pid)
+        self.quotas.check("sessions", who, self.sessions.count(who))
+        client = self.sessions.new_client(pid, who, uid)
+        self.tenants[client.id] = who
         self.counters["clients_total"] += 1
         return {"client": client.id, "token": client.token, "session": self.sessions.path,
                 "heartbeat_interval": self.settings.heartbeat_interval,
@@ -321,15 +552,43 @@ class Daemon:
         client = self._client(req)
         name = validate_name(req.get("name"))
         mode = self._field(req, "mode", str, optional=True)
-        capacity = self._field(req, "capacity", int, optional=True)
-        create = bool(req.get("create", True))
-        self._policy(client).check_open(name)
-        if create and name not in self.registry.channels:
-            self.peer.prepare_open(name, mode, capacity)  # published on a peer: make a replica
-        rec = self.registry.open(client.id, name, mode, capacity, create)
+        capacity = self._field(req, "capacity", int, optional=True, lo=1, hi=ring.MAX_CAPACITY)
+        create = self._field(req, "create", bool, optional=True)
+        create = True if create is None else create
+        if name in self.registry.channels:
+            self.authorize(client, "open", name, self.owner(name))
+            rec = self.registry.open(client.id, name, mode, capacity, create)
+        elif not create:
+            raise ChannelNotFound(f"channel {name!r} does not exist")
+        else:
+            rec = self._create_channel(client, name, mode, capacity, create)
         return {"shm": rec.shm_name, "sem_prefix": self.segments.sem_prefix(rec.token),
                 "mode": ring.MODE_NAMES[rec.mode], "capacity": rec.capacity,
                 "max_message": ring.max_message_size(rec.capacity)}
+
+    def _create_channel(self, client: Client, name: str, mode, capacity, create: bool):
+        self._policy(client).check_open(name)
+        caller = self._caller(client)
+        who = client.tenant
+        ownership = self.access.ownership_for(caller, name, who)
+        cap = self.settings.default_capacity if capacity is None else capacity
+        try:
+            size = ring.segment_size(cap, self.settings.max_subscribers)
+        except (ValueError, OverflowError):
+            size = 0   # an invalid capacity: the registry names the rule
+        self.check_create_quota(who, size)
+        ownership = dataclasses.replace(ownership, size=size)
+        token = object_token(name)
+        self.segments.claim(token, ownership)
+        try:
+            self.peer.prepare_open(name, mode, capacity)  # published on a peer: a replica
+            rec = self.registry.open(client.id, name, mode, capacity, create)
+        except BaseException:
+            if name not in self.registry.channels:
+                self.segments.unclaim(token)
+            raise
+        self.owners[name] = (rec, ownership)
+        return rec
 
     def op_close(self, req: dict) -> dict:
         client = self._client(req)
@@ -344,7 +603,7 @@ class Daemon:
     def op_publish(self, req: dict) -> dict:
         client = self._client(req)
         rec = self._channel(req)
-        self._policy(client).check("publish", rec.name)
+        self.authorize(client, "publish", rec.name, self.owner(rec.name))
         self.registry.grant_publisher(rec, client.id, client.pid or client.claimed_pid)
         return {}
 
@@ -358,8 +617,12 @@ class Daemon:
     def op_subscribe(self, req: dict) -> dict:
         client = self._client(req)
         rec = self._channel(req)
-        self._policy(client).check("subscribe", rec.name)
+        self.authorize(client, "subscribe", rec.name, self.owner(rec.name))
         start = self._field(req, "start", str, optional=True) or "next"
+        held = sum(1 for ch in self.registry.channels.values()
+                   for table in (ch.slots, ch.evicted) for slot in table.values()
+                   if self.tenants.get(slot.client) == client.tenant)
+        self.quotas.check("subscribers", client.tenant, held)
         slot = self.registry.add_subscriber(rec, client.id, client.pid or client.claimed_pid, start)
         self.peer.on_subscribe(rec)  # a replica: ask its publishing node for a mirror
         return {"slot": slot.index, "generation": slot.generation, "seq": slot.seq,
@@ -368,26 +631,32 @@ class Daemon:
     def op_unsubscribe(self, req: dict) -> dict:
         client = self._client(req)
         rec = self._channel(req)
-        self.registry.remove_subscriber(rec, self._field(req, "slot", int), client.id)
+        slot = self._field(req, "slot", int, lo=0, hi=rec.max_subscribers - 1)
+        self.registry.remove_subscriber(rec, slot, client.id)
         return {}
 
     def op_list(self, req: dict) -> dict:
-        return {"channels": [self.peer.annotate(rec.describe())
-                             for rec in self.registry.channels.values()],
+        channels, hidden = self._channels_for(req)
+        return {"channels": channels, "hidden": hidden,
                 "remote": self.peer.remote_channels(), "node": self.peer.node,
-                "streams": self.streams.describe(),
-                "finished_streams": list(self.streams.finished.values())}
+                "streams": self.streams.describe(self._visible(req)),
+                "finished_streams": self.streams.finished_for(self._visible(req))}
 
     def op_stat(self, req: dict) -> dict:
+        channels, hidden = self._channels_for(req)
+        who = self._visible(req)
+        clients = [c.describe() for c in self.sessions.clients.values()
+                   if who is None or (who is not False and c.uid == who.uid)]
         return {"pid": os.getpid(), "uptime": time.time() - self.started,
-                "socket": self.socket_path, "counters": dict(self.counters),
+                "socket": self.socket_path,
+                "counters": {**self.counters, **self.sessions.counters},
                 "shm_allocated": self.segments.allocated,
+                "nofile": {"soft": self.nofile[0], "hard": self.nofile[1]},
+                "orphans": len(self.orphans),
                 "settings": {k: v for k, v in vars(self.settings).items() if k != "extra"},
-                "clients": [c.describe() for c in self.sessions.clients.values()],
-                "channels": [self.peer.annotate(rec.describe())
-                             for rec in self.registry.channels.values()],
+                "clients": clients, "channels": channels, "hidden_channels": hidden,
                 "peer": self.peer.describe(), "rdma": self._rdma_state(),
-                "streams": self.streams.describe()}
+                "streams": self.streams.describe(who)}
 
     def _rdma_state(self) -> dict:
         """RDMA as it is: off (no peering), unavailable (and why), idle (a device, no mirror on
@@ -405,9 +674,19 @@ class Daemon:
 
     def op_delete(self, req: dict) -> dict:
         name = validate_name(req.get("name"))
-        self._policy(self._client(req)).check("publish", name)  # deleting is a publisher's act
+        client = self._client(req)
+        self._policy(client).check("publish", name)  # deleting is a publisher's act
+        if name in self.registry.channels:
+            self.access.check(self._caller(client), "delete", name, self.owner(name))
         self.registry.delete(name)
+        self.owners.pop(name, None)
         return {}
+
+
+def _show(value) -> str:
+    """A request value for an error message, shortened (it came from anyone)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def run(settings: Settings) -> None:

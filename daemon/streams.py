@@ -16,6 +16,7 @@ A stream is created by whichever end opens it first and lives until both ends ar
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -26,6 +27,8 @@ import posix_ipc
 from shimmy import stream_ring
 from shimmy.errors import ChannelConflict, InvalidArgument, LimitExceeded, StreamBusy
 from shimmy.names import object_token, validate_name
+
+from .access import Ownership
 
 log = logging.getLogger("shimmy.daemon")
 ROLES = ("writer", "reader")
@@ -52,6 +55,8 @@ class StreamRecord:
     created: float = field(default_factory=time.time)
     writer: End | None = None
     reader: End | None = None
+    owner: Ownership | None = None   # who created it (daemon/access.py); quotas count it
+
 
     def end(self, role: str) -> End | None:
         return self.writer if role == "writer" else self.reader
@@ -93,11 +98,24 @@ class StreamService:
         role = req.get("role")
         if role not in ROLES:
             raise InvalidArgument(f"stream role must be 'writer' or 'reader', got {role!r}")
-        capacity = self.daemon._field(req, "capacity", int, optional=True)
+        capacity = self.daemon._field(req, "capacity", int, optional=True, lo=1,
+                                      hi=self.settings.max_capacity)
+        op = "publish" if role == "writer" else "subscribe"   # the label each end needs
         rec = self.streams.get(name)
         if rec is None:
-            rec = self._create(name, capacity)
-        elif capacity is not None and capacity != rec.capacity:
+            self.daemon._policy(client).check(op, name)
+            who = client.tenant
+            ownership = self.daemon.access.ownership_for(self.daemon._caller(client), name, who)
+            cap = stream_ring.DEFAULT_CAPACITY if capacity is None else capacity
+            try:
+                size = stream_ring.segment_size(cap)
+            except (ValueError, OverflowError):
+                size = 0   # an invalid capacity: _create names the rule
+            self.daemon.check_create_quota(who, size)
+            rec = self._create(name, capacity, dataclasses.replace(ownership, size=size))
+        else:
+            self.daemon.authorize(client, op, name, rec.owner)
+        if capacity is not None and capacity != rec.capacity:
             raise ChannelConflict(f"stream {name!r} exists with capacity={rec.capacity}, asked "
                                   f"for capacity={capacity}")
         held = rec.end(role)
@@ -109,7 +127,8 @@ class StreamService:
             raise StreamBusy(
                 f"stream {name!r}: its {role} (pid {held.pid}) has finished ({held.state}) but "
                 f"the stream is still in use by its "
-                f"{'reader' if role == 'writer' else 'writer'} (pid {other.pid if other else '-'}); "
+                f"{'reader' if role == 'writer' else 'writer'} "
+                f"(pid {other.pid if other else '-'}); "
                 f"the name is free again once both ends have closed")
         pid = client.pid or client.claimed_pid
         end = End(client.id, pid)
@@ -126,7 +145,7 @@ class StreamService:
         client = self.daemon._client(req)
         name = validate_name(req.get("name"))
         role = req.get("role")
-        serial = self.daemon._field(req, "serial", int)
+        serial = self.daemon._field(req, "serial", int, lo=0, hi=(1 << 63) - 1)
         rec = self.streams.get(name)
         if rec is None or rec.serial != serial:
             return {}  # already freed (the daemon saw the other end go first)
@@ -169,11 +188,31 @@ class StreamService:
         for rec in list(self.streams.values()):
             self._free(rec)
 
-    def describe(self) -> list[dict]:
-        return [rec.describe() for rec in self.streams.values()]
+    def describe(self, visible=None) -> list[dict]:
+        """Every stream (``visible`` None), none (False), or those the caller may see."""
+        if visible is False:
+            return []
+        return [rec.describe() for rec in self.streams.values()
+                if visible is None or self.daemon.access.allows(visible, "stat", rec.name,
+                                                                rec.owner)]
+
+    def finished_for(self, visible=None) -> list[dict]:
+        """Streams read to their end and freed (so a second reader is told, not left waiting),
+        filtered for the caller as :meth:`describe` filters live streams."""
+        if visible is False:
+            return []
+        return [{k: v for k, v in done.items() if k != "owner"}
+                for done in self.finished.values()
+                if visible is None or self.daemon.access.allows(visible, "stat", done["name"],
+                                                                done["owner"])]
+
+    def owned_by(self, who: str) -> list[int]:
+        """The sizes of the streams tenant ``who`` created that are alive."""
+        return [rec.owner.size for rec in self.streams.values()
+                if rec.owner is not None and rec.owner.principal == who]
 
     # -- internals --------------------------------------------------------------------------------
-    def _create(self, name: str, capacity: int | None) -> StreamRecord:
+    def _create(self, name: str, capacity: int | None, owner: Ownership) -> StreamRecord:
         s = self.settings
         capacity = stream_ring.DEFAULT_CAPACITY if capacity is None else capacity
         stream_ring.check_capacity(capacity)
@@ -187,13 +226,17 @@ class StreamService:
         # "stream:" cannot appear in a channel name, so stream and channel tokens never collide;
         # the serial keeps a reused name from meeting the previous stream's objects.
         token = f"{object_token('stream:' + name)}-{serial}"
-        shm_name, mm = self.segments.create_stream(token, name, capacity)
+        self.segments.claim(token, owner)
+        try:
+            shm_name, mm = self.segments.create_stream(token, name, capacity)
+        except BaseException:
+            self.segments.unclaim(token)
+            raise
         prefix = self.segments.sem_prefix(token)
         sems = {}
         try:
             for role, suffix in (("reader", "r"), ("writer", "w")):
-                sems[role] = posix_ipc.Semaphore(prefix + suffix, posix_ipc.O_CREX, mode=0o666,
-                                                 initial_value=0)
+                sems[role] = self.segments.open_semaphore(token, suffix)
         except BaseException:
             for sem in sems.values():
                 sem.close()
@@ -202,7 +245,8 @@ class StreamService:
                 _unlink_sem(prefix + suffix)
             raise
         rec = StreamRecord(name=name, token=token, serial=serial, capacity=capacity,
-                           shm_name=shm_name, mm=mm, view=stream_ring.StreamView(mm), sems=sems)
+                           shm_name=shm_name, mm=mm, view=stream_ring.StreamView(mm), sems=sems,
+                           owner=owner)
         self.streams[name] = rec
         self.finished.pop(name, None)
         self.counters["streams_created"] += 1
@@ -240,7 +284,7 @@ class StreamService:
         if read_to_end and rec.reader is not None and rec.reader.state == "closed":
             self.finished.pop(rec.name, None)
             self.finished[rec.name] = {"name": rec.name, "written": written,
-                                       "freed": time.time()}
+                                       "freed": time.time(), "owner": rec.owner}
             while len(self.finished) > FINISHED_KEPT:
                 del self.finished[next(iter(self.finished))]
         log.info("freed stream %s (%d bytes written, serial %d)", rec.name, written, rec.serial)

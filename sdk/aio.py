@@ -164,7 +164,7 @@ async def receive_async(sub, timeout: float | None = None):
     if sem is None:
         # A handle of our own: Subscription.close() closes its handle, possibly while the helper
         # sleeps on it; this one is closed only when the subscription object goes away.
-        sem = d["_aio_sem"] = posix_ipc.Semaphore(sub.channel._sem_prefix + str(sub.slot))
+        sem = d["_aio_sem"] = _client_mod.open_semaphore(sub.channel._sem_prefix + str(sub.slot))
     waiting = sub._waiting
     q, tail_word, reader = sub._view.q, ring.OFF_TAIL // 8, sub._reader
 
@@ -220,7 +220,7 @@ def _stream_waiter(end, waiting_off: int, sem_index: int, ready):
     d = end.__dict__
     sem = d.get("_aio_sem")
     if sem is None:
-        sem = d["_aio_sem"] = posix_ipc.Semaphore(end._sem_names[sem_index])
+        sem = d["_aio_sem"] = _client_mod.open_semaphore(end._sem_names[sem_index])
     q = end._view.q
     word = waiting_off // 8
     cursor_ready = ready

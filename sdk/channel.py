@@ -18,7 +18,7 @@ from shimmy.errors import (ChannelClosed, InvalidArgument, MessageTooLarge, Rece
                            ShimmyError)
 from shimmy.names import validate_name
 
-from .client import fork_generation, get_client
+from .client import fork_generation, get_client, open_semaphore, open_shared_memory
 
 DEFAULT_PUBLISH_TIMEOUT = 10.0   # seconds a reliable publisher waits for room, then raises
 DEFAULT_SPIN_US = 100            # adaptive spin ceiling before a receiver sleeps
@@ -145,7 +145,7 @@ class Channel:
         self.capacity = reply["capacity"]
         self.max_message = reply["max_message"]
         self._sem_prefix = reply["sem_prefix"]
-        shm = posix_ipc.SharedMemory(reply["shm"])
+        shm = open_shared_memory(reply["shm"])
         try:
             self._mm = mmap.mmap(shm.fd, shm.size)
         finally:
@@ -256,7 +256,7 @@ class Subscription:
         self._view = channel._view
         self._reader = ring.RingReader(channel._view, slot, position, seq)
         self._take_bytes = self._reader.take_bytes
-        self._sem = posix_ipc.Semaphore(channel._sem_prefix + str(slot))
+        self._sem = open_semaphore(channel._sem_prefix + str(slot))
         at = ring.waiting_offset(slot)
         self._waiting = channel._view.mv[at:at + 1]
         self._epoch = 0  # sleep epoch last stored in the waiting byte (ring.next_epoch)

@@ -10,17 +10,21 @@ refuses to work in the child: a child must open its own channels.
 from __future__ import annotations
 
 import atexit
+import errno
 import itertools
 import os
 import select
 import socket
+import stat
 import threading
 import weakref
 
 import msgpack
+import posix_ipc
 import zmq
 
-from shimmy.errors import DaemonUnavailable, ProtocolError, error_from_reply
+from shimmy.errors import (DaemonUnavailable, LimitExceeded, PermissionDenied, ProtocolError,
+                           error_from_reply)
 from shimmy.protocol import PROTOCOL_VERSION, endpoint, resolve_socket, session_path
 
 REQUEST_TIMEOUT = 5.0  # seconds to wait for a daemon reply before DaemonUnavailable
@@ -73,7 +77,9 @@ class DaemonClient:
         self._lock = threading.Lock()
         if not os.path.exists(path):
             raise DaemonUnavailable(self._unavailable("no socket file there"))
-        self._ctx = zmq.Context.instance()
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise _denied(path, "the daemon's control socket")
+        self._ctx: zmq.Context = zmq.Context.instance()
         self._sock = self._new_socket()
         hello = self.request("hello", pid=os.getpid())
         self.id = hello["client"]
@@ -182,3 +188,52 @@ def _heartbeat(ref, sock: socket.socket, stop: threading.Event, interval: float)
             return
         if ref() is None:
             return
+
+
+# -- opening the daemon's shared-memory objects ----------------------------------------------------
+SHM_DIR = "/dev/shm"   # where Linux keeps POSIX shared memory and named semaphores
+
+
+def open_shared_memory(name: str) -> posix_ipc.SharedMemory:
+    """Open the daemon-made shared-memory object ``name``; a refusal by the kernel is
+    :class:`~shimmy.PermissionDenied` naming the path, its owner and mode, and the remedy."""
+    try:
+        return posix_ipc.SharedMemory(name)
+    except posix_ipc.PermissionsError:
+        raise _denied(os.path.join(SHM_DIR, name.lstrip("/")), "shared memory") from None
+    except OSError as exc:
+        raise _translated(exc, os.path.join(SHM_DIR, name.lstrip("/"))) from None
+
+
+def open_semaphore(name: str) -> posix_ipc.Semaphore:
+    """Open the daemon-made named semaphore ``name``, translating errors like
+    :func:`open_shared_memory`."""
+    try:
+        return posix_ipc.Semaphore(name)
+    except posix_ipc.PermissionsError:
+        raise _denied(os.path.join(SHM_DIR, "sem." + name.lstrip("/")), "semaphore") from None
+    except OSError as exc:
+        raise _translated(exc, os.path.join(SHM_DIR, "sem." + name.lstrip("/"))) from None
+
+
+def _denied(path: str, what: str) -> PermissionDenied:
+    try:
+        st = os.stat(path)
+        whose = (f"it belongs to uid {st.st_uid} gid {st.st_gid} with mode "
+                 f"{stat.S_IMODE(st.st_mode):04o}")
+    except OSError:
+        whose = "it cannot be inspected"
+    return PermissionDenied(
+        f"cannot open {what} {path} as uid {os.geteuid()} (groups "
+        f"{sorted({os.getegid(), *os.getgroups()})}): {whose}; run the application as the "
+        f"owner or in the group the daemon shares with (daemon settings channel_group, "
+        f"channel_rules, socket_group; docs/security.md)")
+
+
+def _translated(exc: OSError, path: str) -> Exception:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return _denied(path, "object")
+    if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EMFILE, errno.ENFILE):
+        return LimitExceeded(f"cannot open {path}: {exc.strerror} (errno "
+                             f"{errno.errorcode.get(exc.errno or 0, exc.errno)})")
+    return exc

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import mmap
 
-import posix_ipc
 
 from shimmy import stream_ring
 from shimmy.ring import fence
@@ -101,14 +100,14 @@ class _StreamEnd(io.RawIOBase):
         self.capacity = reply["capacity"]
         self._serial = reply["serial"]
         try:
-            shm = posix_ipc.SharedMemory(reply["shm"])
+            shm = _client_mod.open_shared_memory(reply["shm"])
             try:
                 self._mm = mmap.mmap(shm.fd, shm.size)
             finally:
                 shm.close_fd()
             self._view = stream_ring.StreamView(self._mm)
-            self._sem_r = posix_ipc.Semaphore(reply["sem_reader"])
-            self._sem_w = posix_ipc.Semaphore(reply["sem_writer"])
+            self._sem_r = _client_mod.open_semaphore(reply["sem_reader"])
+            self._sem_w = _client_mod.open_semaphore(reply["sem_writer"])
         except BaseException:
             self._tell_daemon_closed()
             raise

@@ -125,7 +125,9 @@ def _settings_params() -> list[click.Parameter]:
             params.append(click.Option(decls, multiple=True, metavar="VALUE",
                                        help=f"{help_text}"))
         else:
-            kind = {int: int, float: float}.get(type(default), str)
+            choices = f.metadata.get("choices")
+            kind = (click.Choice(choices) if choices
+                    else {int: int, float: float}.get(type(default), str))
             shown = default if default != "" else "none"
             params.append(click.Option(decls, type=kind, default=None,
                                        help=f"{help_text} (default: {shown})"))

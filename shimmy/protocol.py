@@ -2,7 +2,8 @@
 
 Request:  ``{"v": PROTOCOL_VERSION, "id": int, "op": str, ...op fields}``
 Reply:    ``{"v": PROTOCOL_VERSION, "id": same, "ok": True, ...result}``
-       or ``{"v": PROTOCOL_VERSION, "id": same, "ok": False, "error": {"code": str, "message": str}}``
+       or ``{"v": PROTOCOL_VERSION, "id": same, "ok": False,
+             "error": {"code": str, "message": str}}``
 
 Error codes are the ``code`` attributes of the classes in :mod:`shimmy.errors`.  The full list of
 operations and their fields is in ``docs/protocol.md``.  A second, plain unix socket beside the

@@ -216,3 +216,90 @@ def test_a_request_cannot_speak_for_another_client(daemon):
         finally:
             sock.close()
         assert ch.subscribe() is not None  # the real client is unaffected
+
+
+# -- finding 9 (issue 8): loose request fields and settings ------------------------------------
+
+@pytest.mark.parametrize("pid", [-5, 0, 2**63, 2**64 - 1, 1 << 22 + 1, "12", 1.5, None])
+def test_hello_pid_out_of_range_is_invalid_argument(daemon, pid):
+    """pid -5 and 2**63 were accepted, then failed as `internal daemon error: ValueError`."""
+    sock = _raw(daemon)
+    try:
+        reply = _ask(sock, msgpack.packb({"v": PROTOCOL_VERSION, "id": 1, "op": "hello",
+                                          "pid": pid}))
+        assert reply["error"]["code"] == "invalid_argument", reply
+        assert "'pid'" in reply["error"]["message"]
+    finally:
+        sock.close()
+    assert _ping_ok(daemon)
+
+
+@pytest.mark.parametrize("token", ["ü" * 32, "\x00" * 32, b"\xff" * 32, "x" * 10_000, [1], 3.5])
+def test_bad_tokens_are_refused_not_internal_errors(daemon, token):
+    """A non-ASCII token was `internal daemon error: TypeError` (compare_digest)."""
+    with shimmy.Channel("tok", daemon=daemon.socket) as ch:
+        sock = _raw(daemon)
+        try:
+            reply = _ask(sock, msgpack.packb({"v": PROTOCOL_VERSION, "id": 1, "op": "subscribe",
+                                              "name": "tok", "client": ch._client.id,
+                                              "token": token}))
+            assert reply["error"]["code"] == "permission_denied", reply
+        finally:
+            sock.close()
+
+
+@pytest.mark.parametrize("op, fields, field", [
+    ("open", {"capacity": 2**63}, "capacity"),
+    ("open", {"capacity": -1}, "capacity"),
+    ("open", {"create": "yes"}, "create"),
+    ("open", {"mode": "m" * 1000}, "mode"),
+    ("unsubscribe", {"slot": -1}, "slot"),
+    ("unsubscribe", {"slot": 2**64 - 1}, "slot"),
+    ("stream_close", {"role": "writer", "serial": -7}, "serial"),
+    ("stream_open", {"role": "writer", "capacity": 2**64 - 1}, "capacity"),
+])
+def test_every_request_field_is_range_checked(daemon, op, fields, field):
+    with shimmy.Channel("ranges", daemon=daemon.socket) as ch:
+        sock = _raw(daemon)
+        try:
+            req = {"v": PROTOCOL_VERSION, "id": 1, "op": op, "name": "ranges",
+                   "client": ch._client.id, "token": ch._client._token, **fields}
+            reply = _ask(sock, msgpack.packb(req))
+            assert reply["error"]["code"] == "invalid_argument", reply
+            assert repr(field) in reply["error"]["message"], reply
+        finally:
+            sock.close()
+    assert _ping_ok(daemon)
+
+
+def test_request_ids_out_of_range_are_refused(daemon):
+    sock = _raw(daemon)
+    try:
+        for rid in (-1, "7", 1.0):
+            reply = _ask(sock, msgpack.packb({"v": PROTOCOL_VERSION, "id": rid, "op": "ping"}))
+            assert reply["error"]["code"] == "invalid_argument" and reply["id"] is None, reply
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("text, extra, match", [
+    ('max_channels = "many"\n', (), "setting max_channels must be int, got str"),
+    ('heartbeat_interval = "fast"\n', (), "heartbeat_interval must be float"),
+    ("lease_timeout = 2.0\nsession_timeout = 0.5\n", (), "session_timeout"),
+    ('object_mode = "0666"\n', (), "object_mode=0666 gives other users access"),
+    ('socket_mode = "rw"\n', (), "socket_mode must be an octal mode"),
+    ('channel_group = "no-such-group-xyz"\n', (), "channel_group: no group named"),
+    ('channel_rules = ["a/** serviceaccount=x"]\n', (), "service accounts are not visible"),
+    ('access = "wide"\n', (), "access must be one of owner, closed, open"),
+    ("quota_sessions = 0\n", (), "quota_sessions must be >= 1"),
+    ("", ("--shm-dir", "{tmp}/nonexistent"), "shm_dir: .*/nonexistent is not an existing "
+                                            "directory"),
+])
+def test_bad_settings_are_startup_errors_naming_the_setting(daemon_factory, tmp_path, text,
+                                                            extra, match):
+    """A wrong-typed value or `--shm-dir /nonexistent` started fine and failed at the first
+    publish as an internal error."""
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    with pytest.raises(RuntimeError, match="bad settings: .*" + match):
+        daemon_factory("--config", str(cfg), *(e.format(tmp=tmp_path) for e in extra))

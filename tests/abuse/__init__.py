@@ -1,0 +1,1 @@
+"""Control-plane abuse run (``python -m tests.abuse.control``) and its helpers."""
