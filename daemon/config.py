@@ -60,6 +60,13 @@ class Settings:
     peer_hold: float = 10.0               # reliable: keep a disconnected mirror's data this long
     peer_credit_interval: float = 0.0002  # replica reports consumed positions this often (busy)
     peer_unmirror_grace: float = 1.0      # mirror stops this long after its last subscriber left
+    # -- peering: cluster-wide names and restarts (daemon/peer, docs/peering.md) --
+    peer_forget_after: float = field(default=60.0, metadata={"help": (
+        "seconds a peer node may stay without a link before it is forgotten: its announced "
+        "channels leave `ls` and its replicas here become local channels")})
+    peer_drain_timeout: float = field(default=2.0, metadata={"help": (
+        "on shutdown, seconds to wait for mirrors to deliver what their rings still hold, so "
+        "a graceful restart of a publishing node loses nothing")})
 
     def validate(self) -> "Settings":
         ring.check_capacity(self.default_capacity)
@@ -80,6 +87,8 @@ class Settings:
                              "authenticated with a shared key")
         if not 0 < self.peer_backoff_initial <= self.peer_backoff_max:
             raise ValueError("need 0 < peer_backoff_initial <= peer_backoff_max")
+        if not self.peer_forget_after > 0 or self.peer_drain_timeout < 0:
+            raise ValueError("need peer_forget_after > 0 and peer_drain_timeout >= 0")
         if self.peer_max_replica_capacity > ring.MAX_CAPACITY:
             raise ValueError(f"peer_max_replica_capacity must be <= {ring.MAX_CAPACITY}")
         return self

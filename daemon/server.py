@@ -335,6 +335,7 @@ class Daemon:
         client = self._client(req)
         rec = self._channel(req)
         self._policy(client).check("publish", rec.name)
+        self.peer.check_publish(rec)  # one publisher cluster-wide: names the node holding it
         self.registry.grant_publisher(rec, client.id, client.pid or client.claimed_pid)
         return {}
 

@@ -45,49 +45,100 @@ def check_payload(data: bytes) -> int:
     return struct.unpack("<Q", data[:8])[0]
 
 
-def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: int) -> None:
+def _open_when_linked(sock: str, name: str, mode: str, capacity: int, links: int):
+    """Open ``name`` once the node's daemon answers and has ``links`` peer links up (after a
+    restart of the daemon, the publisher reopens only then; docs/peering.md, restarts)."""
     import shimmy
-    ch = shimmy.Channel(name, daemon=sock, mode=mode, capacity=capacity, publish_timeout=60)
-    ch.publish(b"announce")   # the channel is announced to peers once it has a publisher
+    from shimmy.errors import ShimmyError
+    from shimmy.sdk.client import DaemonClient
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            c = DaemonClient(sock)
+            try:
+                up = len(c.request("stat")["peer"]["links"])
+            finally:
+                c.close()
+            if up >= links:
+                return shimmy.Channel(name, daemon=sock, mode=mode, capacity=capacity,
+                                      publish_timeout=60)
+        except (ShimmyError, OSError):
+            pass
+        assert time.monotonic() < deadline, "daemon never came back"
+        time.sleep(0.05)
+
+
+def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: int,
+               announce: int = 1, links: int = 0) -> None:
+    """Publish ``n`` checksummed messages.  ``announce``: publish one message before "ready"
+    (else the publisher is attached but silent).  ``links`` > 0: survive restarts of our daemon
+    by reopening (once it has that many links) and publishing the same index again."""
+    from shimmy.errors import ShimmyError
+    ch = _open_when_linked(sock, name, mode, capacity, links)
+    if announce:
+        ch.publish(b"announce")
     print("ready", flush=True)
     sys.stdin.readline()      # go
     rng = random.Random(1234)
-    for i in range(n):
-        ch.publish(make_payload(i, rng))
-        if pace and i % 100 == 99:
+    reopened = 0
+    i = 0
+    while i < n:
+        if links and ch._view.retired():
+            ch.close()
+            ch = _open_when_linked(sock, name, mode, capacity, links)
+            reopened += 1
+        try:
+            ch.publish(make_payload(i, rng))
+        except ShimmyError:
+            if not links:
+                raise
+            continue      # retired under us: reopen and publish index i again
+        i += 1
+        if pace and i % 100 == 0:
             time.sleep(pace)
-    print("done", flush=True)
+    print("done", reopened, flush=True)
     sys.stdin.readline()
     ch.close()
 
 
-def worker_sub(sock: str, name: str, n: int, idle: float) -> None:
+def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1) -> None:
     import shimmy
     import shimmy.sdk.channel
     from shimmy.sdk.client import get_client
     deadline = time.monotonic() + 20
-    while True:   # wait until our daemon knows the channel (local, or announced by a peer)
+    while wait_known:   # wait until our daemon knows the channel (local, or announced by a peer)
         reply = get_client(sock).request("list")
-        names = {c["name"] for c in reply["channels"]} | {c["name"] for c in reply.get("remote", [])}
+        names = {c["name"] for c in reply["channels"]}
+        names |= {c["name"] for c in reply.get("remote", []) if c.get("published")}
         if name in names:
             break
         assert time.monotonic() < deadline, f"channel {name} never announced"
         time.sleep(0.05)
     ch = shimmy.Channel(name, daemon=sock)
     sub = ch.subscribe()
-    while sub.status == "down":
+    while wait_known and sub.status == "down":
         assert time.monotonic() < deadline, "mirror link never came up"
         time.sleep(0.02)
     print("ready", sub.status, flush=True)
     got = lost = 0
     prev = None
     first = None
-    errors = []
+    errors: list[str] = []
+    statuses = [sub.status]
+    waited = 0.0
     while True:
         try:
-            msg = sub.receive(timeout=idle)
+            msg = sub.receive(timeout=0.2)
         except TimeoutError:
-            break
+            waited += 0.2
+            if sub.status != statuses[-1]:
+                statuses.append(sub.status)
+            if waited >= idle:
+                break
+            continue
+        waited = 0.0
+        if sub.status != statuses[-1]:
+            statuses.append(sub.status)
         try:
             data = bytes(msg)
         except shimmy.sdk.channel.MessageOverwritten:   # lossy: lapped while we copied it
@@ -108,7 +159,8 @@ def worker_sub(sock: str, name: str, n: int, idle: float) -> None:
         if i == n - 1:
             break
     print(json.dumps({"got": got, "lost": lost, "first": first, "last": prev,
-                      "errors": errors[:5], "status": sub.status}), flush=True)
+                      "errors": errors[:5], "status": sub.status, "statuses": statuses}),
+          flush=True)
 
 
 # -- nodes and processes ------------------------------------------------------------------------------
@@ -468,9 +520,10 @@ def test_ls_shows_where_channels_are_published_and_mirrored(cluster):
 if __name__ == "__main__":
     role, args = sys.argv[1], sys.argv[2:]
     if role == "pub":
-        worker_pub(args[0], args[1], args[2], int(args[3]), float(args[4]), int(args[5]))
+        worker_pub(args[0], args[1], args[2], int(args[3]), float(args[4]),
+                   *(int(x) for x in args[5:]))
     elif role == "sub":
-        worker_sub(args[0], args[1], int(args[2]), float(args[3]))
+        worker_sub(args[0], args[1], int(args[2]), float(args[3]), *(int(x) for x in args[4:]))
 
 
 def test_peers_found_through_dns_discovery(cluster):

@@ -38,6 +38,20 @@ log = logging.getLogger("shimmy.peer")
 fence = ring.fence  # full barrier of the wake-up handshake (docs/ring-format.md)
 
 
+def seed_stream(view: ring.RingView, position: int, seq: int) -> None:
+    """Position a fresh, empty ring's stream at ``position`` (a frame boundary of the stream it
+    continues), with ``seq`` the sequence number of its next message: one zero-payload PAD
+    frame at ``position - 16`` carries ``seq - 1`` and is ``last``, so ``ring.stream_point``
+    (and so a publisher's first frame and every reader's expected number) continue from there.
+    Head, last and tail are stored before any client can map the ring."""
+    q, mv, base, mask = view.q, view.mv, view.data_offset, view.capacity - 1
+    lp = position - HEADER
+    FRAME.pack_into(mv, base + (lp & mask), 0, FLAG_PAD, seq - 1)
+    q[ring.OFF_HEAD // 8] = lp
+    q[ring.OFF_LAST // 8] = lp
+    q[ring.OFF_TAIL // 8] = position
+
+
 class ReplicaViolation(Exception):
     """The source sent something inconsistent with the replica's state."""
 

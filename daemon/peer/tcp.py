@@ -256,12 +256,14 @@ class TcpTransport(Transport):
         self.link = link
         self.mid = mirror_id
         self._credit: int | None = None
+        self.replica_tail = -1       # the replica's committed tail, as its last credit said
         self._closed = False
         link.credit_handlers[mirror_id] = self._on_credit
         self.on_credit: Callable[[int], None] | None = None
 
     def _on_credit(self, consumed: int, replica_tail: int) -> None:
         self._credit = consumed
+        self.replica_tail = replica_tail
         cb = self.on_credit
         if cb is not None:
             cb(consumed)
