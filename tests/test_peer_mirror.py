@@ -49,7 +49,7 @@ def _open_when_linked(sock: str, name: str, mode: str, capacity: int, links: int
     """Open ``name`` once the node's daemon answers and has ``links`` peer links up (after a
     restart of the daemon, the publisher reopens only then; docs/peering.md, restarts)."""
     import shimmy
-    from shimmy.errors import ShimmyError
+    from shimmy.errors import DaemonUnavailable
     from shimmy.sdk.client import DaemonClient
     deadline = time.monotonic() + 60
     while True:
@@ -62,7 +62,7 @@ def _open_when_linked(sock: str, name: str, mode: str, capacity: int, links: int
             if up >= links:
                 return shimmy.Channel(name, daemon=sock, mode=mode, capacity=capacity,
                                       publish_timeout=60)
-        except (ShimmyError, OSError):
+        except (DaemonUnavailable, ConnectionError):
             pass
         assert time.monotonic() < deadline, "daemon never came back"
         time.sleep(0.05)
@@ -101,7 +101,8 @@ def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: i
     ch.close()
 
 
-def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1) -> None:
+def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
+               mode: str = "") -> None:
     import shimmy
     import shimmy.sdk.channel
     from shimmy.sdk.client import get_client
@@ -114,7 +115,7 @@ def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1) -
             break
         assert time.monotonic() < deadline, f"channel {name} never announced"
         time.sleep(0.05)
-    ch = shimmy.Channel(name, daemon=sock)
+    ch = shimmy.Channel(name, daemon=sock, mode=mode or None)
     sub = ch.subscribe()
     while wait_known and sub.status == "down":
         assert time.monotonic() < deadline, "mirror link never came up"
@@ -163,8 +164,24 @@ def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1) -
           flush=True)
 
 
+def worker_sub_mode(sock: str, name: str, mode: str) -> None:
+    """Subscribe to ``name`` opened with ``mode``; report the first status other than local."""
+    import shimmy
+    ch = shimmy.Channel(name, daemon=sock, mode=mode)
+    sub = ch.subscribe()
+    print("ready", sub.status, flush=True)
+    deadline = time.monotonic() + 20
+    while sub.status == "local" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    print("status", sub.status, flush=True)
+
+
 # -- nodes and processes ------------------------------------------------------------------------------
 class Node:
+    """One node: a process holding a private IPC and mount namespace with its own tmpfs on
+    /dev/shm (the "machine"), and a daemon run inside it.  ``stop``/``start`` restart the
+    daemon on the same machine (clients there keep running); ``close`` ends the machine."""
+
     def __init__(self, name: str, key: str, *args: str):
         self.name = name
         self.dir = tempfile.mkdtemp(prefix=f"shimmy-peer-{name}-")
@@ -172,17 +189,24 @@ class Node:
         self.key = key
         self.args = args
         self.proc: subprocess.Popen | None = None
+        self.holder = subprocess.Popen(
+            ["unshare", "--ipc", "--mount", "sh", "-c",
+             "mount -t tmpfs -o size=256m none /dev/shm && echo up && exec sleep 3600"],
+            stdout=subprocess.PIPE, text=True)
+        if self.holder.stdout.readline().strip() != "up":
+            raise RuntimeError(f"node {name}: could not make a private /dev/shm")
+
+    def enter(self) -> list[str]:
+        return ["nsenter", "-t", str(self.holder.pid), "--ipc", "--mount"]
 
     def start(self) -> "Node":
         for p in (self.socket, self.socket + ".session"):
             if os.path.exists(p):
                 os.unlink(p)
-        cmd = (f"mount -t tmpfs -o size=256m none /dev/shm && exec {sys.executable} -m shimmy.cli "
-               f"daemon --socket {self.socket} --node {self.name} --cluster-key-file {self.key} "
-               + " ".join(self.args))
+        cmd = [*self.enter(), sys.executable, "-m", "shimmy.cli", "daemon", "--socket",
+               self.socket, "--node", self.name, "--cluster-key-file", self.key, *self.args]
         log = open(os.path.join(self.dir, "daemon.log"), "ab")
-        self.proc = subprocess.Popen(["unshare", "--ipc", "--mount", "sh", "-c", cmd],
-                                     stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 15
         while not os.path.exists(self.socket + ".session"):
@@ -206,10 +230,18 @@ class Node:
     def peer(self) -> dict:
         return self.stat()["peer"]
 
+    def request(self, op: str, **fields) -> dict:
+        from shimmy.sdk.client import DaemonClient
+        c = DaemonClient(self.socket)
+        try:
+            return c.request(op, **fields)
+        finally:
+            c.close()
+
     def client(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(["nsenter", "-t", str(self.proc.pid), "--ipc", "--mount",
-                                 sys.executable, HERE, *args], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen([*self.enter(), sys.executable, HERE, *args],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
     def stop(self, sig=signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -219,6 +251,24 @@ class Node:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+    def close(self) -> None:
+        self.stop()
+        if self.holder.poll() is None:
+            self.holder.kill()
+            self.holder.wait(10)
+
+
+def wait_for(what: str, cond, timeout: float = 30, interval: float = 0.05):
+    """Poll ``cond()`` until it returns something true; fail naming ``what`` after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
 
 
 def wait_line(proc: subprocess.Popen, want: str, timeout: float = 30) -> str:
@@ -250,23 +300,30 @@ def cluster():
 
     c = types.SimpleNamespace(key=key, dir=keydir)
 
-    def node(name, *args, key_file=None):
-        n = Node(name, key_file or key, "--log-level", "info", *args).start()
+    def node(name, *args, key_file=None, start=True):
+        n = Node(name, key_file or key, "--log-level", "info", *args)
         made.append(n)
-        return n
+        return n.start() if start else n
 
     def client(n, *args):
         p = n.client(*args)
         procs.append(p)
         return p
-    c.node, c.client = node, client
+    def config(name, **settings):
+        """``--config FILE`` setting ``settings`` (numbers and strings) for one node."""
+        path = os.path.join(keydir, f"{name}.toml")
+        with open(path, "w") as fh:
+            for k, v in settings.items():
+                fh.write(f"{k} = {json.dumps(v)}\n")
+        return ["--config", path]
+    c.node, c.client, c.config = node, client, config
     yield c
     for p in procs:
         if p.poll() is None:
             p.kill()
             p.wait(5)
     for n in made:
-        n.stop()
+        n.close()
     for n in made:
         shutil.rmtree(n.dir, ignore_errors=True)
     shutil.rmtree(keydir, ignore_errors=True)
@@ -357,9 +414,9 @@ def test_kill_and_restart_replica_daemon(cluster):
 class Proxy:
     """127.0.0.1 TCP proxy whose live connections the test can cut."""
 
-    def __init__(self, target: int):
+    def __init__(self, target: int, port: int = 0):
         self.target = target
-        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.lsock = socket.create_server(("127.0.0.1", port))
         self.port = self.lsock.getsockname()[1]
         self.conns: list[socket.socket] = []
         self.stopped = False
@@ -483,7 +540,7 @@ def test_bad_peers_are_refused_and_nothing_else_disturbed(cluster):
                 s.sendall(HDR.pack(K_CTRL, 0, 1 << 40, 0, 0, 0))
             else:
                 body = msgpack.packb({"t": "dir", "node": "evil",
-                                      "channels": {"huge": [0, 1 << 40, 0, 0]}})
+                                      "channels": {"huge": [0, 1 << 40, 0, 0, 1, ""]}})
                 s.sendall(HDR.pack(K_CTRL, 0, len(body), 0, 0, 0) + body)
             time.sleep(0.3)
             s.close()
@@ -522,8 +579,11 @@ if __name__ == "__main__":
     if role == "pub":
         worker_pub(args[0], args[1], args[2], int(args[3]), float(args[4]),
                    *(int(x) for x in args[5:]))
+    elif role == "sub_mode":
+        worker_sub_mode(*args)
     elif role == "sub":
-        worker_sub(args[0], args[1], int(args[2]), float(args[3]), *(int(x) for x in args[4:]))
+        worker_sub(args[0], args[1], int(args[2]), float(args[3]), int(args[4]) if args[4:] else 1,
+                   *args[5:])
 
 
 def test_peers_found_through_dns_discovery(cluster):

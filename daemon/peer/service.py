@@ -677,6 +677,18 @@ class PeerService:
             return   # a different channel now: the replicas will see a conflict
         rec = self.d.registry._create(name, ring.MODE_NAMES[e.mode], e.capacity)
         seed_stream(rec.view, e.tail, e.seq)
+        # Hold the stream for every replica from the seeded point until its mirror request
+        # arrives (as for a reconnect, bounded by peer_hold): a reliable publisher that starts
+        # at once must not overwrite what the replicas have not received yet.
+        for rnode, _ in held:
+            try:
+                client = self._next_client
+                slot = self.d.registry.add_subscriber(rec, client, os.getpid(), "next").index
+            except LimitExceeded:
+                break
+            self._next_client -= 1
+            rec.holders.add(client)
+            self.held[(rnode, name)] = HeldSlot(name, client, slot, time.monotonic())
         self.counters["streams_continued"] += 1
         log.info("channel %s: node %s holds its replica up to position %d (seq %d) from before "
                  "this daemon restarted; continuing the stream there", name, node, e.tail, e.seq)
@@ -868,6 +880,7 @@ class PeerService:
                            for e in self.sources.values() if e.name == name]
         if name in self.conflicts:
             desc["conflict"] = self.conflicts[name]
+            desc["node"] += " (conflict: " + self.conflicts[name].split(": ")[0] + ")"
         return desc
 
     def remote_channels(self) -> list[dict]:
