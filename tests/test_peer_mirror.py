@@ -182,16 +182,18 @@ class Node:
     /dev/shm (the "machine"), and a daemon run inside it.  ``stop``/``start`` restart the
     daemon on the same machine (clients there keep running); ``close`` ends the machine."""
 
-    def __init__(self, name: str, key: str, *args: str):
+    def __init__(self, name: str, key: str, *args: str, hosts: str = ""):
         self.name = name
         self.dir = tempfile.mkdtemp(prefix=f"shimmy-peer-{name}-")
         self.socket = os.path.join(self.dir, "shimmyd.sock")
         self.key = key
         self.args = args
         self.proc: subprocess.Popen | None = None
+        # hosts: a file bound over /etc/hosts inside the node (DNS discovery on loopback)
+        setup = f"mount --bind {hosts} /etc/hosts && " if hosts else ""
         self.holder = subprocess.Popen(
             ["unshare", "--ipc", "--mount", "sh", "-c",
-             "mount -t tmpfs -o size=256m none /dev/shm && echo up && exec sleep 3600"],
+             setup + "mount -t tmpfs -o size=256m none /dev/shm && echo up && exec sleep 3600"],
             stdout=subprocess.PIPE, text=True)
         if self.holder.stdout.readline().strip() != "up":
             raise RuntimeError(f"node {name}: could not make a private /dev/shm")
