@@ -28,11 +28,12 @@ import pytest
 
 HERE = os.path.abspath(__file__)
 HAVE_NS = os.geteuid() == 0 and shutil.which("unshare") and shutil.which("nsenter")
-pytestmark = pytest.mark.skipif(not HAVE_NS, reason="needs root, unshare and nsenter "
-                                                     "(a private IPC namespace and /dev/shm per node)")
+pytestmark = pytest.mark.skipif(
+    not HAVE_NS, reason="needs root, unshare and nsenter (a private IPC namespace and /dev/shm "
+                        "per node)")
 
 
-# -- client processes (run inside a node's namespaces) ----------------------------------------------
+# -- client processes (run inside a node's namespaces) ---------------------------------------------
 def make_payload(i: int, rng: random.Random) -> bytes:
     body = rng.randbytes(rng.choice((0, 8, 60, 200, 1000, 3000)))
     head = struct.pack("<Q", i) + body
@@ -152,7 +153,7 @@ def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
         i = check_payload(data)
         if first is None:
             first = i
-        elif i != prev + 1 + msg.lost:   # exact loss accounting: the jump equals msg.lost
+        elif prev is not None and i != prev + 1 + msg.lost:   # exact loss accounting
             errors.append(f"index {i} after {prev} with lost={msg.lost}")
         lost += msg.lost if prev is not None else 0
         prev = i
@@ -176,7 +177,7 @@ def worker_sub_mode(sock: str, name: str, mode: str) -> None:
     print("status", sub.status, flush=True)
 
 
-# -- nodes and processes ------------------------------------------------------------------------------
+# -- nodes and processes ---------------------------------------------------------------------------
 class Node:
     """One node: a process holding a private IPC and mount namespace with its own tmpfs on
     /dev/shm (the "machine"), and a daemon run inside it.  ``stop``/``start`` restart the
@@ -195,8 +196,18 @@ class Node:
             ["unshare", "--ipc", "--mount", "sh", "-c",
              setup + "mount -t tmpfs -o size=256m none /dev/shm && echo up && exec sleep 3600"],
             stdout=subprocess.PIPE, text=True)
+        assert self.holder.stdout is not None
         if self.holder.stdout.readline().strip() != "up":
             raise RuntimeError(f"node {name}: could not make a private /dev/shm")
+
+    @property
+    def pid(self) -> int:
+        """The daemon's pid (the node must be started)."""
+        assert self.proc is not None, f"node {self.name} is not started"
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def enter(self) -> list[str]:
         return ["nsenter", "-t", str(self.holder.pid), "--ipc", "--mount"]
@@ -275,13 +286,16 @@ def wait_for(what: str, cond, timeout: float = 30, interval: float = 0.05):
 
 def wait_line(proc: subprocess.Popen, want: str, timeout: float = 30) -> str:
     result: list[str] = []
-    t = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    out, err = proc.stdout, proc.stderr
+    assert out is not None and err is not None
+    t = threading.Thread(target=lambda: result.append(out.readline()), daemon=True)
     t.start()
     t.join(timeout)
     line = result[0] if result else ""
     if not line.startswith(want):
         proc.kill()
-        raise AssertionError(f"expected {want!r}, got {line!r}; stderr: {proc.stderr.read()[-3000:]}")
+        raise AssertionError(f"expected {want!r}, got {line!r}; "
+                             f"stderr: {err.read()[-3000:]}")
     return line
 
 
@@ -291,8 +305,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def cluster():
+def cluster_nodes():
+    """The ``cluster`` fixture's body (shared with the other test_peer_* files): ``node()``
+    starts a node, ``client()`` a client process in it, ``config()`` a settings file; all are
+    stopped afterwards, by pid."""
     made: list = []
     procs: list[subprocess.Popen] = []
     keydir = tempfile.mkdtemp(prefix="shimmy-key-")
@@ -331,6 +347,11 @@ def cluster():
     shutil.rmtree(keydir, ignore_errors=True)
 
 
+@pytest.fixture
+def cluster():
+    yield from cluster_nodes()
+
+
 def run_stream(c, pub_node, sub_nodes, name, mode, n, pace=0.0, capacity=1 << 20, during=None,
                idle=15.0):
     """Publisher on pub_node, one subscriber per node in sub_nodes; returns their results."""
@@ -362,7 +383,7 @@ def check(result, n, reliable, allow_start_after=False):
         assert result["got"] + result["lost"] == result["last"] - result["first"] + 1, result
 
 
-# -- tests ---------------------------------------------------------------------------------------------
+# -- tests -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["reliable", "lossy"])
 def test_fanout_to_two_nodes_in_order(cluster, mode):
     port = free_port()

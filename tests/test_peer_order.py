@@ -16,11 +16,15 @@ import time
 
 import pytest
 
-from test_peer_mirror import (HAVE_NS, Proxy, check, cluster, free_port, wait_for,  # noqa: F401
-                              wait_line)
+from test_peer_mirror import HAVE_NS, Proxy, check, cluster_nodes, free_port, wait_for, wait_line
 
 pytestmark = pytest.mark.skipif(not HAVE_NS, reason="needs root, unshare and nsenter "
                                                      "(a private IPC namespace and /dev/shm)")
+
+@pytest.fixture
+def cluster():
+    yield from cluster_nodes()
+
 
 CAP = 4 << 20   # holds every message of these streams: nothing is lapped before a mirror starts
 

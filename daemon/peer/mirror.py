@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 import posix_ipc
 
@@ -177,6 +178,7 @@ class MirrorSource:
                     continue
                 off = pos & mask
                 n = tail - pos
+                views: tuple[memoryview, ...]
                 if off + n <= cap:
                     views = (mv[base + off:base + off + n],)
                 else:
@@ -234,7 +236,7 @@ class MirrorReplica(ReplicaSink):
         self.next = self.tail            # where the next put must start
         self.fed = False                 # has a source ever positioned this ring
         self.same_from = 0               # from here on our frame boundaries equal the source's
-        self.on_commit = None            # called after every commit (wakes the credit loop)
+        self.on_commit: Callable[[], None] | None = None   # after every commit (credit loop)
         self.wakeups = ring.Wakeups(view, sem_prefix)
         self.stats = {"bytes": 0, "batches": 0, "messages": 0, "gaps": 0, "gap_bytes": 0,
                       "torn_padded": 0}

@@ -3,12 +3,15 @@
 Threads (all daemon threads, none touches the registry):
 
 * acceptor: accepts on ``peer_listen``; each connection authenticates in its own short-lived
-  thread (at most ``peer_max_pending`` at once, each bounded by ``peer_handshake_timeout``), then
-  that thread becomes the link's reader;
+  thread (each bounded by ``peer_handshake_timeout``; at ``peer_max_pending`` pending, the
+  oldest is cut), then that thread becomes the link's reader;
 * one dialer per ``--peer``: connect, authenticate, read until the link dies, then reconnect with
   capped exponential backoff (``peer_backoff_initial`` doubling up to ``peer_backoff_max``);
 * per link a writer (control messages, keepalives); per mirror source a sender;
 * one credit thread reporting replica consumption back to sources.
+
+The cluster directory (which node holds which name, in what role) is ``directory.py``; this
+module acts on it: replicas, conversions, conflicts, continued streams.
 
 Everything that changes the daemon's books (channels, slots, mirrors) runs on the main thread:
 threads post events on a queue and write a byte to a pipe the main loop polls (``fds``,
@@ -99,7 +102,7 @@ class PeerService:
         self.node = s.node or socket.gethostname()
         self.enabled = bool(s.peer_listen or s.peers or s.peer_dns)
         self.counters = {"auth_failures": 0, "protocol_errors": 0, "refused_sizes": 0,
-                         "refused_busy": 0, "links_accepted": 0, "links_dialed": 0,
+                         "links_accepted": 0, "links_dialed": 0,
                          "reconnects": 0, "mirrors_served": 0, "mirrors_requested": 0,
                          "replica_resets": 0, "rdma_fallbacks": 0, "peers_discovered": 0,
                          "evicted_pending": 0, "duplicate_links": 0, "replicas_converted": 0,
@@ -208,13 +211,15 @@ class PeerService:
         return sock
 
     def _accept_loop(self) -> None:
+        listener = self.listener
+        assert listener is not None
         while not self._stop.is_set():
             try:
-                conn, addr = self.listener.accept()
+                conn, addr = listener.accept()
             except socket.timeout:
                 continue
             except OSError as exc:
-                if self._stop.is_set() or self.listener.fileno() < 0:
+                if self._stop.is_set() or listener.fileno() < 0:
                     return
                 # EMFILE/ENFILE/ENOMEM: log, let handshakes finish and free descriptors, go on.
                 log.warning("peer accept failed: %s; retrying", exc)
@@ -260,7 +265,8 @@ class PeerService:
                 log.info("peer connection %s cut: not authenticated when %d newer connections "
                          "were waiting (peer_max_pending)", who, self.s.peer_max_pending)
             else:
-                self._refused(who, exc if str(exc) else type(exc).__name__, "protocol")
+                self._refused(who, exc if str(exc) else Exception(type(exc).__name__),
+                              "protocol")
             conn.close()
             return
         self._handshake_done(conn)
@@ -298,7 +304,8 @@ class PeerService:
         dialing: set[str] = set()
         while not self._stop.is_set():
             try:
-                found = {ai[4][0] for ai in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)}
+                found = {str(ai[4][0])
+                         for ai in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)}
             except OSError as exc:
                 log.warning("peer discovery: cannot resolve %s: %s", name, exc)
                 found = set()
@@ -429,8 +436,8 @@ class PeerService:
             return   # a duplicate we closed before it was ever used
         if self._kept_link(link.remote) is None:
             self.directory.link_down(link.remote, time.monotonic())
-        for key, entry in list(self.sources.items()):
-            if entry.link is link:
+        for key, src in list(self.sources.items()):
+            if src.link is link:
                 self._stop_source(key, hold=True)
         for entry in self.replicas.values():
             if entry.link is link:
@@ -789,8 +796,8 @@ class PeerService:
         for node in self.directory.expired(now, self.s.peer_forget_after):
             self._forget_node(node)
         self._reconcile()
-        for key, entry in list(self.sources.items()):
-            if entry.source.stopped:
+        for key, src in list(self.sources.items()):
+            if src.source.stopped:
                 self._stop_source(key, hold=True)
         for k, held in list(self.held.items()):
             if now - held.since > self.s.peer_hold:
@@ -949,14 +956,14 @@ class PeerService:
             return
         self._drain()
         self._stop.set()
-        for entry in self.sources.values():
-            entry.source.stop()
+        for src in self.sources.values():
+            src.source.stop()
         if self.listener is not None:
             self.listener.close()
         for link in list(self.links.values()):
             link.close()
-        for entry in self.sources.values():
-            entry.source.thread.join(1.0)
+        for src in self.sources.values():
+            src.source.thread.join(1.0)
         for t in self._threads:
             t.join(0.5)
         for entry in self.replicas.values():

@@ -22,9 +22,10 @@ def run(ctx) -> dict:
         for size in SIZES:
             count = xbench._count_for(size, budget_bytes=budget,
                                       cap=50_000 if ctx.quick else 200_000)
-            for label, fn in (("shimmy (2 daemons)", lambda: xbench.cross_node(size, count, d)),
-                              ("raw TCP 127.0.0.1", lambda: xbench.raw_tcp(size, count)),
-                              ("ZeroMQ tcp PUSH/PULL", lambda: xbench.zmq_tcp(size, count))):
+            for label, fn in (
+                    ("shimmy (2 daemons)", lambda s=size, n=count: xbench.cross_node(s, n, d)),
+                    ("raw TCP 127.0.0.1", lambda s=size, n=count: xbench.raw_tcp(s, n)),
+                    ("ZeroMQ tcp PUSH/PULL", lambda s=size, n=count: xbench.zmq_tcp(s, n))):
                 secs = statistics.median(fn() for _ in range(ctx.reps))
                 results.append({"transport": label, "size": size, "count": count,
                                 "msgs_per_s": count / secs, "mb_per_s": count * size / secs / 1e6})
@@ -32,10 +33,10 @@ def run(ctx) -> dict:
                         f"{count / secs:,.0f} msgs/s")
         rtt = []
         n = 300 if ctx.quick else 2000
-        for label, fn in (("shimmy (2 daemons)", lambda: xbench.cross_node_rtt(64, n, d)),
-                          ("raw TCP 127.0.0.1", lambda: xbench.raw_tcp_rtt(64, n)),
-                          ("ZeroMQ tcp PAIR", lambda: xbench.zmq_tcp_rtt(64, n))):
-            samples = sorted(fn()[n // 10:])            # the first tenth warms up
+        for label, rtt_fn in (("shimmy (2 daemons)", lambda: xbench.cross_node_rtt(64, n, d)),
+                              ("raw TCP 127.0.0.1", lambda: xbench.raw_tcp_rtt(64, n)),
+                              ("ZeroMQ tcp PAIR", lambda: xbench.zmq_tcp_rtt(64, n))):
+            samples = sorted(rtt_fn()[n // 10:])            # the first tenth warms up
             rtt.append({"transport": label, "size": 64, "count": len(samples),
                         "p50_us": samples[len(samples) // 2] / 1e3,
                         "p99_us": samples[int(len(samples) * 0.99)] / 1e3})

@@ -65,7 +65,7 @@ def run(silent: int = 60, garbage: int = 40, seconds: float = 10.0) -> dict:
         out["link_s_quiet"] = _link_time(a, b, 30)
         b.stop()
         time.sleep(0.3)
-        out["before"] = _proc_figures(a.proc.pid)
+        out["before"] = _proc_figures(a.pid)
 
         def garbage_sender():
             rng = random.Random(7)
@@ -90,12 +90,12 @@ def run(silent: int = 60, garbage: int = 40, seconds: float = 10.0) -> dict:
         stop.set()
         for t in senders:
             t.join(5)
-        out["during"] = _proc_figures(a.proc.pid)
+        out["during"] = _proc_figures(a.pid)
         for s in socks:
             s.close()
         time.sleep(1.0)
-        out["after"] = _proc_figures(a.proc.pid)
-        out["daemon_alive"] = a.proc.poll() is None and bool(a.stat())
+        out["after"] = _proc_figures(a.pid)
+        out["daemon_alive"] = a.alive() and bool(a.stat())
         peer = a.peer()
         out["counters"] = {k: peer["counters"][k] for k in (
             "protocol_errors", "evicted_pending", "auth_failures", "links_accepted")}

@@ -109,7 +109,7 @@ def run(n: int = 8, channels: int = 4, idle: float = 10.0) -> dict:
     try:
         live[0].start()
         time.sleep(0.5)
-        rss_alone = _rss_kib(live[0].proc.pid)
+        rss_alone = _rss_kib(live[0].pid)
         for node in live[1:]:
             node.start()
         out["mesh_s"] = round(_wait("full mesh", lambda: all(_links(x) == n - 1 for x in live),
@@ -119,10 +119,10 @@ def run(n: int = 8, channels: int = 4, idle: float = 10.0) -> dict:
         for i, node in enumerate(live):
             name = f"scale/new{i}"
             _open(node, [name])     # returns once the client published and exited
-            times.append(_wait(name, lambda: all(name in _published(x) for x in live), 60))
+            times.append(_wait(name, lambda m=name: all(m in _published(x) for x in live), 60))
         out["visible_s"] = {"median": round(statistics.median(times), 3),
                             "max": round(max(times), 3)}
-        for i, node in enumerate(live):
+        for node in live:
             _open(node, [f"scale/{node.name}/{k}" for k in range(channels - 1)])
         every = set().union(*(_published(x) for x in live))
         out["channels_total"] = len(every)
@@ -143,7 +143,7 @@ def run(n: int = 8, channels: int = 4, idle: float = 10.0) -> dict:
                                "control_msgs_per_s_per_link_each_way":
                                    round(ctrl / nlinks / idle, 3)}
         # memory: a lone daemon vs one in the mesh
-        rss = [_rss_kib(x.proc.pid) for x in live]
+        rss = [_rss_kib(x.pid) for x in live]
         out["memory"] = {"rss_kib_alone": rss_alone,
                          "rss_kib_median_in_mesh": statistics.median(rss),
                          "rss_kib_per_link": round((statistics.median(rss) - rss_alone) / (n - 1)),
@@ -154,7 +154,7 @@ def run(n: int = 8, channels: int = 4, idle: float = 10.0) -> dict:
         ready = time.monotonic() - t0
         out["join_s"] = {"daemon_start_s": round(ready, 3), "learn_all_s": round(_wait(
             "new node learns every channel", lambda: every <= _published(spare), 60), 3)}
-        out["memory"]["rss_kib_new_node_after_join"] = _rss_kib(spare.proc.pid)
+        out["memory"]["rss_kib_new_node_after_join"] = _rss_kib(spare.pid)
         out["memory"]["threads_per_link"] = 2
         # a third of the nodes restart at once
         third = live[1:1 + max(1, n // 3)]
@@ -176,7 +176,7 @@ def run(n: int = 8, channels: int = 4, idle: float = 10.0) -> dict:
                                 "mesh_whole_after_s": round(restart + mesh, 3),
                                 "channels_visible_after_s": round(restart + mesh + seen, 3),
                                 "nodes_still_listing_lost_channels": lingering}
-        out["daemons_alive"] = all(x.proc.poll() is None for x in allnodes)
+        out["daemons_alive"] = all(x.alive() for x in allnodes)
     finally:
         c.close()
     return out
