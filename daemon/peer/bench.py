@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import resource
 import socket
 import statistics
 import struct
@@ -122,9 +123,10 @@ def _shimmy_rx(sock, name, ready_q, res_q, count):
     ready_q.put(1)
     sub.receive(timeout=30)
     t0 = time.perf_counter()
+    c0 = _own_cpu()
     for _ in range(count - 1):
         sub.receive(timeout=30)
-    res_q.put(time.perf_counter() - t0)
+    res_q.put((time.perf_counter() - t0, _own_cpu() - c0))
 
 
 def _shimmy_tx(sock, name, ready_q, go_q, size, count, capacity):
@@ -135,8 +137,23 @@ def _shimmy_tx(sock, name, ready_q, go_q, size, count, capacity):
     ready_q.put(1)
     go_q.get()
     payload = os.urandom(size)
+    c0 = _own_cpu()
     for _ in range(count):
         ch.publish(payload)
+    ready_q.put(_own_cpu() - c0)
+
+
+def _own_cpu() -> float:
+    """CPU seconds (user + system, all threads) of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of another process so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class TwoDaemons:
@@ -163,6 +180,10 @@ class TwoDaemons:
         for p in (self.a, self.b):
             while not os.path.exists(p + ".session"):
                 time.sleep(0.02)
+        self.last_cpu: dict[str, float] = {}   # CPU µs per message of the last cross_node()
+
+    def cpu(self) -> tuple[float, float]:
+        return _proc_cpu(self.procs[0].pid), _proc_cpu(self.procs[1].pid)
 
     def close(self):
         for p in self.procs:
@@ -186,10 +207,16 @@ def cross_node(size: int, count: int, daemons: TwoDaemons | None = None) -> floa
         rx = mp.Process(target=_shimmy_rx, args=(d.b, name, ready_q, res_q, count))
         rx.start()
         ready_q.get(timeout=30)
+        a0, b0 = d.cpu()
         go_q.put(1)
-        dt = res_q.get(timeout=300)
+        dt, rx_cpu = res_q.get(timeout=300)
+        tx_cpu = ready_q.get(timeout=300)
+        a1, b1 = d.cpu()
         tx.join()
         rx.join()
+        per = 1e6 / count
+        d.last_cpu = {"publisher": tx_cpu * per, "daemon_a": (a1 - a0) * per,
+                      "daemon_b": (b1 - b0) * per, "subscriber": rx_cpu * per}
         return dt
     finally:
         if own:

@@ -121,12 +121,12 @@ class MirrorSource:
         q, mv = v.q, v.mv
         cap, base, mask = v.capacity, v.data_offset, v.capacity - 1
         tail_w, head_w, last_w = ring.OFF_TAIL // 8, ring.OFF_HEAD // 8, ring.OFF_LAST // 8
-        unpack = FRAME.unpack_from
         at = ring.waiting_offset(self.slot)
         waiting = mv[at:at + 1]
         sem = posix_ipc.Semaphore(self.sem_name)
         stats = self.stats
         pos = self.pos
+        put_commit = getattr(t, "put_commit", None) if self.reliable else None
         epoch = 0
         try:
             if self.start_seq is not None:
@@ -184,6 +184,16 @@ class MirrorSource:
                 else:
                     first = cap - off
                     views = (mv[base + off:base + cap], mv[base:base + n - first])
+                if put_commit is not None:
+                    # Reliable: our slot keeps the publisher off these bytes, so no seqlock
+                    # check is needed between put and commit: one send for both.  pos moves
+                    # first (a credit for this batch may arrive before the call returns).
+                    pos = self.pos = tail
+                    put_commit(pos - n, views, head, tail, last)
+                    for view in views:
+                        view.release()
+                    self._count(n, last)
+                    continue
                 t.put(pos, views, head)
                 for view in views:
                     view.release()
@@ -200,20 +210,26 @@ class MirrorSource:
                 # this thread runs again, and on_credit refuses credits beyond self.pos.
                 pos = self.pos = tail
                 t.commit(tail, last, pad)
-                stats["bytes"] += n
-                stats["batches"] += 1
-                if last:
-                    seq_end = unpack(mv, base + (last & mask))[2] + 1
-                    if q[head_w] > last:       # overwritten meanwhile (lossy): skip the stat
-                        seq_end = None
-                    elif self._seq_end is not None and seq_end > self._seq_end:
-                        stats["messages"] += seq_end - self._seq_end
-                    if seq_end is not None:
-                        self._seq_end = seq_end
+                self._count(n, last)
         finally:
             waiting[0] = 0
             waiting.release()
             sem.close()
+
+    def _count(self, n: int, last: int) -> None:
+        stats = self.stats
+        stats["bytes"] += n
+        stats["batches"] += 1
+        if last:
+            v = self.v
+            seq_end: int | None = FRAME.unpack_from(v.mv, v.data_offset +
+                                                    (last & (v.capacity - 1)))[2] + 1
+            if v.q[ring.OFF_HEAD // 8] > last:   # overwritten meanwhile (lossy): skip the stat
+                seq_end = None
+            elif self._seq_end is not None and seq_end is not None and seq_end > self._seq_end:
+                stats["messages"] += seq_end - self._seq_end
+            if seq_end is not None:
+                self._seq_end = seq_end
 
     def describe(self) -> dict:
         return {"position": self.pos, "credit": self.credit, "lag_bytes": self.lag(),

@@ -281,6 +281,17 @@ class TcpTransport(Transport):
                        more=True)
         self.link.stats["batches_sent"] += 1
 
+    def put_commit(self, start: int, views, guard: int, tail: int, last: int) -> None:
+        """``put`` then ``commit(tail, last)`` in one ``sendmsg`` (reliable sources, which need
+        no seqlock check between the two; ``MirrorSource`` uses it when a transport has it)."""
+        self._check()
+        total = 0
+        for v in views:
+            total += len(v)
+        self.link.send([HDR.pack(K_PUT, self.mid, start, start + total, guard, 0), *views,
+                        HDR.pack(K_COMMIT, self.mid, tail, last, 0, 0)])
+        self.link.stats["batches_sent"] += 1
+
     def commit(self, tail: int, last: int, pad_until: int = 0) -> None:
         self._check()
         self.link.send([HDR.pack(K_COMMIT, self.mid, tail, last, pad_until, 0)])
