@@ -69,6 +69,19 @@ class Link:
         self.addr = addr
         self.dialed = dialed
         self.tls = isinstance(sock, ssl.SSLSocket)
+        self._recv_flags = 0
+        timeout = sock.gettimeout()
+        if not self.tls and timeout:
+            # The link timeout moves into the kernel (SO_RCVTIMEO/SO_SNDTIMEO) and the socket
+            # blocks: a put's bytes then arrive in one recv (MSG_WAITALL) and a batch leaves in
+            # one sendmsg, each one GIL release, instead of a poll() plus a partial call per
+            # socket-buffer's worth (Python's own timeouts): 1 MiB messages cost the receiving
+            # daemon 273 µs of CPU each that way.
+            tv = struct.pack("ll", int(timeout), int(timeout % 1 * 1e6))
+            sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            self._recv_flags = socket.MSG_WAITALL
         self.max_control = max_control
         self.keepalive = keepalive
         self.lock = threading.Lock()
@@ -157,8 +170,9 @@ class Link:
         sock = self.sock
         n = len(view)
         got = 0
+        flags = self._recv_flags
         while got < n:
-            k = sock.recv_into(view[got:] if got else view)
+            k = sock.recv_into(view[got:] if got else view, 0, flags)
             if k == 0:
                 raise TransportClosed(f"{self.remote} closed the link")
             got += k
