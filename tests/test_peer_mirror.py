@@ -53,6 +53,7 @@ def _open_when_linked(sock: str, name: str, mode: str, capacity: int, links: int
     from shimmy.errors import DaemonUnavailable
     from shimmy.sdk.client import DaemonClient
     deadline = time.monotonic() + 60
+    last: Exception | None = None
     while True:
         try:
             c = DaemonClient(sock)
@@ -63,9 +64,11 @@ def _open_when_linked(sock: str, name: str, mode: str, capacity: int, links: int
             if up >= links:
                 return shimmy.Channel(name, daemon=sock, mode=mode, capacity=capacity,
                                       publish_timeout=60)
-        except (DaemonUnavailable, ConnectionError):
-            pass
-        assert time.monotonic() < deadline, "daemon never came back"
+        except (DaemonUnavailable, ConnectionError) as exc:
+            if repr(exc) != repr(last):
+                print(f"waiting for the daemon: {exc!r}", file=sys.stderr, flush=True)
+            last = exc
+        assert time.monotonic() < deadline, f"daemon never came back: {last}"
         time.sleep(0.05)
 
 
@@ -73,9 +76,10 @@ def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: i
                announce: int = 1, links: int = 0) -> None:
     """Publish ``n`` checksummed messages.  ``announce``: publish one message before "ready"
     (else the publisher is attached but silent).  ``links`` > 0: survive restarts of our daemon
-    by reopening (once it has that many links) and publishing the same index again."""
+    by reopening (once it has that many links) and publishing the same index again; -1: the
+    same, reopening as soon as the daemon answers."""
     from shimmy.errors import ShimmyError
-    ch = _open_when_linked(sock, name, mode, capacity, links)
+    ch = _open_when_linked(sock, name, mode, capacity, max(links, 0))
     if announce:
         ch.publish(b"announce")
     print("ready", flush=True)
@@ -86,7 +90,7 @@ def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: i
     while i < n:
         if links and ch._view.retired():
             ch.close()
-            ch = _open_when_linked(sock, name, mode, capacity, links)
+            ch = _open_when_linked(sock, name, mode, capacity, max(links, 0))
             reopened += 1
         try:
             ch.publish(make_payload(i, rng))
@@ -342,7 +346,11 @@ def cluster_nodes():
             p.wait(5)
     for n in made:
         n.close()
+    keep = os.environ.get("SHIMMY_PEER_TEST_LOGS")   # a folder to keep the daemons' logs in
     for n in made:
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            shutil.copy(os.path.join(n.dir, "daemon.log"), os.path.join(keep, f"{n.name}.log"))
         shutil.rmtree(n.dir, ignore_errors=True)
     shutil.rmtree(keydir, ignore_errors=True)
 
@@ -451,7 +459,11 @@ class Proxy:
                 a, _ = self.lsock.accept()
             except OSError:
                 return
-            b = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                b = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:   # the target is down: the dialer sees the connection close
+                a.close()
+                continue
             self.conns += [a, b]
             for x, y in ((a, b), (b, a)):
                 threading.Thread(target=self._pipe, args=(x, y), daemon=True).start()
@@ -483,6 +495,10 @@ class Proxy:
 
     def close(self):
         self.stopped = True
+        try:
+            self.lsock.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept(); close alone won't
+        except OSError:
+            pass
         self.lsock.close()
         self.cut()
 
@@ -563,7 +579,7 @@ def test_bad_peers_are_refused_and_nothing_else_disturbed(cluster):
                 s.sendall(HDR.pack(K_CTRL, 0, 1 << 40, 0, 0, 0))
             else:
                 body = msgpack.packb({"t": "dir", "node": "evil",
-                                      "channels": {"huge": [0, 1 << 40, 0, 0, 1, ""]}})
+                                      "channels": {"huge": [0, 1 << 40, 0, 0, 1, "", 1]}})
                 s.sendall(HDR.pack(K_CTRL, 0, len(body), 0, 0, 0) + body)
             time.sleep(0.3)
             s.close()

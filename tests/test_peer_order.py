@@ -237,12 +237,61 @@ def test_source_daemon_restart_keeps_subscription(cluster, mode):
     assert a.peer()["counters"]["streams_continued"] == 1
 
 
+@pytest.mark.parametrize("mode", ["reliable", "lossy"])
+def test_source_daemon_restart_publisher_reopens_first(cluster, mode):
+    """Row 8b: as row 8, but A's publisher reopens (and publishes) before B's link to the
+    restarted A is back (the link goes through a proxy held closed meanwhile): A's new ring
+    starts a new stream at position 0; B's replica continues it above its own tail, renumbering
+    its messages after its own.  S keeps its Subscription: every message once and in order
+    (reliable; the graceful restart delivered everything the old ring held), exact ``lost``
+    (lossy)."""
+    port, gate = free_port(), free_port()
+    a = cluster.node("A", "--peer-listen", f"127.0.0.1:{port}")
+    proxy = Proxy(port, gate)
+    b = cluster.node("B", "--peer", f"127.0.0.1:{gate}")
+    wait_for("link", lambda: b.peer()["links"])
+    n = 20_000
+    # 16 MiB: A's new ring holds everything published while B is away (reliable: nothing may
+    # be lost; a wrapped ring would be a counted gap, as for any late mirror)
+    # pace: >= 4 s of stream, so the restart (at 1 s) and the outage land mid-stream
+    p = pub(cluster, a, "o/restart2", mode, n, pace=0.02, links=-1, capacity=16 << 20)
+    wait_line(p, "ready")
+    s_b = sub(cluster, b, "o/restart2", n, idle=30)
+    wait_line(s_b, "ready")
+    go(p)
+    time.sleep(1.0)
+    a.stop(signal.SIGTERM)   # drains its mirror through the proxy
+    proxy.close()            # B cannot reach A again until the proxy reopens
+    a.start()
+    try:
+        wait_for("A's publisher back", lambda: [c for c in a.request("list")["channels"]
+                                                if c["name"] == "o/restart2" and c["tail"] > 0])
+    except AssertionError:
+        dump = subprocess.run([".venv/bin/py-spy", "dump", "-p", str(p.pid)], capture_output=True,
+                              text=True).stdout
+        p.kill()
+        raise AssertionError("publisher: " + p.stderr.read()[-2000:] + dump) from None
+    time.sleep(0.5)
+    proxy = Proxy(port, gate)
+    try:
+        r = result(s_b, timeout=180)
+        finish(p)
+    finally:
+        proxy.close()
+    check(r, n, reliable=mode == "reliable")
+    assert r["last"] == n - 1, r
+    assert "down" in r["statuses"] and r["statuses"][-1] == "up", r
+    (replica,) = b.peer()["replicas"]
+    assert replica["rebases"] == 1 and b.peer()["counters"]["replica_resets"] == 0, replica
+
+
 def test_replica_node_restart(cluster):
     """Row 9: B's daemon restarts (its subscribers go with it: a restart is a clean slate on
     that node); a new subscriber on B gets a fresh replica and the stream from then on."""
     a, b = pair(cluster)
     n = 20_000
-    p = pub(cluster, a, "o/rrestart", "reliable", n, pace=0.01)
+    # pace: >= 4 s of stream, so B's restart and the new subscriber land mid-stream
+    p = pub(cluster, a, "o/rrestart", "reliable", n, pace=0.02)
     wait_line(p, "ready")
     go(p)
     time.sleep(0.5)

@@ -39,9 +39,10 @@ class Entry:
     seq: int
     kind: int
     source: str = ""      # for replicas: the node the channel is published on
+    stream: int = 0       # which stream (one per ring a source created; a continued one keeps it)
 
     def wire(self) -> list:
-        return [self.mode, self.capacity, self.tail, self.seq, self.kind, self.source]
+        return [self.mode, self.capacity, self.tail, self.seq, self.kind, self.source, self.stream]
 
     def shape(self) -> tuple:
         """What matters for routing: everything but the moving tail and sequence number."""
@@ -49,15 +50,15 @@ class Entry:
 
 
 def parse_entry(name, value) -> Entry:
-    if not isinstance(name, str) or not isinstance(value, (list, tuple)) or len(value) != 6:
+    if not isinstance(name, str) or not isinstance(value, (list, tuple)) or len(value) != 7:
         raise BadAnnouncement(f"bad directory entry {name!r}")
-    mode, capacity, tail, seq, kind, source = value
+    mode, capacity, tail, seq, kind, source, stream = value
     if mode not in ring.MODE_NAMES or kind not in KIND_NAMES or not isinstance(source, str) \
             or len(source) > MAX_NODE_NAME or not all(
                 isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                for x in (capacity, tail, seq)):
+                for x in (capacity, tail, seq, stream)):
         raise BadAnnouncement(f"bad directory entry {name!r}")
-    return Entry(mode, capacity, tail, seq, kind, source)
+    return Entry(mode, capacity, tail, seq, kind, source, stream)
 
 
 class Directory:

@@ -61,9 +61,14 @@ class MirrorSource:
     """Streams one local ring to one replica.  Run :meth:`run` in a thread."""
 
     def __init__(self, name: str, view: ring.RingView, slot: int, sem_name: str,
-                 transport: Transport, start: int, start_seq: int | None, resume: int | None):
+                 transport: Transport, start: int, start_seq: int | None, resume: int | None,
+                 origin: tuple[int, int] | None = None):
         self.name = name
         self.v = view
+        # (position, seq) where our stream began, sent first to a replica that is ahead of it
+        # (our daemon restarted): the replica continues our stream from there, so a jump on to
+        # ``start`` counts the messages we no longer hold as lost, exactly.
+        self.origin = origin
         self.slot = slot
         self.sem_name = sem_name
         self.t = transport
@@ -131,7 +136,11 @@ class MirrorSource:
         try:
             if self.start_seq is not None:
                 # Fresh replica, or a hole between what it holds and what we still hold.
-                if self.resume is not None and pos > self.resume:
+                if self.origin is not None and self.origin[0] < pos:
+                    t.jump(*self.origin)
+                    stats["gaps"] += 1
+                    stats["gap_bytes"] += pos - self.origin[0]
+                elif self.resume is not None and pos > self.resume:
                     stats["gaps"] += 1
                     stats["gap_bytes"] += pos - self.resume
                 t.jump(pos, self.start_seq)
@@ -258,11 +267,27 @@ class MirrorReplica(ReplicaSink):
                       "torn_padded": 0}
         self._seq_end: int | None = None
         self.reset_needed = False
+        # After the source's stream restarted below us (its daemon restarted and the publisher
+        # reopened before the replicas' position reached it), the replica continues: source
+        # positions + ``off`` (a multiple of the capacity, so ring offsets stay equal) are ours,
+        # source sequence numbers + ``seq_off`` are ours (frames are renumbered on commit).
+        self.off = 0
+        self.seq_off = 0
+        self.rebases = 0
+
+    @property
+    def source_tail(self) -> int:
+        """Our committed tail in the source's positions (what a mirror request resumes at)."""
+        return self.tail - self.off
 
     # -- ReplicaSink ---------------------------------------------------------------------------
     def put_target(self, start: int, end: int, guard: int) -> list[memoryview]:
         if self.reset_needed:   # being retired: drain the bytes, touch nothing
             return [memoryview(bytearray(min(end - start, self.cap)))] if end > start else []
+        off = self.off
+        start += off
+        end += off
+        guard += off
         if start != self.next:
             raise ReplicaViolation(f"put at {start}, replica expects {self.next}")
         if end - start > self.cap:
@@ -297,12 +322,19 @@ class MirrorReplica(ReplicaSink):
     def commit(self, tail: int, last: int, pad_until: int) -> None:
         if self.reset_needed:
             return
+        off = self.off
+        if off:
+            tail += off
+            last = last + off if last else 0
+            pad_until = pad_until + off if pad_until else 0
         if tail != self.next:
             raise ReplicaViolation(f"commit of tail {tail}, replica has bytes up to {self.next}")
         if pad_until > self.tail:
             self._pad(self.tail, min(pad_until, tail))
             self.same_from = min(pad_until, tail)
             self.stats["torn_padded"] += 1
+        if self.seq_off:
+            self._renumber(self.tail, tail)
         self.stats["bytes"] += tail - self.tail
         self.stats["batches"] += 1
         if last:
@@ -315,15 +347,49 @@ class MirrorReplica(ReplicaSink):
             self.q[ring.OFF_LAST // 8] = last
         self._commit(tail)
 
+    def _renumber(self, start: int, end: int) -> None:
+        """Add ``seq_off`` to the sequence number of every message frame in [start, end) (not
+        yet visible to readers): the source's restarted numbering continues ours."""
+        mv, base, mask, d = self.mv, self.base, self.mask, self.seq_off
+        unpack, pack = FRAME.unpack_from, FRAME.pack_into
+        p = start
+        while p < end:
+            at = base + (p & mask)
+            length, flags, seq = unpack(mv, at)
+            if flags & FLAG_PAD:
+                p += length + HEADER
+            else:
+                pack(mv, at, length, flags, seq + d)
+                p += (length + HEADER + 15) & ~15
+
     def jump(self, position: int, seq: int) -> None:
         """Move head and tail to ``position``, whose next message has sequence ``seq``."""
         if self.reset_needed:
             return
+        if position + self.off < self.next and self._seq_end is not None:
+            # The source's stream restarted below us (its daemon restarted and its publisher
+            # reopened before our position reached the new daemon): positions cannot go back
+            # under live readers, so we continue: a new position offset (a multiple of the
+            # capacity above our tail) and sequence offset (its next message gets our next
+            # number).  What the old source held but never sent is not counted (unknowable).
+            self.rebases += 1
+            self.off = -(-(self.tail - position) // self.cap) * self.cap
+            self.seq_off = self._seq_end - seq
+            log.warning("replica %s: source stream restarted at %d (seq %d) below our tail %d: "
+                        "continuing at %d", self.v.name, position, seq, self.tail,
+                        position + self.off)
+            position += self.off
+            seq += self.seq_off
+            self.next = self.tail
+            if position > self.tail:
+                self._hole(position, seq)
+            else:
+                self.same_from = position
+            return
+        position += self.off
+        seq += self.seq_off
         if position < self.next:
-            # The source's stream restarted below us (its daemon restarted): positions cannot go
-            # back under live readers; the service retires this replica (subscribers see the
-            # channel retired and reopen it).
-            self.reset_needed = True
+            self.reset_needed = True   # nothing to continue from: retire, subscribers reopen
             log.warning("replica %s: source restarted at %d below replica tail %d",
                         self.v.name, position, self.tail)
             return
@@ -333,6 +399,9 @@ class MirrorReplica(ReplicaSink):
         self.fed = True
         if position == self.tail:
             return
+        self._hole(position, seq)
+
+    def _hole(self, position: int, seq: int) -> None:
         old = self.tail
         if position - old > 0xFFFF_FFF0:
             self.reset_needed = True   # a hole beyond one PAD frame's reach: start afresh
@@ -367,6 +436,7 @@ class MirrorReplica(ReplicaSink):
         self._commit(position)
 
     def consumed(self) -> int:
+        """Min position of the ACTIVE subscribers (or our tail), in the source's positions."""
         v, q = self.v, self.q
         low = self.tail
         for slot in range(v.u32[ring.OFF_SLOT_HIGH // 4]):
@@ -374,7 +444,7 @@ class MirrorReplica(ReplicaSink):
                 p = q[v.slot_word(slot)]
                 if p < low:
                     low = p
-        return low
+        return max(low - self.off, 0)
 
     # -- internals -----------------------------------------------------------------------------
     def _pad(self, start: int, end: int) -> None:
@@ -410,5 +480,6 @@ class MirrorReplica(ReplicaSink):
         self.wakeups.close()
 
     def describe(self) -> dict:
-        return {"tail": self.tail, "head": self.head, "consumed": self.consumed(),
-                "lag_bytes": self.tail - self.consumed(), **self.stats}
+        consumed = self.consumed()
+        return {"tail": self.tail, "head": self.head, "consumed": consumed,
+                "lag_bytes": self.source_tail - consumed, "rebases": self.rebases, **self.stats}

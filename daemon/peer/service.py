@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import os
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -43,6 +44,7 @@ log = logging.getLogger("shimmy.peer")
 
 REPLICA_PUBLISHER = -1          # registry publisher id meaning "the daemon (peer module)"
 _MIRROR_CLIENT_BASE = -1000     # registry client ids of mirror source slots: -1000, -1001, ...
+CREDIT_STEP = 4                 # replicas credit their source in steps of capacity / 4
 
 
 def _ip_key(ip: str) -> tuple:
@@ -93,6 +95,7 @@ class ReplicaEntry:
     streams: int = 0
     last_credit: int = -1
     converted: bool = False     # was a local channel waiting for a publisher (resume from 0)
+    stream: int = 0             # the source stream this replica follows (0: none yet)
 
 
 class PeerService:
@@ -110,6 +113,8 @@ class PeerService:
         self.links: dict[int, Link] = {}
         self.directory = Directory()
         self.conflicts: dict[str, str] = {}     # channel name -> what conflicts (ls, logs)
+        self.origins: dict[str, tuple[int, int]] = {}   # continued streams: where they began
+        self.streams: dict[str, tuple[float, int]] = {}  # name -> (ring created, stream id)
         self.sources: dict[tuple[int, int], SourceEntry] = {}
         self.held: dict[tuple[str, str], HeldSlot] = {}
         self.replicas: dict[str, ReplicaEntry] = {}
@@ -374,10 +379,15 @@ class PeerService:
             self._post("link_down", link)
 
     def _credit_loop(self) -> None:
-        """Report each replica's consumed position to its source.  While a replica holds data
-        its subscribers have not consumed, poll every ``peer_credit_interval``; when everything
-        is consumed, sleep until the next replica commit (not a fixed period: a reliable source
-        whose ring is full waits for exactly this credit)."""
+        """Report each replica's consumed position to its source, in steps of a quarter of the
+        ring (``CREDIT_STEP``): a credit for every message would cost a packet and a wake-up
+        of the source's link reader per message (two per round trip).  A source then holds at
+        most a quarter ring of bytes the replica has consumed, which leaves room for the
+        largest message (half the ring), so a reliable publisher never waits on a credit not
+        sent.  While a credit may come due (a quarter ring unconsumed past the last credit),
+        poll every ``peer_credit_interval``; otherwise sleep until a replica commit brings one
+        closer, or 0.25 s, after which the current position is repeated (so a credit the
+        source could not apply never leaves a reliable publisher waiting)."""
         interval = self.s.peer_credit_interval
         refresh = False
         while not self._stop.is_set():
@@ -387,17 +397,15 @@ class PeerService:
                 link = entry.link
                 if entry.state != "streaming" or link is None or link.closed:
                     continue
+                step = entry.sink.cap // CREDIT_STEP
                 c = entry.sink.consumed()
-                if c != entry.last_credit or refresh:
-                    # (refresh: an idle link repeats its credit now and then, so a credit the
-                    # source could not apply never leaves a reliable publisher waiting)
+                if c - entry.last_credit >= step or refresh:
                     entry.last_credit = c
-                    busy = busy or not refresh
                     try:
-                        send_credit(link, entry.mid, c, entry.sink.tail)
+                        send_credit(link, entry.mid, c, entry.sink.source_tail)
                     except TransportClosed:
                         pass
-                elif entry.sink.tail != c:
+                if entry.sink.source_tail - entry.last_credit >= step:
                     busy = True
             if busy:
                 self._stop.wait(interval)
@@ -518,12 +526,21 @@ class PeerService:
         rec.idle_since = None
         head, tail = q[ring.OFF_HEAD // 8], q[ring.OFF_TAIL // 8]
         start_seq = None
+        sid = self._stream_id(rec)
+        if isinstance(resume, int) and resume >= 0 and obj.get("stream") not in (sid, 0):
+            # The replica follows another stream of this name (this daemon restarted and its
+            # ring began again): positions do not match even where they look alike.
+            resume = tail + 1
+        ahead = isinstance(resume, int) and resume > tail
         if not isinstance(resume, int) or resume < 0 or resume > tail:
             resume_pos = None if not isinstance(resume, int) or resume < 0 else resume
-            start, start_seq = ring.stream_point(rec.view)
+            # A fresh replica starts at our tail; one ahead of our stream (this daemon
+            # restarted, the stream began again) has none of it: it gets all we still hold.
+            start, start_seq = ring.stream_point(rec.view, oldest=resume_pos is not None)
             if resume_pos is not None:
                 log.warning("mirror %s to %s: replica at %d is ahead of our tail %d (our stream "
-                            "restarted): it will be reset", name, link.remote, resume, tail)
+                            "restarted): it continues with our oldest message at %d", name,
+                            link.remote, resume, tail, start)
         elif resume < head:
             resume_pos = resume
             start, start_seq = ring.stream_point(rec.view, oldest=True)
@@ -532,19 +549,21 @@ class PeerService:
         else:
             resume_pos = start = resume
         hold_at = start
-        if isinstance(consumed, int) and resume_pos is not None and 0 <= consumed <= start:
+        if isinstance(consumed, int) and resume_pos is not None and not ahead and \
+                0 <= consumed <= start:
             hold_at = consumed
         # SYNC POINT: the mirror's slot position; reliable publishers keep everything from here.
         q[rec.view.slot_word(slot)] = hold_at
         transport = self._make_transport(link, mid, rec)
+        origin = self.origins.get(name, (0, 0)) if ahead else None
         src = MirrorSource(name, rec.view, slot, self.d.segments.sem_prefix(rec.token) + str(slot),
-                           transport, start, start_seq, resume_pos)
+                           transport, start, start_seq, resume_pos, origin)
         src.credit = hold_at
         self.sources[(link.id, mid)] = SourceEntry(link, mid, name, client, slot, src, link.remote)
         self.counters["mirrors_served"] += 1
         link.send_ctrl({"t": "mirror_ok", "id": mid, "start": start,
                         "mode": ring.MODE_NAMES[rec.mode], "capacity": rec.capacity,
-                        "transport": transport.kind})
+                        "transport": transport.kind, "stream": sid})
         log.info("mirror %s -> %s: start=%d resume=%s transport=%s", name, link.remote, start,
                  resume, transport.kind)
         src.start()
@@ -563,6 +582,8 @@ class PeerService:
             if entry.link is link and entry.mid == mid and entry.state == "requested":
                 entry.state = "streaming"
                 entry.streams += 1
+                if isinstance(obj.get("stream"), int):
+                    entry.stream = obj["stream"]
                 entry.sink.set_link(ring.LINK_UP)
                 log.info("replica %s streaming from %s (start=%s)", entry.name, link.remote,
                          obj.get("start"))
@@ -629,12 +650,19 @@ class PeerService:
                     f"here capacity={capacity}")
         return None
 
-    def _make_replica(self, name: str, node: str, rec, converted: bool) -> None:
+    def _make_replica(self, name: str, node: str, rec, converted: bool, stream: int) -> None:
         rec.publisher = REPLICA_PUBLISHER
         sink = MirrorReplica(rec.view, self.d.segments.sem_prefix(rec.token))
-        sink.on_commit = self._credit_wake.set
         sink.set_link(ring.LINK_DOWN)
-        self.replicas[name] = ReplicaEntry(name, node, sink, converted=converted)
+        entry = self.replicas[name] = ReplicaEntry(name, node, sink, converted=converted,
+                                                   stream=stream)
+        step = rec.capacity // CREDIT_STEP
+        wake = self._credit_wake.set
+
+        def on_commit() -> None:   # link reader thread, after each replica commit
+            if sink.source_tail - entry.last_credit >= step:
+                wake()   # a credit may come due: the credit loop starts polling
+        sink.on_commit = on_commit
         if converted:
             # Subscribers here were waiting before the publisher existed: they get the source's
             # stream from its start (or from its oldest message still held, the gap counted).
@@ -663,7 +691,7 @@ class PeerService:
             raise LimitExceeded(f"cannot mirror {name!r}: its capacity {info.capacity} exceeds "
                                 f"this node's max_capacity {self.s.max_capacity}")
         rec = self.d.registry._create(name, ring.MODE_NAMES[info.mode], info.capacity)
-        self._make_replica(name, link.remote, rec, converted=False)
+        self._make_replica(name, link.remote, rec, converted=False, stream=info.stream)
         # Position the replica at the source's tail as last announced, before any subscriber
         # can attach: "next" subscribers then start there with the exact sequence number, and
         # the mirror resumes from it (or reports the gap if the source no longer holds it).
@@ -684,6 +712,8 @@ class PeerService:
             return   # a different channel now: the replicas will see a conflict
         rec = self.d.registry._create(name, ring.MODE_NAMES[e.mode], e.capacity)
         seed_stream(rec.view, e.tail, e.seq)
+        self.origins[name] = (e.tail, e.seq)
+        self.streams[name] = (rec.created, e.stream)   # the same stream, continued
         # Hold the stream for every replica from the seeded point until its mirror request
         # arrives (as for a reconnect, bounded by peer_hold): a reliable publisher that starts
         # at once must not overwrite what the replicas have not received yet.
@@ -725,7 +755,7 @@ class PeerService:
                 found[name] = (f"channel {name!r} is published on node {node!r} but "
                                f"peer_max_replicas ({self.s.peer_max_replicas}) replicas exist")
                 continue
-            self._make_replica(name, node, rec, converted=True)
+            self._make_replica(name, node, rec, converted=True, stream=e.stream)
             log.info("channel %s: publisher appeared on node %s; the local channel is now its "
                      "replica", name, node)
         for name, text in found.items():
@@ -764,8 +794,8 @@ class PeerService:
             sink = entry.sink
             sink.next = sink.tail   # drop any put of an earlier stream that was never committed
             link.sinks[mid] = sink
-            link.send_ctrl({"t": "mirror", "id": mid, "name": entry.name,
-                            "resume": sink.tail if sink.fed else -1,
+            link.send_ctrl({"t": "mirror", "id": mid, "name": entry.name, "stream": entry.stream,
+                            "resume": sink.source_tail if sink.fed else -1,
                             "consumed": sink.consumed() if sink.fed else -1})
             self.counters["mirrors_requested"] += 1
 
@@ -793,6 +823,10 @@ class PeerService:
         if not self.enabled:
             return
         self._announce()
+        for name in self.origins.keys() - self.d.registry.channels.keys():
+            del self.origins[name]   # deleted: a new channel of that name starts at 0
+        for name in self.streams.keys() - self.d.registry.channels.keys():
+            del self.streams[name]
         for node in self.directory.expired(now, self.s.peer_forget_after):
             self._forget_node(node)
         self._reconcile()
@@ -860,15 +894,26 @@ class PeerService:
         entry.sink.close()
         self.replicas.pop(entry.name, None)
 
+    def _stream_id(self, rec) -> int:
+        """The id of the stream ``rec``'s ring holds: new per ring this node creates (random,
+        never 0), kept by a ring that continues replicas' stream after a restart."""
+        known = self.streams.get(rec.name)
+        if known is None or known[0] != rec.created:
+            known = self.streams[rec.name] = (rec.created, secrets.randbits(63) | 1)
+        return known[1]
+
     def _local_directory(self) -> dict[str, Entry]:
         out = {}
         for name, rec in self.d.registry.channels.items():
             tail, seq = ring.stream_point(rec.view)
             entry = self.replicas.get(name)
-            if entry is not None:
-                out[name] = Entry(rec.mode, rec.capacity, tail, seq, REPLICA, entry.node)
+            if entry is not None:   # in the source's positions and numbers (a restart resumes)
+                out[name] = Entry(rec.mode, rec.capacity, max(tail - entry.sink.off, 0),
+                                  max(seq - entry.sink.seq_off, 0), REPLICA, entry.node,
+                                  entry.stream)
             elif rec.publisher is not None or tail:
-                out[name] = Entry(rec.mode, rec.capacity, tail, seq, PUBLISHED)
+                out[name] = Entry(rec.mode, rec.capacity, tail, seq, PUBLISHED, "",
+                                  self._stream_id(rec))
             else:
                 out[name] = Entry(rec.mode, rec.capacity, tail, seq, OPEN)
         return out
