@@ -190,6 +190,33 @@ def test_second_publisher_elsewhere_is_busy(cluster):
     finish(p)
 
 
+def test_two_publishers_before_the_link_is_a_reported_conflict(cluster):
+    """Row 6b: A and B each publish the name while their link is down; when it comes up,
+    neither stream is silently merged or dropped: both daemons report the conflict (``ls``,
+    ``stat``, the log) and both keep their own publisher."""
+    port, gate = free_port(), free_port()
+    a = cluster.node("A", "--peer-listen", f"127.0.0.1:{port}")
+    b = cluster.node("B", "--peer", f"127.0.0.1:{gate}")
+    p_a = pub(cluster, a, "o/twice", "reliable", 10)
+    p_b = pub(cluster, b, "o/twice", "reliable", 10)
+    wait_line(p_a, "ready")
+    wait_line(p_b, "ready")
+    proxy = Proxy(port, gate)
+    try:
+        for node, other in ((a, "B"), (b, "A")):
+            (ch,) = wait_for(f"conflict on {node.name}", lambda n=node: [
+                c for c in n.request("list")["channels"]
+                if c["name"] == "o/twice" and "conflict" in c])
+            assert f"node {other!r}" in ch["conflict"], ch
+            assert ch["publisher"] is not None and "replica" not in ch, ch
+            assert "peer conflict" in node.log()
+    finally:
+        proxy.close()
+    for p in (p_a, p_b):
+        go(p)
+        finish(p)
+
+
 def test_mode_conflict_is_reported(cluster):
     """Row 7: B's subscriber waits on a lossy channel; A publishes the name as reliable: B's
     channel is not split silently: the subscriber's status is 'conflict', ``ls`` and the log
