@@ -89,6 +89,13 @@ class Settings:
     peer_hold: float = _s(10.0, "reliable: keep a disconnected mirror's data this long")
     peer_credit_interval: float = _s(0.0002, "replica reports consumed positions this often")
     peer_unmirror_grace: float = _s(1.0, "mirror stops this long after its last subscriber left")
+    # -- peering: cluster-wide names and restarts (daemon/peer, docs/peering.md) --
+    peer_forget_after: float = _s(60.0, "seconds a peer node may stay without a link before it is "
+                                        "forgotten: its announced channels leave `ls` and its "
+                                        "replicas here become local channels")
+    peer_drain_timeout: float = _s(2.0, "on shutdown, seconds to wait for mirrors to deliver "
+                                        "what their rings still hold, so a graceful restart of a "
+                                        "publishing node loses nothing")
     # -- survival: file descriptors, half-open and silent sessions (docs/daemon.md) --
     nofile_limit: int = _s(65536, "the daemon raises its RLIMIT_NOFILE soft limit to this at "
                                   "start (capped at the hard limit; the figure is logged)")
@@ -196,6 +203,8 @@ class Settings:
                                "authenticated with a shared key")
         if not 0 < self.peer_backoff_initial <= self.peer_backoff_max:
             raise SettingError("need 0 < peer_backoff_initial <= peer_backoff_max")
+        if not self.peer_forget_after > 0 or self.peer_drain_timeout < 0:
+            raise SettingError("need peer_forget_after > 0 and peer_drain_timeout >= 0")
         if self.peer_max_replica_capacity > ring.MAX_CAPACITY:
             raise SettingError(f"peer_max_replica_capacity must be <= {ring.MAX_CAPACITY}")
         if self.metrics_listen:

@@ -604,6 +604,7 @@ class Daemon:
         client = self._client(req)
         rec = self._channel(req)
         self.authorize(client, "publish", rec.name, self.owner(rec.name))
+        self.peer.check_publish(rec)  # one publisher cluster-wide: names the node holding it
         self.registry.grant_publisher(rec, client.id, client.pid or client.claimed_pid)
         return {}
 

@@ -82,7 +82,8 @@ MAX_SUBSCRIBERS_LIMIT = CONTROL_SIZE - OFF_WAITING - 1  # a waiting byte each (+
 LINK_LOCAL = 0
 LINK_UP = 1
 LINK_DOWN = 2
-LINK_NAMES = {LINK_LOCAL: "local", LINK_UP: "up", LINK_DOWN: "down"}
+LINK_CONFLICT = 3  # published elsewhere with another mode/capacity: nothing arrives (peering.md)
+LINK_NAMES = {LINK_LOCAL: "local", LINK_UP: "up", LINK_DOWN: "down", LINK_CONFLICT: "conflict"}
 
 # Slot states (daemon-written).
 SLOT_FREE = 0
@@ -237,7 +238,7 @@ class RingView(SegmentView):
         self.max_subscribers = self.u32[OFF_MAX_SUBS // 4]
 
     def link_state(self) -> str:
-        """'local', 'up' or 'down': the peer link feeding this ring (daemon-written word)."""
+        """'local', 'up', 'down' or 'conflict': the peer link feeding this ring (daemon word)."""
         return LINK_NAMES.get(self.u32[OFF_LINK // 4], "down")
 
     def slot_word(self, slot: int) -> int:

@@ -28,11 +28,12 @@ import pytest
 
 HERE = os.path.abspath(__file__)
 HAVE_NS = os.geteuid() == 0 and shutil.which("unshare") and shutil.which("nsenter")
-pytestmark = pytest.mark.skipif(not HAVE_NS, reason="needs root, unshare and nsenter "
-                                                     "(a private IPC namespace and /dev/shm per node)")
+pytestmark = pytest.mark.skipif(
+    not HAVE_NS, reason="needs root, unshare and nsenter (a private IPC namespace and /dev/shm "
+                        "per node)")
 
 
-# -- client processes (run inside a node's namespaces) ----------------------------------------------
+# -- client processes (run inside a node's namespaces) ---------------------------------------------
 def make_payload(i: int, rng: random.Random) -> bytes:
     body = rng.randbytes(rng.choice((0, 8, 60, 200, 1000, 3000)))
     head = struct.pack("<Q", i) + body
@@ -45,49 +46,105 @@ def check_payload(data: bytes) -> int:
     return struct.unpack("<Q", data[:8])[0]
 
 
-def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: int) -> None:
+def _open_when_linked(sock: str, name: str, mode: str, capacity: int, links: int):
+    """Open ``name`` once the node's daemon answers and has ``links`` peer links up (after a
+    restart of the daemon, the publisher reopens only then; docs/peering.md, restarts)."""
     import shimmy
-    ch = shimmy.Channel(name, daemon=sock, mode=mode, capacity=capacity, publish_timeout=60)
-    ch.publish(b"announce")   # the channel is announced to peers once it has a publisher
+    from shimmy.errors import DaemonUnavailable
+    from shimmy.sdk.client import DaemonClient
+    deadline = time.monotonic() + 60
+    last: Exception | None = None
+    while True:
+        try:
+            c = DaemonClient(sock)
+            try:
+                up = len(c.request("stat")["peer"]["links"])
+            finally:
+                c.close()
+            if up >= links:
+                return shimmy.Channel(name, daemon=sock, mode=mode, capacity=capacity,
+                                      publish_timeout=60)
+        except (DaemonUnavailable, ConnectionError) as exc:
+            if repr(exc) != repr(last):
+                print(f"waiting for the daemon: {exc!r}", file=sys.stderr, flush=True)
+            last = exc
+        assert time.monotonic() < deadline, f"daemon never came back: {last}"
+        time.sleep(0.05)
+
+
+def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: int,
+               announce: int = 1, links: int = 0) -> None:
+    """Publish ``n`` checksummed messages.  ``announce``: publish one message before "ready"
+    (else the publisher is attached but silent).  ``links`` > 0: survive restarts of our daemon
+    by reopening (once it has that many links) and publishing the same index again; -1: the
+    same, reopening as soon as the daemon answers."""
+    from shimmy.errors import ShimmyError
+    ch = _open_when_linked(sock, name, mode, capacity, max(links, 0))
+    if announce:
+        ch.publish(b"announce")
     print("ready", flush=True)
     sys.stdin.readline()      # go
     rng = random.Random(1234)
-    for i in range(n):
-        ch.publish(make_payload(i, rng))
-        if pace and i % 100 == 99:
+    reopened = 0
+    i = 0
+    while i < n:
+        if links and ch._view.retired():
+            ch.close()
+            ch = _open_when_linked(sock, name, mode, capacity, max(links, 0))
+            reopened += 1
+        try:
+            ch.publish(make_payload(i, rng))
+        except ShimmyError:
+            if not links:
+                raise
+            continue      # retired under us: reopen and publish index i again
+        i += 1
+        if pace and i % 100 == 0:
             time.sleep(pace)
-    print("done", flush=True)
+    print("done", reopened, flush=True)
     sys.stdin.readline()
     ch.close()
 
 
-def worker_sub(sock: str, name: str, n: int, idle: float) -> None:
+def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
+               mode: str = "") -> None:
     import shimmy
     import shimmy.sdk.channel
     from shimmy.sdk.client import get_client
     deadline = time.monotonic() + 20
-    while True:   # wait until our daemon knows the channel (local, or announced by a peer)
+    while wait_known:   # wait until our daemon knows the channel (local, or announced by a peer)
         reply = get_client(sock).request("list")
-        names = {c["name"] for c in reply["channels"]} | {c["name"] for c in reply.get("remote", [])}
+        names = {c["name"] for c in reply["channels"]}
+        names |= {c["name"] for c in reply.get("remote", []) if c.get("published")}
         if name in names:
             break
         assert time.monotonic() < deadline, f"channel {name} never announced"
         time.sleep(0.05)
-    ch = shimmy.Channel(name, daemon=sock)
+    ch = shimmy.Channel(name, daemon=sock, mode=mode or None)
     sub = ch.subscribe()
-    while sub.status == "down":
+    while wait_known and sub.status == "down":
         assert time.monotonic() < deadline, "mirror link never came up"
         time.sleep(0.02)
     print("ready", sub.status, flush=True)
     got = lost = 0
     prev = None
     first = None
-    errors = []
+    errors: list[str] = []
+    statuses = [sub.status]
+    waited = 0.0
     while True:
         try:
-            msg = sub.receive(timeout=idle)
+            msg = sub.receive(timeout=0.2)
         except TimeoutError:
-            break
+            waited += 0.2
+            if sub.status != statuses[-1]:
+                statuses.append(sub.status)
+            if waited >= idle:
+                break
+            continue
+        waited = 0.0
+        if sub.status != statuses[-1]:
+            statuses.append(sub.status)
         try:
             data = bytes(msg)
         except shimmy.sdk.channel.MessageOverwritten:   # lossy: lapped while we copied it
@@ -100,7 +157,7 @@ def worker_sub(sock: str, name: str, n: int, idle: float) -> None:
         i = check_payload(data)
         if first is None:
             first = i
-        elif i != prev + 1 + msg.lost:   # exact loss accounting: the jump equals msg.lost
+        elif prev is not None and i != prev + 1 + msg.lost:   # exact loss accounting
             errors.append(f"index {i} after {prev} with lost={msg.lost}")
         lost += msg.lost if prev is not None else 0
         prev = i
@@ -108,29 +165,65 @@ def worker_sub(sock: str, name: str, n: int, idle: float) -> None:
         if i == n - 1:
             break
     print(json.dumps({"got": got, "lost": lost, "first": first, "last": prev,
-                      "errors": errors[:5], "status": sub.status}), flush=True)
+                      "errors": errors[:5], "status": sub.status, "statuses": statuses}),
+          flush=True)
 
 
-# -- nodes and processes ------------------------------------------------------------------------------
+def worker_sub_mode(sock: str, name: str, mode: str) -> None:
+    """Subscribe to ``name`` opened with ``mode``; report the first status other than local."""
+    import shimmy
+    ch = shimmy.Channel(name, daemon=sock, mode=mode)
+    sub = ch.subscribe()
+    print("ready", sub.status, flush=True)
+    deadline = time.monotonic() + 20
+    while sub.status == "local" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    print("status", sub.status, flush=True)
+
+
+# -- nodes and processes ---------------------------------------------------------------------------
 class Node:
-    def __init__(self, name: str, key: str, *args: str):
+    """One node: a process holding a private IPC and mount namespace with its own tmpfs on
+    /dev/shm (the "machine"), and a daemon run inside it.  ``stop``/``start`` restart the
+    daemon on the same machine (clients there keep running); ``close`` ends the machine."""
+
+    def __init__(self, name: str, key: str, *args: str, hosts: str = ""):
         self.name = name
         self.dir = tempfile.mkdtemp(prefix=f"shimmy-peer-{name}-")
         self.socket = os.path.join(self.dir, "shimmyd.sock")
         self.key = key
         self.args = args
         self.proc: subprocess.Popen | None = None
+        # hosts: a file bound over /etc/hosts inside the node (DNS discovery on loopback)
+        setup = f"mount --bind {hosts} /etc/hosts && " if hosts else ""
+        self.holder = subprocess.Popen(
+            ["unshare", "--ipc", "--mount", "sh", "-c",
+             setup + "mount -t tmpfs -o size=256m none /dev/shm && echo up && exec sleep 3600"],
+            stdout=subprocess.PIPE, text=True)
+        assert self.holder.stdout is not None
+        if self.holder.stdout.readline().strip() != "up":
+            raise RuntimeError(f"node {name}: could not make a private /dev/shm")
+
+    @property
+    def pid(self) -> int:
+        """The daemon's pid (the node must be started)."""
+        assert self.proc is not None, f"node {self.name} is not started"
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def enter(self) -> list[str]:
+        return ["nsenter", "-t", str(self.holder.pid), "--ipc", "--mount"]
 
     def start(self) -> "Node":
         for p in (self.socket, self.socket + ".session"):
             if os.path.exists(p):
                 os.unlink(p)
-        cmd = (f"mount -t tmpfs -o size=256m none /dev/shm && exec {sys.executable} -m shimmy.cli "
-               f"daemon --socket {self.socket} --node {self.name} --cluster-key-file {self.key} "
-               + " ".join(self.args))
+        cmd = [*self.enter(), sys.executable, "-m", "shimmy.cli", "daemon", "--socket",
+               self.socket, "--node", self.name, "--cluster-key-file", self.key, *self.args]
         log = open(os.path.join(self.dir, "daemon.log"), "ab")
-        self.proc = subprocess.Popen(["unshare", "--ipc", "--mount", "sh", "-c", cmd],
-                                     stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 15
         while not os.path.exists(self.socket + ".session"):
@@ -154,10 +247,18 @@ class Node:
     def peer(self) -> dict:
         return self.stat()["peer"]
 
+    def request(self, op: str, **fields) -> dict:
+        from shimmy.sdk.client import DaemonClient
+        c = DaemonClient(self.socket)
+        try:
+            return c.request(op, **fields)
+        finally:
+            c.close()
+
     def client(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(["nsenter", "-t", str(self.proc.pid), "--ipc", "--mount",
-                                 sys.executable, HERE, *args], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen([*self.enter(), sys.executable, HERE, *args],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
     def stop(self, sig=signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -168,16 +269,37 @@ class Node:
                 self.proc.kill()
                 self.proc.wait(10)
 
+    def close(self) -> None:
+        self.stop()
+        if self.holder.poll() is None:
+            self.holder.kill()
+            self.holder.wait(10)
+
+
+def wait_for(what: str, cond, timeout: float = 30, interval: float = 0.05):
+    """Poll ``cond()`` until it returns something true; fail naming ``what`` after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
 
 def wait_line(proc: subprocess.Popen, want: str, timeout: float = 30) -> str:
     result: list[str] = []
-    t = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    out, err = proc.stdout, proc.stderr
+    assert out is not None and err is not None
+    t = threading.Thread(target=lambda: result.append(out.readline()), daemon=True)
     t.start()
     t.join(timeout)
     line = result[0] if result else ""
     if not line.startswith(want):
         proc.kill()
-        raise AssertionError(f"expected {want!r}, got {line!r}; stderr: {proc.stderr.read()[-3000:]}")
+        raise AssertionError(f"expected {want!r}, got {line!r}; "
+                             f"stderr: {err.read()[-3000:]}")
     return line
 
 
@@ -187,8 +309,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def cluster():
+def cluster_nodes():
+    """The ``cluster`` fixture's body (shared with the other test_peer_* files): ``node()``
+    starts a node, ``client()`` a client process in it, ``config()`` a settings file; all are
+    stopped afterwards, by pid."""
     made: list = []
     procs: list[subprocess.Popen] = []
     keydir = tempfile.mkdtemp(prefix="shimmy-key-")
@@ -198,26 +322,42 @@ def cluster():
 
     c = types.SimpleNamespace(key=key, dir=keydir)
 
-    def node(name, *args, key_file=None):
-        n = Node(name, key_file or key, "--log-level", "info", *args).start()
+    def node(name, *args, key_file=None, start=True):
+        n = Node(name, key_file or key, "--log-level", "info", *args)
         made.append(n)
-        return n
+        return n.start() if start else n
 
     def client(n, *args):
         p = n.client(*args)
         procs.append(p)
         return p
-    c.node, c.client = node, client
+    def config(name, **settings):
+        """``--config FILE`` setting ``settings`` (numbers and strings) for one node."""
+        path = os.path.join(keydir, f"{name}.toml")
+        with open(path, "w") as fh:
+            for k, v in settings.items():
+                fh.write(f"{k} = {json.dumps(v)}\n")
+        return ["--config", path]
+    c.node, c.client, c.config = node, client, config
     yield c
     for p in procs:
         if p.poll() is None:
             p.kill()
             p.wait(5)
     for n in made:
-        n.stop()
+        n.close()
+    keep = os.environ.get("SHIMMY_PEER_TEST_LOGS")   # a folder to keep the daemons' logs in
     for n in made:
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            shutil.copy(os.path.join(n.dir, "daemon.log"), os.path.join(keep, f"{n.name}.log"))
         shutil.rmtree(n.dir, ignore_errors=True)
     shutil.rmtree(keydir, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster():
+    yield from cluster_nodes()
 
 
 def run_stream(c, pub_node, sub_nodes, name, mode, n, pace=0.0, capacity=1 << 20, during=None,
@@ -251,7 +391,7 @@ def check(result, n, reliable, allow_start_after=False):
         assert result["got"] + result["lost"] == result["last"] - result["first"] + 1, result
 
 
-# -- tests ---------------------------------------------------------------------------------------------
+# -- tests -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["reliable", "lossy"])
 def test_fanout_to_two_nodes_in_order(cluster, mode):
     port = free_port()
@@ -305,9 +445,9 @@ def test_kill_and_restart_replica_daemon(cluster):
 class Proxy:
     """127.0.0.1 TCP proxy whose live connections the test can cut."""
 
-    def __init__(self, target: int):
+    def __init__(self, target: int, port: int = 0):
         self.target = target
-        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.lsock = socket.create_server(("127.0.0.1", port))
         self.port = self.lsock.getsockname()[1]
         self.conns: list[socket.socket] = []
         self.stopped = False
@@ -319,7 +459,11 @@ class Proxy:
                 a, _ = self.lsock.accept()
             except OSError:
                 return
-            b = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                b = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:   # the target is down: the dialer sees the connection close
+                a.close()
+                continue
             self.conns += [a, b]
             for x, y in ((a, b), (b, a)):
                 threading.Thread(target=self._pipe, args=(x, y), daemon=True).start()
@@ -351,6 +495,10 @@ class Proxy:
 
     def close(self):
         self.stopped = True
+        try:
+            self.lsock.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept(); close alone won't
+        except OSError:
+            pass
         self.lsock.close()
         self.cut()
 
@@ -431,7 +579,7 @@ def test_bad_peers_are_refused_and_nothing_else_disturbed(cluster):
                 s.sendall(HDR.pack(K_CTRL, 0, 1 << 40, 0, 0, 0))
             else:
                 body = msgpack.packb({"t": "dir", "node": "evil",
-                                      "channels": {"huge": [0, 1 << 40, 0, 0]}})
+                                      "channels": {"huge": [0, 1 << 40, 0, 0, 1, "", 1]}})
                 s.sendall(HDR.pack(K_CTRL, 0, len(body), 0, 0, 0) + body)
             time.sleep(0.3)
             s.close()
@@ -468,9 +616,13 @@ def test_ls_shows_where_channels_are_published_and_mirrored(cluster):
 if __name__ == "__main__":
     role, args = sys.argv[1], sys.argv[2:]
     if role == "pub":
-        worker_pub(args[0], args[1], args[2], int(args[3]), float(args[4]), int(args[5]))
+        worker_pub(args[0], args[1], args[2], int(args[3]), float(args[4]),
+                   *(int(x) for x in args[5:]))
+    elif role == "sub_mode":
+        worker_sub_mode(*args)
     elif role == "sub":
-        worker_sub(args[0], args[1], int(args[2]), float(args[3]))
+        worker_sub(args[0], args[1], int(args[2]), float(args[3]), int(args[4]) if args[4:] else 1,
+                   *args[5:])
 
 
 def test_peers_found_through_dns_discovery(cluster):

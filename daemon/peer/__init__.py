@@ -7,5 +7,6 @@ rings on other nodes (docs/peering.md).
 * ``rdma``: the pyverbs transport (RDMA WRITE + WRITE_WITH_IMM) with TCP fallback;
 * ``auth``: mutual HMAC challenge-response on the cluster key, optional TLS;
 * ``mirror``: the transport-independent source and replica halves of one mirror;
-* ``service``: ``PeerService``, what the daemon drives (links, interest, routing, metrics).
+* ``directory``: the cluster directory (which node holds which channel name, in what role);
+* ``service``: ``PeerService``, what the daemon drives (links, replicas, routing, metrics).
 """

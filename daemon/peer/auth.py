@@ -5,7 +5,8 @@ key by a MAC over both nonces and both node names, with a role byte so a reflect
 useless::
 
     dialer   -> HELLO(magic, version, nonce_d, name_d)
-    listener -> HELLO(magic, version, nonce_l, name_l) + HMAC(key, "L" nonce_d nonce_l name_d name_l)
+    listener -> HELLO(magic, version, nonce_l, name_l)
+                + HMAC(key, "L" nonce_d nonce_l name_d name_l)
     dialer   -> HMAC(key, "D" nonce_l nonce_d name_l name_d)        (after checking the listener)
     listener -> b"\\x01"                                               (after checking the dialer)
 
@@ -115,7 +116,8 @@ def accept_handshake(sock: socket.socket, key: bytes, node: str) -> str:
     return name_d.decode(errors="replace")
 
 
-def tls_contexts(cert: str, key: str, ca: str) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+def tls_contexts(cert: str, key: str,
+                 ca: str) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
     """(server, client) TLS contexts, or (None, None) when TLS is off."""
     if not cert:
         return None, None

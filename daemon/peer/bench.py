@@ -2,8 +2,9 @@
 tcp carrying the same messages.  Reusable by shimmy/bench:
 
     from shimmy.daemon.peer.bench import cross_node, compare
-    cross_node(size=64, count=200_000)          -> {"msgs_per_s", "mb_per_s", "seconds"}
-    compare(sizes=(64, 65536, 1 << 20), repeat=3) -> {size: {"shimmy": .., "raw_tcp": .., "zmq": ..}}
+    cross_node(size=64, count=200_000)   -> seconds
+    compare(sizes=(64, 65536, 1 << 20), repeat=3)
+        -> {size: {"shimmy": .., "raw_tcp": .., "zmq": ..}}
 
 Each side runs in its own process (publisher/sender, subscriber/receiver); the two daemons are
 real ``shimmy daemon`` subprocesses with their own sockets (distinct shm prefixes), peered over
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import resource
 import socket
 import statistics
 import struct
@@ -42,12 +44,12 @@ def _raw_rx(port_q, res_q, size, count):
     c, _ = ls.accept()
     buf = bytearray(max(size, 1) + 4)
     hv = memoryview(buf)
-    t0 = None
-    for _ in range(count):
+    t0 = 0.0
+    for i in range(count):
         _recv_exact(c, hv[:4])
         n = struct.unpack_from("<I", buf)[0]
         _recv_exact(c, hv[4:4 + n])
-        if t0 is None:
+        if i == 0:
             t0 = time.perf_counter()
     res_q.put(time.perf_counter() - t0)
 
@@ -64,13 +66,15 @@ def _raw_tx(port, size, count):
 
 def _one_way(rx_target, rx_args, tx_target, tx_args) -> float:
     """Receiver first (it reports its port), then the sender; seconds the receiver measured."""
-    port_q, res_q = mp.Queue(), mp.Queue()
+    port_q: mp.Queue = mp.Queue()
+    res_q: mp.Queue = mp.Queue()
     rx = mp.Process(target=rx_target, args=(port_q, res_q, *rx_args))
     rx.start()
     tx = mp.Process(target=tx_target, args=(port_q.get(timeout=30), *tx_args))
     tx.start()
     dt = res_q.get(timeout=300)
-    tx.join(), rx.join()
+    tx.join()
+    rx.join()
     return dt
 
 
@@ -119,9 +123,10 @@ def _shimmy_rx(sock, name, ready_q, res_q, count):
     ready_q.put(1)
     sub.receive(timeout=30)
     t0 = time.perf_counter()
+    c0 = _own_cpu()
     for _ in range(count - 1):
         sub.receive(timeout=30)
-    res_q.put(time.perf_counter() - t0)
+    res_q.put((time.perf_counter() - t0, _own_cpu() - c0))
 
 
 def _shimmy_tx(sock, name, ready_q, go_q, size, count, capacity):
@@ -132,8 +137,23 @@ def _shimmy_tx(sock, name, ready_q, go_q, size, count, capacity):
     ready_q.put(1)
     go_q.get()
     payload = os.urandom(size)
+    c0 = _own_cpu()
     for _ in range(count):
         ch.publish(payload)
+    ready_q.put(_own_cpu() - c0)
+
+
+def _own_cpu() -> float:
+    """CPU seconds (user + system, all threads) of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of another process so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class TwoDaemons:
@@ -160,6 +180,10 @@ class TwoDaemons:
         for p in (self.a, self.b):
             while not os.path.exists(p + ".session"):
                 time.sleep(0.02)
+        self.last_cpu: dict[str, float] = {}   # CPU µs per message of the last cross_node()
+
+    def cpu(self) -> tuple[float, float]:
+        return _proc_cpu(self.procs[0].pid), _proc_cpu(self.procs[1].pid)
 
     def close(self):
         for p in self.procs:
@@ -174,16 +198,25 @@ def cross_node(size: int, count: int, daemons: TwoDaemons | None = None) -> floa
     name = f"xbench/{size}/{time.monotonic_ns()}"
     capacity = 1 << max(22, (size * 8 - 1).bit_length())
     try:
-        ready_q, go_q, res_q = mp.Queue(), mp.Queue(), mp.Queue()
+        ready_q: mp.Queue = mp.Queue()
+        go_q: mp.Queue = mp.Queue()
+        res_q: mp.Queue = mp.Queue()
         tx = mp.Process(target=_shimmy_tx, args=(d.a, name, ready_q, go_q, size, count, capacity))
         tx.start()
         ready_q.get(timeout=30)
         rx = mp.Process(target=_shimmy_rx, args=(d.b, name, ready_q, res_q, count))
         rx.start()
         ready_q.get(timeout=30)
+        a0, b0 = d.cpu()
         go_q.put(1)
-        dt = res_q.get(timeout=300)
-        tx.join(), rx.join()
+        dt, rx_cpu = res_q.get(timeout=300)
+        tx_cpu = ready_q.get(timeout=300)
+        a1, b1 = d.cpu()
+        tx.join()
+        rx.join()
+        per = 1e6 / count
+        d.last_cpu = {"publisher": tx_cpu * per, "daemon_a": (a1 - a0) * per,
+                      "daemon_b": (b1 - b0) * per, "subscriber": rx_cpu * per}
         return dt
     finally:
         if own:
@@ -233,16 +266,23 @@ def _rtt_side(sock, mine, theirs, size, count, ready, go, res_q):
 def cross_node_rtt(size: int, count: int, daemons: TwoDaemons) -> list[int]:
     """Round trips (ns) of ``size``-byte pings: A -> mirror -> B -> mirror -> A."""
     tag = f"{size}/{time.monotonic_ns()}"
-    ready, go_a, go_b, res_q = mp.Queue(), mp.Queue(), mp.Queue(), mp.Queue()
+    ready: mp.Queue = mp.Queue()
+    go_a: mp.Queue = mp.Queue()
+    go_b: mp.Queue = mp.Queue()
+    res_q: mp.Queue = mp.Queue()
     a = mp.Process(target=_rtt_side, args=(daemons.a, f"xrtt/ping/{tag}", f"xrtt/pong/{tag}",
                                            size, count, ready, go_a, res_q))
     b = mp.Process(target=_rtt_side, args=(daemons.b, f"xrtt/pong/{tag}", f"xrtt/ping/{tag}",
                                            size, count, ready, go_b, None))
-    a.start(), b.start()
-    ready.get(timeout=60), ready.get(timeout=60)
-    go_b.put(1), go_a.put(1)
+    a.start()
+    b.start()
+    ready.get(timeout=60)
+    ready.get(timeout=60)
+    go_b.put(1)
+    go_a.put(1)
     samples = res_q.get(timeout=300)
-    a.join(30), b.join(30)
+    a.join(30)
+    b.join(30)
     return samples
 
 
@@ -258,7 +298,7 @@ def _tcp_echo(port_q, size, count):
 
 
 def raw_tcp_rtt(size: int, count: int) -> list[int]:
-    port_q = mp.Queue()
+    port_q: mp.Queue = mp.Queue()
     srv = mp.Process(target=_tcp_echo, args=(port_q, size, count))
     srv.start()
     s = socket.create_connection(("127.0.0.1", port_q.get(timeout=30)))
@@ -288,7 +328,7 @@ def _zmq_echo(port_q, count):
 
 def zmq_tcp_rtt(size: int, count: int) -> list[int]:
     import zmq
-    port_q = mp.Queue()
+    port_q: mp.Queue = mp.Queue()
     srv = mp.Process(target=_zmq_echo, args=(port_q, count))
     srv.start()
     ctx = zmq.Context()
@@ -316,13 +356,13 @@ def compare(sizes=(64, 65536, 1 << 20), repeat=3) -> dict:
         for size in sizes:
             count = _count_for(size)
             row = {}
-            for label, fn in (("shimmy", lambda: cross_node(size, count, d)),
-                              ("raw_tcp", lambda: raw_tcp(size, count)),
-                              ("zmq", lambda: zmq_tcp(size, count))):
+            for label, fn in (("shimmy", lambda s=size, n=count: cross_node(s, n, d)),
+                              ("raw_tcp", lambda s=size, n=count: raw_tcp(s, n)),
+                              ("zmq", lambda s=size, n=count: zmq_tcp(s, n))):
                 dts = [fn() for _ in range(repeat)]
                 dt = statistics.median(dts)
-                row[label] = {"msgs_per_s": round(count / dt), "mb_per_s": round(count * size / dt / 1e6, 1),
-                              "count": count}
+                row[label] = {"msgs_per_s": round(count / dt),
+                              "mb_per_s": round(count * size / dt / 1e6, 1), "count": count}
             out[size] = row
     finally:
         d.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 import posix_ipc
 
@@ -38,6 +39,20 @@ log = logging.getLogger("shimmy.peer")
 fence = ring.fence  # full barrier of the wake-up handshake (docs/ring-format.md)
 
 
+def seed_stream(view: ring.RingView, position: int, seq: int) -> None:
+    """Position a fresh, empty ring's stream at ``position`` (a frame boundary of the stream it
+    continues), with ``seq`` the sequence number of its next message: one zero-payload PAD
+    frame at ``position - 16`` carries ``seq - 1`` and is ``last``, so ``ring.stream_point``
+    (and so a publisher's first frame and every reader's expected number) continue from there.
+    Head, last and tail are stored before any client can map the ring."""
+    q, mv, base, mask = view.q, view.mv, view.data_offset, view.capacity - 1
+    lp = position - HEADER
+    FRAME.pack_into(mv, base + (lp & mask), 0, FLAG_PAD, seq - 1)
+    q[ring.OFF_HEAD // 8] = lp
+    q[ring.OFF_LAST // 8] = lp
+    q[ring.OFF_TAIL // 8] = position
+
+
 class ReplicaViolation(Exception):
     """The source sent something inconsistent with the replica's state."""
 
@@ -46,9 +61,14 @@ class MirrorSource:
     """Streams one local ring to one replica.  Run :meth:`run` in a thread."""
 
     def __init__(self, name: str, view: ring.RingView, slot: int, sem_name: str,
-                 transport: Transport, start: int, start_seq: int | None, resume: int | None):
+                 transport: Transport, start: int, start_seq: int | None, resume: int | None,
+                 origin: tuple[int, int] | None = None):
         self.name = name
         self.v = view
+        # (position, seq) where our stream began, sent first to a replica that is ahead of it
+        # (our daemon restarted): the replica continues our stream from there, so a jump on to
+        # ``start`` counts the messages we no longer hold as lost, exactly.
+        self.origin = origin
         self.slot = slot
         self.sem_name = sem_name
         self.t = transport
@@ -106,17 +126,21 @@ class MirrorSource:
         q, mv = v.q, v.mv
         cap, base, mask = v.capacity, v.data_offset, v.capacity - 1
         tail_w, head_w, last_w = ring.OFF_TAIL // 8, ring.OFF_HEAD // 8, ring.OFF_LAST // 8
-        unpack = FRAME.unpack_from
         at = ring.waiting_offset(self.slot)
         waiting = mv[at:at + 1]
         sem = posix_ipc.Semaphore(self.sem_name)
         stats = self.stats
         pos = self.pos
+        put_commit = getattr(t, "put_commit", None) if self.reliable else None
         epoch = 0
         try:
             if self.start_seq is not None:
                 # Fresh replica, or a hole between what it holds and what we still hold.
-                if self.resume is not None and pos > self.resume:
+                if self.origin is not None and self.origin[0] < pos:
+                    t.jump(*self.origin)
+                    stats["gaps"] += 1
+                    stats["gap_bytes"] += pos - self.origin[0]
+                elif self.resume is not None and pos > self.resume:
                     stats["gaps"] += 1
                     stats["gap_bytes"] += pos - self.resume
                 t.jump(pos, self.start_seq)
@@ -163,11 +187,22 @@ class MirrorSource:
                     continue
                 off = pos & mask
                 n = tail - pos
+                views: tuple[memoryview, ...]
                 if off + n <= cap:
                     views = (mv[base + off:base + off + n],)
                 else:
                     first = cap - off
                     views = (mv[base + off:base + cap], mv[base:base + n - first])
+                if put_commit is not None:
+                    # Reliable: our slot keeps the publisher off these bytes, so no seqlock
+                    # check is needed between put and commit: one send for both.  pos moves
+                    # first (a credit for this batch may arrive before the call returns).
+                    pos = self.pos = tail
+                    put_commit(pos - n, views, head, tail, last)
+                    for view in views:
+                        view.release()
+                    self._count(n, last)
+                    continue
                 t.put(pos, views, head)
                 for view in views:
                     view.release()
@@ -184,20 +219,26 @@ class MirrorSource:
                 # this thread runs again, and on_credit refuses credits beyond self.pos.
                 pos = self.pos = tail
                 t.commit(tail, last, pad)
-                stats["bytes"] += n
-                stats["batches"] += 1
-                if last:
-                    seq_end = unpack(mv, base + (last & mask))[2] + 1
-                    if q[head_w] > last:       # overwritten meanwhile (lossy): skip the stat
-                        seq_end = None
-                    elif self._seq_end is not None and seq_end > self._seq_end:
-                        stats["messages"] += seq_end - self._seq_end
-                    if seq_end is not None:
-                        self._seq_end = seq_end
+                self._count(n, last)
         finally:
             waiting[0] = 0
             waiting.release()
             sem.close()
+
+    def _count(self, n: int, last: int) -> None:
+        stats = self.stats
+        stats["bytes"] += n
+        stats["batches"] += 1
+        if last:
+            v = self.v
+            seq_end: int | None = FRAME.unpack_from(v.mv, v.data_offset +
+                                                    (last & (v.capacity - 1)))[2] + 1
+            if v.q[ring.OFF_HEAD // 8] > last:   # overwritten meanwhile (lossy): skip the stat
+                seq_end = None
+            elif self._seq_end is not None and seq_end is not None and seq_end > self._seq_end:
+                stats["messages"] += seq_end - self._seq_end
+            if seq_end is not None:
+                self._seq_end = seq_end
 
     def describe(self) -> dict:
         return {"position": self.pos, "credit": self.credit, "lag_bytes": self.lag(),
@@ -220,17 +261,33 @@ class MirrorReplica(ReplicaSink):
         self.next = self.tail            # where the next put must start
         self.fed = False                 # has a source ever positioned this ring
         self.same_from = 0               # from here on our frame boundaries equal the source's
-        self.on_commit = None            # called after every commit (wakes the credit loop)
+        self.on_commit: Callable[[], None] | None = None   # after every commit (credit loop)
         self.wakeups = ring.Wakeups(view, sem_prefix)
         self.stats = {"bytes": 0, "batches": 0, "messages": 0, "gaps": 0, "gap_bytes": 0,
                       "torn_padded": 0}
         self._seq_end: int | None = None
         self.reset_needed = False
+        # After the source's stream restarted below us (its daemon restarted and the publisher
+        # reopened before the replicas' position reached it), the replica continues: source
+        # positions + ``off`` (a multiple of the capacity, so ring offsets stay equal) are ours,
+        # source sequence numbers + ``seq_off`` are ours (frames are renumbered on commit).
+        self.off = 0
+        self.seq_off = 0
+        self.rebases = 0
+
+    @property
+    def source_tail(self) -> int:
+        """Our committed tail in the source's positions (what a mirror request resumes at)."""
+        return self.tail - self.off
 
     # -- ReplicaSink ---------------------------------------------------------------------------
     def put_target(self, start: int, end: int, guard: int) -> list[memoryview]:
         if self.reset_needed:   # being retired: drain the bytes, touch nothing
             return [memoryview(bytearray(min(end - start, self.cap)))] if end > start else []
+        off = self.off
+        start += off
+        end += off
+        guard += off
         if start != self.next:
             raise ReplicaViolation(f"put at {start}, replica expects {self.next}")
         if end - start > self.cap:
@@ -265,12 +322,19 @@ class MirrorReplica(ReplicaSink):
     def commit(self, tail: int, last: int, pad_until: int) -> None:
         if self.reset_needed:
             return
+        off = self.off
+        if off:
+            tail += off
+            last = last + off if last else 0
+            pad_until = pad_until + off if pad_until else 0
         if tail != self.next:
             raise ReplicaViolation(f"commit of tail {tail}, replica has bytes up to {self.next}")
         if pad_until > self.tail:
             self._pad(self.tail, min(pad_until, tail))
             self.same_from = min(pad_until, tail)
             self.stats["torn_padded"] += 1
+        if self.seq_off:
+            self._renumber(self.tail, tail)
         self.stats["bytes"] += tail - self.tail
         self.stats["batches"] += 1
         if last:
@@ -283,15 +347,49 @@ class MirrorReplica(ReplicaSink):
             self.q[ring.OFF_LAST // 8] = last
         self._commit(tail)
 
+    def _renumber(self, start: int, end: int) -> None:
+        """Add ``seq_off`` to the sequence number of every message frame in [start, end) (not
+        yet visible to readers): the source's restarted numbering continues ours."""
+        mv, base, mask, d = self.mv, self.base, self.mask, self.seq_off
+        unpack, pack = FRAME.unpack_from, FRAME.pack_into
+        p = start
+        while p < end:
+            at = base + (p & mask)
+            length, flags, seq = unpack(mv, at)
+            if flags & FLAG_PAD:
+                p += length + HEADER
+            else:
+                pack(mv, at, length, flags, seq + d)
+                p += (length + HEADER + 15) & ~15
+
     def jump(self, position: int, seq: int) -> None:
         """Move head and tail to ``position``, whose next message has sequence ``seq``."""
         if self.reset_needed:
             return
+        if position + self.off < self.next and self._seq_end is not None:
+            # The source's stream restarted below us (its daemon restarted and its publisher
+            # reopened before our position reached the new daemon): positions cannot go back
+            # under live readers, so we continue: a new position offset (a multiple of the
+            # capacity above our tail) and sequence offset (its next message gets our next
+            # number).  What the old source held but never sent is not counted (unknowable).
+            self.rebases += 1
+            self.off = -(-(self.tail - position) // self.cap) * self.cap
+            self.seq_off = self._seq_end - seq
+            log.warning("replica %s: source stream restarted at %d (seq %d) below our tail %d: "
+                        "continuing at %d", self.v.name, position, seq, self.tail,
+                        position + self.off)
+            position += self.off
+            seq += self.seq_off
+            self.next = self.tail
+            if position > self.tail:
+                self._hole(position, seq)
+            else:
+                self.same_from = position
+            return
+        position += self.off
+        seq += self.seq_off
         if position < self.next:
-            # The source's stream restarted below us (its daemon restarted): positions cannot go
-            # back under live readers; the service retires this replica (subscribers see the
-            # channel retired and reopen it).
-            self.reset_needed = True
+            self.reset_needed = True   # nothing to continue from: retire, subscribers reopen
             log.warning("replica %s: source restarted at %d below replica tail %d",
                         self.v.name, position, self.tail)
             return
@@ -301,6 +399,9 @@ class MirrorReplica(ReplicaSink):
         self.fed = True
         if position == self.tail:
             return
+        self._hole(position, seq)
+
+    def _hole(self, position: int, seq: int) -> None:
         old = self.tail
         if position - old > 0xFFFF_FFF0:
             self.reset_needed = True   # a hole beyond one PAD frame's reach: start afresh
@@ -335,6 +436,7 @@ class MirrorReplica(ReplicaSink):
         self._commit(position)
 
     def consumed(self) -> int:
+        """Min position of the ACTIVE subscribers (or our tail), in the source's positions."""
         v, q = self.v, self.q
         low = self.tail
         for slot in range(v.u32[ring.OFF_SLOT_HIGH // 4]):
@@ -342,7 +444,7 @@ class MirrorReplica(ReplicaSink):
                 p = q[v.slot_word(slot)]
                 if p < low:
                     low = p
-        return low
+        return max(low - self.off, 0)
 
     # -- internals -----------------------------------------------------------------------------
     def _pad(self, start: int, end: int) -> None:
@@ -378,5 +480,6 @@ class MirrorReplica(ReplicaSink):
         self.wakeups.close()
 
     def describe(self) -> dict:
-        return {"tail": self.tail, "head": self.head, "consumed": self.consumed(),
-                "lag_bytes": self.tail - self.consumed(), **self.stats}
+        consumed = self.consumed()
+        return {"tail": self.tail, "head": self.head, "consumed": consumed,
+                "lag_bytes": self.source_tail - consumed, "rebases": self.rebases, **self.stats}

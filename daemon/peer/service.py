@@ -3,12 +3,15 @@
 Threads (all daemon threads, none touches the registry):
 
 * acceptor: accepts on ``peer_listen``; each connection authenticates in its own short-lived
-  thread (at most ``peer_max_pending`` at once, each bounded by ``peer_handshake_timeout``), then
-  that thread becomes the link's reader;
+  thread (each bounded by ``peer_handshake_timeout``; at ``peer_max_pending`` pending, the
+  oldest is cut), then that thread becomes the link's reader;
 * one dialer per ``--peer``: connect, authenticate, read until the link dies, then reconnect with
   capped exponential backoff (``peer_backoff_initial`` doubling up to ``peer_backoff_max``);
 * per link a writer (control messages, keepalives); per mirror source a sender;
 * one credit thread reporting replica consumption back to sources.
+
+The cluster directory (which node holds which name, in what role) is ``directory.py``; this
+module acts on it: replicas, conversions, conflicts, continued streams.
 
 Everything that changes the daemon's books (channels, slots, mirrors) runs on the main thread:
 threads post events on a queue and write a byte to a pipe the main loop polls (``fds``,
@@ -21,6 +24,7 @@ import ipaddress
 import logging
 import os
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -29,8 +33,10 @@ from dataclasses import dataclass, field
 from shimmy import ring
 from shimmy.errors import ChannelConflict, InvalidArgument, LimitExceeded
 
+from ..registry import PublisherBusy
 from . import auth
-from .mirror import MirrorReplica, MirrorSource, ReplicaViolation
+from .directory import OPEN, PUBLISHED, REPLICA, BadAnnouncement, Directory, Entry, parse_entry
+from .mirror import MirrorReplica, MirrorSource, ReplicaViolation, seed_stream
 from .tcp import Link, LinkError, TcpTransport, send_credit
 from .transport import TransportClosed
 
@@ -38,6 +44,7 @@ log = logging.getLogger("shimmy.peer")
 
 REPLICA_PUBLISHER = -1          # registry publisher id meaning "the daemon (peer module)"
 _MIRROR_CLIENT_BASE = -1000     # registry client ids of mirror source slots: -1000, -1001, ...
+CREDIT_STEP = 4                 # replicas credit their source in steps of capacity / 4
 
 
 def _ip_key(ip: str) -> tuple:
@@ -87,6 +94,8 @@ class ReplicaEntry:
     reconnects: int = 0
     streams: int = 0
     last_credit: int = -1
+    converted: bool = False     # was a local channel waiting for a publisher (resume from 0)
+    stream: int = 0             # the source stream this replica follows (0: none yet)
 
 
 class PeerService:
@@ -96,11 +105,16 @@ class PeerService:
         self.node = s.node or socket.gethostname()
         self.enabled = bool(s.peer_listen or s.peers or s.peer_dns)
         self.counters = {"auth_failures": 0, "protocol_errors": 0, "refused_sizes": 0,
-                         "refused_busy": 0, "links_accepted": 0, "links_dialed": 0,
+                         "links_accepted": 0, "links_dialed": 0,
                          "reconnects": 0, "mirrors_served": 0, "mirrors_requested": 0,
-                         "replica_resets": 0, "rdma_fallbacks": 0, "peers_discovered": 0}
+                         "replica_resets": 0, "rdma_fallbacks": 0, "peers_discovered": 0,
+                         "evicted_pending": 0, "duplicate_links": 0, "replicas_converted": 0,
+                         "streams_continued": 0, "nodes_forgotten": 0, "conflicts": 0}
         self.links: dict[int, Link] = {}
-        self.remote_dirs: dict[int, dict[str, tuple[int, int]]] = {}
+        self.directory = Directory()
+        self.conflicts: dict[str, str] = {}     # channel name -> what conflicts (ls, logs)
+        self.origins: dict[str, tuple[int, int]] = {}   # continued streams: where they began
+        self.streams: dict[str, tuple[float, int]] = {}  # name -> (ring created, stream id)
         self.sources: dict[tuple[int, int], SourceEntry] = {}
         self.held: dict[tuple[str, str], HeldSlot] = {}
         self.replicas: dict[str, ReplicaEntry] = {}
@@ -109,11 +123,10 @@ class PeerService:
         self._credit_wake = threading.Event()   # set by replica commits
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._pending = threading.Semaphore(s.peer_max_pending)
+        self._pending: dict[socket.socket, float] = {}    # unauthenticated connections
+        self._pending_lock = threading.Lock()
         self._next_mid = 1
         self._next_client = _MIRROR_CLIENT_BASE
-        self._announced: dict | None = None
-        self._last_announce = 0.0
         self.listener: socket.socket | None = None
         self.listen_addr: str = ""
         self.transport_kind = "tcp"
@@ -186,6 +199,10 @@ class PeerService:
         if reason == "self":  # our own discovered address dialed us: expected, not an attack
             log.info("peer connection from %s is this daemon itself; closed", who)
             return
+        if reason == "duplicate":  # both ends dial each other: one link is enough
+            self.counters["duplicate_links"] += 1
+            log.info("peer connection %s: %s; keeping the existing link", who, exc)
+            return
         key = {"auth": "auth_failures", "size": "refused_sizes"}.get(reason, "protocol_errors")
         self.counters[key] += 1
         log.warning("peer refused %s: %s: %s", who, reason, exc)
@@ -199,50 +216,87 @@ class PeerService:
         return sock
 
     def _accept_loop(self) -> None:
+        listener = self.listener
+        assert listener is not None
         while not self._stop.is_set():
             try:
-                conn, addr = self.listener.accept()
+                conn, addr = listener.accept()
             except socket.timeout:
                 continue
-            except OSError:
-                return
-            who = "%s:%d" % addr[:2]
-            if not self._pending.acquire(blocking=False):
-                self.counters["refused_busy"] += 1
-                log.warning("peer refused %s: busy: peer_max_pending=%d handshakes in progress",
-                            who, self.s.peer_max_pending)
-                conn.close()
+            except OSError as exc:
+                if self._stop.is_set() or listener.fileno() < 0:
+                    return
+                # EMFILE/ENFILE/ENOMEM: log, let handshakes finish and free descriptors, go on.
+                log.warning("peer accept failed: %s; retrying", exc)
+                self._stop.wait(0.05)
                 continue
+            who = "%s:%d" % addr[:2]
+            self._admit(conn)
             self._spawn(self._serve_conn, f"peer-in-{who}", conn, who)
 
-    def _serve_conn(self, conn: socket.socket, who: str) -> None:
-        released = False
-        try:
-            try:
-                sock = self._prepare(conn, server=True)
-                remote = auth.accept_handshake(sock, self.key, self.node)
-                self._check_remote(remote)
-            except auth.PeerRefused as exc:
-                self._refused(who, exc, exc.reason)
-                conn.close()
-                return
-            except (OSError, ValueError) as exc:
-                self._refused(who, exc if str(exc) else type(exc).__name__, "protocol")
-                conn.close()
-                return
-            self._pending.release()
-            released = True
-            self.counters["links_accepted"] += 1
-            self._run_link(sock, remote, who, dialed=False)
-        finally:
-            if not released:
-                self._pending.release()
+    def _admit(self, conn: socket.socket) -> None:
+        """Count ``conn`` as a handshake in progress.  At ``peer_max_pending`` the oldest one is
+        cut: a flood of connections that never speak keeps replacing itself, while a real peer
+        (whose handshake takes milliseconds) is done long before it becomes the oldest."""
+        with self._pending_lock:
+            if len(self._pending) >= self.s.peer_max_pending:
+                oldest = min(self._pending, key=self._pending.__getitem__)
+                del self._pending[oldest]
+                self.counters["evicted_pending"] += 1
+                try:
+                    oldest.shutdown(socket.SHUT_RDWR)   # its handshake thread fails at once
+                except OSError:
+                    pass
+            self._pending[conn] = time.monotonic()
 
-    def _check_remote(self, remote: str) -> None:
+    def _handshake_done(self, conn: socket.socket) -> None:
+        with self._pending_lock:
+            self._pending.pop(conn, None)
+
+    def _serve_conn(self, conn: socket.socket, who: str) -> None:
+        try:
+            sock = self._prepare(conn, server=True)
+            remote = auth.accept_handshake(sock, self.key, self.node)
+            self._check_remote(remote, dialed=False)
+        except auth.PeerRefused as exc:
+            self._handshake_done(conn)
+            self._refused(who, exc, exc.reason)
+            conn.close()
+            return
+        except (OSError, ValueError) as exc:
+            evicted = conn not in self._pending
+            self._handshake_done(conn)
+            if evicted:
+                log.info("peer connection %s cut: not authenticated when %d newer connections "
+                         "were waiting (peer_max_pending)", who, self.s.peer_max_pending)
+            else:
+                self._refused(who, exc if str(exc) else Exception(type(exc).__name__),
+                              "protocol")
+            conn.close()
+            return
+        self._handshake_done(conn)
+        self.counters["links_accepted"] += 1
+        self._run_link(sock, remote, who, dialed=False)
+
+    def _check_remote(self, remote: str, dialed: bool) -> None:
         if remote == self.node:
             raise auth.PeerRefused("self", f"peer uses our own node name {remote!r}")
+        if self._kept_link(remote) is not None and not self._preferred(remote, dialed):
+            raise auth.PeerRefused("duplicate", f"already linked to {remote!r}")
         if len(self.links) >= self.s.peer_max_links:
             raise auth.PeerRefused("protocol", f"peer_max_links={self.s.peer_max_links} links up")
+
+    def _preferred(self, remote: str, dialed: bool) -> bool:
+        """Two daemons that dial each other keep one link: the one dialed by the node whose name
+        sorts first.  Both ends decide alike, without a message."""
+        dialer = self.node if dialed else remote
+        return dialer == min(self.node, remote)
+
+    def _kept_link(self, remote: str) -> Link | None:
+        for lk in list(self.links.values()):
+            if lk.remote == remote and not lk.closed:
+                return lk
+        return None
 
     def _discover_loop(self, name: str, port: int) -> None:
         """Peers from DNS: every address ``name`` resolves to (a Kubernetes headless Service
@@ -255,7 +309,8 @@ class PeerService:
         dialing: set[str] = set()
         while not self._stop.is_set():
             try:
-                found = {ai[4][0] for ai in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)}
+                found = {str(ai[4][0])
+                         for ai in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)}
             except OSError as exc:
                 log.warning("peer discovery: cannot resolve %s: %s", name, exc)
                 found = set()
@@ -271,13 +326,18 @@ class PeerService:
 
     def _dial_loop(self, addr: tuple[str, int], text: str) -> None:
         backoff = self.s.peer_backoff_initial
+        remote = ""     # node name at this address, once known
         while not self._stop.is_set():
+            # Linked already through the other node's dial: wait while that link lives.
+            while remote and self._kept_link(remote) is not None:
+                if self._stop.wait(self.s.peer_backoff_max):
+                    return
             sock = None
             try:
                 sock = socket.create_connection(addr, timeout=self.s.peer_handshake_timeout)
                 sock = self._prepare(sock, server=False)
                 remote = auth.dial_handshake(sock, self.key, self.node)
-                self._check_remote(remote)
+                self._check_remote(remote, dialed=True)
                 self.counters["links_dialed"] += 1
                 backoff = self.s.peer_backoff_initial
                 self._run_link(sock, remote, text, dialed=True)
@@ -285,6 +345,9 @@ class PeerService:
                 self._refused(text, exc, exc.reason)
                 if exc.reason == "self":
                     return  # DNS discovery without a known own address found ourselves
+                if exc.reason == "duplicate":
+                    backoff = self.s.peer_backoff_initial
+                    continue
             except OSError as exc:
                 log.debug("peer %s unreachable: %s", text, exc)
             finally:
@@ -316,10 +379,15 @@ class PeerService:
             self._post("link_down", link)
 
     def _credit_loop(self) -> None:
-        """Report each replica's consumed position to its source.  While a replica holds data
-        its subscribers have not consumed, poll every ``peer_credit_interval``; when everything
-        is consumed, sleep until the next replica commit (not a fixed period: a reliable source
-        whose ring is full waits for exactly this credit)."""
+        """Report each replica's consumed position to its source, in steps of a quarter of the
+        ring (``CREDIT_STEP``): a credit for every message would cost a packet and a wake-up
+        of the source's link reader per message (two per round trip).  A source then holds at
+        most a quarter ring of bytes the replica has consumed, which leaves room for the
+        largest message (half the ring), so a reliable publisher never waits on a credit not
+        sent.  While a credit may come due (a quarter ring unconsumed past the last credit),
+        poll every ``peer_credit_interval``; otherwise sleep until a replica commit brings one
+        closer, or 0.25 s, after which the current position is repeated (so a credit the
+        source could not apply never leaves a reliable publisher waiting)."""
         interval = self.s.peer_credit_interval
         refresh = False
         while not self._stop.is_set():
@@ -329,17 +397,15 @@ class PeerService:
                 link = entry.link
                 if entry.state != "streaming" or link is None or link.closed:
                     continue
+                step = entry.sink.cap // CREDIT_STEP
                 c = entry.sink.consumed()
-                if c != entry.last_credit or refresh:
-                    # (refresh: an idle link repeats its credit now and then, so a credit the
-                    # source could not apply never leaves a reliable publisher waiting)
+                if c - entry.last_credit >= step or refresh:
                     entry.last_credit = c
-                    busy = busy or not refresh
                     try:
-                        send_credit(link, entry.mid, c, entry.sink.tail)
+                        send_credit(link, entry.mid, c, entry.sink.source_tail)
                     except TransportClosed:
                         pass
-                elif entry.sink.tail != c:
+                if entry.sink.source_tail - entry.last_credit >= step:
                     busy = True
             if busy:
                 self._stop.wait(interval)
@@ -351,20 +417,35 @@ class PeerService:
     def _ev_link_up(self, link: Link) -> None:
         if link.closed:
             return
+        other = self._kept_link(link.remote)
+        if other is not None:
+            # Both ends dialed at once and both handshakes passed: keep the preferred link.
+            keep_new = self._preferred(link.remote, link.dialed)
+            drop = other if keep_new else link
+            self.counters["duplicate_links"] += 1
+            log.info("peer %s: two links (both ends dialed); keeping the one dialed by %s",
+                     link.remote, min(self.node, link.remote))
+            drop.close()
+            if not keep_new:
+                return
+        self._announce()   # bring the others up to date first: the new link gets it all
         self.links[link.id] = link
         if link.remote in self.seen_nodes:
             self.counters["reconnects"] += 1
         self.seen_nodes.add(link.remote)
+        self.directory.link_up(link.remote)
         log.info("peer link up: node=%s addr=%s %s", link.remote, link.addr,
                  "dialed" if link.dialed else "accepted")
-        link.send_ctrl({"t": "dir", "node": self.node, "channels": self._directory()})
+        self._send_dir(link, full=True)
         self._request_mirrors()
 
     def _ev_link_down(self, link: Link) -> None:
-        self.links.pop(link.id, None)
-        self.remote_dirs.pop(link.id, None)
-        for key, entry in list(self.sources.items()):
-            if entry.link is link:
+        if self.links.pop(link.id, None) is None:
+            return   # a duplicate we closed before it was ever used
+        if self._kept_link(link.remote) is None:
+            self.directory.link_down(link.remote, time.monotonic())
+        for key, src in list(self.sources.items()):
+            if src.link is link:
                 self._stop_source(key, hold=True)
         for entry in self.replicas.values():
             if entry.link is link:
@@ -389,20 +470,31 @@ class PeerService:
     # -- control messages --------------------------------------------------------------------------
     def _ctrl_dir(self, link: Link, obj: dict) -> None:
         channels = {}
-        for name, (mode, capacity, tail, seq) in obj["channels"].items():
-            if not isinstance(name, str) or mode not in ring.MODE_NAMES or not all(
-                    isinstance(x, int) and x >= 0 for x in (capacity, tail, seq)):
-                raise ValueError(f"bad directory entry {name!r}")
-            if capacity > self.s.peer_max_replica_capacity or capacity < ring.MIN_CAPACITY \
-                    or capacity & (capacity - 1):
+        raw = obj["channels"]
+        gone = obj.get("gone", [])
+        if not isinstance(raw, dict) or not isinstance(gone, list) or \
+                not all(isinstance(n, str) for n in gone):
+            raise BadAnnouncement("directory must be a map of entries and a list of names")
+        for name, value in raw.items():
+            e = parse_entry(name, value)
+            if e.capacity > self.s.peer_max_replica_capacity or e.capacity < ring.MIN_CAPACITY \
+                    or e.capacity & (e.capacity - 1):
                 self.counters["refused_sizes"] += 1
                 log.warning("peer %s announced channel %r with capacity %d outside "
                             "[%d, peer_max_replica_capacity=%d]: not mirrorable", link.remote,
-                            name, capacity, ring.MIN_CAPACITY, self.s.peer_max_replica_capacity)
+                            name, e.capacity, ring.MIN_CAPACITY, self.s.peer_max_replica_capacity)
                 continue
-            channels[name] = (mode, capacity, tail, seq)
-        self.remote_dirs[link.id] = channels
+            channels[name] = e
+        self.directory.apply(link.remote, bool(obj.get("full")), channels, gone)
+        self._reconcile()
         self._request_mirrors()
+
+    def _send_dir(self, link: Link, full: bool, changed: dict | None = None,
+                  gone: list | None = None) -> None:
+        entries = self.directory.announced() if full else (changed or {})
+        link.send_ctrl({"t": "dir", "node": self.node, "full": full,
+                        "channels": {n: e.wire() for n, e in entries.items()},
+                        "gone": [] if full else (gone or [])})
 
     def _ctrl_mirror(self, link: Link, obj: dict) -> None:
         """Source side: a peer wants a mirror of one of our channels."""
@@ -434,12 +526,21 @@ class PeerService:
         rec.idle_since = None
         head, tail = q[ring.OFF_HEAD // 8], q[ring.OFF_TAIL // 8]
         start_seq = None
+        sid = self._stream_id(rec)
+        if isinstance(resume, int) and resume >= 0 and obj.get("stream") not in (sid, 0):
+            # The replica follows another stream of this name (this daemon restarted and its
+            # ring began again): positions do not match even where they look alike.
+            resume = tail + 1
+        ahead = isinstance(resume, int) and resume > tail
         if not isinstance(resume, int) or resume < 0 or resume > tail:
             resume_pos = None if not isinstance(resume, int) or resume < 0 else resume
-            start, start_seq = ring.stream_point(rec.view)
+            # A fresh replica starts at our tail; one ahead of our stream (this daemon
+            # restarted, the stream began again) has none of it: it gets all we still hold.
+            start, start_seq = ring.stream_point(rec.view, oldest=resume_pos is not None)
             if resume_pos is not None:
                 log.warning("mirror %s to %s: replica at %d is ahead of our tail %d (our stream "
-                            "restarted): it will be reset", name, link.remote, resume, tail)
+                            "restarted): it continues with our oldest message at %d", name,
+                            link.remote, resume, tail, start)
         elif resume < head:
             resume_pos = resume
             start, start_seq = ring.stream_point(rec.view, oldest=True)
@@ -448,19 +549,21 @@ class PeerService:
         else:
             resume_pos = start = resume
         hold_at = start
-        if isinstance(consumed, int) and resume_pos is not None and 0 <= consumed <= start:
+        if isinstance(consumed, int) and resume_pos is not None and not ahead and \
+                0 <= consumed <= start:
             hold_at = consumed
         # SYNC POINT: the mirror's slot position; reliable publishers keep everything from here.
         q[rec.view.slot_word(slot)] = hold_at
         transport = self._make_transport(link, mid, rec)
+        origin = self.origins.get(name, (0, 0)) if ahead else None
         src = MirrorSource(name, rec.view, slot, self.d.segments.sem_prefix(rec.token) + str(slot),
-                           transport, start, start_seq, resume_pos)
+                           transport, start, start_seq, resume_pos, origin)
         src.credit = hold_at
         self.sources[(link.id, mid)] = SourceEntry(link, mid, name, client, slot, src, link.remote)
         self.counters["mirrors_served"] += 1
         link.send_ctrl({"t": "mirror_ok", "id": mid, "start": start,
                         "mode": ring.MODE_NAMES[rec.mode], "capacity": rec.capacity,
-                        "transport": transport.kind})
+                        "transport": transport.kind, "stream": sid})
         log.info("mirror %s -> %s: start=%d resume=%s transport=%s", name, link.remote, start,
                  resume, transport.kind)
         src.start()
@@ -479,6 +582,8 @@ class PeerService:
             if entry.link is link and entry.mid == mid and entry.state == "requested":
                 entry.state = "streaming"
                 entry.streams += 1
+                if isinstance(obj.get("stream"), int):
+                    entry.stream = obj["stream"]
                 entry.sink.set_link(ring.LINK_UP)
                 log.info("replica %s streaming from %s (start=%s)", entry.name, link.remote,
                          obj.get("start"))
@@ -519,44 +624,149 @@ class PeerService:
             rec.idle_since = time.monotonic()
 
     # -- replica side ------------------------------------------------------------------------------
-    def find_publisher(self, name: str):
-        for link_id, channels in self.remote_dirs.items():
-            if name in channels:
-                return self.links[link_id], channels[name]
+    def find_publisher(self, name: str) -> tuple[Link | None, Entry | None]:
+        """The live link to the node that publishes ``name`` (the first by node name when two
+        published it before they heard of each other) and its announcement."""
+        for node, entry in self.directory.publishers(name):
+            link = self._kept_link(node)
+            if link is not None:
+                return link, entry
         return None, None
+
+    def check_publish(self, rec) -> None:
+        """Before granting the publisher role: one publisher per channel, cluster-wide."""
+        entry = self.replicas.get(rec.name)
+        if entry is not None:
+            raise PublisherBusy(f"channel {rec.name!r} is published on node {entry.node!r}; one "
+                                f"publisher per channel across the cluster: publish there, or "
+                                f"on another channel")
+
+    def _shape_conflict(self, name: str, node: str, e: Entry, mode, capacity) -> str | None:
+        if mode is not None and mode != e.mode:
+            return (f"channel {name!r} is published on node {node!r} with "
+                    f"mode={ring.MODE_NAMES[e.mode]!r}; here mode={ring.MODE_NAMES[mode]!r}")
+        if capacity is not None and capacity != e.capacity:
+            return (f"channel {name!r} is published on node {node!r} with capacity={e.capacity}; "
+                    f"here capacity={capacity}")
+        return None
+
+    def _make_replica(self, name: str, node: str, rec, converted: bool, stream: int) -> None:
+        rec.publisher = REPLICA_PUBLISHER
+        sink = MirrorReplica(rec.view, self.d.segments.sem_prefix(rec.token))
+        sink.set_link(ring.LINK_DOWN)
+        entry = self.replicas[name] = ReplicaEntry(name, node, sink, converted=converted,
+                                                   stream=stream)
+        step = rec.capacity // CREDIT_STEP
+        wake = self._credit_wake.set
+
+        def on_commit() -> None:   # link reader thread, after each replica commit
+            if sink.source_tail - entry.last_credit >= step:
+                wake()   # a credit may come due: the credit loop starts polling
+        sink.on_commit = on_commit
+        if converted:
+            # Subscribers here were waiting before the publisher existed: they get the source's
+            # stream from its start (or from its oldest message still held, the gap counted).
+            sink.fed = True
+            self.counters["replicas_converted"] += 1
+        sink.wakeups.post_all()
 
     def prepare_open(self, name: str, mode: str | None, capacity: int | None) -> None:
         """Before ``op_open`` of a channel this node lacks: make it a replica if a peer
-        publishes it (same mode and capacity as the source)."""
+        publishes it (same mode and capacity as the source); or, if peers hold replicas of it
+        fed by this node (our daemon restarted), continue their stream."""
         if not self.enabled or name in self.d.registry.channels:
             return
         link, info = self.find_publisher(name)
-        if link is None:
+        if link is None or info is None:
+            self._continue_stream(name, mode, capacity)
             return
-        rmode, rcap, tail, seq = info
-        if mode is not None and ring.MODES.get(mode) != rmode:
-            raise ChannelConflict(f"channel {name!r} is published on node {link.remote} with "
-                                  f"mode={ring.MODE_NAMES[rmode]!r}, asked for mode={mode!r}")
-        if capacity is not None and capacity != rcap:
-            raise ChannelConflict(f"channel {name!r} is published on node {link.remote} with "
-                                  f"capacity={rcap}, asked for capacity={capacity}")
+        want_mode = None if mode is None else ring.MODES.get(mode)
+        conflict = self._shape_conflict(name, link.remote, info, want_mode, capacity)
+        if conflict:
+            raise ChannelConflict(conflict)
         if len(self.replicas) >= self.s.peer_max_replicas:
             raise LimitExceeded(f"cannot mirror {name!r}: peer_max_replicas "
                                 f"({self.s.peer_max_replicas}) replicas exist")
-        if rcap > self.s.max_capacity:
-            raise LimitExceeded(f"cannot mirror {name!r}: its capacity {rcap} exceeds this "
-                                f"node's max_capacity {self.s.max_capacity}")
-        rec = self.d.registry._create(name, ring.MODE_NAMES[rmode], rcap)
-        rec.publisher = REPLICA_PUBLISHER
-        sink = MirrorReplica(rec.view, self.d.segments.sem_prefix(rec.token))
-        sink.on_commit = self._credit_wake.set
+        if info.capacity > self.s.max_capacity:
+            raise LimitExceeded(f"cannot mirror {name!r}: its capacity {info.capacity} exceeds "
+                                f"this node's max_capacity {self.s.max_capacity}")
+        rec = self.d.registry._create(name, ring.MODE_NAMES[info.mode], info.capacity)
+        self._make_replica(name, link.remote, rec, converted=False, stream=info.stream)
         # Position the replica at the source's tail as last announced, before any subscriber
         # can attach: "next" subscribers then start there with the exact sequence number, and
         # the mirror resumes from it (or reports the gap if the source no longer holds it).
-        sink.jump(tail, seq)
-        sink.set_link(ring.LINK_DOWN)
-        self.replicas[name] = ReplicaEntry(name, link.remote, sink)
+        self.replicas[name].sink.jump(info.tail, info.seq)
         log.info("channel %s is published on %s: created replica", name, link.remote)
+
+    def _continue_stream(self, name: str, mode: str | None, capacity: int | None) -> None:
+        """Peers hold replicas of ``name`` fed by this node before it restarted: create the
+        ring positioned where the furthest replica ends, with its next sequence number, so the
+        replicas (and their subscribers) continue the stream instead of being retired."""
+        held = self.directory.replicas_of(name, self.node)
+        if not held:
+            return
+        node, e = max(held, key=lambda ne: ne[1].tail)
+        want_mode = None if mode is None else ring.MODES.get(mode)
+        if self._shape_conflict(name, node, e, want_mode, capacity) or \
+                e.capacity > self.s.max_capacity or e.tail < ring.HEADER or e.seq < 1:
+            return   # a different channel now: the replicas will see a conflict
+        rec = self.d.registry._create(name, ring.MODE_NAMES[e.mode], e.capacity)
+        seed_stream(rec.view, e.tail, e.seq)
+        self.origins[name] = (e.tail, e.seq)
+        self.streams[name] = (rec.created, e.stream)   # the same stream, continued
+        # Hold the stream for every replica from the seeded point until its mirror request
+        # arrives (as for a reconnect, bounded by peer_hold): a reliable publisher that starts
+        # at once must not overwrite what the replicas have not received yet.
+        for rnode, _ in held:
+            try:
+                client = self._next_client
+                slot = self.d.registry.add_subscriber(rec, client, os.getpid(), "next").index
+            except LimitExceeded:
+                break
+            self._next_client -= 1
+            rec.holders.add(client)
+            self.held[(rnode, name)] = HeldSlot(name, client, slot, time.monotonic())
+        self.counters["streams_continued"] += 1
+        log.info("channel %s: node %s holds its replica up to position %d (seq %d) from before "
+                 "this daemon restarted; continuing the stream there", name, node, e.tail, e.seq)
+
+    def _reconcile(self) -> None:
+        """Local channels that wait for a publisher which now exists on a peer become replicas
+        (same mode and capacity); anything else that does not fit is a conflict, reported in
+        the logs, in ``ls`` and (for waiting subscribers) in ``Subscription.status``."""
+        found: dict[str, str] = {}
+        for name, rec in self.d.registry.channels.items():
+            pubs = self.directory.publishers(name)
+            if not pubs or name in self.replicas:
+                continue
+            local_pub = rec.publisher is not None or rec.view.q[ring.OFF_TAIL // 8] != 0
+            if local_pub:
+                found[name] = (f"channel {name!r} has publishers on this node and on node "
+                               f"{pubs[0][0]!r} (one publisher per channel): their messages do "
+                               f"not meet")
+                continue
+            node, e = pubs[0]
+            conflict = self._shape_conflict(name, node, e, rec.mode, rec.capacity)
+            if conflict:
+                found[name] = conflict + ": this node's subscribers receive nothing from it"
+                rec.view.u32[ring.OFF_LINK // 4] = ring.LINK_CONFLICT
+                continue
+            if len(self.replicas) >= self.s.peer_max_replicas:
+                found[name] = (f"channel {name!r} is published on node {node!r} but "
+                               f"peer_max_replicas ({self.s.peer_max_replicas}) replicas exist")
+                continue
+            self._make_replica(name, node, rec, converted=True, stream=e.stream)
+            log.info("channel %s: publisher appeared on node %s; the local channel is now its "
+                     "replica", name, node)
+        for name, text in found.items():
+            if self.conflicts.get(name) != text:
+                self.counters["conflicts"] += 1
+                log.warning("peer conflict: %s", text)
+        for name in self.conflicts.keys() - found.keys():
+            rec = self.d.registry.channels.get(name)
+            if rec is not None and rec.view.u32[ring.OFF_LINK // 4] == ring.LINK_CONFLICT:
+                rec.view.u32[ring.OFF_LINK // 4] = ring.LINK_LOCAL
+        self.conflicts = found
 
     def on_subscribe(self, rec) -> None:
         entry = self.replicas.get(rec.name)
@@ -573,13 +783,7 @@ class PeerService:
             rec = self.d.registry.channels.get(entry.name)
             if rec is None or not rec.slots:
                 continue
-            link = None
-            for lk in self.links.values():
-                if lk.remote == entry.node and entry.name in self.remote_dirs.get(lk.id, {}):
-                    link = lk
-                    break
-            if link is None:
-                link, _ = self.find_publisher(entry.name)
+            link, _ = self.find_publisher(entry.name)
             if link is None:
                 continue
             mid = self._next_mid
@@ -590,8 +794,8 @@ class PeerService:
             sink = entry.sink
             sink.next = sink.tail   # drop any put of an earlier stream that was never committed
             link.sinks[mid] = sink
-            link.send_ctrl({"t": "mirror", "id": mid, "name": entry.name,
-                            "resume": sink.tail if sink.fed else -1,
+            link.send_ctrl({"t": "mirror", "id": mid, "name": entry.name, "stream": entry.stream,
+                            "resume": sink.source_tail if sink.fed else -1,
                             "consumed": sink.consumed() if sink.fed else -1})
             self.counters["mirrors_requested"] += 1
 
@@ -609,17 +813,25 @@ class PeerService:
         return name in self.replicas
 
     # -- periodic ----------------------------------------------------------------------------------
+    def _announce(self) -> None:
+        changed, gone = self.directory.delta(self._local_directory())
+        if changed or gone:
+            for link in self.links.values():
+                self._send_dir(link, full=False, changed=changed, gone=gone)
+
     def tick(self, now: float) -> None:
         if not self.enabled:
             return
-        d = self._directory()
-        if d != self._announced or now - self._last_announce > 5.0:
-            self._announced = d
-            self._last_announce = now
-            for link in self.links.values():
-                link.send_ctrl({"t": "dir", "node": self.node, "channels": d})
-        for key, entry in list(self.sources.items()):
-            if entry.source.stopped:
+        self._announce()
+        for name in self.origins.keys() - self.d.registry.channels.keys():
+            del self.origins[name]   # deleted: a new channel of that name starts at 0
+        for name in self.streams.keys() - self.d.registry.channels.keys():
+            del self.streams[name]
+        for node in self.directory.expired(now, self.s.peer_forget_after):
+            self._forget_node(node)
+        self._reconcile()
+        for key, src in list(self.sources.items()):
+            if src.source.stopped:
                 self._stop_source(key, hold=True)
         for k, held in list(self.held.items()):
             if now - held.since > self.s.peer_hold:
@@ -637,8 +849,8 @@ class PeerService:
                 continue
             if entry.sink.reset_needed:
                 self.counters["replica_resets"] += 1
-                log.warning("replica %s: source %s restarted its stream; retiring the replica "
-                            "(subscribers reopen)", name, entry.node)
+                log.warning("replica %s: source %s restarted its stream below ours; retiring "
+                            "the replica (subscribers reopen)", name, entry.node)
                 self._forget_replica(entry)
                 self.d.registry.delete(name)
                 continue
@@ -652,6 +864,29 @@ class PeerService:
                 self._detach_replica(entry, reconnect=False)
         self._request_mirrors()
 
+    def _forget_node(self, node: str) -> None:
+        """``node`` had no link for ``peer_forget_after``: it left the cluster.  Its replicas
+        here become plain local channels (subscribers keep them; a new publisher anywhere takes
+        the channel over), and its held mirror slots are released."""
+        self.counters["nodes_forgotten"] += 1
+        self.seen_nodes.discard(node)
+        log.warning("peer %s: no link for peer_forget_after=%.1fs; forgetting it", node,
+                    self.s.peer_forget_after)
+        for name, entry in list(self.replicas.items()):
+            if entry.node == node and entry.link is None:
+                rec = self.d.registry.channels.get(name)
+                del self.replicas[name]
+                if rec is not None:
+                    rec.publisher = None
+                    rec.view.u32[ring.OFF_LINK // 4] = ring.LINK_LOCAL
+                entry.sink.wakeups.post_all()   # subscribers re-read the link state
+                entry.sink.close()
+        for k in [k for k in self.held if k[0] == node]:
+            held = self.held.pop(k)
+            rec = self.d.registry.channels.get(held.name)
+            if rec is not None:
+                self._free_slot(rec, held.client, held.slot)
+
     def _forget_replica(self, entry: ReplicaEntry) -> None:
         if entry.link is not None:
             entry.link.sinks.pop(entry.mid, None)
@@ -659,13 +894,28 @@ class PeerService:
         entry.sink.close()
         self.replicas.pop(entry.name, None)
 
-    def _directory(self) -> dict:
+    def _stream_id(self, rec) -> int:
+        """The id of the stream ``rec``'s ring holds: new per ring this node creates (random,
+        never 0), kept by a ring that continues replicas' stream after a restart."""
+        known = self.streams.get(rec.name)
+        if known is None or known[0] != rec.created:
+            known = self.streams[rec.name] = (rec.created, secrets.randbits(63) | 1)
+        return known[1]
+
+    def _local_directory(self) -> dict[str, Entry]:
         out = {}
         for name, rec in self.d.registry.channels.items():
-            if name in self.replicas:
-                continue
-            if rec.publisher is not None or rec.view.q[ring.OFF_TAIL // 8]:
-                out[name] = [rec.mode, rec.capacity, *ring.stream_point(rec.view)]
+            tail, seq = ring.stream_point(rec.view)
+            entry = self.replicas.get(name)
+            if entry is not None:   # in the source's positions and numbers (a restart resumes)
+                out[name] = Entry(rec.mode, rec.capacity, max(tail - entry.sink.off, 0),
+                                  max(seq - entry.sink.seq_off, 0), REPLICA, entry.node,
+                                  entry.stream)
+            elif rec.publisher is not None or tail:
+                out[name] = Entry(rec.mode, rec.capacity, tail, seq, PUBLISHED, "",
+                                  self._stream_id(rec))
+            else:
+                out[name] = Entry(rec.mode, rec.capacity, tail, seq, OPEN)
         return out
 
     # -- reporting ---------------------------------------------------------------------------------
@@ -680,16 +930,26 @@ class PeerService:
             desc["node"] = self.node
         desc["mirrors"] = [{"to": e.node, **e.source.describe()}
                            for e in self.sources.values() if e.name == name]
+        if name in self.conflicts:
+            desc["conflict"] = self.conflicts[name]
+            desc["node"] += " (conflict: " + self.conflicts[name].split(": ")[0] + ")"
         return desc
 
     def remote_channels(self) -> list[dict]:
+        """Names peers hold that this node does not: where each is published (if anywhere)."""
         out = []
-        for link_id, channels in self.remote_dirs.items():
-            link = self.links.get(link_id)
-            for name, (mode, cap, _tail, _seq) in channels.items():
-                if name not in self.d.registry.channels:
-                    out.append({"name": name, "node": link.remote if link else "?",
-                                "mode": ring.MODE_NAMES[mode], "capacity": cap})
+        for name, holders in self.directory.names().items():
+            if name in self.d.registry.channels:
+                continue
+            pubs = [n for n, e in holders if e.kind == PUBLISHED]
+            mode, cap = holders[0][1].mode, holders[0][1].capacity
+            item = {"name": name, "node": pubs[0] if pubs else "",
+                    "published": bool(pubs), "mode": ring.MODE_NAMES[mode], "capacity": cap,
+                    "open_on": [n for n, _ in holders],
+                    "link": "down" if pubs and pubs[0] in self.directory.down_since else "up"}
+            if len(pubs) > 1:
+                item["conflict"] = f"published on nodes {', '.join(pubs)}"
+            out.append(item)
         return out
 
     def describe(self) -> dict:
@@ -699,6 +959,10 @@ class PeerService:
                 "rdma": self.rdma_reason or "available",
                 "counters": dict(self.counters),
                 "links": [lk.describe() for lk in self.links.values()],
+                "directory": {"nodes": sorted(self.directory.nodes), "entries":
+                              self.directory.size(),
+                              "down": sorted(self.directory.down_since)},
+                "conflicts": dict(self.conflicts),
                 "mirrors": [{"name": e.name, "to": e.node, **e.source.describe()}
                             for e in self.sources.values()],
                 "held": [{"name": h.name, "node": k[0]} for k, h in self.held.items()],
@@ -707,18 +971,44 @@ class PeerService:
                               **e.sink.describe()} for e in self.replicas.values()]}
 
     # -- shutdown ----------------------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Before the rings go: mark mirrored channels retired (their publishers stop and
+        reopen), then let every mirror send what its ring still holds and, for reliable
+        channels, hear the replica's credit for it, for at most ``peer_drain_timeout``.  A
+        graceful restart of a publishing node so loses nothing its publishers' ``publish``
+        returned for, and the replicas' positions are where the restarted daemon continues."""
+        live = [e for e in self.sources.values() if not e.source.stopped]
+        if not live:
+            return
+        for e in live:
+            rec = self.d.registry.channels.get(e.name)
+            if rec is not None:
+                rec.view.q[ring.OFF_RETIRED // 8] = 1
+        time.sleep(0.02)   # a publish that passed its retired check just before commits now
+        deadline = time.monotonic() + self.s.peer_drain_timeout
+        while time.monotonic() < deadline:
+            pending = [e for e in live if not e.source.stopped and (
+                e.source.pos != e.source.v.q[ring.OFF_TAIL // 8] or
+                getattr(e.source.t, "replica_tail", e.source.pos) < e.source.pos)]
+            if not pending:
+                return
+            time.sleep(0.005)
+        log.warning("shutdown: %d mirrors not drained within peer_drain_timeout=%.1fs",
+                    len(pending), self.s.peer_drain_timeout)
+
     def shutdown(self) -> None:
         if not self.enabled:
             return
+        self._drain()
         self._stop.set()
-        for entry in self.sources.values():
-            entry.source.stop()
+        for src in self.sources.values():
+            src.source.stop()
         if self.listener is not None:
             self.listener.close()
         for link in list(self.links.values()):
             link.close()
-        for entry in self.sources.values():
-            entry.source.thread.join(1.0)
+        for src in self.sources.values():
+            src.source.thread.join(1.0)
         for t in self._threads:
             t.join(0.5)
         for entry in self.replicas.values():

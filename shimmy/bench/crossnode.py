@@ -22,20 +22,29 @@ def run(ctx) -> dict:
         for size in SIZES:
             count = xbench._count_for(size, budget_bytes=budget,
                                       cap=50_000 if ctx.quick else 200_000)
-            for label, fn in (("shimmy (2 daemons)", lambda: xbench.cross_node(size, count, d)),
-                              ("raw TCP 127.0.0.1", lambda: xbench.raw_tcp(size, count)),
-                              ("ZeroMQ tcp PUSH/PULL", lambda: xbench.zmq_tcp(size, count))):
-                secs = statistics.median(fn() for _ in range(ctx.reps))
+            for label, fn in (
+                    ("shimmy (2 daemons)", lambda s=size, n=count: xbench.cross_node(s, n, d)),
+                    ("raw TCP 127.0.0.1", lambda s=size, n=count: xbench.raw_tcp(s, n)),
+                    ("ZeroMQ tcp PUSH/PULL", lambda s=size, n=count: xbench.zmq_tcp(s, n))):
+                cpus = []
+                times = []
+                for _ in range(ctx.reps):
+                    times.append(fn())
+                    cpus.append(d.last_cpu)
+                secs = statistics.median(times)
                 results.append({"transport": label, "size": size, "count": count,
                                 "msgs_per_s": count / secs, "mb_per_s": count * size / secs / 1e6})
+                if label.startswith("shimmy"):
+                    results[-1]["cpu_us_per_msg"] = {
+                        k: statistics.median(c[k] for c in cpus) for k in cpus[0]}
                 ctx.log(f"  crossnode {label} {report.fmt_size(size)}: "
                         f"{count / secs:,.0f} msgs/s")
         rtt = []
         n = 300 if ctx.quick else 2000
-        for label, fn in (("shimmy (2 daemons)", lambda: xbench.cross_node_rtt(64, n, d)),
-                          ("raw TCP 127.0.0.1", lambda: xbench.raw_tcp_rtt(64, n)),
-                          ("ZeroMQ tcp PAIR", lambda: xbench.zmq_tcp_rtt(64, n))):
-            samples = sorted(fn()[n // 10:])            # the first tenth warms up
+        for label, rtt_fn in (("shimmy (2 daemons)", lambda: xbench.cross_node_rtt(64, n, d)),
+                              ("raw TCP 127.0.0.1", lambda: xbench.raw_tcp_rtt(64, n)),
+                              ("ZeroMQ tcp PAIR", lambda: xbench.zmq_tcp_rtt(64, n))):
+            samples = sorted(rtt_fn()[n // 10:])            # the first tenth warms up
             rtt.append({"transport": label, "size": 64, "count": len(samples),
                         "p50_us": samples[len(samples) // 2] / 1e3,
                         "p99_us": samples[int(len(samples) * 0.99)] / 1e3})
@@ -46,6 +55,11 @@ def run(ctx) -> dict:
              f"{r['mb_per_s']:,.1f}"] for r in results]
     table = "CROSS-NODE one-way throughput, publisher on node A -> subscriber on node B\n" + \
         report._table(rows, ["transport", "size", "msgs/s", "MB/s"])
+    cpu_rows = [[report.fmt_size(r["size"]), *(f"{r['cpu_us_per_msg'][k]:.2f}" for k in (
+        "publisher", "daemon_a", "daemon_b", "subscriber"))] for r in results
+        if "cpu_us_per_msg" in r]
+    table += "\n\nCROSS-NODE CPU per message (µs, user+sys of each process, all threads)\n" + \
+        report._table(cpu_rows, ["size", "publisher", "daemon A", "daemon B", "subscriber"])
     rows = [[r["transport"], "64 B", f"{r['p50_us']:,.1f}", f"{r['p99_us']:,.1f}"] for r in rtt]
     table += "\n\nCROSS-NODE round trip (A publishes, B echoes on a channel of its own)\n" + \
         report._table(rows, ["transport", "size", "p50 us", "p99 us"])

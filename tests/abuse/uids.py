@@ -33,7 +33,9 @@ import argparse, fcntl, gettext, grp, hashlib, hmac, ipaddress, locale, logging,
 import random, resource, secrets, shutil, signal, ssl, statistics, struct, subprocess, tempfile
 import threading, tomllib, zlib
 import encodings.ascii, encodings.latin_1, encodings.idna, encodings.utf_8, encodings.hex_codec
-shimmy.cli.build_parser().parse_args(["daemon"])   # loads argparse's translations now
+import contextlib, io
+with contextlib.redirect_stdout(io.StringIO()):
+    shimmy.cli.main(["daemon", "--help"])   # loads the CLI's lazy imports and translations now
 ident = json.loads(sys.argv[1])
 os.setgroups(ident["groups"])
 os.setgid(ident["gid"])
