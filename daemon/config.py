@@ -60,6 +60,17 @@ class Settings:
     peer_hold: float = 10.0               # reliable: keep a disconnected mirror's data this long
     peer_credit_interval: float = 0.0002  # replica reports consumed positions this often (busy)
     peer_unmirror_grace: float = 1.0      # mirror stops this long after its last subscriber left
+    # -- RDMA transport (daemon/peer/rdma.py, docs/rdma.md) --
+    transport: str = field(default="auto", metadata={
+        "help": "peer data path: tcp, rdma (startup error without a usable RDMA device) or auto "
+                "(RDMA when both peers have a device and agree, else TCP; fallbacks are logged "
+                "and counted)"})
+    rdma_device: str = field(default="", metadata={
+        "help": "RDMA device or device:port for mirrors (empty: the first active port)"})
+    rdma_small_write_threshold: int = field(default=512, metadata={
+        "help": "committed ranges shorter than this many bytes are copied through the "
+                "replica's mailbox (CPU path) instead of placed by RDMA WRITE; at most "
+                "RDMA_MAX_SMALL_WRITE, capped per mirror by the path MTU"})
 
     def validate(self) -> "Settings":
         ring.check_capacity(self.default_capacity)
@@ -82,7 +93,25 @@ class Settings:
             raise ValueError("need 0 < peer_backoff_initial <= peer_backoff_max")
         if self.peer_max_replica_capacity > ring.MAX_CAPACITY:
             raise ValueError(f"peer_max_replica_capacity must be <= {ring.MAX_CAPACITY}")
+        self._validate_rdma()
         return self
+
+
+    def _validate_rdma(self) -> None:
+        if self.transport not in ("tcp", "rdma", "auto"):
+            raise ValueError(f"transport={self.transport!r}: must be tcp, rdma or auto")
+        if not 0 <= self.rdma_small_write_threshold <= RDMA_MAX_SMALL_WRITE:
+            raise ValueError(f"rdma_small_write_threshold={self.rdma_small_write_threshold}: "
+                             f"must be 0..{RDMA_MAX_SMALL_WRITE} bytes")
+        if self.transport == "rdma":
+            from shimmy.daemon.peer import rdma
+            ok, why = rdma.available(self.rdma_device)
+            if not ok:
+                raise ValueError(f"transport=rdma but RDMA is not usable here: {why}; use "
+                                 f"transport=auto (falls back to TCP) or transport=tcp")
+
+
+RDMA_MAX_SMALL_WRITE = 4032   # mailbox slot payload at the largest path MTU (4096 - 64 header)
 
 
 def load(path: str | None, **overrides) -> Settings:

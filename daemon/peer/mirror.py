@@ -202,7 +202,7 @@ class MirrorSource:
     def describe(self) -> dict:
         return {"position": self.pos, "credit": self.credit, "lag_bytes": self.lag(),
                 "transport": self.t.kind, "running": not self.stopped, "error": self.error,
-                **self.stats}
+                **self.stats, **self.t.describe()}
 
 
 class MirrorReplica(ReplicaSink):
@@ -226,6 +226,7 @@ class MirrorReplica(ReplicaSink):
                       "torn_padded": 0}
         self._seq_end: int | None = None
         self.reset_needed = False
+        self.transport: dict = {"kind": "tcp"}   # what feeds this replica (rdma_mirrors.py)
 
     # -- ReplicaSink ---------------------------------------------------------------------------
     def put_target(self, start: int, end: int, guard: int) -> list[memoryview]:
@@ -379,4 +380,35 @@ class MirrorReplica(ReplicaSink):
 
     def describe(self) -> dict:
         return {"tail": self.tail, "head": self.head, "consumed": self.consumed(),
-                "lag_bytes": self.tail - self.consumed(), **self.stats}
+                "lag_bytes": self.tail - self.consumed(), "transport": self.transport, **self.stats}
+
+    # -- transports that place bytes without this CPU (RDMA, daemon/peer/rdma.py) ----------------
+    def advance_head(self, need: int, ahead: int) -> int:
+        """Store a head >= ``need`` (walking our own frames, up to ``ahead``, never past tail)
+        before the source lets bytes land directly in the ring; return the head stored."""
+        if self.reset_needed:
+            return self.head
+        if need > self.tail:
+            raise ReplicaViolation(f"guard {need} beyond the replica tail {self.tail}")
+        target = min(max(need, ahead), self.tail)
+        h = self.head
+        mv, base, mask = self.mv, self.base, self.mask
+        while h < target:
+            length, flags, _ = FRAME.unpack_from(mv, base + (h & mask))
+            h += length + HEADER if flags & FLAG_PAD else (length + HEADER + 15) & ~15
+        if h > self.head:
+            self.head = h
+            # SYNC POINT (overwrite guard, as put_target): stored before the source is told.
+            self.q[ring.OFF_HEAD // 8] = h
+        return self.head
+
+    def landed(self, end: int) -> None:
+        """Bytes ``[next, end)`` were placed in the ring directly; accept them for the commit."""
+        if self.reset_needed:
+            return
+        if not self.next <= end <= self.tail + self.cap:
+            raise ReplicaViolation(f"bytes up to {end} placed; replica expects {self.next}.."
+                                   f"{self.tail + self.cap}")
+        if self.head < end - self.cap:
+            raise ReplicaViolation(f"bytes up to {end} placed over head {self.head}")
+        self.next = end
