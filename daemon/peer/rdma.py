@@ -46,6 +46,7 @@ import logging
 import os
 import random
 import resource
+import select
 import struct
 import threading
 import time
@@ -64,6 +65,7 @@ RDMA_RETRIES = 2                    # QP failures of one replica before it stays
 FAULT_ENV = "SHIMMY_RDMA_FAULT_AFTER"  # lab fault injection: QP to error after N batches
 ACCESS_LOCAL_WRITE, ACCESS_REMOTE_WRITE, ACCESS_ON_DEMAND = 1, 2, 64
 CAP_IPC_LOCK = 14
+WAIT_SLICE = 0.2                    # longest sleep on a completion channel before re-checking
 MTU_BYTES = {1: 256, 2: 512, 3: 1024, 4: 2048, 5: 4096}
 
 WC_STATUS = {
@@ -295,7 +297,10 @@ class Endpoint:
             step = "protection domain"
             self.pd = PD(self.ctx)
             step = "completion queue"
+            before = _event_fds()
             self.channel = CompChannel(self.ctx)
+            new = _event_fds() - before
+            self.channel_fd = new.pop() if len(new) == 1 else -1
             self.cq = CQ(self.ctx, send_wr + recv_wr + 8, None, self.channel, 0)
             step = "queue pair"
             cap = QPCap(max_send_wr=send_wr, max_recv_wr=recv_wr, max_send_sge=max_sge,
@@ -395,9 +400,14 @@ class Endpoint:
         except Exception:
             pass
 
-    def wait(self, step: str, until: Callable[[], bool], on_wc: Callable[[Any], None]) -> None:
-        """Reap completions (``on_wc`` each) until ``until()``; sleeps on the completion channel."""
-        cq = self.cq
+    def wait(self, until: Callable[[], bool], on_wc: Callable[[Any], None]) -> None:
+        """Reap completions (``on_wc`` each) until ``until()``; sleeps on the completion channel.
+
+        pyverbs' ``get_cq_event`` blocks holding the GIL (every other daemon thread would stop),
+        so the sleep is a ``select`` on the channel's file descriptor (which releases it), and
+        ``get_cq_event`` is called only once an event is there; ``until`` is re-checked at
+        least every WAIT_SLICE seconds."""
+        cq, fd = self.cq, self.channel_fd
         while True:
             n, wcs = cq.poll(16)
             for wc in wcs[:n]:
@@ -410,8 +420,12 @@ class Endpoint:
                 on_wc(wc)
             if until():
                 return
-            self.channel.get_cq_event(cq)
-            cq.ack_events(1)
+            if fd < 0:
+                time.sleep(0.0002)
+                continue
+            if select.select([fd], [], [], WAIT_SLICE)[0]:
+                self.channel.get_cq_event(cq)
+                cq.ack_events(1)
 
     def close(self) -> None:
         global _pinned
@@ -444,6 +458,19 @@ class Endpoint:
         return {"device": f"{self.dev}:{self.port}", "gid_index": self.gid_index,
                 "registration": "odp" if self.odp else "pinned", "pinned_bytes": self.pinned,
                 "register_ms": round(self.reg_seconds * 1e3, 3)}
+
+
+def _event_fds() -> set[int]:
+    """This process's completion-event file descriptors (pyverbs does not expose the one a
+    CompChannel owns; the daemon finds it as the one that appeared when it was created)."""
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if "infinibandevent" in os.readlink(f"/proc/self/fd/{name}"):
+                out.add(int(name))
+        except OSError:
+            pass
+    return out
 
 
 def _slot_view(mr, size: int) -> memoryview:
@@ -504,7 +531,7 @@ class RdmaReceiver:
 
     def _run(self) -> None:
         try:
-            self.ep.wait("receive", lambda: self.stopping, self._on_wc)
+            self.ep.wait(lambda: self.stopping, self._on_wc)
         except Exception as exc:
             if not self.stopping:
                 reason = str(exc) if isinstance(exc, _Failure) else f"{type(exc).__name__}: {exc}"
@@ -686,7 +713,7 @@ class RdmaTransport(Transport):
         from pyverbs.wr import SGE, SendWR
         e = self.ep.e
         if self.inflight >= self.slots - 1:
-            self.ep.wait("record window", lambda: self.inflight < self.slots - 1, self._on_wc)
+            self.ep.wait(lambda: self.inflight < self.slots - 1, self._on_wc)
         seq = self.seq
         slot = seq % self.slots
         at = slot * self.slot_size
@@ -715,7 +742,7 @@ class RdmaTransport(Transport):
                 # CPU path: copy into the staging slot now (the mirror's seqlock check after
                 # put covers this copy); commit sends record + bytes in one WRITE_WITH_IMM.
                 if self.inflight >= self.slots - 1:
-                    self.ep.wait("record window", lambda: self.inflight < self.slots - 1,
+                    self.ep.wait(lambda: self.inflight < self.slots - 1,
                                  self._on_wc)
                 at = (self.seq % self.slots) * self.slot_size + REC_AREA
                 for off, ln in split_range(start, n, self.cap):
@@ -742,23 +769,21 @@ class RdmaTransport(Transport):
             self.guard_acked = self._guard_head
         pieces = split_range(start, n, self.cap)
         wait = not self.reliable
-        wr = None
-        for i in reversed(range(len(pieces))):
-            off, ln = pieces[i]
-            last = i == len(pieces) - 1
-            flags = e.IBV_SEND_SIGNALED if (wait and last) else 0
+        chain = []      # every WR of the chain stays referenced until post_send has copied it
+        for i, (off, ln) in enumerate(pieces):
+            flags = e.IBV_SEND_SIGNALED if (wait and i == len(pieces) - 1) else 0
             w = SendWR(wr_id=0, opcode=e.IBV_WR_RDMA_WRITE, num_sge=1,
                        sg=[SGE(self.ring_addr + self.base + off, ln, self.ring_mr.lkey)],
                        send_flags=flags)
             w.set_wr_rdma(self.r["ring_rkey"], self.r["ring_addr"] + self.base + off)
-            if wr is not None:
-                w.next_wr = wr
-            wr = w
-        self._post(wr, 1 if wait else 0)
+            if chain:
+                chain[-1].next_wr = w
+            chain.append(w)
+        self._post(chain[0], 1 if wait else 0)
         self.stats["writes"] += len(pieces)
         if wait:
             # Lossy: the adapter has read the source bytes only when the WRITE completes.
-            self.ep.wait("RDMA WRITE", lambda: self.inflight == 0, self._on_wc)
+            self.ep.wait(lambda: self.inflight == 0, self._on_wc)
 
     def commit(self, tail: int, last: int, pad_until: int = 0) -> None:
         with self._op:

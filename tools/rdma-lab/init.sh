@@ -5,13 +5,13 @@
 # importable with the installed package layout (shimmy, shimmy.daemon, shimmy.sdk), runs
 # /mnt/run/job.sh under `timeout`, stores its exit status in /mnt/run/<role>/rc, powers off.
 # Kernel arguments: lab.role=a|b lab.ip=IP lab.peer=IP lab.timeout=SECONDS lab.mtu=MTU
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 
 off() { sync; umount /mnt/run /mnt/repo 2>/dev/null; echo o >/proc/sysrq-trigger; sleep 60; }
 trap off EXIT
 
-mount -t proc proc /proc
-mount -t sysfs sys /sys
+mountpoint -q /proc || mount -t proc proc /proc
+mountpoint -q /sys || mount -t sysfs sys /sys
 mountpoint -q /dev || mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm /dev/mqueue
 mount -t devpts devpts /dev/pts
