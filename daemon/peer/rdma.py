@@ -305,8 +305,9 @@ class Endpoint:
             step = "queue pair"
             cap = QPCap(max_send_wr=send_wr, max_recv_wr=recv_wr, max_send_sge=max_sge,
                         max_recv_sge=1)
+            # sq_sig_all=0: only WRs flagged IBV_SEND_SIGNALED complete (pyverbs defaults to 1)
             self.qp = QP(self.pd, QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq,
-                                             cap=cap))
+                                             cap=cap, sq_sig_all=0))
             attr = QPAttr()   # pyverbs 44 takes only the states as keywords
             attr.qp_access_flags = ACCESS_LOCAL_WRITE | ACCESS_REMOTE_WRITE
             attr.port_num, attr.pkey_index = self.port, 0
@@ -783,7 +784,7 @@ class RdmaTransport(Transport):
         self.stats["writes"] += len(pieces)
         if wait:
             # Lossy: the adapter has read the source bytes only when the WRITE completes.
-            self.ep.wait(lambda: self.inflight == 0, self._on_wc)
+            self.ep.wait(lambda: self.inflight <= 0, self._on_wc)
 
     def commit(self, tail: int, last: int, pad_until: int = 0) -> None:
         with self._op:

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.skipif(ROLE not in ("a", "b"), reason="needs the two-gu
 
 def barrier(name: str, timeout: float = 120.0) -> None:
     """Both guests reach ``name`` (marker files in the shared run folder)."""
+    name = name.replace("/", "_")
     with open(os.path.join(RUN, ROLE, f"at-{name}"), "w") as fh:
         fh.write(str(time.time()))
     other = os.path.join(RUN, "b" if ROLE == "a" else "a", f"at-{name}")
