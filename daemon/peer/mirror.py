@@ -274,7 +274,7 @@ class MirrorReplica(ReplicaSink):
             self.stats["torn_padded"] += 1
         self.stats["bytes"] += tail - self.tail
         self.stats["batches"] += 1
-        if last:
+        if last and last >= pad_until:   # (a last frame inside the padded range was torn)
             if not self.tail <= last < tail:
                 raise ReplicaViolation(f"last frame {last} outside the batch [{self.tail}, {tail})")
             seq_end = FRAME.unpack_from(self.mv, self.base + (last & self.mask))[2] + 1
