@@ -770,7 +770,7 @@ class RdmaTransport(Transport):
             self.guard_acked = self._guard_head
         pieces = split_range(start, n, self.cap)
         wait = not self.reliable
-        chain = []      # every WR of the chain stays referenced until post_send has copied it
+        chain: list[Any] = []   # each WR stays referenced until post_send has copied it
         for i, (off, ln) in enumerate(pieces):
             flags = e.IBV_SEND_SIGNALED if (wait and i == len(pieces) - 1) else 0
             w = SendWR(wr_id=0, opcode=e.IBV_WR_RDMA_WRITE, num_sge=1,
