@@ -512,7 +512,7 @@ class RdmaReceiver:
             raise RdmaSetupError("post receives", str(exc)) from None
         self.seq = 0
         self.stopping = False
-        self.records = 0
+        self.info = {"kind": "rdma", "records": 0, **self.ep.describe()}   # live, for stat
         self.thread: threading.Thread | None = None
         log.info("rdma: replica %s registered %d bytes (%s) in %.1f ms on %s", view.name,
                  self.ep.pinned, "odp" if self.ep.odp else "pinned", self.ep.reg_seconds * 1e3,
@@ -580,7 +580,7 @@ class RdmaReceiver:
         except Exception as exc:
             raise _Failure(f"record {seq} (op {op}): {exc}") from None
         self.seq = seq + 1
-        self.records += 1
+        self.info["records"] += 1
         self.ep.qp.post_recv(self._recv[slot])
 
     def stop(self) -> None:
@@ -593,7 +593,7 @@ class RdmaReceiver:
             self.ep.close()
 
     def describe(self) -> dict:
-        return {"kind": "rdma", "records": self.records, **self.ep.describe()}
+        return self.info
 
 
 class _Failure(Exception):

@@ -85,7 +85,7 @@ class RdmaMirrors:
             return None
         self.receivers[name] = rx
         self.rx_mid[(link.id, mid)] = name
-        entry.sink.transport = {"kind": "rdma (offered)", **rx.describe()}
+        entry.sink.transport = {**rx.describe(), "kind": "rdma (offered)"}
         return rx.offer()
 
     def release(self, name: str) -> None:
