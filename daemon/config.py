@@ -96,7 +96,6 @@ class Settings:
         self._validate_rdma()
         return self
 
-
     def _validate_rdma(self) -> None:
         if self.transport not in ("tcp", "rdma", "auto"):
             raise ValueError(f"transport={self.transport!r}: must be tcp, rdma or auto")

@@ -380,7 +380,8 @@ class MirrorReplica(ReplicaSink):
 
     def describe(self) -> dict:
         return {"tail": self.tail, "head": self.head, "consumed": self.consumed(),
-                "lag_bytes": self.tail - self.consumed(), "transport": self.transport, **self.stats}
+                "lag_bytes": self.tail - self.consumed(), "transport": self.transport,
+                **self.stats}
 
     # -- transports that place bytes without this CPU (RDMA, daemon/peer/rdma.py) ----------------
     def advance_head(self, need: int, ahead: int) -> int:

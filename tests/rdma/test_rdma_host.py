@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from test_peer_mirror import check, cluster, free_port, run_stream  # noqa: F401 (fixture)
+from test_peer_mirror import HAVE_NS, check, cluster, free_port, run_stream  # noqa: F401
 
 from shimmy.daemon.config import Settings
 from shimmy.daemon.peer import rdma
@@ -136,6 +136,8 @@ def test_daemon_with_forced_rdma_and_no_device_fails_at_start(tmp_path):
 
 
 @pytest.mark.skipif(rdma.available()[0], reason="this host has an RDMA device")
+@pytest.mark.skipif(not HAVE_NS, reason="needs root, unshare and nsenter (one /dev/shm per node, "
+                                        "as tests/test_peer_mirror.py)")
 def test_auto_falls_back_to_tcp_and_says_why(cluster):  # noqa: F811 (fixture)
     port = free_port()
     a = cluster.node("A", "--peer-listen", f"127.0.0.1:{port}")
