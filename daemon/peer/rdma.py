@@ -493,8 +493,10 @@ class RdmaReceiver:
             self.slot_size = REC_AREA + (payload + 63) // 64 * 64
             if self.slot_size > self.ep.path_mtu_bytes(self.ep.mtu):
                 self.slot_size -= 64
-            self.ring_addr = mapping_address(view.mm)
-            self.ring_mr = self.ep.register(self.ring_addr, len(view.mm), True,
+            # Only the data area is remotely writable: the control page and the subscribers'
+            # slots stay out of the peer's reach.
+            self.ring_addr = mapping_address(view.mm) + view.data_offset
+            self.ring_mr = self.ep.register(self.ring_addr, view.capacity, True,
                                             f"replica ring {view.name}")
             self.box_mr = self.ep.register(None, SLOTS * self.slot_size, True, "mailbox")
             self.box = _slot_view(self.box_mr, SLOTS * self.slot_size)
@@ -520,7 +522,7 @@ class RdmaReceiver:
 
     def offer(self) -> dict:
         return {**self.ep.info(), "ring_addr": self.ring_addr, "ring_rkey": self.ring_mr.rkey,
-                "ring_len": len(self.view.mm), "box_addr": self.box_mr.buf,
+                "ring_len": self.view.capacity, "box_addr": self.box_mr.buf,
                 "box_rkey": self.box_mr.rkey, "slots": SLOTS, "slot_size": self.slot_size,
                 "head": self.sink.head}
 
@@ -610,19 +612,19 @@ class RdmaTransport(Transport):
                  reliable: bool, timeout: float):
         self.link, self.mid, self.v = link, mirror_id, view
         self.r = check_fields(remote, OFFER_FIELDS, "rdma offer")
-        if self.r["ring_len"] != len(view.mm):
-            raise RdmaSetupError("offer", f"replica ring is {self.r['ring_len']} bytes, ours "
-                                          f"{len(view.mm)}")
+        if self.r["ring_len"] != view.capacity:
+            raise RdmaSetupError("offer", f"replica ring holds {self.r['ring_len']} bytes, ours "
+                                          f"{view.capacity}")
         self.reliable, self.timeout = reliable, timeout
-        self.cap, self.base = view.capacity, view.data_offset
+        self.cap = view.capacity
         self.ep = Endpoint(wanted, 3 * SLOTS + 4, 1, 2)
         try:
             self.slot_size = self.r["slot_size"]
             mtu = self.ep.path_mtu_bytes(self.r["mtu"])
             self.threshold = max(0, min(threshold, self.slot_size - REC_AREA, mtu - REC_AREA))
             self.slots = min(self.r["slots"], SLOTS)
-            self.ring_addr = mapping_address(view.mm)
-            self.ring_mr = self.ep.register(self.ring_addr, len(view.mm), False,
+            self.ring_addr = mapping_address(view.mm) + view.data_offset   # data area only
+            self.ring_mr = self.ep.register(self.ring_addr, view.capacity, False,
                                             f"source ring {view.name}")
             self.stage_mr = self.ep.register(None, self.slots * self.slot_size, False, "staging")
             self.stage = _slot_view(self.stage_mr, self.slots * self.slot_size)
@@ -747,7 +749,7 @@ class RdmaTransport(Transport):
                                  self._on_wc)
                 at = (self.seq % self.slots) * self.slot_size + REC_AREA
                 for off, ln in split_range(start, n, self.cap):
-                    ctypes.memmove(self.stage_mr.buf + at, self.ring_addr + self.base + off, ln)
+                    ctypes.memmove(self.stage_mr.buf + at, self.ring_addr + off, ln)
                     at += ln
                 self._small = (start, start + n, guard)
                 return
@@ -774,9 +776,9 @@ class RdmaTransport(Transport):
         for i, (off, ln) in enumerate(pieces):
             flags = e.IBV_SEND_SIGNALED if (wait and i == len(pieces) - 1) else 0
             w = SendWR(wr_id=0, opcode=e.IBV_WR_RDMA_WRITE, num_sge=1,
-                       sg=[SGE(self.ring_addr + self.base + off, ln, self.ring_mr.lkey)],
+                       sg=[SGE(self.ring_addr + off, ln, self.ring_mr.lkey)],
                        send_flags=flags)
-            w.set_wr_rdma(self.r["ring_rkey"], self.r["ring_addr"] + self.base + off)
+            w.set_wr_rdma(self.r["ring_rkey"], self.r["ring_addr"] + off)
             if chain:
                 chain[-1].next_wr = w
             chain.append(w)
