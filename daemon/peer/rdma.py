@@ -65,6 +65,7 @@ RDMA_RETRIES = 2                    # QP failures of one replica before it stays
 FAULT_ENV = "SHIMMY_RDMA_FAULT_AFTER"  # lab fault injection: QP to error after N batches
 ACCESS_LOCAL_WRITE, ACCESS_REMOTE_WRITE, ACCESS_ON_DEMAND = 1, 2, 64
 CAP_IPC_LOCK = 14
+PAGE = resource.getpagesize()
 WAIT_SLICE = 0.2                    # longest sleep on a completion channel before re-checking
 MTU_BYTES = {1: 256, 2: 512, 3: 1024, 4: 2048, 5: 4096}
 
@@ -130,13 +131,19 @@ def pick_gid(entries: Sequence[tuple[int, str, str]]) -> int:
     return v2[0][0] if v2 else -1
 
 
-def memlock_problem(nbytes: int, pinned: int, limit: int, ipc_lock: bool) -> str | None:
-    """Why pinning ``nbytes`` more (``pinned`` already) would fail, or None when it fits."""
-    if ipc_lock or limit == resource.RLIM_INFINITY or pinned + nbytes <= limit:
-        return None
+def memlock_message(nbytes: int, pinned: int, limit: int) -> str:
     return (f"pinning {nbytes} bytes (+{pinned} already pinned) exceeds RLIMIT_MEMLOCK="
             f"{limit} bytes; raise the memlock limit (ulimit -l unlimited, docker --ulimit "
             f"memlock=-1, systemd LimitMEMLOCK=infinity) or grant CAP_IPC_LOCK")
+
+
+def memlock_problem(nbytes: int, pinned: int, limit: int, ipc_lock: bool) -> str | None:
+    """Why pinning ``nbytes`` more (``pinned`` already) would fail, or None when it fits.
+    The kernel counts whole pages, and an unaligned range touches one more."""
+    if ipc_lock or limit == resource.RLIM_INFINITY:
+        return None
+    span = ((nbytes + PAGE - 1) // PAGE + 1) * PAGE
+    return None if pinned + span <= limit else memlock_message(nbytes, pinned, limit)
 
 
 OFFER_FIELDS = {"qpn": int, "psn": int, "gid": str, "mtu": int, "ring_addr": int,
@@ -344,8 +351,8 @@ class Endpoint:
                 return mr
             except Exception as exc:
                 log.info("rdma: on-demand registration of %s refused (%s); pinning it", what, exc)
-        problem = memlock_problem(length, _pinned, resource.getrlimit(resource.RLIMIT_MEMLOCK)[0],
-                                  has_ipc_lock())
+        limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+        problem = memlock_problem(length, _pinned, limit, has_ipc_lock())
         if problem:
             raise RdmaSetupError("register " + what, problem)
         try:
@@ -355,8 +362,8 @@ class Endpoint:
                 mr = MR(self.pd, length, access, address=addr)
         except Exception as exc:
             if getattr(exc, "error_code", 0) == 12 or "Cannot allocate memory" in str(exc):
-                raise RdmaSetupError("register " + what, memlock_problem(
-                    length, _pinned, 0, False) or str(exc)) from None
+                raise RdmaSetupError("register " + what, "refused (ENOMEM): " + memlock_message(
+                    length, _pinned, limit)) from None
             raise RdmaSetupError("register " + what, str(exc)) from None
         self.reg_seconds += time.perf_counter() - t0
         with _pinned_lock:
