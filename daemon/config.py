@@ -96,6 +96,18 @@ class Settings:
     peer_drain_timeout: float = _s(2.0, "on shutdown, seconds to wait for mirrors to deliver "
                                         "what their rings still hold, so a graceful restart of a "
                                         "publishing node loses nothing")
+    # -- RDMA transport (daemon/peer/rdma.py, docs/rdma.md) --
+    transport: str = _s("auto", "peer data path: tcp, rdma (startup error without a usable RDMA "
+                                "device) or auto (RDMA when both peers have a device and agree, "
+                                "else TCP; fallbacks are logged and counted)",
+                        choices=("tcp", "rdma", "auto"))
+    rdma_device: str = _s("", "RDMA device or device:port for mirrors (empty: the first active "
+                              "port)")
+    rdma_small_write_threshold: int = _s(512, "committed ranges shorter than this many bytes are "
+                                              "copied through the replica's mailbox (CPU path) "
+                                              "instead of placed by RDMA WRITE; at most "
+                                              "RDMA_MAX_SMALL_WRITE, capped per mirror by the "
+                                              "path MTU")
     # -- survival: file descriptors, half-open and silent sessions (docs/daemon.md) --
     nofile_limit: int = _s(65536, "the daemon raises its RLIMIT_NOFILE soft limit to this at "
                                   "start (capped at the hard limit; the figure is logged)")
@@ -213,7 +225,22 @@ class Settings:
                 parse_listen(self.metrics_listen)
             except ValueError as exc:
                 raise SettingError(str(exc)) from None
+        self._validate_rdma()
         return self
+
+    def _validate_rdma(self) -> None:
+        if not 0 <= self.rdma_small_write_threshold <= RDMA_MAX_SMALL_WRITE:
+            raise SettingError(f"rdma_small_write_threshold={self.rdma_small_write_threshold}: "
+                               f"must be 0..{RDMA_MAX_SMALL_WRITE} bytes")
+        if self.transport == "rdma":
+            from shimmy.daemon.peer import rdma
+            ok, why = rdma.available(self.rdma_device)
+            if not ok:
+                raise SettingError(f"transport=rdma but RDMA is not usable here: {why}; use "
+                                   f"transport=auto (falls back to TCP) or transport=tcp")
+
+
+RDMA_MAX_SMALL_WRITE = 4032   # mailbox slot payload at the largest path MTU (4096 - 64 header)
 
 
 def _check_types(settings: Settings) -> None:

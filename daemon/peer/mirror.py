@@ -243,7 +243,7 @@ class MirrorSource:
     def describe(self) -> dict:
         return {"position": self.pos, "credit": self.credit, "lag_bytes": self.lag(),
                 "transport": self.t.kind, "running": not self.stopped, "error": self.error,
-                **self.stats}
+                **self.stats, **self.t.describe()}
 
 
 class MirrorReplica(ReplicaSink):
@@ -279,6 +279,7 @@ class MirrorReplica(ReplicaSink):
     def source_tail(self) -> int:
         """Our committed tail in the source's positions (what a mirror request resumes at)."""
         return self.tail - self.off
+        self.transport: dict = {"kind": "tcp"}   # what feeds this replica (rdma_mirrors.py)
 
     # -- ReplicaSink ---------------------------------------------------------------------------
     def put_target(self, start: int, end: int, guard: int) -> list[memoryview]:
@@ -337,7 +338,7 @@ class MirrorReplica(ReplicaSink):
             self._renumber(self.tail, tail)
         self.stats["bytes"] += tail - self.tail
         self.stats["batches"] += 1
-        if last:
+        if last and last >= pad_until:   # (a last frame inside the padded range was torn)
             if not self.tail <= last < tail:
                 raise ReplicaViolation(f"last frame {last} outside the batch [{self.tail}, {tail})")
             seq_end = FRAME.unpack_from(self.mv, self.base + (last & self.mask))[2] + 1
@@ -482,4 +483,41 @@ class MirrorReplica(ReplicaSink):
     def describe(self) -> dict:
         consumed = self.consumed()
         return {"tail": self.tail, "head": self.head, "consumed": consumed,
-                "lag_bytes": self.source_tail - consumed, "rebases": self.rebases, **self.stats}
+                "lag_bytes": self.source_tail - consumed, "rebases": self.rebases,
+                "transport": self.transport, **self.stats}
+
+    # -- transports that place bytes without this CPU (RDMA, daemon/peer/rdma.py) ----------------
+    def advance_head(self, need: int, ahead: int) -> int:
+        """Store a head >= ``need`` (walking our own frames, up to ``ahead``, never past tail)
+        before the source lets bytes land directly in the ring; return the head stored.  Both
+        arguments and the result are in the source's positions (``off`` apart from ours)."""
+        if self.reset_needed:
+            return self.head - self.off
+        need += self.off
+        ahead += self.off
+        if need > self.tail:
+            raise ReplicaViolation(f"guard {need} beyond the replica tail {self.tail}")
+        target = min(max(need, ahead), self.tail)
+        h = self.head
+        mv, base, mask = self.mv, self.base, self.mask
+        while h < target:
+            length, flags, _ = FRAME.unpack_from(mv, base + (h & mask))
+            h += length + HEADER if flags & FLAG_PAD else (length + HEADER + 15) & ~15
+        if h > self.head:
+            self.head = h
+            # SYNC POINT (overwrite guard, as put_target): stored before the source is told.
+            self.q[ring.OFF_HEAD // 8] = h
+        return self.head - self.off
+
+    def landed(self, end: int) -> None:
+        """Bytes ``[next, end)`` were placed in the ring directly; accept them for the commit
+        (``end`` in the source's positions)."""
+        if self.reset_needed:
+            return
+        end += self.off
+        if not self.next <= end <= self.tail + self.cap:
+            raise ReplicaViolation(f"bytes up to {end} placed; replica expects {self.next}.."
+                                   f"{self.tail + self.cap}")
+        if self.head < end - self.cap:
+            raise ReplicaViolation(f"bytes up to {end} placed over head {self.head}")
+        self.next = end

@@ -37,7 +37,7 @@ from ..registry import PublisherBusy
 from . import auth
 from .directory import OPEN, PUBLISHED, REPLICA, BadAnnouncement, Directory, Entry, parse_entry
 from .mirror import MirrorReplica, MirrorSource, ReplicaViolation, seed_stream
-from .tcp import Link, LinkError, TcpTransport, send_credit
+from .tcp import Link, LinkError, send_credit
 from .transport import TransportClosed
 
 log = logging.getLogger("shimmy.peer")
@@ -129,23 +129,16 @@ class PeerService:
         self._next_client = _MIRROR_CLIENT_BASE
         self.listener: socket.socket | None = None
         self.listen_addr: str = ""
-        self.transport_kind = "tcp"
-        self.rdma_reason = ""
+        from .rdma_mirrors import RdmaMirrors
+        self.rdma = RdmaMirrors(self)       # transport choice per mirror (docs/rdma.md)
+        self.transport_kind = s.transport
+        self.rdma_reason = self.rdma.reason
         if not self.enabled:
             self._r = self._w = -1
             return
         self.key = auth.load_key(s.cluster_key_file)
         self.tls_server, self.tls_client = auth.tls_contexts(s.peer_tls_cert, s.peer_tls_key,
                                                              s.peer_tls_ca)
-        from . import rdma
-        ok, reason = rdma.available()
-        if not ok:
-            self.rdma_reason = reason
-            self.counters["rdma_fallbacks"] += 1
-            log.info("peer transport: tcp (RDMA unavailable: %s)", reason)
-        else:
-            log.info("peer transport: RDMA device found (%s); data path stays on TCP until the "
-                     "RDMA mirror handshake succeeds", reason)
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
@@ -554,7 +547,7 @@ class PeerService:
             hold_at = consumed
         # SYNC POINT: the mirror's slot position; reliable publishers keep everything from here.
         q[rec.view.slot_word(slot)] = hold_at
-        transport = self._make_transport(link, mid, rec)
+        transport = self.rdma.source_transport(link, mid, rec, obj.get("rdma"))
         origin = self.origins.get(name, (0, 0)) if ahead else None
         src = MirrorSource(name, rec.view, slot, self.d.segments.sem_prefix(rec.token) + str(slot),
                            transport, start, start_seq, resume_pos, origin)
@@ -568,8 +561,11 @@ class PeerService:
                  resume, transport.kind)
         src.start()
 
-    def _make_transport(self, link: Link, mid: int, rec):
-        return TcpTransport(link, mid)
+    def _ctrl_rdma(self, link: Link, obj: dict) -> None:
+        self.rdma.on_ctrl(link, obj)
+
+    def _ev_rdma(self, name: str, mid: int, reason: str) -> None:
+        self.rdma.on_event(name, mid, reason)
 
     def _ctrl_unmirror(self, link: Link, obj: dict) -> None:
         key = (link.id, int(obj["id"]))
@@ -796,10 +792,12 @@ class PeerService:
             link.sinks[mid] = sink
             link.send_ctrl({"t": "mirror", "id": mid, "name": entry.name, "stream": entry.stream,
                             "resume": sink.source_tail if sink.fed else -1,
-                            "consumed": sink.consumed() if sink.fed else -1})
+                            "consumed": sink.consumed() if sink.fed else -1,
+                            "rdma": self.rdma.offer(entry, rec)})
             self.counters["mirrors_requested"] += 1
 
     def _detach_replica(self, entry: ReplicaEntry, reconnect: bool) -> None:
+        self.rdma.release(entry.name)
         if entry.link is not None:
             entry.link.sinks.pop(entry.mid, None)
         if entry.state == "streaming" and reconnect:
@@ -888,6 +886,7 @@ class PeerService:
                 self._free_slot(rec, held.client, held.slot)
 
     def _forget_replica(self, entry: ReplicaEntry) -> None:
+        self.rdma.release(entry.name)
         if entry.link is not None:
             entry.link.sinks.pop(entry.mid, None)
             entry.link.send_ctrl({"t": "unmirror", "id": entry.mid})
@@ -1011,6 +1010,7 @@ class PeerService:
             src.source.thread.join(1.0)
         for t in self._threads:
             t.join(0.5)
+        self.rdma.shutdown()
         for entry in self.replicas.values():
             entry.sink.close()
         self.sources.clear()

@@ -40,6 +40,11 @@ class Transport(abc.ABC):
     """Source end of one mirror's transport."""
 
     kind = "abstract"
+    fallback: str | None = None      # why this mirror is not on RDMA (set by rdma_mirrors.py)
+
+    def describe(self) -> dict:
+        """Transport-specific fields for ``ls`` / ``stat`` (registration, fallback reason...)."""
+        return {"fallback": self.fallback} if self.fallback else {}
 
     @abc.abstractmethod
     def put(self, start: int, views: Sequence[memoryview], guard: int) -> None: ...
