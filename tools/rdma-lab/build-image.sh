@@ -21,7 +21,8 @@ FORCE=0
 # Guest packages. posix_ipc is not packaged in bookworm: its wheel comes from PyPI via the host.
 PKGS=(linux-image-amd64 initramfs-tools kmod iproute2 procps util-linux
       rdma-core ibverbs-providers ibverbs-utils perftest
-      python3 python3-pyverbs python3-zmq python3-msgpack python3-pytest python3-pip)
+      python3 python3-pyverbs python3-zmq python3-msgpack python3-pytest python3-pip
+      python3-click python3-rich)  # the CLI that starts the daemons
 WHEELS=(posix_ipc==1.3.2)
 
 say() { printf '[rdma-lab build %(%H:%M:%S)T] %s\n' -1 "$*"; }
