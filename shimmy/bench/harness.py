@@ -32,7 +32,7 @@ import traceback
 
 _ctx = mp.get_context("spawn")
 _live: list["Worker"] = []
-_daemons: list["Daemon | RedisServer"] = []
+_daemons: list["_ServerProcess"] = []
 
 
 class BenchError(RuntimeError):
@@ -81,7 +81,27 @@ def pin(cpu: int | None) -> None:
 
 # -- the daemon ---------------------------------------------------------------------------------
 
-class Daemon:
+class _ServerProcess:
+    """A server subprocess the benchmark started and must stop: SIGTERM, then SIGKILL after
+    ``timeout``; its temporary directory goes with it."""
+
+    proc: subprocess.Popen | None
+    _tmp: tempfile.TemporaryDirectory
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        if self in _daemons:
+            _daemons.remove(self)
+        self._tmp.cleanup()
+
+
+class Daemon(_ServerProcess):
     """A private ``shimmy daemon`` subprocess in a temporary directory (default settings, plus
     ``settings`` written to a config file)."""
 
@@ -133,20 +153,9 @@ class Daemon:
             time.sleep(0.02)
         raise BenchError(f"daemon announced no metrics endpoint:\n{self.log()}")
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        if self in _daemons:
-            _daemons.remove(self)
-        self._tmp.cleanup()
 
 
-class RedisServer:
+class RedisServer(_ServerProcess):
     """A private redis-server on 127.0.0.1 for the Redis pub/sub peer: no persistence, no
     output-buffer limit for pub/sub clients.  Stopped (and, if need be, killed) by :meth:`stop`
     and by :func:`cleanup_all`, so a benchmark never leaves one running."""
@@ -193,17 +202,6 @@ class RedisServer:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        if self in _daemons:
-            _daemons.remove(self)
-        self._tmp.cleanup()
 
 
 # -- workers ------------------------------------------------------------------------------------
