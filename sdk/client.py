@@ -75,8 +75,13 @@ class DaemonClient:
         self.closed = False
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        if not os.path.exists(path):
-            raise DaemonUnavailable(self._unavailable("no socket file there"))
+        try:
+            os.stat(path)
+        except PermissionError:   # a socket directory kept from this uid (mode 0750 + group)
+            raise _denied(os.path.dirname(path) or ".", "the daemon's socket directory") \
+                from None
+        except OSError:
+            raise DaemonUnavailable(self._unavailable("no socket file there")) from None
         if not os.access(path, os.R_OK | os.W_OK):
             raise _denied(path, "the daemon's control socket")
         self._ctx: zmq.Context = zmq.Context.instance()

@@ -165,17 +165,54 @@ def _identity(spec: dict, c: dict) -> tuple[int, set[int]]:
     return uid, groups
 
 
-def test_apps_need_the_daemons_group_not_its_uid():
+def daemon_settings() -> dict:
+    conf = next(d for d in by_kind("ConfigMap")
+                if d["metadata"]["name"] == "shimmyd-config")["data"]["shimmyd.toml"]
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads(conf)
+
+
+def test_daemon_shares_channels_with_its_group_under_the_owner_policy():
+    """The settings the daemon runs with pass its own validation (docs/security.md): the owner
+    policy (no access = "open"), every channel and the sockets given to the daemon's group,
+    sockets 0660 (nobody outside the group connects)."""
+    from shimmy.daemon import config
+    settings = config.Settings(**daemon_settings())   # an unknown key is a TypeError
+    config._check_types(settings)
+    for name in ("object_mode", "shared_object_mode", "socket_mode"):
+        config.parse_mode(name, getattr(settings, name))
     ds = pod_specs()["shimmyd"]
+    daemon_gid = str(ds["securityContext"]["runAsGroup"])
+    assert settings.access == "owner"
+    assert settings.channel_group == daemon_gid and settings.socket_group == daemon_gid
+    assert settings.socket_mode == "0660"
+    assert settings.object_mode == "0600" and settings.shared_object_mode == "0660"
+
+
+def test_apps_run_with_the_daemons_group_as_primary_not_its_uid():
+    """The daemon has no hostPID: it learns a client's groups from the socket's peer
+    credentials, whose gid is the PRIMARY group, so app containers run with runAsGroup =
+    channel_group; and the example's two containers are two uids sharing one channel."""
+    ds = pod_specs()["shimmyd"]
+    assert not ds.get("hostPID")
     daemon_uid, daemon_groups = _identity(ds, ds["containers"][0])
     daemon_gid = ds["securityContext"]["runAsGroup"]
     assert daemon_uid == 10001 and daemon_gid == 10001
+    assert int(daemon_settings()["channel_group"]) == daemon_gid
     app = pod_specs()["shimmy-example"]
     assert app["securityContext"]["runAsNonRoot"] is True
+    uids = set()
     for c in _containers(app):
         uid, groups = _identity(app, c)
+        primary = c.get("securityContext", {}).get(
+            "runAsGroup", app["securityContext"].get("runAsGroup"))
         assert uid not in (0, daemon_uid), c["name"]       # a uid of its own ...
-        assert daemon_gid in groups, c["name"]              # ... and the daemon's group
+        assert primary == daemon_gid, c["name"]             # ... and the daemon's group, primary
+        uids.add(uid)
+    assert len({_identity(app, c)[0] for c in app["containers"]}) == 2, uids
 
 
 def test_long_running_containers_run_as_non_root():
@@ -223,13 +260,7 @@ def test_every_container_is_guaranteed_qos():
 def test_daemon_memory_covers_ring_budget():
     daemon = pod_specs()["shimmyd"]["containers"][0]
     limit = _quantity(daemon["resources"]["limits"]["memory"])
-    conf = next(d for d in by_kind("ConfigMap")
-                if d["metadata"]["name"] == "shimmyd-config")["data"]["shimmyd.toml"]
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        tomllib = pytest.importorskip("tomli")
-    budget = tomllib.loads(conf)["shm_budget"]
+    budget = daemon_settings()["shm_budget"]
     assert budget > 0 and limit >= budget + (64 << 20), (limit, budget)
 
 

@@ -4,10 +4,11 @@
 # Built by deploy/scripts/build-images.sh (see Dockerfile.daemon): the context holds wheels/ and
 # examples/; offline (`docker build --network none`), no caches baked in.
 #
-# The image's default user is 10001:10001, but apps need not be the daemon's uid: any uid that
-# has the daemon's group (10001, "shimmy") as a supplementary group can reach the socket and map
-# the rings (compose: `user` + `group_add`; Kubernetes: `supplementalGroups`).  See
-# docs/containers.md, "Users, groups and permissions".
+# The image's default user is 10001:10001, but apps need not be the daemon's uid: with the
+# daemon's channel_group set to 10001 ("shimmy", as both shipped deployments do) any uid in that
+# group reaches the socket, maps the rings and may use every channel (compose: `user` +
+# `group_add`; Kubernetes: `runAsGroup: 10001`, since the daemon sees only the primary gid
+# there).  See docs/containers.md, "Users, groups and permissions".
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build

@@ -64,6 +64,54 @@ def project(engine) -> Iterator[Project]:
             docker("rm", "-f", "-v", cid, check=False)
 
 
+MODES = """
+import json, os
+out = {}
+for d in ("/dev/shm", "/run/shimmy"):
+    for p in [d] + sorted(os.path.join(d, n) for n in os.listdir(d)):
+        st = os.lstat(p)
+        out[p] = (st.st_mode & 0o7777, st.st_uid, st.st_gid)
+print(json.dumps(out))
+"""
+
+
+def _modes(daemon: str) -> dict[str, tuple[int, int, int]]:
+    """(mode, uid, gid) of /dev/shm, /run/shimmy and everything in them, in the daemon."""
+    out = docker("exec", daemon, "python3", "-c", MODES).stdout
+    return {k: tuple(v) for k, v in json.loads(out).items()}
+
+
+OUTSIDER = """
+import json, os, sys, shimmy
+out = {}
+try:
+    shimmy.Channel(sys.argv[1])
+    out["channel"] = "ALLOWED"
+except shimmy.PermissionDenied as exc:
+    out["channel"] = f"PermissionDenied: {exc}"
+for what, call in [("ring", lambda: os.open("/dev/shm/" + sys.argv[2], os.O_RDONLY)),
+                   ("socket dir", lambda: os.listdir("/run/shimmy"))]:
+    try:
+        call()
+        out[what] = "ALLOWED"
+    except PermissionError as exc:
+        out[what] = f"PermissionError: {exc}"
+print(json.dumps(out))
+"""
+
+
+def _outsider(daemon: str, shm_name: str) -> dict[str, str]:
+    """An app container as compose runs them, but uid 10004 and no group 10001."""
+    volume = docker("inspect", "-f", '{{range .Mounts}}{{if eq .Destination "/run/shimmy"}}'
+                    '{{.Name}}{{end}}{{end}}', daemon).stdout.strip()
+    assert volume, "no volume at /run/shimmy in shimmyd"
+    r = docker("run", "--rm", "--label", "shimmy.ci=1", "--network", "none", "--user",
+               "10004:10004", "--ipc", f"container:{daemon}", "-v", f"{volume}:/run/shimmy",
+               "--read-only", "--cap-drop", "ALL", APP_IMAGE, "python", "-c", OUTSIDER,
+               "e2e/compose", shm_name, timeout=120)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def _untracked() -> set[str]:
     r = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all"],
                        capture_output=True, text=True, timeout=60)
@@ -103,12 +151,32 @@ def test_documented_compose_path_moves_10000_messages_through_shared_memory(proj
     ls = project(COMPOSE, "exec", "-T", "shimmyd", "shimmy", "ls")
     assert "e2e/compose" in ls.stdout
     shm_name = ch["shm"].lstrip("/")
-    listing = docker("exec", daemon, "ls", "-ln", "/dev/shm").stdout
-    # the ring: 0660, the daemon's uid and group; the apps (uid 10002) reach it by the group
-    line = next(ln for ln in listing.splitlines() if ln.endswith(shm_name))
-    assert line.split()[0] == "-rw-rw----" and line.split()[2:4] == ["10001", "10001"], line
-    pub = project.container("publisher")
-    assert docker("inspect", "-f", "{{.Config.User}}", pub).stdout.strip() == "10002:10002"
+    # two uids shared the channel through the group (channel_group 10001, owner policy)
+    pub, sub = project.container("publisher"), project.container("subscriber")
+    assert docker("inspect", "-f", "{{.Config.User}}", sub).stdout.strip() == "10002:10002"
+    assert docker("inspect", "-f", "{{.Config.User}}", pub).stdout.strip() == "10003:10003"
+    # what the daemon made, as the daemon set it (never by umask): the ring and its semaphores
+    # creator-or-daemon:10001 0660, the sockets 10001:10001 0660, the lock 0600, the socket
+    # directory 0750; nothing at all readable or writable by others
+    modes = _modes(daemon)
+    ring = modes[f"/dev/shm/{shm_name}"]
+    assert ring == (0o660, 10001, 10001), ring
+    # (a slot's semaphore lives while its subscriber does: those left, if any)
+    sems = {k: v for k, v in modes.items() if k.startswith(f"/dev/shm/sem.{shm_name}")}
+    assert set(sems.values()) <= {(0o660, 10001, 10001)}, sems
+    for sock in ("/run/shimmy/shimmyd.sock", "/run/shimmy/shimmyd.sock.session"):
+        assert modes[sock] == (0o660, 10001, 10001), (sock, modes[sock])
+    assert modes["/run/shimmy/shimmyd.sock.lock"][0] == 0o600
+    assert modes["/run/shimmy"] == (0o750, 10001, 10001)
+    assert not [k for k, (mode, _, _) in modes.items() if mode & 0o007 and k != "/dev/shm"], \
+        modes
+    # an outsider (another uid, no group 10001) in the same IPC namespace with the same volume:
+    # refused by the SDK with PermissionDenied, and by the kernel for the ring and the directory
+    got = _outsider(daemon, shm_name)
+    assert got["channel"].startswith("PermissionDenied: ") and "/run/shimmy" in got["channel"], got
+    assert "socket directory" in got["channel"] and "10004" in got["channel"], got
+    assert got["ring"].startswith("PermissionError"), got
+    assert got["socket dir"].startswith("PermissionError"), got
     daemon_id = docker("inspect", "-f", "{{.Id}}", daemon).stdout.strip()
     assert docker("inspect", "-f", "{{.HostConfig.IpcMode}}", pub).stdout.strip() \
         == f"container:{daemon_id}"
@@ -120,7 +188,7 @@ def test_documented_compose_path_moves_10000_messages_through_shared_memory(proj
     assert shm_name not in docker("exec", daemon, "ls", "/dev/shm").stdout.split()
     project(COMPOSE, "up", "-d", "--no-build", "--force-recreate", "subscriber", "publisher",
             timeout=180)
-    pub, sub = project.container("publisher"), project.container("subscriber")
+    pub, sub = project.container("publisher"), project.container("subscriber")  # recreated
 
     def exited(cid):
         return docker("inspect", "-f", "{{.State.Status}}", cid).stdout.strip() == "exited"

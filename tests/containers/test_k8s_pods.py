@@ -1,9 +1,11 @@
 """The DaemonSet and the example Deployment, as kustomize renders them, run on the real Docker
 engine through podkit (each pod spec setting translated to `docker run` options with the
 kubelet's semantics): the daemon starts with the peering Secret mounted, two daemon pods on two
-simulated nodes peer, the example app pod (its own uid, the daemon's group) exchanges messages,
-the probes pass; a rolling update of the daemon, the socket path contract, and the Secret
-without fsGroup (the reason fsGroup is there) are shown as they happen."""
+simulated nodes peer, the example app pod (two uids of its own, the daemon's group as primary
+group) exchanges messages, the probes pass; a rolling update of the daemon, the socket path
+contract, the Secret without fsGroup (the reason fsGroup is there), the daemon's group as a mere
+supplementary group (the reason for runAsGroup) and a pod outside the group are shown as they
+happen."""
 
 from __future__ import annotations
 
@@ -139,9 +141,12 @@ def test_daemon_pods_with_the_secret_peer_and_the_app_pod_exchanges_messages(
     assert _stat(db)["peer"]["node"] == "node-b"
 
     pa = pods.run("example-a", app, node_a)
-    # the example app runs as its own uid with the daemon's group
-    ident = docker("exec", pa.containers["subscriber"], "id").stdout
-    assert "uid=10002" in ident and "10001" in ident, ident
+    # the example app: two uids of its own (subscriber 10002, publisher 10003), both with the
+    # daemon's group as primary group, the one the daemon sees in the peer credentials
+    ident = {c: docker("exec", pa.containers[c], "id", "-u").stdout.strip() + ":"
+             + docker("exec", pa.containers[c], "id", "-g").stdout.strip()
+             for c in ("subscriber", "publisher")}
+    assert ident == {"subscriber": "10002:10001", "publisher": "10003:10001"}, ident
     wait_until(lambda: _published(da, "demo/k8s") > 2000, 60, 0.5, "messages published")
     wait_until(lambda: [s for s in _sub_lines(containers, pa) if s[0] > 1000], 40, 1,
                "subscriber reports")
@@ -151,9 +156,19 @@ def test_daemon_pods_with_the_secret_peer_and_the_app_pod_exchanges_messages(
     shm = node_a.path("/dev/shm/shimmy")
     st = shm.stat()
     assert (oct(st.st_mode & 0o7777), st.st_uid, st.st_gid) == (oct(0o1770), 10001, 10001)
-    rings = [f for f in shm.iterdir() if not f.name.startswith("sem.")]
-    assert rings and all((f.stat().st_mode & 0o777, f.stat().st_gid) == (0o660, 10001)
-                         for f in rings), [(f.name, oct(f.stat().st_mode)) for f in rings]
+    # everything in it (rings and semaphores: the daemon's uid, channel_group 10001, 0660 as the
+    # daemon set them) and the sockets (socket_group 10001, socket_mode 0660): nothing for others
+    objs = {f.name: (f.stat().st_mode & 0o7777, f.stat().st_uid, f.stat().st_gid)
+            for f in shm.iterdir()}
+    rings = [n for n in objs if not n.startswith("sem.")]
+    assert rings and set(objs.values()) == {(0o660, 10001, 10001)}, objs
+    run = node_a.path("/run/shimmy")
+    assert {f.name: (f.stat().st_mode & 0o7777, f.stat().st_uid, f.stat().st_gid)
+            for f in run.iterdir()} == {"shimmyd.sock": (0o660, 10001, 10001),
+                                        "shimmyd.sock.session": (0o660, 10001, 10001),
+                                        "shimmyd.sock.lock": (0o600, 10001, 10001)}
+    st = run.stat()
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o750, 10001, 10001)
     # both probes pass on both daemons, and nothing exited (no CrashLoopBackOff by design)
     for d in (da, db):
         assert pods.probe(d, "shimmyd", "livenessProbe")
@@ -172,7 +187,9 @@ def test_without_fs_group_the_secret_is_unreadable_and_the_daemon_fails(
     d = pods.run("shimmyd-nofsgroup", ds, nodes("a", IP_A))
     assert containers.wait_exit(d.containers["shimmyd"], 30) != 0
     log = containers.logs(d.containers["shimmyd"])
-    assert "cluster.key" in log and "ermission" in log, log[-2000:]
+    # refused at start by the daemon's settings check, naming the setting and the file
+    assert "cluster_key_file=/etc/shimmy-peer/cluster.key: not a readable file" in log, \
+        log[-2000:]
 
 
 def test_rolling_update_of_the_daemon_apps_reopen_and_go_on(rendered, containers, nodes,
@@ -235,11 +252,35 @@ def test_socket_dir_mounted_at_another_path_gets_the_contract_error(
     assert "/run/shimmy/shimmyd.sock.session" in log and "start one with" not in log
 
 
+def test_a_supplementary_group_is_invisible_to_the_daemon_so_apps_need_run_as_group(
+        rendered, containers, nodes, runner):
+    """Why the example sets runAsGroup 10001 rather than supplementalGroups [10001]: the
+    daemon has no hostPID, so it knows a client's groups only from the socket's peer
+    credentials, whose gid is the primary group.  With the group merely supplementary the files
+    would open, but the daemon refuses the second uid the channel, naming the rule."""
+    pods = runner(_cluster(rendered, secret=None))
+    ds, app = _spec(rendered, "DaemonSet"), _spec(rendered, "Deployment")
+    node = nodes("a", IP_A)
+    d = pods.run("shimmyd", ds, node)
+    pods.wait_probe(d, "shimmyd", "readinessProbe")
+    app["securityContext"].update(runAsGroup=10002, supplementalGroups=[10001])
+    p = pods.run("supplementary", app, node)
+
+    def refused():
+        log = containers.logs(p.containers["publisher"])
+        return [ln for ln in log.splitlines() if "publisher: error PermissionDenied" in ln]
+    line = wait_until(refused, 60, 0.5, "the publisher (uid 10003) refused")[-1]
+    assert "uid 10003" in line and "'demo/k8s'" in line, line
+    assert "belongs to uid 10002 or members of group 10001" in line, line
+    assert _published(d, "demo/k8s") == 0
+
+
 def test_a_pod_without_the_daemons_group_cannot_reach_the_daemon_or_the_rings(
         rendered, containers, nodes, runner):
-    """The negative control of 'apps by group': the example pod's spec with another uid and no
-    supplementary group 10001 is kept out of the socket directory (0750) and the shm directory
-    (1770), so it neither reaches the daemon nor maps a ring."""
+    """The negative control of 'apps by group': the example pod's spec with another uid and
+    neither primary nor supplementary group 10001 is kept out of the socket directory (0750),
+    the socket (0660) and the shm directory (1770), so it neither reaches the daemon nor maps a
+    ring."""
     pods = runner(_cluster(rendered, secret=None))
     ds, app = _spec(rendered, "DaemonSet"), _spec(rendered, "Deployment")
     node = nodes("a", IP_A)
