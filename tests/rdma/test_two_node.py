@@ -170,8 +170,12 @@ def run_pair(tag: str, port: int, mode: str, n: int, env_a: dict | None = None,
     try:
         if ROLE == "a":
             publish(d, f"lab/{tag}", mode, n, 0.02 if mode == "lossy" else 0.004)
-            return d, d.stat()
-        return d, subscribe(d, f"lab/{tag}", n)
+            out = d.stat()
+        else:
+            out = subscribe(d, f"lab/{tag}", n)
+        # Neither daemon stops (ending the link and its mirrors) before both took their stat.
+        barrier(f"lab/{tag}-stat-taken")
+        return d, out
     finally:
         d.stop()
 
