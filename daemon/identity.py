@@ -14,10 +14,12 @@ The identity chain (see ``docs/containers.md``):
    ``shimmy.publish`` and ``shimmy.subscribe`` hold comma-separated channel patterns
    (:func:`compile_pattern`), which :class:`AccessPolicy` checks on every channel operation.
 
-Defaults (``docs/containers.md`` says why): with ``--access open`` (the default) a process outside
-any container, a process the daemon cannot identify, and a container without a ``shimmy.publish``
-or ``shimmy.subscribe`` label may do everything; a container with either label may do exactly
-what its labels list.  With ``--access closed`` only what a label grants is allowed.
+This module says who a client is and what its container labels allow; ownership and the
+uid/group rules are decided after it, in :mod:`access` (``docs/security.md``).  Under ``access``
+``owner`` (the default) and ``open``, a process outside any container, a process the daemon
+cannot identify, and a container without a ``shimmy.publish`` or ``shimmy.subscribe`` label pass
+this layer; a container with either label may do exactly what its labels list.  With ``access =
+"closed"`` only what a label grants passes.
 
 Everything here is pure: no daemon loop, no global state except the label cache of one
 :class:`DockerLabelSource`.  :func:`watch_container_deaths` is the one function that runs
@@ -38,6 +40,7 @@ from typing import Callable, Iterable, Mapping, Protocol, runtime_checkable
 
 from shimmy.errors import InvalidArgument, PermissionDenied
 
+UNRESTRICTED = "no label restricts it (access is not closed)"
 log = logging.getLogger("shimmy.daemon.identity")
 
 PUBLISH_LABEL = "shimmy.publish"
@@ -379,7 +382,7 @@ class AccessPolicy:
     # ---- constructors ------------------------------------------------------------------
 
     @classmethod
-    def allow_all(cls, subject: str, reason: str = "access open",
+    def allow_all(cls, subject: str, reason: str = "labels do not restrict it",
                   container_id: str | None = None) -> "AccessPolicy":
         return cls(subject=subject, default_allow=True, default_reason=reason,
                    container_id=container_id)
@@ -408,7 +411,7 @@ class AccessPolicy:
             else:
                 why = f"no {PUBLISH_LABEL} or {SUBSCRIBE_LABEL} label"
             if default_open:
-                return cls.allow_all(subject, f"{why}; --access open", container_id)
+                return cls.allow_all(subject, f"{why}; {UNRESTRICTED}", container_id)
             return cls.deny_all(subject, f"{why}; --access closed allows only what a label "
                                          f"grants", container_id)
         rules: dict[str, tuple[str, ...]] = {}
@@ -485,7 +488,7 @@ def policy_for_container(container_id: str | None, label_source: LabelSource | N
     if container_id is None:
         subject = f"process {pid} (outside any container)" if pid else "client"
         if default_open:
-            return AccessPolicy.allow_all(subject, "not in a container; --access open")
+            return AccessPolicy.allow_all(subject, f"not in a container; {UNRESTRICTED}")
         return AccessPolicy.deny_all(
             subject, "not in a container, so no labels grant it anything; --access closed")
     labels = None
@@ -519,13 +522,13 @@ def policy_for_pid(pid: int | None, label_source: LabelSource | None, default_op
         reason = ("its pid is not visible to the daemon (run the daemon in the host pid "
                   "namespace: compose pid: host, Kubernetes hostPID)")
         if default_open:
-            return AccessPolicy.allow_all(subject, reason + "; --access open")
+            return AccessPolicy.allow_all(subject, f"{reason}; {UNRESTRICTED}")
         return AccessPolicy.deny_all(subject, reason + "; --access closed")
     if not os.path.exists(os.path.join(proc_root, str(pid))):
         subject = f"process {pid}"
         reason = f"{proc_root}/{pid} does not exist in the daemon's view"
         if default_open:
-            return AccessPolicy.allow_all(subject, reason + "; --access open")
+            return AccessPolicy.allow_all(subject, f"{reason}; {UNRESTRICTED}")
         return AccessPolicy.deny_all(subject, reason + "; --access closed")
     cid = container_id_of_pid(pid, proc_root)
     return policy_for_container(cid, label_source, default_open, pid=pid)
