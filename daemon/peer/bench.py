@@ -159,7 +159,8 @@ def _proc_cpu(pid: int) -> float:
 class TwoDaemons:
     """Two peered daemons on loopback (no namespaces needed: distinct sockets, shm prefixes)."""
 
-    def __init__(self):
+    def __init__(self, transport: str = "tcp"):
+        self.transport = transport   # the mirrors' data path: tcp, or rdma where a device exists
         self.dir = tempfile.mkdtemp(prefix="shimmy-xbench-")
         key = os.path.join(self.dir, "key")
         from .auth import random_key_file
@@ -170,7 +171,7 @@ class TwoDaemons:
         self.a = os.path.join(self.dir, "a.sock")
         self.b = os.path.join(self.dir, "b.sock")
         base = [sys.executable, "-m", "shimmy.cli", "daemon", "--cluster-key-file", key,
-                "--log-level", "warning"]
+                "--log-level", "warning", "--transport", transport]
         log = open(os.path.join(self.dir, "log"), "ab")
         self.procs = [
             subprocess.Popen(base + ["--socket", self.a, "--node", "bench-a", "--peer-listen",
