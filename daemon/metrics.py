@@ -281,8 +281,9 @@ class DaemonCollector:
     def _peering(self) -> Iterator["Metric"]:
         p = self.d.peer
         g = _gauge("shimmy_peer_transport_info",
-                   "Peer data transport in use (value 1; 'none' with peering off) and whether "
-                   "an RDMA device is usable ('unchecked' with peering off)", ["transport", "rdma"])
+                   "Peer data transport setting (tcp, rdma or auto; 'none' with peering off; "
+                   "each mirror's own transport is in shimmy_mirror_*) and whether an RDMA "
+                   "device is usable ('unchecked' with peering off)", ["transport", "rdma"])
         if not p.enabled:
             g.add_metric(["none", "unchecked"], 1)
         else:

@@ -235,7 +235,9 @@ ALLOWED_LABELS = {"channel", "state", "op", "code", "peer", "role", "event", "tr
 def test_metrics_label_sets_stay_bounded(daemon_factory, tmp_path):
     """1,000 channels held by 200 clients: one series per channel (per state) and no label per
     client; the label names are the documented, bounded set."""
-    d, url = _metrics_daemon(daemon_factory, tmp_path, max_channels=1000, max_clients=256)
+    d, url = _metrics_daemon(daemon_factory, tmp_path, max_channels=1000, max_clients=256,
+                              quota_channels=1000, quota_sessions=256, quota_connections=256,
+                              quota_subscribers=2000)
     ready, stop = tmp_path / "ready", tmp_path / "stop"
     proc = subprocess.Popen([sys.executable, "-c", CARDINALITY_WORKER, d.socket, "200", "5",
                              str(ready), str(stop)])

@@ -74,9 +74,9 @@ def test_peer_and_mirror_metrics_follow_a_mirrored_channel(daemon_factory, tmp_p
     linked = _until(lambda: (lambda s: s if value(s, "shimmy_peer_links") == 1 else None)(
         scrape(url_b)))
     assert linked, "node B never linked to node A"
-    assert value(linked, "shimmy_peer_transport_info", transport="tcp",
+    assert value(linked, "shimmy_peer_transport_info", transport="auto",
                  rdma="unavailable") == 1 or value(linked, "shimmy_peer_transport_info",
-                                                   transport="tcp", rdma="available") == 1
+                                                   transport="auto", rdma="available") == 1
 
     name, count, frame = "xm/mirrored", 500, 1024     # 1000 B + 16 B header, 16-aligned
     work = tmp_path / "work"
