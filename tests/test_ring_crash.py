@@ -162,13 +162,15 @@ def test_crash_matrix_bounded(tmp_path):
     daemon and stream ends, reliable and lossy; every count that must be zero is zero."""
     out = tmp_path / "crash.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.chaos.crash", "--trials", "12", "--max-seconds", "45",
-         "--json", str(out)], capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "tests.chaos.crash", "--trials", "10", "--max-seconds", "50",
+         "--json", str(out)], capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
-    assert report["trials"] >= 12 * 7, report
+    assert [(r["kind"], r["mode"]) for r in report["rows"]] == [
+        ("publisher", "reliable"), ("publisher", "lossy"), ("subscriber", "reliable"),
+        ("subscriber", "lossy"), ("daemon", "reliable"), ("daemon", "lossy"), ("stream", "-")]
     for row in report["rows"]:
-        assert row["trials"] > 0, row
+        assert row["trials"] >= 2 and row["received"] > 0, row
         for key in ("torn", "lost", "duplicated", "lost_inexact", "wedged", "stale_objects",
                     "daemon_deaths", "errors"):
             assert row[key] == 0, row

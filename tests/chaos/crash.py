@@ -21,7 +21,8 @@ stream      the writer or the reader of a byte stream is killed at a random inst
             survivor must see everything committed, intact, then StreamBroken within 5 s, and
             the stream must be freed.
 
-Counts (must all be 0): torn (payload checksum or stream bytes wrong), lost and duplicated
+``received`` counts messages checked (stream rows: bytes).  Counts (must all be 0): torn
+(payload checksum or stream bytes wrong), lost and duplicated
 (reliable), lost_inexact (lossy: ``Message.lost`` differs from the gap in sequence numbers),
 wedged (a survivor, successor or new subscriber failed or timed out), stale_objects (shared
 memory left after a row's daemon stopped, or left by a killed daemon after the restart's sweep),
@@ -386,6 +387,7 @@ def row_stream(ctx, row: Row, d: Daemon, trials: int, end: float, rng: random.Ra
                 if data != payloads.stream_bytes(pos, len(data)):
                     row.bad("torn", f"stream bytes at {pos}")
                 pos += len(data)
+                row.counts["received"] += len(data)
             entry = _stream_entry(d.socket, name)
             if not broken and entry is not None and entry["writer"] is not None:
                 row.bad("wedged", f"reader saw no StreamBroken 5 s after the writer died: {entry}")

@@ -10,6 +10,7 @@ import time
 
 import shimmy
 from shimmy.errors import ShimmyError
+from shimmy.sdk.client import get_client
 
 from . import payloads
 
@@ -140,7 +141,7 @@ def subscribe(sock: str, name: str, mode: str, capacity: int, seconds: float, co
 def exchange(sock: str, name: str, mode: str, capacity: int, n: int = 20) -> None:
     """After a daemon restart: list, open, subscribe, publish ``n``, receive them all intact.
     Exit code 0 on success."""
-    client = shimmy.sdk.client.get_client(sock)
+    client = get_client(sock)
     client.request("list")
     ch = shimmy.Channel(name, daemon=sock, mode=mode, capacity=capacity)
     sub = ch.subscribe()
