@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from shimmy import ring
 from shimmy.errors import (ChannelConflict, ChannelNotFound, InvalidArgument, LimitExceeded,
-                           ShimmyError)
+                           RingCorrupted, ShimmyError)
 from shimmy.names import object_token
 
 from .config import Settings
@@ -51,21 +51,54 @@ class ChannelRecord:
     idle_since: float | None = None
 
     def describe(self) -> dict:
-        q = self.view.q
-        tail = q[ring.OFF_TAIL // 8]
+        """The channel's entry in ``list``/``stat``.  A ring whose words break the invariants is
+        reported with ``broken`` (the reason) instead of failing the whole listing; the daemon
+        first restores the words it owns (repair_daemon_words), so only the publisher's or a
+        subscriber's words can leave it broken."""
+        self.repair_daemon_words()
+        view = self.view
+        q = view.q
+        entry = {
+            "name": self.name, "mode": ring.MODE_NAMES.get(self.mode, str(self.mode)),
+            "capacity": self.capacity, "max_message": ring.max_message_size(self.capacity),
+            "max_subscribers": self.max_subscribers, "shm": self.shm_name,
+            "publisher": self.publisher, "published": None, "tail": None, "head": None,
+            "evicted": [s.index for s in self.evicted.values()],
+            "holders": len(self.holders), "broken": None,
+        }
+        try:
+            entry["published"] = ring.stream_point(view)[1]
+        except RingCorrupted as exc:
+            entry["broken"] = str(exc)
+        tail = q[ring.W_TAIL]
+        entry["tail"], entry["head"] = tail, q[ring.W_HEAD]
         subs = []
         for s in self.slots.values():
-            pos = q[self.view.slot_word(s.index)]
+            pos = q[view.slot_word(s.index)]
             subs.append({"slot": s.index, "client": s.client, "pid": s.pid, "position": pos,
                          "lag_bytes": max(tail - pos, 0)})
-        return {
-            "name": self.name, "mode": ring.MODE_NAMES[self.mode], "capacity": self.capacity,
-            "max_message": ring.max_message_size(self.capacity),
-            "max_subscribers": self.max_subscribers, "shm": self.shm_name,
-            "publisher": self.publisher, "published": ring.stream_point(self.view)[1],
-            "tail": tail, "head": q[ring.OFF_HEAD // 8], "subscribers": subs,
-            "evicted": [s.index for s in self.evicted.values()], "holders": len(self.holders),
-        }
+        entry["subscribers"] = subs
+        return entry
+
+    def repair_daemon_words(self) -> int:
+        """Rewrite the ring words the daemon owns (slot_high, slot states) from its own books
+        when they differ (a client with write access stored over them); returns how many."""
+        view = self.view
+        fixed = 0
+        if view.u32[ring.I_SLOT_HIGH] != self.semaphores:
+            log.warning("channel %s: slot_high was %d, restoring %d", self.name,
+                        view.u32[ring.I_SLOT_HIGH], self.semaphores)
+            view.u32[ring.I_SLOT_HIGH] = self.semaphores
+            fixed += 1
+        for index in range(self.semaphores):
+            state = (ring.SLOT_ACTIVE if index in self.slots else
+                     ring.SLOT_EVICTED if index in self.evicted else ring.SLOT_FREE)
+            if view.slot_state(index) != state:
+                log.warning("channel %s: slot %d state was %d, restoring %d", self.name, index,
+                            view.slot_state(index), state)
+                ring.daemon_set_slot_state(view, index, state)
+                fixed += 1
+        return fixed
 
 
 class Registry:
@@ -146,6 +179,7 @@ class Registry:
     def add_subscriber(self, rec: ChannelRecord, client: int, pid: int, start: str) -> Slot:
         if start not in ("next", "oldest"):
             raise InvalidArgument(f"start must be 'next' or 'oldest', got {start!r}")
+        rec.repair_daemon_words()
         used = set(rec.slots) | set(rec.evicted)
         index = next((i for i in range(rec.max_subscribers) if i not in used), None)
         if index is None:

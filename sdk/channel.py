@@ -10,6 +10,7 @@ import mmap
 import os
 import time
 import weakref
+from types import EllipsisType
 
 import posix_ipc
 
@@ -174,14 +175,14 @@ class Channel:
         self._writer = ring.RingWriter(self._view, self._wakeups)
         return self._writer
 
-    def publish(self, data, *, timeout: float | None = ...) -> int:
+    def publish(self, data, *, timeout: float | None | EllipsisType = ...) -> int:
         """Copy ``data`` (any bytes-like object) into the ring; return its sequence number."""
         writer = self._writer
         if writer is None or self.closed:
             writer = self._become_publisher()
         return writer.publish(data, self.publish_timeout if timeout is ... else timeout)
 
-    def loan(self, n: int, *, timeout: float | None = ...) -> "Loan":
+    def loan(self, n: int, *, timeout: float | None | EllipsisType = ...) -> "Loan":
         """Zero-copy publish: ``with ch.loan(n) as buf:`` gives a writable memoryview of ``n``
         bytes inside the ring.
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import mmap
+from typing import Any
 
 
 from shimmy import stream_ring
@@ -87,6 +88,8 @@ class Stream:
 
 class _StreamEnd(io.RawIOBase):
     role = ""
+    # stream_ring.WriterCursor / ReaderCursor (per subclass) once open; None once closed.
+    _cursor: Any
 
     def __init__(self, stream: Stream, timeout: float | None):
         super().__init__()
@@ -165,7 +168,8 @@ class _StreamEnd(io.RawIOBase):
             super().close()
 
     def fileno(self) -> int:
-        raise io.UnsupportedOperation(f"stream {self.name!r} has no file descriptor (shared memory)")
+        raise io.UnsupportedOperation(
+            f"stream {self.name!r} has no file descriptor (shared memory)")
 
     def isatty(self) -> bool:
         return False
@@ -324,7 +328,7 @@ class StreamReader(_StreamEnd):
         return self._cursor.read_bytes(size, avail)
 
     def readall(self, timeout=_DEFAULT) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         while True:
             chunk = self.read(self.capacity, timeout)
             if not chunk:
@@ -389,9 +393,10 @@ class StreamReader(_StreamEnd):
             self._cursor.consume(n)
 
     def close(self) -> None:
-        if not self.closed and getattr(self, "_lent", None) is not None:
+        lent = getattr(self, "_lent", None)
+        if not self.closed and lent is not None:
             try:
-                self._lent.release()
+                lent.release()
             except BufferError:
                 pass
             self._lent = None

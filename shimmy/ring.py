@@ -13,7 +13,7 @@ layout, the ownership of every word and the memory-ordering argument are in
            +64   name length u32 + name bytes (up to 200)            -- all daemon, write-once
            +320  tail u64       publisher: end of the last committed frame (commit word)
            +328  head u64       publisher: start of the oldest intact frame
-           +336  last u64       publisher: start of the last committed (non-PAD) frame
+           +336  last u64       publisher: start of the last complete frame (stored before tail)
            +344  waits u64      publisher: times it waited for room (reliable back-pressure)
            +384  slot_high u32  daemon: 1 + highest subscriber slot ever handed out
            +448  waiting bytes: slot s at 448 + s + (s >= 7), written only by subscriber s
@@ -27,7 +27,8 @@ layout, the ownership of every word and the memory-ordering argument are in
 Positions (tail, head, subscriber positions) are byte offsets in an endless stream; the ring
 offset is ``position & (capacity - 1)``.  A frame is a 16-byte header (length u32, flags u32,
 seq u64) followed by the payload, padded to 16 bytes; frames never straddle the wrap point (the
-writer fills the end with a PAD frame instead).
+writer fills the end with a PAD frame, committed on its own, instead).  The crash-consistency
+argument (what survivors see whatever instruction a writer dies at) is in docs/ring-format.md.
 """
 
 from __future__ import annotations
@@ -37,12 +38,15 @@ import os
 import secrets
 import struct
 import time
+from typing import NoReturn
+
 import posix_ipc
 
-from shimmy.errors import BackpressureTimeout, ChannelClosed, MessageTooLarge, RingCorrupted
+from shimmy.errors import (BackpressureTimeout, ChannelClosed, LimitExceeded, MessageTooLarge,
+                           PermissionDenied, RingCorrupted)
 
 MAGIC = 0x474E4952594D4853  # b"SHMYRING" read as a little-endian u64
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2   # 2: PADs committed on their own, carrying the previous seq (head <= last)
 
 MODE_RELIABLE = 0
 MODE_LOSSY = 1
@@ -92,6 +96,10 @@ SLOT_EVICTED = 2  # the owner lost its lease; the publisher ignores it, the slot
 
 HEADER = 16
 FLAG_PAD = 1
+U64 = (1 << 64) - 1
+# A reader treats a jump in sequence numbers of more than this many messages as corruption (a
+# garbage seq), not loss: more than 10**12 messages lost in one gap.
+MAX_SEQ_GAP = 1 << 40
 FRAME = struct.Struct("<IIQ")  # length, flags, seq
 _pack_frame = FRAME.pack_into
 _unpack_frame = FRAME.unpack_from
@@ -109,7 +117,8 @@ I_SLOT_HIGH = OFF_SLOT_HIGH // 4
 # fence on x86-64, and costs about 25 ns from Python (an uncontended lock acquire+release, the
 # other candidate, about 75 ns).  The semaphore is unlinked at once, so it never shows in
 # /dev/shm; it only counts up, and is replaced when it reaches SEM_VALUE_MAX (once per 2**31
-# fences).
+# fences).  It is created on the first fence, never at import: ``import shimmy`` must work on a
+# full or read-only /dev/shm.
 def _new_fence_semaphore() -> posix_ipc.Semaphore:
     while True:
         name = f"/shimmy-fence-{os.getpid()}-{secrets.token_hex(4)}"
@@ -117,18 +126,40 @@ def _new_fence_semaphore() -> posix_ipc.Semaphore:
             sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX)
         except posix_ipc.ExistentialError:
             continue
+        except posix_ipc.PermissionsError as exc:
+            raise PermissionDenied(
+                f"cannot create the process's fence semaphore {name!r} in /dev/shm: {exc}; "
+                f"Shimmy needs a writable /dev/shm (mount it read-write, or give this uid access)"
+            ) from None
+        except OSError as exc:   # ENOSPC, ENOMEM, EMFILE, ENFILE: a resource ran out
+            raise LimitExceeded(
+                f"cannot create the process's fence semaphore {name!r} in /dev/shm: "
+                f"{os.strerror(exc.errno) if exc.errno else exc} (it needs one small "
+                f"semaphore: free space in /dev/shm or raise the open-file limit)"
+            ) from None
+        except posix_ipc.Error as exc:
+            raise LimitExceeded(f"cannot create the process's fence semaphore {name!r} in "
+                                f"/dev/shm: {exc}") from None
         sem.unlink()
         return sem
 
 
-_fence_sem = _new_fence_semaphore()
-_fence_post = _fence_sem.release
+def _install_fence_semaphore() -> None:
+    global _fence_post
+    _fence_post = _new_fence_semaphore().release
+
+
+def _first_fence() -> None:
+    """``_fence_post`` until the first fence: create the semaphore, then fence with it."""
+    _install_fence_semaphore()
+    _fence_post()
+
+
+_fence_post = _first_fence
 
 
 def _fence_overflowed() -> None:
-    global _fence_sem, _fence_post
-    _fence_sem = _new_fence_semaphore()
-    _fence_post = _fence_sem.release
+    _install_fence_semaphore()
     _fence_post()
 
 
@@ -275,7 +306,8 @@ def waiting_offset(slot: int) -> int:
     return OFF_WAITING + slot + (slot >= 7)
 
 
-def daemon_activate_slot(view: RingView, slot: int, position: int, pid: int, generation: int) -> None:
+def daemon_activate_slot(view: RingView, slot: int, position: int, pid: int,
+                         generation: int) -> None:
     """Hand ``slot`` to a new subscriber starting at ``position`` (daemon only).
 
     Order matters: position and owner first, state last, so the publisher never counts an
@@ -311,37 +343,89 @@ def next_epoch(epoch: int) -> int:
     return epoch % 255 + 1
 
 
+def corrupted(view: SegmentView, what: str, offset: int) -> RingCorrupted:
+    """The error for a word or frame that breaks the ring's invariants (docs/ring-format.md,
+    "Validation"): names the channel, what was wrong and the byte offset in the segment."""
+    kind = "stream" if view.KIND == "stream" else "channel"
+    return RingCorrupted(f"{kind} {view.name!r} is corrupted: {what} (segment offset {offset}); "
+                         f"delete it (shimmy rm) and open it again")
+
+
+def check_positions(view: RingView, head: int, last: int, tail: int) -> None:
+    """Raise RingCorrupted unless ``head <= last <= tail``, all 16-aligned.
+
+    Holds in every state of the ring, whatever instruction a writer died at (the crash-point
+    table in docs/ring-format.md); the caller loads the three words so that a live publisher
+    cannot have moved between them (or retries).  (``tail - head`` may exceed the capacity in
+    a replica ring: a hole the mirror filled with one long PAD, daemon/peer/mirror.py.)"""
+    if (head | last | tail) & 15:
+        raise corrupted(view, f"unaligned position (head {head}, last {last}, tail {tail})",
+                        OFF_TAIL)
+    if not head <= last <= tail:
+        raise corrupted(view, f"positions out of order (head {head}, last {last}, tail {tail}: "
+                              f"head <= last <= tail always holds)", OFF_TAIL)
+
+
+def frame_end(view: RingView, position: int, length: int, flags: int, limit: int) -> int:
+    """End position of the frame at ``position`` with header (``length``, ``flags``); raises
+    RingCorrupted unless it is a well-formed frame or PAD ending at or before ``limit``."""
+    if flags == 0:
+        if length > max_message_size(view.capacity):
+            raise corrupted(view, f"frame length {length} exceeds the largest message "
+                                  f"{max_message_size(view.capacity)}",
+                            view.data_offset + (position & (view.capacity - 1)))
+        end = position + ((length + HEADER + 15) & ~15)
+    elif flags == FLAG_PAD and not length & 15:
+        end = position + length + HEADER
+    else:
+        raise corrupted(view, f"bad frame header (length {length}, flags {flags:#x})",
+                        view.data_offset + (position & (view.capacity - 1)))
+    if end > limit:
+        raise corrupted(view, f"frame at position {position} ends at {end}, past {limit}",
+                        view.data_offset + (position & (view.capacity - 1)))
+    return end
+
+
 def stream_point(view: RingView, oldest: bool = False) -> tuple[int, int]:
     """``(position, seq)`` where a new reader starts: the tail (next message) or the head.
 
-    Exact even while the publisher runs: the tail's sequence number is one past the seq of the
-    frame starting at ``last``, valid when ``last < tail`` (else the publisher moved on between
-    our loads; try again) and that frame is still intact (head <= last).
+    Exact in every state of the ring, a live publisher's or a dead one's (docs/ring-format.md,
+    "Crash points"): the frame header at ``last`` is always complete and is never rewritten while
+    ``last`` points at it.  ``last < tail``: it is the last committed frame (or PAD, which
+    carries the seq of the message before it), so the tail's seq is its seq + 1.  ``last ==
+    tail``: it is a complete frame the publisher wrote but had not committed yet (it stores
+    ``last`` before ``tail``): the tail's seq is its own seq (+ 1 for a PAD).  A publisher that
+    moves between our loads changes ``tail`` or ``last`` (positions only grow): try again.
+    Raises RingCorrupted (naming the channel and offset) for words that break the invariants.
     """
     q, mv, base, mask = view.q, view.mv, view.data_offset, view.capacity - 1
     for _ in range(100_000):
-        tail = q[OFF_TAIL // 8]
-        last = q[OFF_LAST // 8]
+        tail = q[W_TAIL]
+        last = q[W_LAST]
+        length, flags, seq = _unpack_frame(mv, base + (last & mask))
+        head = q[W_HEAD]
+        if q[W_TAIL] != tail or q[W_LAST] != last:
+            continue
+        check_positions(view, head, last, tail)
         if tail == 0:
             return 0, 0
-        if last >= tail:
-            continue
-        seq = FRAME.unpack_from(mv, base + (last & mask))[2] + 1
-        if q[OFF_HEAD // 8] > last or q[OFF_TAIL // 8] != tail:
-            continue
+        frame_end(view, last, length, flags, last + view.capacity)
+        at_tail = (seq + 1) & U64 if last < tail or flags else seq
         if not oldest:
-            return tail, seq
-        head = q[OFF_HEAD // 8]
-        while head < tail:
-            length, flags, first = FRAME.unpack_from(mv, base + (head & mask))
-            if q[OFF_HEAD // 8] > head:
+            return tail, at_tail
+        p = head
+        while p < tail:
+            length, flags, first = _unpack_frame(mv, base + (p & mask))
+            if q[W_HEAD] > p:
                 break  # overwritten under us: start again
-            if not flags & FLAG_PAD:
-                return head, first
-            head += length + HEADER
+            if not flags:
+                frame_end(view, p, length, flags, tail)
+                return p, first
+            p = frame_end(view, p, length, flags, tail)
         else:
-            return tail, seq
-    raise RingCorrupted(f"ring {view.name!r}: could not find a consistent tail")
+            return tail, at_tail
+    raise RingCorrupted(f"channel {view.name!r}: the publisher moved on 100000 times while its "
+                        f"tail was being read")
 
 
 class Wakeups:
@@ -363,9 +447,18 @@ class Wakeups:
         self.posted_w0 = 0
         self._sems: dict[int, posix_ipc.Semaphore] = {}
 
+    def slot_high(self) -> int:
+        """The daemon's slot_high word, validated (a garbage value must not index past the
+        slot table)."""
+        high = self.v.u32[I_SLOT_HIGH]
+        if high > self.v.max_subscribers:
+            raise corrupted(self.v, f"slot_high {high} exceeds max_subscribers "
+                                    f"{self.v.max_subscribers}", OFF_SLOT_HIGH)
+        return high
+
     def wake(self) -> None:
         """Post every subscriber asleep on an epoch not posted yet."""
-        high = self.v.u32[I_SLOT_HIGH]
+        high = self.slot_high()
         flags = bytes(self.v.mv[OFF_WAITING:OFF_WAITING + high + 1])  # + the wide byte
         posted = self._posted
         for slot in range(high):
@@ -377,7 +470,7 @@ class Wakeups:
 
     def post_all(self) -> None:
         """Post every slot, asleep or not (something every subscriber must re-check changed)."""
-        for slot in range(self.v.u32[I_SLOT_HIGH]):
+        for slot in range(self.slot_high()):
             self.post(slot)
 
     def post(self, slot: int) -> None:
@@ -419,11 +512,26 @@ class RingWriter:
         self.max_message = max_message_size(view.capacity)
         self._backoff_max = backoff_max
         # The publisher role may move between processes over time (one at a time); it resumes
-        # from the words its predecessor committed.
-        self._tail = view.q[OFF_TAIL // 8]
-        self._head = view.q[OFF_HEAD // 8]
-        self._seq = stream_point(view)[1]
-        self._limit = self._head + self._cap  # furthest end writable without overwriting
+        # from the words its predecessor stored, whatever instruction that one died at.
+        self._resume()
+
+    def _resume(self) -> None:
+        q = self._q
+        tail, head, last = q[W_TAIL], q[W_HEAD], q[W_LAST]
+        check_positions(self.v, head, last, tail)
+        if last == tail and tail:
+            # The previous holder died between its two commit stores (``last``, then ``tail``):
+            # the frame at ``last`` is complete (every byte of it was stored before ``last``).
+            # Finish that commit (roll forward) instead of ever writing over a header that
+            # ``last`` points at: that keeps stream_point exact for the daemon meanwhile.
+            length, flags, _ = _unpack_frame(self._mv, self._base + (tail & self._mask))
+            end = frame_end(self.v, tail, length, flags, head + self._cap)
+            q[W_TAIL] = end            # SYNC POINT (commit), as in _commit
+            tail = end
+        self._tail = tail
+        self._head = head
+        self._seq = stream_point(self.v)[1]
+        self._limit = head + self._cap  # furthest end writable without overwriting
 
     # -- hot path ---------------------------------------------------------------------------
     def publish(self, data, timeout: float | None) -> int:
@@ -444,11 +552,11 @@ class RingWriter:
             self._mm[pos + HEADER:pos + HEADER + n] = data   # mmap slice store: the cheapest copy
         except (IndexError, ValueError, TypeError):
             # len() was not the byte count (an array of wider items): publish its bytes instead.
-            # Nothing is visible yet: tail is stored only below.
+            # Nothing is visible yet: last and tail are stored only below.
             return self.publish(_as_bytes(data), timeout)
         # Commit, as in _commit (inlined: this is the hottest path in the project).
         q = self._q
-        q[W_LAST] = tail
+        q[W_LAST] = tail               # SYNC POINT (complete frame), see _commit
         self._tail = end = tail + size
         self._seq = seq + 1
         q[W_TAIL] = end                # SYNC POINT (commit), see _commit
@@ -465,7 +573,7 @@ class RingWriter:
         """Reserve room for an ``n``-byte frame and return a writable view of its payload.
 
         Nothing is visible to readers until :meth:`commit_claim`; dropping the claim publishes
-        nothing because tail is not moved.
+        nothing because neither last nor tail moves.
         """
         off = self._reserve(n, timeout)
         pos = self._base + off
@@ -478,8 +586,10 @@ class RingWriter:
     def _reserve(self, n: int, timeout: float | None) -> int:
         """Make room for a frame of payload ``n`` at the tail; return its ring offset.
 
-        Writes a PAD frame first when the frame would straddle the wrap point.  Only head may be
-        stored here (never tail), so an abandoned reservation leaves the ring unchanged to readers.
+        When the frame would straddle the wrap point, first fills the end of the ring with a PAD
+        frame and commits it on its own (so ``last`` always points at a frame that no later
+        frame overlaps: docs/ring-format.md, "Crash points").  Otherwise only head may be stored
+        here, so an abandoned reservation leaves the ring unchanged to readers.
         """
         if n > self.max_message:
             self._too_large(n)
@@ -488,12 +598,16 @@ class RingWriter:
         off = tail & self._mask
         room = self._cap - off
         if size > room:
-            # Pad to the wrap point; the pad and the frame are committed together by one tail store.
-            if tail + room + size > self._limit:
-                self._make_room(tail + room + size, timeout)
-            FRAME.pack_into(self._mv, self._base + off, room - HEADER, FLAG_PAD, 0)
-            self._tail = tail + room
-            return 0
+            if tail + room > self._limit:
+                self._make_room(tail + room, timeout)
+            # The PAD carries the seq of the message before it, so stream_point reads the tail's
+            # seq from it like from any frame at ``last``.
+            _pack_frame(self._mv, self._base + off, room - HEADER, FLAG_PAD, (self._seq - 1) & U64)
+            q = self._q
+            q[W_LAST] = tail           # SYNC POINT (complete frame), as in _commit
+            self._tail = tail = tail + room
+            q[W_TAIL] = tail           # SYNC POINT (commit of the PAD alone)
+            off = 0
         if tail + size > self._limit:
             self._make_room(tail + size, timeout)
         return off
@@ -501,14 +615,17 @@ class RingWriter:
     def _commit(self, size: int) -> int:
         seq = self._seq
         q = self._q
-        # ``last`` lets anyone find the sequence number at the tail (stream_point); stored
-        # before tail, so a reader that sees last < tail knows last is the frame ending there.
+        # SYNC POINT (complete frame): ``last`` = this frame's start, stored after every byte of
+        # the frame and before tail.  From here on the frame is complete and its header is never
+        # rewritten while ``last`` points at it, so whichever of the two stores a crash stops
+        # before, stream_point finds the exact seq at the tail (and a successor publisher rolls
+        # the commit forward, RingWriter._resume).
         q[W_LAST] = self._tail
         self._tail += size
         self._seq = seq + 1
         # SYNC POINT (commit): this aligned 8-byte store makes the frame visible.  It comes after
-        # every byte of the frame (and of any PAD frame before it); x86-64 TSO keeps store order,
-        # so a reader whose load of tail (RingReader.take) sees this value also sees the bytes.
+        # every byte of the frame; x86-64 TSO keeps store order, so a reader whose load of tail
+        # (RingReader.take) sees this value also sees the bytes.
         q[W_TAIL] = self._tail
         # SYNC POINT (wake-up, Dekker pair with Subscription._wait): store tail, FENCE, load the
         # waiting bytes.  The subscriber stores its waiting byte, FENCES, then loads tail.  With a
@@ -532,11 +649,18 @@ class RingWriter:
         """Slowest ACTIVE subscriber position, or tail when there is none."""
         v = self.v
         low = self._tail
-        for slot in range(v.u32[I_SLOT_HIGH]):
+        high = v.u32[I_SLOT_HIGH]
+        if high > v.max_subscribers:
+            raise corrupted(v, f"slot_high {high} exceeds max_subscribers {v.max_subscribers}",
+                            OFF_SLOT_HIGH)
+        for slot in range(high):
             if v.slot_state(slot) == SLOT_ACTIVE:
                 p = self._q[v.slot_word(slot)]
                 if p < low:
                     low = p
+                elif p > self._tail:
+                    raise corrupted(v, f"subscriber slot {slot} position {p} is past the tail "
+                                       f"{self._tail}", CONTROL_SIZE + slot * SLOT_SIZE)
         return low
 
     def _make_room(self, end: int, timeout: float | None) -> None:
@@ -556,14 +680,20 @@ class RingWriter:
         else:
             floor = end
         # Advance head frame by frame; go up to a sixteenth of the ring past the minimum so that
-        # this slow path (and the head store) runs once per many frames, never past ``floor``.
-        target = min(end - cap + (cap >> 4), floor)
+        # this slow path (and the head store) runs once per many frames, never past ``floor``
+        # and never past ``last`` (the frame at last must stay intact: stream_point reads it).
+        # ``end - capacity <= last`` always holds: a frame is at most capacity/2 and PADs are
+        # committed on their own, so no frame overlaps the one before it.
+        last = self._q[W_LAST]
+        target = min(end - cap + (cap >> 4), floor, last)
         must = end - cap
         head = self._head
-        mv, base, mask = self._mv, self._base, self._mask
+        mv, base, mask, largest = self._mv, self._base, self._mask, self.max_message
         while head < must or head < target:
-            length = FRAME.unpack_from(mv, base + (head & mask))[0]
-            nxt = head + ((length + HEADER + 15) & ~15)
+            length, flags, _ = _unpack_frame(mv, base + (head & mask))
+            nxt = head + ((length + HEADER + 15) & ~15)   # a PAD's length is 16-aligned
+            if flags > FLAG_PAD or length > largest or nxt > last:
+                frame_end(self.v, head, length, flags, last)  # validate: raises, naming why
             if head >= must and nxt > target:
                 break
             head = nxt
@@ -571,7 +701,7 @@ class RingWriter:
         # SYNC POINT (overwrite guard): head is stored before any byte of the frames it passes
         # is overwritten (TSO store order).  Readers load head after loading a frame; seeing
         # head <= their position proves the bytes they loaded were intact (seqlock pattern).
-        self._q[OFF_HEAD // 8] = head
+        self._q[W_HEAD] = head
         self._limit = head + cap
 
     def _wait_for_space(self, end: int, timeout: float | None) -> int:
@@ -602,6 +732,10 @@ class RingReader:
     ``take`` hands out frames in place (zero copy): the shared position moves past a frame only
     at the next ``take`` or an explicit ``release_to``, so the publisher cannot reuse bytes the
     caller may still be reading.  ``take_bytes`` copies and releases at once.
+
+    Every frame followed is validated (docs/ring-format.md, "Validation"): a header that is not
+    a frame or PAD within the channel's limits, a position out of bounds or a sequence number
+    going backwards raises RingCorrupted naming the channel and offset; nothing else escapes.
     """
 
     def __init__(self, view: RingView, slot: int, position: int, seq: int):
@@ -612,8 +746,9 @@ class RingReader:
         self._q = view.q
         self._mask = view.capacity - 1
         self._base = view.data_offset
+        self._max = max_message_size(view.capacity)
         self.position = position   # private cursor: start of the next frame to read
-        self._tail = view.q[OFF_TAIL // 8]
+        self._tail = position      # the tail as last loaded (take reloads it when caught up)
         self._pos_word = view.slot_word(slot)
         self._expect = seq          # sequence number of the next frame at our position
         self.lost_total = 0
@@ -644,6 +779,8 @@ class RingReader:
                 t = q[W_TAIL]
                 if t == p:
                     return None
+                if t < p or t & 15:
+                    self._bad_tail(t)
                 self._tail = t
             off = self._base + (p & self._mask)
             length, flags, seq = _unpack_frame(self._mv, off)
@@ -653,15 +790,17 @@ class RingReader:
             if head > p:
                 p = self._resync(head)
                 continue
-            if flags & FLAG_PAD:
-                p = self.position = p + length + HEADER
+            if flags:
+                p = self.position = self._pad_end(p, length, flags)
                 continue
-            self.position = p + ((length + HEADER + 15) & ~15)
+            end = p + ((length + HEADER + 15) & ~15)
+            if length > self._max or end > self._tail:
+                self._bad_frame(p, length, flags)   # validate: within limits and committed
+            self.position = end
             lost = seq - self._expect
-            self._expect = seq + 1
             if lost:
-                self.lost_total += lost
-                q[self._lost_word] = self.lost_total
+                self._count_lost(p, seq, lost)
+            self._expect = seq + 1
             return p, off + HEADER, length, seq, lost
 
     def take_bytes(self):
@@ -679,6 +818,8 @@ class RingReader:
                 t = q[W_TAIL]                 # SYNC POINT (acquire), as in take
                 if t == p:
                     return None
+                if t < p or t & 15:
+                    self._bad_tail(t)
                 self._tail = t
             off = self._base + (p & self._mask)
             length, flags, seq = _unpack_frame(self._mv, off)
@@ -686,23 +827,51 @@ class RingReader:
             if head > p:
                 self._resync(head)
                 continue
-            if flags & FLAG_PAD:
-                self.position = p + length + HEADER
+            if flags:
+                self.position = self._pad_end(p, length, flags)
                 continue
+            end = p + ((length + HEADER + 15) & ~15)
+            if length > self._max or end > self._tail:
+                self._bad_frame(p, length, flags)
             start = off + HEADER
             data = self._mm[start:start + length]   # one copy, straight into a bytes object
-            end = self.position = p + ((length + HEADER + 15) & ~15)
+            self.position = end
             if q[W_HEAD] > p:                 # SYNC POINT (validate payload): overwritten
                 continue                      # while copied: counted by the next message
             q[self._pos_word] = end           # SYNC POINT (consumption): copied, release it
-            if seq != self._expect:
-                self.lost_total += seq - self._expect
-                q[self._lost_word] = self.lost_total
+            lost = seq - self._expect
+            if lost:
+                self._count_lost(p, seq, lost)
             self._expect = seq + 1
             return data
 
+    # -- validation and lapping (off the per-message path) ----------------------------------
+    def _pad_end(self, p: int, length: int, flags: int) -> int:
+        if flags != FLAG_PAD or length & 15 or p + length + HEADER > self._tail:
+            self._bad_frame(p, length, flags)
+        return p + length + HEADER
+
+    def _bad_frame(self, p: int, length: int, flags: int) -> NoReturn:
+        frame_end(self.v, p, length, flags, self._tail)   # raises, naming what was wrong
+        raise corrupted(self.v, f"frame at position {p} (length {length}, flags {flags:#x}) "
+                                f"is not a valid frame", self._base + (p & self._mask))
+
+    def _bad_tail(self, t: int) -> NoReturn:
+        raise corrupted(self.v, f"tail {t} is behind this subscriber's position {self.position} "
+                                f"or unaligned", OFF_TAIL)
+
+    def _count_lost(self, p: int, seq: int, lost: int) -> None:
+        if lost < 0 or lost > MAX_SEQ_GAP:
+            raise corrupted(self.v, f"frame at position {p} has seq {seq}, expected "
+                                    f"{self._expect} or a later one within {MAX_SEQ_GAP}",
+                            self._base + (p & self._mask))
+        self.lost_total += lost
+        self._q[self._lost_word] = self.lost_total   # shared copy for the daemon's metrics
+
     def _resync(self, head: int) -> int:
         """We were lapped (lossy mode, or evicted): jump to the oldest intact frame."""
+        if head & 15 or head > self._q[W_TAIL]:
+            raise corrupted(self.v, f"head {head} is unaligned or past the tail", OFF_HEAD)
         self.position = head
         if self._tail < head:
             self._tail = head

@@ -59,7 +59,7 @@ import posix_ipc
 
 from shimmy.errors import (BackpressureTimeout, InvalidArgument, ReceiveTimeout,
                            StreamBroken)
-from shimmy.ring import SegmentView
+from shimmy.ring import SegmentView, corrupted
 
 MAGIC = 0x4D525453594D4853  # b"SHMYSTRM" read as a little-endian u64
 LAYOUT_VERSION = 1
@@ -95,6 +95,14 @@ DEFAULT_CAPACITY = 1 << 21  # 2 MiB: big enough to pipeline 1 MiB writes, small 
 
 MAX_SLEEP = 0.25       # a sleeping end re-checks its condition (and liveness) at least this often
 DEFAULT_SPIN_US = 50   # spin this long before sleeping on the semaphore
+
+
+class PartialWrite(BackpressureTimeout):
+    """BackpressureTimeout of a stream write, with ``written``: the bytes that went in before."""
+
+    def __init__(self, message: str, written: int):
+        super().__init__(message)
+        self.written = written
 
 
 def check_capacity(capacity: object) -> int:
@@ -230,6 +238,13 @@ class _End:
     def retired(self) -> bool:
         return self._q[OFF_RETIRED // 8] != 0
 
+    def _check(self, head: int, tail: int) -> None:
+        """Validate a freshly loaded head or tail: ``0 <= tail - head <= capacity`` (any other
+        value was not stored by the other end; docs/ring-format.md, "Validation")."""
+        if not 0 <= tail - head <= self._cap:
+            raise corrupted(self.v, f"head {head} and tail {tail} are not within "
+                                    f"0..capacity {self._cap} of each other", OFF_TAIL)
+
 
 class WriterCursor(_End):
     """The single writer's cursor.  It alone stores tail, eof, w_waiting and the data bytes."""
@@ -238,6 +253,7 @@ class WriterCursor(_End):
         super().__init__(view, my_sem, peer_sem, barrier, spin_us)
         self._tail = self._q[OFF_TAIL // 8]
         self._head = self._q[OFF_HEAD // 8]
+        self._check(self._head, self._tail)
         # Commit at least every quarter ring so that a large write is pipelined with the reader.
         self._piece = max(self._cap // 4, 4096)
         self.closed = False
@@ -266,11 +282,14 @@ class WriterCursor(_End):
         if free == 0:
             # SYNC POINT (acquire head): pairs with the reader's head store in ReaderCursor.consume.
             self._head = self._q[OFF_HEAD // 8]
+            self._check(self._head, self._tail)
             free = self._cap - (self._tail - self._head)
         return free
 
     def _space_ready(self) -> bool:
-        if self._cap - (self._tail - self._q[OFF_HEAD // 8]) > 0:
+        head = self._q[OFF_HEAD // 8]
+        self._check(head, self._tail)
+        if self._cap - (self._tail - head) > 0:
             return True
         return self.reader_gone()
 
@@ -306,6 +325,7 @@ class WriterCursor(_End):
             cap = self._cap
             if cap - (tail - self._head) < n:
                 self._head = q[OFF_HEAD // 8]  # SYNC POINT (acquire head), as in free()
+                self._check(self._head, self._tail)
             if n <= cap - (tail - self._head) and n <= self._piece:
                 off = tail & self._mask
                 base = self._base
@@ -332,12 +352,10 @@ class WriterCursor(_End):
         deadline = None if timeout is None else time.monotonic() + timeout
         while done < n:
             if not self.wait_space(deadline):
-                exc = BackpressureTimeout(
+                raise PartialWrite(
                     f"stream {self.v.name!r}: ring full for {timeout} s (capacity {self._cap} "
                     f"bytes, reader pid {self.v.pid('reader') or 'none yet'}); wrote {done} of "
-                    f"{n} bytes")
-                exc.written = done
-                raise exc
+                    f"{n} bytes", done)
             done += self.write_nowait(data[done:])
         return n
 
@@ -391,6 +409,7 @@ class ReaderCursor(_End):
         super().__init__(view, my_sem, peer_sem, barrier, spin_us)
         self._head = self._q[OFF_HEAD // 8]
         self._tail = self._q[OFF_TAIL // 8]
+        self._check(self._head, self._tail)
         self._ro = view.mv.toreadonly()
         self.closed = False
 
@@ -403,6 +422,7 @@ class ReaderCursor(_End):
         if avail == 0:
             # SYNC POINT (acquire tail): pairs with the writer's tail store in _commit.
             self._tail = self._q[OFF_TAIL // 8]
+            self._check(self._head, self._tail)
             avail = self._tail - self._head
         return avail
 
@@ -461,6 +481,7 @@ class ReaderCursor(_End):
         avail = self._tail - head
         if not avail:
             self._tail = self._q[OFF_TAIL // 8]  # SYNC POINT (acquire tail)
+            self._check(head, self._tail)
             avail = self._tail - head
         if avail:
             k = len(buf)
@@ -508,7 +529,8 @@ class ReaderCursor(_End):
         if k <= first:
             out = bytes(self._mv[base + off:base + off + k])
         else:
-            out = bytes(self._mv[base + off:base + self._cap]) + bytes(self._mv[base:base + k - first])
+            out = (bytes(self._mv[base + off:base + self._cap])
+                   + bytes(self._mv[base:base + k - first]))
         self.consume(k)
         return out
 

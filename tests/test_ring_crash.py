@@ -1,0 +1,180 @@
+"""Crash consistency of the pub/sub ring (issue 8, finding 1) and a bounded crash matrix.
+
+The first tests reproduce finding 1 deterministically: a real publisher process is SIGKILLed at
+an exact store of the commit protocol by a fault-injection proxy (tests.chaos.faults: the
+library has no hook); the channel must stay usable: ``list`` works, a new subscriber joins, a
+new publisher continues with the next sequence number, and every subscriber gets every
+committed message, intact and in order.  Before the fix, a kill between the ``last`` and
+``tail`` stores made every later open fail with "could not find a consistent tail".
+
+The last test runs a bounded subset of the crash matrix (tests/chaos/crash.py) with random
+kill points.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+import shimmy
+from shimmy.errors import ShimmyError
+from shimmy.sdk.client import get_client
+
+from tests.chaos import payloads
+
+CAP = 4096
+SIZE = 100          # 100-byte payloads: 128-byte frames, 30 of them end 256 bytes before the wrap
+
+
+def _drain(sub, got: list, until=lambda: False, quiet: float = 0.3) -> None:
+    """Receive into ``got`` as (seq, lost so far, bytes) until ``until()`` and ``quiet`` s of
+    silence.  The copy path: in lossy mode a zero-copy view may be overwritten while read."""
+    idle_since = time.monotonic()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            data = sub.receive_bytes(timeout=0)
+        except shimmy.ReceiveTimeout:
+            if until() and time.monotonic() - idle_since > quiet:
+                return
+            time.sleep(0.0005)
+            continue
+        idle_since = time.monotonic()
+        got.append((sub.last_seq, sub.lost, data))
+    raise AssertionError("subscriber did not go quiet within 30 s")
+
+
+def _become_publisher(ch, first: bytes) -> int:
+    """Publish ``first`` from this process, retrying while the daemon has not yet seen the
+    killed publisher's session close (it hands the role over on that EOF)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return ch.publish(first)
+        except ShimmyError as exc:
+            if "already has a publisher" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _check_stream(got: list, mode: str, first_seq: int, last_seq: int) -> None:
+    """Every message intact and in order; reliable: none missing; lossy: ``lost`` exact."""
+    seqs = [s for s, _, _ in got]
+    for seq, _, data in got:
+        assert payloads.check(data, seq) is None, payloads.check(data, seq)
+    if mode == "reliable":
+        assert seqs == list(range(first_seq, last_seq + 1))
+        assert all(total == 0 for _, total, _ in got)
+    else:
+        prev, prev_total = first_seq - 1, 0
+        for seq, total, _ in got:
+            lost = total - prev_total
+            assert seq > prev and lost == seq - prev - 1, (seq, prev, lost)
+            prev, prev_total = seq, total
+        assert prev == last_seq
+
+
+# (kill word, stores of it to let through, fatal message size, loan, messages that end up
+# committed from the killed publisher): 30 messages of SIZE end 256 bytes before the wrap point,
+# so a 1000-byte message needs a PAD first.
+CASES = {
+    "between last and tail": ("tail", 0, SIZE, False, 31),          # finding 1: rolled forward
+    "before last": ("last", 0, SIZE, False, 30),                     # frame written, not complete
+    "between last and tail, loan": ("tail", 0, SIZE, True, 31),
+    "PAD: between last and tail": ("tail", 0, 1000, False, 30),     # PAD rolled forward
+    "after PAD, between last and tail": ("tail", 1, 1000, False, 31),
+    "after PAD, before last": ("last", 1, 1000, False, 30),
+}
+
+
+@pytest.mark.parametrize("mode", ["reliable", "lossy"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_publisher_killed_at_a_commit_store_leaves_channel_usable(daemon, mode, case):
+    word, skip, last_size, loan, committed = CASES[case]
+    name = f"crash.{mode}.{word}{skip}.{last_size}{'.loan' if loan else ''}"
+    other = shimmy.Channel("bystander", daemon=daemon.socket)
+    ch = shimmy.Channel(name, daemon=daemon.socket, mode=mode, capacity=CAP)
+    sub_old = ch.subscribe()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.chaos.faults", "--daemon", daemon.socket, "--channel", name,
+         "--mode", mode, "--capacity", str(CAP), "--count", "30", "--size", str(SIZE),
+         "--kill-word", word, "--skip", str(skip), "--last-size", str(last_size),
+         *(["--loan"] if loan else [])], stderr=subprocess.PIPE)
+    got: list = []
+    _drain(sub_old, got, until=lambda: child.poll() is not None)
+    assert child.stderr is not None
+    assert child.wait(10) == -9, child.stderr.read().decode()
+
+    # The daemon-wide views still work and do not report the channel broken.
+    listing = {c["name"]: c for c in get_client(daemon.socket).request("list")["channels"]}
+    assert listing[name]["broken"] is None and listing["bystander"]["broken"] is None
+    assert listing[name]["published"] == committed - (committed > 30 and word == "tail")
+
+    # A new subscriber joins, a new publisher continues where the committed stream ends.
+    sub_new = ch.subscribe()
+    n = 20
+    first = _become_publisher(ch, payloads.make(committed, SIZE))
+    assert first == committed
+    for seq in range(committed + 1, committed + n):
+        assert ch.publish(payloads.make(seq, SIZE)) == seq
+    _drain(sub_old, got, until=lambda: True)
+    _check_stream(got, mode, 0, committed + n - 1)
+    fresh: list = []
+    _drain(sub_new, fresh, until=lambda: True)
+    # sub_new joined at the tail the killed publisher left: a message it had completely
+    # written (but not committed) is committed by the new publisher and reaches sub_new too.
+    start = listing[name]["published"]
+    _check_stream(fresh, "reliable", start, committed + n - 1)
+    ch.close()
+    other.close()
+
+
+def test_stream_point_exact_in_the_intermediate_state_written_from_the_test(daemon):
+    """The exact state a kill between the two stores leaves, written into the ring by the test
+    itself (no process killed): a complete frame at ``last == tail``.  Subscribing and listing
+    must work and start at that frame's seq; a successor publisher commits it."""
+    from shimmy import ring
+    ch = shimmy.Channel("intermediate", daemon=daemon.socket, capacity=CAP)
+    for seq in range(5):
+        ch.publish(payloads.make(seq, SIZE))
+    ch.close()
+    ch = shimmy.Channel("intermediate", daemon=daemon.socket)
+    v = ch._view
+    tail = v.q[ring.W_TAIL]
+    data = payloads.make(5, SIZE)
+    ring.FRAME.pack_into(v.mv, v.data_offset + (tail & (CAP - 1)), len(data), 0, 5)
+    start = v.data_offset + (tail & (CAP - 1)) + ring.HEADER
+    v.mv[start:start + len(data)] = data
+    v.q[ring.W_LAST] = tail                 # the store before the commit ...
+    # ... and no tail store: the publisher "died" here.
+    entry = get_client(daemon.socket).request("list")["channels"][0]
+    assert entry["broken"] is None and entry["published"] == 5
+    sub = ch.subscribe()
+    assert ch.publish(payloads.make(6, SIZE)) == 6    # resumes after rolling 5 forward
+    got: list = []
+    _drain(sub, got, until=lambda: True)
+    _check_stream(got, "reliable", 5, 6)
+    ch.close()
+
+
+def test_crash_matrix_bounded(tmp_path):
+    """A bounded subset of the crash matrix: random SIGKILLs of publishers, subscribers, the
+    daemon and stream ends, reliable and lossy; every count that must be zero is zero."""
+    out = tmp_path / "crash.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.chaos.crash", "--trials", "10", "--max-seconds", "50",
+         "--json", str(out)], capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert [(r["kind"], r["mode"]) for r in report["rows"]] == [
+        ("publisher", "reliable"), ("publisher", "lossy"), ("subscriber", "reliable"),
+        ("subscriber", "lossy"), ("daemon", "reliable"), ("daemon", "lossy"), ("stream", "-")]
+    for row in report["rows"]:
+        assert row["trials"] >= 2 and row["received"] > 0, row
+        for key in ("torn", "lost", "duplicated", "lost_inexact", "wedged", "stale_objects",
+                    "daemon_deaths", "errors"):
+            assert row[key] == 0, row
