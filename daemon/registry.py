@@ -9,17 +9,13 @@ from dataclasses import dataclass, field
 
 from shimmy import ring
 from shimmy.errors import (ChannelConflict, ChannelNotFound, InvalidArgument, LimitExceeded,
-                           RingCorrupted, ShimmyError)
+                           PublisherBusy, RingCorrupted)
 from shimmy.names import object_token
 
 from .config import Settings
 from .segments import Segments
 
 log = logging.getLogger("shimmy.daemon")
-
-
-class PublisherBusy(ShimmyError):
-    code = "publisher_busy"
 
 
 @dataclass

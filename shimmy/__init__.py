@@ -5,8 +5,8 @@ Public API: the names in ``__all__`` and the ``shimmy`` command.  Everything els
 
 from shimmy.errors import (BackpressureTimeout, ChannelClosed, ChannelConflict, ChannelNotFound,
                            DaemonUnavailable, InvalidArgument, InvalidName, LimitExceeded,
-                           MessageTooLarge, PermissionDenied, ProtocolError, ReceiveTimeout,
-                           ShimmyError, StreamBroken, StreamBusy)
+                           MessageTooLarge, PermissionDenied, ProtocolError, PublisherBusy,
+                           ReceiveTimeout, RingCorrupted, ShimmyError, StreamBroken, StreamBusy)
 from shimmy.sdk.channel import Channel, Message, MessageOverwritten, Subscription
 from shimmy.sdk.stream import Stream, StreamClosed, StreamReader, StreamWriter
 
@@ -17,6 +17,6 @@ __all__ = [
     "ShimmyError", "DaemonUnavailable", "InvalidName", "InvalidArgument", "MessageTooLarge",
     "ChannelConflict", "ChannelNotFound", "LimitExceeded", "PermissionDenied",
     "BackpressureTimeout", "ReceiveTimeout", "ChannelClosed", "ProtocolError", "StreamBusy",
-    "StreamBroken", "MessageOverwritten",
+    "StreamBroken", "MessageOverwritten", "PublisherBusy", "RingCorrupted",
     "Stream", "StreamReader", "StreamWriter", "StreamClosed",
 ]

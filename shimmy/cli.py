@@ -383,13 +383,18 @@ def ls(daemon_path: str | None, as_json: bool) -> None:
         node = ch.get("node", "")
         if "replica" in ch:
             node += f" (replica, link {ch['replica']['link']})"
-        rows.append((ch["name"], ch["mode"], size(ch["capacity"]), str(ch["published"]),
+        published = "BROKEN" if ch.get("broken") else str(ch["published"])
+        rows.append((ch["name"], ch["mode"], size(ch["capacity"]), published,
                      "yes" if ch["publisher"] is not None else "-", str(len(ch["subscribers"])),
                      size(lag), node, ",".join(m["to"] for m in ch.get("mirrors", ())) or "-"))
     for ch in reply.get("remote", ()):
         rows.append((ch["name"], ch["mode"], size(ch["capacity"]), "-", "remote", "-", "-",
                      ch["node"], "-"))
     _print_table(rows)
+    for ch in reply["channels"]:
+        if ch.get("broken"):
+            click.echo(f"{ch['name']}: broken: {ch['broken']} (shimmy rm {ch['name']} retires "
+                       f"it)")
     streams = reply.get("streams") or []
     if streams:
         click.echo()

@@ -100,8 +100,16 @@ class StreamBroken(ShimmyError, BrokenPipeError):
     code = "stream_broken"
 
 
+class PublisherBusy(ShimmyError):
+    """The channel's publisher role is held by another process (on this node or, for a channel
+    published elsewhere in the cluster, on the node the message names)."""
+
+    code = "publisher_busy"
+
+
 class RingCorrupted(ShimmyError):
-    """A shared-memory segment failed validation (wrong magic, version or size)."""
+    """A shared-memory segment failed validation (wrong magic, version or size, or a frame,
+    position or word out of bounds); the message names the channel and the offset."""
 
     code = "ring_corrupted"
 
@@ -112,6 +120,7 @@ _BY_CODE = {
         ShimmyError, DaemonUnavailable, InvalidName, InvalidArgument, MessageTooLarge,
         ChannelConflict, ChannelNotFound, LimitExceeded, PermissionDenied, BackpressureTimeout,
         ReceiveTimeout, ChannelClosed, ProtocolError, StreamBusy, StreamBroken, RingCorrupted,
+        PublisherBusy,
     )
 }
 

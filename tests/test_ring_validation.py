@@ -168,6 +168,7 @@ def test_one_broken_ring_never_breaks_ls_or_stat_and_rm_retires_it(daemon):
     ls = subprocess.run([*cli, "ls", "--daemon", daemon.socket], capture_output=True, text=True,
                         timeout=60)
     assert ls.returncode == 0 and "healthy" in ls.stdout and "Traceback" not in ls.stderr
+    assert "BROKEN" in ls.stdout and "broken: " in ls.stdout, ls.stdout
     # A new subscriber of the broken channel gets a clear error; others are unaffected.
     with pytest.raises(RingCorrupted, match="channel 'broken' is corrupted"):
         broken.subscribe()

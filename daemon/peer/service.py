@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from shimmy import ring
 from shimmy.errors import ChannelConflict, InvalidArgument, LimitExceeded
 
-from ..registry import PublisherBusy
+from shimmy.errors import PublisherBusy
 from . import auth
 from .directory import OPEN, PUBLISHED, REPLICA, BadAnnouncement, Directory, Entry, parse_entry
 from .mirror import MirrorReplica, MirrorSource, ReplicaViolation, seed_stream
