@@ -172,7 +172,7 @@ images() {
   key=$( (cd "$src" && find . -type f -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16)
   if [ "$(cat "$ctx/wheels.key" 2>/dev/null)" != "$key" ]; then
     rm -rf "$ctx"; mkdir -p "$ctx/wheels"
-    (cd "$src" && timeout 600 "$PYTHON" -m pip wheel -q --disable-pip-version-check ".[daemon]" -w "$ctx/wheels") || return 1
+    (cd "$src" && timeout 600 "$PYTHON" -m pip wheel -q --disable-pip-version-check ".[daemon,metrics]" -w "$ctx/wheels") || return 1
     echo "$key" >"$ctx/wheels.key"
   fi
   mkdir -p "$ctx/examples"

@@ -150,6 +150,15 @@ def test_documented_compose_path_moves_10000_messages_through_shared_memory(proj
     assert st["counters"]["requests"] < 100, st["counters"]
     ls = project(COMPOSE, "exec", "-T", "shimmyd", "shimmy", "ls")
     assert "e2e/compose" in ls.stdout
+    # the compose file serves Prometheus metrics on the host's loopback (docs/metrics.md): the
+    # channel's published count, read from its ring at scrape time, is the 10,000 above
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=10) as resp:
+        families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+    published = [s.value for s in families["shimmy_channel_messages_published"].samples
+                 if s.labels.get("channel") == "e2e/compose"]
+    assert published == [COUNT], published
     shm_name = ch["shm"].lstrip("/")
     # two uids shared the channel through the group (channel_group 10001, owner policy)
     pub, sub = project.container("publisher"), project.container("subscriber")
