@@ -27,6 +27,16 @@ END = -2
 PHASE = -3    # end of the throughput phase: subscribers report, the publisher waits for both
 
 
+def _latency_ratio(shimmy_us: float, peer_us: float) -> str:
+    """'2.5x lower' or '1.2x higher': shimmy's latency against the peer's, never a ratio below 1
+    called lower."""
+    if not shimmy_us or not peer_us:
+        return "-"
+    if peer_us >= shimmy_us:
+        return f"{peer_us / shimmy_us:.1f}x lower"
+    return f"{shimmy_us / peer_us:.1f}x higher"
+
+
 def _percentiles(samples: list[int]) -> dict:
     if not samples:
         return {"p50": 0.0, "p99": 0.0, "p999": 0.0}
@@ -232,8 +242,7 @@ def _print_table(a: dict, b: dict) -> None:
     ]
     for q in ("p50", "p99", "p999"):
         x, y = a["latency_us"][q], b["latency_us"][q]
-        rows.append((f"latency {q} (µs)", f"{x:,.1f}", f"{y:,.1f}",
-                     f"{y / x:.1f}x lower" if x else "-"))
+        rows.append((f"latency {q} (µs)", f"{x:,.1f}", f"{y:,.1f}", _latency_ratio(x, y)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print()
     for r in rows:
