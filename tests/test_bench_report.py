@@ -43,12 +43,13 @@ def _children_named(pid: int, needle: str) -> list[str]:
     return out
 
 
+@pytest.mark.timeout(420)   # a smoke run of every suite: ~20 s idle, minutes on a loaded machine
 def test_bench_quick_report_names_every_installed_peer(tmp_path):
     report_dir = tmp_path / "report"
     proc = subprocess.run(
         [sys.executable, "-m", "shimmy.cli", "bench", "--quick", "--seconds", "0.03",
          "--sizes", "64,4k", "--quiet", "--report", str(report_dir)],
-        capture_output=True, text=True, timeout=110)
+        capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not _children_named(os.getpid(), "redis-server")
 

@@ -274,12 +274,12 @@ class MirrorReplica(ReplicaSink):
         self.off = 0
         self.seq_off = 0
         self.rebases = 0
+        self.transport: dict = {"kind": "tcp"}   # what feeds this replica (rdma_mirrors.py)
 
     @property
     def source_tail(self) -> int:
         """Our committed tail in the source's positions (what a mirror request resumes at)."""
         return self.tail - self.off
-        self.transport: dict = {"kind": "tcp"}   # what feeds this replica (rdma_mirrors.py)
 
     # -- ReplicaSink ---------------------------------------------------------------------------
     def put_target(self, start: int, end: int, guard: int) -> list[memoryview]:
