@@ -96,7 +96,7 @@ class Daemon:
         self.orphans: dict[int, Client] = {}     # pidfd -> silent client whose session we closed
         self.counters = {"requests": 0, "errors": 0, "malformed": 0, "clients_total": 0,
                          "clients_exited": 0, "clients_crashed": 0, "leases_expired": 0,
-                         "slots_reclaimed": 0}
+                         "slots_reclaimed": 0, "peer_tick_errors": 0}
         self._stop = False
         self._peer_address: str | None = None   # of the request being handled
         self.ctx = zmq.Context()
@@ -256,7 +256,11 @@ class Daemon:
         for client in silent:
             self._orphan(client)
         self.registry.expire_idle()
-        self.peer.tick(now)
+        try:
+            self.peer.tick(now)
+        except Exception:   # the peer module must never take the node's channels down with it
+            self.counters["peer_tick_errors"] += 1
+            log.exception("peer housekeeping failed; the daemon goes on (next pass retries)")
 
     def _orphan(self, client: Client) -> None:
         """A client silent for session_timeout: its session is closed and it no longer counts

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 from shimmy import ring
-from shimmy.errors import ChannelConflict, InvalidArgument, LimitExceeded
+from shimmy.errors import ChannelConflict, InvalidArgument, LimitExceeded, RingCorrupted
 
 from shimmy.errors import PublisherBusy
 from . import auth
@@ -904,7 +904,17 @@ class PeerService:
     def _local_directory(self) -> dict[str, Entry]:
         out = {}
         for name, rec in self.d.registry.channels.items():
-            tail, seq = ring.stream_point(rec.view)
+            try:
+                tail, seq = ring.stream_point(rec.view)
+            except RingCorrupted as exc:
+                # Never fatal to the daemon: a ring a client corrupted is reported by ls/stat;
+                # a replica whose head a landing batch moved past its last frame is consistent
+                # again at its commit.  Announce what was last announced until then.
+                prev = self.directory.announced().get(name)
+                if prev is not None:
+                    out[name] = prev
+                log.debug("directory: %s skipped this pass: %s", name, exc)
+                continue
             entry = self.replicas.get(name)
             if entry is not None:   # in the source's positions and numbers (a restart resumes)
                 out[name] = Entry(rec.mode, rec.capacity, max(tail - entry.sink.off, 0),
