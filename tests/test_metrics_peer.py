@@ -36,9 +36,12 @@ if role == "pub":
     ch.close()
 else:
     end = time.monotonic() + 60
-    while name not in {c["name"] for c in get_client(sock).request("list").get("remote", [])}:
+    # published, not only opened (a name is announced at open): opening it here earlier would
+    # make a default-capacity local channel that conflicts with the source's
+    while not any(c["name"] == name and c.get("published")
+                  for c in get_client(sock).request("list").get("remote", [])):
         if time.monotonic() > end:
-            raise SystemExit(f"{name} never announced to node B")
+            raise SystemExit(f"{name} never announced as published to node B")
         time.sleep(0.02)
     ch = shimmy.Channel(name, daemon=sock)
     sub = ch.subscribe()

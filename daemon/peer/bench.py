@@ -111,11 +111,22 @@ def zmq_tcp(size: int, count: int) -> float:
     return _one_way(_zmq_rx, (count,), _zmq_tx, (size, count))
 
 
+def _wait_published(sock: str, name: str, timeout: float = 30.0) -> None:
+    """Until this node's directory says a peer *publishes* ``name``: a name is announced when it
+    is opened, and opening it here before its publisher's capacity is known would make a local
+    channel of the default capacity, which then conflicts with the source's."""
+    from shimmy.sdk.client import get_client
+    deadline = time.monotonic() + timeout
+    while not any(c["name"] == name and c.get("published")
+                  for c in get_client(sock).request("list").get("remote", [])):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} never announced as published to {sock}")
+        time.sleep(0.02)
+
+
 def _shimmy_rx(sock, name, ready_q, res_q, count):
     import shimmy
-    from shimmy.sdk.client import get_client
-    while name not in {c["name"] for c in get_client(sock).request("list").get("remote", [])}:
-        time.sleep(0.02)
+    _wait_published(sock, name)
     ch = shimmy.Channel(name, daemon=sock)
     sub = ch.subscribe()
     while sub.status != "up":
@@ -202,6 +213,7 @@ def cross_node(size: int, count: int, daemons: TwoDaemons | None = None) -> floa
         ready_q: mp.Queue = mp.Queue()
         go_q: mp.Queue = mp.Queue()
         res_q: mp.Queue = mp.Queue()
+        tx = rx = None
         tx = mp.Process(target=_shimmy_tx, args=(d.a, name, ready_q, go_q, size, count, capacity))
         tx.start()
         ready_q.get(timeout=30)
@@ -213,27 +225,33 @@ def cross_node(size: int, count: int, daemons: TwoDaemons | None = None) -> floa
         dt, rx_cpu = res_q.get(timeout=300)
         tx_cpu = ready_q.get(timeout=300)
         a1, b1 = d.cpu()
-        tx.join()
-        rx.join()
         per = 1e6 / count
         d.last_cpu = {"publisher": tx_cpu * per, "daemon_a": (a1 - a0) * per,
                       "daemon_b": (b1 - b0) * per, "subscriber": rx_cpu * per}
         return dt
     finally:
+        _reap(tx, rx)
         if own:
             d.close()
+
+
+def _reap(*procs) -> None:
+    """Join the measurement processes; any still running after a failed measurement is
+    terminated, so a benchmark never leaves one behind (holding its caller's pipes)."""
+    for p in procs:
+        if p is None:
+            continue
+        p.join(10)
+        if p.is_alive():
+            p.terminate()
+            p.join(10)
 
 
 # -- round trip: a ping published on A and mirrored to B, a pong published on B and mirrored to A
 
 def _subscribe_remote(sock, name):
     import shimmy
-    from shimmy.sdk.client import get_client
-    deadline = time.monotonic() + 30
-    while name not in {c["name"] for c in get_client(sock).request("list").get("remote", [])}:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} never announced to {sock}")
-        time.sleep(0.02)
+    _wait_published(sock, name)
     ch = shimmy.Channel(name, daemon=sock)
     sub = ch.subscribe()
     while sub.status != "up":
@@ -277,14 +295,14 @@ def cross_node_rtt(size: int, count: int, daemons: TwoDaemons) -> list[int]:
                                            size, count, ready, go_b, None))
     a.start()
     b.start()
-    ready.get(timeout=60)
-    ready.get(timeout=60)
-    go_b.put(1)
-    go_a.put(1)
-    samples = res_q.get(timeout=300)
-    a.join(30)
-    b.join(30)
-    return samples
+    try:
+        ready.get(timeout=60)
+        ready.get(timeout=60)
+        go_b.put(1)
+        go_a.put(1)
+        return res_q.get(timeout=300)
+    finally:
+        _reap(a, b)
 
 
 def _tcp_echo(port_q, size, count):

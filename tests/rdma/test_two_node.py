@@ -123,8 +123,11 @@ def subscribe(d: Daemon, name: str, n: int) -> dict:
     import shimmy.sdk.channel
     from shimmy.sdk.client import get_client
     deadline = time.monotonic() + 60
-    while name not in {c["name"] for c in get_client(d.socket).request("list").get("remote", [])}:
-        assert time.monotonic() < deadline, f"{name} never announced by guest A"
+    # published, not only opened: opening it here earlier would make a default-capacity local
+    # channel that conflicts with the source's
+    while not any(c["name"] == name and c.get("published")
+                  for c in get_client(d.socket).request("list").get("remote", [])):
+        assert time.monotonic() < deadline, f"{name} never announced as published by guest A"
         time.sleep(0.1)
     ch = shimmy.Channel(name, daemon=d.socket)
     sub = ch.subscribe()
