@@ -131,7 +131,11 @@ for i in range(1100):
 print(json.dumps(codes))
 """
     codes = uids.run_as("shimmy-out", flood, d.socket, timeout=60)
-    assert codes == {"ok": 128, "limit": 1100 - 128}, codes
+    # Held to quota_sessions: 128 accepted, every other answer a LimitExceeded.  Not every one
+    # of the 972 refusals need arrive: the daemon queues at most 64 replies to a client that is
+    # not reading (the flood reads only after sending), and drops the rest rather than buffer.
+    assert set(codes) <= {"ok", "limit"} and codes.get("ok") == 128, codes
+    assert 0 < codes.get("limit", 0) <= 1100 - 128, codes
     with shimmy.Channel("still/served", daemon=d.socket) as ch:
         sub = ch.subscribe()
         ch.publish(b"x")
