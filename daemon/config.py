@@ -50,6 +50,10 @@ class Settings:
     max_capacity: int = _s(ring.MAX_CAPACITY, "largest ring a client may ask for")
     max_channels: int = _s(256, "channels (and, counted apart, streams) at once, all clients")
     max_subscribers: int = _s(64, "subscriber slots in each ring")
+    default_max_publishers: int = _s(1, "publishers a channel admits at once when its creator "
+                                        "does not say (1 = exclusive: a second gets PublisherBusy)")
+    max_publishers: int = _s(64, "largest max_publishers a client may create a channel with "
+                                 f"(at most {ring.MAX_PUBLISHERS_LIMIT})")
     max_clients: int = _s(1024, "client sessions (hello) at once, all clients")
     shm_budget: int = _s(0, "bytes of rings in total; 0 = bounded by free space only")
     shm_reserve: int = _s(8 << 20, "bytes of shm_dir kept free for others")
@@ -158,6 +162,11 @@ class Settings:
             raise SettingError("default_capacity must not exceed max_capacity")
         if not 1 <= self.max_subscribers <= ring.MAX_SUBSCRIBERS_LIMIT:
             raise SettingError(f"max_subscribers must be 1..{ring.MAX_SUBSCRIBERS_LIMIT}")
+        if not 1 <= self.max_publishers <= ring.MAX_PUBLISHERS_LIMIT:
+            raise SettingError(f"max_publishers must be 1..{ring.MAX_PUBLISHERS_LIMIT}")
+        if not 1 <= self.default_max_publishers <= self.max_publishers:
+            raise SettingError(f"default_max_publishers must be 1..max_publishers "
+                               f"({self.max_publishers})")
         for name in ("max_channels", "max_clients", "request_max_bytes", "nofile_limit",
                      "quota_connections", "quota_sessions", "quota_channels",
                      "quota_subscribers", "quota_shm_bytes"):

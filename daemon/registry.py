@@ -1,10 +1,19 @@
-"""The daemon's book of channels: which rings exist, who publishes, which slots are whose."""
+"""The daemon's book of channels: which rings exist, who publishes, which slots are whose.
+
+A channel created with ``max_publishers`` > 1 is a publisher group (docs/ring-format.md,
+"Publisher groups"): its own ring holds the subscriber slots and the group epoch only, and every
+publisher gets a member ring of its own (an ordinary single-writer ring) for as long as it
+publishes and until every subscriber has read it to its end.  A subscriber holds the same slot
+index in the channel's ring and in every member ring.
+"""
 
 from __future__ import annotations
 
 import logging
 import mmap
 import time
+
+import posix_ipc
 from dataclasses import dataclass, field
 
 from shimmy import ring
@@ -28,6 +37,36 @@ class Slot:
 
 
 @dataclass
+class Member:
+    """One publisher's member ring of a multi-publisher channel."""
+
+    publisher: int                          # publisher id, unique for the channel's lifetime
+    client: int | None                      # the client publishing; None once it has left
+    key: int                                # which of the client's Channel objects
+    pid: int
+    shm_name: str
+    mm: mmap.mmap
+    view: ring.RingView
+    starts: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (position, seq)
+
+    def drained(self, slots) -> bool:
+        """Every ACTIVE subscriber has consumed up to the tail (the publisher is gone, so the
+        tail no longer moves)."""
+        view = self.view
+        tail = view.q[ring.W_TAIL]
+        return all(view.q[view.slot_word(i)] >= tail for i in slots)
+
+    def describe(self) -> dict:
+        view = self.view
+        try:
+            published = ring.stream_point(view)[1]
+        except RingCorrupted:
+            published = None
+        return {"id": self.publisher, "pid": self.pid, "live": self.client is not None,
+                "shm": self.shm_name, "published": published, "tail": view.q[ring.W_TAIL]}
+
+
+@dataclass
 class ChannelRecord:
     name: str
     token: str
@@ -45,6 +84,16 @@ class ChannelRecord:
     generation: int = 0
     holders: set[int] = field(default_factory=set)   # clients that opened it
     idle_since: float | None = None
+    max_publishers: int = 1                 # > 1: a publisher group (module docstring)
+    members: dict[int, Member] = field(default_factory=dict)   # publisher id -> member ring
+    next_publisher: int = 1
+
+    @property
+    def group(self) -> bool:
+        return self.max_publishers > 1
+
+    def live_publishers(self) -> list[Member]:
+        return [m for m in self.members.values() if m.client is not None]
 
     def describe(self) -> dict:
         """The channel's entry in ``list``/``stat``.  A ring whose words break the invariants is
@@ -61,6 +110,7 @@ class ChannelRecord:
             "publisher": self.publisher, "published": None, "tail": None, "head": None,
             "evicted": [s.index for s in self.evicted.values()],
             "holders": len(self.holders), "broken": None,
+            "max_publishers": self.max_publishers,
         }
         try:
             entry["published"] = ring.stream_point(view)[1]
@@ -74,6 +124,10 @@ class ChannelRecord:
             subs.append({"slot": s.index, "client": s.client, "pid": s.pid, "position": pos,
                          "lag_bytes": max(tail - pos, 0)})
         entry["subscribers"] = subs
+        if self.group:
+            pubs = entry["publishers"] = [m.describe() for m in self.members.values()]
+            entry["published"] = sum(p["published"] or 0 for p in pubs)
+            entry["publisher"] = len(self.live_publishers()) or None
         return entry
 
     def repair_daemon_words(self) -> int:
@@ -94,7 +148,17 @@ class ChannelRecord:
                             view.slot_state(index), state)
                 ring.daemon_set_slot_state(view, index, state)
                 fixed += 1
+            for m in self.members.values():   # the same books hold for every member ring
+                if m.view.slot_state(index) != state:
+                    ring.daemon_set_slot_state(m.view, index, state)
+                    fixed += 1
         return fixed
+
+    def set_slot_state(self, index: int, state: int) -> None:
+        """``state`` for slot ``index`` in the channel's ring and every member ring."""
+        ring.daemon_set_slot_state(self.view, index, state)
+        for m in self.members.values():
+            ring.daemon_set_slot_state(m.view, index, state)
 
 
 class Registry:
@@ -105,13 +169,17 @@ class Registry:
 
     # -- channels ------------------------------------------------------------------------------
     def open(self, client: int, name: str, mode: str | None, capacity: int | None,
-             create: bool) -> ChannelRecord:
+             create: bool, max_publishers: int | None = None) -> ChannelRecord:
         rec = self.channels.get(name)
         if rec is None:
             if not create:
                 raise ChannelNotFound(f"channel {name!r} does not exist")
-            rec = self._create(name, mode or "reliable", capacity)
+            rec = self._create(name, mode or "reliable", capacity, max_publishers)
         else:
+            if max_publishers is not None and max_publishers != rec.max_publishers:
+                raise ChannelConflict(
+                    f"channel {name!r} exists with max_publishers={rec.max_publishers}, asked "
+                    f"for max_publishers={max_publishers} (fixed when the channel is created)")
             if mode is not None and ring.MODES.get(mode) != rec.mode:
                 raise ChannelConflict(
                     f"channel {name!r} exists with mode={ring.MODE_NAMES[rec.mode]!r}, "
@@ -123,10 +191,15 @@ class Registry:
         rec.idle_since = None
         return rec
 
-    def _create(self, name: str, mode: str, capacity: int | None) -> ChannelRecord:
+    def _create(self, name: str, mode: str, capacity: int | None,
+                max_publishers: int | None = None) -> ChannelRecord:
         s = self.settings
         if mode not in ring.MODES:
             raise InvalidArgument(f"mode {mode!r} is not one of {sorted(ring.MODES)}")
+        pubs = s.default_max_publishers if max_publishers is None else max_publishers
+        if not 1 <= pubs <= s.max_publishers:
+            raise LimitExceeded(f"max_publishers={pubs} for channel {name!r}: must be 1.."
+                                f"{s.max_publishers} (daemon setting max_publishers)")
         capacity = s.default_capacity if capacity is None else capacity
         try:
             ring.check_capacity(capacity)
@@ -138,13 +211,17 @@ class Registry:
             raise LimitExceeded(f"cannot create channel {name!r}: max_channels "
                                 f"({s.max_channels}) channels exist")
         token = object_token(name)
-        shm_name, mm = self.segments.create_ring(token, name, ring.MODES[mode], capacity,
-                                                 s.max_subscribers)
+        # A group's own ring carries no messages (its publishers write member rings): the
+        # smallest capacity does, for its slot table and group epoch.
+        shm_name, mm = self.segments.create_ring(
+            token, name, ring.MODES[mode], ring.MIN_CAPACITY if pubs > 1 else capacity,
+            s.max_subscribers)
         rec = ChannelRecord(name=name, token=token, mode=ring.MODES[mode], capacity=capacity,
                             max_subscribers=s.max_subscribers, shm_name=shm_name, mm=mm,
-                            view=ring.RingView(mm))
+                            view=ring.RingView(mm), max_publishers=pubs)
         self.channels[name] = rec
-        log.info("created channel %s mode=%s capacity=%d shm=%s", name, mode, capacity, shm_name)
+        log.info("created channel %s mode=%s capacity=%d max_publishers=%d shm=%s", name, mode,
+                 capacity, pubs, shm_name)
         return rec
 
     def get(self, name: str) -> ChannelRecord:
@@ -156,6 +233,10 @@ class Registry:
     def delete(self, name: str) -> None:
         rec = self.get(name)
         self.channels.pop(name)
+        for m in rec.members.values():
+            m.view.release()
+            self.segments.destroy_member(m.shm_name, m.mm)
+        rec.members.clear()
         rec.view.release()
         self.segments.destroy(rec.token, rec.mm, rec.semaphores)
         log.info("deleted channel %s", name)
@@ -165,12 +246,109 @@ class Registry:
             self.delete(name)
 
     # -- roles ---------------------------------------------------------------------------------
-    def grant_publisher(self, rec: ChannelRecord, client: int, pid: int) -> None:
+    def grant_publisher(self, rec: ChannelRecord, client: int, pid: int,
+                        key: int = 0) -> Member | None:
+        """The publisher role: the channel's ring (exclusive channel, returns None) or, in a
+        group, a member ring of its own for the client's Channel object ``key`` (created now;
+        returned): two Channel objects of one process are two publishers, never two writers
+        of one ring."""
+        if rec.group:
+            return self._add_member(rec, client, pid, key)
         if rec.publisher is not None and rec.publisher != client:
             raise PublisherBusy(
-                f"channel {rec.name!r} already has a publisher (client {rec.publisher}); one "
-                f"publisher per channel: close it first or publish on another channel")
+                f"channel {rec.name!r} already has a publisher (client {rec.publisher}) and was "
+                f"created with max_publishers=1: close it first, or create the channel with "
+                f"max_publishers > 1")
         rec.publisher = client
+        return None
+
+    def release_publisher(self, rec: ChannelRecord, client: int, key: int | None = None) -> int:
+        """The client (its Channel object ``key``; None: all of them) stops publishing: closed,
+        unpublished or gone; returns roles dropped.  A group member ring is reclaimed once its
+        subscribers drained it (reclaim_members)."""
+        n = 0
+        if rec.publisher == client:
+            rec.publisher = None
+            n += 1
+        for m in rec.members.values():
+            if m.client == client and (key is None or m.key == key):
+                m.client = None
+                n += 1
+        if n and rec.members:
+            self.reclaim_members(rec)
+        return n
+
+    def _add_member(self, rec: ChannelRecord, client: int, pid: int, key: int) -> Member:
+        for m in rec.members.values():
+            if m.client == client and m.key == key:
+                return m   # already publishing here
+        live = rec.live_publishers()
+        if len(live) >= rec.max_publishers:
+            raise PublisherBusy(
+                f"channel {rec.name!r} has max_publishers={rec.max_publishers} publishers "
+                f"already (pids {', '.join(str(m.pid) for m in live)}): close one, or create the "
+                f"channel with a larger max_publishers (at most {self.settings.max_publishers}, "
+                f"the daemon setting max_publishers)")
+        rec.repair_daemon_words()
+        pub = rec.next_publisher
+        shm_name, mm = self.segments.create_member(rec.token, pub, rec.name, rec.mode,
+                                                   rec.capacity, rec.max_subscribers)
+        rec.next_publisher += 1
+        view = ring.RingView(mm)
+        member = Member(pub, client, key, pid, shm_name, mm, view)
+        # Before anyone can map it: every subscriber's slot, at the start (nothing to miss).
+        # slot_high first, then each slot's words with its state last (daemon_activate_slot).
+        view.u32[ring.I_SLOT_HIGH] = rec.semaphores
+        for table, state in ((rec.slots, ring.SLOT_ACTIVE), (rec.evicted, ring.SLOT_EVICTED)):
+            for index, slot in table.items():
+                ring.daemon_activate_slot(view, index, 0, slot.pid, slot.generation)
+                if state != ring.SLOT_ACTIVE:
+                    ring.daemon_set_slot_state(view, index, state)
+                member.starts[index] = (0, 0)
+        rec.members[pub] = member
+        self._bump_epoch(rec, wake=True)
+        log.info("channel %s: publisher %d (client %d pid %d) joined, member ring %s", rec.name,
+                 pub, client, pid, shm_name)
+        return member
+
+    def _bump_epoch(self, rec: ChannelRecord, wake: bool) -> None:
+        """Publish a membership change: subscribers compare the epoch before every receive and
+        before every sleep; ``wake`` also posts every subscriber (a sleeper must arm its waiting
+        byte in the new member ring, docs/ring-format.md, "Publisher groups")."""
+        u32 = rec.view.u32
+        u32[ring.I_GROUP_EPOCH] = (u32[ring.I_GROUP_EPOCH] + 1) & 0xFFFFFFFF
+        if not wake:
+            return
+        prefix = self.segments.sem_prefix(rec.token)
+        for index in rec.slots:
+            try:
+                sem = posix_ipc.Semaphore(prefix + str(index))
+            except posix_ipc.Error:
+                continue
+            try:
+                sem.release()
+            finally:
+                sem.close()
+
+    def reclaim_members(self, rec: ChannelRecord) -> int:
+        """Retire the member rings whose publisher left and which every subscriber has read to
+        the end; returns how many."""
+        gone = [m for m in rec.members.values() if m.client is None and m.drained(rec.slots)]
+        for m in gone:
+            del rec.members[m.publisher]
+            m.view.release()
+            self.segments.destroy_member(m.shm_name, m.mm)
+            log.info("channel %s: publisher %d left and was drained: member ring %s reclaimed",
+                     rec.name, m.publisher, m.shm_name)
+        if gone:
+            self._bump_epoch(rec, wake=False)
+        return len(gone)
+
+    def members_for(self, rec: ChannelRecord, index: int) -> list[dict]:
+        """The member rings subscriber slot ``index`` reads, with where its slot started."""
+        return [{"id": m.publisher, "shm": m.shm_name, "pid": m.pid,
+                 "position": m.starts.get(index, (0, 0))[0], "seq": m.starts.get(index, (0, 0))[1]}
+                for m in rec.members.values()]
 
     def add_subscriber(self, rec: ChannelRecord, client: int, pid: int, start: str) -> Slot:
         if start not in ("next", "oldest"):
@@ -185,8 +363,13 @@ class Registry:
             self.segments.create_semaphore(rec.token, rec.semaphores)
             rec.semaphores += 1
         position, seq = ring.stream_point(rec.view, oldest=start == "oldest")
+        starts = [(m, ring.stream_point(m.view, oldest=start == "oldest"))
+                  for m in rec.members.values()]
         rec.generation += 1
         slot = Slot(index, client, pid, rec.generation, seq)
+        for m, (mpos, mseq) in starts:
+            ring.daemon_activate_slot(m.view, index, mpos, pid, rec.generation)
+            m.starts[index] = (mpos, mseq)
         ring.daemon_activate_slot(rec.view, index, position, pid, rec.generation)
         rec.slots[index] = slot
         return slot
@@ -197,7 +380,9 @@ class Registry:
             raise InvalidArgument(f"channel {rec.name!r}: slot {index} is not yours")
         rec.slots.pop(index, None)
         rec.evicted.pop(index, None)
-        ring.daemon_set_slot_state(rec.view, index, ring.SLOT_FREE)
+        rec.set_slot_state(index, ring.SLOT_FREE)
+        if rec.members:
+            self.reclaim_members(rec)
 
     def evict_client_slots(self, client: int) -> int:
         """Lease expired: the publisher stops waiting for this client's slots; they stay reserved
@@ -206,9 +391,11 @@ class Registry:
         for rec in self.channels.values():
             for index, slot in list(rec.slots.items()):
                 if slot.client == client:
-                    ring.daemon_set_slot_state(rec.view, index, ring.SLOT_EVICTED)
+                    rec.set_slot_state(index, ring.SLOT_EVICTED)
                     rec.evicted[index] = rec.slots.pop(index)
                     n += 1
+            if n and rec.members:
+                self.reclaim_members(rec)
         return n
 
     def drop_client(self, client: int) -> tuple[int, int]:
@@ -219,16 +406,22 @@ class Registry:
             for table in (rec.slots, rec.evicted):
                 for index, slot in list(table.items()):
                     if slot.client == client:
-                        ring.daemon_set_slot_state(rec.view, index, ring.SLOT_FREE)
+                        rec.set_slot_state(index, ring.SLOT_FREE)
                         del table[index]
                         slots += 1
-            if rec.publisher == client:
-                rec.publisher = None
-                roles += 1
+            roles += self.release_publisher(rec, client)
+            if rec.members:
+                self.reclaim_members(rec)
             rec.holders.discard(client)
             if not rec.holders and rec.idle_since is None:
                 rec.idle_since = now
         return slots, roles
+
+    def reclaim_all(self) -> None:
+        """Housekeeping: reclaim drained member rings of departed publishers."""
+        for rec in self.channels.values():
+            if rec.members and len(rec.live_publishers()) != len(rec.members):
+                self.reclaim_members(rec)
 
     def expire_idle(self) -> None:
         ttl = self.settings.idle_channel_ttl

@@ -88,6 +88,25 @@ class Segments:
         ring.format_ring(mm, name, mode, capacity, max_subscribers)
         return shm_name, mm
 
+    def create_member(self, token: str, publisher: int, name: str, mode: int, capacity: int,
+                      max_subscribers: int) -> tuple[str, mmap.mmap]:
+        """The member ring of publisher ``publisher`` of multi-publisher channel ``name``: an
+        ordinary ring (same layout, same owner and mode) named ``<ring name>.p<publisher>``.
+        Its subscribers sleep on the channel's semaphores (``sem_prefix(token)``)."""
+        shm_name, mm = self._allocate(token, f"channel {name!r} publisher {publisher}",
+                                      ring.segment_size(capacity, max_subscribers),
+                                      self.member_name(token, publisher))
+        ring.format_ring(mm, name, mode, capacity, max_subscribers)
+        return shm_name, mm
+
+    def member_name(self, token: str, publisher: int) -> str:
+        return self.ring_name(token) + f".p{publisher}"
+
+    def destroy_member(self, shm_name: str, mm: mmap.mmap) -> None:
+        """Retire and unlink a member ring (its publisher is gone and subscribers drained it)."""
+        self._retire(mm)
+        _unlink_shm(shm_name)
+
     def create_stream(self, token: str, name: str, capacity: int) -> tuple[str, mmap.mmap]:
         """A byte-stream segment (layout: shimmy/stream_ring.py), checked and pre-faulted like a
         ring.  Its two semaphores are ``sem_prefix(token) + "r"`` / ``+ "w"`` (made by the
@@ -97,7 +116,8 @@ class Segments:
         stream_ring.format_stream(mm, name, capacity)
         return shm_name, mm
 
-    def _allocate(self, token: str, what: str, size: int) -> tuple[str, mmap.mmap]:
+    def _allocate(self, token: str, what: str, size: int,
+                  shm_name: str | None = None) -> tuple[str, mmap.mmap]:
         """Check the budget and free space, create the object and allocate every page of it."""
         if self.budget and self.allocated + size > self.budget:
             raise LimitExceeded(f"{what} needs {size} bytes; shm_budget {self.budget} has "
@@ -108,7 +128,7 @@ class Segments:
                 f"{what} needs {size} bytes but {self.shm_dir} has {free} free and "
                 f"shm_reserve keeps {self.reserve}; raise the tmpfs size (docker shm_size) or "
                 f"lower the capacity")
-        shm_name = self.ring_name(token)
+        shm_name = shm_name or self.ring_name(token)
         try:
             shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=CREATE_MODE, size=0)
         except OSError as exc:
@@ -173,19 +193,24 @@ class Segments:
     def destroy(self, token: str, mm: mmap.mmap | None, slots: int) -> None:
         """Retire and unlink a ring and its semaphores.  Clients still mapping it see retired=1."""
         if mm is not None:
-            size = len(mm)
-            view = memoryview(mm).cast("Q")
-            view[ring.OFF_RETIRED // 8] = 1
-            view.release()
-            self.allocated -= size
-            try:
-                mm.close()
-            except BufferError:
-                pass  # a view is still exported in this process; the mapping dies with it
+            self._retire(mm)
         _unlink_shm(self.ring_name(token))
         self._owners.pop(token, None)
         for slot in range(slots):
             _unlink_sem(self.sem_prefix(token) + str(slot))
+
+    def _retire(self, mm: mmap.mmap) -> None:
+        """Set the segment's retired word (clients still mapping it stop using it), then unmap
+        it and give its bytes back to the budget."""
+        size = len(mm)
+        view = memoryview(mm).cast("Q")
+        view[ring.OFF_RETIRED // 8] = 1
+        view.release()
+        self.allocated -= size
+        try:
+            mm.close()
+        except BufferError:
+            pass  # a view is still exported in this process; the mapping dies with it
 
     def sweep(self) -> int:
         """Retire and unlink every object an earlier run of this daemon left; return the count."""

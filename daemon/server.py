@@ -139,7 +139,7 @@ class Daemon:
             "publish": self.op_publish, "unpublish": self.op_unpublish,
             "subscribe": self.op_subscribe, "unsubscribe": self.op_unsubscribe,
             "close": self.op_close, "list": self.op_list, "stat": self.op_stat,
-            "delete": self.op_delete,
+            "delete": self.op_delete, "members": self.op_members,
         }
         self.streams = StreamService(self)
         self.ops.update(self.streams.ops())
@@ -255,6 +255,7 @@ class Daemon:
             self._client_gone(client, crashed=False)
         for client in silent:
             self._orphan(client)
+        self.registry.reclaim_all()
         self.registry.expire_idle()
         try:
             self.peer.tick(now)
@@ -528,7 +529,10 @@ class Daemon:
         for rec in self.registry.channels.values():
             if who is None or (who is not False and self.access.allows(
                     who, "stat", rec.name, self.owner(rec.name))):
-                shown.append(self.peer.annotate(rec.describe()))
+                desc = self.peer.annotate(rec.describe())
+                for pub in desc.get("publishers", ()):
+                    pub["node"] = self.peer.node   # members are local publishers
+                shown.append(desc)
             else:
                 hidden += 1
         return shown, hidden
@@ -559,18 +563,22 @@ class Daemon:
         capacity = self._field(req, "capacity", int, optional=True, lo=1, hi=ring.MAX_CAPACITY)
         create = self._field(req, "create", bool, optional=True)
         create = True if create is None else create
+        pubs = self._field(req, "max_publishers", int, optional=True, lo=1,
+                           hi=ring.MAX_PUBLISHERS_LIMIT)
         if name in self.registry.channels:
             self.authorize(client, "open", name, self.owner(name))
-            rec = self.registry.open(client.id, name, mode, capacity, create)
+            rec = self.registry.open(client.id, name, mode, capacity, create, pubs)
         elif not create:
             raise ChannelNotFound(f"channel {name!r} does not exist")
         else:
-            rec = self._create_channel(client, name, mode, capacity, create)
+            rec = self._create_channel(client, name, mode, capacity, create, pubs)
         return {"shm": rec.shm_name, "sem_prefix": self.segments.sem_prefix(rec.token),
                 "mode": ring.MODE_NAMES[rec.mode], "capacity": rec.capacity,
-                "max_message": ring.max_message_size(rec.capacity)}
+                "max_message": ring.max_message_size(rec.capacity),
+                "max_publishers": rec.max_publishers}
 
-    def _create_channel(self, client: Client, name: str, mode, capacity, create: bool):
+    def _create_channel(self, client: Client, name: str, mode, capacity, create: bool,
+                        max_publishers: int | None = None):
         self._policy(client).check_open(name)
         caller = self._caller(client)
         who = client.tenant
@@ -586,7 +594,7 @@ class Daemon:
         self.segments.claim(token, ownership)
         try:
             self.peer.prepare_open(name, mode, capacity)  # published on a peer: a replica
-            rec = self.registry.open(client.id, name, mode, capacity, create)
+            rec = self.registry.open(client.id, name, mode, capacity, create, max_publishers)
         except BaseException:
             if name not in self.registry.channels:
                 self.segments.unclaim(token)
@@ -598,8 +606,8 @@ class Daemon:
         client = self._client(req)
         rec = self._channel(req)
         rec.holders.discard(client.id)
-        if rec.publisher == client.id:
-            rec.publisher = None
+        key = self._field(req, "key", int, optional=True, lo=0, hi=ID_MAX)
+        self.registry.release_publisher(rec, client.id, key)
         if not rec.holders:
             rec.idle_since = time.monotonic()
         return {}
@@ -609,15 +617,33 @@ class Daemon:
         rec = self._channel(req)
         self.authorize(client, "publish", rec.name, self.owner(rec.name))
         self.peer.check_publish(rec)  # one publisher cluster-wide: names the node holding it
-        self.registry.grant_publisher(rec, client.id, client.pid or client.claimed_pid)
-        return {}
+        key = self._field(req, "key", int, optional=True, lo=0, hi=ID_MAX) or 0
+        member = self.registry.grant_publisher(rec, client.id, client.pid or client.claimed_pid,
+                                               key)
+        if member is None:
+            return {}
+        return {"member": {"id": member.publisher, "shm": member.shm_name, "node": self.peer.node}}
 
     def op_unpublish(self, req: dict) -> dict:
         client = self._client(req)
         rec = self._channel(req)
-        if rec.publisher == client.id:
-            rec.publisher = None
+        key = self._field(req, "key", int, optional=True, lo=0, hi=ID_MAX)
+        self.registry.release_publisher(rec, client.id, key)
         return {}
+
+    def op_members(self, req: dict) -> dict:
+        """A subscriber of a multi-publisher channel saw the group epoch change: the member
+        rings its slot reads now (docs/protocol.md)."""
+        client = self._client(req)
+        rec = self._channel(req)
+        index = self._field(req, "slot", int, lo=0, hi=rec.max_subscribers - 1)
+        slot = rec.slots.get(index) or rec.evicted.get(index)
+        if slot is None or slot.client != client.id:
+            raise InvalidArgument(f"channel {rec.name!r}: slot {index} is not yours")
+        members = self.registry.members_for(rec, index)
+        for m in members:
+            m["node"] = self.peer.node
+        return {"epoch": rec.view.u32[ring.I_GROUP_EPOCH], "members": members}
 
     def op_subscribe(self, req: dict) -> dict:
         client = self._client(req)
@@ -630,8 +656,14 @@ class Daemon:
         self.quotas.check("subscribers", client.tenant, held)
         slot = self.registry.add_subscriber(rec, client.id, client.pid or client.claimed_pid, start)
         self.peer.on_subscribe(rec)  # a replica: ask its publishing node for a mirror
-        return {"slot": slot.index, "generation": slot.generation, "seq": slot.seq,
-                "position": rec.view.q[rec.view.slot_word(slot.index)]}
+        out = {"slot": slot.index, "generation": slot.generation, "seq": slot.seq,
+               "position": rec.view.q[rec.view.slot_word(slot.index)]}
+        if rec.group:
+            out["epoch"] = rec.view.u32[ring.I_GROUP_EPOCH]
+            out["members"] = self.registry.members_for(rec, slot.index)
+            for m in out["members"]:
+                m["node"] = self.peer.node
+        return out
 
     def op_unsubscribe(self, req: dict) -> dict:
         client = self._client(req)

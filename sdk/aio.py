@@ -165,25 +165,24 @@ async def receive_async(sub, timeout: float | None = None):
         # A handle of our own: Subscription.close() closes its handle, possibly while the helper
         # sleeps on it; this one is closed only when the subscription object goes away.
         sem = d["_aio_sem"] = _client_mod.open_semaphore(sub.channel._sem_prefix + str(sub.slot))
-    waiting = sub._waiting
-    q, tail_word, reader = sub._view.q, ring.OFF_TAIL // 8, sub._reader
+    has_data = sub._has_data   # a group's also says True when its membership changed
 
     def waiting_set():
         try:
             sub._epoch = epoch = ring.next_epoch(sub._epoch)   # see RingWriter._wake_waiters
-            waiting[0] = epoch
+            sub._arm(epoch)   # the waiting byte (every member ring's, in a group)
         except ValueError:
             pass  # the subscription was closed (its view released); gone() ends the wait
 
     def waiting_clear():
         try:
-            waiting[0] = 0
+            sub._arm(0)
         except ValueError:
             pass
 
     def ready():
         try:
-            return q[tail_word] != reader.position
+            return has_data()
         except ValueError:
             return True  # closed under us: return to the loop, which raises ChannelClosed
 

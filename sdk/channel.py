@@ -6,6 +6,7 @@ after that every publish and receive goes straight to the shared mapping.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import time
@@ -29,6 +30,7 @@ MAX_SLEEP = 0.25                 # a sleeping receiver re-checks at least this o
 
 
 _open_channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
+_channel_keys = itertools.count(1)   # tells the daemon which of our Channel objects publishes
 
 
 def _invalidate_after_fork() -> None:
@@ -50,29 +52,47 @@ class Message:
     next ``receive`` on the same subscription.  In ``lossy`` mode the publisher may overwrite it
     even then: :meth:`valid` says whether it still holds the bytes that were received, and
     ``bytes(msg)`` raises :class:`MessageOverwritten` instead of returning corrupted data.
+
+    ``seq`` numbers the messages of the publisher that sent it, and ``lost`` counts that
+    publisher's messages missed just before this one.  ``publisher`` is that publisher's id
+    (stable while it publishes; 0 on a channel created with ``max_publishers=1``), ``node`` and
+    ``pid`` where it runs (None where unknown).
     """
 
-    __slots__ = ("data", "seq", "lost", "_sub", "_pos", "_end")
+    __slots__ = ("data", "seq", "lost", "_sub", "_pos", "_end", "_src")
 
     def __init__(self, sub: "Subscription", data: memoryview, seq: int, lost: int, pos: int,
-                 end: int):
+                 end: int, src: ring.RingReader):
         self.data = data
         self.seq = seq
         self.lost = lost
         self._sub = sub
         self._pos = pos
         self._end = end
+        self._src = src   # the reader of the ring it came from (a member ring in a group)
+
+    @property
+    def publisher(self) -> int:
+        return self._src.publisher
+
+    @property
+    def node(self) -> str | None:
+        return self._src.node
+
+    @property
+    def pid(self) -> int | None:
+        return self._src.pid
 
     def __len__(self) -> int:
         return len(self.data)
 
     def valid(self) -> bool:
         """True while the publisher has not overwritten this message's bytes."""
-        return self._sub._reader.head_at_most(self._pos)
+        return self._src.head_at_most(self._pos)
 
     def __bytes__(self) -> bytes:
         out = bytes(self.data)
-        if not self._sub._reader.head_at_most(self._pos):
+        if not self._src.head_at_most(self._pos):
             raise MessageOverwritten(
                 f"message seq={self.seq} on {self._sub.channel.name!r} was overwritten while "
                 f"held (lossy mode); copy it promptly or use a larger capacity")
@@ -89,7 +109,8 @@ class Message:
         self.release()
 
     def __repr__(self) -> str:
-        return f"<shimmy.Message seq={self.seq} len={len(self.data)} lost={self.lost}>"
+        return (f"<shimmy.Message publisher={self.publisher} seq={self.seq} len={len(self.data)} "
+                f"lost={self.lost}>")
 
 
 class Loan:
@@ -120,13 +141,18 @@ class Channel:
 
     ``mode`` is ``"reliable"`` (a full ring makes the publisher wait, bounded by
     ``publish_timeout``, then raise BackpressureTimeout) or ``"lossy"`` (the publisher never
-    waits; lapped subscribers see ``Message.lost``).  ``mode`` and ``capacity`` are fixed when the
-    channel is created; ``None`` accepts whatever the existing channel has.
+    waits; lapped subscribers see ``Message.lost``).  ``max_publishers`` is how many processes
+    may publish at once (the daemon's ``default_max_publishers`` when not given, 1 unless
+    configured: a second publisher then gets PublisherBusy); with more than one, each publisher
+    writes a ring of its own and subscribers merge them (docs/ring-format.md, "Publisher
+    groups").  ``mode``, ``capacity`` and ``max_publishers`` are fixed when the channel is
+    created; ``None`` accepts whatever the existing channel has.
     """
 
     def __init__(self, name: str, *, daemon: str | None = None, mode: str | None = None,
                  capacity: int | None = None, spin_us: int | None = None,
-                 publish_timeout: float | None = DEFAULT_PUBLISH_TIMEOUT):
+                 publish_timeout: float | None = DEFAULT_PUBLISH_TIMEOUT,
+                 max_publishers: int | None = None):
         self.name = validate_name(name)
         if mode is not None and mode not in ring.MODES:
             raise InvalidArgument(f"mode must be one of {sorted(ring.MODES)}, got {mode!r}")
@@ -137,12 +163,21 @@ class Channel:
                 raise InvalidArgument(str(exc)) from None
         if spin_us is not None and (not isinstance(spin_us, int) or spin_us < 0):
             raise InvalidArgument(f"spin_us must be a non-negative int, got {spin_us!r}")
+        if max_publishers is not None and (not isinstance(max_publishers, int) or
+                                           isinstance(max_publishers, bool) or
+                                           max_publishers < 1):
+            raise InvalidArgument(f"max_publishers must be a positive int, got "
+                                  f"{max_publishers!r}")
         self.spin_us = DEFAULT_SPIN_US if spin_us is None else spin_us
         self.publish_timeout = publish_timeout
         self._fork_gen = fork_generation()
         self._client = get_client(daemon)
-        reply = self._client.request("open", name=self.name, mode=mode, capacity=capacity)
+        reply = self._client.request("open", name=self.name, mode=mode, capacity=capacity,
+                                     max_publishers=max_publishers)
         self.mode = reply["mode"]
+        self.max_publishers = reply.get("max_publishers", 1)
+        self.publisher_id = 0   # this object's publisher id once it publishes (groups)
+        self._key = next(_channel_keys)
         self.capacity = reply["capacity"]
         self.max_message = reply["max_message"]
         self._sem_prefix = reply["sem_prefix"]
@@ -154,6 +189,7 @@ class Channel:
         self._view = ring.RingView(self._mm)
         self._writer: ring.RingWriter | None = None
         self._wakeups = ring.Wakeups(self._view, reply["sem_prefix"])
+        self._member: tuple[mmap.mmap, ring.RingView] | None = None   # our member ring (group)
         self._subs: list[Subscription] = []
         self.closed = False
         _open_channels.add(self)
@@ -171,8 +207,25 @@ class Channel:
 
     def _become_publisher(self) -> ring.RingWriter:
         self._check()
-        self._client.request("publish", name=self.name)
-        self._writer = ring.RingWriter(self._view, self._wakeups)
+        reply = self._client.request("publish", name=self.name, key=self._key)
+        member = reply.get("member")
+        if member is None:
+            self._writer = ring.RingWriter(self._view, self._wakeups)
+            return self._writer
+        # A publisher group: our own member ring, whose subscribers sleep on the channel's
+        # semaphores (the same slot index in every member).
+        if self._member is None:
+            shm = open_shared_memory(member["shm"])
+            try:
+                mm = mmap.mmap(shm.fd, shm.size)
+            finally:
+                shm.close_fd()
+            view = ring.RingView(mm)
+            self._member = (mm, view)
+            self._wakeups.close()
+            self._wakeups = ring.Wakeups(view, self._sem_prefix)
+        self.publisher_id = member["id"]
+        self._writer = ring.RingWriter(self._member[1], self._wakeups)
         return self._writer
 
     def publish(self, data, *, timeout: float | None | EllipsisType = ...) -> int:
@@ -207,8 +260,13 @@ class Channel:
         if start not in ("next", "oldest"):
             raise InvalidArgument(f"start must be 'next' or 'oldest', got {start!r}")
         reply = self._client.request("subscribe", name=self.name, start=start)
-        sub = Subscription(self, reply["slot"], reply["position"], reply["seq"],
-                           self.spin_us if spin_us is None else spin_us)
+        sub: Subscription
+        if "members" in reply:
+            from .group import GroupSubscription
+            sub = GroupSubscription(self, reply, self.spin_us if spin_us is None else spin_us)
+        else:
+            sub = Subscription(self, reply["slot"], reply["position"], reply["seq"],
+                               self.spin_us if spin_us is None else spin_us)
         self._subs.append(sub)
         return sub
 
@@ -222,15 +280,20 @@ class Channel:
         self._wakeups.close()
         if self._fork_gen == fork_generation() and not self._client.closed:
             try:
-                self._client.request("close", name=self.name)
+                self._client.request("close", name=self.name, key=self._key)
             except ShimmyError:
                 pass  # the daemon is gone; nothing of ours to give back
         self._writer = None
-        self._view.release()
-        try:
-            self._mm.close()
-        except BufferError:
-            pass  # a caller still holds a Message view; the mapping lives until it is dropped
+        maps = [(self._view, self._mm)]
+        if self._member is not None:
+            maps.append((self._member[1], self._member[0]))
+            self._member = None
+        for view, mm in maps:
+            view.release()
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a caller still holds a Message view; the mapping lives until dropped
 
     def __enter__(self) -> "Channel":
         return self
@@ -245,7 +308,8 @@ class Channel:
         self.close()   # never blocks for long: one bounded daemon request
 
     def __repr__(self) -> str:
-        return f"<shimmy.Channel {self.name!r} mode={self.mode} capacity={self.capacity}>"
+        return (f"<shimmy.Channel {self.name!r} mode={self.mode} capacity={self.capacity} "
+                f"max_publishers={self.max_publishers}>")
 
 
 class Subscription:
@@ -257,6 +321,7 @@ class Subscription:
         self._view = channel._view
         self._reader = ring.RingReader(channel._view, slot, position, seq)
         self._take_bytes = self._reader.take_bytes
+        self._has_data = self._reader.has_data
         self._sem = open_semaphore(channel._sem_prefix + str(slot))
         at = ring.waiting_offset(slot)
         self._waiting = channel._view.mv[at:at + 1]
@@ -293,8 +358,9 @@ class Subscription:
     def _release(self, msg: Message) -> None:
         # Only the message handed out last still holds its frame (the next take() released the
         # earlier ones); releasing it early lets the publisher reuse the frame now.
-        if msg._end == self._reader.position:
-            self._reader.release_to(msg._end)
+        src = msg._src
+        if msg._end == src.position:
+            src.release_to(msg._end)
 
     def receive_nowait(self) -> Message | None:
         """The next message, or None if none is committed yet."""
@@ -305,7 +371,8 @@ class Subscription:
         if got is None:
             return None
         pos, off, length, seq, lost = got
-        return Message(self, self._ro[off:off + length], seq, lost, pos, self._reader.position)
+        return Message(self, self._ro[off:off + length], seq, lost, pos, self._reader.position,
+                       self._reader)
 
     def receive(self, timeout: float | None = None) -> Message:
         """Block until a message arrives (at most ``timeout`` seconds; None = forever)."""
@@ -343,7 +410,7 @@ class Subscription:
         spin_end = now + self._spin
         if deadline is not None and spin_end > deadline:
             spin_end = deadline
-        has_data = self._reader.has_data
+        has_data = self._has_data
         while True:
             if has_data():
                 msg = attempt()
@@ -354,11 +421,10 @@ class Subscription:
                 break
         # 2. Sleep on our semaphore, re-checking at least every MAX_SLEEP.
         slept_at = time.perf_counter()
-        waiting = self._waiting
         try:
             while True:
                 self._epoch = epoch = ring.next_epoch(self._epoch)
-                waiting[0] = epoch
+                self._arm(epoch)
                 # SYNC POINT (Dekker pair with RingWriter._commit): store waiting, FENCE, load
                 # tail.  Either we see the new tail here, or the publisher sees our byte and
                 # posts the semaphore.
@@ -366,6 +432,8 @@ class Subscription:
                 msg = attempt()
                 if msg is not None:
                     break
+                if self._rearm():
+                    continue
                 now = time.perf_counter()
                 if deadline is not None and now >= deadline:
                     raise ReceiveTimeout(f"no message on {channel.name!r} within {timeout} s")
@@ -378,13 +446,21 @@ class Subscription:
                     channel._check()
                     self._check_slot()
         finally:
-            waiting[0] = 0
+            self._arm(0)
         # Woken soon after we stopped spinning: a longer spin would have caught it.
         if time.perf_counter() - slept_at < self._spin_max:
             self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_max)
         else:
             self._spin = max(self._spin / 2, MIN_SPIN_US / 1e6) if self._spin_max else 0.0
         return msg
+
+    def _arm(self, epoch: int) -> None:
+        """Store ``epoch`` (0 = awake) in our waiting byte: the publisher posts us when set."""
+        self._waiting[0] = epoch
+
+    def _rearm(self) -> bool:
+        """True when the wait must arm again before sleeping (a group's membership changed)."""
+        return False
 
     def _check_slot(self) -> None:
         if self._view.slot_state(self.slot) == ring.SLOT_EVICTED:

@@ -10,6 +10,8 @@ layout, the ownership of every word and the memory-ordering argument are in
            +32   created_ns u64   | +40 retired u64 (daemon: 1 = do not use, reopen)
            +48   link u32 (daemon: replica link state, LINK_*) | +52 link_epoch u32 (daemon:
                  reconnects of the replica's link) -- written only by the daemon of a replica
+           +56   group epoch u32 (daemon: bumped whenever a publisher's member ring is added to
+                 or removed from a multi-publisher channel; docs/ring-format.md, "Publisher groups")
            +64   name length u32 + name bytes (up to 200)            -- all daemon, write-once
            +320  tail u64       publisher: end of the last committed frame (commit word)
            +328  head u64       publisher: start of the oldest intact frame
@@ -70,6 +72,8 @@ OFF_CREATED = 32
 OFF_RETIRED = 40
 OFF_LINK = 48          # u32, daemon-written: state of the peer link feeding a replica ring
 OFF_LINK_EPOCH = 52    # u32, daemon-written: bumped on every reconnect of that link
+OFF_GROUP_EPOCH = 56   # u32, daemon-written: membership epoch of a multi-publisher channel
+I_GROUP_EPOCH = OFF_GROUP_EPOCH // 4
 OFF_NAME = 64
 OFF_TAIL = 320
 OFF_HEAD = 328
@@ -79,6 +83,9 @@ OFF_SLOT_HIGH = 384
 OFF_WAITING = 448
 OFF_WIDE = OFF_WAITING + 7    # daemon-written byte: 1 once a slot >= 7 was handed out
 MAX_SUBSCRIBERS_LIMIT = CONTROL_SIZE - OFF_WAITING - 1  # a waiting byte each (+ the wide byte)
+# Publishers of one channel at once (one member ring each): a subscriber scans every member when
+# it arms its wake-up, so this bounds that scan (docs/ring-format.md, "Publisher groups").
+MAX_PUBLISHERS_LIMIT = 1024
 
 # Link states (OFF_LINK).  A channel published on this node stays LINK_LOCAL; a replica of a
 # channel published on another node is LINK_UP while its mirror streams and LINK_DOWN while the
@@ -738,9 +745,13 @@ class RingReader:
     going backwards raises RingCorrupted naming the channel and offset; nothing else escapes.
     """
 
-    def __init__(self, view: RingView, slot: int, position: int, seq: int):
+    def __init__(self, view: RingView, slot: int, position: int, seq: int, publisher: int = 0,
+                 node: str | None = None, pid: int | None = None):
         self.v = view
         self.slot = slot
+        # Who writes this ring, as the daemon told us: Message.publisher/node/pid (0, None, None
+        # on a single-publisher channel, whose publisher role may move between processes).
+        self.publisher, self.node, self.pid = publisher, node, pid
         self._mv = view.mv
         self._mm = view.mm
         self._q = view.q

@@ -1,0 +1,200 @@
+"""The subscriber of a multi-publisher channel: one slot index, read in every member ring.
+
+Each publisher of a group writes a member ring of its own (an ordinary single-writer ring,
+docs/ring-format.md, "Publisher groups"); the daemon gives a subscriber's slot the same index in
+the channel's ring and in every member ring, and bumps the channel ring's group epoch whenever a
+member is added or reclaimed.  :class:`GroupSubscription` compares that epoch before every
+receive (one u32 load) and asks the daemon for the member list only when it changed, merges the
+members round-robin (each receive starts at the member after the one that delivered last, so a
+fast publisher never starves a slow one), and sleeps on the channel's one semaphore with its
+waiting byte armed in every member ring.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import posix_ipc
+
+from shimmy import ring
+
+from .channel import Channel, Message, Subscription
+from .client import open_shared_memory
+
+
+class _Member:
+    """This subscriber's mapping of, and cursor in, one member ring."""
+
+    __slots__ = ("id", "mm", "view", "reader", "ro", "waiting")
+
+    def __init__(self, info: dict, slot: int):
+        shm = open_shared_memory(info["shm"])
+        try:
+            self.mm = mmap.mmap(shm.fd, shm.size)
+        finally:
+            shm.close_fd()
+        self.view = ring.RingView(self.mm)
+        self.id = info["id"]
+        self.reader = ring.RingReader(self.view, slot, info["position"], info["seq"],
+                                      publisher=info["id"], node=info.get("node"),
+                                      pid=info.get("pid"))
+        self.ro = self.view.mv.toreadonly()
+        at = ring.waiting_offset(slot)
+        self.waiting = self.view.mv[at:at + 1]
+
+    def close(self) -> None:
+        self.waiting[0] = 0
+        self.waiting.release()
+        self.ro.release()
+        self.view.release()
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a Message still holds a view of it; the mapping goes with the last one
+
+
+class GroupSubscription(Subscription):
+    """A :class:`Subscription` of a channel with ``max_publishers`` > 1 (same API)."""
+
+    def __init__(self, channel: Channel, reply: dict, spin_us: int):
+        super().__init__(channel, reply["slot"], reply["position"], reply["seq"], spin_us)
+        self._gq = channel._view.u32
+        self._gepoch = reply["epoch"]      # group epoch the member list below is for
+        self._armed = -1                   # group epoch when the waiting bytes were last armed
+        self._members: list[_Member] = []
+        self._solo: _Member | None = None  # the member when there is exactly one (fast path)
+        self._next = 0                     # round-robin start: the member after the last giver
+        self._last = self._reader          # reader of the message received last
+        self._lost_gone = 0                # losses counted in members reclaimed since
+        self._set_members(reply["members"])
+        self._take_bytes = self._take_bytes_merged
+        self._has_data = self._any_data
+
+    # -- membership -------------------------------------------------------------------------
+    def _set_members(self, infos: list[dict]) -> None:
+        have = {m.id: m for m in self._members}
+        keep: list[_Member] = []
+        for info in infos:
+            m = have.pop(info["id"], None)
+            if m is None:
+                try:
+                    m = _Member(info, self.slot)
+                except posix_ipc.ExistentialError:
+                    continue  # reclaimed since the reply: every subscriber had drained it
+            keep.append(m)
+        for m in have.values():   # reclaimed: we (like every subscriber) read it to its end
+            self._lost_gone += m.reader.lost_total
+            m.close()   # (self._last may stay its reader: only its ints are read after this)
+        self._members = keep
+        self._solo = keep[0] if len(keep) == 1 else None
+        self._next = 0
+
+    def _refresh(self) -> None:
+        reply = self.channel._client.request("members", name=self.channel.name, slot=self.slot)
+        self._set_members(reply["members"])
+        self._gepoch = reply["epoch"]
+
+    # -- receiving --------------------------------------------------------------------------
+    def receive_nowait(self) -> Message | None:
+        if self.closed:
+            self._closed()
+        if self._gq[ring.I_GROUP_EPOCH] != self._gepoch:   # a publisher joined or was reclaimed
+            self._refresh()
+        m = self._solo
+        if m is not None:   # one publisher: as cheap as a single-publisher channel
+            reader = m.reader
+            got = reader.take()
+            if got is None:
+                return None
+        else:
+            members = self._members
+            n = len(members)
+            i = self._next
+            for _ in range(n):
+                m = members[i]
+                i += 1
+                if i == n:
+                    i = 0
+                reader = m.reader
+                got = reader.take()
+                if got is not None:
+                    self._next = i
+                    break
+            else:
+                return None
+        pos, off, length, seq, lost = got
+        self._last = reader
+        return Message(self, m.ro[off:off + length], seq, lost, pos, reader.position, reader)
+
+    def _take_bytes_merged(self) -> bytes | None:
+        if self._gq[ring.I_GROUP_EPOCH] != self._gepoch:
+            self._refresh()
+        members = self._members
+        n = len(members)
+        i = self._next
+        for _ in range(n):
+            reader = members[i].reader
+            i += 1
+            if i == n:
+                i = 0
+            data = reader.take_bytes()
+            if data is not None:
+                self._next = i
+                self._last = reader
+                return data
+        return None
+
+    def _any_data(self) -> bool:
+        if self._gq[ring.I_GROUP_EPOCH] != self._gepoch:
+            return True
+        for m in self._members:
+            if m.reader.has_data():
+                return True
+        return False
+
+    # -- sleeping ---------------------------------------------------------------------------
+    def _arm(self, epoch: int) -> None:
+        # Every member ring's waiting byte for our slot, then (caller) one fence and one
+        # re-check of every tail: whichever publisher commits after our check sees its byte.
+        self._armed = self._gepoch
+        for m in self._members:
+            m.waiting[0] = epoch
+
+    def _rearm(self) -> bool:
+        # The member list changed during the re-check (a new member is not armed yet), or is
+        # about to: arm again before sleeping.
+        return self._armed != self._gepoch or self._gq[ring.I_GROUP_EPOCH] != self._gepoch
+
+    # -- counters ---------------------------------------------------------------------------
+    @property
+    def lost(self) -> int:
+        """Messages missed so far, all publishers together (lossy mode)."""
+        return self._lost_gone + sum(m.reader.lost_total for m in self._members)
+
+    def lost_by_publisher(self) -> dict[int, int]:
+        """Messages missed so far per publisher id, for publishers still attached."""
+        return {m.id: m.reader.lost_total for m in self._members}
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number (in its publisher's numbering) of the message received last."""
+        return self._last._expect - 1
+
+    @property
+    def last_publisher(self) -> int:
+        """Publisher id of the message received last (0 before the first)."""
+        return self._last.publisher
+
+    @property
+    def publishers(self) -> list[int]:
+        """Ids of the publishers whose rings this subscription reads now."""
+        return [m.id for m in self._members]
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        for m in self._members:
+            m.close()
+        self._members = []
+        self._solo = None
+        super().close()
