@@ -65,7 +65,7 @@ class GroupSubscription(Subscription):
         self._solo: _Member | None = None  # the member when there is exactly one (fast path)
         self._next = 0                     # round-robin start: the member after the last giver
         self._last = self._reader          # reader of the message received last
-        self._lost_gone = 0                # losses counted in members reclaimed since
+        self._lost_gone: dict[int, int] = {}   # publisher id -> losses, members reclaimed since
         self._set_members(reply["members"])
         self._take_bytes = self._take_bytes_merged
         self._has_data = self._any_data
@@ -83,7 +83,7 @@ class GroupSubscription(Subscription):
                     continue  # reclaimed since the reply: every subscriber had drained it
             keep.append(m)
         for m in have.values():   # reclaimed: we (like every subscriber) read it to its end
-            self._lost_gone += m.reader.lost_total
+            self._lost_gone[m.id] = m.reader.lost_total
             m.close()   # (self._last may stay its reader: only its ints are read after this)
         self._members = keep
         self._solo = keep[0] if len(keep) == 1 else None
@@ -169,11 +169,11 @@ class GroupSubscription(Subscription):
     @property
     def lost(self) -> int:
         """Messages missed so far, all publishers together (lossy mode)."""
-        return self._lost_gone + sum(m.reader.lost_total for m in self._members)
+        return sum(self._lost_gone.values()) + sum(m.reader.lost_total for m in self._members)
 
     def lost_by_publisher(self) -> dict[int, int]:
-        """Messages missed so far per publisher id, for publishers still attached."""
-        return {m.id: m.reader.lost_total for m in self._members}
+        """Messages missed so far, per publisher id (publishers that left included)."""
+        return {**self._lost_gone, **{m.id: m.reader.lost_total for m in self._members}}
 
     @property
     def last_seq(self) -> int:

@@ -366,6 +366,14 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+def _publisher_cell(ch: dict) -> str:
+    """'yes'/'-' for an exclusive channel; 'live/max' publishers for a multi-publisher one."""
+    most = ch.get("max_publishers", 1)
+    if most > 1:
+        return f"{sum(1 for p in ch.get('publishers', ()) if p['live'])}/{most}"
+    return "yes" if ch["publisher"] is not None else "-"
+
+
 @cli.command(short_help="list channels and streams")
 @_daemon_option
 @click.option("--json", "as_json", is_flag=True, help="the daemon's channel list as JSON")
@@ -385,12 +393,17 @@ def ls(daemon_path: str | None, as_json: bool) -> None:
             node += f" (replica, link {ch['replica']['link']})"
         published = "BROKEN" if ch.get("broken") else str(ch["published"])
         rows.append((ch["name"], ch["mode"], size(ch["capacity"]), published,
-                     "yes" if ch["publisher"] is not None else "-", str(len(ch["subscribers"])),
+                     _publisher_cell(ch), str(len(ch["subscribers"])),
                      size(lag), node, ",".join(m["to"] for m in ch.get("mirrors", ())) or "-"))
     for ch in reply.get("remote", ()):
         rows.append((ch["name"], ch["mode"], size(ch["capacity"]), "-", "remote", "-", "-",
                      ch["node"], "-"))
     _print_table(rows)
+    for ch in reply["channels"]:
+        for pub in ch.get("publishers", ()):   # a multi-publisher channel: each one, and where
+            state = "publishing" if pub["live"] else "left, draining"
+            click.echo(f"{ch['name']}: publisher {pub['id']} pid {pub['pid']} on node "
+                       f"{pub.get('node') or '?'}: {state}, {pub['published']} published")
     for ch in reply["channels"]:
         if ch.get("broken"):
             click.echo(f"{ch['name']}: broken: {ch['broken']} (shimmy rm {ch['name']} retires "

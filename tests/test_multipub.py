@@ -1,0 +1,328 @@
+"""Many publishers on one channel, on one node: real publisher and subscriber processes, a real
+daemon.  Every message is checksummed and names its publisher and its number, so a subscriber
+checks integrity, per-publisher order and (lossy) per-publisher loss on its own.
+
+Run as a script, this file is the worker: ``python test_multipub.py pub|sub ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+HEAD = struct.Struct("<III")   # publisher tag, message number, crc32 of the filler
+
+
+def make(tag: int, i: int) -> bytes:
+    filler = bytes(((tag * 131 + i * 7 + k) & 0xFF) for k in range(8 + (i * 37) % 200))
+    return HEAD.pack(tag, i, zlib.crc32(filler)) + filler
+
+
+def check(data: bytes) -> tuple[int, int]:
+    tag, i, crc = HEAD.unpack_from(data)
+    filler = data[HEAD.size:]
+    if zlib.crc32(filler) != crc or filler != make(tag, i)[HEAD.size:]:
+        raise SystemExit(f"torn message: tag {tag} number {i}")
+    return tag, i
+
+
+def run_pub(a) -> None:
+    import shimmy
+    ch = shimmy.Channel(a.channel, daemon=a.daemon, mode=a.mode, capacity=a.capacity,
+                        max_publishers=a.max_publishers)
+    gap = 1.0 / a.rate if a.rate else 0.0
+    i = 0
+    try:
+        while a.count == 0 or i < a.count:   # count 0: until killed
+            ch.publish(make(a.tag, i))
+            if i == 0 and a.ready:
+                open(a.ready, "w").close()
+            i += 1
+            if gap:
+                time.sleep(gap)
+    except shimmy.PublisherBusy as exc:
+        print(json.dumps({"busy": str(exc)}))
+        return
+    print(json.dumps({"published": i, "publisher": ch.publisher_id}))
+    ch.close()
+
+
+def run_sub(a) -> None:
+    import shimmy
+    ch = shimmy.Channel(a.channel, daemon=a.daemon, mode=a.mode, capacity=a.capacity,
+                        max_publishers=a.max_publishers)
+    sub = ch.subscribe(a.start)
+    if a.ready:
+        open(a.ready, "w").close()
+    want = {int(t): int(n) for t, n in (x.split(":") for x in a.want.split(","))} if a.want else {}
+    last: dict[int, int] = {}        # tag -> message number received last
+    first: dict[int, int] = {}
+    got: dict[int, int] = {}
+    pubs: dict[int, int] = {}        # tag -> publisher id
+    deadline = time.monotonic() + a.timeout
+    n = 0
+    while time.monotonic() < deadline:
+        if want and all(last.get(t, -1) == c - 1 for t, c in want.items()):
+            break
+        try:
+            if a.mode == "lossy":
+                # The copy path: a message overwritten while copied is skipped and counted lost.
+                data = sub.receive_bytes(timeout=a.idle)
+                seq, publisher = sub.last_seq, sub.last_publisher
+            else:
+                msg = sub.receive(timeout=a.idle)
+                data, seq, publisher = bytes(msg), msg.seq, msg.publisher
+                if msg.lost:
+                    raise SystemExit(f"publisher {publisher}: reliable channel lost {msg.lost}")
+                msg.release()
+        except shimmy.ReceiveTimeout:
+            if want:
+                continue
+            break
+        tag, i = check(data)
+        if seq != i:
+            raise SystemExit(f"tag {tag}: message {i} has seq {seq}")
+        if pubs.setdefault(tag, publisher) != publisher:
+            raise SystemExit(f"tag {tag}: publisher id changed {pubs[tag]} -> {publisher}")
+        prev = last.get(tag)
+        if prev is None:
+            first[tag] = i
+        elif a.mode == "reliable" and i != prev + 1:
+            raise SystemExit(f"tag {tag}: {i} after {prev}")
+        elif i <= prev:
+            raise SystemExit(f"tag {tag}: {i} after {prev}: out of order")
+        last[tag] = i
+        got[tag] = got.get(tag, 0) + 1
+        n += 1
+        if a.slow and n % 100 == 0:
+            time.sleep(a.slow)
+    by_pub = sub.lost_by_publisher() if hasattr(sub, "lost_by_publisher") else {}
+    lost = {tag: by_pub.get(p, 0) for tag, p in pubs.items()}   # the library's count
+    print(json.dumps({"got": got, "lost": lost, "first": first, "last": last, "pubs": pubs,
+                      "lost_total": sub.lost}))
+    ch.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("role", choices=["pub", "sub"])
+    p.add_argument("--daemon", required=True)
+    p.add_argument("--channel", required=True)
+    p.add_argument("--mode", default="reliable")
+    p.add_argument("--capacity", type=int)
+    p.add_argument("--max-publishers", type=int)
+    p.add_argument("--tag", type=int, default=0)
+    p.add_argument("--count", type=int, default=0)
+    p.add_argument("--rate", type=float, default=0.0)
+    p.add_argument("--want", default="", help="tag:count,... the subscriber waits for")
+    p.add_argument("--start", default="next")
+    p.add_argument("--idle", type=float, default=3.0)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--slow", type=float, default=0.0)
+    p.add_argument("--ready")
+    a = p.parse_args()
+    run_pub(a) if a.role == "pub" else run_sub(a)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
+
+import pytest  # noqa: E402
+
+import shimmy  # noqa: E402
+
+SELF = os.path.abspath(__file__)
+
+
+def spawn(daemon, role: str, channel: str, *args: str, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, SELF, role, "--daemon", daemon.socket, "--channel", channel, *args]
+    for k, v in kw.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def result(proc: subprocess.Popen, timeout: float = 180) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{err[-3000:]}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def wait_files(paths, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    for path in paths:
+        while not os.path.exists(path):
+            assert time.monotonic() < deadline, f"{path} never appeared"
+            time.sleep(0.01)
+
+
+def start_subs(daemon, tmp_path, channel: str, n: int, **kw) -> list[subprocess.Popen]:
+    ready = [str(tmp_path / f"sub{k}.ready") for k in range(n)]
+    subs = [spawn(daemon, "sub", channel, ready=r, **kw) for r in ready]
+    wait_files(ready)
+    return subs
+
+
+def member_rings(daemon) -> list[str]:
+    return [e for e in daemon.shm_objects() if ".p" in e and not e.startswith("sem.")]
+
+
+def fan_in(daemon, tmp_path, pubs: int, count: int, mode: str, capacity: int, **sub_kw):
+    want = ",".join(f"{t}:{count}" for t in range(pubs))
+    common = dict(mode=mode, capacity=capacity, max_publishers=pubs)
+    subs = start_subs(daemon, tmp_path, "fan", 3, want=want, **common, **sub_kw)
+    procs = [spawn(daemon, "pub", "fan", tag=t, count=count, **common) for t in range(pubs)]
+    published = [result(p) for p in procs]
+    assert all(r["published"] == count for r in published)
+    ids = {r["publisher"] for r in published}
+    assert len(ids) == pubs, f"publisher ids not distinct: {published}"
+    return [result(s) for s in subs], published
+
+
+@pytest.mark.parametrize("pubs", [4, 16])
+def test_fan_in_reliable_every_message_in_publisher_order(daemon, tmp_path, pubs):
+    count = 10_000
+    outs, published = fan_in(daemon, tmp_path, pubs, count, "reliable", 1 << 16)
+    by_tag = {str(t): r["publisher"] for t, r in enumerate(published)}
+    for out in outs:
+        assert out["got"] == {str(t): count for t in range(pubs)}
+        assert out["lost"] == {str(t): 0 for t in range(pubs)}
+        assert out["first"] == {str(t): 0 for t in range(pubs)}
+        assert out["pubs"] == by_tag   # Message.publisher is the id the publisher was given
+    # Every publisher left and every subscriber drained its ring: the daemon reclaimed them.
+    deadline = time.monotonic() + 10
+    while member_rings(daemon) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert member_rings(daemon) == []
+
+
+def test_fan_in_lossy_counts_each_publishers_losses_exactly(daemon, tmp_path):
+    count = 10_000
+    outs, _ = fan_in(daemon, tmp_path, 4, count, "lossy", 4096, slow=0.002)
+    lapped = 0
+    for out in outs:
+        for t in map(str, range(4)):
+            # Every number either arrived or is counted lost, exactly once.
+            assert out["got"][t] + out["lost"][t] == count, (t, out)
+            assert out["last"][t] == count - 1
+            lapped += out["lost"][t]
+        assert out["lost_total"] == sum(out["lost"].values())
+    assert lapped > 0, "the slow subscribers were never lapped: the test checked nothing"
+
+
+def test_publishers_join_and_leave_mid_stream(daemon, tmp_path):
+    """Publishers start and finish at different times; an early subscriber gets all of each;
+    a subscriber joining mid-stream gets, per publisher, an unbroken run up to its last."""
+    common = dict(mode="reliable", capacity=1 << 16, max_publishers=3)
+    counts = [3000, 800, 1500, 600, 2000]
+    want = ",".join(f"{t}:{c}" for t, c in enumerate(counts))
+    early = start_subs(daemon, tmp_path, "jl", 1, want=want, **common)[0]
+    pubs = [spawn(daemon, "pub", "jl", tag=0, count=counts[0], rate=2000, **common)]
+    time.sleep(0.3)
+    late = spawn(daemon, "sub", "jl", want=want, **common)
+    for t in range(1, len(counts)):
+        # at most 3 at once: tag 0, and two of the short ones overlapping
+        pubs.append(spawn(daemon, "pub", "jl", tag=t, count=counts[t], rate=2000, **common))
+        if t >= 2:
+            assert result(pubs[t - 1])["published"] == counts[t - 1]
+    for p in pubs:
+        p.wait(60)
+    assert result(pubs[0])["published"] == counts[0]
+    out = result(early)
+    assert out["got"] == {str(t): c for t, c in enumerate(counts)}
+    out = result(late)
+    for t, c in enumerate(counts):
+        assert out["last"][str(t)] == c - 1
+        assert out["got"][str(t)] == c - out["first"][str(t)]   # no gap after its first
+
+
+def test_sigkill_publishers_never_wedge_the_channel(daemon, tmp_path):
+    """Publishers killed at random points: the others' messages all arrive in order, nothing
+    torn arrives from the victims, their rings are reclaimed and their places freed."""
+    rng = random.Random(11)
+    common = dict(mode="reliable", capacity=1 << 14, max_publishers=3)
+    steady_count = 4000
+    want = f"0:{steady_count},1:{steady_count}"
+    subs = start_subs(daemon, tmp_path, "kill", 2, want=want, idle=1.0, **common)
+    steady = [spawn(daemon, "pub", "kill", tag=t, count=steady_count, rate=1500, **common)
+              for t in range(2)]
+    for k in range(8):
+        ready = str(tmp_path / f"victim{k}.ready")
+        victim = spawn(daemon, "pub", "kill", tag=100 + k, count=0, ready=ready, **common)
+        wait_files([ready])
+        time.sleep(rng.uniform(0.0, 0.05))
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        assert victim.returncode == -signal.SIGKILL
+    for p in steady:
+        assert result(p)["published"] == steady_count
+    for s in subs:
+        out = result(s)
+        assert out["got"]["0"] == out["got"]["1"] == steady_count
+        for k in range(8):   # each victim: an unbroken run from its first message (no lost)
+            t = str(100 + k)
+            assert out["first"][t] == 0 and out["got"][t] == out["last"][t] + 1
+    deadline = time.monotonic() + 10
+    while member_rings(daemon) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert member_rings(daemon) == []
+    # ... and the channel still takes max_publishers new publishers.
+    again = [spawn(daemon, "pub", "kill", tag=t, count=10, **common) for t in range(3)]
+    assert all(result(p)["published"] == 10 for p in again)
+
+
+def test_publisher_limit_refused_with_a_clear_error(daemon, tmp_path):
+    common = dict(mode="reliable", capacity=1 << 14, max_publishers=2)
+    ready = [str(tmp_path / f"p{k}.ready") for k in range(2)]
+    holders = [spawn(daemon, "pub", "lim", tag=k, count=0, ready=ready[k], rate=100, **common)
+                for k in range(2)]
+    try:
+        wait_files(ready)
+        third = result(spawn(daemon, "pub", "lim", tag=2, count=5, **common))
+        assert "max_publishers=2" in third["busy"] and "lim" in third["busy"]
+    finally:
+        for p in holders:
+            p.kill()
+            p.wait(10)
+    # The limit is fixed at creation; asking for another is refused, naming both.
+    with pytest.raises(shimmy.ChannelConflict, match="max_publishers=2.*max_publishers=5"):
+        shimmy.Channel("lim", daemon=daemon.socket, max_publishers=5)
+    # Above the daemon's ceiling: refused, naming the setting.
+    with pytest.raises(shimmy.LimitExceeded, match="daemon setting max_publishers"):
+        shimmy.Channel("big", daemon=daemon.socket, max_publishers=65)
+    # max_publishers=1 keeps the exclusive channel and its error.
+    ex = shimmy.Channel("ex", daemon=daemon.socket, max_publishers=1)
+    ex.publish(b"x")
+    other = spawn(daemon, "pub", "ex", tag=0, count=1, max_publishers=1)
+    assert "max_publishers=1" in result(other)["busy"]
+    ex.close()
+
+
+def test_one_process_two_channel_objects_are_two_publishers(daemon):
+    a = shimmy.Channel("two", daemon=daemon.socket, max_publishers=2)
+    b = shimmy.Channel("two", daemon=daemon.socket)
+    sub = a.subscribe()
+    for i in range(3):
+        a.publish(b"a%d" % i)
+        b.publish(b"b%d" % i)
+    got = [sub.receive(timeout=5) for _ in range(6)]
+    assert [bytes(m) for m in got] == [b"a0", b"b0", b"a1", b"b1", b"a2", b"b2"]  # round-robin
+    assert {m.publisher for m in got} == {a.publisher_id, b.publisher_id}
+    assert all(m.pid == os.getpid() for m in got)
+    ls = subprocess.run([sys.executable, "-m", "shimmy.cli", "ls", "--json", "--daemon",
+                         daemon.socket], capture_output=True, text=True, timeout=30)
+    assert ls.returncode == 0, ls.stderr
+    (entry,) = [c for c in json.loads(ls.stdout) if c["name"] == "two"]
+    assert sorted(p["id"] for p in entry["publishers"]) == sorted(
+        [a.publisher_id, b.publisher_id])
+    assert all(p["pid"] == os.getpid() and p["node"] and p["live"] for p in entry["publishers"])
+    for ch in (a, b):
+        ch.close()
