@@ -4,7 +4,8 @@ Each publisher of a group writes a member ring of its own (an ordinary single-wr
 docs/ring-format.md, "Publisher groups"); the daemon gives a subscriber's slot the same index in
 the channel's ring and in every member ring, and bumps the channel ring's group epoch whenever a
 member is added or reclaimed.  :class:`GroupSubscription` compares that epoch before every
-receive (one u32 load) and asks the daemon for the member list only when it changed, merges the
+receive batch (one u32 load where a member's tail is reloaded, ring.GroupReader) and asks the
+daemon for the member list only when it changed, merges the
 members round-robin (each receive starts at the member after the one that delivered last, so a
 fast publisher never starves a slow one), and sleeps on the channel's one semaphore with its
 waiting byte armed in every member ring.
@@ -27,7 +28,7 @@ class _Member:
 
     __slots__ = ("id", "mm", "view", "reader", "ro", "waiting")
 
-    def __init__(self, info: dict, slot: int):
+    def __init__(self, info: dict, slot: int, group: memoryview, epoch: int):
         shm = open_shared_memory(info["shm"])
         try:
             self.mm = mmap.mmap(shm.fd, shm.size)
@@ -35,9 +36,9 @@ class _Member:
             shm.close_fd()
         self.view = ring.RingView(self.mm)
         self.id = info["id"]
-        self.reader = ring.RingReader(self.view, slot, info["position"], info["seq"],
-                                      publisher=info["id"], node=info.get("node"),
-                                      pid=info.get("pid"))
+        self.reader = ring.GroupReader(self.view, slot, info["position"], info["seq"], group,
+                                       epoch, publisher=info["id"], node=info.get("node"),
+                                       pid=info.get("pid"))
         self.ro = self.view.mv.toreadonly()
         at = ring.waiting_offset(slot)
         self.waiting = self.view.mv[at:at + 1]
@@ -64,67 +65,85 @@ class GroupSubscription(Subscription):
         self._members: list[_Member] = []
         self._solo: _Member | None = None  # the member when there is exactly one (fast path)
         self._next = 0                     # round-robin start: the member after the last giver
-        self._last = self._reader          # reader of the message received last
+        self._last: ring.RingReader = self._reader   # reader of the message received last
         self._lost_gone: dict[int, int] = {}   # publisher id -> losses, members reclaimed since
-        self._set_members(reply["members"])
-        self._take_bytes = self._take_bytes_merged
+        self._set_members(reply["members"], reply["epoch"])
         self._has_data = self._any_data
 
     # -- membership -------------------------------------------------------------------------
-    def _set_members(self, infos: list[dict]) -> None:
+    def _set_members(self, infos: list[dict], epoch: int) -> None:
         have = {m.id: m for m in self._members}
         keep: list[_Member] = []
         for info in infos:
             m = have.pop(info["id"], None)
             if m is None:
                 try:
-                    m = _Member(info, self.slot)
+                    m = _Member(info, self.slot, self._gq, epoch)
                 except posix_ipc.ExistentialError:
                     continue  # reclaimed since the reply: every subscriber had drained it
+            m.reader.group_epoch = epoch
             keep.append(m)
         for m in have.values():   # reclaimed: we (like every subscriber) read it to its end
             self._lost_gone[m.id] = m.reader.lost_total
             m.close()   # (self._last may stay its reader: only its ints are read after this)
         self._members = keep
         self._solo = keep[0] if len(keep) == 1 else None
+        if self._solo is not None:   # receive_bytes calls the one reader straight
+            self._last = self._solo.reader
+            self._take_bytes = self._solo.reader.take_bytes
+        else:
+            self._take_bytes = self._take_bytes_merged
         self._next = 0
+        self._gepoch = epoch
 
     def _refresh(self) -> None:
         reply = self.channel._client.request("members", name=self.channel.name, slot=self.slot)
-        self._set_members(reply["members"])
-        self._gepoch = reply["epoch"]
+        self._set_members(reply["members"], reply["epoch"])
 
     # -- receiving --------------------------------------------------------------------------
     def receive_nowait(self) -> Message | None:
         if self.closed:
             self._closed()
+        m = self._solo
+        if m is None:
+            return self._receive_merged()
+        # One publisher: as cheap as a single-publisher channel (the reader checks the epoch).
+        reader = m.reader
+        got = reader.take()
+        if got is None:
+            return self._receive_merged()   # caught up, or the membership changed
+        pos, off, length, seq, lost = got
+        return Message(self, m.ro[off:off + length], seq, lost, pos, reader.position, reader)
+
+    def _receive_merged(self) -> Message | None:
         if self._gq[ring.I_GROUP_EPOCH] != self._gepoch:   # a publisher joined or was reclaimed
             self._refresh()
-        m = self._solo
-        if m is not None:   # one publisher: as cheap as a single-publisher channel
+        members = self._members
+        n = len(members)
+        i = self._next
+        for _ in range(n):
+            m = members[i]
+            i += 1
+            if i == n:
+                i = 0
             reader = m.reader
             got = reader.take()
-            if got is None:
-                return None
+            if got is not None:
+                self._next = i
+                break
         else:
-            members = self._members
-            n = len(members)
-            i = self._next
-            for _ in range(n):
-                m = members[i]
-                i += 1
-                if i == n:
-                    i = 0
-                reader = m.reader
-                got = reader.take()
-                if got is not None:
-                    self._next = i
-                    break
-            else:
-                return None
+            return None
         pos, off, length, seq, lost = got
         self._last = reader
         return Message(self, m.ro[off:off + length], seq, lost, pos, reader.position, reader)
+
+    def receive_bytes(self, timeout: float | None = None) -> bytes:
+        if self.closed:
+            self._closed()
+        data = self._take_bytes()   # one publisher: its reader's take_bytes, straight
+        if data is None:
+            data = self._wait(timeout, self._take_bytes_merged)
+        return data
 
     def _take_bytes_merged(self) -> bytes | None:
         if self._gq[ring.I_GROUP_EPOCH] != self._gepoch:

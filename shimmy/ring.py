@@ -887,3 +887,98 @@ class RingReader:
         if self._tail < head:
             self._tail = head
         return head
+
+
+class GroupReader(RingReader):
+    """A subscriber's cursor in one member ring of a multi-publisher channel.
+
+    ``take`` and ``take_bytes`` are RingReader's, line for line (keep them in step), with one
+    check more where the tail is reloaded: when the channel ring's group epoch (``group``, a
+    u32 view of the channel's ring) differs from ``group_epoch`` they return None, so the
+    subscription asks the daemon for the member list before it reads on.  Checking at tail
+    reloads rather than per message keeps a one-publisher group as cheap as an exclusive
+    channel, and still bounds how long a busy subscriber can miss a new publisher: one batch
+    (what was committed at the last reload).  docs/ring-format.md, "Publisher groups".
+    """
+
+    def __init__(self, view: RingView, slot: int, position: int, seq: int, group: memoryview,
+                 group_epoch: int, publisher: int = 0, node: str | None = None,
+                 pid: int | None = None):
+        super().__init__(view, slot, position, seq, publisher, node, pid)
+        self._gq = group
+        self.group_epoch = group_epoch
+
+    def take(self):
+        """RingReader.take, plus None when the group epoch moved (checked at tail reloads)."""
+        q = self._q
+        p = self.position
+        q[self._pos_word] = p  # SYNC POINT (consumption), see release_to
+        while True:
+            if p == self._tail:
+                if self._gq[I_GROUP_EPOCH] != self.group_epoch:
+                    return None   # a publisher joined or left: the subscription refreshes first
+                # SYNC POINT (acquire): pairs with the publisher's tail store in _commit.
+                t = q[W_TAIL]
+                if t == p:
+                    return None
+                if t < p or t & 15:
+                    self._bad_tail(t)
+                self._tail = t
+            off = self._base + (p & self._mask)
+            length, flags, seq = _unpack_frame(self._mv, off)
+            # SYNC POINT (validate): load head after the header; head <= p means the header
+            # was intact when read (pairs with the head store in RingWriter._make_room).
+            head = q[W_HEAD]
+            if head > p:
+                p = self._resync(head)
+                continue
+            if flags:
+                p = self.position = self._pad_end(p, length, flags)
+                continue
+            end = p + ((length + HEADER + 15) & ~15)
+            if length > self._max or end > self._tail:
+                self._bad_frame(p, length, flags)   # validate: within limits and committed
+            self.position = end
+            lost = seq - self._expect
+            if lost:
+                self._count_lost(p, seq, lost)
+            self._expect = seq + 1
+            return p, off + HEADER, length, seq, lost
+
+    def take_bytes(self):
+        """RingReader.take_bytes, plus None when the group epoch moved (at tail reloads)."""
+        q = self._q
+        while True:
+            p = self.position
+            if p == self._tail:
+                if self._gq[I_GROUP_EPOCH] != self.group_epoch:
+                    return None   # a publisher joined or left: the subscription refreshes first
+                t = q[W_TAIL]                 # SYNC POINT (acquire), as in take
+                if t == p:
+                    return None
+                if t < p or t & 15:
+                    self._bad_tail(t)
+                self._tail = t
+            off = self._base + (p & self._mask)
+            length, flags, seq = _unpack_frame(self._mv, off)
+            head = q[W_HEAD]                  # SYNC POINT (validate header), as in take
+            if head > p:
+                self._resync(head)
+                continue
+            if flags:
+                self.position = self._pad_end(p, length, flags)
+                continue
+            end = p + ((length + HEADER + 15) & ~15)
+            if length > self._max or end > self._tail:
+                self._bad_frame(p, length, flags)
+            start = off + HEADER
+            data = self._mm[start:start + length]   # one copy, straight into a bytes object
+            self.position = end
+            if q[W_HEAD] > p:                 # SYNC POINT (validate payload): overwritten
+                continue                      # while copied: counted by the next message
+            q[self._pos_word] = end           # SYNC POINT (consumption): copied, release it
+            lost = seq - self._expect
+            if lost:
+                self._count_lost(p, seq, lost)
+            self._expect = seq + 1
+            return data
