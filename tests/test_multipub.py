@@ -326,3 +326,30 @@ def test_one_process_two_channel_objects_are_two_publishers(daemon):
     assert all(p["pid"] == os.getpid() and p["node"] and p["live"] for p in entry["publishers"])
     for ch in (a, b):
         ch.close()
+
+
+def test_asyncio_subscriber_merges_publishers(daemon, tmp_path):
+    """``async for`` on a group: the helper thread arms every member ring and sleeps on the one
+    semaphore; messages of publishers that join while it waits arrive."""
+    import asyncio
+
+    ch = shimmy.Channel("aio", daemon=daemon.socket, max_publishers=3, mode="reliable")
+    sub = ch.subscribe()
+    counts = [50, 70]
+
+    async def main():
+        got: dict[int, list[int]] = {}
+        procs = [spawn(daemon, "pub", "aio", tag=t, count=c, rate=500, max_publishers=3)
+                 for t, c in enumerate(counts)]
+        while sum(map(len, got.values())) < sum(counts):
+            msg = await sub.receive_async(timeout=30)
+            tag, i = check(bytes(msg))
+            got.setdefault(tag, []).append(i)
+            msg.release()
+        return got, procs
+
+    got, procs = asyncio.run(main())
+    for p in procs:
+        assert result(p)["published"] in counts
+    assert got == {t: list(range(c)) for t, c in enumerate(counts)}
+    ch.close()
