@@ -63,8 +63,8 @@ class GroupSubscription(Subscription):
         self._gepoch = reply["epoch"]      # group epoch the member list below is for
         self._armed = -1                   # group epoch when the waiting bytes were last armed
         self._members: list[_Member] = []
-        self._solo: _Member | None = None  # the member when there is exactly one (fast path)
-        self._next = 0                     # round-robin start: the member after the last giver
+        self._cur: _Member | None = None   # the member read first (the one that delivered last)
+        self._next = 0                     # where the round goes on: the member after _cur
         self._last: ring.RingReader = self._reader   # reader of the message received last
         self._lost_gone: dict[int, int] = {}   # publisher id -> losses, members reclaimed since
         self._set_members(reply["members"], reply["epoch"])
@@ -86,14 +86,17 @@ class GroupSubscription(Subscription):
         for m in have.values():   # reclaimed: we (like every subscriber) read it to its end
             self._lost_gone[m.id] = m.reader.lost_total
             m.close()   # (self._last may stay its reader: only its ints are read after this)
+        merged = len(keep) > 1
+        for m in keep:
+            m.reader.merged = merged
+            m.reader.turn = False
         self._members = keep
-        self._solo = keep[0] if len(keep) == 1 else None
-        if self._solo is not None:   # receive_bytes calls the one reader straight
-            self._last = self._solo.reader
-            self._take_bytes = self._solo.reader.take_bytes
+        if keep:
+            self._use(keep[0], 1 % len(keep))
         else:
-            self._take_bytes = self._take_bytes_merged
-        self._next = 0
+            self._cur = None
+            self._next = 0
+            self._take_bytes = self._nothing
         self._gepoch = epoch
 
     def _refresh(self) -> None:
@@ -101,21 +104,24 @@ class GroupSubscription(Subscription):
         self._set_members(reply["members"], reply["epoch"])
 
     # -- receiving --------------------------------------------------------------------------
+    # ``_cur`` is the member read last: each receive first asks its reader (the one reader of a
+    # one-publisher group, called as straight as on an exclusive channel); when it has nothing
+    # (its batch is done, it is caught up, or the group epoch moved) the next members are
+    # tried in turn (``_rotate``), refreshing the member list first if the epoch moved.
     def receive_nowait(self) -> Message | None:
         if self.closed:
             self._closed()
-        m = self._solo
-        if m is None:
-            return self._receive_merged()
-        # One publisher: as cheap as a single-publisher channel (the reader checks the epoch).
-        reader = m.reader
-        got = reader.take()
-        if got is None:
-            return self._receive_merged()   # caught up, or the membership changed
-        pos, off, length, seq, lost = got
-        return Message(self, m.ro[off:off + length], seq, lost, pos, reader.position, reader)
+        m = self._cur
+        if m is not None:
+            reader = m.reader
+            got = reader.take()
+            if got is not None:
+                pos, off, length, seq, lost = got
+                return Message(self, m.ro[off:off + length], seq, lost, pos, reader.position,
+                               reader)
+        return self._receive_rotate()
 
-    def _receive_merged(self) -> Message | None:
+    def _receive_rotate(self) -> Message | None:
         if self._gq[ring.I_GROUP_EPOCH] != self._gepoch:   # a publisher joined or was reclaimed
             self._refresh()
         members = self._members
@@ -123,44 +129,50 @@ class GroupSubscription(Subscription):
         i = self._next
         for _ in range(n):
             m = members[i]
-            i += 1
-            if i == n:
-                i = 0
+            i = i + 1 if i + 1 < n else 0
             reader = m.reader
             got = reader.take()
             if got is not None:
-                self._next = i
-                break
-        else:
-            return None
-        pos, off, length, seq, lost = got
-        self._last = reader
-        return Message(self, m.ro[off:off + length], seq, lost, pos, reader.position, reader)
+                self._use(m, i)
+                pos, off, length, seq, lost = got
+                return Message(self, m.ro[off:off + length], seq, lost, pos, reader.position,
+                               reader)
+        return None
 
     def receive_bytes(self, timeout: float | None = None) -> bytes:
         if self.closed:
             self._closed()
-        data = self._take_bytes()   # one publisher: its reader's take_bytes, straight
+        data = self._take_bytes()   # the current member's reader.take_bytes, straight
         if data is None:
-            data = self._wait(timeout, self._take_bytes_merged)
+            data = self._take_bytes_rotate()
+            if data is None:
+                data = self._wait(timeout, self._take_bytes_rotate)
         return data
 
-    def _take_bytes_merged(self) -> bytes | None:
+    def _take_bytes_rotate(self) -> bytes | None:
         if self._gq[ring.I_GROUP_EPOCH] != self._gepoch:
             self._refresh()
         members = self._members
         n = len(members)
         i = self._next
         for _ in range(n):
-            reader = members[i].reader
-            i += 1
-            if i == n:
-                i = 0
-            data = reader.take_bytes()
+            m = members[i]
+            i = i + 1 if i + 1 < n else 0
+            data = m.reader.take_bytes()
             if data is not None:
-                self._next = i
-                self._last = reader
+                self._use(m, i)
                 return data
+        return None
+
+    def _use(self, m: _Member, following: int) -> None:
+        """``m`` delivered: read it first from now on; the round goes on at ``following``."""
+        self._cur = m
+        self._next = following
+        self._last = m.reader
+        self._take_bytes = m.reader.take_bytes
+
+    @staticmethod
+    def _nothing() -> None:
         return None
 
     def _any_data(self) -> bool:
@@ -215,5 +227,5 @@ class GroupSubscription(Subscription):
         for m in self._members:
             m.close()
         self._members = []
-        self._solo = None
+        self._cur = None
         super().close()

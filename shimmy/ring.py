@@ -892,13 +892,18 @@ class RingReader:
 class GroupReader(RingReader):
     """A subscriber's cursor in one member ring of a multi-publisher channel.
 
-    ``take`` and ``take_bytes`` are RingReader's, line for line (keep them in step), with one
-    check more where the tail is reloaded: when the channel ring's group epoch (``group``, a
-    u32 view of the channel's ring) differs from ``group_epoch`` they return None, so the
-    subscription asks the daemon for the member list before it reads on.  Checking at tail
-    reloads rather than per message keeps a one-publisher group as cheap as an exclusive
-    channel, and still bounds how long a busy subscriber can miss a new publisher: one batch
-    (what was committed at the last reload).  docs/ring-format.md, "Publisher groups".
+    ``take`` and ``take_bytes`` are RingReader's, line for line (keep them in step), with two
+    checks more where the tail is reloaded, i.e. once per batch (the frames committed at the
+    last reload), never per message:
+
+    * ``merged`` (the subscription reads several members): after a batch the reader returns
+      None once (``turn``), so the subscription moves on to the next member; each member
+      delivers at most one batch per round, so no publisher starves another;
+    * when the channel ring's group epoch (``group``, a u32 view of the channel's ring) differs
+      from ``group_epoch`` it returns None, so the subscription asks the daemon for the member
+      list before it reads on: a busy subscriber misses a new publisher for one batch at most.
+
+    docs/ring-format.md, "Publisher groups".
     """
 
     def __init__(self, view: RingView, slot: int, position: int, seq: int, group: memoryview,
@@ -907,6 +912,8 @@ class GroupReader(RingReader):
         super().__init__(view, slot, position, seq, publisher, node, pid)
         self._gq = group
         self.group_epoch = group_epoch
+        self.merged = False   # set by the subscription while it reads more than one member
+        self.turn = False     # a batch was loaded while merged: yield once when it is done
 
     def take(self):
         """RingReader.take, plus None when the group epoch moved (checked at tail reloads)."""
@@ -915,6 +922,9 @@ class GroupReader(RingReader):
         q[self._pos_word] = p  # SYNC POINT (consumption), see release_to
         while True:
             if p == self._tail:
+                if self.turn:     # merging: this batch is done, the other members go first
+                    self.turn = False
+                    return None
                 if self._gq[I_GROUP_EPOCH] != self.group_epoch:
                     return None   # a publisher joined or left: the subscription refreshes first
                 # SYNC POINT (acquire): pairs with the publisher's tail store in _commit.
@@ -924,6 +934,7 @@ class GroupReader(RingReader):
                 if t < p or t & 15:
                     self._bad_tail(t)
                 self._tail = t
+                self.turn = self.merged
             off = self._base + (p & self._mask)
             length, flags, seq = _unpack_frame(self._mv, off)
             # SYNC POINT (validate): load head after the header; head <= p means the header
@@ -951,6 +962,9 @@ class GroupReader(RingReader):
         while True:
             p = self.position
             if p == self._tail:
+                if self.turn:     # merging: this batch is done, the other members go first
+                    self.turn = False
+                    return None
                 if self._gq[I_GROUP_EPOCH] != self.group_epoch:
                     return None   # a publisher joined or left: the subscription refreshes first
                 t = q[W_TAIL]                 # SYNC POINT (acquire), as in take
@@ -959,6 +973,7 @@ class GroupReader(RingReader):
                 if t < p or t & 15:
                     self._bad_tail(t)
                 self._tail = t
+                self.turn = self.merged
             off = self._base + (p & self._mask)
             length, flags, seq = _unpack_frame(self._mv, off)
             head = q[W_HEAD]                  # SYNC POINT (validate header), as in take

@@ -313,10 +313,16 @@ def test_one_process_two_channel_objects_are_two_publishers(daemon):
     for i in range(3):
         a.publish(b"a%d" % i)
         b.publish(b"b%d" % i)
-    got = [sub.receive(timeout=5) for _ in range(6)]
-    assert [bytes(m) for m in got] == [b"a0", b"b0", b"a1", b"b1", b"a2", b"b2"]  # round-robin
-    assert {m.publisher for m in got} == {a.publisher_id, b.publisher_id}
-    assert all(m.pid == os.getpid() for m in got)
+    got = []
+    for _ in range(6):
+        msg = sub.receive(timeout=5)
+        got.append((bytes(msg), msg.publisher, msg.seq, msg.pid))
+        msg.release()
+    # Each publisher's messages in its order, numbered by its own seq; both merged.
+    for ch, tag in ((a, b"a"), (b, b"b")):
+        assert [(d, s) for d, p, s, _ in got if p == ch.publisher_id] == [
+            (tag + b"%d" % i, i) for i in range(3)]
+    assert all(pid == os.getpid() for *_, pid in got)
     ls = subprocess.run([sys.executable, "-m", "shimmy.cli", "ls", "--json", "--daemon",
                          daemon.socket], capture_output=True, text=True, timeout=30)
     assert ls.returncode == 0, ls.stderr
@@ -353,3 +359,24 @@ def test_asyncio_subscriber_merges_publishers(daemon, tmp_path):
         assert result(p)["published"] in counts
     assert got == {t: list(range(c)) for t, c in enumerate(counts)}
     ch.close()
+
+
+def test_a_flooding_publisher_does_not_starve_a_slow_one(daemon, tmp_path):
+    """One publisher publishes as fast as it can, without end; a second publishes 200 at a
+    modest rate: the subscriber gets all 200 while the first is still flooding (members are read
+    in turn, one batch each)."""
+    common = dict(mode="reliable", capacity=1 << 16, max_publishers=2)
+    sub = start_subs(daemon, tmp_path, "flood", 1, want="1:200", timeout=60, **common)[0]
+    ready = str(tmp_path / "flood.ready")
+    flood = spawn(daemon, "pub", "flood", tag=0, count=0, ready=ready, **common)
+    try:
+        wait_files([ready])
+        slow = spawn(daemon, "pub", "flood", tag=1, count=200, rate=1000, **common)
+        assert result(slow)["published"] == 200
+        out = result(sub, timeout=90)
+        assert flood.poll() is None, "the flooding publisher stopped: the test checked nothing"
+    finally:
+        flood.kill()
+        flood.wait(10)
+    assert out["got"]["1"] == 200 and out["last"]["1"] == 199
+    assert out["got"]["0"] > 0
