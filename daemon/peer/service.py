@@ -735,6 +735,13 @@ class PeerService:
             pubs = self.directory.publishers(name)
             if not pubs or name in self.replicas:
                 continue
+            if getattr(rec, "group", False):
+                # A multi-publisher channel stays node-local (its members are not mirrored):
+                # never turn it into a replica of a single-publisher channel elsewhere.
+                found[name] = (f"channel {name!r} is a multi-publisher channel on this node "
+                               f"(node-local) and is published on node {pubs[0][0]!r}: their "
+                               f"messages do not meet")
+                continue
             local_pub = rec.publisher is not None or rec.view.q[ring.OFF_TAIL // 8] != 0
             if local_pub:
                 found[name] = (f"channel {name!r} has publishers on this node and on node "
