@@ -25,8 +25,8 @@ import msgpack
 import zmq
 
 from shimmy import ring
-from shimmy.errors import (ChannelNotFound, InvalidArgument, LimitExceeded, PermissionDenied,
-                           ProtocolError, ShimmyError)
+from shimmy.errors import (ChannelConflict, ChannelNotFound, InvalidArgument, LimitExceeded,
+                           PermissionDenied, ProtocolError, ShimmyError)
 from shimmy.names import object_token, validate_name
 from shimmy.protocol import PROTOCOL_VERSION, endpoint, session_path
 
@@ -592,6 +592,13 @@ class Daemon:
         ownership = dataclasses.replace(ownership, size=size)
         token = object_token(name)
         self.segments.claim(token, ownership)
+        if max_publishers is not None and max_publishers > 1 and self.peer.enabled:
+            node = self.peer.find_publisher(name)[0]
+            if node is not None:
+                raise ChannelConflict(
+                    f"channel {name!r} is published on node {node.remote!r} with one publisher; "
+                    f"a channel with max_publishers > 1 is node-local (not mirrored): open it "
+                    f"there without max_publishers, or use another name")
         try:
             self.peer.prepare_open(name, mode, capacity)  # published on a peer: a replica
             rec = self.registry.open(client.id, name, mode, capacity, create, max_publishers)

@@ -1,0 +1,77 @@
+"""Publisher groups and peering: a multi-publisher channel is node-local (docs/ring-format.md,
+"Publisher groups"); a single-publisher channel of the same name on another node never turns it
+into a replica, and opening a group under a name another node publishes is refused, naming the
+node.  Real daemons, each in its own IPC and mount namespace, over 127.0.0.1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from test_peer_mirror import HAVE_NS, cluster_nodes, wait_for, wait_line
+from test_peer_order import finish, go, pair, pub
+
+pytestmark = pytest.mark.skipif(not HAVE_NS, reason="needs root, unshare and nsenter "
+                                                     "(a private IPC namespace and /dev/shm)")
+
+GROUP_CLIENT = """
+import shimmy, sys
+try:
+    pubs = [shimmy.Channel('o/grp', daemon=sys.argv[1], max_publishers=2) for _ in range(2)]
+except shimmy.ShimmyError as exc:
+    print('refused', type(exc).__name__, exc, flush=True)
+    sys.exit(0)
+sub = pubs[0].subscribe()
+print('ready', flush=True)
+sys.stdin.readline()
+for i in range(50):
+    for k, ch in enumerate(pubs):
+        ch.publish(b'%d:%d' % (k, i))
+got = sorted(bytes(sub.receive(timeout=10)) for _ in range(100))
+want = sorted(b'%d:%d' % (k, i) for k in range(2) for i in range(50))
+print('ok' if got == want else 'bad', sub.status, flush=True)
+"""
+
+
+@pytest.fixture
+def cluster():
+    yield from cluster_nodes()
+
+
+def group_client(node) -> subprocess.Popen:
+    return subprocess.Popen([*node.enter(), sys.executable, "-c", GROUP_CLIENT, node.socket],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_group_under_a_name_published_elsewhere_is_refused(cluster):
+    a, b = pair(cluster)
+    p = pub(cluster, a, "o/grp", "reliable", 10)
+    wait_line(p, "ready")
+    wait_for("B to learn the publisher",
+             lambda: [c for c in b.request("list")["remote"] if c.get("published")])
+    out, err = group_client(b).communicate(timeout=60)
+    assert out.startswith("refused ChannelConflict") and "node 'A'" in out, (out, err)
+    assert "max_publishers" in out
+    go(p)
+    finish(p)
+
+
+def test_group_stays_local_when_a_publisher_appears_elsewhere(cluster):
+    a, b = pair(cluster)
+    g = group_client(b)
+    wait_line(g, "ready")
+    p = pub(cluster, a, "o/grp", "reliable", 10)
+    wait_line(p, "ready")
+    (ch,) = wait_for("the conflict on B", lambda: [
+        c for c in b.request("list")["channels"] if c["name"] == "o/grp" and "conflict" in c])
+    assert "multi-publisher" in ch["conflict"] and "node 'A'" in ch["conflict"], ch
+    assert "replica" not in ch and ch["max_publishers"] == 2, ch
+    g.stdin.write("go\n")
+    g.stdin.flush()
+    out, err = g.communicate(timeout=60)
+    assert out.split() == ["ok", "local"], (out, err)
+    go(p)
+    finish(p)
