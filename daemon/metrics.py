@@ -188,7 +188,8 @@ class DaemonCollector:
                            ["channel", "state"]),
             "holders": _gauge("shimmy_channel_clients", "Clients holding the channel open", lab),
             "publisher": _gauge("shimmy_channel_publisher_attached",
-                                "1 while a client holds the publisher role", lab),
+                                "1 while a client holds the publisher role (a multi-publisher "
+                                "channel: how many publish)", lab),
             "lag_max": _gauge("shimmy_channel_subscriber_lag_bytes_max",
                               "Bytes the slowest active subscriber is behind the tail", lab),
             "lag_sum": _gauge("shimmy_channel_subscriber_lag_bytes_sum",
@@ -219,6 +220,9 @@ class DaemonCollector:
         q = view.q
         name = rec.name
         published = _published(view)
+        if rec.group:   # a publisher group: its messages are in the member rings
+            published = rec.reclaimed_messages + sum(
+                _published(m.view) or 0 for m in list(rec.members.values()))
         tail = q[ring.W_TAIL]
         head = q[ring.W_HEAD]
         slots = list(rec.slots.values())
@@ -236,7 +240,8 @@ class DaemonCollector:
         fam["subs"].add_metric([name, "active"], len(slots))
         fam["subs"].add_metric([name, "evicted"], len(evicted))
         fam["holders"].add_metric([name], len(rec.holders))
-        fam["publisher"].add_metric([name], 0 if rec.publisher is None else 1)
+        fam["publisher"].add_metric([name], len(rec.live_publishers()) if rec.group else
+                                    0 if rec.publisher is None else 1)
         fam["lag_max"].add_metric([name], max(lags) if lags else 0)
         fam["lag_sum"].add_metric([name], sum(lags))
         fam["lost"].add_metric([name], self._lost.total(name, lost))

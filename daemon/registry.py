@@ -87,6 +87,7 @@ class ChannelRecord:
     max_publishers: int = 1                 # > 1: a publisher group (module docstring)
     members: dict[int, Member] = field(default_factory=dict)   # publisher id -> member ring
     next_publisher: int = 1
+    reclaimed_messages: int = 0             # published by members reclaimed since (metrics)
 
     @property
     def group(self) -> bool:
@@ -336,6 +337,10 @@ class Registry:
         gone = [m for m in rec.members.values() if m.client is None and m.drained(rec.slots)]
         for m in gone:
             del rec.members[m.publisher]
+            try:
+                rec.reclaimed_messages += ring.stream_point(m.view)[1]
+            except RingCorrupted:
+                pass
             m.view.release()
             self.segments.destroy_member(m.shm_name, m.mm)
             log.info("channel %s: publisher %d left and was drained: member ring %s reclaimed",
