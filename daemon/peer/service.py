@@ -549,7 +549,7 @@ class PeerService:
         q[rec.view.slot_word(slot)] = hold_at
         transport = self.rdma.source_transport(link, mid, rec, obj.get("rdma"))
         origin = self.origins.get(name, (0, 0)) if ahead else None
-        src = MirrorSource(name, rec.view, slot, self.d.segments.sem_prefix(rec.token) + str(slot),
+        src = MirrorSource(name, rec.view, slot, self.d.registry.sem_prefix_of(rec) + str(slot),
                            transport, start, start_seq, resume_pos, origin)
         src.credit = hold_at
         self.sources[(link.id, mid)] = SourceEntry(link, mid, name, client, slot, src, link.remote)
@@ -648,7 +648,7 @@ class PeerService:
 
     def _make_replica(self, name: str, node: str, rec, converted: bool, stream: int) -> None:
         rec.publisher = REPLICA_PUBLISHER
-        sink = MirrorReplica(rec.view, self.d.segments.sem_prefix(rec.token))
+        sink = MirrorReplica(rec.view, self.d.registry.sem_prefix_of(rec))
         sink.set_link(ring.LINK_DOWN)
         entry = self.replicas[name] = ReplicaEntry(name, node, sink, converted=converted,
                                                    stream=stream)
@@ -693,6 +693,29 @@ class PeerService:
         # the mirror resumes from it (or reports the gap if the source no longer holds it).
         self.replicas[name].sink.jump(info.tail, info.seq)
         log.info("channel %s is published on %s: created replica", name, link.remote)
+
+    def published_elsewhere(self) -> dict[str, str]:
+        """Every name a live peer announces as published, with that node (the first by name)."""
+        out: dict[str, str] = {}
+        for name, holders in self.directory.names().items():
+            for node, e in holders:
+                if e.kind == PUBLISHED and node not in self.directory.down_since:
+                    out.setdefault(name, node)
+        return out
+
+    def replicate(self, name: str, node: str) -> None:
+        """Make the replica of ``name`` (published on ``node``), fed from the start of the
+        source's stream: the ring of another node's publisher of one of our publisher groups
+        (registry.join_remote; docs/ring-format.md, "Publisher groups")."""
+        link, info = self.find_publisher(name)
+        if link is None or info is None or link.remote != node:
+            return
+        if len(self.replicas) >= self.s.peer_max_replicas:
+            raise LimitExceeded(f"cannot mirror {name!r}: peer_max_replicas "
+                                f"({self.s.peer_max_replicas}) replicas exist")
+        rec = self.d.registry._create(name, ring.MODE_NAMES[info.mode], info.capacity)
+        self._make_replica(name, node, rec, converted=False, stream=info.stream)
+        self.replicas[name].sink.fed = True   # resume at our tail, 0: the source's first message
 
     def _continue_stream(self, name: str, mode: str | None, capacity: int | None) -> None:
         """Peers hold replicas of ``name`` fed by this node before it restarted: create the
