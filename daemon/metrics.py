@@ -206,6 +206,8 @@ class DaemonCollector:
         recs = list(self.d.registry.channels.values())
         names = set()
         for rec in recs:
+            if rec.group_of is not None:
+                continue   # a member ring: counted in its channel's figures
             try:
                 self._channel(rec, fam)
             except (ValueError, IndexError, ring.RingCorrupted):

@@ -5,12 +5,19 @@ A channel created with ``max_publishers`` > 1 is a publisher group (docs/ring-fo
 publisher gets a member ring of its own (an ordinary single-writer ring) for as long as it
 publishes and until every subscriber has read it to its end.  A subscriber holds the same slot
 index in the channel's ring and in every member ring.
+
+A member ring is also a record of its own in the book, under a reserved name
+(``<channel>/.p<id>.<node>``, :func:`member_alias`) that clients cannot open: the peer module
+announces and mirrors it like any published channel, and a node with subscribers of the group
+adds the replica it makes of another node's member to its own group (a remote member).
 """
 
 from __future__ import annotations
 
 import logging
 import mmap
+import re
+import socket
 import time
 
 import posix_ipc
@@ -36,25 +43,46 @@ class Slot:
     seq: int = 0     # sequence number of the first message at the slot's start position
 
 
+REMOTE = -1   # Member.client of a remote member while its node announces it
+_NODE_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def member_alias(channel: str, publisher: int, node: str) -> str:
+    """The reserved name a member ring is known by in the book and across the cluster."""
+    return f"{channel}/.p{publisher}.{_NODE_CHARS.sub('-', node)}"
+
+
+def alias_prefix(channel: str) -> str:
+    return channel + "/.p"
+
+
 @dataclass
 class Member:
-    """One publisher's member ring of a multi-publisher channel."""
+    """One publisher's member ring of a multi-publisher channel (``rec``: its own record)."""
 
     publisher: int                          # publisher id, unique for the channel's lifetime
-    client: int | None                      # the client publishing; None once it has left
-    key: int                                # which of the client's Channel objects
-    pid: int
-    shm_name: str
-    mm: mmap.mmap
-    view: ring.RingView
+    client: int | None                      # the client publishing (REMOTE: another node's
+    key: int                                # publisher); None once it has left; ``key``: which
+    pid: int                                # of the client's Channel objects
+    rec: "ChannelRecord"
+    node: str                               # where the publisher runs
+    remote: bool = False
     starts: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (position, seq)
 
-    def drained(self, slots) -> bool:
-        """Every ACTIVE subscriber has consumed up to the tail (the publisher is gone, so the
-        tail no longer moves)."""
+    @property
+    def view(self) -> ring.RingView:
+        return self.rec.view
+
+    @property
+    def shm_name(self) -> str:
+        return self.rec.shm_name
+
+    def drained(self) -> bool:
+        """Every ACTIVE slot of the ring (the group's subscribers and any mirror reading it) has
+        consumed up to the tail (the publisher is gone, so the tail no longer moves)."""
         view = self.view
         tail = view.q[ring.W_TAIL]
-        return all(view.q[view.slot_word(i)] >= tail for i in slots)
+        return all(view.q[view.slot_word(i)] >= tail for i in self.rec.slots)
 
     def describe(self) -> dict:
         view = self.view
@@ -62,8 +90,9 @@ class Member:
             published = ring.stream_point(view)[1]
         except RingCorrupted:
             published = None
-        return {"id": self.publisher, "pid": self.pid, "live": self.client is not None,
-                "shm": self.shm_name, "published": published, "tail": view.q[ring.W_TAIL]}
+        return {"id": self.publisher, "pid": self.pid or None, "live": self.client is not None,
+                "node": self.node, "remote": self.remote, "shm": self.shm_name,
+                "published": published, "tail": view.q[ring.W_TAIL]}
 
 
 @dataclass
@@ -87,6 +116,7 @@ class ChannelRecord:
     max_publishers: int = 1                 # > 1: a publisher group (module docstring)
     members: dict[int, Member] = field(default_factory=dict)   # publisher id -> member ring
     next_publisher: int = 1
+    group_of: "ChannelRecord | None" = None  # a member ring's record: its channel
     reclaimed_messages: int = 0             # published by members reclaimed since (metrics)
 
     @property
@@ -94,7 +124,17 @@ class ChannelRecord:
         return self.max_publishers > 1
 
     def live_publishers(self) -> list[Member]:
-        return [m for m in self.members.values() if m.client is not None]
+        """This node's publishers attached now (what ``max_publishers`` limits)."""
+        return [m for m in self.members.values() if m.client is not None and not m.remote]
+
+    def used_slots(self) -> set[int]:
+        """Slot indexes taken in this ring or, for a group or a member, anywhere in the group
+        (subscribers hold one index in every ring; a mirror reading one member holds one)."""
+        top = self.group_of or self
+        used = set(top.slots) | set(top.evicted)
+        for m in top.members.values():
+            used |= set(m.rec.slots) | set(m.rec.evicted)
+        return used
 
     def describe(self) -> dict:
         """The channel's entry in ``list``/``stat``.  A ring whose words break the invariants is
@@ -149,10 +189,6 @@ class ChannelRecord:
                             view.slot_state(index), state)
                 ring.daemon_set_slot_state(view, index, state)
                 fixed += 1
-            for m in self.members.values():   # the same books hold for every member ring
-                if m.view.slot_state(index) != state:
-                    ring.daemon_set_slot_state(m.view, index, state)
-                    fixed += 1
         return fixed
 
     def set_slot_state(self, index: int, state: int) -> None:
@@ -167,11 +203,16 @@ class Registry:
         self.settings = settings
         self.segments = segments
         self.channels: dict[str, ChannelRecord] = {}
+        self.node = settings.node or socket.gethostname()   # as the peer module names it
+        self._joining: dict[str, ChannelRecord] = {}   # alias -> group, while its replica is made
 
     # -- channels ------------------------------------------------------------------------------
     def open(self, client: int, name: str, mode: str | None, capacity: int | None,
              create: bool, max_publishers: int | None = None) -> ChannelRecord:
         rec = self.channels.get(name)
+        if rec is not None and rec.group_of is not None:
+            raise InvalidArgument(f"{name!r} is the ring of a publisher of channel "
+                                  f"{rec.group_of.name!r}: open that channel")
         if rec is None:
             if not create:
                 raise ChannelNotFound(f"channel {name!r} does not exist")
@@ -221,6 +262,10 @@ class Registry:
                             max_subscribers=s.max_subscribers, shm_name=shm_name, mm=mm,
                             view=ring.RingView(mm), max_publishers=pubs)
         self.channels[name] = rec
+        group = self._joining.pop(name, None)
+        if group is not None:   # the replica of another node's member of our group
+            rec.group_of = group
+            rec.semaphores = group.semaphores
         log.info("created channel %s mode=%s capacity=%d max_publishers=%d shm=%s", name, mode,
                  capacity, pubs, shm_name)
         return rec
@@ -234,10 +279,16 @@ class Registry:
     def delete(self, name: str) -> None:
         rec = self.get(name)
         self.channels.pop(name)
-        for m in rec.members.values():
-            m.view.release()
-            self.segments.destroy_member(m.shm_name, m.mm)
+        for m in list(rec.members.values()):
+            if m.rec.name in self.channels:
+                self.delete(m.rec.name)
         rec.members.clear()
+        group = rec.group_of
+        if group is not None:   # a member ring going away with (or before) its channel
+            for pub, m in list(group.members.items()):
+                if m.rec is rec:
+                    del group.members[pub]
+                    self._bump_epoch(group, wake=False)
         rec.view.release()
         self.segments.destroy(rec.token, rec.mm, rec.semaphores)
         log.info("deleted channel %s", name)
@@ -292,25 +343,67 @@ class Registry:
                 f"the daemon setting max_publishers)")
         rec.repair_daemon_words()
         pub = rec.next_publisher
-        shm_name, mm = self.segments.create_member(rec.token, pub, rec.name, rec.mode,
-                                                   rec.capacity, rec.max_subscribers)
+        alias = member_alias(rec.name, pub, self.node)
+        token = object_token(alias)
+        own = self.segments.ownership(rec.token)
+        if own is not None:
+            self.segments.claim(token, own)   # the member's ring is owned like the channel's
+        # The ring's header names the channel (what errors and tools show).
+        shm_name, mm = self.segments.create_ring(token, rec.name, rec.mode, rec.capacity,
+                                                 rec.max_subscribers)
         rec.next_publisher += 1
-        view = ring.RingView(mm)
-        member = Member(pub, client, key, pid, shm_name, mm, view)
-        # Before anyone can map it: every subscriber's slot, at the start (nothing to miss).
-        # slot_high first, then each slot's words with its state last (daemon_activate_slot).
-        view.u32[ring.I_SLOT_HIGH] = rec.semaphores
-        for table, state in ((rec.slots, ring.SLOT_ACTIVE), (rec.evicted, ring.SLOT_EVICTED)):
-            for index, slot in table.items():
-                ring.daemon_activate_slot(view, index, 0, slot.pid, slot.generation)
-                if state != ring.SLOT_ACTIVE:
-                    ring.daemon_set_slot_state(view, index, state)
-                member.starts[index] = (0, 0)
-        rec.members[pub] = member
-        self._bump_epoch(rec, wake=True)
+        mrec = ChannelRecord(name=alias, token=token, mode=rec.mode, capacity=rec.capacity,
+                             max_subscribers=rec.max_subscribers, shm_name=shm_name, mm=mm,
+                             view=ring.RingView(mm), publisher=client, group_of=rec)
+        self.channels[alias] = mrec
+        member = Member(pub, client, key, pid, mrec, self.node)
+        self._join(rec, member, 0, 0)
         log.info("channel %s: publisher %d (client %d pid %d) joined, member ring %s", rec.name,
                  pub, client, pid, shm_name)
         return member
+
+    def _join(self, rec: ChannelRecord, member: Member, position: int, seq: int) -> None:
+        """Give every subscriber of ``rec`` its slot in ``member``'s ring at ``position``, then
+        make the member known (epoch bump, every subscriber posted)."""
+        mrec = member.rec
+        view = mrec.view
+        # slot_high first, then each slot's words with its state last (daemon_activate_slot).
+        mrec.semaphores = max(mrec.semaphores, rec.semaphores)
+        view.u32[ring.I_SLOT_HIGH] = mrec.semaphores
+        for table, state in ((rec.slots, ring.SLOT_ACTIVE), (rec.evicted, ring.SLOT_EVICTED)):
+            for index, slot in table.items():
+                ring.daemon_activate_slot(view, index, position, slot.pid, slot.generation)
+                if state != ring.SLOT_ACTIVE:
+                    ring.daemon_set_slot_state(view, index, state)
+                (mrec.slots if state == ring.SLOT_ACTIVE else mrec.evicted)[index] = slot
+                member.starts[index] = (position, seq)
+        rec.members[member.publisher] = member
+        self._bump_epoch(rec, wake=True)
+
+    def join_remote(self, rec: ChannelRecord, alias: str, node: str, make) -> Member | None:
+        """Another node announces ``alias``, a member of our group ``rec``: ``make()`` (the peer
+        module) creates its replica under that name; it joins the group as a remote member,
+        read from its start by every subscriber here."""
+        self._joining[alias] = rec
+        try:
+            make()
+        finally:
+            self._joining.pop(alias, None)
+        mrec = self.channels.get(alias)
+        if mrec is None or mrec.group_of is not rec:
+            return None
+        pub = rec.next_publisher
+        rec.next_publisher += 1
+        member = Member(pub, REMOTE, 0, 0, mrec, node, remote=True)
+        position, seq = ring.stream_point(mrec.view)
+        self._join(rec, member, position, seq)
+        log.info("channel %s: publisher %d on node %s joined (replica %s)", rec.name, pub, node,
+                 alias)
+        return member
+
+    def sem_prefix_of(self, rec: ChannelRecord) -> str:
+        """Where the subscribers of ``rec``'s ring sleep: a member ring's are its channel's."""
+        return self.segments.sem_prefix((rec.group_of or rec).token)
 
     def _bump_epoch(self, rec: ChannelRecord, wake: bool) -> None:
         """Publish a membership change: subscribers compare the epoch before every receive and
@@ -321,7 +414,7 @@ class Registry:
         if not wake:
             return
         prefix = self.segments.sem_prefix(rec.token)
-        for index in rec.slots:
+        for index in list(rec.slots):
             try:
                 sem = posix_ipc.Semaphore(prefix + str(index))
             except posix_ipc.Error:
@@ -334,24 +427,24 @@ class Registry:
     def reclaim_members(self, rec: ChannelRecord) -> int:
         """Retire the member rings whose publisher left and which every subscriber has read to
         the end; returns how many."""
-        gone = [m for m in rec.members.values() if m.client is None and m.drained(rec.slots)]
+        gone = [m for m in rec.members.values() if m.client is None and m.drained()]
         for m in gone:
             del rec.members[m.publisher]
             try:
                 rec.reclaimed_messages += ring.stream_point(m.view)[1]
             except RingCorrupted:
                 pass
-            m.view.release()
-            self.segments.destroy_member(m.shm_name, m.mm)
             log.info("channel %s: publisher %d left and was drained: member ring %s reclaimed",
                      rec.name, m.publisher, m.shm_name)
+            if m.rec.name in self.channels:
+                self.delete(m.rec.name)
         if gone:
             self._bump_epoch(rec, wake=False)
         return len(gone)
 
     def members_for(self, rec: ChannelRecord, index: int) -> list[dict]:
         """The member rings subscriber slot ``index`` reads, with where its slot started."""
-        return [{"id": m.publisher, "shm": m.shm_name, "pid": m.pid,
+        return [{"id": m.publisher, "shm": m.shm_name, "pid": m.pid or None, "node": m.node,
                  "position": m.starts.get(index, (0, 0))[0], "seq": m.starts.get(index, (0, 0))[1]}
                 for m in rec.members.values()]
 
@@ -359,14 +452,17 @@ class Registry:
         if start not in ("next", "oldest"):
             raise InvalidArgument(f"start must be 'next' or 'oldest', got {start!r}")
         rec.repair_daemon_words()
-        used = set(rec.slots) | set(rec.evicted)
+        used = rec.used_slots()
         index = next((i for i in range(rec.max_subscribers) if i not in used), None)
         if index is None:
             raise LimitExceeded(f"channel {rec.name!r} has max_subscribers "
                                 f"({rec.max_subscribers}) subscribers")
-        while rec.semaphores <= index:
-            self.segments.create_semaphore(rec.token, rec.semaphores)
-            rec.semaphores += 1
+        top = rec.group_of or rec   # a member's slots sleep on its channel's semaphores
+        while top.semaphores <= index:
+            self.segments.create_semaphore(top.token, top.semaphores)
+            top.semaphores += 1
+        for r in (top, *(m.rec for m in top.members.values())):
+            r.semaphores = top.semaphores
         position, seq = ring.stream_point(rec.view, oldest=start == "oldest")
         starts = [(m, ring.stream_point(m.view, oldest=start == "oldest"))
                   for m in rec.members.values()]
@@ -375,6 +471,7 @@ class Registry:
         for m, (mpos, mseq) in starts:
             ring.daemon_activate_slot(m.view, index, mpos, pid, rec.generation)
             m.starts[index] = (mpos, mseq)
+            m.rec.slots[index] = slot
         ring.daemon_activate_slot(rec.view, index, position, pid, rec.generation)
         rec.slots[index] = slot
         return slot
@@ -386,8 +483,13 @@ class Registry:
         rec.slots.pop(index, None)
         rec.evicted.pop(index, None)
         rec.set_slot_state(index, ring.SLOT_FREE)
+        for m in rec.members.values():
+            m.rec.slots.pop(index, None)
+            m.rec.evicted.pop(index, None)
         if rec.members:
             self.reclaim_members(rec)
+        if rec.group_of is not None:   # a mirror stopped reading a member
+            self.reclaim_members(rec.group_of)
 
     def evict_client_slots(self, client: int) -> int:
         """Lease expired: the publisher stops waiting for this client's slots; they stay reserved
@@ -398,6 +500,9 @@ class Registry:
                 if slot.client == client:
                     rec.set_slot_state(index, ring.SLOT_EVICTED)
                     rec.evicted[index] = rec.slots.pop(index)
+                    for m in rec.members.values():
+                        if m.rec.slots.pop(index, None) is not None:
+                            m.rec.evicted[index] = slot
                     n += 1
             if n and rec.members:
                 self.reclaim_members(rec)
@@ -407,12 +512,17 @@ class Registry:
         """The client is gone: free its slots and publisher roles.  Returns (slots, roles)."""
         slots = roles = 0
         now = time.monotonic()
-        for rec in self.channels.values():
+        for rec in list(self.channels.values()):
+            if rec.name not in self.channels:
+                continue   # a member reclaimed by an earlier pass of this loop
             for table in (rec.slots, rec.evicted):
                 for index, slot in list(table.items()):
                     if slot.client == client:
                         rec.set_slot_state(index, ring.SLOT_FREE)
                         del table[index]
+                        for m in rec.members.values():
+                            m.rec.slots.pop(index, None)
+                            m.rec.evicted.pop(index, None)
                         slots += 1
             roles += self.release_publisher(rec, client)
             if rec.members:
@@ -424,14 +534,16 @@ class Registry:
 
     def reclaim_all(self) -> None:
         """Housekeeping: reclaim drained member rings of departed publishers."""
-        for rec in self.channels.values():
-            if rec.members and len(rec.live_publishers()) != len(rec.members):
+        for rec in list(self.channels.values()):
+            if rec.members and any(m.client is None for m in rec.members.values()):
                 self.reclaim_members(rec)
 
     def expire_idle(self) -> None:
         ttl = self.settings.idle_channel_ttl
         now = time.monotonic()
         for name, rec in list(self.channels.items()):
+            if rec.group_of is not None or name not in self.channels:
+                continue   # a member ring lives as long as its publisher and its readers
             if rec.idle_since is not None and now - rec.idle_since >= ttl:
                 log.info("channel %s idle for %.0f s (idle_channel_ttl): deleting", name, ttl)
                 self.delete(name)

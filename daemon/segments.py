@@ -88,25 +88,6 @@ class Segments:
         ring.format_ring(mm, name, mode, capacity, max_subscribers)
         return shm_name, mm
 
-    def create_member(self, token: str, publisher: int, name: str, mode: int, capacity: int,
-                      max_subscribers: int) -> tuple[str, mmap.mmap]:
-        """The member ring of publisher ``publisher`` of multi-publisher channel ``name``: an
-        ordinary ring (same layout, same owner and mode) named ``<ring name>.p<publisher>``.
-        Its subscribers sleep on the channel's semaphores (``sem_prefix(token)``)."""
-        shm_name, mm = self._allocate(token, f"channel {name!r} publisher {publisher}",
-                                      ring.segment_size(capacity, max_subscribers),
-                                      self.member_name(token, publisher))
-        ring.format_ring(mm, name, mode, capacity, max_subscribers)
-        return shm_name, mm
-
-    def member_name(self, token: str, publisher: int) -> str:
-        return self.ring_name(token) + f".p{publisher}"
-
-    def destroy_member(self, shm_name: str, mm: mmap.mmap) -> None:
-        """Retire and unlink a member ring (its publisher is gone and subscribers drained it)."""
-        self._retire(mm)
-        _unlink_shm(shm_name)
-
     def create_stream(self, token: str, name: str, capacity: int) -> tuple[str, mmap.mmap]:
         """A byte-stream segment (layout: shimmy/stream_ring.py), checked and pre-faulted like a
         ring.  Its two semaphores are ``sem_prefix(token) + "r"`` / ``+ "w"`` (made by the
@@ -116,8 +97,7 @@ class Segments:
         stream_ring.format_stream(mm, name, capacity)
         return shm_name, mm
 
-    def _allocate(self, token: str, what: str, size: int,
-                  shm_name: str | None = None) -> tuple[str, mmap.mmap]:
+    def _allocate(self, token: str, what: str, size: int) -> tuple[str, mmap.mmap]:
         """Check the budget and free space, create the object and allocate every page of it."""
         if self.budget and self.allocated + size > self.budget:
             raise LimitExceeded(f"{what} needs {size} bytes; shm_budget {self.budget} has "
@@ -128,7 +108,7 @@ class Segments:
                 f"{what} needs {size} bytes but {self.shm_dir} has {free} free and "
                 f"shm_reserve keeps {self.reserve}; raise the tmpfs size (docker shm_size) or "
                 f"lower the capacity")
-        shm_name = shm_name or self.ring_name(token)
+        shm_name = self.ring_name(token)
         try:
             shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=CREATE_MODE, size=0)
         except OSError as exc:

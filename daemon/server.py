@@ -34,7 +34,7 @@ from . import identity, logformat, metrics
 from .access import AccessControl, Caller, Ownership
 from .config import Settings, parse_mode, resolve_group
 from .quotas import Quotas, tenant
-from .registry import Registry
+from .registry import Registry, alias_prefix
 from .segments import Segments
 from .sessions import RESOURCE_ERRNOS, Client, Sessions
 from .streams import StreamService
@@ -255,6 +255,7 @@ class Daemon:
             self._client_gone(client, crashed=False)
         for client in silent:
             self._orphan(client)
+        self._remote_members()
         self.registry.reclaim_all()
         self.registry.expire_idle()
         try:
@@ -262,6 +263,37 @@ class Daemon:
         except Exception:   # the peer module must never take the node's channels down with it
             self.counters["peer_tick_errors"] += 1
             log.exception("peer housekeeping failed; the daemon goes on (next pass retries)")
+
+    def _remote_members(self) -> None:
+        """Members of our publisher groups on other nodes (announced by their daemons under
+        ``<channel>/.p<id>.<node>``) join the group here as replicas; one no longer announced
+        has left (reclaimed once our subscribers drained it).  docs/ring-format.md."""
+        peer = self.peer
+        groups = [r for r in self.registry.channels.values() if r.group]
+        if not peer.enabled or not groups:
+            return
+        announced = peer.published_elsewhere()
+        for rec in groups:
+            prefix = alias_prefix(rec.name)
+            want = {n: node for n, node in announced.items()
+                    if n.startswith(prefix) and "/" not in n[len(prefix):]}
+            have = {m.rec.name: m for m in rec.members.values() if m.remote}
+            for alias, node in want.items():
+                if alias not in have and alias not in self.registry.channels:
+                    try:
+                        self.registry.join_remote(rec, alias, node,
+                                                  lambda a=alias, n=node: peer.replicate(a, n))
+                    except ShimmyError as exc:
+                        log.warning("channel %s: cannot add publisher %s of node %s: %s",
+                                    rec.name, alias, node, exc)
+            for alias, m in have.items():
+                if alias not in want and m.client is not None:
+                    m.client = None   # left on its node: reclaimed once drained here
+                    log.info("channel %s: publisher %d on node %s left", rec.name, m.publisher,
+                             m.node)
+            peer_subscribe = [m.rec for m in rec.members.values() if m.remote and m.rec.slots]
+            for mrec in peer_subscribe:
+                peer.on_subscribe(mrec)
 
     def _orphan(self, client: Client) -> None:
         """A client silent for session_timeout: its session is closed and it no longer counts
@@ -527,12 +559,11 @@ class Daemon:
         who = self._visible(req)
         shown, hidden = [], 0
         for rec in self.registry.channels.values():
+            if rec.group_of is not None:
+                continue   # a member ring: listed under its channel's publishers
             if who is None or (who is not False and self.access.allows(
                     who, "stat", rec.name, self.owner(rec.name))):
-                desc = self.peer.annotate(rec.describe())
-                for pub in desc.get("publishers", ()):
-                    pub["node"] = self.peer.node   # members are local publishers
-                shown.append(desc)
+                shown.append(self.peer.annotate(rec.describe()))
             else:
                 hidden += 1
         return shown, hidden
@@ -647,10 +678,8 @@ class Daemon:
         slot = rec.slots.get(index) or rec.evicted.get(index)
         if slot is None or slot.client != client.id:
             raise InvalidArgument(f"channel {rec.name!r}: slot {index} is not yours")
-        members = self.registry.members_for(rec, index)
-        for m in members:
-            m["node"] = self.peer.node
-        return {"epoch": rec.view.u32[ring.I_GROUP_EPOCH], "members": members}
+        return {"epoch": rec.view.u32[ring.I_GROUP_EPOCH],
+                "members": self.registry.members_for(rec, index)}
 
     def op_subscribe(self, req: dict) -> dict:
         client = self._client(req)
@@ -663,13 +692,14 @@ class Daemon:
         self.quotas.check("subscribers", client.tenant, held)
         slot = self.registry.add_subscriber(rec, client.id, client.pid or client.claimed_pid, start)
         self.peer.on_subscribe(rec)  # a replica: ask its publishing node for a mirror
+        for m in rec.members.values():
+            if m.remote:   # another node's publisher of this group: its mirror is needed now
+                self.peer.on_subscribe(m.rec)
         out = {"slot": slot.index, "generation": slot.generation, "seq": slot.seq,
                "position": rec.view.q[rec.view.slot_word(slot.index)]}
         if rec.group:
             out["epoch"] = rec.view.u32[ring.I_GROUP_EPOCH]
             out["members"] = self.registry.members_for(rec, slot.index)
-            for m in out["members"]:
-                m["node"] = self.peer.node
         return out
 
     def op_unsubscribe(self, req: dict) -> dict:
@@ -721,6 +751,10 @@ class Daemon:
         client = self._client(req)
         self._policy(client).check("publish", name)  # deleting is a publisher's act
         if name in self.registry.channels:
+            rec = self.registry.channels[name]
+            if rec.group_of is not None:
+                raise InvalidArgument(f"{name!r} is the ring of a publisher of channel "
+                                      f"{rec.group_of.name!r}: delete that channel")
             self.access.check(self._caller(client), "delete", name, self.owner(name))
         self.registry.delete(name)
         self.owners.pop(name, None)

@@ -51,6 +51,9 @@ def run_pub(a) -> None:
     except shimmy.PublisherBusy as exc:
         print(json.dumps({"busy": str(exc)}))
         return
+    deadline = time.monotonic() + 120
+    while a.hold and not os.path.exists(a.hold) and time.monotonic() < deadline:
+        time.sleep(0.02)   # stay attached (and so published) until told
     print(json.dumps({"published": i, "publisher": ch.publisher_id}))
     ch.close()
 
@@ -67,6 +70,7 @@ def run_sub(a) -> None:
     first: dict[int, int] = {}
     got: dict[int, int] = {}
     pubs: dict[int, int] = {}        # tag -> publisher id
+    nodes: dict[int, str | None] = {}
     deadline = time.monotonic() + a.timeout
     n = 0
     while time.monotonic() < deadline:
@@ -80,6 +84,7 @@ def run_sub(a) -> None:
             else:
                 msg = sub.receive(timeout=a.idle)
                 data, seq, publisher = bytes(msg), msg.seq, msg.publisher
+                nodes[check(data)[0]] = msg.node
                 if msg.lost:
                     raise SystemExit(f"publisher {publisher}: reliable channel lost {msg.lost}")
                 msg.release()
@@ -107,7 +112,7 @@ def run_sub(a) -> None:
     by_pub = sub.lost_by_publisher() if hasattr(sub, "lost_by_publisher") else {}
     lost = {tag: by_pub.get(p, 0) for tag, p in pubs.items()}   # the library's count
     print(json.dumps({"got": got, "lost": lost, "first": first, "last": last, "pubs": pubs,
-                      "lost_total": sub.lost}))
+                      "lost_total": sub.lost, "nodes": nodes}))
     ch.close()
 
 
@@ -128,6 +133,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--slow", type=float, default=0.0)
     p.add_argument("--ready")
+    p.add_argument("--hold", help="publisher: stay attached until this file exists")
     a = p.parse_args()
     run_pub(a) if a.role == "pub" else run_sub(a)
 

@@ -5,12 +5,14 @@ node.  Real daemons, each in its own IPC and mount namespace, over 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from test_peer_mirror import HAVE_NS, cluster_nodes, wait_for, wait_line
+from test_peer_mirror import HAVE_NS, cluster_nodes, free_port, wait_for, wait_line
 from test_peer_order import finish, go, pair, pub
 
 pytestmark = pytest.mark.skipif(not HAVE_NS, reason="needs root, unshare and nsenter "
@@ -75,3 +77,52 @@ def test_group_stays_local_when_a_publisher_appears_elsewhere(cluster):
     assert out.split() == ["ok", "local"], (out, err)
     go(p)
     finish(p)
+
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_multipub.py")
+
+
+def worker(node, role: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([*node.enter(), sys.executable, WORKER, role, "--daemon", node.socket,
+                             "--channel", "fan", "--max-publishers", "4", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def outcome(p: subprocess.Popen, timeout: float = 120) -> dict:
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, f"worker failed ({p.returncode}):\n{err[-3000:]}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_fan_in_from_publishers_on_two_nodes_to_subscribers_on_a_third(cluster, tmp_path):
+    """Two publishers on node A and two on node B publish 3000 checksummed messages each to one
+    channel; two subscribers on node C get every message of every publisher, each publisher's
+    in its order, and know which node sent it."""
+    pa, pb = free_port(), free_port()
+    a = cluster.node("A", "--peer-listen", f"127.0.0.1:{pa}")
+    b = cluster.node("B", "--peer-listen", f"127.0.0.1:{pb}", "--peer", f"127.0.0.1:{pa}")
+    c = cluster.node("C", "--peer", f"127.0.0.1:{pa}", "--peer", f"127.0.0.1:{pb}")
+    wait_for("C linked to A and B", lambda: len(c.peer()["links"]) == 2)
+    count = 3000
+    want = ",".join(f"{t}:{count}" for t in range(4))
+    ready = [str(tmp_path / f"sub{k}.ready") for k in range(2)]
+    subs = [worker(c, "sub", "--want", want, "--ready", r, "--timeout", "90") for r in ready]
+    for r in ready:
+        wait_for(f"{r}", lambda r=r: os.path.exists(r))
+    hold = str(tmp_path / "hold")
+    pubs = [worker(node, "pub", "--tag", str(t), "--count", str(count), "--rate", "3000",
+                   "--hold", hold) for t, node in enumerate((a, a, b, b))]
+    try:
+        outs = [outcome(s) for s in subs]
+    finally:
+        open(hold, "w").close()
+    published = [outcome(p) for p in pubs]
+    assert all(r["published"] == count for r in published)
+    for out in outs:
+        assert out["got"] == {str(t): count for t in range(4)}, out
+        assert out["lost"] == {str(t): 0 for t in range(4)}
+        assert out["first"] == {str(t): 0 for t in range(4)}
+        assert out["nodes"] == {"0": "A", "1": "A", "2": "B", "3": "B"}
+        assert len(set(out["pubs"].values())) == 4
+    listed = [ch for ch in c.request("list")["channels"] if ch["name"] == "fan"]
+    assert len(listed) == 1 and all(p["remote"] for p in listed[0]["publishers"])
