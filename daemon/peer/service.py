@@ -695,11 +695,13 @@ class PeerService:
         log.info("channel %s is published on %s: created replica", name, link.remote)
 
     def published_elsewhere(self) -> dict[str, str]:
-        """Every name a live peer announces as published, with that node (the first by name)."""
+        """Every name a peer announces as published, with that node (the first by name); a
+        node whose link is down is included until it is forgotten (its replicas here resume
+        where they stopped when it comes back)."""
         out: dict[str, str] = {}
         for name, holders in self.directory.names().items():
             for node, e in holders:
-                if e.kind == PUBLISHED and node not in self.directory.down_since:
+                if e.kind == PUBLISHED:
                     out.setdefault(name, node)
         return out
 
@@ -759,11 +761,11 @@ class PeerService:
             if not pubs or name in self.replicas:
                 continue
             if getattr(rec, "group", False):
-                # A multi-publisher channel stays node-local (its members are not mirrored):
-                # never turn it into a replica of a single-publisher channel elsewhere.
+                # A multi-publisher channel (its members mirror one by one) is never turned
+                # into a replica of a single-publisher channel elsewhere.
                 found[name] = (f"channel {name!r} is a multi-publisher channel on this node "
-                               f"(node-local) and is published on node {pubs[0][0]!r}: their "
-                               f"messages do not meet")
+                               f"and a single-publisher channel published on node "
+                               f"{pubs[0][0]!r}: their messages do not meet")
                 continue
             local_pub = rec.publisher is not None or rec.view.q[ring.OFF_TAIL // 8] != 0
             if local_pub:
