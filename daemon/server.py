@@ -627,9 +627,10 @@ class Daemon:
             node = self.peer.find_publisher(name)[0]
             if node is not None:
                 raise ChannelConflict(
-                    f"channel {name!r} is published on node {node.remote!r} with one publisher; "
-                    f"a channel with max_publishers > 1 is node-local (not mirrored): open it "
-                    f"there without max_publishers, or use another name")
+                    f"channel {name!r} is published on node {node.remote!r} as a "
+                    f"single-publisher channel; it cannot be a multi-publisher channel here: "
+                    f"open it without max_publishers (its messages mirror here), or use "
+                    f"another name")
         try:
             self.peer.prepare_open(name, mode, capacity)  # published on a peer: a replica
             rec = self.registry.open(client.id, name, mode, capacity, create, max_publishers)
