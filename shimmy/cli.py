@@ -402,7 +402,8 @@ def ls(daemon_path: str | None, as_json: bool) -> None:
     for ch in reply["channels"]:
         for pub in ch.get("publishers", ()):   # a multi-publisher channel: each one, and where
             state = "publishing" if pub["live"] else "left, draining"
-            click.echo(f"{ch['name']}: publisher {pub['id']} pid {pub['pid']} on node "
+            pid = f" pid {pub['pid']}" if pub.get("pid") else ""
+            click.echo(f"{ch['name']}: publisher {pub['id']}{pid} on node "
                        f"{pub.get('node') or '?'}: {state}, {pub['published']} published")
     for ch in reply["channels"]:
         if ch.get("broken"):
