@@ -56,6 +56,15 @@ def alias_prefix(channel: str) -> str:
     return channel + "/.p"
 
 
+_ALIAS = re.compile(r".*/\.p[0-9]+\.[A-Za-z0-9_-]+")
+
+
+def is_member_alias(name: str) -> bool:
+    """Whether ``name`` has the shape of a member ring's reserved name (clients may not open
+    such a name: it would take the place of a publisher's ring)."""
+    return _ALIAS.fullmatch(name) is not None
+
+
 @dataclass
 class Member:
     """One publisher's member ring of a multi-publisher channel (``rec``: its own record)."""

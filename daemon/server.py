@@ -34,7 +34,7 @@ from . import identity, logformat, metrics
 from .access import AccessControl, Caller, Ownership
 from .config import Settings, parse_mode, resolve_group
 from .quotas import Quotas, tenant
-from .registry import Registry, alias_prefix
+from .registry import Registry, alias_prefix, is_member_alias
 from .segments import Segments
 from .sessions import RESOURCE_ERRNOS, Client, Sessions
 from .streams import StreamService
@@ -596,6 +596,10 @@ class Daemon:
         create = True if create is None else create
         pubs = self._field(req, "max_publishers", int, optional=True, lo=1,
                            hi=ring.MAX_PUBLISHERS_LIMIT)
+        if is_member_alias(name):
+            raise InvalidArgument(f"channel name {name!r} is reserved: a last segment '.p<id>."
+                                  f"<node>' names a publisher's ring of a multi-publisher "
+                                  f"channel; open that channel instead")
         if name in self.registry.channels:
             self.authorize(client, "open", name, self.owner(name))
             rec = self.registry.open(client.id, name, mode, capacity, create, pubs)

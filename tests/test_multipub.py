@@ -304,6 +304,9 @@ def test_publisher_limit_refused_with_a_clear_error(daemon, tmp_path):
     # Above the daemon's ceiling: refused, naming the setting.
     with pytest.raises(shimmy.LimitExceeded, match="daemon setting max_publishers"):
         shimmy.Channel("big", daemon=daemon.socket, max_publishers=65)
+    # A member ring's reserved name cannot be opened (it would stand in for a publisher's ring).
+    with pytest.raises(shimmy.InvalidArgument, match="reserved"):
+        shimmy.Channel("lim/.p1.somenode", daemon=daemon.socket)
     # max_publishers=1 keeps the exclusive channel and its error.
     ex = shimmy.Channel("ex", daemon=daemon.socket, max_publishers=1)
     ex.publish(b"x")
