@@ -304,7 +304,8 @@ class Registry:
 
     def close_all(self) -> None:
         for name in list(self.channels):
-            self.delete(name)
+            if name in self.channels:   # (a group's members go with it)
+                self.delete(name)
 
     # -- roles ---------------------------------------------------------------------------------
     def grant_publisher(self, rec: ChannelRecord, client: int, pid: int,

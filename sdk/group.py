@@ -100,6 +100,7 @@ class GroupSubscription(Subscription):
         self._gepoch = epoch
 
     def _refresh(self) -> None:
+        self.channel._check()   # retired (deleted, daemon stopped): ChannelClosed, as ever
         reply = self.channel._client.request("members", name=self.channel.name, slot=self.slot)
         self._set_members(reply["members"], reply["epoch"])
 

@@ -389,3 +389,20 @@ def test_a_flooding_publisher_does_not_starve_a_slow_one(daemon, tmp_path):
         flood.wait(10)
     assert out["got"]["1"] == 200 and out["last"]["1"] == 199
     assert out["got"]["0"] > 0
+
+
+def test_daemon_stops_cleanly_with_publishers_attached(daemon):
+    """Shutdown retires the group and every member ring (the fixture checks the exit status and
+    that nothing is left in /dev/shm); the clients see the channel closed."""
+    a = shimmy.Channel("stop", daemon=daemon.socket, max_publishers=3)
+    b = shimmy.Channel("stop", daemon=daemon.socket)
+    sub = a.subscribe()
+    a.publish(b"a")
+    b.publish(b"b")
+    assert daemon.stop() == 0
+    with pytest.raises(shimmy.ChannelClosed):
+        for _ in range(3):
+            sub.receive(timeout=2)
+    with pytest.raises(shimmy.ChannelClosed):
+        for _ in range(4):   # until the publisher takes its slow path: the ring was retired
+            b.publish(bytes(2_000_000))
