@@ -126,3 +126,12 @@ def test_fan_in_from_publishers_on_two_nodes_to_subscribers_on_a_third(cluster, 
         assert len(set(out["pubs"].values())) == 4
     listed = [ch for ch in c.request("list")["channels"] if ch["name"] == "fan"]
     assert len(listed) == 1 and all(p["remote"] for p in listed[0]["publishers"])
+    assert {p["node"] for p in listed[0]["publishers"]} <= {"A", "B"}
+
+    def publishers(node):
+        return [p for ch in node.request("list")["channels"] if ch["name"] == "fan"
+                for p in ch["publishers"]]
+    # Every publisher left: each node reclaims its members once their readers (the mirrors)
+    # drained them, and C its replicas once they are no longer announced.
+    for node in (a, b, c):
+        wait_for(f"the members reclaimed on {node.name}", lambda n=node: not publishers(n))
