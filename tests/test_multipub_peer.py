@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -135,3 +137,35 @@ def test_fan_in_from_publishers_on_two_nodes_to_subscribers_on_a_third(cluster, 
     # drained them, and C its replicas once they are no longer announced.
     for node in (a, b, c):
         wait_for(f"the members reclaimed on {node.name}", lambda n=node: not publishers(n))
+
+
+def test_remote_publisher_killed_mid_stream(cluster, tmp_path):
+    """A publisher on node A is SIGKILLed while it publishes: the subscriber on node C gets an
+    unbroken run of its messages from the first (nothing torn, nothing out of order) and every
+    message of the publishers that live on, on A and on B."""
+    pa, pb = free_port(), free_port()
+    a = cluster.node("A", "--peer-listen", f"127.0.0.1:{pa}")
+    b = cluster.node("B", "--peer-listen", f"127.0.0.1:{pb}", "--peer", f"127.0.0.1:{pa}")
+    c = cluster.node("C", "--peer", f"127.0.0.1:{pa}", "--peer", f"127.0.0.1:{pb}")
+    wait_for("C linked to A and B", lambda: len(c.peer()["links"]) == 2)
+    count = 2000
+    ready = str(tmp_path / "sub.ready")
+    sub = worker(c, "sub", "--want", f"0:{count},1:{count}", "--ready", ready, "--timeout", "90")
+    wait_for("the subscriber", lambda: os.path.exists(ready))
+    hold = str(tmp_path / "hold")
+    steady = [worker(node, "pub", "--tag", str(t), "--count", str(count), "--rate", "2000",
+                     "--hold", hold) for t, node in enumerate((a, b))]
+    victim_ready = str(tmp_path / "victim.ready")
+    victim = worker(a, "pub", "--tag", "7", "--count", "0", "--ready", victim_ready)
+    wait_for("the victim publishing", lambda: os.path.exists(victim_ready))
+    time.sleep(0.3)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    try:
+        out = outcome(sub)
+    finally:
+        open(hold, "w").close()
+    assert all(outcome(p)["published"] == count for p in steady)
+    assert out["got"]["0"] == out["got"]["1"] == count
+    assert out["first"]["7"] == 0 and out["got"]["7"] == out["last"]["7"] + 1 > 0, out
+    assert out["nodes"]["7"] == "A"
