@@ -406,3 +406,21 @@ def test_daemon_stops_cleanly_with_publishers_attached(daemon):
     with pytest.raises(shimmy.ChannelClosed):
         for _ in range(4):   # until the publisher takes its slow path: the ring was retired
             b.publish(bytes(2_000_000))
+
+
+def test_late_subscriber_starts_per_start_for_every_publisher(daemon):
+    a = shimmy.Channel("late", daemon=daemon.socket, max_publishers=2)
+    b = shimmy.Channel("late", daemon=daemon.socket)
+    for i in range(3):
+        a.publish(b"a%d" % i)
+        b.publish(b"b%d" % i)
+    oldest = a.subscribe(start="oldest")
+    nxt = a.subscribe(start="next")
+    got = sorted(oldest.receive_bytes(timeout=5) for _ in range(6))
+    assert got == sorted([b"a0", b"a1", b"a2", b"b0", b"b1", b"b2"])
+    assert nxt.receive_nowait() is None   # "next": nothing of what was published before
+    b.publish(b"b3")
+    msg = nxt.receive(timeout=5)
+    assert (bytes(msg), msg.seq, msg.publisher) == (b"b3", 3, b.publisher_id)
+    for ch in (a, b):
+        ch.close()
