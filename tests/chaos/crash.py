@@ -49,9 +49,9 @@ from shimmy.daemon.segments import daemon_id
 from shimmy.errors import ShimmyError
 from shimmy.sdk.client import DaemonClient, get_client
 
-from . import payloads, workers
+from . import payloads, peer, workers
 
-KINDS = ("publisher", "subscriber", "daemon", "stream")
+KINDS = ("publisher", "subscriber", "daemon", "stream", *peer.KINDS)
 MODES = ("reliable", "lossy")
 ZERO_KEYS = ("torn", "lost", "duplicated", "lost_inexact", "wedged", "stale_objects",
              "daemon_deaths", "errors")
@@ -439,6 +439,12 @@ RUNNERS = {"publisher": row_publisher, "subscriber": row_subscriber, "daemon": r
 
 def run_row(ctx, kind: str, mode: str, trials: int, seconds: float, seed: int) -> dict:
     row = Row(kind, mode)
+    if kind in peer.KINDS:
+        try:
+            peer.run(row, trials, time.monotonic() + seconds, random.Random(seed))
+        except Exception as exc:   # a bug in a row: record it, go on with the others
+            row.bad("errors", f"{type(exc).__name__}: {exc}")
+        return row.result()
     d = Daemon()
     try:
         d.start()

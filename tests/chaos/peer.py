@@ -1,0 +1,404 @@
+"""The peer-daemon rows of the crash matrix: SIGKILL one daemon of a two-node pair mid-stream,
+restart it on the same socket, and count what must never happen.
+
+Two nodes, A and B, each a real daemon in its own IPC and mount namespace with a private
+/dev/shm (the harness of tests/test_peer_mirror.py: ``Node``), peered over 127.0.0.1.  One
+long-running publisher process on A publishes self-checking messages (tests/chaos/payloads.py)
+whose payload carries the publisher's own count: the index of each ``publish()`` that returned.
+One long-running subscriber process on B receives them through B's replica.  Both live through
+every trial of a row (one trial = one kill and its recovery); the pair is set up again only
+every ``RECYCLE`` trials.
+
+peer-source   A's daemon (the publishing node's) is SIGKILLed at a random instant (0-300 ms
+              into the trial) and restarted at once on the same socket.  The publisher finds its
+              ring retired by the restart's sweep (or its publish refused) and opens the channel
+              again, once A's daemon answers, at the index that failed.  The trial has recovered
+              when a message published into the new ring reached B's subscriber, with the
+              subscriber's ``status`` back at ``up``.
+peer-replica  B's daemon (the subscribing node's) is SIGKILLed at a random instant and restarted.
+              B's subscriber loses its subscription with its daemon (a restart is a clean slate
+              on that node: docs/peering.md, row 9) and subscribes again once B answers; the
+              trial has recovered when that new subscription received a message.  A's publisher
+              must not stop: it published more by the end of the trial than at the kill.
+
+What is counted, per trial (``received``: messages checked; the counts must all be 0):
+
+torn           a payload whose checksum fails.
+lost           reliable: an index missing between two consecutive messages of one subscription
+               (by the payload's index, the publisher's count, not the ring's seq).  For a
+               source kill this means: every message whose ``publish()`` returned, in the old
+               ring or the new one, reaches the remote subscriber (the old ring still holds
+               whatever its dead mirror had not sent: the mirror's reliable slot kept it).
+duplicated     an index not above the one before it (in one subscription).
+lost_inexact   lossy: ``Message.lost`` differs from the gap in the publisher's indices between
+               two consecutive messages of one subscription.  For a source kill, the messages
+               that died with the old ring (committed, not mirrored, overwritten before the
+               publisher moved on) must be in ``lost``.
+wedged         recovery not complete within ``RESUME_S`` (the publisher did not open again, or
+               no new message reached B, or B's status is not back ``up``); peer-source also
+               counts a remote subscription that ended (it must be kept, status down -> up).
+stale_objects  shared memory of the killed daemon's prefix, in its node's /dev/shm, that belongs
+               to no live channel after the restart's sweep; and anything left in either node's
+               /dev/shm after the row's daemons stopped.
+daemon_deaths  the survivor daemon (B for peer-source, A for peer-replica) exited; or the killed
+               one failed to restart.
+errors         anything unexpected (a worker process died, a bug in the row).
+
+A subscription's first message sets its starting point: a fresh replica (peer-replica) starts
+at the source's tail, so the gap between two subscriptions is not loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from shimmy.daemon.segments import daemon_id
+from shimmy.errors import ShimmyError
+
+from . import payloads, workers
+
+KINDS = ("peer-source", "peer-replica")
+CAPACITY = 65536     # frames of up to 616 bytes: the ring wraps every ~200 messages
+MAX_SIZE = 600
+PACE_EVERY = 20      # the publisher sleeps 1 ms after every PACE_EVERY messages (CPU is shared)
+RESUME_S = 20.0      # bound on a trial's recovery (more than the peer_hold of 10 s)
+RECYCLE = 250        # trials per pair of nodes (a node's namespace holder lives an hour)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# -- the two long-running client processes (run inside a node's namespaces) ---------------------
+def _open(sock: str, name: str, mode: str, linked: bool = False):
+    """Open ``name`` on our daemon, waiting (bounded) for it to answer after a restart and, if
+    ``linked``, to have its peer link back (the publisher's recipe after a restart of its
+    daemon, docs/peering.md: the restarted daemon then continues the replica's stream)."""
+    import shimmy
+    from shimmy.sdk.client import DaemonClient
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if linked:
+                c = DaemonClient(sock)
+                try:
+                    up = c.request("stat")["peer"]["links"]
+                finally:
+                    c.close()
+                if not up:
+                    raise ConnectionError("no peer link yet")
+            return shimmy.Channel(name, daemon=sock, mode=mode, capacity=CAPACITY)
+        except (shimmy.DaemonUnavailable, shimmy.ChannelClosed, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def worker_pub(sock: str, name: str, mode: str) -> None:
+    """Publish self-checking messages for ever; the payload's index is our count of returned
+    publishes.  On a retired ring or a refused publish, open again and publish the failed index
+    again; print ``open <index>`` at every (re)open.  SIGKILLed at the end of the row."""
+    import shimmy
+    i = 0
+    ch = None
+    while True:
+        if ch is None:
+            ch = _open(sock, name, mode, linked=True)
+            print("open", i, flush=True)
+        try:
+            # RingWriter checks ``retired`` only when it wraps: check before every publish so
+            # nothing goes silently into a ring the restarted daemon swept
+            if ch._view.retired():
+                raise shimmy.ChannelClosed("retired")
+            ch.publish(payloads.make(i, MAX_SIZE), timeout=0.25)
+        except shimmy.BackpressureTimeout:
+            continue            # not published: the remote is slow, or our daemon is gone
+        except ShimmyError:
+            try:
+                ch.close()
+            except ShimmyError:
+                pass
+            ch = None
+            continue
+        i += 1
+        if i % PACE_EVERY == 0:
+            time.sleep(0.001)
+
+
+def worker_sub(sock: str, name: str, mode: str) -> None:
+    """Subscribe on our node (again after our daemon restarts) and check every message by its
+    payload index.  Answers ``report`` on stdin with one JSON line: the counts since the last
+    report, the last index, the status, and how many subscriptions it has had."""
+    import shimmy
+    check = workers.Checker(mode, by_payload=True)
+    subs, ch, sub = 0, None, None
+    last, last_sub_index = -1, -1     # last index received; that of the current subscription
+    statuses: list[str] = []
+    while True:
+        if sub is None:
+            ch = _open(sock, name, mode)
+            sub = ch.subscribe()
+            subs += 1
+            check.prev, check.prev_lost, last_sub_index = None, 0, -1
+        try:
+            got = check.drain(sub, 500)
+            if not got:
+                try:
+                    data = sub.receive_bytes(timeout=0.02)
+                    check.see(sub.last_seq, data, sub.lost)
+                    got = 1
+                except shimmy.ReceiveTimeout:
+                    pass
+            if got and check.prev is not None:
+                last = last_sub_index = check.prev
+            status = sub.status
+        except ShimmyError:
+            try:
+                assert ch is not None
+                ch.close()
+            except ShimmyError:
+                pass
+            ch = sub = None
+            status = "closed"
+        if not statuses or statuses[-1] != status:
+            statuses.append(status)
+        if select.select([sys.stdin], [], [], 0)[0]:
+            if not sys.stdin.readline():
+                return
+            print(json.dumps({**check.counts, "notes": check.notes, "last": last,
+                              "sub_last": last_sub_index, "status": status, "subs": subs,
+                              "statuses": statuses}), flush=True)
+            for key in check.counts:
+                check.counts[key] = 0
+            check.notes.clear()
+            statuses = [status]
+
+
+# -- the rows ------------------------------------------------------------------------------------
+class Lines:
+    """The stdout lines of a worker process, read by a thread into a queue."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.q: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.q.put(line)
+
+    def next(self, timeout: float) -> str | None:
+        try:
+            return self.q.get(timeout=max(timeout, 0))
+        except queue.Empty:
+            return None
+
+
+class Pair:
+    """Nodes A (peer listener, publisher) and B (dials A, subscriber) and the two workers."""
+
+    def __init__(self, mode: str, name: str):
+        from shimmy.daemon.peer.auth import random_key_file
+        from tests.test_peer_mirror import Node, free_port, wait_for
+        self.nodes: list = []
+        self.procs: list[subprocess.Popen] = []
+        self.tmp = tempfile.mkdtemp(prefix="shimmy-chaos-peer-")
+        key = os.path.join(self.tmp, "cluster.key")
+        random_key_file(key)
+        port = free_port()
+        # the redial backoff capped at 0.25 s (default 2 s): a trial then costs the recovery,
+        # not the wait for the next dial
+        quiet = ("--log-level", "warning", "--peer-backoff-max", "0.25")
+        self.a = Node("A", key, *quiet, "--peer-listen", f"127.0.0.1:{port}")
+        self.nodes.append(self.a)
+        self.b = Node("B", key, *quiet, "--peer", f"127.0.0.1:{port}")
+        self.nodes.append(self.b)
+        try:
+            self.a.start()
+            self.b.start()
+            wait_for("link A-B", lambda: self.a.peer()["links"] and self.b.peer()["links"])
+            self.pub = Lines(self._worker(self.a, "pub", name, mode))
+            if self.pub.next(30) != "open 0\n":
+                raise RuntimeError("the publisher did not open the channel within 30 s")
+            self.sub = self._worker(self.b, "sub", name, mode)
+            self.sub_lines = Lines(self.sub)
+            if self.report(30) is None:
+                raise RuntimeError("the subscriber did not answer within 30 s")
+        except BaseException:
+            self.close(None)
+            raise
+
+    def _worker(self, node, role: str, name: str, mode: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [*node.enter(), sys.executable, "-m", "tests.chaos.peer", role, node.socket, name,
+             mode], env={**os.environ, "PYTHONPATH": ROOT},   # nsenter leaves us in "/"
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.procs.append(proc)
+        return proc
+
+    def report(self, timeout: float = 10.0) -> dict | None:
+        assert self.sub.stdin is not None
+        try:
+            self.sub.stdin.write("report\n")
+            self.sub.stdin.flush()
+        except OSError:
+            return None
+        line = self.sub_lines.next(timeout)
+        return json.loads(line) if line else None
+
+    @staticmethod
+    def shm(node) -> list[str]:
+        """The node's /dev/shm objects of its daemon's prefix (seen through the namespace
+        holder's root)."""
+        prefix = f"shimmy.{daemon_id(node.socket)}."
+        path = f"/proc/{node.holder.pid}/root/dev/shm"
+        return sorted(e for e in os.listdir(path)
+                      if e.startswith(prefix) or e.startswith("sem." + prefix))
+
+    def close(self, row) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+        for node in self.nodes:
+            node.stop()
+            if row is not None and node.proc is not None and node.proc.returncode not in (0, None):
+                row.bad("daemon_deaths", f"node {node.name} stopped with {node.proc.returncode}")
+            left = self.shm(node) if node.holder.poll() is None else []
+            if left and row is not None:
+                row.bad("stale_objects", f"left on {node.name} after it stopped: {left}", len(left))
+            node.close()
+        for node in self.nodes:
+            shutil.rmtree(node.dir, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _unowned(node) -> list[str]:
+    """Objects of the node's daemon prefix that belong to none of its live channels (what the
+    restart's sweep missed); the publisher may already have opened the name again."""
+    try:
+        before = node.request("list")["channels"]
+        objects = Pair.shm(node)
+        after = node.request("list")["channels"]
+    except ShimmyError as exc:
+        return [f"list failed: {exc}"]
+    owned = tuple(c["shm"].lstrip("/") for c in before + after)
+    return [o for o in objects if not (o.startswith(owned) or o[4:].startswith(owned))]
+
+
+def _published(node, name: str) -> int:
+    try:
+        for c in node.request("list")["channels"]:
+            if c["name"] == name:
+                return int(c.get("published") or 0)
+    except ShimmyError:
+        pass
+    return -1
+
+
+def _add(row, rep: dict) -> None:
+    for key in ("torn", "lost", "duplicated", "lost_inexact"):
+        if rep[key]:
+            row.bad(key, "; ".join(rep["notes"]), rep[key])
+    row.counts["received"] += rep["received"]
+
+
+def _trial(row, pair: Pair, name: str, rng: random.Random) -> bool:
+    """One kill and its recovery; False when the pair cannot go on."""
+    source = row.kind == "peer-source"
+    victim, survivor = (pair.a, pair.b) if source else (pair.b, pair.a)
+    time.sleep(rng.uniform(0, 0.3))
+    before = pair.report()
+    if before is None:
+        row.bad("errors", "subscriber process gone")
+        return False
+    _add(row, before)
+    published = _published(pair.a, name)
+    victim.stop(signal.SIGKILL)
+    try:
+        victim.start()
+    except RuntimeError as exc:
+        row.bad("daemon_deaths", f"restart of {victim.name} failed: {exc}")
+        return False
+    stale = _unowned(victim)
+    if stale:
+        row.bad("stale_objects", f"on {victim.name} after the restart's sweep: {stale}", len(stale))
+    deadline = time.monotonic() + RESUME_S
+    reopened_at = None
+    if source:     # the publisher opens again: at which index does the new ring start?
+        while reopened_at is None and time.monotonic() < deadline:
+            line = pair.pub.next(deadline - time.monotonic())
+            if line and line.startswith("open "):
+                reopened_at = int(line.split()[1])
+        if reopened_at is None:
+            row.bad("wedged", f"publisher did not open again within {RESUME_S} s")
+    subs0, resumed, rep = before["subs"], False, before
+    while time.monotonic() < deadline:
+        rep = pair.report()
+        if rep is None:
+            break
+        _add(row, rep)
+        if source:
+            if rep["subs"] != subs0:
+                row.bad("wedged", f"the remote subscription ended: statuses {rep['statuses']}")
+                subs0 = rep["subs"]
+            resumed = (reopened_at is not None and rep["sub_last"] >= reopened_at
+                       and rep["status"] == "up")
+        else:
+            resumed = rep["subs"] > subs0 and rep["sub_last"] >= 0
+        if resumed:
+            break
+        time.sleep(0.02)
+    if not resumed:
+        row.bad("wedged", f"no recovery within {RESUME_S} s after the kill of {victim.name}: "
+                          f"subscriber {rep}, publisher reopened at {reopened_at}")
+    while not source and _published(pair.a, name) <= published and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not source and _published(pair.a, name) <= published:
+        row.bad("wedged", f"A's publisher made no progress within {RESUME_S} s "
+                          f"({published} published at the kill)")
+    if not survivor.alive():
+        row.bad("daemon_deaths", f"survivor {survivor.name} exited")
+        return False
+    for p in pair.procs:
+        if p.poll() is not None:
+            row.bad("errors", f"worker {p.args[-4]} exited with {p.returncode}")
+            return False
+    return True
+
+
+def run(row, trials: int, end: float, rng: random.Random) -> None:
+    """Run ``trials`` kills of ``row.kind`` (a pair of nodes per RECYCLE trials)."""
+    n = 0
+    while row.counts["trials"] < trials and time.monotonic() < end:
+        name = f"chaos/{row.kind}/{row.mode}/{n}"
+        n += 1
+        pair = Pair(row.mode, name)
+        try:
+            for _ in range(RECYCLE):
+                if row.counts["trials"] >= trials or time.monotonic() >= end:
+                    break
+                ok = _trial(row, pair, name, rng)
+                row.counts["trials"] += 1
+                if not ok:
+                    return
+            last = pair.report()
+            if last is not None:
+                _add(row, last)
+        finally:
+            pair.close(row)
+
+
+if __name__ == "__main__":
+    role, sock, channel, mode = sys.argv[1:5]
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    (worker_pub if role == "pub" else worker_sub)(sock, channel, mode)
