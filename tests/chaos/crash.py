@@ -38,6 +38,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -292,7 +293,9 @@ def row_daemon(ctx, row: Row, d: Daemon, trials: int, end: float, rng: random.Ra
                     kill(proc)
             if proc.exitcode not in (0, -signal.SIGKILL):
                 row.bad("errors", f"old {what} exit code {proc.exitcode}")
-        if recv.poll(1):
+        # only a subscriber that ended by itself sent its counts (poll(1) on a killed one's
+        # pipe was half of a daemon trial's cost)
+        if sub.exitcode == 0 and recv.poll(1):
             counts = recv.recv()
             for key in ("torn", "lost", "duplicated", "lost_inexact"):
                 if counts[key]:
@@ -458,7 +461,49 @@ def run_row(ctx, kind: str, mode: str, trials: int, seconds: float, seed: int) -
         left = d.objects()
         if left:
             row.bad("stale_objects", f"left after the daemon stopped: {left}", len(left))
+        shutil.rmtree(d.dir, ignore_errors=True)
     return row.result()
+
+
+def run_rows_in_processes(plan, args, seed: int) -> list[dict]:
+    """Each row in a process of its own (``python -m tests.chaos.crash`` for that one row),
+    ``args.jobs`` at a time: rows share nothing (a daemon or pair of nodes each), so this
+    changes only how loaded the machine is while they run.  Row i keeps its seed (seed + i)."""
+    tmp = tempfile.mkdtemp(prefix="shimmy-chaos-rows-")
+    share = args.max_seconds * min(args.jobs, len(plan)) / len(plan)
+    waiting = list(enumerate(plan))
+    running: dict[int, subprocess.Popen] = {}
+    rows: dict[int, dict] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < args.jobs:
+                i, (kind, mode) = waiting.pop(0)
+                running[i] = subprocess.Popen(
+                    [sys.executable, "-m", "tests.chaos.crash", "--trials", str(args.trials),
+                     "--kinds", kind, "--modes", mode if mode != "-" else MODES[0],
+                     "--max-seconds", str(share), "--seed", str(seed + i),
+                     "--json", os.path.join(tmp, f"{i}.json")],
+                    stdout=subprocess.DEVNULL)
+            for i, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[i]
+                kind, mode = plan[i]
+                try:
+                    with open(os.path.join(tmp, f"{i}.json")) as fh:
+                        rows[i] = json.load(fh)["rows"][0]
+                except (OSError, ValueError, IndexError):
+                    rows[i] = Row(kind, mode).result()
+                    rows[i]["errors"] = 1
+                    rows[i]["notes"] = [f"the row's process exited with {proc.returncode}, "
+                                        f"no report"]
+            time.sleep(0.2)
+    finally:
+        for proc in running.values():
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [rows[i] for i in range(len(plan))]
 
 
 def table(rows: list[dict]) -> str:
@@ -477,6 +522,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ",".join(MODES))
     p.add_argument("--max-seconds", type=float, default=600.0,
                    help="overall time bound, split evenly between rows (default 600)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="rows run at once, each in a process of its own (default 1)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", dest="json_path", help="write the results here")
     args = p.parse_args(argv)
@@ -485,18 +532,23 @@ def main(argv=None) -> int:
     bad = [k for k in kinds if k not in KINDS] + [m for m in modes if m not in MODES]
     if bad:
         p.error(f"unknown kind or mode: {bad}")
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["tests.chaos.workers"])
     plan = [(k, m) for k in kinds for m in (modes if k != "stream" else ["-"])]
     started = time.monotonic()
-    rows = []
-    for i, (kind, mode) in enumerate(plan):
-        left = args.max_seconds - (time.monotonic() - started)
-        share = left / (len(plan) - i)
-        rows.append(run_row(ctx, kind, mode, args.trials, share, seed + i))
-        print(f"{kind}/{mode}: {rows[-1]['trials']} trials in {rows[-1]['seconds']} s",
-              file=sys.stderr, flush=True)
+    if args.jobs > 1 and len(plan) > 1:
+        rows = run_rows_in_processes(plan, args, seed)
+    else:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["tests.chaos.workers"])
+        rows = []
+        for i, (kind, mode) in enumerate(plan):
+            left = args.max_seconds - (time.monotonic() - started)
+            share = left / (len(plan) - i)
+            rows.append(run_row(ctx, kind, mode, args.trials, share, seed + i))
+            print(f"{kind}/{mode}: {rows[-1]['trials']} trials in {rows[-1]['seconds']} s",
+                  file=sys.stderr, flush=True)
     report = {"seed": seed, "trials": sum(r["trials"] for r in rows),
               "seconds": round(time.monotonic() - started, 1), "rows": rows}
     print(table(rows))
