@@ -357,73 +357,80 @@ def _never_opened(sock: str, name: str, role: str) -> bool:
     return entry is not None and entry[role] is None
 
 
+class _StreamEnd:
+    """The surviving end of a stream trial: one read (``writer_killed``) or write of the
+    checkable byte stream per ``step()``; ``pos`` counts the bytes read or written."""
+
+    def __init__(self, row: Row, end, writer_killed: bool, rng: random.Random):
+        self.row, self.end, self.reading, self.rng = row, end, writer_killed, rng
+        self.pos = 0
+
+    def step(self) -> bool | None:
+        """True when the step timed out; None when the trial must stop (a clean EOF)."""
+        if self.reading:
+            try:
+                data = self.end.read(65536, timeout=0.005)
+            except shimmy.ReceiveTimeout:
+                return True
+            if not data:
+                self.row.bad("errors", "clean EOF from a killed writer")
+                return None
+            if data != payloads.stream_bytes(self.pos, len(data)):
+                self.row.bad("torn", f"stream bytes at {self.pos}")
+            self.pos += len(data)
+            self.row.counts["received"] += len(data)
+            return False
+        n = self.rng.randint(1, 5000)
+        try:
+            self.end.write(payloads.stream_bytes(self.pos, n), timeout=0.005)
+        except shimmy.BackpressureTimeout as exc:
+            self.pos += getattr(exc, "written", 0)
+            return True
+        self.pos += n
+        return False
+
+
 def row_stream(ctx, row: Row, d: Daemon, trials: int, end: float, rng: random.Random) -> None:
+    """Even trials kill the writer (this process reads), odd ones the reader (this process
+    writes); the survivor must see StreamBroken within 5 s of the kill."""
     while row.counts["trials"] < trials and time.monotonic() < end:
         i = row.counts["trials"]
         name = f"chaos.stream.{i}"
         stream = shimmy.Stream(name, daemon=d.socket, capacity=STREAM_CAPACITY)
+        writer_killed = i % 2 == 0
+        victim_role = "writer" if writer_killed else "reader"
         kill_at = time.monotonic() + rng.uniform(0, 0.15)
-        if i % 2 == 0:   # kill the writer; this process reads
-            r = stream.reader()
+        if writer_killed:
+            survivor = _StreamEnd(row, stream.reader(), True, rng)
             victim = ctx.Process(target=workers.stream_write,
                                  args=(d.socket, name, STREAM_CAPACITY, rng.random()))
-            victim.start()
-            pos, broken = 0, False
-            deadline = None
-            while True:
-                if deadline is None and time.monotonic() >= kill_at:
-                    kill(victim, row)
-                    deadline = time.monotonic() + 5
-                try:
-                    data = r.read(65536, timeout=0.005)
-                except shimmy.StreamBroken:
-                    broken = True
-                    break
-                except shimmy.ReceiveTimeout:
-                    if deadline is not None and (time.monotonic() > deadline
-                                                 or _never_opened(d.socket, name, "writer")):
-                        break
-                    continue
-                if not data:
-                    row.bad("errors", "clean EOF from a killed writer")
-                    break
-                if data != payloads.stream_bytes(pos, len(data)):
-                    row.bad("torn", f"stream bytes at {pos}")
-                pos += len(data)
-                row.counts["received"] += len(data)
-            entry = _stream_entry(d.socket, name)
-            if not broken and entry is not None and entry["writer"] is not None:
-                row.bad("wedged", f"reader saw no StreamBroken 5 s after the writer died: {entry}")
-            r.close()
-        else:            # kill the reader; this process writes
-            w = stream.writer()
+        else:
+            survivor = _StreamEnd(row, stream.writer(), False, rng)
             victim = ctx.Process(target=workers.stream_read,
                                  args=(d.socket, name, STREAM_CAPACITY))
-            victim.start()
-            pos, broken = 0, False
-            deadline = None
-            while True:
-                if deadline is None and time.monotonic() >= kill_at:
-                    kill(victim, row)
-                    deadline = time.monotonic() + 5
-                n = rng.randint(1, 5000)
-                try:
-                    w.write(payloads.stream_bytes(pos, n), timeout=0.005)
-                    pos += n
-                except shimmy.StreamBroken:
-                    broken = True
-                    break
-                except shimmy.BackpressureTimeout as exc:
-                    pos += getattr(exc, "written", 0)
-                    if deadline is not None and (time.monotonic() > deadline
-                                                 or _never_opened(d.socket, name, "reader")):
-                        break
-            entry = _stream_entry(d.socket, name)
-            if not broken and entry is not None and entry["reader"] is not None:
-                row.bad("wedged", f"writer saw no StreamBroken 5 s after the reader died: {entry}")
-            w.close()
-            if entry is not None and entry["reader"] is None:
-                broken = False   # the reader never opened: the stream waits for one (by design)
+        victim.start()
+        broken, deadline = False, None
+        while True:
+            if deadline is None and time.monotonic() >= kill_at:
+                kill(victim, row)
+                deadline = time.monotonic() + 5
+            try:
+                timed_out = survivor.step()
+            except shimmy.StreamBroken:
+                broken = True
+                break
+            if timed_out is None:
+                break
+            if timed_out and deadline is not None and (
+                    time.monotonic() > deadline or _never_opened(d.socket, name, victim_role)):
+                break
+        entry = _stream_entry(d.socket, name)
+        if not broken and entry is not None and entry[victim_role] is not None:
+            row.bad("wedged", f"the {'reader' if writer_killed else 'writer'} saw no "
+                              f"StreamBroken 5 s after the {victim_role} died: {entry}")
+        survivor.end.close()
+        if not writer_killed and entry is not None and entry["reader"] is None:
+            broken = False   # the reader never opened: the stream waits for one (by design)
         if broken:
             deadline = time.monotonic() + 2
             while _stream_entry(d.socket, name) is not None and time.monotonic() < deadline:
