@@ -1,8 +1,11 @@
-"""The crash matrix: SIGKILL publishers, subscribers, the daemon and stream ends at random
-points, with real processes and a real daemon, and count what must never happen.
+"""The crash matrix: SIGKILL publishers, subscribers, the daemon, stream ends and a peer daemon
+at random points, with real processes and real daemons, and count what must never happen.
 
-    python -m tests.chaos.crash --trials 1000 --kinds publisher,subscriber,daemon,stream \
-        --modes reliable,lossy --max-seconds 1800 --json crash.json
+The soak (every row, 1,000 kills each, two rows at a time):
+
+    nice python -m tests.chaos.crash --trials 1000 --jobs 2 --max-seconds 7200 --json crash.json
+
+Rows (kind x mode; streams have no mode) and what one trial does:
 
 Rows (kind x mode; streams have no mode) and what one trial does:
 
@@ -20,6 +23,11 @@ daemon      the daemon is killed at a random instant while a publisher and a sub
 stream      the writer or the reader of a byte stream is killed at a random instant; the
             survivor must see everything committed, intact, then StreamBroken within 5 s, and
             the stream must be freed.
+peer-source, peer-replica
+            the daemon of the publishing (source) or subscribing (replica) node of a pair of
+            namespaced nodes is killed mid-stream and restarted; tests/chaos/peer.py says
+            exactly what a trial does and what each count means there (loss is counted by the
+            publisher's own index, so what dies with a source's ring is seen).
 
 ``received`` counts messages checked (stream rows: bytes).  Counts (must all be 0): torn
 (payload checksum or stream bytes wrong), lost and duplicated
@@ -28,7 +36,8 @@ wedged (a survivor, successor or new subscriber failed or timed out), stale_obje
 memory left after a row's daemon stopped, or left by a killed daemon after the restart's sweep),
 daemon_deaths (the daemon exited without being killed), errors (anything unexpected).
 Prints a table and writes JSON; exit status 1 when any count is not 0.  Bounded by --trials
-per row and --max-seconds overall (split evenly between rows).
+per row and --max-seconds overall (split evenly between rows; with --jobs N each row gets
+N times its even share, as N rows run at once).  The peer rows need root, unshare and nsenter.
 """
 
 from __future__ import annotations
