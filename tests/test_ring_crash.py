@@ -168,7 +168,8 @@ def test_crash_matrix_bounded(tmp_path):
     out = tmp_path / "crash.json"
     proc = subprocess.run(
         [sys.executable, "-m", "tests.chaos.crash", "--trials", "10", "--max-seconds", "50",
-         "--kinds", "publisher,subscriber,daemon,stream", "--json", str(out)], capture_output=True, text=True, timeout=150)
+         "--kinds", "publisher,subscriber,daemon,stream", "--json", str(out)],
+        capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert [(r["kind"], r["mode"]) for r in report["rows"]] == [

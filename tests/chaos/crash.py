@@ -3,7 +3,7 @@ at random points, with real processes and real daemons, and count what must neve
 
 The soak (every row, 1,000 kills each, two rows at a time):
 
-    nice python -m tests.chaos.crash --trials 1000 --jobs 2 --max-seconds 7200 --json crash.json
+    nice python -m tests.chaos.crash --trials 1000 --jobs 2 --max-seconds 5400 --json crash.json
 
 Rows (kind x mode; streams have no mode) and what one trial does:
 
@@ -36,8 +36,9 @@ wedged (a survivor, successor or new subscriber failed or timed out), stale_obje
 memory left after a row's daemon stopped, or left by a killed daemon after the restart's sweep),
 daemon_deaths (the daemon exited without being killed), errors (anything unexpected).
 Prints a table and writes JSON; exit status 1 when any count is not 0.  Bounded by --trials
-per row and --max-seconds overall (split evenly between rows; with --jobs N each row gets
-N times its even share, as N rows run at once).  The peer rows need root, unshare and nsenter.
+per row and --max-seconds overall (what is left is split evenly between the rows, or with
+--jobs N between the waves of N rows, still to start).  The peer rows need root, unshare
+and nsenter.
 """
 
 from __future__ import annotations
@@ -486,7 +487,7 @@ def run_rows_in_processes(plan, args, seed: int) -> list[dict]:
     ``args.jobs`` at a time: rows share nothing (a daemon or pair of nodes each), so this
     changes only how loaded the machine is while they run.  Row i keeps its seed (seed + i)."""
     tmp = tempfile.mkdtemp(prefix="shimmy-chaos-rows-")
-    share = args.max_seconds * min(args.jobs, len(plan)) / len(plan)
+    started = time.monotonic()
     waiting = list(enumerate(plan))
     running: dict[int, subprocess.Popen] = {}
     rows: dict[int, dict] = {}
@@ -494,6 +495,10 @@ def run_rows_in_processes(plan, args, seed: int) -> list[dict]:
         while waiting or running:
             while waiting and len(running) < args.jobs:
                 i, (kind, mode) = waiting.pop(0)
+                # the time left, split evenly between the waves of ``jobs`` rows still to
+                # start (a row that ends early leaves its time to the later ones)
+                waves = -(-(len(waiting) + 1) // args.jobs)
+                share = (args.max_seconds - (time.monotonic() - started)) / waves
                 running[i] = subprocess.Popen(
                     [sys.executable, "-m", "tests.chaos.crash", "--trials", str(args.trials),
                      "--kinds", kind, "--modes", mode if mode != "-" else MODES[0],
