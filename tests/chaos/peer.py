@@ -40,8 +40,8 @@ wedged         recovery not complete within ``RESUME_S`` (the publisher did not 
 stale_objects  shared memory of the killed daemon's prefix, in its node's /dev/shm, that belongs
                to no live channel after the restart's sweep; and anything left in either node's
                /dev/shm after the row's daemons stopped.
-daemon_deaths  the survivor daemon (B for peer-source, A for peer-replica) exited; or the killed
-               one failed to restart.
+daemon_deaths  the survivor daemon (B for peer-source, A for peer-replica) exited; the one to be
+               killed had exited before the kill; or it failed to restart.
 errors         anything unexpected (a worker process died, a bug in the row).
 
 A subscription's first message sets its starting point: a fresh replica (peer-replica) starts
@@ -313,7 +313,9 @@ def _add(row, rep: dict) -> None:
 
 
 def _trial(row, pair: Pair, name: str, rng: random.Random) -> bool:
-    """One kill and its recovery; False when the pair cannot go on."""
+    """One kill and its recovery; False when the pair is not to be trusted for another trial
+    (anything counted as wedged, a death, a worker gone): the row sets up a new pair."""
+    wedged = row.counts["wedged"]
     source = row.kind == "peer-source"
     victim, survivor = (pair.a, pair.b) if source else (pair.b, pair.a)
     time.sleep(rng.uniform(0, 0.3))
@@ -323,6 +325,8 @@ def _trial(row, pair: Pair, name: str, rng: random.Random) -> bool:
         return False
     _add(row, before)
     published = _published(pair.a, name)
+    if not victim.alive():
+        row.bad("daemon_deaths", f"{victim.name} exited before the kill")
     victim.stop(signal.SIGKILL)
     try:
         victim.start()
@@ -373,11 +377,12 @@ def _trial(row, pair: Pair, name: str, rng: random.Random) -> bool:
         if p.poll() is not None:
             row.bad("errors", f"worker {p.args[-4]} exited with {p.returncode}")
             return False
-    return True
+    return row.counts["wedged"] == wedged
 
 
 def run(row, trials: int, end: float, rng: random.Random) -> None:
-    """Run ``trials`` kills of ``row.kind`` (a pair of nodes per RECYCLE trials)."""
+    """Run ``trials`` kills of ``row.kind`` (a new pair of nodes every RECYCLE trials, and
+    after a trial that left the pair in doubt)."""
     n = 0
     while row.counts["trials"] < trials and time.monotonic() < end:
         name = f"chaos/{row.kind}/{row.mode}/{n}"
@@ -390,7 +395,7 @@ def run(row, trials: int, end: float, rng: random.Random) -> None:
                 ok = _trial(row, pair, name, rng)
                 row.counts["trials"] += 1
                 if not ok:
-                    return
+                    break
             last = pair.report()
             if last is not None:
                 _add(row, last)
