@@ -7,12 +7,16 @@ long-running publisher process on A publishes self-checking messages (tests/chao
 whose payload carries the publisher's own count: the index of each ``publish()`` that returned.
 One long-running subscriber process on B receives them through B's replica.  Both live through
 every trial of a row (one trial = one kill and its recovery); the pair is set up again only
-every ``RECYCLE`` trials.
+every ``RECYCLE`` trials, or after a trial that left it in doubt.  The daemons run with
+``peer_backoff_max`` 0.25 s (default 2 s), so a trial costs the recovery, not the redial wait.
 
 peer-source   A's daemon (the publishing node's) is SIGKILLed at a random instant (0-300 ms
               into the trial) and restarted at once on the same socket.  The publisher finds its
               ring retired by the restart's sweep (or its publish refused) and opens the channel
-              again, once A's daemon answers, at the index that failed.  The trial has recovered
+              again once A's daemon answers and has its peer link back (the recipe of
+              docs/peering.md: the restarted daemon then continues B's replica stream), and
+              publishes the index that failed.  What it published into the old ring after the
+              kill counts: its ``publish()`` returned.  The trial has recovered
               when a message published into the new ring reached B's subscriber, with the
               subscriber's ``status`` back at ``up``.
 peer-replica  B's daemon (the subscribing node's) is SIGKILLed at a random instant and restarted.
