@@ -19,6 +19,9 @@ peer-source   A's daemon (the publishing node's) is SIGKILLed at a random instan
               What it published into the old ring after the kill counts: its ``publish()``
               returned.  (An SDK that reopens by itself is measured the same way.)
 peer-replica  B's daemon (the subscribing node's) is SIGKILLed at a random instant and restarted.
+              In both rows a quarter of the trials (``AGAIN``) kill the restarted daemon once
+              more, 0-200 ms after it came back (link redial, directory exchange, the replica's
+              stream continued or started), and restart it again.
               B's subscriber loses its subscription with its daemon (a restart is a clean slate
               on that node: docs/peering.md, row 9) and subscribes again once B answers.
 
@@ -79,6 +82,7 @@ CAPACITY = 65536     # frames of up to 616 bytes: the ring wraps every ~200 mess
 MAX_SIZE = 600
 PACE_EVERY = 20      # the publisher sleeps 1 ms after every PACE_EVERY messages (CPU is shared)
 RESUME_S = 20.0      # bound on a trial's recovery (more than the peer_hold of 10 s)
+AGAIN = 0.25         # the share of trials that kill the restarted daemon a second time
 RECYCLE = 250        # trials per pair of nodes (a node's namespace holder lives an hour)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -336,12 +340,17 @@ def _trial(row, pair: Pair, name: str, rng: random.Random) -> bool:
     _add(row, before)
     if not victim.alive():
         row.bad("daemon_deaths", f"{victim.name} exited before the kill")
-    victim.stop(signal.SIGKILL)
-    try:
-        victim.start()
-    except RuntimeError as exc:
-        row.bad("daemon_deaths", f"restart of {victim.name} failed: {exc}")
-        return False
+    # A quarter of the trials kill the restarted daemon once more, 0-200 ms after it came
+    # back: while the link is redialled, the directory exchanged, the stream continued.
+    for k in range(2 if rng.random() < AGAIN else 1):
+        if k:
+            time.sleep(rng.uniform(0, 0.2))
+        victim.stop(signal.SIGKILL)
+        try:
+            victim.start()
+        except RuntimeError as exc:
+            row.bad("daemon_deaths", f"restart of {victim.name} failed: {exc}")
+            return False
     stale = _unowned(victim)
     if stale:
         row.bad("stale_objects", f"on {victim.name} after the restart's sweep: {stale}", len(stale))
