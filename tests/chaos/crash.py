@@ -3,7 +3,7 @@ at random points, with real processes and real daemons, and count what must neve
 
 The soak (every row, 1,000 kills each, two rows at a time):
 
-    nice python -m tests.chaos.crash --trials 1000 --jobs 2 --max-seconds 5400 --json crash.json
+    nice python -m tests.chaos.crash --trials 1000 --jobs 2 --max-seconds 7200 --json crash.json
 
 Rows (kind x mode; streams have no mode) and what one trial does:
 
