@@ -24,7 +24,7 @@ def test_crash_matrix_peer_bounded(tmp_path, kind):
     out = tmp_path / "crash.json"
     proc = subprocess.run(
         [sys.executable, "-m", "tests.chaos.crash", "--kinds", kind, "--trials", "3",
-         "--max-seconds", "40", "--json", str(out)], capture_output=True, text=True, timeout=120)
+         "--max-seconds", "80", "--json", str(out)], capture_output=True, text=True, timeout=150)
     report = json.loads(out.read_text())
     assert [(r["kind"], r["mode"]) for r in report["rows"]] == [(kind, "reliable"),
                                                                 (kind, "lossy")], proc.stdout
