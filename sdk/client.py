@@ -180,11 +180,14 @@ class DaemonClient:
         self._sock.close(0)
 
 
-def _inode(path: str) -> int | None:
+def _inode(path: str) -> tuple[int, int] | None:
+    """Which file is at ``path`` (a new file may reuse the inode number of an unlinked one;
+    its mtime is that of its creation: chmod and traffic leave a socket file's mtime alone)."""
     try:
-        return os.stat(path).st_ino
+        st = os.stat(path)
     except OSError:
         return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _socket_path_mismatch(path: str, session: str, exc: OSError) -> str:
