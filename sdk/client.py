@@ -17,6 +17,7 @@ import select
 import socket
 import stat
 import threading
+import time
 import weakref
 
 import msgpack
@@ -28,6 +29,7 @@ from shimmy.errors import (DaemonUnavailable, LimitExceeded, PermissionDenied, P
 from shimmy.protocol import PROTOCOL_VERSION, endpoint, resolve_socket, session_path
 
 REQUEST_TIMEOUT = 5.0  # seconds to wait for a daemon reply before DaemonUnavailable
+REPLACED_CHECK_MS = 100  # while waiting, how often to check the daemon was not replaced
 GOODBYE = b"q"         # sent on the session socket by close(): the daemon counts a clean exit
 
 _clients: dict[str, "DaemonClient"] = {}
@@ -114,8 +116,14 @@ class DaemonClient:
     def _new_socket(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        self._inode = _inode(self.path)
         sock.connect(endpoint(self.path))
         return sock
+
+    def _replaced(self) -> bool:
+        """The control socket file is gone or another one (its daemon died; maybe restarted):
+        a request it had not answered will never be answered."""
+        return _inode(self.path) != self._inode
 
     def request(self, op: str, **fields) -> dict:
         """Send one request and wait (bounded) for its reply; raise the reply's error."""
@@ -128,13 +136,17 @@ class DaemonClient:
             if self.closed:
                 raise DaemonUnavailable(self._unavailable("client closed"))
             self._sock.send(msgpack.packb(fields))
-            deadline_ms = int(REQUEST_TIMEOUT * 1000)
+            deadline = time.monotonic() + REQUEST_TIMEOUT
             while True:
-                if not self._sock.poll(deadline_ms):
+                if not self._sock.poll(REPLACED_CHECK_MS):
+                    replaced = self._replaced()
+                    if not replaced and time.monotonic() < deadline:
+                        continue
                     # The DEALER may hold a half-sent request; start clean next time.
                     self._sock.close(0)
                     self._sock = self._new_socket()
                     raise DaemonUnavailable(self._unavailable(
+                        f"the daemon went away before it answered {op!r}" if replaced else
                         f"no reply to {op!r} within {REQUEST_TIMEOUT} s"))
                 reply = msgpack.unpackb(self._sock.recv(), raw=False)
                 if reply.get("id") == req_id:
@@ -166,6 +178,16 @@ class DaemonClient:
             pass
         self._session.close()
         self._sock.close(0)
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    """Which file is at ``path`` (a new file may reuse the inode number of an unlinked one;
+    its mtime is that of its creation: chmod and traffic leave a socket file's mtime alone)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _socket_path_mismatch(path: str, session: str, exc: OSError) -> str:

@@ -1,8 +1,11 @@
-"""The crash matrix: SIGKILL publishers, subscribers, the daemon and stream ends at random
-points, with real processes and a real daemon, and count what must never happen.
+"""The crash matrix: SIGKILL publishers, subscribers, the daemon, stream ends and a peer daemon
+at random points, with real processes and real daemons, and count what must never happen.
 
-    python -m tests.chaos.crash --trials 1000 --kinds publisher,subscriber,daemon,stream \
-        --modes reliable,lossy --max-seconds 1800 --json crash.json
+The soak (every row, 1,000 kills each, two rows at a time):
+
+    nice python -m tests.chaos.crash --trials 1000 --jobs 2 --max-seconds 7200 --json crash.json
+
+Rows (kind x mode; streams have no mode) and what one trial does:
 
 Rows (kind x mode; streams have no mode) and what one trial does:
 
@@ -20,6 +23,11 @@ daemon      the daemon is killed at a random instant while a publisher and a sub
 stream      the writer or the reader of a byte stream is killed at a random instant; the
             survivor must see everything committed, intact, then StreamBroken within 5 s, and
             the stream must be freed.
+peer-source, peer-replica
+            the daemon of the publishing (source) or subscribing (replica) node of a pair of
+            namespaced nodes is killed mid-stream and restarted; tests/chaos/peer.py says
+            exactly what a trial does and what each count means there (loss is counted by the
+            publisher's own index, so what dies with a source's ring is seen).
 
 ``received`` counts messages checked (stream rows: bytes).  Counts (must all be 0): torn
 (payload checksum or stream bytes wrong), lost and duplicated
@@ -28,7 +36,9 @@ wedged (a survivor, successor or new subscriber failed or timed out), stale_obje
 memory left after a row's daemon stopped, or left by a killed daemon after the restart's sweep),
 daemon_deaths (the daemon exited without being killed), errors (anything unexpected).
 Prints a table and writes JSON; exit status 1 when any count is not 0.  Bounded by --trials
-per row and --max-seconds overall (split evenly between rows).
+per row and --max-seconds overall (what is left is split evenly between the rows, or with
+--jobs N between the waves of N rows, still to start).  The peer rows need root, unshare
+and nsenter.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,9 +60,9 @@ from shimmy.daemon.segments import daemon_id
 from shimmy.errors import ShimmyError
 from shimmy.sdk.client import DaemonClient, get_client
 
-from . import payloads, workers
+from . import payloads, peer, workers
 
-KINDS = ("publisher", "subscriber", "daemon", "stream")
+KINDS = ("publisher", "subscriber", "daemon", "stream", *peer.KINDS)
 MODES = ("reliable", "lossy")
 ZERO_KEYS = ("torn", "lost", "duplicated", "lost_inexact", "wedged", "stale_objects",
              "daemon_deaths", "errors")
@@ -292,7 +303,9 @@ def row_daemon(ctx, row: Row, d: Daemon, trials: int, end: float, rng: random.Ra
                     kill(proc)
             if proc.exitcode not in (0, -signal.SIGKILL):
                 row.bad("errors", f"old {what} exit code {proc.exitcode}")
-        if recv.poll(1):
+        # only a subscriber that ended by itself sent its counts (poll(1) on a killed one's
+        # pipe was half of a daemon trial's cost)
+        if sub.exitcode == 0 and recv.poll(1):
             counts = recv.recv()
             for key in ("torn", "lost", "duplicated", "lost_inexact"):
                 if counts[key]:
@@ -354,73 +367,80 @@ def _never_opened(sock: str, name: str, role: str) -> bool:
     return entry is not None and entry[role] is None
 
 
+class _StreamEnd:
+    """The surviving end of a stream trial: one read (``writer_killed``) or write of the
+    checkable byte stream per ``step()``; ``pos`` counts the bytes read or written."""
+
+    def __init__(self, row: Row, end, writer_killed: bool, rng: random.Random):
+        self.row, self.end, self.reading, self.rng = row, end, writer_killed, rng
+        self.pos = 0
+
+    def step(self) -> bool | None:
+        """True when the step timed out; None when the trial must stop (a clean EOF)."""
+        if self.reading:
+            try:
+                data = self.end.read(65536, timeout=0.005)
+            except shimmy.ReceiveTimeout:
+                return True
+            if not data:
+                self.row.bad("errors", "clean EOF from a killed writer")
+                return None
+            if data != payloads.stream_bytes(self.pos, len(data)):
+                self.row.bad("torn", f"stream bytes at {self.pos}")
+            self.pos += len(data)
+            self.row.counts["received"] += len(data)
+            return False
+        n = self.rng.randint(1, 5000)
+        try:
+            self.end.write(payloads.stream_bytes(self.pos, n), timeout=0.005)
+        except shimmy.BackpressureTimeout as exc:
+            self.pos += getattr(exc, "written", 0)
+            return True
+        self.pos += n
+        return False
+
+
 def row_stream(ctx, row: Row, d: Daemon, trials: int, end: float, rng: random.Random) -> None:
+    """Even trials kill the writer (this process reads), odd ones the reader (this process
+    writes); the survivor must see StreamBroken within 5 s of the kill."""
     while row.counts["trials"] < trials and time.monotonic() < end:
         i = row.counts["trials"]
         name = f"chaos.stream.{i}"
         stream = shimmy.Stream(name, daemon=d.socket, capacity=STREAM_CAPACITY)
+        writer_killed = i % 2 == 0
+        victim_role = "writer" if writer_killed else "reader"
         kill_at = time.monotonic() + rng.uniform(0, 0.15)
-        if i % 2 == 0:   # kill the writer; this process reads
-            r = stream.reader()
+        if writer_killed:
+            survivor = _StreamEnd(row, stream.reader(), True, rng)
             victim = ctx.Process(target=workers.stream_write,
                                  args=(d.socket, name, STREAM_CAPACITY, rng.random()))
-            victim.start()
-            pos, broken = 0, False
-            deadline = None
-            while True:
-                if deadline is None and time.monotonic() >= kill_at:
-                    kill(victim, row)
-                    deadline = time.monotonic() + 5
-                try:
-                    data = r.read(65536, timeout=0.005)
-                except shimmy.StreamBroken:
-                    broken = True
-                    break
-                except shimmy.ReceiveTimeout:
-                    if deadline is not None and (time.monotonic() > deadline
-                                                 or _never_opened(d.socket, name, "writer")):
-                        break
-                    continue
-                if not data:
-                    row.bad("errors", "clean EOF from a killed writer")
-                    break
-                if data != payloads.stream_bytes(pos, len(data)):
-                    row.bad("torn", f"stream bytes at {pos}")
-                pos += len(data)
-                row.counts["received"] += len(data)
-            entry = _stream_entry(d.socket, name)
-            if not broken and entry is not None and entry["writer"] is not None:
-                row.bad("wedged", f"reader saw no StreamBroken 5 s after the writer died: {entry}")
-            r.close()
-        else:            # kill the reader; this process writes
-            w = stream.writer()
+        else:
+            survivor = _StreamEnd(row, stream.writer(), False, rng)
             victim = ctx.Process(target=workers.stream_read,
                                  args=(d.socket, name, STREAM_CAPACITY))
-            victim.start()
-            pos, broken = 0, False
-            deadline = None
-            while True:
-                if deadline is None and time.monotonic() >= kill_at:
-                    kill(victim, row)
-                    deadline = time.monotonic() + 5
-                n = rng.randint(1, 5000)
-                try:
-                    w.write(payloads.stream_bytes(pos, n), timeout=0.005)
-                    pos += n
-                except shimmy.StreamBroken:
-                    broken = True
-                    break
-                except shimmy.BackpressureTimeout as exc:
-                    pos += getattr(exc, "written", 0)
-                    if deadline is not None and (time.monotonic() > deadline
-                                                 or _never_opened(d.socket, name, "reader")):
-                        break
-            entry = _stream_entry(d.socket, name)
-            if not broken and entry is not None and entry["reader"] is not None:
-                row.bad("wedged", f"writer saw no StreamBroken 5 s after the reader died: {entry}")
-            w.close()
-            if entry is not None and entry["reader"] is None:
-                broken = False   # the reader never opened: the stream waits for one (by design)
+        victim.start()
+        broken, deadline = False, None
+        while True:
+            if deadline is None and time.monotonic() >= kill_at:
+                kill(victim, row)
+                deadline = time.monotonic() + 5
+            try:
+                timed_out = survivor.step()
+            except shimmy.StreamBroken:
+                broken = True
+                break
+            if timed_out is None:
+                break
+            if timed_out and deadline is not None and (
+                    time.monotonic() > deadline or _never_opened(d.socket, name, victim_role)):
+                break
+        entry = _stream_entry(d.socket, name)
+        if not broken and entry is not None and entry[victim_role] is not None:
+            row.bad("wedged", f"the {'reader' if writer_killed else 'writer'} saw no "
+                              f"StreamBroken 5 s after the {victim_role} died: {entry}")
+        survivor.end.close()
+        if not writer_killed and entry is not None and entry["reader"] is None:
+            broken = False   # the reader never opened: the stream waits for one (by design)
         if broken:
             deadline = time.monotonic() + 2
             while _stream_entry(d.socket, name) is not None and time.monotonic() < deadline:
@@ -439,6 +459,12 @@ RUNNERS = {"publisher": row_publisher, "subscriber": row_subscriber, "daemon": r
 
 def run_row(ctx, kind: str, mode: str, trials: int, seconds: float, seed: int) -> dict:
     row = Row(kind, mode)
+    if kind in peer.KINDS:
+        try:
+            peer.run(row, trials, time.monotonic() + seconds, random.Random(seed))
+        except Exception as exc:   # a bug in a row: record it, go on with the others
+            row.bad("errors", f"{type(exc).__name__}: {exc}")
+        return row.result()
     d = Daemon()
     try:
         d.start()
@@ -452,7 +478,53 @@ def run_row(ctx, kind: str, mode: str, trials: int, seconds: float, seed: int) -
         left = d.objects()
         if left:
             row.bad("stale_objects", f"left after the daemon stopped: {left}", len(left))
+        shutil.rmtree(d.dir, ignore_errors=True)
     return row.result()
+
+
+def run_rows_in_processes(plan, args, seed: int) -> list[dict]:
+    """Each row in a process of its own (``python -m tests.chaos.crash`` for that one row),
+    ``args.jobs`` at a time: rows share nothing (a daemon or pair of nodes each), so this
+    changes only how loaded the machine is while they run.  Row i keeps its seed (seed + i)."""
+    tmp = tempfile.mkdtemp(prefix="shimmy-chaos-rows-")
+    started = time.monotonic()
+    waiting = list(enumerate(plan))
+    running: dict[int, subprocess.Popen] = {}
+    rows: dict[int, dict] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < args.jobs:
+                i, (kind, mode) = waiting.pop(0)
+                # the time left, split evenly between the waves of ``jobs`` rows still to
+                # start (a row that ends early leaves its time to the later ones)
+                waves = -(-(len(waiting) + 1) // args.jobs)
+                share = (args.max_seconds - (time.monotonic() - started)) / waves
+                running[i] = subprocess.Popen(
+                    [sys.executable, "-m", "tests.chaos.crash", "--trials", str(args.trials),
+                     "--kinds", kind, "--modes", mode if mode != "-" else MODES[0],
+                     "--max-seconds", str(share), "--seed", str(seed + i),
+                     "--json", os.path.join(tmp, f"{i}.json")],
+                    stdout=subprocess.DEVNULL)
+            for i, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[i]
+                kind, mode = plan[i]
+                try:
+                    with open(os.path.join(tmp, f"{i}.json")) as fh:
+                        rows[i] = json.load(fh)["rows"][0]
+                except (OSError, ValueError, IndexError):
+                    rows[i] = Row(kind, mode).result()
+                    rows[i]["errors"] = 1
+                    rows[i]["notes"] = [f"the row's process exited with {proc.returncode}, "
+                                        f"no report"]
+            time.sleep(0.2)
+    finally:
+        for proc in running.values():
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [rows[i] for i in range(len(plan))]
 
 
 def table(rows: list[dict]) -> str:
@@ -471,6 +543,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ",".join(MODES))
     p.add_argument("--max-seconds", type=float, default=600.0,
                    help="overall time bound, split evenly between rows (default 600)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="rows run at once, each in a process of its own (default 1)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", dest="json_path", help="write the results here")
     args = p.parse_args(argv)
@@ -479,18 +553,23 @@ def main(argv=None) -> int:
     bad = [k for k in kinds if k not in KINDS] + [m for m in modes if m not in MODES]
     if bad:
         p.error(f"unknown kind or mode: {bad}")
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["tests.chaos.workers"])
     plan = [(k, m) for k in kinds for m in (modes if k != "stream" else ["-"])]
     started = time.monotonic()
-    rows = []
-    for i, (kind, mode) in enumerate(plan):
-        left = args.max_seconds - (time.monotonic() - started)
-        share = left / (len(plan) - i)
-        rows.append(run_row(ctx, kind, mode, args.trials, share, seed + i))
-        print(f"{kind}/{mode}: {rows[-1]['trials']} trials in {rows[-1]['seconds']} s",
-              file=sys.stderr, flush=True)
+    if args.jobs > 1 and len(plan) > 1:
+        rows = run_rows_in_processes(plan, args, seed)
+    else:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["tests.chaos.workers"])
+        rows = []
+        for i, (kind, mode) in enumerate(plan):
+            left = args.max_seconds - (time.monotonic() - started)
+            share = left / (len(plan) - i)
+            rows.append(run_row(ctx, kind, mode, args.trials, share, seed + i))
+            print(f"{kind}/{mode}: {rows[-1]['trials']} trials in {rows[-1]['seconds']} s",
+                  file=sys.stderr, flush=True)
     report = {"seed": seed, "trials": sum(r["trials"] for r in rows),
               "seconds": round(time.monotonic() - started, 1), "rows": rows}
     print(table(rows))

@@ -39,6 +39,17 @@ def check(data, seq: int) -> str | None:
     return None
 
 
+def index(data) -> int | None:
+    """The sequence number ``data`` was made for (None when it is torn or foreign): for
+    receivers whose ring numbering differs from the publisher's own count (a message relayed
+    through another node's ring after its source restarted)."""
+    data = bytes(data)
+    if len(data) < 12:
+        return None
+    seq = _HEAD.unpack_from(data)[0]
+    return seq if check(data, seq) is None else None
+
+
 _PERIOD = 1_000_003    # a prime, longer than any chunk, so a misplaced chunk never matches
 _BLOCK = random.Random(0).randbytes(_PERIOD) * 2
 
