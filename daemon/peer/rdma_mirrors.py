@@ -53,7 +53,10 @@ class RdmaMirrors:
 
     def _fallback(self, what: str, reason: str) -> None:
         self.svc.counters["rdma_fallbacks"] += 1
-        log.warning("rdma: %s falls back to TCP: %s", what, reason)
+        if self.ok:   # a device exists and failed, or the peer cannot: worth a warning each time
+            log.warning("rdma: %s falls back to TCP: %s", what, reason)
+        else:         # no usable device at all: said once at start (INFO), counted per mirror
+            log.debug("rdma: %s runs over TCP: %s", what, reason)
 
     # -- replica side ------------------------------------------------------------------------------
     def offer(self, entry, rec) -> dict | None:
