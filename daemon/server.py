@@ -609,7 +609,10 @@ class Daemon:
         rec = self._channel(req)
         self.authorize(client, "publish", rec.name, self.owner(rec.name))
         self.peer.check_publish(rec)  # one publisher cluster-wide: names the node holding it
+        carry = self._field(req, "carry", dict, optional=True)   # Channel.reopen
         self.registry.grant_publisher(rec, client.id, client.pid or client.claimed_pid)
+        if carry is not None:
+            self.peer.carry(rec, carry)   # position the empty ring where its stream left off
         return {}
 
     def op_unpublish(self, req: dict) -> dict:

@@ -70,6 +70,7 @@ OFF_CREATED = 32
 OFF_RETIRED = 40
 OFF_LINK = 48          # u32, daemon-written: state of the peer link feeding a replica ring
 OFF_LINK_EPOCH = 52    # u32, daemon-written: bumped on every reconnect of that link
+OFF_STREAM = 56        # u64, daemon-written: id of the stream this ring holds (0 = none yet)
 OFF_NAME = 64
 OFF_TAIL = 320
 OFF_HEAD = 328
@@ -267,6 +268,10 @@ class RingView(SegmentView):
         super()._validate()
         self.mode = self.u32[OFF_MODE // 4]
         self.max_subscribers = self.u32[OFF_MAX_SUBS // 4]
+
+    def stream_id(self) -> int:
+        """Id of the stream this ring holds (daemon word; 0 until the daemon names one)."""
+        return self.q[OFF_STREAM // 8]
 
     def link_state(self) -> str:
         """'local', 'up', 'down' or 'conflict': the peer link feeding this ring (daemon word)."""
@@ -532,6 +537,19 @@ class RingWriter:
         self._head = head
         self._seq = stream_point(self.v)[1]
         self._limit = head + self._cap  # furthest end writable without overwriting
+
+    @property
+    def next_seq(self) -> int:
+        """Sequence number the next message gets."""
+        return self._seq
+
+    def skip_to(self, seq: int) -> None:
+        """Number the next message ``seq`` (never backwards): readers count the numbers skipped
+        as ``Message.lost``.  A publisher that carries its stream into a new ring
+        (``Channel.reopen``) keeps its messages' own numbers this way."""
+        if seq < self._seq:
+            raise ValueError(f"sequence number {seq} is behind the next one {self._seq}")
+        self._seq = seq
 
     # -- hot path ---------------------------------------------------------------------------
     def publish(self, data, timeout: float | None) -> int:

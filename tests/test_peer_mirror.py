@@ -72,12 +72,29 @@ def _open_when_linked(sock: str, name: str, mode: str, capacity: int, links: int
         time.sleep(0.05)
 
 
+CARRY = -2   # worker_pub ``links``: survive daemon restarts with Channel.reopen
+
+
+def _reopen(ch) -> None:
+    """``ch.reopen()`` as soon as a daemon answers on its socket again."""
+    from shimmy.errors import DaemonUnavailable
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ch.reopen()
+            return
+        except DaemonUnavailable as exc:
+            assert time.monotonic() < deadline, f"daemon never came back: {exc}"
+            time.sleep(0.02)
+
+
 def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: int,
                announce: int = 1, links: int = 0) -> None:
     """Publish ``n`` checksummed messages.  ``announce``: publish one message before "ready"
     (else the publisher is attached but silent).  ``links`` > 0: survive restarts of our daemon
     by reopening (once it has that many links) and publishing the same index again; -1: the
-    same, reopening as soon as the daemon answers."""
+    same, reopening as soon as the daemon answers; ``CARRY``: on any error, ``Channel.reopen``
+    (carrying the stream over) as soon as the daemon answers, then the same index again."""
     from shimmy.errors import ShimmyError
     ch = _open_when_linked(sock, name, mode, capacity, max(links, 0))
     if announce:
@@ -88,7 +105,7 @@ def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: i
     reopened = 0
     i = 0
     while i < n:
-        if links and ch._view.retired():
+        if links > CARRY and links and ch._view.retired():
             ch.close()
             ch = _open_when_linked(sock, name, mode, capacity, max(links, 0))
             reopened += 1
@@ -97,6 +114,9 @@ def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: i
         except ShimmyError:
             if not links:
                 raise
+            if links == CARRY:
+                _reopen(ch)
+                reopened += 1
             continue      # retired under us: reopen and publish index i again
         i += 1
         if pace and i % 100 == 0:

@@ -53,6 +53,20 @@ def seed_stream(view: ring.RingView, position: int, seq: int) -> None:
     q[ring.OFF_TAIL // 8] = position
 
 
+def seq_point(view: ring.RingView, seq: int) -> tuple[int, int]:
+    """``(position, seq)`` of the first message numbered ``seq`` or later that the ring still
+    holds (its tail and the next number when there is none)."""
+    mv, base, mask = view.mv, view.data_offset, view.capacity - 1
+    p, first = ring.stream_point(view, oldest=True)
+    tail, at_tail = ring.stream_point(view)
+    while p < tail:
+        length, flags, s = FRAME.unpack_from(mv, base + (p & mask))
+        if not flags and s >= seq:
+            return p, s
+        p = ring.frame_end(view, p, length, flags, tail)
+    return tail, at_tail
+
+
 class ReplicaViolation(Exception):
     """The source sent something inconsistent with the replica's state."""
 
@@ -281,6 +295,11 @@ class MirrorReplica(ReplicaSink):
         """Our committed tail in the source's positions (what a mirror request resumes at)."""
         return self.tail - self.off
 
+    @property
+    def source_seq(self) -> int:
+        """The number of the next message we lack, in the source's numbering (-1: unknown)."""
+        return -1 if self._seq_end is None else max(self._seq_end - self.seq_off, 0)
+
     # -- ReplicaSink ---------------------------------------------------------------------------
     def put_target(self, start: int, end: int, guard: int) -> list[memoryview]:
         if self.reset_needed:   # being retired: drain the bytes, touch nothing
@@ -375,7 +394,11 @@ class MirrorReplica(ReplicaSink):
             # number).  What the old source held but never sent is not counted (unknowable).
             self.rebases += 1
             self.off = -(-(self.tail - position) // self.cap) * self.cap
-            self.seq_off = self._seq_end - seq
+            if seq + self.seq_off < self._seq_end:
+                # Its numbering began again too: its next message gets our next number.
+                self.seq_off = self._seq_end - seq
+            # else it numbers on from ours (a publisher that carried its stream over): the
+            # numbers are kept, and any gap is counted from them.
             log.warning("replica %s: source stream restarted at %d (seq %d) below our tail %d: "
                         "continuing at %d", self.v.name, position, seq, self.tail,
                         position + self.off)

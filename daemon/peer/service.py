@@ -36,7 +36,7 @@ from shimmy.errors import ChannelConflict, InvalidArgument, LimitExceeded, RingC
 from shimmy.errors import PublisherBusy
 from . import auth
 from .directory import OPEN, PUBLISHED, REPLICA, BadAnnouncement, Directory, Entry, parse_entry
-from .mirror import MirrorReplica, MirrorSource, ReplicaViolation, seed_stream
+from .mirror import MirrorReplica, MirrorSource, ReplicaViolation, seed_stream, seq_point
 from .tcp import Link, LinkError, send_credit
 from .transport import TransportClosed
 
@@ -45,6 +45,7 @@ log = logging.getLogger("shimmy.peer")
 REPLICA_PUBLISHER = -1          # registry publisher id meaning "the daemon (peer module)"
 _MIRROR_CLIENT_BASE = -1000     # registry client ids of mirror source slots: -1000, -1001, ...
 CREDIT_STEP = 4                 # replicas credit their source in steps of capacity / 4
+ANY_NODE = "*"                  # a held mirror slot for whichever replica asks first
 
 
 def _ip_key(ip: str) -> tuple:
@@ -109,12 +110,12 @@ class PeerService:
                          "reconnects": 0, "mirrors_served": 0, "mirrors_requested": 0,
                          "replica_resets": 0, "rdma_fallbacks": 0, "peers_discovered": 0,
                          "evicted_pending": 0, "duplicate_links": 0, "replicas_converted": 0,
-                         "streams_continued": 0, "nodes_forgotten": 0, "conflicts": 0}
+                         "streams_continued": 0, "streams_carried": 0, "nodes_forgotten": 0,
+                         "conflicts": 0}
         self.links: dict[int, Link] = {}
         self.directory = Directory()
         self.conflicts: dict[str, str] = {}     # channel name -> what conflicts (ls, logs)
         self.origins: dict[str, tuple[int, int]] = {}   # continued streams: where they began
-        self.streams: dict[str, tuple[float, int]] = {}  # name -> (ring created, stream id)
         self.sources: dict[tuple[int, int], SourceEntry] = {}
         self.held: dict[tuple[str, str], HeldSlot] = {}
         self.replicas: dict[str, ReplicaEntry] = {}
@@ -502,7 +503,7 @@ class PeerService:
         if (link.id, mid) in self.sources:
             self._stop_source((link.id, mid), hold=False)
         q = rec.view.q
-        held = self.held.pop((link.remote, name), None)
+        held = self.held.pop((link.remote, name), None) or self.held.pop((ANY_NODE, name), None)
         try:
             if held is not None and held.slot in rec.slots:
                 client, slot = held.client, held.slot
@@ -520,12 +521,24 @@ class PeerService:
         head, tail = q[ring.OFF_HEAD // 8], q[ring.OFF_TAIL // 8]
         start_seq = None
         sid = self._stream_id(rec)
+        rseq = obj.get("seq")
         if isinstance(resume, int) and resume >= 0 and obj.get("stream") not in (sid, 0):
             # The replica follows another stream of this name (this daemon restarted and its
             # ring began again): positions do not match even where they look alike.
             resume = tail + 1
         ahead = isinstance(resume, int) and resume > tail
-        if not isinstance(resume, int) or resume < 0 or resume > tail:
+        if ahead and obj.get("stream") == sid and isinstance(rseq, int) and \
+                0 <= rseq <= ring.stream_point(rec.view)[1]:
+            # Our stream, numbered on from the replica's, but at other positions than its
+            # copy (a publisher carried it over from a ring whose last positions the replica
+            # held, Channel.reopen): resume by sequence number, at the first message the
+            # replica lacks; a gap (messages no longer held) is then exact.
+            resume_pos: int | None = resume
+            start, start_seq = seq_point(rec.view, rseq)
+            ahead = False
+            log.info("mirror %s to %s: replica ahead by position (%d, our tail %d): resuming at "
+                     "seq %d (position %d)", name, link.remote, resume, tail, start_seq, start)
+        elif not isinstance(resume, int) or resume < 0 or resume > tail:
             resume_pos = None if not isinstance(resume, int) or resume < 0 else resume
             # A fresh replica starts at our tail; one ahead of our stream (this daemon
             # restarted, the stream began again) has none of it: it gets all we still hold.
@@ -709,11 +722,18 @@ class PeerService:
         rec = self.d.registry._create(name, ring.MODE_NAMES[e.mode], e.capacity)
         seed_stream(rec.view, e.tail, e.seq)
         self.origins[name] = (e.tail, e.seq)
-        self.streams[name] = (rec.created, e.stream)   # the same stream, continued
-        # Hold the stream for every replica from the seeded point until its mirror request
-        # arrives (as for a reconnect, bounded by peer_hold): a reliable publisher that starts
-        # at once must not overwrite what the replicas have not received yet.
-        for rnode, _ in held:
+        rec.view.q[ring.OFF_STREAM // 8] = e.stream   # the same stream, continued
+        self._hold(rec, [rnode for rnode, _ in held])
+        self.counters["streams_continued"] += 1
+        log.info("channel %s: node %s holds its replica up to position %d (seq %d) from before "
+                 "this daemon restarted; continuing the stream there", name, node, e.tail, e.seq)
+
+    def _hold(self, rec, nodes: list[str]) -> None:
+        """Hold the stream from the ring's tail for each of ``nodes`` (``ANY_NODE``: the first
+        replica to ask) until its mirror request arrives (as for a reconnect, bounded by
+        peer_hold): a reliable publisher that starts at once must not overwrite what the
+        replicas have not received yet."""
+        for rnode in nodes:
             try:
                 client = self._next_client
                 slot = self.d.registry.add_subscriber(rec, client, os.getpid(), "next").index
@@ -721,10 +741,41 @@ class PeerService:
                 break
             self._next_client -= 1
             rec.holders.add(client)
-            self.held[(rnode, name)] = HeldSlot(name, client, slot, time.monotonic())
-        self.counters["streams_continued"] += 1
-        log.info("channel %s: node %s holds its replica up to position %d (seq %d) from before "
-                 "this daemon restarted; continuing the stream there", name, node, e.tail, e.seq)
+            self.held[(rnode, rec.name)] = HeldSlot(rec.name, client, slot, time.monotonic())
+
+    def carry(self, rec, carry: dict) -> None:
+        """The new publisher carries its stream over from its ring of this node's previous
+        daemon (``Channel.reopen`` after a restart, a SIGKILL included): ``carry`` names that
+        stream, the position of the oldest message it still holds and that message's sequence
+        number.  An empty ring is positioned there (``seed_stream``) with the stream's id, so
+        the messages the publisher publishes again land at their old positions and replicas
+        that hold a prefix of them resume by position; the stream is held for the replicas
+        (``_hold``).  A ring that already holds a stream (continued from replicas' positions,
+        or published since) is left as it is: the publisher skips what it numbers already."""
+        vals = [carry.get(k) for k in ("stream", "position", "seq")]
+        ints = [x for x in vals if isinstance(x, int) and not isinstance(x, bool)
+                and 0 <= x < 1 << 64]
+        if len(ints) != 3 or ints[1] & 15:
+            raise InvalidArgument("field 'carry' must map stream, position (a multiple of 16) "
+                                  "and seq to non-negative 64-bit integers")
+        stream, position, seq = ints
+        view = rec.view
+        if rec.name in self.replicas or view.q[ring.OFF_TAIL // 8] != 0:
+            return
+        if stream:
+            view.q[ring.OFF_STREAM // 8] = stream
+        if position >= ring.HEADER:
+            # The daemon holds the publisher role's words here: the client it granted the role
+            # to builds its RingWriter only after this reply (docs/ring-format.md, "Carried
+            # streams").
+            seed_stream(view, position, seq)
+            self.origins[rec.name] = (position, seq)
+        if self.enabled:
+            nodes = [n for n, _ in self.directory.replicas_of(rec.name, self.node)]
+            self._hold(rec, nodes or [ANY_NODE])
+        self.counters["streams_carried"] += 1
+        log.info("channel %s: its publisher carries its stream over from before this daemon "
+                 "restarted: position %d, seq %d", rec.name, position, seq)
 
     def _reconcile(self) -> None:
         """Local channels that wait for a publisher which now exists on a peer become replicas
@@ -792,6 +843,7 @@ class PeerService:
             link.sinks[mid] = sink
             link.send_ctrl({"t": "mirror", "id": mid, "name": entry.name, "stream": entry.stream,
                             "resume": sink.source_tail if sink.fed else -1,
+                            "seq": sink.source_seq if sink.fed else -1,
                             "consumed": sink.consumed() if sink.fed else -1,
                             "rdma": self.rdma.offer(entry, rec)})
             self.counters["mirrors_requested"] += 1
@@ -823,8 +875,6 @@ class PeerService:
         self._announce()
         for name in self.origins.keys() - self.d.registry.channels.keys():
             del self.origins[name]   # deleted: a new channel of that name starts at 0
-        for name in self.streams.keys() - self.d.registry.channels.keys():
-            del self.streams[name]
         for node in self.directory.expired(now, self.s.peer_forget_after):
             self._forget_node(node)
         self._reconcile()
@@ -895,11 +945,14 @@ class PeerService:
 
     def _stream_id(self, rec) -> int:
         """The id of the stream ``rec``'s ring holds: new per ring this node creates (random,
-        never 0), kept by a ring that continues replicas' stream after a restart."""
-        known = self.streams.get(rec.name)
-        if known is None or known[0] != rec.created:
-            known = self.streams[rec.name] = (rec.created, secrets.randbits(63) | 1)
-        return known[1]
+        never 0), kept by a ring that continues a stream after a restart (replicas' stream, or
+        the one a publisher carries over).  It lives in the ring (``ring.OFF_STREAM``, a word
+        only the daemon writes), so a publisher that outlives its daemon knows it."""
+        sid = rec.view.stream_id()
+        if not sid:
+            sid = secrets.randbits(63) | 1
+            rec.view.q[ring.OFF_STREAM // 8] = sid
+        return sid
 
     def _local_directory(self) -> dict[str, Entry]:
         out = {}
