@@ -105,7 +105,10 @@ def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: i
     reopened = 0
     i = 0
     while i < n:
-        if links > CARRY and links and ch._view.retired():
+        if links == CARRY and ch._view.retired():
+            _reopen(ch)   # (publish itself notices only at its next slow path)
+            reopened += 1
+        elif links and ch._view.retired():
             ch.close()
             ch = _open_when_linked(sock, name, mode, capacity, max(links, 0))
             reopened += 1
@@ -127,7 +130,7 @@ def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: i
 
 
 def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
-               mode: str = "") -> None:
+               mode: str = "", capacity: int | str = 0) -> None:
     import shimmy
     import shimmy.sdk.channel
     from shimmy.sdk.client import get_client
@@ -140,7 +143,7 @@ def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
             break
         assert time.monotonic() < deadline, f"channel {name} never announced"
         time.sleep(0.05)
-    ch = shimmy.Channel(name, daemon=sock, mode=mode or None)
+    ch = shimmy.Channel(name, daemon=sock, mode=mode or None, capacity=int(capacity) or None)
     sub = ch.subscribe()
     while wait_known and sub.status == "down":
         assert time.monotonic() < deadline, "mirror link never came up"

@@ -350,6 +350,53 @@ def test_source_daemon_sigkill_exact(cluster, mode):
     assert counters["streams_carried"] + counters["streams_continued"] >= 1, counters
 
 
+@pytest.mark.parametrize("kill", ["SIGTERM", "SIGKILL"])
+def test_unfed_replica_survives_source_restart(cluster, kill):
+    """Row 8d: B's replica was made (B's subscriber is ``up``) but never received a message
+    when A's daemon restarts; it survives like a fed one: the subscriber keeps its
+    Subscription and receives every message A's publisher publishes afterwards, and B's
+    replica is never retired."""
+    a, b = pair(cluster)
+    n = 3000
+    p = pub(cluster, a, "o/unfed", "reliable", n, links=CARRY)
+    wait_line(p, "ready")
+    s_b = sub(cluster, b, "o/unfed", n, idle=30)
+    assert wait_line(s_b, "ready").split()[1] == "up"
+    a.stop(getattr(signal, kill))
+    a.start()
+    wait_for("B's link to A back", lambda: a.peer()["links"] and b.peer()["links"])
+    go(p)
+    r = result(s_b)
+    finish(p)
+    check(r, n, reliable=True)
+    assert r["statuses"][-1] == "up", r
+    assert b.peer()["counters"]["replica_resets"] == 0
+
+
+@pytest.mark.parametrize("given", [None, 8 << 20])
+def test_open_before_publish_adopts_capacity(cluster, given):
+    """Row 2b: A's publisher opens a channel with a capacity other than the default and stays
+    silent; B's subscriber opens the name without a capacity (or with the same one): B's
+    channel gets A's capacity, so it becomes A's replica when A publishes (no conflict) and
+    the subscriber receives every message."""
+    a, b = pair(cluster)
+    n = 2000
+    p = pub(cluster, a, "o/cap", "reliable", n, announce=0, capacity=8 << 20)
+    wait_line(p, "ready")
+    wait_for("B to learn the open name",
+             lambda: [c for c in b.request("list")["remote"] if c["name"] == "o/cap"])
+    s_b = cluster.client(b, "sub", b.socket, "o/cap", str(n), "15", "0", "", str(given or 0))
+    wait_line(s_b, "ready")
+    (ch,) = [c for c in b.request("list")["channels"] if c["name"] == "o/cap"]
+    assert ch["capacity"] == 8 << 20 and "conflict" not in ch, ch
+    go(p)
+    r = result(s_b)
+    finish(p)
+    check(r, n, reliable=True)
+    assert r["statuses"][-1] == "up", r
+    assert b.peer()["counters"]["replicas_converted"] == 1 and not b.peer()["conflicts"]
+
+
 def test_replica_node_restart(cluster):
     """Row 9: B's daemon restarts (its subscribers go with it: a restart is a clean slate on
     that node); a new subscriber on B gets a fresh replica and the stream from then on."""

@@ -386,17 +386,20 @@ class MirrorReplica(ReplicaSink):
         """Move head and tail to ``position``, whose next message has sequence ``seq``."""
         if self.reset_needed:
             return
-        if position + self.off < self.next and self._seq_end is not None:
+        if position + self.off < self.next:
             # The source's stream restarted below us (its daemon restarted and its publisher
             # reopened before our position reached the new daemon): positions cannot go back
             # under live readers, so we continue: a new position offset (a multiple of the
-            # capacity above our tail) and sequence offset (its next message gets our next
-            # number).  What the old source held but never sent is not counted (unknowable).
+            # capacity above our tail) and, if its numbering began again, a sequence offset
+            # (its next message gets our next number; what the old source held but never sent
+            # is then not counted: unknowable).  A replica never fed a message continues the
+            # same way: its next number is the one its ring was positioned at.
+            ours = ring.stream_point(self.v)[1] if self._seq_end is None else self._seq_end
             self.rebases += 1
             self.off = -(-(self.tail - position) // self.cap) * self.cap
-            if seq + self.seq_off < self._seq_end:
+            if seq + self.seq_off < ours:
                 # Its numbering began again too: its next message gets our next number.
-                self.seq_off = self._seq_end - seq
+                self.seq_off = ours - seq
             # else it numbers on from ours (a publisher that carried its stream over): the
             # numbers are kept, and any gap is counted from them.
             log.warning("replica %s: source stream restarted at %d (seq %d) below our tail %d: "
@@ -412,11 +415,6 @@ class MirrorReplica(ReplicaSink):
             return
         position += self.off
         seq += self.seq_off
-        if position < self.next:
-            self.reset_needed = True   # nothing to continue from: retire, subscribers reopen
-            log.warning("replica %s: source restarted at %d below replica tail %d",
-                        self.v.name, position, self.tail)
-            return
         if self.fed and position > self.tail:
             self.stats["gaps"] += 1
             self.stats["gap_bytes"] += position - self.tail

@@ -688,6 +688,8 @@ class PeerService:
         link, info = self.find_publisher(name)
         if link is None or info is None:
             self._continue_stream(name, mode, capacity)
+            if name not in self.d.registry.channels:
+                self._adopt_shape(name, mode, capacity)
             return
         want_mode = None if mode is None else ring.MODES.get(mode)
         conflict = self._shape_conflict(name, link.remote, info, want_mode, capacity)
@@ -706,6 +708,28 @@ class PeerService:
         # the mirror resumes from it (or reports the gap if the source no longer holds it).
         self.replicas[name].sink.jump(info.tail, info.seq)
         log.info("channel %s is published on %s: created replica", name, link.remote)
+
+    def _adopt_shape(self, name: str, mode: str | None, capacity: int | None) -> None:
+        """Peers hold ``name`` open but nobody publishes it yet: where the opener left mode or
+        capacity to the channel, take them from the peers' announcements, so this channel can
+        become the replica when a publisher there starts (a default-capacity channel would be a
+        conflict with a publisher that opened it with another capacity).  When peers announce
+        several shapes, the ones other than this node's defaults were asked for explicitly; if
+        that still leaves more than one, nothing is adopted (the conflict is then reported)."""
+        want = None if mode is None else ring.MODES.get(mode)
+        default = (ring.MODE_RELIABLE, self.s.default_capacity)
+        shapes = {(e.mode, e.capacity) for _, e in self.directory.names().get(name, [])
+                  if e.kind == OPEN and want in (None, e.mode) and capacity in (None, e.capacity)}
+        if len(shapes) > 1:
+            shapes.discard(default)
+        if len(shapes) != 1:
+            return
+        ((m, cap),) = shapes
+        if (want, capacity) == (m, cap) or (m, cap) == default or cap > self.s.max_capacity:
+            return   # nothing to adopt (or too large here: the registry names the limit)
+        self.d.registry._create(name, ring.MODE_NAMES[m], cap)
+        log.info("channel %s: opened on peers as mode=%s capacity=%d before anyone publishes "
+                 "it; created with that shape", name, ring.MODE_NAMES[m], cap)
 
     def _continue_stream(self, name: str, mode: str | None, capacity: int | None) -> None:
         """Peers hold replicas of ``name`` fed by this node before it restarted: create the
