@@ -184,3 +184,57 @@ def test_link_loss_raises_transport_closed(pair):
         for _ in range(1000):
             pair.transport.put(0, [memoryview(bytes(4096))], 0)
             time.sleep(0.001)
+
+
+def test_source_cuts_batches_so_replica_head_never_passes_last(pair):
+    """Replica rings keep invariant (A), head <= last, at every instant, also while a batch
+    lands (docs/ring-format.md, "Replica rings"): a reliable source whose subscribers consumed
+    everything lets its publisher fill a whole ring before the mirror sends; one batch that
+    long would make the replica's head pass its last frame before the commit (the transient
+    RingCorrupted of ls/stat/subscribe).  The real MirrorSource cuts it at a frame boundary;
+    the replica is checked at each put, before the bytes land."""
+    import os
+
+    import posix_ipc
+
+    from shimmy.daemon.peer.mirror import MirrorSource
+    sink = pair.sink
+    seen: list[tuple[int, int]] = []
+    put_target = sink.put_target
+
+    def checked(start, end, guard):   # the real put_target, then the invariant as it stands
+        views = put_target(start, end, guard)
+        seen.append((sink.q[ring.OFF_HEAD // 8], sink.q[ring.OFF_LAST // 8]))
+        return views
+    sink.put_target = checked
+    prefix = f"/shimmy-conf-cut-{os.getpid()}.s"
+    sem = posix_ipc.Semaphore(prefix + "0", posix_ipc.O_CREX)
+    mm, view = make_ring(ring.MODE_RELIABLE)
+    wakeups = ring.Wakeups(view, prefix)
+    try:
+        writer = ring.RingWriter(view, wakeups)
+        ring.daemon_activate_slot(view, 0, 0, os.getpid(), 1)   # the mirror's slot
+        body = b"m" * (1024 - ring.HEADER)
+        writer.publish(body, 1.0)
+        # The replica holds the first frame (as after earlier batches), and has consumed it.
+        pair.transport.jump(0, 0)
+        pair.transport.put(0, [view.mv[view.data_offset:view.data_offset + 1024]], 0)
+        pair.transport.commit(1024, 0)
+        until(lambda: sink.tail == 1024)
+        view.q[view.slot_word(0)] = 1024
+        while writer._tail + 1024 <= 1024 + CAP:   # a whole ring past what was consumed
+            writer.publish(body, 1.0)
+        tail = writer._tail
+        assert tail - 1024 == CAP
+        src = MirrorSource("conf/x", view, 0, prefix + "0", pair.transport, 1024, None, 1024)
+        src.start()
+        until(lambda: sink.tail == tail)
+        src.stop()
+        src.thread.join(2)
+    finally:
+        wakeups.close()
+        sem.unlink()
+        sem.close()
+    assert len(seen) >= 3, seen   # (the first frame's put, then the ring-long batch, cut)
+    assert all(head <= last for head, last in seen), seen
+    assert ring.stream_point(sink.v) == ring.stream_point(view)

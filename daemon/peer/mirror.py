@@ -30,6 +30,7 @@ from typing import Callable
 import posix_ipc
 
 from shimmy import ring
+from shimmy.errors import RingCorrupted
 from shimmy.ring import FLAG_PAD, FRAME, HEADER
 
 from .transport import ReplicaSink, Transport, TransportClosed
@@ -67,6 +68,26 @@ def seq_point(view: ring.RingView, seq: int) -> tuple[int, int]:
     return tail, at_tail
 
 
+def cut_batch(view: ring.RingView, pos: int, limit: int) -> tuple[int, int] | None:
+    """``(end, last)`` of the longest run of whole frames from ``pos`` that ends at or before
+    ``limit`` (``last``: the start of its last frame), or None when the frames read are not
+    well formed (overwritten meanwhile: the caller's head check finds out).  A batch so cut
+    never makes the replica's head pass its ``last`` frame (docs/ring-format.md, "Replica
+    rings")."""
+    mv, base, mask = view.mv, view.data_offset, view.capacity - 1
+    p, prev = pos, -1
+    try:
+        while True:
+            length, flags, _ = FRAME.unpack_from(mv, base + (p & mask))
+            nxt = ring.frame_end(view, p, length, flags, p + view.capacity)
+            if nxt > limit:
+                break
+            prev, p = p, nxt
+    except RingCorrupted:
+        return None
+    return (p, prev) if prev >= 0 else None
+
+
 class ReplicaViolation(Exception):
     """The source sent something inconsistent with the replica's state."""
 
@@ -96,6 +117,9 @@ class MirrorSource:
         self.stats = {"bytes": 0, "messages": 0, "batches": 0, "gaps": 0, "gap_bytes": 0,
                       "torn": 0}
         self._seq_end: int | None = None
+        # The replica's ``last`` (in our positions) as our commits and jumps left it; until the
+        # first of them, a safe lower bound (a frame or PAD is at most half the ring).
+        self.rlast = start - view.capacity // 2
         self.thread = threading.Thread(target=self._run, name=f"mirror-{name}", daemon=True)
         if hasattr(transport, "on_credit"):
             transport.on_credit = self.on_credit
@@ -158,6 +182,8 @@ class MirrorSource:
                     stats["gaps"] += 1
                     stats["gap_bytes"] += pos - self.resume
                 t.jump(pos, self.start_seq)
+                if self.resume is None or pos > self.resume:
+                    self.rlast = pos - HEADER   # the replica's hole ends in a PAD there
             while not self.stopped:
                 # SYNC POINT (acquire): pairs with the publisher's tail store (RingWriter._commit).
                 tail = q[tail_w]
@@ -195,10 +221,20 @@ class MirrorSource:
                     stats["gaps"] += 1
                     stats["gap_bytes"] += jpos - pos
                     t.jump(jpos, jseq)
+                    if jpos > pos:
+                        self.rlast = jpos - HEADER
                     pos = self.pos = jpos
                     if self.credit < pos:
                         self.credit = pos
                     continue
+                if tail > self.rlast + cap:
+                    # A batch this long would overwrite the replica's last frame before the
+                    # commit (its head would pass its last): cut it at a frame boundary.  Rare:
+                    # only when nearly a ring was committed since the last batch.
+                    cut = cut_batch(v, pos, self.rlast + cap)
+                    if cut is None:
+                        continue   # overwritten while we read it: the head check jumps
+                    tail, last = cut
                 off = pos & mask
                 n = tail - pos
                 views: tuple[memoryview, ...]
@@ -215,6 +251,8 @@ class MirrorSource:
                     put_commit(pos - n, views, head, tail, last)
                     for view in views:
                         view.release()
+                    if last:
+                        self.rlast = last
                     self._count(n, last)
                     continue
                 t.put(pos, views, head)
@@ -233,6 +271,8 @@ class MirrorSource:
                 # this thread runs again, and on_credit refuses credits beyond self.pos.
                 pos = self.pos = tail
                 t.commit(tail, last, pad)
+                if last and last >= pad:   # (as the replica: a torn last frame is not its last)
+                    self.rlast = last
                 self._count(n, last)
         finally:
             waiting[0] = 0
@@ -316,8 +356,11 @@ class MirrorReplica(ReplicaSink):
             raise ReplicaViolation(f"guard head {guard} outside [{end - self.cap}, {self.tail}]")
         need = end - self.cap
         if self.head < need:
+            last = self.q[ring.OFF_LAST // 8]
             if guard >= self.same_from:
-                h = guard   # frame boundaries from same_from on are the source's own
+                # Frame boundaries from same_from on are the source's own.  Never past our
+                # last frame (invariant (A)): the source cuts batches so that need <= last.
+                h = guard if guard <= last or need > last else last
             else:
                 # guard may fall inside a hole this replica PAD-ed (its boundaries differ from
                 # the source's there): walk our own frames instead.
@@ -518,7 +561,10 @@ class MirrorReplica(ReplicaSink):
         ahead += self.off
         if need > self.tail:
             raise ReplicaViolation(f"guard {need} beyond the replica tail {self.tail}")
-        target = min(max(need, ahead), self.tail)
+        # Never past our last frame (invariant (A)) when the batch allows it (the source cuts
+        # batches so that it does: need <= last).
+        last = self.q[ring.OFF_LAST // 8]
+        target = min(max(need, ahead), last if need <= last else self.tail)
         h = self.head
         mv, base, mask = self.mv, self.base, self.mask
         while h < target:
