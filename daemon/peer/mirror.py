@@ -349,7 +349,11 @@ class MirrorReplica(ReplicaSink):
         end += off
         guard += off
         if start != self.next:
-            raise ReplicaViolation(f"put at {start}, replica expects {self.next}")
+            if start != self.tail:
+                raise ReplicaViolation(f"put at {start}, replica expects {self.next}")
+            # Bytes [tail, next) of a put never committed (its mirror was stopped and a new one
+            # resumes at our tail): nobody saw them; the new stream replaces them.
+            self.next = self.tail
         if end - start > self.cap:
             raise ReplicaViolation(f"put of {end - start} bytes into a {self.cap}-byte ring")
         if guard > self.tail or guard + self.cap < end:
@@ -429,6 +433,10 @@ class MirrorReplica(ReplicaSink):
         """Move head and tail to ``position``, whose next message has sequence ``seq``."""
         if self.reset_needed:
             return
+        if self.tail <= position + self.off < self.next:
+            # A put never committed (its mirror was stopped; this is the new mirror's first
+            # word): nobody saw those bytes, drop them.  Not a restart of the stream.
+            self.next = self.tail
         if position + self.off < self.next:
             # The source's stream restarted below us (its daemon restarted and its publisher
             # reopened before our position reached the new daemon): positions cannot go back

@@ -72,6 +72,9 @@ class RdmaMirrors:
             entry.sink.transport = {"kind": "tcp", "fallback": why}
             return None
         link, mid, name = entry.link, entry.mid, entry.name
+        # An RDMA mirror places bytes from our tail (a put of an earlier mirror that was never
+        # committed is dropped; TCP mirrors do this in MirrorReplica.put_target / jump).
+        entry.sink.next = entry.sink.tail
 
         def on_guard(head: int) -> None:
             link.send_ctrl({"t": "rdma", "k": "guard", "id": mid, "head": head})

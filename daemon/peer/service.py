@@ -863,7 +863,8 @@ class PeerService:
             entry.node = link.remote
             entry.last_credit = -1
             sink = entry.sink
-            sink.next = sink.tail   # drop any put of an earlier stream that was never committed
+            # (a put of an earlier mirror that was never committed is dropped by the sink
+            # itself, in the link reader's order: MirrorReplica.put_target / jump)
             link.sinks[mid] = sink
             link.send_ctrl({"t": "mirror", "id": mid, "name": entry.name, "stream": entry.stream,
                             "resume": sink.source_tail if sink.fed else -1,
