@@ -173,7 +173,9 @@ class Channel:
         numbering continues.  Replicas on other nodes resume by sequence number, so they lose
         nothing the old ring held and count what it no longer held exactly in
         ``Message.lost`` (docs/peering.md, "Restarts and links").  Subscriptions of this
-        channel are closed (subscribe again).
+        channel continue on the new ring from its next message (the same objects); where the
+        numbering went on (a replica of another node's channel, a carried stream), the first
+        message's ``lost`` counts what was missed.
         """
         if self._fork_gen != fork_generation():
             raise ChannelClosed(f"channel {self.name!r} was opened before fork(); open it again "
@@ -182,7 +184,8 @@ class Channel:
         reply = client.request("open", name=self.name, mode=self.mode, capacity=self.capacity)
         old_view, old_mm, old_wakeups, writer = self._view, self._mm, self._wakeups, self._writer
         plan = _carry_plan(old_view, writer) if writer is not None else None
-        for sub in self._subs:
+        subs = [sub for sub in self._subs if not sub.closed]
+        for sub in subs:
             sub._drop()
         self._subs = []
         self._client = client
@@ -196,6 +199,10 @@ class Channel:
                 new = ring.RingWriter(self._view, self._wakeups)
                 _carry(old_view, plan[1], new, plan[3], self.publish_timeout)
                 self._writer = new
+            for sub in subs:
+                reply = self._client.request("subscribe", name=self.name, start="next")
+                sub._rebind(reply["slot"], reply["position"], reply["seq"])
+                self._subs.append(sub)
         finally:
             old_wakeups.close()
             old_view.release()
@@ -351,6 +358,16 @@ class Subscription:
 
     def __init__(self, channel: Channel, slot: int, position: int, seq: int, spin_us: int):
         self.channel = channel
+        self._bind(slot, position, seq)
+        self._sleeps = 0          # times this subscription slept on its semaphore ...
+        self._sleep_timeouts = 0  # ... and how many of those ended by the bound, not a post
+        self._spin_max = spin_us / 1e6
+        self._spin = self._spin_max
+        self.closed = False
+
+    def _bind(self, slot: int, position: int, seq: int) -> None:
+        """Attach to ``slot`` of the channel's (current) ring, starting at ``position``."""
+        channel = self.channel
         self.slot = slot
         self._view = channel._view
         self._reader = ring.RingReader(channel._view, slot, position, seq)
@@ -359,11 +376,19 @@ class Subscription:
         at = ring.waiting_offset(slot)
         self._waiting = channel._view.mv[at:at + 1]
         self._epoch = 0  # sleep epoch last stored in the waiting byte (ring.next_epoch)
-        self._sleeps = 0          # times this subscription slept on its semaphore ...
-        self._sleep_timeouts = 0  # ... and how many of those ended by the bound, not a post
         self._ro = channel._view.mv.toreadonly()
-        self._spin_max = spin_us / 1e6
-        self._spin = self._spin_max
+
+    def _rebind(self, slot: int, position: int, seq: int) -> None:
+        """After ``Channel.reopen``: continue on the new ring.  Numbers are the channel's across
+        restarts (a replica's are its source's; a publisher that carried its stream keeps
+        them), so when the new ring starts at or after the next number we expected, the first
+        message's ``lost`` counts the gap exactly; when it starts below (the numbering began
+        again), we follow the new numbering."""
+        expect, lost = self._reader._expect, self._reader.lost_total
+        self._bind(slot, position, seq)
+        if seq >= expect:
+            self._reader._expect = expect
+        self._reader.lost_total = lost
         self.closed = False
 
     @property
@@ -507,11 +532,10 @@ class Subscription:
         return await self.receive_async()
 
     def _drop(self) -> None:
-        """Close without telling the daemon (its ring is gone: ``Channel.reopen``)."""
+        """Let go of the old ring without telling the daemon (it is gone: ``Channel.reopen``)."""
         self.closed = True
         self._sem.close()
         self._waiting.release()
-        self._ro.release()
 
     def close(self) -> None:
         if self.closed:

@@ -129,8 +129,30 @@ def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: i
     ch.close()
 
 
+def _reopen_when_known(ch, sock: str, name: str) -> None:
+    """After our daemon restarted: ``ch.reopen()`` once it answers and knows ``name`` as
+    published by a peer (so the channel is made as that peer's replica)."""
+    from shimmy.errors import DaemonUnavailable
+    from shimmy.sdk.client import DaemonClient
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            c = DaemonClient(sock)
+            try:
+                remote = c.request("list").get("remote", [])
+            finally:
+                c.close()
+            if any(r["name"] == name and r.get("published") for r in remote):
+                ch.reopen()
+                return
+        except DaemonUnavailable:
+            pass
+        assert time.monotonic() < deadline, "daemon never came back with the channel"
+        time.sleep(0.05)
+
+
 def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
-               mode: str = "", capacity: int | str = 0) -> None:
+               mode: str = "", capacity: int | str = 0, reopen: int | str = 0) -> None:
     import shimmy
     import shimmy.sdk.channel
     from shimmy.sdk.client import get_client
@@ -155,9 +177,16 @@ def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
     errors: list[str] = []
     statuses = [sub.status]
     waited = 0.0
+    reopens = 0
     while True:
         try:
             msg = sub.receive(timeout=0.2)
+        except shimmy.ChannelClosed:
+            if not int(reopen):
+                raise
+            _reopen_when_known(ch, sock, name)   # our daemon restarted: same Subscription
+            reopens += 1
+            continue
         except TimeoutError:
             waited += 0.2
             if sub.status != statuses[-1]:
@@ -188,7 +217,8 @@ def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
         if i == n - 1:
             break
     print(json.dumps({"got": got, "lost": lost, "first": first, "last": prev,
-                      "errors": errors[:5], "status": sub.status, "statuses": statuses}),
+                      "errors": errors[:5], "status": sub.status, "statuses": statuses,
+                      "reopens": reopens}),
           flush=True)
 
 

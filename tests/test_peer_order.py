@@ -417,6 +417,30 @@ def test_replica_node_restart(cluster):
     assert r["got"] > 0
 
 
+@pytest.mark.parametrize("mode", ["reliable", "lossy"])
+def test_replica_node_sigkill_subscriber_continues(cluster, mode):
+    """Row 9b: B's daemon is SIGKILLed mid-stream and started again.  B's subscriber gets
+    ChannelClosed (its daemon restarted), calls ``Channel.reopen()`` once B knows the channel
+    again and keeps its Subscription: what was published while B was away is missing, and the
+    first message after the reopen counts exactly that in ``Message.lost`` (the replica's
+    numbers are A's).  A's publisher is undisturbed."""
+    a, b = pair(cluster)
+    n = 20_000
+    p = pub(cluster, a, "o/rkill", mode, n, pace=0.02)
+    wait_line(p, "ready")
+    s_b = cluster.client(b, "sub", b.socket, "o/rkill", str(n), "30", "1", "", "0", "1")
+    wait_line(s_b, "ready")
+    go(p)
+    time.sleep(1.0)
+    b.stop(signal.SIGKILL)
+    b.start()
+    r = result(s_b, timeout=180)
+    finish(p)
+    check(r, n, reliable=False)   # every gap equals lost
+    assert r["first"] == 0 and r["last"] == n - 1 and r["reopens"] == 1, r
+    assert r["lost"] > 0, r       # B was away for a while: a clean slate on B, counted
+
+
 def test_forgotten_peer(cluster):
     """Row 10: a node that leaves for good is forgotten after peer_forget_after: its name leaves
     ``ls`` on the others, and their replicas of its channels become local channels (a new
