@@ -216,6 +216,13 @@ def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
         got += 1
         if i == n - 1:
             break
+    # The link state is set by the daemon's main loop when it handles ``mirror_ok``; the first
+    # batches may be committed (by the link reader) a moment before that: let it settle.
+    settle = time.monotonic() + 2.0
+    while sub.status == "down" and time.monotonic() < settle:
+        time.sleep(0.01)
+    if sub.status != statuses[-1]:
+        statuses.append(sub.status)
     print(json.dumps({"got": got, "lost": lost, "first": first, "last": prev,
                       "errors": errors[:5], "status": sub.status, "statuses": statuses,
                       "reopens": reopens}),
