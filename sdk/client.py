@@ -174,12 +174,13 @@ def _probe(path: str, unavailable) -> None:
     to remove its socket file): ZeroMQ would otherwise wait REQUEST_TIMEOUT for a reply, which
     made every reopen after a daemon restart take seconds."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)   # a full backlog (a daemon out of descriptors) must not block us
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
         raise DaemonUnavailable(unavailable("nobody listens on the socket")) from None
     except OSError:
-        pass   # anything else: let ZeroMQ try (and report) as before
+        pass   # anything else (a full backlog: a timeout): let ZeroMQ try and report as before
     finally:
         probe.close()
 
