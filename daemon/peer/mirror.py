@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 import posix_ipc
@@ -97,9 +98,12 @@ class MirrorSource:
 
     def __init__(self, name: str, view: ring.RingView, slot: int, sem_name: str,
                  transport: Transport, start: int, start_seq: int | None, resume: int | None,
-                 origin: tuple[int, int] | None = None):
+                 origin: tuple[int, int] | None = None, wait_seq: int | None = None):
         self.name = name
         self.v = view
+        # Resume by sequence number: start at the first message numbered ``wait_seq`` or later,
+        # once the ring has it (a publisher carrying its stream over may still be at it).
+        self.wait_seq = wait_seq
         # (position, seq) where our stream began, sent first to a replica that is ahead of it
         # (our daemon restarted): the replica continues our stream from there, so a jump on to
         # ``start`` counts the messages we no longer hold as lost, exactly.
@@ -172,6 +176,16 @@ class MirrorSource:
         put_commit = getattr(t, "put_commit", None) if self.reliable else None
         epoch = 0
         try:
+            if self.wait_seq is not None:
+                while ring.stream_point(v)[1] < self.wait_seq:
+                    if self.stopped:
+                        return
+                    if v.retired():
+                        self.error = "source channel retired"
+                        return
+                    time.sleep(0.002)
+                pos, self.start_seq = seq_point(v, self.wait_seq)
+                self.pos = pos
             if self.start_seq is not None:
                 # Fresh replica, or a hole between what it holds and what we still hold.
                 if self.origin is not None and self.origin[0] < pos:
@@ -184,6 +198,8 @@ class MirrorSource:
                 t.jump(pos, self.start_seq)
                 if self.resume is None or pos > self.resume:
                     self.rlast = pos - HEADER   # the replica's hole ends in a PAD there
+                else:   # it rebased: its last frame (or hole PAD) is at most half a ring back
+                    self.rlast = pos - cap // 2
             while not self.stopped:
                 # SYNC POINT (acquire): pairs with the publisher's tail store (RingWriter._commit).
                 tail = q[tail_w]

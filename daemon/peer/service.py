@@ -36,7 +36,7 @@ from shimmy.errors import ChannelConflict, InvalidArgument, LimitExceeded, RingC
 from shimmy.errors import PublisherBusy
 from . import auth
 from .directory import OPEN, PUBLISHED, REPLICA, BadAnnouncement, Directory, Entry, parse_entry
-from .mirror import MirrorReplica, MirrorSource, ReplicaViolation, seed_stream, seq_point
+from .mirror import MirrorReplica, MirrorSource, ReplicaViolation, seed_stream
 from .tcp import Link, LinkError, send_credit
 from .transport import TransportClosed
 
@@ -527,17 +527,18 @@ class PeerService:
             # ring began again): positions do not match even where they look alike.
             resume = tail + 1
         ahead = isinstance(resume, int) and resume > tail
-        if ahead and obj.get("stream") == sid and isinstance(rseq, int) and \
-                0 <= rseq <= ring.stream_point(rec.view)[1]:
+        wait_seq = None
+        if ahead and obj.get("stream") == sid and isinstance(rseq, int) and rseq >= 0:
             # Our stream, numbered on from the replica's, but at other positions than its
             # copy (a publisher carried it over from a ring whose last positions the replica
-            # held, Channel.reopen): resume by sequence number, at the first message the
-            # replica lacks; a gap (messages no longer held) is then exact.
+            # held, Channel.reopen; it may still be carrying): resume by sequence number, at
+            # the first message numbered ``rseq`` or later, once the ring has it (the source
+            # thread waits); a gap (messages no longer held) is then exact.
             resume_pos: int | None = resume
-            start, start_seq = seq_point(rec.view, rseq)
+            start, wait_seq = tail, rseq
             ahead = False
             log.info("mirror %s to %s: replica ahead by position (%d, our tail %d): resuming at "
-                     "seq %d (position %d)", name, link.remote, resume, tail, start_seq, start)
+                     "seq %d", name, link.remote, resume, tail, rseq)
         elif not isinstance(resume, int) or resume < 0 or resume > tail:
             resume_pos = None if not isinstance(resume, int) or resume < 0 else resume
             # A fresh replica starts at our tail; one ahead of our stream (this daemon
@@ -563,7 +564,7 @@ class PeerService:
         transport = self.rdma.source_transport(link, mid, rec, obj.get("rdma"))
         origin = self.origins.get(name, (0, 0)) if ahead else None
         src = MirrorSource(name, rec.view, slot, self.d.segments.sem_prefix(rec.token) + str(slot),
-                           transport, start, start_seq, resume_pos, origin)
+                           transport, start, start_seq, resume_pos, origin, wait_seq)
         src.credit = hold_at
         self.sources[(link.id, mid)] = SourceEntry(link, mid, name, client, slot, src, link.remote)
         self.counters["mirrors_served"] += 1
