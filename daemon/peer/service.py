@@ -496,7 +496,11 @@ class PeerService:
         resume = obj.get("resume")
         consumed = obj.get("consumed")
         rec = self.d.registry.channels.get(name)
-        if rec is None or name in self.replicas:
+        if rec is None or name in self.replicas or \
+                (rec.publisher is None and rec.view.q[ring.OFF_TAIL // 8] == 0):
+            # (Only open here, nothing published: a peer asking from what it knew before this
+            # daemon restarted.  Serving it would name a stream before the publisher says which
+            # one it carries over; it asks again once we announce the channel published.)
             link.send_ctrl({"t": "mirror_err", "id": mid,
                             "message": f"channel {name!r} is not published on {self.node}"})
             return
