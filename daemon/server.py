@@ -668,6 +668,7 @@ class Daemon:
             if carry is not None:
                 self.peer.carry(rec, carry)   # position the empty ring where its stream left off
             return {}
+        self.peer.hold_member(rec.name, member.rec)   # peers with the group open get it all
         return {"member": {"id": member.publisher, "shm": member.shm_name, "node": self.peer.node}}
 
     def op_unpublish(self, req: dict) -> dict:

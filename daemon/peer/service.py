@@ -797,6 +797,20 @@ class PeerService:
             rec.holders.add(client)
             self.held[(rnode, rec.name)] = HeldSlot(rec.name, client, slot, time.monotonic())
 
+    def hold_member(self, group: str, mrec) -> None:
+        """A publisher joined the publisher group ``group`` here: hold its new member ring from
+        its first message for every peer that has ``group`` open.  Their daemons make the
+        member's replica once our directory announces it (a housekeeping tick later); until
+        their mirror asks, the held slot keeps a reliable publisher from overwriting what they
+        have not received (bounded by peer_hold, as for a reconnect).  Lossy publishers never
+        wait: a late mirror counts the gap."""
+        if not self.enabled or mrec.mode != ring.MODE_RELIABLE or self.s.peer_hold <= 0 or \
+                mrec.view.q[ring.OFF_TAIL // 8] != 0 or any(k[1] == mrec.name for k in self.held):
+            return
+        nodes = sorted({node for node, _ in self.directory.names().get(group, [])
+                        if node != self.node})
+        self._hold(mrec, nodes)
+
     def carry(self, rec, carry: dict) -> None:
         """The new publisher carries its stream over from its ring of this node's previous
         daemon (``Channel.reopen`` after a restart, a SIGKILL included): ``carry`` names that
