@@ -161,7 +161,10 @@ def worker_sub(sock: str, name: str, mode: str) -> None:
     while True:
         if sub is None:
             ch = _open(sock, name, mode)
-            sub = ch.subscribe()
+            try:
+                sub = ch.subscribe()
+            except (shimmy.DaemonUnavailable, shimmy.ChannelClosed):
+                continue   # our daemon was killed again between the open and the subscribe
             subs += 1
             check.prev, check.prev_lost, last_sub_index = None, 0, -1
         try:
