@@ -37,6 +37,7 @@ class MessageTooLarge(ShimmyError, ValueError):
     """A message is larger than the channel's largest message."""
 
     code = "message_too_large"
+    published = 0  # publish_many: the messages of the batch published before this one
 
 
 class ChannelConflict(ShimmyError, ValueError):
@@ -68,6 +69,7 @@ class BackpressureTimeout(ShimmyError, TimeoutError):
 
     code = "backpressure_timeout"
     written = 0  # stream writes: the bytes that went in before the timeout
+    published = 0  # publish_many: the messages of the batch published before the timeout
 
 
 class ReceiveTimeout(ShimmyError, TimeoutError):
@@ -80,6 +82,7 @@ class ChannelClosed(ShimmyError):
     """The object was closed by its owner (or belongs to the parent of a forked process)."""
 
     code = "closed"
+    published = 0  # publish_many: the messages of the batch published before the channel closed
 
 
 class ProtocolError(ShimmyError):

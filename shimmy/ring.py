@@ -597,6 +597,79 @@ class RingWriter:
             self._wakeups.wake()
         return seq
 
+    def publish_many(self, items, timeout: float | None) -> int:
+        """Copy every message of the iterable ``items`` into the ring, in order; return how many.
+
+        One commit (``last`` and ``tail`` stores), one fence and at most one wake-up scan for the
+        whole batch, instead of one per message.  Where the batch reaches the wrap point or the
+        ring's room (reliable: the slowest subscriber; lossy: head must move), the frames
+        written so far are committed first (with their fence and wake-up, so subscribers can
+        free room while this waits), then the batch goes on.  When a message is too large or
+        the wait for room times out, everything before it is already committed: the error's
+        ``published`` says how many of the batch went out, and its text names the index.
+        """
+        mv, mm, mask, cap, base = self._mv, self._mm, self._mask, self._cap, self._base
+        largest = self.max_message
+        tail, seq, limit = self._tail, self._seq, self._limit
+        last = -1            # start of the last frame written and not yet committed
+        i = 0
+        for data in items:
+            n = len(data)
+            size = (n + 31) & ~15          # frame_size(n), inlined
+            off = tail & mask
+            if off + size > cap or tail + size > limit or n > largest:
+                # Slow path (rare): commit what is written, then reserve like publish().
+                if last >= 0:
+                    self._tail, self._seq = tail, seq
+                    self._commit_batch(last)
+                    last = -1
+                try:
+                    off = self._reserve(n, timeout)
+                except (MessageTooLarge, BackpressureTimeout, ChannelClosed) as exc:
+                    raise _batch_error(exc, i) from None
+                tail, limit = self._tail, self._limit
+            pos = base + off
+            _pack_frame(mv, pos, n, 0, seq)
+            try:
+                mm[pos + HEADER:pos + HEADER + n] = data
+            except (IndexError, ValueError, TypeError):
+                # len() was not the byte count: commit the batch so far, publish this one's
+                # bytes alone (nothing of the header just written is visible), go on.
+                if last >= 0:
+                    self._tail, self._seq = tail, seq
+                    self._commit_batch(last)
+                    last = -1
+                try:
+                    self.publish(_as_bytes(data), timeout)
+                except (MessageTooLarge, BackpressureTimeout, ChannelClosed) as exc:
+                    raise _batch_error(exc, i) from None
+                tail, seq, limit = self._tail, self._seq, self._limit
+                i += 1
+                continue
+            last = tail
+            tail += size
+            seq += 1
+            i += 1
+        if last >= 0:
+            self._tail, self._seq = tail, seq
+            self._commit_batch(last)
+        return i
+
+    def _commit_batch(self, last: int) -> None:
+        """Commit every frame written up to ``self._tail``; ``last`` starts the final one.  The
+        same stores, fence and wake-up as ``_commit`` (see its SYNC POINTs): every frame of the
+        batch is complete before ``last`` is stored, and ``last`` before ``tail``."""
+        q = self._q
+        q[W_LAST] = last               # SYNC POINT (complete frame), as in _commit
+        q[W_TAIL] = self._tail         # SYNC POINT (commit), as in _commit
+        try:
+            _fence_post()              # SYNC POINT (wake-up fence), as in _commit
+        except OSError:
+            _fence_overflowed()
+        w = q[W_WAITING0]
+        if w and (w != self._wakeups.posted_w0 or w >= WIDE_BIT):
+            self._wakeups.wake()
+
     def claim(self, n: int, timeout: float | None) -> memoryview:
         """Reserve room for an ``n``-byte frame and return a writable view of its payload.
 
@@ -754,6 +827,16 @@ class RingWriter:
             delay = min(delay * 2, self._backoff_max)
 
 
+def _batch_error(exc: MessageTooLarge | BackpressureTimeout | ChannelClosed,
+                 index: int) -> Exception:
+    """``exc`` raised for message ``index`` of a ``publish_many`` batch: the same class, its text
+    prefixed with the index, ``published`` = the messages of the batch committed before it."""
+    out = type(exc)(f"message {index} of the batch (the {index} before it were published): "
+                    f"{exc}")
+    out.published = index
+    return out
+
+
 class RingReader:
     """One subscriber's cursor.  It stores only its own slot's position and waiting byte.
 
@@ -876,6 +959,52 @@ class RingReader:
                 self._count_lost(p, seq, lost)
             self._expect = seq + 1
             return data
+
+    def take_many_bytes(self, max_n: int) -> list[bytes] | None:
+        """Copy up to ``max_n`` committed messages out, oldest first, and release them with one
+        position store; None when caught up.  Same validation and lossy handling as
+        :meth:`take_bytes` (a frame overwritten while copied is skipped and counted as lost)."""
+        q = self._q
+        mv, mm, mask, base, largest = self._mv, self._mm, self._mask, self._base, self._max
+        out: list[bytes] = []
+        append = out.append
+        p = self.position
+        try:
+            while len(out) < max_n:
+                if p == self._tail:
+                    t = q[W_TAIL]             # SYNC POINT (acquire), as in take
+                    if t == p:
+                        break
+                    if t < p or t & 15:
+                        self._bad_tail(t)
+                    self._tail = t
+                off = base + (p & mask)
+                length, flags, seq = _unpack_frame(mv, off)
+                head = q[W_HEAD]              # SYNC POINT (validate header), as in take
+                if head > p:
+                    p = self._resync(head)
+                    continue
+                if flags:
+                    p = self.position = self._pad_end(p, length, flags)
+                    continue
+                end = p + ((length + HEADER + 15) & ~15)
+                if length > largest or end > self._tail:
+                    self._bad_frame(p, length, flags)
+                start = off + HEADER
+                data = mm[start:start + length]
+                if q[W_HEAD] > p:             # SYNC POINT (validate payload), as in take_bytes
+                    p = self.position = end   # overwritten while copied: counted by the next
+                    continue
+                lost = seq - self._expect
+                if lost:
+                    self._count_lost(p, seq, lost)
+                p = self.position = end
+                self._expect = seq + 1
+                append(data)
+        finally:
+            # SYNC POINT (consumption): every message before ``p`` was copied (or skipped).
+            q[self._pos_word] = self.position
+        return out or None
 
     # -- validation and lapping (off the per-message path) ----------------------------------
     def _pad_end(self, p: int, length: int, flags: int) -> int:
