@@ -19,6 +19,7 @@ import posix_ipc
 
 from shimmy import ring
 
+from shimmy.errors import InvalidArgument
 from .channel import Channel, Message, Subscription
 from .client import open_shared_memory
 
@@ -163,6 +164,35 @@ class GroupSubscription(Subscription):
             if data is not None:
                 self._use(m, i)
                 return data
+        return None
+
+    def receive_many(self, max_n: int, timeout: float | None = None) -> list[bytes]:
+        """:meth:`Subscription.receive_many` of a group: each call copies the messages of one
+        member ring (up to ``max_n``), the members in turn, so no publisher starves another;
+        each publisher's messages stay in its order.  ``last_publisher`` names the member the
+        batch came from."""
+        if self.closed:
+            self._closed()
+        if not isinstance(max_n, int) or isinstance(max_n, bool) or max_n < 1:
+            raise InvalidArgument(f"max_n must be a positive int, got {max_n!r}")
+        out = self._take_many_rotate(max_n)
+        if out is None:
+            out = self._wait(timeout, lambda: self._take_many_rotate(max_n))
+        return out
+
+    def _take_many_rotate(self, max_n: int) -> list[bytes] | None:
+        if self._gq[ring.I_GROUP_EPOCH] != self._gepoch:
+            self._refresh()
+        members = self._members
+        n = len(members)
+        i = self._next
+        for _ in range(n):
+            m = members[i]
+            i = i + 1 if i + 1 < n else 0
+            out = m.reader.take_many_bytes(max_n)
+            if out is not None:
+                self._use(m, i)   # the next call starts at the member after this one
+                return out
         return None
 
     def _use(self, m: _Member, following: int) -> None:

@@ -424,3 +424,33 @@ def test_late_subscriber_starts_per_start_for_every_publisher(daemon):
     assert (bytes(msg), msg.seq, msg.publisher) == (b"b3", 3, b.publisher_id)
     for ch in (a, b):
         ch.close()
+
+
+def test_receive_many_takes_every_publisher_in_turn(daemon):
+    """Batch calls on a group: ``publish_many`` from three publishers (three Channel objects,
+    one member ring each), ``receive_many`` gets every message once, each publisher's in its
+    order, one member per call in turn."""
+    import shimmy
+    pubs = [shimmy.Channel("batch", daemon=daemon.socket, max_publishers=3) for _ in range(3)]
+    sub_ch = shimmy.Channel("batch", daemon=daemon.socket)
+    sub = sub_ch.subscribe()
+    count = 3000
+    for tag, ch in enumerate(pubs):
+        for lo in range(0, count, 500):
+            assert ch.publish_many(make(tag, i) for i in range(lo, lo + 500)) == 500
+    nxt = [0, 0, 0]
+    sources = []
+    while sum(nxt) < 3 * count:
+        batch = sub.receive_many(256, timeout=10)
+        tags = {check(data)[0] for data in batch}
+        assert len(tags) == 1, "a batch mixes publishers"
+        sources.append(tags.pop())
+        for data in batch:
+            tag, i = check(data)
+            assert i == nxt[tag], (tag, i, nxt[tag])
+            nxt[tag] += 1
+    assert nxt == [count] * 3
+    # In turn: no publisher waited while another delivered twice in a row with data left.
+    assert all(a != b for a, b in zip(sources[:30], sources[1:31], strict=True)), sources[:31]
+    for ch in (*pubs, sub_ch):
+        ch.close()
