@@ -7,8 +7,11 @@ Three measurements, each against its reference in the same run:
   channel (``max_publishers=4``) with that one publisher; alternated repetition by repetition.
   Target: the group costs at most 5% (msgs/s ratio >= 0.95).
 * ``fan-in``: 4 publisher processes -> 1 subscriber for ``ctx.seconds`` each, shimmy reliable vs
-  ZeroMQ ipc PUSH/PULL with 4 PUSH sockets connected to one PULL.  Rate = messages received /
-  (last end marker - first message); every message must arrive (counts checked per sender).
+  ZeroMQ ipc PUSH/PULL with 4 PUSH sockets connected to one PULL; shimmy twice: one call per
+  message (``publish`` / ``receive_bytes``, like the ZeroMQ side) and the batch API
+  (``publish_many`` of 32 / ``receive_many(256)``; ZeroMQ's Python API has no equivalent).
+  Rate = messages received / (last end marker - first message); every message must arrive
+  (counts checked per sender).
   Target: shimmy >= 3x ZeroMQ.
 * ``wake-up``: a subscriber with ``spin_us=0`` (so it sleeps on its semaphore) receives a
   timestamp every 2 ms from one publisher while P-1 other publishers stay attached and idle;
@@ -45,26 +48,42 @@ def _channel(name: str, daemon: str, pubs: int, spin_us: int | None = None):
                           spin_us=spin_us)
 
 
-def shimmy_receiver(ctl, name: str, daemon: str, pubs: int, senders: int):
+def shimmy_receiver(ctl, name: str, daemon: str, pubs: int, senders: int, batch: bool = False):
     ch = _channel(name, daemon, pubs)
     sub = ch.subscribe()
     ctl.ready()
-    recv = sub.receive_bytes
     now = time.perf_counter
     c0 = harness.cpu_seconds()
-    m = recv(peers.RECV_TIMEOUT)
-    t_first = now()
-    n = 0
-    ends = 0
-    while True:
-        if len(m) == 1:
-            ends += 1
+    if batch:   # receive_many: up to 256 committed messages of one publisher a call
+        take = sub.receive_many
+        got = take(256, peers.RECV_TIMEOUT)
+        t_first = now()
+        n = ends = 0
+        while True:
+            for m in got:
+                if len(m) == 1:
+                    ends += 1
+                else:
+                    n += 1
             if ends == senders:
                 break
-        else:
-            n += 1
+            got = take(256, peers.RECV_TIMEOUT)
+        t_end = now()
+    else:
+        recv = sub.receive_bytes
         m = recv(peers.RECV_TIMEOUT)
-    t_end = now()
+        t_first = now()
+        n = 0
+        ends = 0
+        while True:
+            if len(m) == 1:
+                ends += 1
+                if ends == senders:
+                    break
+            else:
+                n += 1
+            m = recv(peers.RECV_TIMEOUT)
+        t_end = now()
     out = {"n": n, "elapsed_s": t_end - t_first, "cpu_s": harness.cpu_seconds() - c0,
            "lost": sub.lost}
     sub.close()
@@ -72,18 +91,24 @@ def shimmy_receiver(ctl, name: str, daemon: str, pubs: int, senders: int):
     return out
 
 
-def shimmy_sender(ctl, name: str, daemon: str, pubs: int, size: int, seconds: float):
+def shimmy_sender(ctl, name: str, daemon: str, pubs: int, size: int, seconds: float,
+                  batch: bool = False):
     ch = _channel(name, daemon, pubs)
     data = peers.payload(size)
     publish = ch.publish
+    group = [data] * 32
+    publish_many = ch.publish_many
     ctl.ready()
     c0 = harness.cpu_seconds()
     now = time.perf_counter
     end = now() + seconds
     n = 0
     while True:
-        for _ in range(32):
-            publish(data)
+        if batch:   # publish_many: one commit for the 32
+            publish_many(group)
+        else:
+            for _ in range(32):
+                publish(data)
         n += 32
         if now() >= end:
             break
@@ -198,14 +223,15 @@ def wake_subscriber(ctl, name: str, daemon: str, pubs: int):
 
 def _fan(ctx, rx, txs, system: str, pubs: int, size: int, tag: str) -> dict:
     senders = len(txs)
-    if system == "shimmy":
-        name = f"bench/fanin/{tag}"
+    if system.startswith("shimmy"):
+        name = f"bench/fanin/{system}/{tag}"
+        batch = system == "shimmy-batch"
         rx.start_call(__name__, "shimmy_receiver", name=name, daemon=ctx.daemon, pubs=pubs,
-                      senders=senders)
+                      senders=senders, batch=batch)
         rx.wait_ready()
         for tx in txs:
             tx.start_call(__name__, "shimmy_sender", name=name, daemon=ctx.daemon, pubs=pubs,
-                          size=size, seconds=ctx.seconds)
+                          size=size, seconds=ctx.seconds, batch=batch)
     else:
         rx.start_call(__name__, "zmq_receiver", senders=senders)
         address = rx.wait_ready()
@@ -264,7 +290,7 @@ def run(ctx) -> dict:
                 for pubs in (1, FANIN):   # exclusive, then the group: alternated per repetition
                     r = _fan(ctx, rx, txs[:1], "shimmy", pubs, size, f"single/{pubs}/{size}/{rep}")
                     single.setdefault((size, pubs), []).append(r)
-            for system in ("shimmy", "zmq-ipc"):
+            for system in ("shimmy", "shimmy-batch", "zmq-ipc"):
                 r = _fan(ctx, rx, txs, system, FANIN, 64, f"fan/{rep}")
                 fan.setdefault(system, []).append(r)
             for pubs in WAKE_PUBLISHERS:
@@ -296,6 +322,13 @@ def run(ctx) -> dict:
                     "shimmy_tx_cpu_us_per_msg": sh_tx, "zmq_tx_cpu_us_per_msg": zq_tx})
     rows.append([f"fan-in {FANIN} -> 1 msgs/s (all delivered): shimmy (A) vs ZeroMQ ipc "
                  f"PUSH/PULL (B)", "64 B", f"{sh:,.0f}", f"{zq:,.0f}", f"{sh / zq:.2f}x"])
+    sb = med([r["rate"] for r in fan["shimmy-batch"]])
+    results.append({"what": "fan-in-batch", "size": 64, "publishers": FANIN,
+                    "shimmy_msgs_per_s": sb, "zmq_msgs_per_s": zq, "ratio": sb / zq,
+                    "all_delivered": True})
+    rows.append([f"fan-in {FANIN} -> 1 msgs/s, batch API (publish_many of 32 / receive_many): "
+                 f"shimmy (A) vs ZeroMQ ipc (B)", "64 B", f"{sb:,.0f}", f"{zq:,.0f}",
+                 f"{sb / zq:.2f}x"])
     rows.append([f"fan-in {FANIN} -> 1 receiver CPU us/msg: shimmy (A) vs ZeroMQ (B)", "64 B",
                  f"{sh_cpu:.3f}", f"{zq_cpu:.3f}", f"{sh_cpu / zq_cpu:.2f}x"])
     rows.append([f"fan-in {FANIN} -> 1 senders' CPU us/msg: shimmy (A) vs ZeroMQ (B)", "64 B",
