@@ -41,8 +41,9 @@ peer-source, peer-replica
             exactly what a trial does and what each count means there (loss is counted by the
             publisher's own index, so what dies with a source's ring is seen).
 
-``received`` counts messages checked (stream rows: bytes).  Counts (must all be 0): torn
-(payload checksum or stream bytes wrong), lost and duplicated
+``received`` counts messages checked (stream rows: bytes); the group rows' JSON also has
+``victims_published``, the trials whose victim had a ``publish()`` return before the kill.
+Counts (must all be 0): torn (payload checksum or stream bytes wrong), lost and duplicated
 (reliable), lost_inexact (lossy: ``Message.lost`` differs from the gap in sequence numbers),
 wedged (a survivor, successor or new subscriber failed or timed out), stale_objects (shared
 memory left after a row's daemon stopped, or left by a killed daemon after the restart's sweep,
@@ -377,6 +378,8 @@ def _group_trial(ctx, row: Row, d: Daemon, name: str, check: workers.GroupChecke
     if extra:
         row.bad("stale_objects", f"{BOUND_S} s after the publishers left and the subscribers "
                                  f"drained: {extra}", len(extra))
+    if returned:
+        row.counts["victims_published"] = row.counts.get("victims_published", 0) + 1
     if returned and check.last(vid) + 1 < returned:
         row.bad("lost" if check.reliable else "lost_inexact",
                 f"killed publisher {vid}: {returned} publishes returned, last seq received "
