@@ -122,7 +122,7 @@ class GroupChecker:
         return [f"publisher {pub}: {n}" for pub, c in self.by_pub.items() for n in c.notes][:5]
 
     def take_counts(self) -> dict:
-        """The counts so far, then zero them (the published ``last`` stays)."""
+        """The counts so far, then zero them (what ``last`` answers stays)."""
         out = {**self.counts, "notes": self.notes}
         for c in self.by_pub.values():
             c.counts = dict.fromkeys(c.counts, 0)
