@@ -661,9 +661,12 @@ class Daemon:
         self.authorize(client, "publish", rec.name, self.owner(rec.name))
         self.peer.check_publish(rec)  # one publisher cluster-wide: names the node holding it
         key = self._field(req, "key", int, optional=True, lo=0, hi=ID_MAX) or 0
+        carry = self._field(req, "carry", dict, optional=True)   # Channel.reopen
         member = self.registry.grant_publisher(rec, client.id, client.pid or client.claimed_pid,
                                                key)
         if member is None:
+            if carry is not None:
+                self.peer.carry(rec, carry)   # position the empty ring where its stream left off
             return {}
         return {"member": {"id": member.publisher, "shm": member.shm_name, "node": self.peer.node}}
 

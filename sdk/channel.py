@@ -171,13 +171,23 @@ class Channel:
         self.spin_us = DEFAULT_SPIN_US if spin_us is None else spin_us
         self.publish_timeout = publish_timeout
         self._fork_gen = fork_generation()
+        self._daemon = daemon
         self._client = get_client(daemon)
         reply = self._client.request("open", name=self.name, mode=mode, capacity=capacity,
                                      max_publishers=max_publishers)
-        self.mode = reply["mode"]
-        self.max_publishers = reply.get("max_publishers", 1)
         self.publisher_id = 0   # this object's publisher id once it publishes (groups)
         self._key = next(_channel_keys)
+        self._member: tuple[mmap.mmap, ring.RingView] | None = None   # our member ring (group)
+        self._writer: ring.RingWriter | None = None
+        self._subs: list[Subscription] = []
+        self.closed = False
+        self._map(reply)
+        _open_channels.add(self)
+
+    def _map(self, reply: dict) -> None:
+        """Map the ring an ``open`` reply names (and its wake-up semaphores)."""
+        self.mode = reply["mode"]
+        self.max_publishers = reply.get("max_publishers", 1)
         self.capacity = reply["capacity"]
         self.max_message = reply["max_message"]
         self._sem_prefix = reply["sem_prefix"]
@@ -187,12 +197,68 @@ class Channel:
         finally:
             shm.close_fd()
         self._view = ring.RingView(self._mm)
-        self._writer: ring.RingWriter | None = None
         self._wakeups = ring.Wakeups(self._view, reply["sem_prefix"])
-        self._member: tuple[mmap.mmap, ring.RingView] | None = None   # our member ring (group)
-        self._subs: list[Subscription] = []
+
+    def reopen(self) -> None:
+        """Open the channel again after ``ChannelClosed`` because its daemon restarted (also
+        after a SIGKILL of the daemon).  Raises ``DaemonUnavailable`` while no daemon answers
+        (nothing changes then: call it again).
+
+        A publisher carries its stream into the new ring: the messages its old ring still holds
+        (from the oldest, or in reliable mode from the oldest one a subscriber or a peer's
+        mirror had not consumed) are published again with their own sequence numbers, and the
+        numbering continues.  Replicas on other nodes resume by sequence number, so they lose
+        nothing the old ring held and count what it no longer held exactly in
+        ``Message.lost`` (docs/peering.md, "Restarts and links").  Subscriptions of this
+        channel continue on the new ring from its next message (the same objects); where the
+        numbering went on (a replica of another node's channel, a carried stream), the first
+        message's ``lost`` counts what was missed.
+        """
+        if self._fork_gen != fork_generation():
+            raise ChannelClosed(f"channel {self.name!r} was opened before fork(); open it again "
+                                f"in this process")
+        client = get_client(self._daemon)
+        reply = client.request("open", name=self.name, mode=self.mode, capacity=self.capacity)
+        old_view, old_mm, old_wakeups, writer = self._view, self._mm, self._wakeups, self._writer
+        # A publisher group's member ring is not carried (its messages were the group's own
+        # stream; a new member ring starts a new one) and its subscriptions end (subscribe again).
+        member, self._member = self._member, None
+        plan = _carry_plan(old_view, writer) if writer is not None and member is None else None
+        subs = [sub for sub in self._subs if not sub.closed]
+        for sub in subs:
+            sub._drop()
+        from .group import GroupSubscription
+        subs = [sub for sub in subs if not isinstance(sub, GroupSubscription)]
+        self._subs = []
+        self._client = client
+        self._writer = None
+        self.publisher_id = 0
+        if member is not None:
+            member[1].release()
+            try:
+                member[0].close()
+            except BufferError:
+                pass  # a caller still holds a Message view of it
+        self._map(reply)
         self.closed = False
-        _open_channels.add(self)
+        try:
+            if plan is not None:
+                self._client.request("publish", name=self.name, carry={
+                    "stream": plan[0], "position": plan[1], "seq": plan[2]})
+                new = ring.RingWriter(self._view, self._wakeups)
+                _carry(old_view, plan[1], new, plan[3], self.publish_timeout)
+                self._writer = new
+            for sub in subs:
+                reply = self._client.request("subscribe", name=self.name, start="next")
+                sub._rebind(reply["slot"], reply["position"], reply["seq"])
+                self._subs.append(sub)
+        finally:
+            old_wakeups.close()
+            old_view.release()
+            try:
+                old_mm.close()
+            except BufferError:
+                pass  # a caller still holds a Message view of the old ring
 
     # -- publishing ---------------------------------------------------------------------------
     def _check(self) -> None:
@@ -312,11 +378,73 @@ class Channel:
                 f"max_publishers={self.max_publishers}>")
 
 
+def _carry_plan(view: ring.RingView, writer: ring.RingWriter) -> tuple[int, int, int, int]:
+    """What a publisher carries from its old ring: ``(stream id, start position, seq at the
+    start, next seq)``.  It starts at the oldest intact frame; in reliable mode at the oldest
+    position an ACTIVE slot (a subscriber, a peer's mirror) had not consumed, when later.  The
+    old daemon is gone, so nothing but this process writes the ring any more."""
+    q = view.q
+    tail, head = q[ring.W_TAIL], q[ring.W_HEAD]
+    start = head
+    if view.mode == ring.MODE_RELIABLE:
+        low = writer.min_position()
+        if head < low <= tail:
+            start = low
+    return view.stream_id(), start, _first_seq(view, start, tail, writer.next_seq), \
+        writer.next_seq
+
+
+def _frames(view: ring.RingView, start: int, tail: int):
+    """``(position, length, flags, seq)`` of every frame in ``[start, tail)``, validated."""
+    mv, base, mask = view.mv, view.data_offset, view.capacity - 1
+    p = start
+    while p < tail:
+        length, flags, seq = ring.FRAME.unpack_from(mv, base + (p & mask))
+        end = ring.frame_end(view, p, length, flags, tail)
+        yield p, length, flags, seq
+        p = end
+
+
+def _first_seq(view: ring.RingView, start: int, tail: int, next_seq: int) -> int:
+    for _, _, flags, seq in _frames(view, start, tail):
+        if not flags:
+            return seq
+    return next_seq
+
+
+def _carry(old: ring.RingView, start: int, writer: ring.RingWriter, next_seq: int,
+           timeout: float | None) -> None:
+    """Publish every message of ``old`` from ``start`` whose number the new ring has not
+    reached yet, with its own number; then continue the numbering at ``next_seq``.  When the
+    new ring was positioned at ``start`` (the daemon seeds a fresh ring there), frames land at
+    the very positions they had, so replicas that hold a prefix resume by position."""
+    base, mv = old.data_offset, old.mv
+    for p, length, flags, seq in _frames(old, start, old.q[ring.W_TAIL]):
+        if flags or seq < writer.next_seq:
+            continue
+        writer.skip_to(seq)
+        at = base + (p & (old.capacity - 1)) + ring.HEADER
+        with mv[at:at + length] as payload:
+            writer.publish(payload, timeout)
+    if next_seq > writer.next_seq:
+        writer.skip_to(next_seq)
+
+
 class Subscription:
     """One subscriber's position in a channel; iterate it or call :meth:`receive`."""
 
     def __init__(self, channel: Channel, slot: int, position: int, seq: int, spin_us: int):
         self.channel = channel
+        self._bind(slot, position, seq)
+        self._sleeps = 0          # times this subscription slept on its semaphore ...
+        self._sleep_timeouts = 0  # ... and how many of those ended by the bound, not a post
+        self._spin_max = spin_us / 1e6
+        self._spin = self._spin_max
+        self.closed = False
+
+    def _bind(self, slot: int, position: int, seq: int) -> None:
+        """Attach to ``slot`` of the channel's (current) ring, starting at ``position``."""
+        channel = self.channel
         self.slot = slot
         self._view = channel._view
         self._reader = ring.RingReader(channel._view, slot, position, seq)
@@ -326,11 +454,19 @@ class Subscription:
         at = ring.waiting_offset(slot)
         self._waiting = channel._view.mv[at:at + 1]
         self._epoch = 0  # sleep epoch last stored in the waiting byte (ring.next_epoch)
-        self._sleeps = 0          # times this subscription slept on its semaphore ...
-        self._sleep_timeouts = 0  # ... and how many of those ended by the bound, not a post
         self._ro = channel._view.mv.toreadonly()
-        self._spin_max = spin_us / 1e6
-        self._spin = self._spin_max
+
+    def _rebind(self, slot: int, position: int, seq: int) -> None:
+        """After ``Channel.reopen``: continue on the new ring.  Numbers are the channel's across
+        restarts (a replica's are its source's; a publisher that carried its stream keeps
+        them), so when the new ring starts at or after the next number we expected, the first
+        message's ``lost`` counts the gap exactly; when it starts below (the numbering began
+        again), we follow the new numbering."""
+        expect, lost = self._reader._expect, self._reader.lost_total
+        self._bind(slot, position, seq)
+        if seq >= expect:
+            self._reader._expect = expect
+        self._reader.lost_total = lost
         self.closed = False
 
     @property
@@ -483,6 +619,12 @@ class Subscription:
 
     async def __anext__(self) -> Message:
         return await self.receive_async()
+
+    def _drop(self) -> None:
+        """Let go of the old ring without telling the daemon (it is gone: ``Channel.reopen``)."""
+        self.closed = True
+        self._sem.close()
+        self._waiting.release()
 
     def close(self) -> None:
         if self.closed:

@@ -86,6 +86,7 @@ class DaemonClient:
             raise DaemonUnavailable(self._unavailable("no socket file there")) from None
         if not os.access(path, os.R_OK | os.W_OK):
             raise _denied(path, "the daemon's control socket")
+        _probe(path, self._unavailable)
         self._ctx: zmq.Context = zmq.Context.instance()
         self._sock = self._new_socket()
         hello = self.request("hello", pid=os.getpid())
@@ -188,6 +189,22 @@ def _inode(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns
+
+
+def _probe(path: str, unavailable) -> None:
+    """Fail at once when nobody listens on the control socket (a daemon killed without a chance
+    to remove its socket file): ZeroMQ would otherwise wait REQUEST_TIMEOUT for a reply, which
+    made every reopen after a daemon restart take seconds."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)   # a full backlog (a daemon out of descriptors) must not block us
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        raise DaemonUnavailable(unavailable("nobody listens on the socket")) from None
+    except OSError:
+        pass   # anything else (a full backlog: a timeout): let ZeroMQ try and report as before
+    finally:
+        probe.close()
 
 
 def _socket_path_mismatch(path: str, session: str, exc: OSError) -> str:

@@ -222,6 +222,14 @@ class GroupSubscription(Subscription):
         """Ids of the publishers whose rings this subscription reads now."""
         return [m.id for m in self._members]
 
+    def _drop(self) -> None:
+        """``Channel.reopen``: let go of every member ring too (a group subscription ends)."""
+        for m in self._members:
+            m.close()
+        self._members = []
+        self._cur = None
+        super()._drop()
+
     def close(self) -> None:
         if self.closed:
             return

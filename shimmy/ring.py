@@ -74,6 +74,8 @@ OFF_LINK = 48          # u32, daemon-written: state of the peer link feeding a r
 OFF_LINK_EPOCH = 52    # u32, daemon-written: bumped on every reconnect of that link
 OFF_GROUP_EPOCH = 56   # u32, daemon-written: membership epoch of a multi-publisher channel
 I_GROUP_EPOCH = OFF_GROUP_EPOCH // 4
+OFF_STREAM = 272       # u64, daemon-written: id of the stream this ring holds (0 = none yet);
+                       # after the longest name (64 + 4 + 200 bytes), before the publisher's line
 OFF_NAME = 64
 OFF_TAIL = 320
 OFF_HEAD = 328
@@ -275,6 +277,10 @@ class RingView(SegmentView):
         self.mode = self.u32[OFF_MODE // 4]
         self.max_subscribers = self.u32[OFF_MAX_SUBS // 4]
 
+    def stream_id(self) -> int:
+        """Id of the stream this ring holds (daemon word; 0 until the daemon names one)."""
+        return self.q[OFF_STREAM // 8]
+
     def link_state(self) -> str:
         """'local', 'up', 'down' or 'conflict': the peer link feeding this ring (daemon word)."""
         return LINK_NAMES.get(self.u32[OFF_LINK // 4], "down")
@@ -300,7 +306,9 @@ def format_ring(mm: mmap.mmap, name: str, mode: int, capacity: int, max_subscrib
     struct.pack_into("<QIIQII", mv, 0, MAGIC, LAYOUT_VERSION, mode, capacity, max_subscribers,
                      data_offset(max_subscribers))
     struct.pack_into("<QQ", mv, OFF_CREATED, time.time_ns(), 0)
-    raw = name.encode()
+    # The header name is what errors and tools show; at most 200 bytes fit before OFF_STREAM
+    # (a channel name is at most 200 characters; a longer peer alias of a group member is cut).
+    raw = name.encode()[:OFF_STREAM - OFF_NAME - 4 - 4]
     struct.pack_into("<I", mv, OFF_NAME, len(raw))
     mv[OFF_NAME + 4:OFF_NAME + 4 + len(raw)] = raw
     mv.release()
@@ -539,6 +547,19 @@ class RingWriter:
         self._head = head
         self._seq = stream_point(self.v)[1]
         self._limit = head + self._cap  # furthest end writable without overwriting
+
+    @property
+    def next_seq(self) -> int:
+        """Sequence number the next message gets."""
+        return self._seq
+
+    def skip_to(self, seq: int) -> None:
+        """Number the next message ``seq`` (never backwards): readers count the numbers skipped
+        as ``Message.lost``.  A publisher that carries its stream into a new ring
+        (``Channel.reopen``) keeps its messages' own numbers this way."""
+        if seq < self._seq:
+            raise ValueError(f"sequence number {seq} is behind the next one {self._seq}")
+        self._seq = seq
 
     # -- hot path ---------------------------------------------------------------------------
     def publish(self, data, timeout: float | None) -> int:

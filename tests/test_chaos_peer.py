@@ -33,9 +33,5 @@ def test_crash_matrix_peer_bounded(tmp_path, kind):
         for key in OTHERS:
             assert row[key] == 0, row
     loss = [(r["mode"], {k: r[k] for k in LOSS}) for r in report["rows"] if any(r[k] for k in LOSS)]
-    if kind == "peer-source" and loss:
-        # What a SIGKILLed source's ring held but had not mirrored is not yet carried into the
-        # new ring (docs/peering.md, Restarts and links, limit 1; issue 9).
-        pytest.xfail(f"source-kill loss not yet carried over: {loss}")
     assert not loss, report
     assert proc.returncode == 0, proc.stdout + proc.stderr

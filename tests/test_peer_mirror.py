@@ -72,12 +72,29 @@ def _open_when_linked(sock: str, name: str, mode: str, capacity: int, links: int
         time.sleep(0.05)
 
 
+CARRY = -2   # worker_pub ``links``: survive daemon restarts with Channel.reopen
+
+
+def _reopen(ch) -> None:
+    """``ch.reopen()`` as soon as a daemon answers on its socket again."""
+    from shimmy.errors import DaemonUnavailable
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ch.reopen()
+            return
+        except DaemonUnavailable as exc:
+            assert time.monotonic() < deadline, f"daemon never came back: {exc}"
+            time.sleep(0.02)
+
+
 def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: int,
                announce: int = 1, links: int = 0) -> None:
     """Publish ``n`` checksummed messages.  ``announce``: publish one message before "ready"
     (else the publisher is attached but silent).  ``links`` > 0: survive restarts of our daemon
     by reopening (once it has that many links) and publishing the same index again; -1: the
-    same, reopening as soon as the daemon answers."""
+    same, reopening as soon as the daemon answers; ``CARRY``: on any error, ``Channel.reopen``
+    (carrying the stream over) as soon as the daemon answers, then the same index again."""
     from shimmy.errors import ShimmyError
     ch = _open_when_linked(sock, name, mode, capacity, max(links, 0))
     if announce:
@@ -88,7 +105,10 @@ def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: i
     reopened = 0
     i = 0
     while i < n:
-        if links and ch._view.retired():
+        if links == CARRY and ch._view.retired():
+            _reopen(ch)   # (publish itself notices only at its next slow path)
+            reopened += 1
+        elif links and ch._view.retired():
             ch.close()
             ch = _open_when_linked(sock, name, mode, capacity, max(links, 0))
             reopened += 1
@@ -97,6 +117,9 @@ def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: i
         except ShimmyError:
             if not links:
                 raise
+            if links == CARRY:
+                _reopen(ch)
+                reopened += 1
             continue      # retired under us: reopen and publish index i again
         i += 1
         if pace and i % 100 == 0:
@@ -106,8 +129,30 @@ def worker_pub(sock: str, name: str, mode: str, n: int, pace: float, capacity: i
     ch.close()
 
 
+def _reopen_when_known(ch, sock: str, name: str) -> None:
+    """After our daemon restarted: ``ch.reopen()`` once it answers and knows ``name`` as
+    published by a peer (so the channel is made as that peer's replica)."""
+    from shimmy.errors import DaemonUnavailable
+    from shimmy.sdk.client import DaemonClient
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            c = DaemonClient(sock)
+            try:
+                remote = c.request("list").get("remote", [])
+            finally:
+                c.close()
+            if any(r["name"] == name and r.get("published") for r in remote):
+                ch.reopen()
+                return
+        except DaemonUnavailable:
+            pass
+        assert time.monotonic() < deadline, "daemon never came back with the channel"
+        time.sleep(0.05)
+
+
 def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
-               mode: str = "") -> None:
+               mode: str = "", capacity: int | str = 0, reopen: int | str = 0) -> None:
     import shimmy
     import shimmy.sdk.channel
     from shimmy.sdk.client import get_client
@@ -120,7 +165,7 @@ def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
             break
         assert time.monotonic() < deadline, f"channel {name} never announced"
         time.sleep(0.05)
-    ch = shimmy.Channel(name, daemon=sock, mode=mode or None)
+    ch = shimmy.Channel(name, daemon=sock, mode=mode or None, capacity=int(capacity) or None)
     sub = ch.subscribe()
     while wait_known and sub.status == "down":
         assert time.monotonic() < deadline, "mirror link never came up"
@@ -132,9 +177,16 @@ def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
     errors: list[str] = []
     statuses = [sub.status]
     waited = 0.0
+    reopens = 0
     while True:
         try:
             msg = sub.receive(timeout=0.2)
+        except shimmy.ChannelClosed:
+            if not int(reopen):
+                raise
+            _reopen_when_known(ch, sock, name)   # our daemon restarted: same Subscription
+            reopens += 1
+            continue
         except TimeoutError:
             waited += 0.2
             if sub.status != statuses[-1]:
@@ -164,8 +216,16 @@ def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
         got += 1
         if i == n - 1:
             break
+    # The link state is set by the daemon's main loop when it handles ``mirror_ok``; the first
+    # batches may be committed (by the link reader) a moment before that: let it settle.
+    settle = time.monotonic() + 2.0
+    while sub.status == "down" and time.monotonic() < settle:
+        time.sleep(0.01)
+    if sub.status != statuses[-1]:
+        statuses.append(sub.status)
     print(json.dumps({"got": got, "lost": lost, "first": first, "last": prev,
-                      "errors": errors[:5], "status": sub.status, "statuses": statuses}),
+                      "errors": errors[:5], "status": sub.status, "statuses": statuses,
+                      "reopens": reopens}),
           flush=True)
 
 

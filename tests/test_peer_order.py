@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from test_peer_mirror import HAVE_NS, Proxy, check, cluster_nodes, free_port, wait_for, wait_line
+from test_peer_mirror import (CARRY, HAVE_NS, Proxy, check, cluster_nodes, free_port, wait_for,
+                              wait_line)
 
 pytestmark = pytest.mark.skipif(not HAVE_NS, reason="needs root, unshare and nsenter "
                                                      "(a private IPC namespace and /dev/shm)")
@@ -312,6 +313,90 @@ def test_source_daemon_restart_publisher_reopens_first(cluster, mode):
     assert replica["rebases"] == 1 and b.peer()["counters"]["replica_resets"] == 0, replica
 
 
+@pytest.mark.parametrize("mode", ["reliable", "lossy"])
+def test_source_daemon_sigkill_exact(cluster, mode):
+    """Row 8c (issue 9, exact loss after a SIGKILL of the source daemon): 50,000 checksummed
+    messages; A's daemon is SIGKILLed mid-stream (no drain: what A's ring held but had not
+    mirrored is only in the publisher's old mapping) and started again.  A's publisher keeps
+    publishing into its old ring until the new daemon retires it, then ``Channel.reopen``
+    carries the stream over.  B's subscriber keeps its Subscription (``down``, ``up``);
+    reliable: every message once, in order, none lost (the ring holds all that was unmirrored);
+    lossy: received + lost == published, every gap equal to ``Message.lost``."""
+    a, b = pair(cluster)
+    n = 50_000
+    p = pub(cluster, a, "o/kill", mode, n, pace=0.004, links=CARRY, capacity=1 << 20)
+    wait_line(p, "ready")
+    s_b = sub(cluster, b, "o/kill", n, idle=30)
+    wait_line(s_b, "ready")
+    go(p)
+    time.sleep(1.0)
+    a.stop(signal.SIGKILL)
+    a.start()
+    r = result(s_b, timeout=180)
+    done = wait_line(p, "done", timeout=120)
+    p.stdin.write("bye\n")
+    p.stdin.flush()
+    p.wait(20)
+    check(r, n, reliable=mode == "reliable")
+    assert r["last"] == n - 1, r
+    # (the outage can be shorter than the subscriber's 0.2 s polls of ``status``: the replica's
+    # reconnect count is the proof that the link went down)
+    assert r["statuses"][-1] == "up", r
+    (replica,) = b.peer()["replicas"]
+    assert replica["reconnects"] >= 1, replica
+    assert int(done.split()[1]) >= 1, done   # the publisher did reopen
+    assert b.peer()["counters"]["replica_resets"] == 0
+    counters = a.peer()["counters"]
+    assert counters["streams_carried"] + counters["streams_continued"] >= 1, counters
+
+
+@pytest.mark.parametrize("kill", ["SIGTERM", "SIGKILL"])
+def test_unfed_replica_survives_source_restart(cluster, kill):
+    """Row 8d: B's replica was made (B's subscriber is ``up``) but never received a message
+    when A's daemon restarts; it survives like a fed one: the subscriber keeps its
+    Subscription and receives every message A's publisher publishes afterwards, and B's
+    replica is never retired."""
+    a, b = pair(cluster)
+    n = 3000
+    p = pub(cluster, a, "o/unfed", "reliable", n, links=CARRY)
+    wait_line(p, "ready")
+    s_b = sub(cluster, b, "o/unfed", n, idle=30)
+    assert wait_line(s_b, "ready").split()[1] == "up"
+    a.stop(getattr(signal, kill))
+    a.start()
+    wait_for("B's link to A back", lambda: a.peer()["links"] and b.peer()["links"])
+    go(p)
+    r = result(s_b)
+    finish(p)
+    check(r, n, reliable=True)
+    assert r["statuses"][-1] == "up", r
+    assert b.peer()["counters"]["replica_resets"] == 0
+
+
+@pytest.mark.parametrize("given", [None, 8 << 20])
+def test_open_before_publish_adopts_capacity(cluster, given):
+    """Row 2b: A's publisher opens a channel with a capacity other than the default and stays
+    silent; B's subscriber opens the name without a capacity (or with the same one): B's
+    channel gets A's capacity, so it becomes A's replica when A publishes (no conflict) and
+    the subscriber receives every message."""
+    a, b = pair(cluster)
+    n = 2000
+    p = pub(cluster, a, "o/cap", "reliable", n, announce=0, capacity=8 << 20)
+    wait_line(p, "ready")
+    wait_for("B to learn the open name",
+             lambda: [c for c in b.request("list")["remote"] if c["name"] == "o/cap"])
+    s_b = cluster.client(b, "sub", b.socket, "o/cap", str(n), "15", "0", "", str(given or 0))
+    wait_line(s_b, "ready")
+    (ch,) = [c for c in b.request("list")["channels"] if c["name"] == "o/cap"]
+    assert ch["capacity"] == 8 << 20 and "conflict" not in ch, ch
+    go(p)
+    r = result(s_b)
+    finish(p)
+    check(r, n, reliable=True)
+    assert r["statuses"][-1] == "up", r
+    assert b.peer()["counters"]["replicas_converted"] == 1 and not b.peer()["conflicts"]
+
+
 def test_replica_node_restart(cluster):
     """Row 9: B's daemon restarts (its subscribers go with it: a restart is a clean slate on
     that node); a new subscriber on B gets a fresh replica and the stream from then on."""
@@ -330,6 +415,30 @@ def test_replica_node_restart(cluster):
     finish(p)
     check(r, n, reliable=True, allow_start_after=True)
     assert r["got"] > 0
+
+
+@pytest.mark.parametrize("mode", ["reliable", "lossy"])
+def test_replica_node_sigkill_subscriber_continues(cluster, mode):
+    """Row 9b: B's daemon is SIGKILLed mid-stream and started again.  B's subscriber gets
+    ChannelClosed (its daemon restarted), calls ``Channel.reopen()`` once B knows the channel
+    again and keeps its Subscription: what was published while B was away is missing, and the
+    first message after the reopen counts exactly that in ``Message.lost`` (the replica's
+    numbers are A's).  A's publisher is undisturbed."""
+    a, b = pair(cluster)
+    n = 20_000
+    p = pub(cluster, a, "o/rkill", mode, n, pace=0.02)
+    wait_line(p, "ready")
+    s_b = cluster.client(b, "sub", b.socket, "o/rkill", str(n), "30", "1", "", "0", "1")
+    wait_line(s_b, "ready")
+    go(p)
+    time.sleep(1.0)
+    b.stop(signal.SIGKILL)
+    b.start()
+    r = result(s_b, timeout=180)
+    finish(p)
+    check(r, n, reliable=False)   # every gap equals lost
+    assert r["first"] == 0 and r["last"] == n - 1 and r["reopens"] == 1, r
+    assert r["lost"] > 0, r       # B was away for a while: a clean slate on B, counted
 
 
 def test_forgotten_peer(cluster):

@@ -184,3 +184,98 @@ def test_link_loss_raises_transport_closed(pair):
         for _ in range(1000):
             pair.transport.put(0, [memoryview(bytes(4096))], 0)
             time.sleep(0.001)
+
+
+def test_source_cuts_batches_so_replica_head_never_passes_last(pair):
+    """Replica rings keep invariant (A), head <= last, at every instant, also while a batch
+    lands (docs/ring-format.md, "Replica rings"): a reliable source whose subscribers consumed
+    everything lets its publisher fill a whole ring before the mirror sends; one batch that
+    long would make the replica's head pass its last frame before the commit (the transient
+    RingCorrupted of ls/stat/subscribe).  The real MirrorSource cuts it at a frame boundary;
+    the replica is checked at each put, before the bytes land."""
+    import os
+
+    import posix_ipc
+
+    from shimmy.daemon.peer.mirror import MirrorSource
+    sink = pair.sink
+    seen: list[tuple[int, int]] = []
+    put_target = sink.put_target
+
+    def checked(start, end, guard):   # the real put_target, then the invariant as it stands
+        views = put_target(start, end, guard)
+        seen.append((sink.q[ring.OFF_HEAD // 8], sink.q[ring.OFF_LAST // 8]))
+        return views
+    sink.put_target = checked
+    prefix = f"/shimmy-conf-cut-{os.getpid()}.s"
+    sem = posix_ipc.Semaphore(prefix + "0", posix_ipc.O_CREX)
+    mm, view = make_ring(ring.MODE_RELIABLE)
+    wakeups = ring.Wakeups(view, prefix)
+    try:
+        writer = ring.RingWriter(view, wakeups)
+        ring.daemon_activate_slot(view, 0, 0, os.getpid(), 1)   # the mirror's slot
+        body = b"m" * (1024 - ring.HEADER)
+        writer.publish(body, 1.0)
+        # The replica holds the first frame (as after earlier batches), and has consumed it.
+        pair.transport.jump(0, 0)
+        pair.transport.put(0, [view.mv[view.data_offset:view.data_offset + 1024]], 0)
+        pair.transport.commit(1024, 0)
+        until(lambda: sink.tail == 1024)
+        view.q[view.slot_word(0)] = 1024
+        while writer._tail + 1024 <= 1024 + CAP:   # a whole ring past what was consumed
+            writer.publish(body, 1.0)
+        tail = writer._tail
+        assert tail - 1024 == CAP
+        src = MirrorSource("conf/x", view, 0, prefix + "0", pair.transport, 1024, None, 1024)
+        src.start()
+        until(lambda: sink.tail == tail)
+        src.stop()
+        src.thread.join(2)
+    finally:
+        wakeups.close()
+        sem.unlink()
+        sem.close()
+    assert len(seen) >= 3, seen   # (the first frame's put, then the ring-long batch, cut)
+    assert all(head <= last for head, last in seen), seen
+    assert ring.stream_point(sink.v) == ring.stream_point(view)
+
+
+@pytest.mark.parametrize("committed_before", [True, False])
+def test_uncommitted_put_of_a_stopped_mirror_is_dropped_not_a_restart(pair, committed_before):
+    """The lossy fan-out flake: a mirror is stopped after a put landed but before its commit
+    (the replica's ``next`` is past its tail), and the next mirror of the same replica begins
+    with a jump (or a put) at the replica's tail.  The replica drops the uncommitted bytes and
+    continues; it used to take this for a restarted stream and retire itself when it had no
+    committed message yet (its subscribers got ChannelClosed), or rebase."""
+    pair.transport.jump(0, 0)
+    tail, seq = 0, 0
+    if committed_before:
+        blob = frames(0, [10, 100, 0, 33])
+        pair.transport.put(0, [memoryview(blob)], 0)
+        pair.transport.commit(len(blob), len(blob) - ring.frame_size(33))
+        tail, seq = len(blob), 4
+        until(lambda: pair.sink.tail == tail)
+    stale = frames(seq, [50, 60])
+    pair.transport.put(tail, [memoryview(stale)], 0)   # never committed: mirror stopped
+    until(lambda: pair.sink.next == tail + len(stale))
+    # The next mirror: its first word is a jump to a point inside the uncommitted bytes, the
+    # two stale messages lost; then a put and commit of the message after them.
+    at = tail + ring.frame_size(50)
+    pair.transport.jump(at, seq + 2)
+    more = frames(seq + 2, [20])
+    pair.transport.put(at, [memoryview(more)], 0)
+    pair.transport.commit(at + len(more), at)
+    until(lambda: pair.sink.tail == at + len(more))
+    assert not pair.sink.reset_needed and pair.sink.rebases == 0
+    assert ring.stream_point(pair.view) == (at + len(more), seq + 3)
+    reader = ring.RingReader(pair.view, 0, tail, seq)
+    got = reader.take()
+    assert got is not None and got[3] == seq + 2 and got[4] == 2   # exactly 2 lost
+    # A put at the tail right after an uncommitted one (a mirror that resumes at our tail).
+    pair.transport.put(pair.sink.tail, [memoryview(frames(seq + 3, [5]))], 0)
+    until(lambda: pair.sink.next > pair.sink.tail)
+    pair.transport.put(pair.sink.tail, [memoryview(frames(seq + 3, [8]))], 0)
+    end = pair.sink.tail + ring.frame_size(8)
+    pair.transport.commit(end, pair.sink.tail)
+    until(lambda: pair.sink.tail == end)
+    assert ring.stream_point(pair.view) == (end, seq + 4) and not pair.errors

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 import posix_ipc
 
 from shimmy import ring
+from shimmy.errors import RingCorrupted
 from shimmy.ring import FLAG_PAD, FRAME, HEADER
 
 from .transport import ReplicaSink, Transport, TransportClosed
@@ -53,6 +55,40 @@ def seed_stream(view: ring.RingView, position: int, seq: int) -> None:
     q[ring.OFF_TAIL // 8] = position
 
 
+def seq_point(view: ring.RingView, seq: int) -> tuple[int, int]:
+    """``(position, seq)`` of the first message numbered ``seq`` or later that the ring still
+    holds (its tail and the next number when there is none)."""
+    mv, base, mask = view.mv, view.data_offset, view.capacity - 1
+    p, first = ring.stream_point(view, oldest=True)
+    tail, at_tail = ring.stream_point(view)
+    while p < tail:
+        length, flags, s = FRAME.unpack_from(mv, base + (p & mask))
+        if not flags and s >= seq:
+            return p, s
+        p = ring.frame_end(view, p, length, flags, tail)
+    return tail, at_tail
+
+
+def cut_batch(view: ring.RingView, pos: int, limit: int) -> tuple[int, int] | None:
+    """``(end, last)`` of the longest run of whole frames from ``pos`` that ends at or before
+    ``limit`` (``last``: the start of its last frame), or None when the frames read are not
+    well formed (overwritten meanwhile: the caller's head check finds out).  A batch so cut
+    never makes the replica's head pass its ``last`` frame (docs/ring-format.md, "Replica
+    rings")."""
+    mv, base, mask = view.mv, view.data_offset, view.capacity - 1
+    p, prev = pos, -1
+    try:
+        while True:
+            length, flags, _ = FRAME.unpack_from(mv, base + (p & mask))
+            nxt = ring.frame_end(view, p, length, flags, p + view.capacity)
+            if nxt > limit:
+                break
+            prev, p = p, nxt
+    except RingCorrupted:
+        return None
+    return (p, prev) if prev >= 0 else None
+
+
 class ReplicaViolation(Exception):
     """The source sent something inconsistent with the replica's state."""
 
@@ -62,9 +98,12 @@ class MirrorSource:
 
     def __init__(self, name: str, view: ring.RingView, slot: int, sem_name: str,
                  transport: Transport, start: int, start_seq: int | None, resume: int | None,
-                 origin: tuple[int, int] | None = None):
+                 origin: tuple[int, int] | None = None, wait_seq: int | None = None):
         self.name = name
         self.v = view
+        # Resume by sequence number: start at the first message numbered ``wait_seq`` or later,
+        # once the ring has it (a publisher carrying its stream over may still be at it).
+        self.wait_seq = wait_seq
         # (position, seq) where our stream began, sent first to a replica that is ahead of it
         # (our daemon restarted): the replica continues our stream from there, so a jump on to
         # ``start`` counts the messages we no longer hold as lost, exactly.
@@ -82,6 +121,9 @@ class MirrorSource:
         self.stats = {"bytes": 0, "messages": 0, "batches": 0, "gaps": 0, "gap_bytes": 0,
                       "torn": 0}
         self._seq_end: int | None = None
+        # The replica's ``last`` (in our positions) as our commits and jumps left it; until the
+        # first of them, a safe lower bound (a frame or PAD is at most half the ring).
+        self.rlast = start - view.capacity // 2
         self.thread = threading.Thread(target=self._run, name=f"mirror-{name}", daemon=True)
         if hasattr(transport, "on_credit"):
             transport.on_credit = self.on_credit
@@ -134,6 +176,16 @@ class MirrorSource:
         put_commit = getattr(t, "put_commit", None) if self.reliable else None
         epoch = 0
         try:
+            if self.wait_seq is not None:
+                while ring.stream_point(v)[1] < self.wait_seq:
+                    if self.stopped:
+                        return
+                    if v.retired():
+                        self.error = "source channel retired"
+                        return
+                    time.sleep(0.002)
+                pos, self.start_seq = seq_point(v, self.wait_seq)
+                self.pos = pos
             if self.start_seq is not None:
                 # Fresh replica, or a hole between what it holds and what we still hold.
                 if self.origin is not None and self.origin[0] < pos:
@@ -144,6 +196,10 @@ class MirrorSource:
                     stats["gaps"] += 1
                     stats["gap_bytes"] += pos - self.resume
                 t.jump(pos, self.start_seq)
+                if self.resume is None or pos > self.resume:
+                    self.rlast = pos - HEADER   # the replica's hole ends in a PAD there
+                else:   # it rebased: its last frame (or hole PAD) is at most half a ring back
+                    self.rlast = pos - cap // 2
             while not self.stopped:
                 # SYNC POINT (acquire): pairs with the publisher's tail store (RingWriter._commit).
                 tail = q[tail_w]
@@ -181,10 +237,20 @@ class MirrorSource:
                     stats["gaps"] += 1
                     stats["gap_bytes"] += jpos - pos
                     t.jump(jpos, jseq)
+                    if jpos > pos:
+                        self.rlast = jpos - HEADER
                     pos = self.pos = jpos
                     if self.credit < pos:
                         self.credit = pos
                     continue
+                if tail > self.rlast + cap:
+                    # A batch this long would overwrite the replica's last frame before the
+                    # commit (its head would pass its last): cut it at a frame boundary.  Rare:
+                    # only when nearly a ring was committed since the last batch.
+                    cut = cut_batch(v, pos, self.rlast + cap)
+                    if cut is None:
+                        continue   # overwritten while we read it: the head check jumps
+                    tail, last = cut
                 off = pos & mask
                 n = tail - pos
                 views: tuple[memoryview, ...]
@@ -201,6 +267,8 @@ class MirrorSource:
                     put_commit(pos - n, views, head, tail, last)
                     for view in views:
                         view.release()
+                    if last:
+                        self.rlast = last
                     self._count(n, last)
                     continue
                 t.put(pos, views, head)
@@ -219,6 +287,8 @@ class MirrorSource:
                 # this thread runs again, and on_credit refuses credits beyond self.pos.
                 pos = self.pos = tail
                 t.commit(tail, last, pad)
+                if last and last >= pad:   # (as the replica: a torn last frame is not its last)
+                    self.rlast = last
                 self._count(n, last)
         finally:
             waiting[0] = 0
@@ -281,6 +351,11 @@ class MirrorReplica(ReplicaSink):
         """Our committed tail in the source's positions (what a mirror request resumes at)."""
         return self.tail - self.off
 
+    @property
+    def source_seq(self) -> int:
+        """The number of the next message we lack, in the source's numbering (-1: unknown)."""
+        return -1 if self._seq_end is None else max(self._seq_end - self.seq_off, 0)
+
     # -- ReplicaSink ---------------------------------------------------------------------------
     def put_target(self, start: int, end: int, guard: int) -> list[memoryview]:
         if self.reset_needed:   # being retired: drain the bytes, touch nothing
@@ -290,15 +365,22 @@ class MirrorReplica(ReplicaSink):
         end += off
         guard += off
         if start != self.next:
-            raise ReplicaViolation(f"put at {start}, replica expects {self.next}")
+            if start != self.tail:
+                raise ReplicaViolation(f"put at {start}, replica expects {self.next}")
+            # Bytes [tail, next) of a put never committed (its mirror was stopped and a new one
+            # resumes at our tail): nobody saw them; the new stream replaces them.
+            self.next = self.tail
         if end - start > self.cap:
             raise ReplicaViolation(f"put of {end - start} bytes into a {self.cap}-byte ring")
         if guard > self.tail or guard + self.cap < end:
             raise ReplicaViolation(f"guard head {guard} outside [{end - self.cap}, {self.tail}]")
         need = end - self.cap
         if self.head < need:
+            last = self.q[ring.OFF_LAST // 8]
             if guard >= self.same_from:
-                h = guard   # frame boundaries from same_from on are the source's own
+                # Frame boundaries from same_from on are the source's own.  Never past our
+                # last frame (invariant (A)): the source cuts batches so that need <= last.
+                h = guard if guard <= last or need > last else last
             else:
                 # guard may fall inside a hole this replica PAD-ed (its boundaries differ from
                 # the source's there): walk our own frames instead.
@@ -367,15 +449,26 @@ class MirrorReplica(ReplicaSink):
         """Move head and tail to ``position``, whose next message has sequence ``seq``."""
         if self.reset_needed:
             return
-        if position + self.off < self.next and self._seq_end is not None:
+        if self.tail <= position + self.off < self.next:
+            # A put never committed (its mirror was stopped; this is the new mirror's first
+            # word): nobody saw those bytes, drop them.  Not a restart of the stream.
+            self.next = self.tail
+        if position + self.off < self.next:
             # The source's stream restarted below us (its daemon restarted and its publisher
             # reopened before our position reached the new daemon): positions cannot go back
             # under live readers, so we continue: a new position offset (a multiple of the
-            # capacity above our tail) and sequence offset (its next message gets our next
-            # number).  What the old source held but never sent is not counted (unknowable).
+            # capacity above our tail) and, if its numbering began again, a sequence offset
+            # (its next message gets our next number; what the old source held but never sent
+            # is then not counted: unknowable).  A replica never fed a message continues the
+            # same way: its next number is the one its ring was positioned at.
+            ours = ring.stream_point(self.v)[1] if self._seq_end is None else self._seq_end
             self.rebases += 1
             self.off = -(-(self.tail - position) // self.cap) * self.cap
-            self.seq_off = self._seq_end - seq
+            if seq + self.seq_off < ours:
+                # Its numbering began again too: its next message gets our next number.
+                self.seq_off = ours - seq
+            # else it numbers on from ours (a publisher that carried its stream over): the
+            # numbers are kept, and any gap is counted from them.
             log.warning("replica %s: source stream restarted at %d (seq %d) below our tail %d: "
                         "continuing at %d", self.v.name, position, seq, self.tail,
                         position + self.off)
@@ -389,11 +482,6 @@ class MirrorReplica(ReplicaSink):
             return
         position += self.off
         seq += self.seq_off
-        if position < self.next:
-            self.reset_needed = True   # nothing to continue from: retire, subscribers reopen
-            log.warning("replica %s: source restarted at %d below replica tail %d",
-                        self.v.name, position, self.tail)
-            return
         if self.fed and position > self.tail:
             self.stats["gaps"] += 1
             self.stats["gap_bytes"] += position - self.tail
@@ -497,7 +585,10 @@ class MirrorReplica(ReplicaSink):
         ahead += self.off
         if need > self.tail:
             raise ReplicaViolation(f"guard {need} beyond the replica tail {self.tail}")
-        target = min(max(need, ahead), self.tail)
+        # Never past our last frame (invariant (A)) when the batch allows it (the source cuts
+        # batches so that it does: need <= last).
+        last = self.q[ring.OFF_LAST // 8]
+        target = min(max(need, ahead), last if need <= last else self.tail)
         h = self.head
         mv, base, mask = self.mv, self.base, self.mask
         while h < target:

@@ -53,7 +53,10 @@ class RdmaMirrors:
 
     def _fallback(self, what: str, reason: str) -> None:
         self.svc.counters["rdma_fallbacks"] += 1
-        log.warning("rdma: %s falls back to TCP: %s", what, reason)
+        if self.ok:   # a device exists and failed, or the peer cannot: worth a warning each time
+            log.warning("rdma: %s falls back to TCP: %s", what, reason)
+        else:         # no usable device at all: said once at start (INFO), counted per mirror
+            log.debug("rdma: %s runs over TCP: %s", what, reason)
 
     # -- replica side ------------------------------------------------------------------------------
     def offer(self, entry, rec) -> dict | None:
@@ -69,6 +72,9 @@ class RdmaMirrors:
             entry.sink.transport = {"kind": "tcp", "fallback": why}
             return None
         link, mid, name = entry.link, entry.mid, entry.name
+        # An RDMA mirror places bytes from our tail (a put of an earlier mirror that was never
+        # committed is dropped; TCP mirrors do this in MirrorReplica.put_target / jump).
+        entry.sink.next = entry.sink.tail
 
         def on_guard(head: int) -> None:
             link.send_ctrl({"t": "rdma", "k": "guard", "id": mid, "head": head})

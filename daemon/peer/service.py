@@ -45,6 +45,7 @@ log = logging.getLogger("shimmy.peer")
 REPLICA_PUBLISHER = -1          # registry publisher id meaning "the daemon (peer module)"
 _MIRROR_CLIENT_BASE = -1000     # registry client ids of mirror source slots: -1000, -1001, ...
 CREDIT_STEP = 4                 # replicas credit their source in steps of capacity / 4
+ANY_NODE = "*"                  # a held mirror slot for whichever replica asks first
 
 
 def _ip_key(ip: str) -> tuple:
@@ -109,12 +110,12 @@ class PeerService:
                          "reconnects": 0, "mirrors_served": 0, "mirrors_requested": 0,
                          "replica_resets": 0, "rdma_fallbacks": 0, "peers_discovered": 0,
                          "evicted_pending": 0, "duplicate_links": 0, "replicas_converted": 0,
-                         "streams_continued": 0, "nodes_forgotten": 0, "conflicts": 0}
+                         "streams_continued": 0, "streams_carried": 0, "nodes_forgotten": 0,
+                         "conflicts": 0}
         self.links: dict[int, Link] = {}
         self.directory = Directory()
         self.conflicts: dict[str, str] = {}     # channel name -> what conflicts (ls, logs)
         self.origins: dict[str, tuple[int, int]] = {}   # continued streams: where they began
-        self.streams: dict[str, tuple[float, int]] = {}  # name -> (ring created, stream id)
         self.sources: dict[tuple[int, int], SourceEntry] = {}
         self.held: dict[tuple[str, str], HeldSlot] = {}
         self.replicas: dict[str, ReplicaEntry] = {}
@@ -495,14 +496,18 @@ class PeerService:
         resume = obj.get("resume")
         consumed = obj.get("consumed")
         rec = self.d.registry.channels.get(name)
-        if rec is None or name in self.replicas:
+        if rec is None or name in self.replicas or \
+                (rec.publisher is None and rec.view.q[ring.OFF_TAIL // 8] == 0):
+            # (Only open here, nothing published: a peer asking from what it knew before this
+            # daemon restarted.  Serving it would name a stream before the publisher says which
+            # one it carries over; it asks again once we announce the channel published.)
             link.send_ctrl({"t": "mirror_err", "id": mid,
                             "message": f"channel {name!r} is not published on {self.node}"})
             return
         if (link.id, mid) in self.sources:
             self._stop_source((link.id, mid), hold=False)
         q = rec.view.q
-        held = self.held.pop((link.remote, name), None)
+        held = self.held.pop((link.remote, name), None) or self.held.pop((ANY_NODE, name), None)
         try:
             if held is not None and held.slot in rec.slots:
                 client, slot = held.client, held.slot
@@ -520,12 +525,25 @@ class PeerService:
         head, tail = q[ring.OFF_HEAD // 8], q[ring.OFF_TAIL // 8]
         start_seq = None
         sid = self._stream_id(rec)
+        rseq = obj.get("seq")
         if isinstance(resume, int) and resume >= 0 and obj.get("stream") not in (sid, 0):
             # The replica follows another stream of this name (this daemon restarted and its
             # ring began again): positions do not match even where they look alike.
             resume = tail + 1
         ahead = isinstance(resume, int) and resume > tail
-        if not isinstance(resume, int) or resume < 0 or resume > tail:
+        wait_seq = None
+        if ahead and obj.get("stream") == sid and isinstance(rseq, int) and rseq >= 0:
+            # Our stream, numbered on from the replica's, but at other positions than its
+            # copy (a publisher carried it over from a ring whose last positions the replica
+            # held, Channel.reopen; it may still be carrying): resume by sequence number, at
+            # the first message numbered ``rseq`` or later, once the ring has it (the source
+            # thread waits); a gap (messages no longer held) is then exact.
+            resume_pos: int | None = resume
+            start, wait_seq = tail, rseq
+            ahead = False
+            log.info("mirror %s to %s: replica ahead by position (%d, our tail %d): resuming at "
+                     "seq %d", name, link.remote, resume, tail, rseq)
+        elif not isinstance(resume, int) or resume < 0 or resume > tail:
             resume_pos = None if not isinstance(resume, int) or resume < 0 else resume
             # A fresh replica starts at our tail; one ahead of our stream (this daemon
             # restarted, the stream began again) has none of it: it gets all we still hold.
@@ -550,7 +568,7 @@ class PeerService:
         transport = self.rdma.source_transport(link, mid, rec, obj.get("rdma"))
         origin = self.origins.get(name, (0, 0)) if ahead else None
         src = MirrorSource(name, rec.view, slot, self.d.registry.sem_prefix_of(rec) + str(slot),
-                           transport, start, start_seq, resume_pos, origin)
+                           transport, start, start_seq, resume_pos, origin, wait_seq)
         src.credit = hold_at
         self.sources[(link.id, mid)] = SourceEntry(link, mid, name, client, slot, src, link.remote)
         self.counters["mirrors_served"] += 1
@@ -675,6 +693,8 @@ class PeerService:
         link, info = self.find_publisher(name)
         if link is None or info is None:
             self._continue_stream(name, mode, capacity)
+            if name not in self.d.registry.channels:
+                self._adopt_shape(name, mode, capacity)
             return
         want_mode = None if mode is None else ring.MODES.get(mode)
         conflict = self._shape_conflict(name, link.remote, info, want_mode, capacity)
@@ -719,6 +739,28 @@ class PeerService:
         self._make_replica(name, node, rec, converted=False, stream=info.stream)
         self.replicas[name].sink.fed = True   # resume at our tail, 0: the source's first message
 
+    def _adopt_shape(self, name: str, mode: str | None, capacity: int | None) -> None:
+        """Peers hold ``name`` open but nobody publishes it yet: where the opener left mode or
+        capacity to the channel, take them from the peers' announcements, so this channel can
+        become the replica when a publisher there starts (a default-capacity channel would be a
+        conflict with a publisher that opened it with another capacity).  When peers announce
+        several shapes, the ones other than this node's defaults were asked for explicitly; if
+        that still leaves more than one, nothing is adopted (the conflict is then reported)."""
+        want = None if mode is None else ring.MODES.get(mode)
+        default = (ring.MODE_RELIABLE, self.s.default_capacity)
+        shapes = {(e.mode, e.capacity) for _, e in self.directory.names().get(name, [])
+                  if e.kind == OPEN and want in (None, e.mode) and capacity in (None, e.capacity)}
+        if len(shapes) > 1:
+            shapes.discard(default)
+        if len(shapes) != 1:
+            return
+        ((m, cap),) = shapes
+        if (want, capacity) == (m, cap) or (m, cap) == default or cap > self.s.max_capacity:
+            return   # nothing to adopt (or too large here: the registry names the limit)
+        self.d.registry._create(name, ring.MODE_NAMES[m], cap)
+        log.info("channel %s: opened on peers as mode=%s capacity=%d before anyone publishes "
+                 "it; created with that shape", name, ring.MODE_NAMES[m], cap)
+
     def _continue_stream(self, name: str, mode: str | None, capacity: int | None) -> None:
         """Peers hold replicas of ``name`` fed by this node before it restarted: create the
         ring positioned where the furthest replica ends, with its next sequence number, so the
@@ -734,11 +776,18 @@ class PeerService:
         rec = self.d.registry._create(name, ring.MODE_NAMES[e.mode], e.capacity)
         seed_stream(rec.view, e.tail, e.seq)
         self.origins[name] = (e.tail, e.seq)
-        self.streams[name] = (rec.created, e.stream)   # the same stream, continued
-        # Hold the stream for every replica from the seeded point until its mirror request
-        # arrives (as for a reconnect, bounded by peer_hold): a reliable publisher that starts
-        # at once must not overwrite what the replicas have not received yet.
-        for rnode, _ in held:
+        rec.view.q[ring.OFF_STREAM // 8] = e.stream   # the same stream, continued
+        self._hold(rec, [rnode for rnode, _ in held])
+        self.counters["streams_continued"] += 1
+        log.info("channel %s: node %s holds its replica up to position %d (seq %d) from before "
+                 "this daemon restarted; continuing the stream there", name, node, e.tail, e.seq)
+
+    def _hold(self, rec, nodes: list[str]) -> None:
+        """Hold the stream from the ring's tail for each of ``nodes`` (``ANY_NODE``: the first
+        replica to ask) until its mirror request arrives (as for a reconnect, bounded by
+        peer_hold): a reliable publisher that starts at once must not overwrite what the
+        replicas have not received yet."""
+        for rnode in nodes:
             try:
                 client = self._next_client
                 slot = self.d.registry.add_subscriber(rec, client, os.getpid(), "next").index
@@ -746,10 +795,41 @@ class PeerService:
                 break
             self._next_client -= 1
             rec.holders.add(client)
-            self.held[(rnode, name)] = HeldSlot(name, client, slot, time.monotonic())
-        self.counters["streams_continued"] += 1
-        log.info("channel %s: node %s holds its replica up to position %d (seq %d) from before "
-                 "this daemon restarted; continuing the stream there", name, node, e.tail, e.seq)
+            self.held[(rnode, rec.name)] = HeldSlot(rec.name, client, slot, time.monotonic())
+
+    def carry(self, rec, carry: dict) -> None:
+        """The new publisher carries its stream over from its ring of this node's previous
+        daemon (``Channel.reopen`` after a restart, a SIGKILL included): ``carry`` names that
+        stream, the position of the oldest message it still holds and that message's sequence
+        number.  An empty ring is positioned there (``seed_stream``) with the stream's id, so
+        the messages the publisher publishes again land at their old positions and replicas
+        that hold a prefix of them resume by position; the stream is held for the replicas
+        (``_hold``).  A ring that already holds a stream (continued from replicas' positions,
+        or published since) is left as it is: the publisher skips what it numbers already."""
+        vals = [carry.get(k) for k in ("stream", "position", "seq")]
+        ints = [x for x in vals if isinstance(x, int) and not isinstance(x, bool)
+                and 0 <= x < 1 << 64]
+        if len(ints) != 3 or ints[1] & 15:
+            raise InvalidArgument("field 'carry' must map stream, position (a multiple of 16) "
+                                  "and seq to non-negative 64-bit integers")
+        stream, position, seq = ints
+        view = rec.view
+        if rec.name in self.replicas or view.q[ring.OFF_TAIL // 8] != 0:
+            return
+        if stream:
+            view.q[ring.OFF_STREAM // 8] = stream
+        if position >= ring.HEADER:
+            # The daemon holds the publisher role's words here: the client it granted the role
+            # to builds its RingWriter only after this reply (docs/ring-format.md, "Carried
+            # streams").
+            seed_stream(view, position, seq)
+            self.origins[rec.name] = (position, seq)
+        if self.enabled:
+            nodes = [n for n, _ in self.directory.replicas_of(rec.name, self.node)]
+            self._hold(rec, nodes or [ANY_NODE])
+        self.counters["streams_carried"] += 1
+        log.info("channel %s: its publisher carries its stream over from before this daemon "
+                 "restarted: position %d, seq %d", rec.name, position, seq)
 
     def _reconcile(self) -> None:
         """Local channels that wait for a publisher which now exists on a peer become replicas
@@ -820,10 +900,12 @@ class PeerService:
             entry.node = link.remote
             entry.last_credit = -1
             sink = entry.sink
-            sink.next = sink.tail   # drop any put of an earlier stream that was never committed
+            # (a put of an earlier mirror that was never committed is dropped by the sink
+            # itself, in the link reader's order: MirrorReplica.put_target / jump)
             link.sinks[mid] = sink
             link.send_ctrl({"t": "mirror", "id": mid, "name": entry.name, "stream": entry.stream,
                             "resume": sink.source_tail if sink.fed else -1,
+                            "seq": sink.source_seq if sink.fed else -1,
                             "consumed": sink.consumed() if sink.fed else -1,
                             "rdma": self.rdma.offer(entry, rec)})
             self.counters["mirrors_requested"] += 1
@@ -855,8 +937,6 @@ class PeerService:
         self._announce()
         for name in self.origins.keys() - self.d.registry.channels.keys():
             del self.origins[name]   # deleted: a new channel of that name starts at 0
-        for name in self.streams.keys() - self.d.registry.channels.keys():
-            del self.streams[name]
         for node in self.directory.expired(now, self.s.peer_forget_after):
             self._forget_node(node)
         self._reconcile()
@@ -927,11 +1007,14 @@ class PeerService:
 
     def _stream_id(self, rec) -> int:
         """The id of the stream ``rec``'s ring holds: new per ring this node creates (random,
-        never 0), kept by a ring that continues replicas' stream after a restart."""
-        known = self.streams.get(rec.name)
-        if known is None or known[0] != rec.created:
-            known = self.streams[rec.name] = (rec.created, secrets.randbits(63) | 1)
-        return known[1]
+        never 0), kept by a ring that continues a stream after a restart (replicas' stream, or
+        the one a publisher carries over).  It lives in the ring (``ring.OFF_STREAM``, a word
+        only the daemon writes), so a publisher that outlives its daemon knows it."""
+        sid = rec.view.stream_id()
+        if not sid:
+            sid = secrets.randbits(63) | 1
+            rec.view.q[ring.OFF_STREAM // 8] = sid
+        return sid
 
     def _local_directory(self) -> dict[str, Entry]:
         out = {}

@@ -13,9 +13,10 @@ every ``RECYCLE`` trials, or after a trial that left it in doubt.  The daemons r
 peer-source   A's daemon (the publishing node's) is SIGKILLed at a random instant (0-300 ms
               into the trial) and restarted at once on the same socket.  The publisher goes on
               as an application would: when a publish is refused (its ring retired by the
-              restart's sweep, or the daemon gone) it opens the channel again once A's daemon
-              answers and has its peer link back (the recipe of docs/peering.md: the restarted
-              daemon then continues B's replica stream), and publishes the failed index again.
+              restart's sweep, or the daemon gone) it calls ``Channel.reopen()`` once A's daemon
+              answers and has its peer link back (the recipe of docs/peering.md: the publisher
+              carries what its old ring held into the new one, and the restarted daemon
+              continues B's replica stream from it), and publishes the failed index again.
               What it published into the old ring after the kill counts: its ``publish()``
               returned.  (An SDK that reopens by itself is measured the same way.)
 peer-replica  B's daemon (the subscribing node's) is SIGKILLed at a random instant and restarted.
@@ -88,10 +89,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 # -- the two long-running client processes (run inside a node's namespaces) ---------------------
-def _open(sock: str, name: str, mode: str, linked: bool = False):
+def _open(sock: str, name: str, mode: str, linked: bool = False, again=None):
     """Open ``name`` on our daemon, waiting (bounded) for it to answer after a restart and, if
-    ``linked``, to have its peer link back (the publisher's recipe after a restart of its
-    daemon, docs/peering.md: the restarted daemon then continues the replica's stream)."""
+    ``linked``, to have its peer link back.  ``again``: a Channel to reopen instead
+    (``Channel.reopen``, the publisher's recipe after a restart of its daemon, docs/peering.md:
+    it carries its stream into the new ring, and the restarted daemon continues the replica's
+    stream from it)."""
     import shimmy
     from shimmy.sdk.client import DaemonClient
     deadline = time.monotonic() + 60
@@ -105,6 +108,9 @@ def _open(sock: str, name: str, mode: str, linked: bool = False):
                     c.close()
                 if not up:
                     raise ConnectionError("no peer link yet")
+            if again is not None:
+                again.reopen()
+                return again
             return shimmy.Channel(name, daemon=sock, mode=mode, capacity=CAPACITY)
         except (shimmy.DaemonUnavailable, shimmy.ChannelClosed, ConnectionError):
             if time.monotonic() > deadline:
@@ -115,8 +121,9 @@ def _open(sock: str, name: str, mode: str, linked: bool = False):
 def worker_pub(sock: str, name: str, mode: str) -> None:
     """Publish self-checking messages for ever, as an application would: the payload's index is
     our count of returned publishes.  When a publish is refused (``ChannelClosed``: the ring was
-    retired by the restarted daemon's sweep; ``DaemonUnavailable``), open the channel again once
-    our daemon has its peer link back, and publish the failed index again.  A thread answers
+    retired by the restarted daemon's sweep; ``DaemonUnavailable``), reopen the channel once
+    our daemon has its peer link back (carrying our stream over), and publish the failed index
+    again.  A thread answers
     each line on stdin with ``at <index>``: the index the next publish gets.  Prints ``open``
     after the first open; SIGKILLed at the end of the row."""
     import shimmy
@@ -135,11 +142,7 @@ def worker_pub(sock: str, name: str, mode: str) -> None:
         except shimmy.BackpressureTimeout:
             continue            # not published: the remote is slow, or our daemon is gone
         except ShimmyError:
-            try:
-                ch.close()
-            except ShimmyError:
-                pass
-            ch = _open(sock, name, mode, linked=True)
+            ch = _open(sock, name, mode, linked=True, again=ch)
             continue
         at[0] = i + 1
         if at[0] % PACE_EVERY == 0:
