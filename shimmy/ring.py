@@ -943,7 +943,9 @@ class RingReader:
                 self._resync(head)
                 continue
             if flags:
-                self.position = self._pad_end(p, length, flags)
+                self.position = end = self._pad_end(p, length, flags)
+                # released too: a dead group publisher's ring may end at a PAD committed alone
+                q[self._pos_word] = end       # SYNC POINT (consumption), as below
                 continue
             end = p + ((length + HEADER + 15) & ~15)
             if length > self._max or end > self._tail:
@@ -1131,7 +1133,9 @@ class GroupReader(RingReader):
                 self._resync(head)
                 continue
             if flags:
-                self.position = self._pad_end(p, length, flags)
+                self.position = end = self._pad_end(p, length, flags)
+                # released too: a dead group publisher's ring may end at a PAD committed alone
+                q[self._pos_word] = end       # SYNC POINT (consumption), as below
                 continue
             end = p + ((length + HEADER + 15) & ~15)
             if length > self._max or end > self._tail:

@@ -7,8 +7,8 @@ new publisher continues with the next sequence number, and every subscriber gets
 committed message, intact and in order.  Before the fix, a kill between the ``last`` and
 ``tail`` stores made every later open fail with "could not find a consistent tail".
 
-The last test runs a bounded subset of the crash matrix (tests/chaos/crash.py) with random
-kill points.
+The last two tests run bounded subsets of the crash matrix (tests/chaos/crash.py) with random
+kill points: the single-publisher rows, and the publisher-group rows.
 """
 
 from __future__ import annotations
@@ -180,3 +180,50 @@ def test_crash_matrix_bounded(tmp_path):
         for key in ("torn", "lost", "duplicated", "lost_inexact", "wedged", "stale_objects",
                     "daemon_deaths", "errors"):
             assert row[key] == 0, row
+
+
+def test_crash_matrix_group_bounded(tmp_path):
+    """The group rows of the crash matrix, bounded: a channel with max_publishers 4, three
+    long-running publishers and, per trial, a fourth SIGKILLed at a random instant and replaced;
+    every message checked per publisher, the dead member reclaimed, nothing wedged."""
+    out = tmp_path / "crash.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.chaos.crash", "--trials", "6", "--max-seconds", "40",
+         "--kinds", "group", "--json", str(out)], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert [(r["kind"], r["mode"]) for r in report["rows"]] == [("group", "reliable"),
+                                                                ("group", "lossy")]
+    for row in report["rows"]:
+        assert row["trials"] == 6 and row["received"] > 0, row
+        for key in ("torn", "lost", "duplicated", "lost_inexact", "wedged", "stale_objects",
+                    "daemon_deaths", "errors"):
+            assert row[key] == 0, row
+
+
+@pytest.mark.parametrize("mode", ["reliable", "lossy"])
+def test_group_member_left_ending_in_a_pad_is_reclaimed_after_a_copy_path_drain(daemon, mode):
+    """A group publisher SIGKILLed just after committing a PAD alone (the wrap, before its
+    next frame): its member ring's tail ends at that PAD.  A subscriber reading with the copy
+    path (receive_bytes) reads every message and passes the PAD; the daemon must then see the
+    member drained and reclaim it (before the fix the reader never stored its position past a
+    PAD it skipped, so the dead member stayed for ever)."""
+    name = f"crash.group.pad.{mode}"
+    ch = shimmy.Channel(name, daemon=daemon.socket, mode=mode, capacity=CAP, max_publishers=2)
+    sub = ch.subscribe()
+    rings = lambda: {o for o in daemon.shm_objects() if not o.startswith("sem.")}  # noqa: E731
+    before = rings()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.chaos.faults", "--daemon", daemon.socket, "--channel", name,
+         "--mode", mode, "--capacity", str(CAP), "--count", "30", "--size", str(SIZE),
+         "--kill-word", "last", "--skip", "1", "--last-size", "1000", "--max-publishers", "2"],
+        stderr=subprocess.PIPE)
+    got: list = []
+    _drain(sub, got, until=lambda: child.poll() is not None)
+    assert child.wait(10) == -9
+    _check_stream(got, mode, 0, 29)
+    deadline = time.monotonic() + 5
+    while rings() != before and time.monotonic() < deadline:
+        _drain(sub, got, until=lambda: True, quiet=0.05)
+    assert rings() == before, "the dead publisher's member ring was not reclaimed"
+    ch.close()

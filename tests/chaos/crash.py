@@ -7,8 +7,6 @@ The soak (every row, 1,000 kills each, two rows at a time):
 
 Rows (kind x mode; streams have no mode) and what one trial does:
 
-Rows (kind x mode; streams have no mode) and what one trial does:
-
 publisher   a publisher process is killed at a random instant (during open, role hand-over,
             publish, loan, PAD, wrap, waiting for room); then ``list`` must work and not report
             the channel broken, a new subscriber must join, and a successor publisher must
@@ -20,6 +18,20 @@ daemon      the daemon is killed at a random instant while a publisher and a sub
             it is restarted on the same socket: it must sweep every object of its
             predecessor, the old clients must end (retired channel or daemon gone) within
             10 s, and a fresh exchange (list, open, subscribe, 20 messages) must work.
+group       a channel with max_publishers 4 (a publisher group): three long-running publisher
+            processes, and per trial a fourth that is killed at a random instant (0-300 ms of its
+            life: open, the publish request, publish, loan, PAD, wrap, waiting for room; a
+            quarter publish 1-100 messages and close, so some die closing).  Then: each
+            long-running publisher must deliver again within 5 s; ``list`` must work and not
+            report the channel broken; a new subscriber must join; a successor publisher must
+            take the dead one's place and publish 30 messages, received up to the last one by
+            the row's subscriber and the new one (reliable: all 30); within 5 s the dead
+            publisher's and the successor's member rings must be reclaimed (gone from
+            /dev/shm) and every ``publish()`` of the dead one that returned must have been
+            received.  One subscriber, attached for the whole row, checks every message per
+            publisher (``Message.publisher``, ``Message.seq``, that publisher's own ``lost``):
+            the payload is made for (publisher id, seq), each publisher's first message must be
+            its seq 0 (lossy: ``lost`` counts what it missed before).
 stream      the writer or the reader of a byte stream is killed at a random instant; the
             survivor must see everything committed, intact, then StreamBroken within 5 s, and
             the stream must be freed.
@@ -29,11 +41,13 @@ peer-source, peer-replica
             exactly what a trial does and what each count means there (loss is counted by the
             publisher's own index, so what dies with a source's ring is seen).
 
-``received`` counts messages checked (stream rows: bytes).  Counts (must all be 0): torn
-(payload checksum or stream bytes wrong), lost and duplicated
+``received`` counts messages checked (stream rows: bytes); the group rows' JSON also has
+``victims_published``, the trials whose victim had a ``publish()`` return before the kill.
+Counts (must all be 0): torn (payload checksum or stream bytes wrong), lost and duplicated
 (reliable), lost_inexact (lossy: ``Message.lost`` differs from the gap in sequence numbers),
 wedged (a survivor, successor or new subscriber failed or timed out), stale_objects (shared
-memory left after a row's daemon stopped, or left by a killed daemon after the restart's sweep),
+memory left after a row's daemon stopped, or left by a killed daemon after the restart's sweep,
+or a group member ring not reclaimed within 5 s of its publisher leaving and being drained),
 daemon_deaths (the daemon exited without being killed), errors (anything unexpected).
 Prints a table and writes JSON; exit status 1 when any count is not 0.  Bounded by --trials
 per row and --max-seconds overall (what is left is split evenly between the rows, or with
@@ -62,7 +76,7 @@ from shimmy.sdk.client import DaemonClient, get_client
 
 from . import payloads, peer, workers
 
-KINDS = ("publisher", "subscriber", "daemon", "stream", *peer.KINDS)
+KINDS = ("publisher", "subscriber", "group", "daemon", "stream", *peer.KINDS)
 MODES = ("reliable", "lossy")
 ZERO_KEYS = ("torn", "lost", "duplicated", "lost_inexact", "wedged", "stale_objects",
              "daemon_deaths", "errors")
@@ -260,6 +274,144 @@ def row_subscriber(ctx, row: Row, d: Daemon, trials: int, end: float, rng: rando
     ch.close()
 
 
+GROUP_PUBLISHERS = 4    # max_publishers of the group rows: GROUP_STEADY + the victim's place
+GROUP_STEADY = 3
+BOUND_S = 5.0           # group rows: survivors deliver, the dead member is reclaimed, within
+
+
+def row_group(ctx, row: Row, d: Daemon, trials: int, end: float, rng: random.Random) -> None:
+    name = f"chaos.group.{row.mode}"
+    ch = shimmy.Channel(name, daemon=d.socket, mode=row.mode, capacity=CAPACITY,
+                        max_publishers=GROUP_PUBLISHERS)
+    check = workers.GroupChecker(row.mode)
+    sub = ch.subscribe()
+    pairs = [(check, sub)]
+    # what each publisher process reports: [publisher id, publishes returned]
+    reports = [ctx.Array("q", [-1, 0], lock=False) for _ in range(GROUP_STEADY + 2)]
+    steady_r, (victim_r, succ_r) = reports[:GROUP_STEADY], reports[GROUP_STEADY:]
+    steady = [ctx.Process(target=workers.publish, args=(
+        d.socket, name, row.mode, CAPACITY, MAX_SIZE, -1, i, 50, GROUP_PUBLISHERS, steady_r[i]))
+        for i in range(GROUP_STEADY)]
+    for p in steady:
+        p.start()
+    try:
+        pump(pairs, time.monotonic() + 20,
+             stop=lambda: all(check.received(r[0]) for r in steady_r))
+        if not all(check.received(r[0]) for r in steady_r):
+            row.bad("wedged", "the long-running publishers did not all deliver within 20 s")
+            return
+        baseline = _rings(d)   # the channel's ring and the steady publishers' members
+        while row.counts["trials"] < trials and time.monotonic() < end:
+            _group_trial(ctx, row, d, name, check, sub, steady_r, victim_r, succ_r, baseline, rng)
+            _add_group(row, check)
+            if any(p.exitcode is not None for p in steady):
+                row.bad("errors", f"a long-running publisher exited: "
+                                  f"{[p.exitcode for p in steady]}")
+                break
+            if not d.alive():
+                row.bad("daemon_deaths", "daemon exited")
+                break
+            row.counts["trials"] += 1
+    finally:
+        for p in steady:
+            kill(p)
+        ch.close()
+
+
+def _group_trial(ctx, row: Row, d: Daemon, name: str, check: workers.GroupChecker, sub,
+                 steady_r, victim_r, succ_r, baseline: set[str], rng: random.Random) -> None:
+    """One kill of a group publisher, then the checks of the module docstring."""
+    pairs = [(check, sub)]
+    victim_r[0], victim_r[1] = -1, 0
+    # a quarter of the victims publish a few messages and close: some die while closing
+    count = -1 if rng.random() < 0.75 else rng.randint(1, 100)
+    victim = ctx.Process(target=workers.publish, args=(
+        d.socket, name, row.mode, CAPACITY, MAX_SIZE, count, rng.random(), 0, GROUP_PUBLISHERS,
+        victim_r))
+    victim.start()
+    # 0-300 ms: about the first third of the victims die before their member exists (open,
+    # hello, the publish request), the others while publishing
+    pump(pairs, time.monotonic() + rng.uniform(0, 0.3))
+    kill(victim, row)
+    vid, returned = victim_r[0], victim_r[1]
+    # the survivors keep delivering
+    before = {r[0]: check.received(r[0]) for r in steady_r}
+    pump(pairs, time.monotonic() + BOUND_S,
+         stop=lambda: all(check.received(p) > n for p, n in before.items()))
+    for p, n in before.items():
+        if check.received(p) == n:
+            row.bad("wedged", f"publisher {p} delivered nothing {BOUND_S} s after the kill")
+    listing(row, d.socket, name)
+    # a new subscriber joins, a new publisher takes the dead one's place and publishes 30
+    fresh_check = workers.GroupChecker(row.mode, from_start=False)
+    try:
+        fresh = _subscription(d, name, row.mode)
+    except ShimmyError as exc:
+        row.bad("wedged", f"new subscriber refused: {exc}")
+        fresh = None
+    succ_r[0], succ_r[1] = -1, 0
+    successor = ctx.Process(target=workers.publish, args=(
+        d.socket, name, row.mode, CAPACITY, MAX_SIZE, 30, rng.random(), 0, GROUP_PUBLISHERS,
+        succ_r))
+    successor.start()
+    both = pairs + ([(fresh_check, fresh[1])] if fresh else [])
+    pump(both, time.monotonic() + 20, stop=lambda: successor.exitcode is not None)
+    sid = succ_r[0]
+    pump(both, time.monotonic() + BOUND_S,
+         stop=lambda: check.last(sid) >= 29 and (fresh is None or fresh_check.last(sid) >= 29))
+    if successor.exitcode != 0:
+        row.bad("wedged", f"successor publisher exit code {successor.exitcode}")
+        kill(successor)
+    elif check.last(sid) != 29:
+        row.bad("lost" if check.reliable else "lost_inexact",
+                f"successor {sid}: last seq received {check.last(sid)}, published 0..29")
+    if fresh is not None:
+        if fresh_check.last(sid) != 29 or (check.reliable and fresh_check.received(sid) != 30):
+            row.bad("wedged", f"new subscriber got {fresh_check.received(sid)} of the "
+                              f"successor's 30 (last seq {fresh_check.last(sid)})")
+        _add_group(row, fresh_check)
+        fresh[0].close()
+    # the dead publisher's member (and the successor's) is reclaimed once drained, and every
+    # publish of the dead one that returned was delivered
+    pump(pairs, time.monotonic() + BOUND_S, stop=lambda: _rings(d) <= baseline)
+    extra = sorted(_rings(d) - baseline)
+    baseline |= set(extra)   # counted once: later trials check only what is new
+    if extra:
+        row.bad("stale_objects", f"{BOUND_S} s after the publishers left and the subscribers "
+                                 f"drained: {extra}", len(extra))
+    if returned:
+        row.counts["victims_published"] = row.counts.get("victims_published", 0) + 1
+    if returned and check.last(vid) + 1 < returned:
+        row.bad("lost" if check.reliable else "lost_inexact",
+                f"killed publisher {vid}: {returned} publishes returned, last seq received "
+                f"{check.last(vid)}")
+
+
+def _rings(d: Daemon) -> set[str]:
+    """The daemon's ring objects (semaphores aside: a group's are its channel's, one per
+    subscriber slot used, kept with the channel)."""
+    return {o for o in d.objects() if not o.startswith("sem.")}
+
+
+def _subscription(d: Daemon, name: str, mode: str):
+    """A subscription on a Channel object of its own: (channel, subscription)."""
+    ch = shimmy.Channel(name, daemon=d.socket, mode=mode, capacity=CAPACITY,
+                        max_publishers=GROUP_PUBLISHERS)
+    try:
+        return ch, ch.subscribe()
+    except ShimmyError:
+        ch.close()
+        raise
+
+
+def _add_group(row: Row, check: workers.GroupChecker) -> None:
+    c = check.take_counts()
+    for key in ("torn", "lost", "duplicated", "lost_inexact"):
+        if c[key]:
+            row.bad(key, "; ".join(c["notes"]), c[key])
+    row.counts["received"] += c["received"]
+
+
 def row_daemon(ctx, row: Row, d: Daemon, trials: int, end: float, rng: random.Random) -> None:
     name = f"chaos.daemon.{row.mode}"
     while row.counts["trials"] < trials and time.monotonic() < end:
@@ -454,7 +606,7 @@ def row_stream(ctx, row: Row, d: Daemon, trials: int, end: float, rng: random.Ra
 
 
 RUNNERS = {"publisher": row_publisher, "subscriber": row_subscriber, "daemon": row_daemon,
-           "stream": row_stream}
+           "stream": row_stream, "group": row_group}
 
 
 def run_row(ctx, kind: str, mode: str, trials: int, seconds: float, seed: int) -> dict:

@@ -54,9 +54,11 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=0)
     p.add_argument("--last-size", type=int, default=100)
     p.add_argument("--loan", action="store_true", help="publish the fatal message with loan()")
+    p.add_argument("--max-publishers", type=int, default=None,
+                   help="open the channel as a publisher group (its member ring is faulted)")
     args = p.parse_args()
     ch = shimmy.Channel(args.channel, daemon=args.daemon, mode=args.mode,
-                        capacity=args.capacity)
+                        capacity=args.capacity, max_publishers=args.max_publishers)
     first = None
     for i in range(args.count):
         seq = ch.publish(payloads.make(i, args.size, size=args.size))

@@ -80,38 +80,127 @@ class Checker:
         return n
 
 
-def _publisher(sock: str, name: str, mode: str, capacity: int, max_size: int):
-    ch = shimmy.Channel(name, daemon=sock, mode=mode, capacity=capacity)
+class GroupChecker:
+    """Checks one subscription of a publisher group: a :class:`Checker` per publisher id, fed
+    that publisher's own seq (its count of returned publishes, from 0) and its own ``lost``.
+    Payloads are made for ``publisher << 32 | seq`` (see ``group_index``), so a frame delivered
+    under the wrong publisher counts as torn.  ``counts`` sums the checkers'."""
+
+    def __init__(self, mode: str, from_start: bool = True):
+        self.mode = mode
+        self.reliable = mode == "reliable"
+        # from_start: the subscription was there before every publisher it will see, so each
+        # publisher's first message must be its seq 0 (lossy: its lost must say what it missed)
+        self.from_start = from_start
+        self.by_pub: dict[int, Checker] = {}
+        self.lost_total: dict[int, int] = {}
+
+    def checker(self, pub: int) -> Checker:
+        check = self.by_pub.get(pub)
+        if check is None:
+            check = self.by_pub[pub] = Checker(self.mode)
+            if self.from_start:
+                check.prev = group_index(pub, 0) - 1
+        return check
+
+    def last(self, pub: int) -> int:
+        """The last seq of ``pub`` received (-1: none)."""
+        check = self.by_pub.get(pub)
+        return -1 if check is None or check.prev is None else check.prev - group_index(pub, 0)
+
+    def received(self, pub: int) -> int:
+        check = self.by_pub.get(pub)
+        return 0 if check is None else check.counts["received"]
+
+    @property
+    def counts(self) -> dict:
+        keys = ("received", "torn", "lost", "duplicated", "lost_inexact")
+        return {k: sum(c.counts[k] for c in self.by_pub.values()) for k in keys}
+
+    @property
+    def notes(self) -> list[str]:
+        return [f"publisher {pub}: {n}" for pub, c in self.by_pub.items() for n in c.notes][:5]
+
+    def take_counts(self) -> dict:
+        """The counts so far, then zero them (what ``last`` answers stays)."""
+        out = {**self.counts, "notes": self.notes}
+        for c in self.by_pub.values():
+            c.counts = dict.fromkeys(c.counts, 0)
+            c.notes = []
+        return out
+
+    def drain(self, sub, limit: int = 100_000) -> int:
+        """As ``Checker.drain``: zero copy in reliable mode, the copy path in lossy mode."""
+        n = 0
+        while n < limit:
+            if self.reliable:
+                msg = sub.receive_nowait()
+                if msg is None:
+                    return n
+                pub, seq, data = msg.publisher, msg.seq, msg.data
+                total = self.lost_total[pub] = self.lost_total.get(pub, 0) + msg.lost
+            else:
+                try:
+                    data = sub.receive_bytes(timeout=0)
+                except shimmy.ReceiveTimeout:
+                    return n
+                pub, seq = sub.last_publisher, sub.last_seq
+                total = sub.lost_by_publisher()[pub]
+            self.checker(pub).see(group_index(pub, seq), data, total)
+            n += 1
+        return n
+
+
+def group_index(pub: int, seq: int) -> int:
+    """The payload index of message ``seq`` of group publisher ``pub``."""
+    return pub << 32 | seq
+
+
+def _publisher(sock: str, name: str, mode: str, capacity: int, max_size: int,
+               max_publishers: int | None = None):
+    ch = shimmy.Channel(name, daemon=sock, mode=mode, capacity=capacity,
+                        max_publishers=max_publishers)
     deadline = time.monotonic() + 10
     while True:
         try:
             ch._become_publisher()   # internal: the role now, so _writer._seq is known
             return ch
         except ShimmyError as exc:
-            if "already has a publisher" not in str(exc) or time.monotonic() > deadline:
+            # the daemon frees a killed publisher's place when it sees its session close
+            busy = "already has a publisher" in str(exc) or "publishers already" in str(exc)
+            if not busy or time.monotonic() > deadline:
                 raise
             time.sleep(0.005)
 
 
 def publish(sock: str, name: str, mode: str, capacity: int, max_size: int, count: int,
-            seed: int, pause_every: int = 0) -> None:
+            seed: int, pause_every: int = 0, max_publishers: int | None = None,
+            report=None) -> None:
     """Publish self-checking messages (``count`` < 0: until killed), a third through loan().
-    Exit code 0 when done, or when the daemon retired the channel / went away."""
+    Exit code 0 when done, or when the daemon retired the channel / went away.  With
+    ``max_publishers`` > 1 (a group member): payloads are made for ``group_index``, and
+    ``report`` (a shared array of 2 int64) gets the publisher id, then after each returned
+    publish the count of returned publishes."""
     rng = random.Random(seed)
     try:
-        ch = _publisher(sock, name, mode, capacity, max_size)
+        ch = _publisher(sock, name, mode, capacity, max_size, max_publishers)
         writer = ch._writer
         assert writer is not None
+        base = group_index(ch.publisher_id, 0) if max_publishers else 0
+        if report is not None:
+            report[0] = ch.publisher_id
         i = 0
         while count < 0 or i < count:
             seq = writer._seq               # internal: the seq this message will get
-            data = payloads.make(seq, max_size)
+            data = payloads.make(base | seq, max_size)
             if rng.random() < 0.33:
                 with ch.loan(len(data)) as buf:
                     buf[:] = data
             elif ch.publish(data) != seq:
                 raise SystemExit(f"publish returned an unexpected seq (expected {seq})")
             i += 1
+            if report is not None:
+                report[1] = seq + 1
             if pause_every and i % pause_every == 0:
                 time.sleep(0.001)
         ch.close()
