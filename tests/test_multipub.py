@@ -145,6 +145,7 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 
 import shimmy  # noqa: E402
+from shimmy.names import object_token  # noqa: E402
 
 SELF = os.path.abspath(__file__)
 
@@ -177,8 +178,11 @@ def start_subs(daemon, tmp_path, channel: str, n: int, **kw) -> list[subprocess.
     return subs
 
 
-def member_rings(daemon) -> list[str]:
-    return [e for e in daemon.shm_objects() if ".p" in e and not e.startswith("sem.")]
+def member_rings(daemon, channel: str) -> list[str]:
+    """The rings of ``channel``'s publishers left in /dev/shm: every ring object of the daemon
+    but the channel's own (member rings are named by the token of their peer alias)."""
+    own = daemon.prefix + object_token(channel)
+    return [e for e in daemon.shm_objects() if not e.startswith("sem.") and e != own]
 
 
 def fan_in(daemon, tmp_path, pubs: int, count: int, mode: str, capacity: int, **sub_kw):
@@ -205,9 +209,9 @@ def test_fan_in_reliable_every_message_in_publisher_order(daemon, tmp_path, pubs
         assert out["pubs"] == by_tag   # Message.publisher is the id the publisher was given
     # Every publisher left and every subscriber drained its ring: the daemon reclaimed them.
     deadline = time.monotonic() + 10
-    while member_rings(daemon) and time.monotonic() < deadline:
+    while member_rings(daemon, "fan") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert member_rings(daemon) == []
+    assert member_rings(daemon, "fan") == []
 
 
 def test_fan_in_lossy_counts_each_publishers_losses_exactly(daemon, tmp_path):
@@ -277,9 +281,9 @@ def test_sigkill_publishers_never_wedge_the_channel(daemon, tmp_path):
             t = str(100 + k)
             assert out["first"][t] == 0 and out["got"][t] == out["last"][t] + 1
     deadline = time.monotonic() + 10
-    while member_rings(daemon) and time.monotonic() < deadline:
+    while member_rings(daemon, "kill") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert member_rings(daemon) == []
+    assert member_rings(daemon, "kill") == []
     # ... and the channel still takes max_publishers new publishers.
     again = [spawn(daemon, "pub", "kill", tag=t, count=10, **common) for t in range(3)]
     assert all(result(p)["published"] == 10 for p in again)
