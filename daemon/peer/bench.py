@@ -124,7 +124,7 @@ def _wait_published(sock: str, name: str, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def _shimmy_rx(sock, name, ready_q, res_q, count):
+def _shimmy_rx(sock, name, ready_q, res_q, count, batch):
     import shimmy
     _wait_published(sock, name)
     ch = shimmy.Channel(name, daemon=sock)
@@ -135,12 +135,17 @@ def _shimmy_rx(sock, name, ready_q, res_q, count):
     sub.receive(timeout=30)
     t0 = time.perf_counter()
     c0 = _own_cpu()
-    for _ in range(count - 1):
-        sub.receive(timeout=30)
+    if batch:
+        got, most = 1, 4 * batch
+        while got < count:
+            got += len(sub.receive_many(most, timeout=30))
+    else:
+        for _ in range(count - 1):
+            sub.receive(timeout=30)
     res_q.put((time.perf_counter() - t0, _own_cpu() - c0))
 
 
-def _shimmy_tx(sock, name, ready_q, go_q, size, count, capacity):
+def _shimmy_tx(sock, name, ready_q, go_q, size, count, capacity, batch):
     import shimmy
     ch = shimmy.Channel(name, daemon=sock, mode="reliable", capacity=capacity,
                         publish_timeout=60)
@@ -149,8 +154,14 @@ def _shimmy_tx(sock, name, ready_q, go_q, size, count, capacity):
     go_q.get()
     payload = os.urandom(size)
     c0 = _own_cpu()
-    for _ in range(count):
-        ch.publish(payload)
+    if batch:
+        msgs = [payload] * batch
+        for _ in range(count // batch):
+            ch.publish_many(msgs)
+        ch.publish_many(msgs[:count % batch])
+    else:
+        for _ in range(count):
+            ch.publish(payload)
     ready_q.put(_own_cpu() - c0)
 
 
@@ -203,8 +214,10 @@ class TwoDaemons:
             p.wait(10)
 
 
-def cross_node(size: int, count: int, daemons: TwoDaemons | None = None) -> float:
-    """Seconds for ``count`` messages of ``size`` bytes, publisher on A to subscriber on B."""
+def cross_node(size: int, count: int, daemons: TwoDaemons | None = None, batch: int = 0) -> float:
+    """Seconds for ``count`` messages of ``size`` bytes, publisher on A to subscriber on B
+    (``batch``: the publisher calls ``publish_many`` with that many messages at a time and the
+    subscriber ``receive_many``, instead of one call per message)."""
     own = daemons is None
     d = daemons or TwoDaemons()
     name = f"xbench/{size}/{time.monotonic_ns()}"
@@ -214,10 +227,11 @@ def cross_node(size: int, count: int, daemons: TwoDaemons | None = None) -> floa
         go_q: mp.Queue = mp.Queue()
         res_q: mp.Queue = mp.Queue()
         tx = rx = None
-        tx = mp.Process(target=_shimmy_tx, args=(d.a, name, ready_q, go_q, size, count, capacity))
+        tx = mp.Process(target=_shimmy_tx, args=(d.a, name, ready_q, go_q, size, count, capacity,
+                                                      batch))
         tx.start()
         ready_q.get(timeout=30)
-        rx = mp.Process(target=_shimmy_rx, args=(d.b, name, ready_q, res_q, count))
+        rx = mp.Process(target=_shimmy_rx, args=(d.b, name, ready_q, res_q, count, batch))
         rx.start()
         ready_q.get(timeout=30)
         a0, b0 = d.cpu()

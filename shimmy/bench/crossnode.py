@@ -38,6 +38,10 @@ def run(ctx) -> dict:
             systems: list[tuple[str, Any, Callable[[], float]]] = [
                 (label, pair, partial(xbench.cross_node, size, count, pair))
                 for label, pair in pairs.items()]
+            if size == 64:   # the batch API, where it is the natural client call
+                systems += [(label[:-1] + f", batch {report.XN_BATCH})", pair,
+                             partial(xbench.cross_node, size, count, pair, report.XN_BATCH))
+                            for label, pair in pairs.items()]
             systems += [("raw TCP 127.0.0.1", None, partial(xbench.raw_tcp, size, count)),
                         ("ZeroMQ tcp PUSH/PULL", None, partial(xbench.zmq_tcp, size, count))]
             for label, pair, fn in systems:
