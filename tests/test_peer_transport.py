@@ -193,11 +193,6 @@ def test_source_cuts_batches_so_replica_head_never_passes_last(pair):
     long would make the replica's head pass its last frame before the commit (the transient
     RingCorrupted of ls/stat/subscribe).  The real MirrorSource cuts it at a frame boundary;
     the replica is checked at each put, before the bytes land."""
-    import os
-
-    import posix_ipc
-
-    from shimmy.daemon.peer.mirror import MirrorSource
     sink = pair.sink
     seen: list[tuple[int, int]] = []
     put_target = sink.put_target
@@ -207,6 +202,22 @@ def test_source_cuts_batches_so_replica_head_never_passes_last(pair):
         seen.append((sink.q[ring.OFF_HEAD // 8], sink.q[ring.OFF_LAST // 8]))
         return views
     sink.put_target = checked
+    view = ring_long_batch(pair)
+    assert len(seen) >= 3, seen   # (the first frame's put, then the ring-long batch, cut)
+    assert all(head <= last for head, last in seen), seen
+    assert ring.stream_point(sink.v) == ring.stream_point(view)
+
+
+def ring_long_batch(pair):
+    """A reliable source ring whose mirror's slot consumed everything but which the publisher
+    filled a whole ring past that, mirrored by a real MirrorSource to ``pair``'s replica (which
+    holds the first frame already); returns the source ring's view once the replica has it all."""
+    import os
+
+    import posix_ipc
+
+    from shimmy.daemon.peer.mirror import MirrorSource
+    sink = pair.sink
     prefix = f"/shimmy-conf-cut-{os.getpid()}.s"
     sem = posix_ipc.Semaphore(prefix + "0", posix_ipc.O_CREX)
     mm, view = make_ring(ring.MODE_RELIABLE)
@@ -235,9 +246,7 @@ def test_source_cuts_batches_so_replica_head_never_passes_last(pair):
         wakeups.close()
         sem.unlink()
         sem.close()
-    assert len(seen) >= 3, seen   # (the first frame's put, then the ring-long batch, cut)
-    assert all(head <= last for head, last in seen), seen
-    assert ring.stream_point(sink.v) == ring.stream_point(view)
+    return view
 
 
 @pytest.mark.parametrize("committed_before", [True, False])
