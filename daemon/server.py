@@ -615,6 +615,13 @@ class Daemon:
     def _create_channel(self, client: Client, name: str, mode, capacity, create: bool,
                         max_publishers: int | None = None):
         self._policy(client).check_open(name)
+        if max_publishers is None and capacity is None and self.peer.enabled:
+            # An open that leaves the shape to the channel, of a name a peer holds as a
+            # publisher group: a group here too (subscribers need not know how many publishers
+            # there are, or where).  Stating a capacity or max_publishers keeps the choice.
+            group = self.peer.announced_group(name)
+            if group is not None and mode in (None, group[0]):
+                mode, capacity, max_publishers = group
         caller = self._caller(client)
         who = client.tenant
         ownership = self.access.ownership_for(caller, name, who)

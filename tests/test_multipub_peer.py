@@ -84,9 +84,12 @@ def test_group_stays_local_when_a_publisher_appears_elsewhere(cluster):
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_multipub.py")
 
 
-def worker(node, role: str, *args: str) -> subprocess.Popen:
+def worker(node, role: str, *args: str, pubs: int | None = 4) -> subprocess.Popen:
+    """A publisher or subscriber process of channel "fan" on ``node`` (``pubs``: the
+    max_publishers it opens with; None: it does not say)."""
+    say = [] if pubs is None else ["--max-publishers", str(pubs)]
     return subprocess.Popen([*node.enter(), sys.executable, WORKER, role, "--daemon", node.socket,
-                             "--channel", "fan", "--max-publishers", "4", *args],
+                             "--channel", "fan", *say, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -169,3 +172,48 @@ def test_remote_publisher_killed_mid_stream(cluster, tmp_path):
     assert out["got"]["0"] == out["got"]["1"] == count
     assert out["first"]["7"] == 0 and out["got"]["7"] == out["last"]["7"] + 1 > 0, out
     assert out["nodes"]["7"] == "A"
+
+
+HOLDER = """
+import os, sys, time, shimmy
+ch = shimmy.Channel('fan', daemon=sys.argv[1], max_publishers=4)
+print('open', flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.02)
+ch.close()
+"""
+
+
+def test_subscriber_that_does_not_say_max_publishers_takes_the_peers_group(cluster, tmp_path):
+    """Subscribers need not know how many publishers a channel has, or where: node A holds
+    "fan" open as a group of 4 (nobody publishes yet); subscribers on node C open it without
+    max_publishers and get a group too (the peers' announcement decides), then receive every
+    message of publishers on A and B."""
+    pa, pb = free_port(), free_port()
+    a = cluster.node("A", "--peer-listen", f"127.0.0.1:{pa}")
+    b = cluster.node("B", "--peer-listen", f"127.0.0.1:{pb}", "--peer", f"127.0.0.1:{pa}")
+    c = cluster.node("C", "--peer", f"127.0.0.1:{pa}", "--peer", f"127.0.0.1:{pb}")
+    wait_for("C linked to A and B", lambda: len(c.peer()["links"]) == 2)
+    hold = str(tmp_path / "hold")
+    holder = subprocess.Popen([*a.enter(), sys.executable, "-c", HOLDER, a.socket, hold],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        wait_for("C to learn of the group", lambda: any(
+            e["name"] == "fan" for e in c.request("list")["remote"]))
+        count = 2000
+        ready = str(tmp_path / "sub.ready")
+        sub = worker(c, "sub", "--want", f"0:{count},1:{count}", "--ready", ready,
+                     "--timeout", "90", pubs=None)
+        wait_for("the subscriber", lambda: os.path.exists(ready))
+        listed = [ch for ch in c.request("list")["channels"] if ch["name"] == "fan"]
+        assert len(listed) == 1 and listed[0]["max_publishers"] == 4, listed
+        pubs = [worker(node, "pub", "--tag", str(t), "--count", str(count), "--rate", "3000",
+                       "--hold", hold) for t, node in enumerate((a, b))]
+        out = outcome(sub)
+    finally:
+        open(hold, "w").close()
+        holder.wait(30)
+    assert all(outcome(p)["published"] == count for p in pubs)
+    assert out["got"] == {"0": count, "1": count} and out["first"] == {"0": 0, "1": 0}, out
+    assert out["nodes"] == {"0": "A", "1": "B"}

@@ -40,25 +40,31 @@ class Entry:
     kind: int
     source: str = ""      # for replicas: the node the channel is published on
     stream: int = 0       # which stream (one per ring a source created; a continued one keeps it)
+    publishers: int = 1   # the channel's max_publishers (> 1: a publisher group)
 
     def wire(self) -> list:
-        return [self.mode, self.capacity, self.tail, self.seq, self.kind, self.source, self.stream]
+        return [self.mode, self.capacity, self.tail, self.seq, self.kind, self.source, self.stream,
+                self.publishers]
 
     def shape(self) -> tuple:
         """What matters for routing: everything but the moving tail and sequence number."""
-        return self.mode, self.capacity, self.kind, self.source
+        return self.mode, self.capacity, self.kind, self.source, self.publishers
 
 
 def parse_entry(name, value) -> Entry:
-    if not isinstance(name, str) or not isinstance(value, (list, tuple)) or len(value) != 7:
+    # 7 fields from a daemon without publisher groups, 8 with (the last: max_publishers).
+    if not isinstance(name, str) or not isinstance(value, (list, tuple)) or \
+            len(value) not in (7, 8):
         raise BadAnnouncement(f"bad directory entry {name!r}")
-    mode, capacity, tail, seq, kind, source, stream = value
+    mode, capacity, tail, seq, kind, source, stream, *more = value
+    publishers = more[0] if more else 1
     if mode not in ring.MODE_NAMES or kind not in KIND_NAMES or not isinstance(source, str) \
             or len(source) > MAX_NODE_NAME or not all(
                 isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                for x in (capacity, tail, seq, stream)):
+                for x in (capacity, tail, seq, stream, publishers)) \
+            or not 1 <= publishers <= ring.MAX_PUBLISHERS_LIMIT:
         raise BadAnnouncement(f"bad directory entry {name!r}")
-    return Entry(mode, capacity, tail, seq, kind, source, stream)
+    return Entry(mode, capacity, tail, seq, kind, source, stream, publishers)
 
 
 class Directory:

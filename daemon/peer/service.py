@@ -714,6 +714,16 @@ class PeerService:
         self.replicas[name].sink.jump(info.tail, info.seq)
         log.info("channel %s is published on %s: created replica", name, link.remote)
 
+    def announced_group(self, name: str) -> tuple[str, int, int] | None:
+        """``(mode, capacity, max_publishers)`` of ``name`` where a peer announces it as a
+        publisher group (the first such node by name), else None: an open that does not state
+        max_publishers takes that shape, so subscribers need not know how many publishers a
+        channel has, or where (docs/ring-format.md, "Publisher groups")."""
+        for _, e in sorted(self.directory.names().get(name, []), key=lambda ne: ne[0]):
+            if e.publishers > 1 and e.kind != REPLICA:
+                return ring.MODE_NAMES[e.mode], e.capacity, e.publishers
+        return None
+
     def published_elsewhere(self) -> dict[str, str]:
         """Every name a peer announces as published, with that node (the first by name); a
         node whose link is down is included until it is forgotten (its replicas here resume
@@ -1051,9 +1061,10 @@ class PeerService:
                                   entry.stream)
             elif rec.publisher is not None or tail:
                 out[name] = Entry(rec.mode, rec.capacity, tail, seq, PUBLISHED, "",
-                                  self._stream_id(rec))
+                                  self._stream_id(rec), rec.max_publishers)
             else:
-                out[name] = Entry(rec.mode, rec.capacity, tail, seq, OPEN)
+                out[name] = Entry(rec.mode, rec.capacity, tail, seq, OPEN,
+                                  publishers=rec.max_publishers)
         return out
 
     # -- reporting ---------------------------------------------------------------------------------
