@@ -592,7 +592,16 @@ def row_stream(ctx, row: Row, d: Daemon, trials: int, end: float, rng: random.Ra
                               f"StreamBroken 5 s after the {victim_role} died: {entry}")
         survivor.end.close()
         if not writer_killed and entry is not None and entry["reader"] is None:
-            broken = False   # the reader never opened: the stream waits for one (by design)
+            # The reader died before it opened: the stream keeps what was written for the
+            # reader that comes (by design).  Be that reader, so the stream ends and is freed
+            # (else every such trial would hold a stream, against the tenant's quota).
+            try:
+                with stream.reader(timeout=5) as late:
+                    while late.read(65536, timeout=5):
+                        pass
+            except (shimmy.StreamBroken, shimmy.ShimmyError):
+                pass
+            broken = True
         if broken:
             deadline = time.monotonic() + 2
             while _stream_entry(d.socket, name) is not None and time.monotonic() < deadline:
