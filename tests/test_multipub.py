@@ -424,3 +424,62 @@ def test_late_subscriber_starts_per_start_for_every_publisher(daemon):
     assert (bytes(msg), msg.seq, msg.publisher) == (b"b3", 3, b.publisher_id)
     for ch in (a, b):
         ch.close()
+
+
+def test_stat_of_a_group_counts_its_member_rings(daemon):
+    """A group's own ring carries no messages: ``shimmy stat --json`` shows the bytes of its
+    member rings (a reclaimed member's included) and each subscriber's lag as its largest over
+    them, not the empty control ring's zeros."""
+    from test_pubsub import shimmy_stat
+
+    def entry():
+        return next(c for c in shimmy_stat(daemon)["channels"] if c["name"] == "statgrp")
+
+    a = shimmy.Channel("statgrp", daemon=daemon.socket, max_publishers=2)
+    b = shimmy.Channel("statgrp", daemon=daemon.socket)
+    sub = a.subscribe()
+    for _ in range(5):
+        a.publish(bytes(100))
+    for _ in range(3):
+        b.publish(bytes(300))
+    e = entry()
+    tails = [p["tail"] for p in e["publishers"]]
+    assert all(t > 0 for t in tails) and e["tail"] == sum(tails)
+    assert [s["lag_bytes"] for s in e["subscribers"]] == [max(tails)]
+    for _ in range(8):
+        sub.receive_bytes(timeout=5)   # (a copy: the position moves past each message)
+    assert [s["lag_bytes"] for s in entry()["subscribers"]] == [0]
+    b.close()   # drained: its member ring is reclaimed, its bytes stay counted
+    end = time.monotonic() + 10
+    while len(entry()["publishers"]) > 1:
+        assert time.monotonic() < end, "the drained member ring was never reclaimed"
+        time.sleep(0.05)
+    assert entry()["tail"] == sum(tails)
+    sub.close()
+    a.close()
+
+
+def test_metrics_of_a_group_aggregate_its_member_rings(daemon_factory, tmp_path):
+    """/metrics of a group: bytes summed over the member rings, lag and fill the largest a
+    subscriber has over them (the control ring's own words are all zero)."""
+    from test_metrics import _metrics_daemon, scrape, value
+    d, url = _metrics_daemon(daemon_factory, tmp_path)
+    a = shimmy.Channel("metgrp", daemon=d.socket, max_publishers=2, capacity=65536)
+    b = shimmy.Channel("metgrp", daemon=d.socket)
+    sub = a.subscribe()
+    for _ in range(4):
+        a.publish(bytes(1000))
+    b.publish(bytes(3000))
+    got = scrape(url)
+    sent = value(got, "shimmy_channel_published_bytes_total", channel="metgrp")
+    lag = value(got, "shimmy_channel_subscriber_lag_bytes_max", channel="metgrp")
+    assert sent is not None and sent >= 7000
+    assert 4000 <= lag < sent   # the larger member's backlog, not the sum nor zero
+    assert value(got, "shimmy_channel_ring_fill_ratio", channel="metgrp") == lag / 65536
+    for _ in range(5):
+        sub.receive_bytes(timeout=5)
+    got = scrape(url)
+    assert value(got, "shimmy_channel_subscriber_lag_bytes_max", channel="metgrp") == 0
+    assert value(got, "shimmy_channel_published_bytes_total", channel="metgrp") == sent
+    for x in (sub, a, b):
+        x.close()
