@@ -483,3 +483,32 @@ def test_metrics_of_a_group_aggregate_its_member_rings(daemon_factory, tmp_path)
     assert value(got, "shimmy_channel_published_bytes_total", channel="metgrp") == sent
     for x in (sub, a, b):
         x.close()
+
+
+def test_member_rings_are_charged_to_the_publishers_shm_quota(daemon_factory, tmp_path):
+    """Each publisher's member ring counts against its tenant's quota_shm_bytes (not as a
+    channel): a tenant cannot go past its quota by attaching publishers, and a reclaimed
+    member ring gives its bytes back."""
+    from shimmy import ring as ring_mod
+    from test_access_quotas import _daemon
+    seg = ring_mod.segment_size(65536, 64)   # the daemon's default max_subscribers
+    d = _daemon(daemon_factory, tmp_path, f"quota_channels = 1\nquota_shm_bytes = {3 * seg}\n")
+    # The channel's own ring is charged at its capacity, then two member rings fit.
+    chans = [shimmy.Channel("quota/grp", daemon=d.socket, capacity=65536, max_publishers=4)]
+    chans.append(shimmy.Channel("quota/grp", daemon=d.socket))
+    chans[0].publish(b"a")
+    chans[1].publish(b"b")
+    third = shimmy.Channel("quota/grp", daemon=d.socket)
+    with pytest.raises(shimmy.LimitExceeded, match=f"quota_shm_bytes={3 * seg} bytes"):
+        third.publish(b"c")
+    chans[1].close()   # no subscriber: its member ring is drained, so reclaimed
+    end = time.monotonic() + 10
+    while True:
+        try:
+            third.publish(b"c")
+            break
+        except shimmy.LimitExceeded:
+            assert time.monotonic() < end, "a reclaimed member ring never gave its bytes back"
+            time.sleep(0.05)
+    for ch in (chans[0], third):
+        ch.close()
