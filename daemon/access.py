@@ -133,6 +133,7 @@ class Ownership:
     group: int | None = None    # the group that shares the channel, if any
     principal: str = ""         # quota account of the creator
     size: int = 0               # bytes of shared memory, for quotas
+    member: bool = False        # a publisher's member ring (its bytes count, not as a channel)
 
 
 @dataclass

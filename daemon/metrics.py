@@ -230,6 +230,10 @@ class DaemonCollector:
         slots = list(rec.slots.values())
         evicted = list(rec.evicted.values())
         lags = [max(tail - max(q[view.slot_word(s.index)], head), 0) for s in slots]
+        if rec.group:   # bytes over the member rings, each subscriber's lag its largest there
+            tail = rec.reclaimed_bytes + sum(m.view.q[ring.W_TAIL]
+                                             for m in list(rec.members.values()))
+            lags = list(rec.member_lags().values())
         lost = {(s.index, s.generation): view.slot_lost(s.index) for s in slots + evicted}
         waits = q[ring.OFF_WAITS // 8]
         link = view.link_state()

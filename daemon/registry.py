@@ -127,6 +127,7 @@ class ChannelRecord:
     next_publisher: int = 1
     group_of: "ChannelRecord | None" = None  # a member ring's record: its channel
     reclaimed_messages: int = 0             # published by members reclaimed since (metrics)
+    reclaimed_bytes: int = 0                # bytes those members carried (metrics, stat)
 
     @property
     def group(self) -> bool:
@@ -178,7 +179,25 @@ class ChannelRecord:
             pubs = entry["publishers"] = [m.describe() for m in self.members.values()]
             entry["published"] = sum(p["published"] or 0 for p in pubs)
             entry["publisher"] = len(self.live_publishers()) or None
+            # The control ring carries no messages: bytes are the member rings' (reclaimed
+            # ones included, so the figure never goes back), a subscriber's lag its largest
+            # over the member rings (what it has yet to read from the furthest-behind one).
+            entry["tail"] = self.reclaimed_bytes + sum(p["tail"] for p in pubs)
+            lags = self.member_lags()
+            for sub in subs:
+                sub["lag_bytes"] = lags.get(sub["slot"], 0)
         return entry
+
+    def member_lags(self) -> dict[int, int]:
+        """A group's subscribers (slot index) -> bytes not yet read, the most over its
+        member rings (0 for an exclusive channel's or a member's record)."""
+        lags = dict.fromkeys(self.slots, 0)
+        for m in list(self.members.values()):
+            q, v = m.view.q, m.view
+            tail, head = q[ring.W_TAIL], q[ring.W_HEAD]
+            for i in lags:
+                lags[i] = max(lags[i], tail - max(q[v.slot_word(i)], head))
+        return lags
 
     def repair_daemon_words(self) -> int:
         """Rewrite the ring words the daemon owns (slot_high, slot states) from its own books
@@ -441,6 +460,7 @@ class Registry:
         for m in gone:
             del rec.members[m.publisher]
             try:
+                rec.reclaimed_bytes += m.view.q[ring.W_TAIL]
                 rec.reclaimed_messages += ring.stream_point(m.view)[1]
             except RingCorrupted:
                 pass

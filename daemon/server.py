@@ -534,7 +534,7 @@ class Daemon:
         for name in list(self.owners):
             own = self.owner(name)
             if own is not None and own.principal == who:
-                count += 1
+                count += not own.member   # a publisher's member ring is bytes, not a channel
                 size += own.size
         for st in self.streams.owned_by(who):
             count += 1
@@ -669,6 +669,14 @@ class Daemon:
         self.peer.check_publish(rec)  # one publisher cluster-wide: names the node holding it
         key = self._field(req, "key", int, optional=True, lo=0, hi=ID_MAX) or 0
         carry = self._field(req, "carry", dict, optional=True)   # Channel.reopen
+        size = 0
+        if rec.group and not any(m.client == client.id and m.key == key
+                                 for m in rec.members.values()):
+            # A new member ring: its bytes are the publisher's tenant's, like a channel it made
+            # (so attaching many publishers cannot go past quota_shm_bytes).
+            size = ring.segment_size(rec.capacity, rec.max_subscribers)
+            self.quotas.check("shm_bytes", client.tenant, self.tenant_usage(client.tenant)[1],
+                              size)
         member = self.registry.grant_publisher(rec, client.id, client.pid or client.claimed_pid,
                                                key)
         if member is None:
@@ -676,6 +684,11 @@ class Daemon:
                 self.peer.carry(rec, carry)   # position the empty ring where its stream left off
             return {}
         self.peer.hold_member(rec.name, member.rec)   # peers with the group open get it all
+        if size:   # counted by tenant_usage while the member ring lives (not as a channel)
+            own = self.owner(rec.name) or self.segments.ownership(rec.token)
+            if own is not None:
+                self.owners[member.rec.name] = (member.rec, dataclasses.replace(
+                    own, principal=client.tenant, size=size, member=True))
         return {"member": {"id": member.publisher, "shm": member.shm_name, "node": self.peer.node}}
 
     def op_unpublish(self, req: dict) -> dict:

@@ -458,3 +458,91 @@ def test_receive_many_takes_every_publisher_in_turn(daemon):
     assert all(a != b for a, b in zip(sources[:30], sources[1:31], strict=True)), sources[:31]
     for ch in (*pubs, sub_ch):
         ch.close()
+
+
+def test_stat_of_a_group_counts_its_member_rings(daemon):
+    """A group's own ring carries no messages: ``shimmy stat --json`` shows the bytes of its
+    member rings (a reclaimed member's included) and each subscriber's lag as its largest over
+    them, not the empty control ring's zeros."""
+    from test_pubsub import shimmy_stat
+
+    def entry():
+        return next(c for c in shimmy_stat(daemon)["channels"] if c["name"] == "statgrp")
+
+    a = shimmy.Channel("statgrp", daemon=daemon.socket, max_publishers=2)
+    b = shimmy.Channel("statgrp", daemon=daemon.socket)
+    sub = a.subscribe()
+    for _ in range(5):
+        a.publish(bytes(100))
+    for _ in range(3):
+        b.publish(bytes(300))
+    e = entry()
+    tails = [p["tail"] for p in e["publishers"]]
+    assert all(t > 0 for t in tails) and e["tail"] == sum(tails)
+    assert [s["lag_bytes"] for s in e["subscribers"]] == [max(tails)]
+    for _ in range(8):
+        sub.receive_bytes(timeout=5)   # (a copy: the position moves past each message)
+    assert [s["lag_bytes"] for s in entry()["subscribers"]] == [0]
+    b.close()   # drained: its member ring is reclaimed, its bytes stay counted
+    end = time.monotonic() + 10
+    while len(entry()["publishers"]) > 1:
+        assert time.monotonic() < end, "the drained member ring was never reclaimed"
+        time.sleep(0.05)
+    assert entry()["tail"] == sum(tails)
+    sub.close()
+    a.close()
+
+
+def test_metrics_of_a_group_aggregate_its_member_rings(daemon_factory, tmp_path):
+    """/metrics of a group: bytes summed over the member rings, lag and fill the largest a
+    subscriber has over them (the control ring's own words are all zero)."""
+    from test_metrics import _metrics_daemon, scrape, value
+    d, url = _metrics_daemon(daemon_factory, tmp_path)
+    a = shimmy.Channel("metgrp", daemon=d.socket, max_publishers=2, capacity=65536)
+    b = shimmy.Channel("metgrp", daemon=d.socket)
+    sub = a.subscribe()
+    for _ in range(4):
+        a.publish(bytes(1000))
+    b.publish(bytes(3000))
+    got = scrape(url)
+    sent = value(got, "shimmy_channel_published_bytes_total", channel="metgrp")
+    lag = value(got, "shimmy_channel_subscriber_lag_bytes_max", channel="metgrp")
+    assert sent is not None and sent >= 7000
+    assert 4000 <= lag < sent   # the larger member's backlog, not the sum nor zero
+    assert value(got, "shimmy_channel_ring_fill_ratio", channel="metgrp") == lag / 65536
+    for _ in range(5):
+        sub.receive_bytes(timeout=5)
+    got = scrape(url)
+    assert value(got, "shimmy_channel_subscriber_lag_bytes_max", channel="metgrp") == 0
+    assert value(got, "shimmy_channel_published_bytes_total", channel="metgrp") == sent
+    for x in (sub, a, b):
+        x.close()
+
+
+def test_member_rings_are_charged_to_the_publishers_shm_quota(daemon_factory, tmp_path):
+    """Each publisher's member ring counts against its tenant's quota_shm_bytes (not as a
+    channel): a tenant cannot go past its quota by attaching publishers, and a reclaimed
+    member ring gives its bytes back."""
+    from shimmy import ring as ring_mod
+    from test_access_quotas import _daemon
+    seg = ring_mod.segment_size(65536, 64)   # the daemon's default max_subscribers
+    d = _daemon(daemon_factory, tmp_path, f"quota_channels = 1\nquota_shm_bytes = {3 * seg}\n")
+    # The channel's own ring is charged at its capacity, then two member rings fit.
+    chans = [shimmy.Channel("quota/grp", daemon=d.socket, capacity=65536, max_publishers=4)]
+    chans.append(shimmy.Channel("quota/grp", daemon=d.socket))
+    chans[0].publish(b"a")
+    chans[1].publish(b"b")
+    third = shimmy.Channel("quota/grp", daemon=d.socket)
+    with pytest.raises(shimmy.LimitExceeded, match=f"quota_shm_bytes={3 * seg} bytes"):
+        third.publish(b"c")
+    chans[1].close()   # no subscriber: its member ring is drained, so reclaimed
+    end = time.monotonic() + 10
+    while True:
+        try:
+            third.publish(b"c")
+            break
+        except shimmy.LimitExceeded:
+            assert time.monotonic() < end, "a reclaimed member ring never gave its bytes back"
+            time.sleep(0.05)
+    for ch in (chans[0], third):
+        ch.close()
