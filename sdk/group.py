@@ -123,8 +123,12 @@ class GroupSubscription(Subscription):
                                reader)
         return self._receive_rotate()
 
-    def _receive_rotate(self) -> Message | None:
-        if self._gq[ring.I_GROUP_EPOCH] != self._gepoch:   # a publisher joined or was reclaimed
+    def _rotate(self, take):
+        """The members in turn from ``_next``: the first ``take(reader)`` that is not None, as
+        ``(member, result)``, that member then read first; None when every member is caught up.
+        Refreshes the member list first when the group epoch moved (a publisher joined or was
+        reclaimed).  Off the per-message path: only when the current member has nothing."""
+        if self._gq[ring.I_GROUP_EPOCH] != self._gepoch:
             self._refresh()
         members = self._members
         n = len(members)
@@ -132,14 +136,18 @@ class GroupSubscription(Subscription):
         for _ in range(n):
             m = members[i]
             i = i + 1 if i + 1 < n else 0
-            reader = m.reader
-            got = reader.take()
+            got = take(m.reader)
             if got is not None:
-                self._use(m, i)
-                pos, off, length, seq, lost = got
-                return Message(self, m.ro[off:off + length], seq, lost, pos, reader.position,
-                               reader)
+                self._use(m, i)   # the next round starts at the member after this one
+                return m, got
         return None
+
+    def _receive_rotate(self) -> Message | None:
+        found = self._rotate(ring.GroupReader.take)
+        if found is None:
+            return None
+        m, (pos, off, length, seq, lost) = found
+        return Message(self, m.ro[off:off + length], seq, lost, pos, m.reader.position, m.reader)
 
     def receive_bytes(self, timeout: float | None = None) -> bytes:
         if self.closed:
@@ -152,19 +160,8 @@ class GroupSubscription(Subscription):
         return data
 
     def _take_bytes_rotate(self) -> bytes | None:
-        if self._gq[ring.I_GROUP_EPOCH] != self._gepoch:
-            self._refresh()
-        members = self._members
-        n = len(members)
-        i = self._next
-        for _ in range(n):
-            m = members[i]
-            i = i + 1 if i + 1 < n else 0
-            data = m.reader.take_bytes()
-            if data is not None:
-                self._use(m, i)
-                return data
-        return None
+        found = self._rotate(ring.GroupReader.take_bytes)
+        return None if found is None else found[1]
 
     def receive_many(self, max_n: int, timeout: float | None = None) -> list[bytes]:
         """:meth:`Subscription.receive_many` of a group: each call copies the messages of one
@@ -181,19 +178,8 @@ class GroupSubscription(Subscription):
         return out
 
     def _take_many_rotate(self, max_n: int) -> list[bytes] | None:
-        if self._gq[ring.I_GROUP_EPOCH] != self._gepoch:
-            self._refresh()
-        members = self._members
-        n = len(members)
-        i = self._next
-        for _ in range(n):
-            m = members[i]
-            i = i + 1 if i + 1 < n else 0
-            out = m.reader.take_many_bytes(max_n)
-            if out is not None:
-                self._use(m, i)   # the next call starts at the member after this one
-                return out
-        return None
+        found = self._rotate(lambda reader: reader.take_many_bytes(max_n))
+        return None if found is None else found[1]
 
     def _use(self, m: _Member, following: int) -> None:
         """``m`` delivered: read it first from now on; the round goes on at ``following``."""
