@@ -3,7 +3,8 @@
 Runs the peer-port abuse run (tests/abuse/peer.py) bounded: 60 connections that never speak
 and 40 that send random bytes, while a legitimate peer links up.  A's handshake deadline is
 set to 30 s, so a daemon that let silent connections hold its handshake slots until their
-deadline would keep the legitimate peer out for 30 s; the functional deadline here is 10 s.
+deadline would keep the legitimate peer out for 30 s.  The test asserts what happened, not how
+fast: B linked while silent connections were still open, and pending handshakes were evicted.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def test_flood_of_silent_and_garbage_connections_does_not_keep_a_peer_out():
     print(out)
     assert out["daemon_alive"], out
     assert out["link_b_up"], out
-    assert out["link_s_flood"] is not None and out["link_s_flood"] < 10.0, out
+    # B linked while the stalling connections were still held open (their 30 s handshake
+    # deadline far off): the oldest pending handshake was evicted to admit B, not waited out.
+    assert out["link_s_flood"] is not None, out
+    assert out["silent_open_at_link"] > 0, out
+    assert out["counters"]["evicted_pending"] > 0, out
     assert out["counters"]["protocol_errors"] > 0 and out["counters"]["evicted_pending"] > 0, out
     assert out["after"]["fds"] <= out["before"]["fds"] + 5, out   # every connection was closed
