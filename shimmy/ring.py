@@ -424,8 +424,27 @@ def stream_point(view: RingView, oldest: bool = False) -> tuple[int, int]:
         check_positions(view, head, last, tail)
         if tail == 0:
             return 0, 0
-        frame_end(view, last, length, flags, last + view.capacity)
-        at_tail = (seq + 1) & U64 if last < tail or flags else seq
+        if last < tail:
+            # Normally the frame at ``last`` ends at the tail.  Between the last two stores of a
+            # batch commit (RingWriter._commit_batch) it is the batch's first frame: walk the
+            # committed frames to the tail.  A PAD's seq field holds the message before it, so
+            # + 1 fits both.  A live publisher may move on and overwrite what we walk: any
+            # doubt is settled by loading the words again.
+            try:
+                end = frame_end(view, last, length, flags, tail)
+                while end < tail:
+                    length, flags, seq = _unpack_frame(mv, base + (end & mask))
+                    end = frame_end(view, end, length, flags, tail)
+            except RingCorrupted:
+                if q[W_TAIL] != tail or q[W_LAST] != last:
+                    continue
+                raise
+            if q[W_TAIL] != tail or q[W_LAST] != last:
+                continue
+            at_tail = (seq + 1) & U64
+        else:
+            frame_end(view, last, length, flags, last + view.capacity)
+            at_tail = (seq + 1) & U64 if flags else seq
         if not oldest:
             return tail, at_tail
         p = head
@@ -620,8 +639,7 @@ class RingWriter:
             if off + size > cap or tail + size > limit or n > largest:
                 # Slow path (rare): commit what is written, then reserve like publish().
                 if last >= 0:
-                    self._tail, self._seq = tail, seq
-                    self._commit_batch(last)
+                    self._commit_batch(last, tail, seq)
                     last = -1
                 try:
                     off = self._reserve(n, timeout)
@@ -636,8 +654,7 @@ class RingWriter:
                 # len() was not the byte count: commit the batch so far, publish this one's
                 # bytes alone (nothing of the header just written is visible), go on.
                 if last >= 0:
-                    self._tail, self._seq = tail, seq
-                    self._commit_batch(last)
+                    self._commit_batch(last, tail, seq)
                     last = -1
                 try:
                     self.publish(_as_bytes(data), timeout)
@@ -651,17 +668,25 @@ class RingWriter:
             seq += 1
             i += 1
         if last >= 0:
-            self._tail, self._seq = tail, seq
-            self._commit_batch(last)
+            self._commit_batch(last, tail, seq)
         return i
 
-    def _commit_batch(self, last: int) -> None:
-        """Commit every frame written up to ``self._tail``; ``last`` starts the final one.  The
-        same stores, fence and wake-up as ``_commit`` (see its SYNC POINTs): every frame of the
-        batch is complete before ``last`` is stored, and ``last`` before ``tail``."""
+    def _commit_batch(self, last: int, end: int, seq: int) -> None:
+        """Commit every frame written from the committed tail up to ``end``; ``last`` starts
+        the final one, ``seq`` is the next message's number.  Every frame is complete before the
+        first store.  ``head <= last <= tail`` must hold at every instant (a reader may load the
+        words between two stores; a crash may leave any of the states), so ``last`` cannot go
+        past the old tail before the commit: first ``last = old tail`` (the batch's first
+        frame: the state of a single publish between its two stores), then ``tail``, then
+        ``last`` = the final frame (stream_point walks from an earlier ``last`` to the tail, so
+        the state between the last two stores is exact too).  docs/ring-format.md, "Batches"."""
         q = self._q
-        q[W_LAST] = last               # SYNC POINT (complete frame), as in _commit
-        q[W_TAIL] = self._tail         # SYNC POINT (commit), as in _commit
+        first = self._tail
+        q[W_LAST] = first              # SYNC POINT (complete frame), as in _commit
+        q[W_TAIL] = end                # SYNC POINT (commit), as in _commit
+        if last != first:
+            q[W_LAST] = last           # the final frame (<= tail now): one-step walks
+        self._tail, self._seq = end, seq
         try:
             _fence_post()              # SYNC POINT (wake-up fence), as in _commit
         except OSError:

@@ -9,6 +9,7 @@ from test_pubsub import result, spawn, start_subscribers
 from workers import payload
 
 import shimmy
+from shimmy.sdk.client import get_client
 from shimmy import ring
 
 
@@ -107,3 +108,42 @@ def test_batch_api_arguments_and_odd_buffers(daemon):
         assert sub.receive_many(3) == [b"a", b"bb", b"ccc"]
         assert sub.receive_many(10) == [array.array("i", [1, 2]).tobytes(), b""]
         assert sub.last_seq == 4
+
+
+@pytest.mark.parametrize("state", ["after-first-last", "after-tail", "committed"])
+def test_batch_commit_states_keep_head_last_tail_and_exact_seq(daemon, state):
+    """Every state a publisher killed inside a batch commit can leave (the three stores of
+    RingWriter._commit_batch), made by rewinding the words of a real batch to that store (a
+    fake crash: the stores are the only difference): ``list`` does not call the ring broken,
+    stream_point is exact, a successor publisher numbers on from the right seq, and a reader
+    from the oldest message sees 0, 1, 2, ... with no gap and no repeat."""
+    ch = shimmy.Channel("batch/states", daemon=daemon.socket, mode="reliable")
+    ch.publish(b"first")
+    q = ch._view.q
+    t0 = q[ring.W_TAIL]
+    assert ch.publish_many([b"m%d" % k for k in range(5)]) == 5
+    end, final = q[ring.W_TAIL], q[ring.W_LAST]
+    assert t0 < final < end and q[ring.W_HEAD] <= final
+    committed = {"after-first-last": (t0, t0), "after-tail": (t0, end), "committed": (final, end)}
+    last, tail = committed[state]
+    q[ring.W_LAST], q[ring.W_TAIL] = last, tail
+    want_tail = (t0, 1) if state == "after-first-last" else (end, 6)
+    assert ring.stream_point(ch._view) == want_tail
+    (entry,) = [c for c in get_client(daemon.socket).request("list")["channels"]
+                if c["name"] == "batch/states"]
+    assert entry.get("broken") is None, entry
+    ch.close()   # the publisher role is free: a successor resumes from the words as they are
+    succ = shimmy.Channel("batch/states", daemon=daemon.socket)
+    sub = succ.subscribe("oldest")
+    succ.publish(b"next")
+    seqs = []
+    while True:
+        msg = sub.receive(timeout=5)
+        seqs.append(msg.seq)
+        if bytes(msg.data) == b"next":
+            break
+    # after-first-last: the successor rolls the batch's first frame forward (seq 1); the four
+    # frames after it were never committed and are overwritten.
+    assert seqs == (list(range(3)) if state == "after-first-last" else list(range(7))), seqs
+    assert sub.lost == 0
+    succ.close()
