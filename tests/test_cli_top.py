@@ -106,10 +106,10 @@ def read_until(master: int, needle: bytes, limit: float = 20.0) -> bytes:
     return out
 
 
-def drain(master: int) -> bytes:
+def drain(master: int, wait: float = 0.3) -> bytes:
     out = b""
     try:
-        while select.select([master], [], [], 0.3)[0]:
+        while select.select([master], [], [], wait)[0]:
             chunk = os.read(master, 65536)
             if not chunk:
                 break
@@ -128,7 +128,12 @@ def test_live_top_in_a_terminal_ends_cleanly(daemon, traffic, ending):
         out += read_until(master, b"B/s", limit=10)
         assert b"top/busy" in out and b"B/s" in out and b"\x1b[" in out, out[-2000:]
         p.send_signal(ending)
-        assert p.wait(15) == 0
+        # Read on while it ends, as a terminal does: its last frames and the escape that
+        # leaves the alternate screen would block on a full pty otherwise.
+        deadline = time.monotonic() + 15
+        while p.poll() is None and time.monotonic() < deadline:
+            out += drain(master, 0.05)
+        assert p.wait(1) == 0
         out += drain(master)
     finally:
         if p.poll() is None:
