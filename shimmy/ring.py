@@ -35,17 +35,33 @@ argument (what survivors see whatever instruction a writer dies at) is in docs/r
 
 from __future__ import annotations
 
+import importlib
 import mmap
 import os
 import secrets
 import struct
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import posix_ipc
 
 from shimmy.errors import (BackpressureTimeout, ChannelClosed, LimitExceeded, MessageTooLarge,
                            PermissionDenied, RingCorrupted)
+
+# The per-message paths in C (shimmy/_ringcore.c): RingWriter and RingReader subclass its types
+# and keep every other path, and the reference version of each fast path (``_publish_py``,
+# ``_take_bytes_py``, ...), here.  Built at install time where a C compiler is found; without it,
+# or with SHIMMY_PURE_PYTHON=1 in the environment, the Python versions are the fast paths.
+_core: Any
+try:
+    if os.environ.get("SHIMMY_PURE_PYTHON"):
+        raise ImportError("SHIMMY_PURE_PYTHON is set")
+    _core = importlib.import_module("shimmy._ringcore")
+except ImportError:
+    _core = None
+ACCELERATED = _core is not None
+_WriterBase: Any = _core.WriterCore if _core else object
+_ReaderBase: Any = _core.ReaderCore if _core else object
 
 MAGIC = 0x474E4952594D4853  # b"SHMYRING" read as a little-endian u64
 LAYOUT_VERSION = 2   # 2: PADs committed on their own, carrying the previous seq (head <= last)
@@ -235,6 +251,7 @@ class SegmentView:
 
     def __init__(self, mm: mmap.mmap):
         self.mm = mm
+        self.cores: list = []   # RingWriter/RingReader objects whose C paths export the mapping
         self.mv = memoryview(mm)
         self.q = self.mv.cast("Q")
         self.u32 = self.mv.cast("I")
@@ -264,7 +281,10 @@ class SegmentView:
         return self.q[OFF_RETIRED // 8] != 0
 
     def release(self) -> None:
-        """Drop the typed views; the mapping can then be closed."""
+        """Drop the typed views (and the C paths' exports); the mapping can then be closed."""
+        for core in self.cores:
+            core._detach()
+        self.cores.clear()
         for view in (self.u32, self.q, self.mv):
             view.release()
 
@@ -526,11 +546,13 @@ class Wakeups:
         self._sems.clear()
 
 
-class RingWriter:
+class RingWriter(_WriterBase):
     """The one publisher of a ring.  Single-writer: only the process the daemon granted the
     publisher role may construct one; it alone stores tail, head, last and frame bytes.
 
-    ``wakeups`` posts the subscribers found asleep after a commit.
+    ``wakeups`` posts the subscribers found asleep after a commit.  ``publish`` and
+    ``publish_many`` are shimmy/_ringcore.c's where it is built: the common case in C, the rest
+    through ``_publish_py`` / ``_publish_one_of_batch`` / ``_publish_many_py`` below.
     """
 
     def __init__(self, view: RingView, wakeups: Wakeups, backoff_max: float = 0.001):
@@ -548,6 +570,9 @@ class RingWriter:
         # The publisher role may move between processes over time (one at a time); it resumes
         # from the words its predecessor stored, whatever instruction that one died at.
         self._resume()
+        if _core is not None:
+            self._attach(view.mm, view.data_offset, view.capacity, self.max_message)
+            view.cores.append(self)
 
     def _resume(self) -> None:
         q = self._q
@@ -580,8 +605,8 @@ class RingWriter:
             raise ValueError(f"sequence number {seq} is behind the next one {self._seq}")
         self._seq = seq
 
-    # -- hot path ---------------------------------------------------------------------------
-    def publish(self, data, timeout: float | None) -> int:
+    # -- hot path (the reference versions of _ringcore.c's) -----------------------------------
+    def _publish_py(self, data, timeout: float | None) -> int:
         """Copy ``data`` into the ring as one frame; return its sequence number."""
         n = len(data)
         size = (n + 31) & ~15          # frame_size(n), inlined
@@ -597,7 +622,7 @@ class RingWriter:
         _pack_frame(self._mv, pos, n, 0, seq)
         try:
             self._mm[pos + HEADER:pos + HEADER + n] = data   # mmap slice store: the cheapest copy
-        except (IndexError, ValueError, TypeError):
+        except (IndexError, ValueError, TypeError, BufferError):
             # len() was not the byte count (an array of wider items): publish its bytes instead.
             # Nothing is visible yet: last and tail are stored only below.
             return self.publish(_as_bytes(data), timeout)
@@ -616,7 +641,7 @@ class RingWriter:
             self._wakeups.wake()
         return seq
 
-    def publish_many(self, items, timeout: float | None) -> int:
+    def _publish_many_py(self, items, timeout: float | None) -> int:
         """Copy every message of the iterable ``items`` into the ring, in order; return how many.
 
         One commit (``last`` and ``tail`` stores), one fence and at most one wake-up scan for the
@@ -650,7 +675,7 @@ class RingWriter:
             _pack_frame(mv, pos, n, 0, seq)
             try:
                 mm[pos + HEADER:pos + HEADER + n] = data
-            except (IndexError, ValueError, TypeError):
+            except (IndexError, ValueError, TypeError, BufferError):
                 # len() was not the byte count: commit the batch so far, publish this one's
                 # bytes alone (nothing of the header just written is visible), go on.
                 if last >= 0:
@@ -670,6 +695,18 @@ class RingWriter:
         if last >= 0:
             self._commit_batch(last, tail, seq)
         return i
+
+    def _publish_one_of_batch(self, data, timeout: float | None, index: int) -> None:
+        """Message ``index`` of a batch that the C path cannot write in place (wrap, room to
+        make, too large, not one run of bytes): published alone, errors naming the index."""
+        try:
+            self._publish_py(data, timeout)
+        except (MessageTooLarge, BackpressureTimeout, ChannelClosed) as exc:
+            raise _batch_error(exc, index) from None
+
+    if _core is None:   # pure Python: the reference versions are the fast paths
+        publish = _publish_py
+        publish_many = _publish_many_py
 
     def _commit_batch(self, last: int, end: int, seq: int) -> None:
         """Commit every frame written from the committed tail up to ``end``; ``last`` starts
@@ -814,6 +851,8 @@ class RingWriter:
         target = min(end - cap + (cap >> 4), floor, last)
         must = end - cap
         head = self._head
+        if _core is not None:   # the loop below in C, up to where it breaks or must raise
+            head = self._walk_head(head, must, target, last)
         mv, base, mask, largest = self._mv, self._base, self._mask, self.max_message
         while head < must or head < target:
             length, flags, _ = _unpack_frame(mv, base + (head & mask))
@@ -862,7 +901,7 @@ def _batch_error(exc: MessageTooLarge | BackpressureTimeout | ChannelClosed,
     return out
 
 
-class RingReader:
+class RingReader(_ReaderBase):
     """One subscriber's cursor.  It stores only its own slot's position and waiting byte.
 
     ``take`` hands out frames in place (zero copy): the shared position moves past a frame only
@@ -893,6 +932,12 @@ class RingReader:
         self._expect = seq          # sequence number of the next frame at our position
         self.lost_total = 0
         self._lost_word = self._pos_word + SLOT_OFF_LOST // 8   # shared copy of lost_total
+        if _core is not None:
+            self._attach(view.mm, view.data_offset, view.capacity, self._max, self._pos_word * 8,
+                         self._GROUP)
+            view.cores.append(self)
+
+    _GROUP = False   # GroupReader: tail reloads (its turn and epoch checks) stay in Python
 
     def head_at_most(self, pos: int) -> bool:
         """True while the frame at ``pos`` has not been overwritten (pairs with _make_room)."""
@@ -943,7 +988,7 @@ class RingReader:
             self._expect = seq + 1
             return p, off + HEADER, length, seq, lost
 
-    def take_bytes(self):
+    def _take_bytes_py(self):
         """Copy the next message out and release it: its bytes, or None when caught up.
 
         Its sequence number is then ``expected_seq - 1``; messages missed before it were added
@@ -987,7 +1032,7 @@ class RingReader:
             self._expect = seq + 1
             return data
 
-    def take_many_bytes(self, max_n: int) -> list[bytes] | None:
+    def _take_many_bytes_py(self, max_n: int) -> list[bytes] | None:
         """Copy up to ``max_n`` committed messages out, oldest first, and release them with one
         position store; None when caught up.  Same validation and lossy handling as
         :meth:`take_bytes` (a frame overwritten while copied is skipped and counted as lost)."""
@@ -1032,6 +1077,10 @@ class RingReader:
             # SYNC POINT (consumption): every message before ``p`` was copied (or skipped).
             q[self._pos_word] = self.position
         return out or None
+
+    if _core is None:   # pure Python: the reference versions are the fast paths
+        take_bytes = _take_bytes_py
+        take_many_bytes = _take_many_bytes_py
 
     # -- validation and lapping (off the per-message path) ----------------------------------
     def _pad_end(self, p: int, length: int, flags: int) -> int:
@@ -1133,8 +1182,11 @@ class GroupReader(RingReader):
             self._expect = seq + 1
             return p, off + HEADER, length, seq, lost
 
-    def take_bytes(self):
-        """RingReader.take_bytes, plus None when the group epoch moved (at tail reloads)."""
+    _GROUP = True
+
+    def _take_bytes_py(self):
+        """RingReader._take_bytes_py, plus None when the group epoch moved (at tail reloads);
+        _ringcore.c's take_bytes calls it at every tail reload of a member."""
         q = self._q
         while True:
             p = self.position
@@ -1176,3 +1228,6 @@ class GroupReader(RingReader):
                 self._count_lost(p, seq, lost)
             self._expect = seq + 1
             return data
+
+    if _core is None:
+        take_bytes = _take_bytes_py

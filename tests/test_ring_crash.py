@@ -24,7 +24,7 @@ import shimmy
 from shimmy.errors import ShimmyError
 from shimmy.sdk.client import get_client
 
-from tests.chaos import payloads
+from tests.chaos import faults, payloads
 
 CAP = 4096
 SIZE = 100          # 100-byte payloads: 128-byte frames, 30 of them end 256 bytes before the wrap
@@ -103,7 +103,7 @@ def test_publisher_killed_at_a_commit_store_leaves_channel_usable(daemon, mode, 
         [sys.executable, "-m", "tests.chaos.faults", "--daemon", daemon.socket, "--channel", name,
          "--mode", mode, "--capacity", str(CAP), "--count", "30", "--size", str(SIZE),
          "--kill-word", word, "--skip", str(skip), "--last-size", str(last_size),
-         *(["--loan"] if loan else [])], stderr=subprocess.PIPE)
+         *(["--loan"] if loan else [])], stderr=subprocess.PIPE, env=faults.child_env())
     got: list = []
     _drain(sub_old, got, until=lambda: child.poll() is not None)
     assert child.stderr is not None
@@ -217,7 +217,7 @@ def test_group_member_left_ending_in_a_pad_is_reclaimed_after_a_copy_path_drain(
         [sys.executable, "-m", "tests.chaos.faults", "--daemon", daemon.socket, "--channel", name,
          "--mode", mode, "--capacity", str(CAP), "--count", "30", "--size", str(SIZE),
          "--kill-word", "last", "--skip", "1", "--last-size", "1000", "--max-publishers", "2"],
-        stderr=subprocess.PIPE)
+        stderr=subprocess.PIPE, env=faults.child_env())
     got: list = []
     _drain(sub, got, until=lambda: child.poll() is not None)
     assert child.wait(10) == -9

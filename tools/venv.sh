@@ -50,3 +50,31 @@ say "creating $VENV with $("$PY" -V 2>&1) ($(command -v "$PY"))"
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip \
   || say "could not upgrade pip in $VENV; going on with its own"
+
+# The ring's per-message paths are a C extension (shimmy/_ringcore.c), built by pip when a C
+# compiler and this interpreter's headers (Python.h) exist; without them Shimmy installs anyway
+# and runs the Python versions, several times slower per message (docs/performance.md).  As
+# root with apt-get, install what is missing: gcc, and the distribution's python3.X-dev when the
+# interpreter is the distribution's.
+include="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+missing=()
+command -v cc >/dev/null 2>&1 || missing+=(gcc)
+if [ ! -f "$include/Python.h" ]; then
+  case "$include" in
+    /usr/include/*) missing+=("$(basename "$include")-dev") ;;
+  esac
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing ${missing[*]} with apt-get, to build the C fast paths"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! timeout 600 apt-get install -y -q "${missing[@]}" >/dev/null 2>&1; then
+      timeout 300 apt-get update -q >/dev/null 2>&1 || true
+      timeout 600 apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 \
+        || say "could not install ${missing[*]}: Shimmy will run its Python paths"
+    fi
+  else
+    say "no C compiler or no Python.h: Shimmy will run its Python paths (to build the C ones:"
+    say "    sudo apt-get install -y ${missing[*]}, then make clean and make again)"
+  fi
+fi

@@ -3,7 +3,11 @@ store of the commit protocol (not a random point).
 
 ``KillAtStore`` wraps the publisher's u64 view of the control page: the ``skip + 1``-th store to
 ``word`` kills the process *before* the store happens.  It replaces ``RingWriter._q`` in the
-child only; the library itself has no hook (nothing on the hot path).
+child only; the library itself has no hook (nothing on the hot path).  Stores made in C
+(shimmy/_ringcore.c) cannot be intercepted this way, so the child runs the Python versions of
+the fast paths (``SHIMMY_PURE_PYTHON=1``, set by ``child_env()``), which make the same stores in
+the same order; the C paths are killed at random instants by the crash matrix instead
+(tests/chaos/crash.py).
 
     python -m tests.chaos.faults --daemon SOCK --channel NAME --mode reliable \
         --count 10 --size 100 --kill-word tail --skip 0 --last-size 2000
@@ -23,6 +27,12 @@ from shimmy import ring
 from . import payloads
 
 WORDS = {"tail": ring.W_TAIL, "last": ring.W_LAST, "head": ring.W_HEAD}
+
+
+def child_env() -> dict:
+    """The environment to run this module in: the Python fast paths, whose stores go through
+    ``RingWriter._q`` (see the module docstring)."""
+    return {**os.environ, "SHIMMY_PURE_PYTHON": "1"}
 
 
 class KillAtStore:
@@ -57,6 +67,9 @@ def main() -> None:
     p.add_argument("--max-publishers", type=int, default=None,
                    help="open the channel as a publisher group (its member ring is faulted)")
     args = p.parse_args()
+    if ring.ACCELERATED:
+        raise SystemExit("the C fast paths are loaded: their stores cannot be intercepted "
+                         "(run with SHIMMY_PURE_PYTHON=1, faults.child_env())")
     ch = shimmy.Channel(args.channel, daemon=args.daemon, mode=args.mode,
                         capacity=args.capacity, max_publishers=args.max_publishers)
     first = None

@@ -1,0 +1,129 @@
+"""The ring's per-message paths in C (shimmy/_ringcore.c) against their Python twins.
+
+Every case here goes through the public API with a real daemon and real shared memory.  The
+suite runs once with the C paths (where they are built) and once more, for this file and the
+other ring tests, with ``SHIMMY_PURE_PYTHON=1`` (Makefile, ``unit``), so both versions must give
+the same results: the C paths hand every unusual case (a bytes-like object that is not one run
+of bytes, wrap padding, room to make, too large, lapped, lost) to the Python twin.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import shutil
+import sysconfig
+
+import pytest
+
+import shimmy
+from shimmy import ring
+from shimmy.errors import MessageTooLarge
+
+
+def test_the_c_paths_are_built_where_a_compiler_and_headers_exist():
+    if os.environ.get("SHIMMY_PURE_PYTHON"):
+        assert not ring.ACCELERATED
+        pytest.skip("SHIMMY_PURE_PYTHON is set: this run tests the Python versions")
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    if not (shutil.which("cc") and os.path.exists(headers)):
+        pytest.skip("no C compiler or no Python.h here: the Python versions run")
+    assert ring.ACCELERATED, "shimmy._ringcore was not built although a compiler is here"
+
+
+def _pair(daemon, name: str, mode: str = "reliable", capacity: int = 1 << 16):
+    ch = shimmy.Channel(name, daemon=daemon.socket, mode=mode, capacity=capacity)
+    return ch, ch.subscribe()
+
+
+def test_any_bytes_like_object_is_published_as_its_bytes(daemon):
+    ch, sub = _pair(daemon, "core/bytes-like")
+    wide = array.array("i", [1, 2, 3])
+    items = [b"plain", bytearray(b"mutable"), memoryview(b"a view"), wide, memoryview(wide),
+             memoryview(b"0123456789")[2:8], b""]
+    for item in items:
+        ch.publish(item)
+    for item in items:
+        assert sub.receive_bytes(5) == bytes(memoryview(item).cast("B"))
+    with pytest.raises(ValueError, match="contiguous"):
+        ch.publish(memoryview(b"0123456789")[::2])
+    with pytest.raises(TypeError):
+        ch.publish("text is not bytes")   # type: ignore[arg-type]
+    ch.publish(b"after the errors")
+    assert sub.receive_bytes(5) == b"after the errors"   # nothing half-written in between
+    assert sub.lost == 0 and sub.last_seq == len(items)
+    ch.close()
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "generator"])
+def test_batches_of_every_container_wrap_and_wait_like_single_messages(daemon, kind):
+    # 4 KiB ring, 300-byte messages: a batch of 40 crosses the wrap point (a PAD) and, lossy,
+    # makes room for itself several times over inside one call.
+    ch, sub = _pair(daemon, f"core/batch/{kind}", mode="lossy", capacity=4096)
+    messages = [bytes([i]) * (100 + i * 5) for i in range(40)]
+    batch = {"list": list, "tuple": tuple, "generator": iter}[kind](messages)
+    assert ch.publish_many(batch) == 40
+    got = sub.receive_many(100, 5)
+    # Lossy and a small ring: the oldest were overwritten before we read; what arrives is the
+    # newest messages, intact, in order, and lost counts the rest exactly.
+    assert got == messages[len(messages) - len(got):]
+    assert sub.lost == 40 - len(got) and sub.last_seq == 39
+    ch.close()
+
+
+def test_a_batch_error_names_the_message_and_keeps_what_came_before(daemon):
+    ch, sub = _pair(daemon, "core/batch/too-large", capacity=4096)
+    ok = [b"a" * 10, b"b" * 20]
+    with pytest.raises(MessageTooLarge, match="message 2 of the batch") as info:
+        ch.publish_many([*ok, b"x" * 5000, b"never"])
+    assert info.value.published == 2
+    assert sub.receive_many(10, 5) == ok
+    assert ch.publish_many((b"c", memoryview(b"dd"), array.array("h", [1]))) == 3
+    assert sub.receive_many(10, 5) == [b"c", b"dd", bytes(array.array("h", [1]))]
+    assert sub.last_seq == 4 and sub.lost == 0
+    ch.close()
+
+
+def test_a_lapped_lossy_reader_counts_every_lost_message(daemon):
+    ch, sub = _pair(daemon, "core/lapped", mode="lossy", capacity=4096)
+    for i in range(200):          # ~20 ring turns of 64-byte frames while nobody reads
+        ch.publish(i.to_bytes(4, "little") * 8)
+    got = [sub.receive_bytes(5)]
+    while int.from_bytes(got[-1][:4], "little") != 199:
+        got += sub.receive_many(1000, 5)
+    seqs = [int.from_bytes(m[:4], "little") for m in got]
+    assert seqs == list(range(seqs[0], 200))
+    assert sub.lost == seqs[0] and sub.last_seq == 199
+    ch.close()
+
+
+def test_a_released_mapping_raises_instead_of_touching_unmapped_memory(daemon):
+    ch, sub = _pair(daemon, "core/released")
+    ch.publish(b"one")
+    writer, reader = ch._writer, sub._reader
+    assert writer is not None
+    ch.close()   # releases the view (and the C paths' exports) and unmaps the ring
+    # (the Python versions meet a released memoryview: ValueError or TypeError, by operation)
+    with pytest.raises((ValueError, TypeError)):
+        writer.publish(b"two", 1.0)
+    with pytest.raises((ValueError, TypeError)):
+        reader.take_bytes()
+    with pytest.raises((ValueError, TypeError)):
+        reader.take_many_bytes(4)
+
+
+def test_a_numbering_gap_is_counted_where_nothing_was_overwritten(daemon):
+    # A publisher that carried its stream into a new ring (Channel.reopen) numbers on from its
+    # own count (RingWriter.skip_to): a gap with no lap, which only the seq check sees.
+    ch, sub = _pair(daemon, "core/gap")
+    ch.publish(b"0")
+    assert ch._writer is not None
+    ch._writer.skip_to(6)
+    ch.publish(b"6")
+    ch.publish_many([b"7", b"8"])
+    ch._writer.skip_to(20)
+    ch.publish(b"20")
+    assert sub.receive_bytes(5) == b"0" and sub.lost == 0
+    assert sub.receive_bytes(5) == b"6" and (sub.lost, sub.last_seq) == (5, 6)
+    assert sub.receive_many(10, 5) == [b"7", b"8", b"20"]
+    assert (sub.lost, sub.last_seq) == (16, 20)
