@@ -34,7 +34,7 @@
 #define LOAD_RLX(p) __atomic_load_n((uint64_t *)(p), __ATOMIC_RELAXED)
 #define STORE_REL(p, v) __atomic_store_n((uint64_t *)(p), (v), __ATOMIC_RELEASE)
 
-static PyObject *str_publish_py, *str_publish_one_of_batch, *str_take_bytes_py,
+static PyObject *str_claim_py, *str_mv, *str_take_py, *str_publish_py, *str_publish_one_of_batch, *str_take_bytes_py,
     *str_take_many_bytes_py, *str_wakeups, *str_posted_w0, *str_wake;
 
 /* ---- the mapping ---------------------------------------------------------------------------- */
@@ -224,6 +224,61 @@ static PyObject *writer_publish(WriterCore *w, PyObject *const *args, Py_ssize_t
     return PyLong_FromUnsignedLongLong(seq);
 }
 
+/* claim(n, timeout) -> memoryview: RingWriter._claim_py's fast path.  The frame's header is
+ * written (nothing is visible: neither last nor tail moves); the view is a slice of the writer's
+ * own ``_mv``, so it holds the mapping's export like the Python version's. */
+static PyObject *writer_claim(WriterCore *w, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "claim(n, timeout)");
+        return NULL;
+    }
+    if (mapping_gone(&w->m))
+        return NULL;
+    Py_ssize_t n = PyLong_AsSsize_t(args[0]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    uint64_t size = ((uint64_t)n + 31) & ~(uint64_t)15;
+    uint64_t tail = w->tail;
+    uint64_t off = tail & w->m.mask;
+    if (n < 0 || off + size > w->cap || tail + size > w->limit || (uint64_t)n > w->m.max_message)
+        return PyObject_CallMethodObjArgs((PyObject *)w, str_claim_py, args[0], args[1], NULL);
+    char *frame = w->m.data + off;
+    uint32_t hdr[2] = {(uint32_t)n, 0};
+    uint64_t seq = w->seq;
+    memcpy(frame, hdr, 8);
+    memcpy(frame + 8, &seq, 8);
+    Py_ssize_t at = (Py_ssize_t)(frame + HEADER - w->m.mem);
+    PyObject *mv = PyObject_GetAttr((PyObject *)w, str_mv);
+    if (mv == NULL)
+        return NULL;
+    PyObject *lo = PyLong_FromSsize_t(at), *hi = PyLong_FromSsize_t(at + n);
+    PyObject *slice = (lo && hi) ? PySlice_New(lo, hi, NULL) : NULL;
+    Py_XDECREF(lo);
+    Py_XDECREF(hi);
+    PyObject *view = slice ? PyObject_GetItem(mv, slice) : NULL;
+    Py_XDECREF(slice);
+    Py_DECREF(mv);
+    return view;
+}
+
+/* commit_claim(n) -> seq: RingWriter._commit_claim_py (the frame claimed last, now complete). */
+static PyObject *writer_commit_claim(WriterCore *w, PyObject *arg) {
+    if (mapping_gone(&w->m))
+        return NULL;
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    uint64_t tail = w->tail, seq = w->seq;
+    uint64_t end = tail + (((uint64_t)n + 31) & ~(uint64_t)15);
+    STORE_REL(w->m.mem + OFF_LAST, tail);   /* SYNC POINT (complete frame), as in publish */
+    w->tail = end;
+    w->seq = seq + 1;
+    STORE_REL(w->m.mem + OFF_TAIL, end);    /* SYNC POINT (commit) */
+    if (writer_after_commit(w) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(seq);
+}
+
 /* ring.RingWriter._commit_batch: last = old tail, tail, last = the final frame. */
 static int writer_commit_batch(WriterCore *w, uint64_t last, uint64_t end, uint64_t seq) {
     uint64_t first = w->tail;
@@ -352,6 +407,10 @@ static PyMethodDef writer_methods[] = {
     {"_detach", (PyCFunction)writer_detach, METH_NOARGS, "release the mapping's buffer"},
     {"_walk_head", (PyCFunction)(void (*)(void))writer_walk_head, METH_FASTCALL,
      "_walk_head(head, must, target, last) -> head (RingWriter._make_room's frame walk)"},
+    {"claim", (PyCFunction)(void (*)(void))writer_claim, METH_FASTCALL,
+     "claim(n, timeout) -> memoryview (RingWriter._claim_py's common case in C)"},
+    {"commit_claim", (PyCFunction)writer_commit_claim, METH_O,
+     "commit_claim(n) -> seq (RingWriter._commit_claim_py in C)"},
     {"publish", (PyCFunction)(void (*)(void))writer_publish, METH_FASTCALL,
      "publish(data, timeout) -> seq (RingWriter._publish_py's common case in C)"},
     {"publish_many", (PyCFunction)(void (*)(void))writer_publish_many, METH_FASTCALL,
@@ -474,6 +533,44 @@ static int reader_step(ReaderCore *r, PyObject **out, int reload, int release) {
     }
 }
 
+/* take() -> (pos, payload_offset, length, seq, lost) | None: ring.RingReader._take_py's common
+ * case (zero copy: the frame stays held until the next take or release_to). */
+static PyObject *reader_take(ReaderCore *r, PyObject *unused) {
+    if (mapping_gone(&r->m))
+        return NULL;
+    char *mem = r->m.mem;
+    uint64_t p = r->position;
+    STORE_REL(mem + r->pos_off, p);   /* SYNC POINT (consumption): the frame handed out last */
+    if (p == r->tail) {
+        if (r->group)
+            goto slow;
+        uint64_t t = LOAD_ACQ(mem + OFF_TAIL);   /* SYNC POINT (acquire) */
+        if (t == p)
+            Py_RETURN_NONE;
+        if (t < p || (t & 15))
+            goto slow;
+        r->tail = t;
+    }
+    char *frame = r->m.data + (p & r->m.mask);
+    uint32_t hdr[2];
+    uint64_t seq;
+    memcpy(hdr, frame, 8);
+    memcpy(&seq, frame + 8, 8);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);     /* SYNC POINT (validate header) */
+    uint64_t head = LOAD_RLX(mem + OFF_HEAD);
+    uint64_t length = hdr[0];
+    uint64_t end = p + ((length + HEADER + 15) & ~(uint64_t)15);
+    if (head > p || hdr[1] != 0 || length > r->m.max_message || end > r->tail ||
+        seq != r->expect)
+        goto slow;
+    r->position = end;
+    r->expect = seq + 1;
+    return Py_BuildValue("(KnKKi)", (unsigned long long)p, (Py_ssize_t)(frame + HEADER - mem),
+                         (unsigned long long)length, (unsigned long long)seq, 0);
+slow:
+    return PyObject_CallMethodNoArgs((PyObject *)r, str_take_py);
+}
+
 /* take_bytes() -> bytes | None (ring.RingReader._take_bytes_py's common case). */
 static PyObject *reader_take_bytes(ReaderCore *r, PyObject *unused) {
     if (mapping_gone(&r->m))
@@ -565,6 +662,8 @@ static PyMethodDef reader_methods[] = {
     {"_attach", (PyCFunction)reader_attach, METH_VARARGS,
      "_attach(mmap, data_offset, capacity, max_message, position_offset, group)"},
     {"_detach", (PyCFunction)reader_detach, METH_NOARGS, "release the mapping's buffer"},
+    {"take", (PyCFunction)reader_take, METH_NOARGS,
+     "take() -> (pos, payload_offset, length, seq, lost) | None (RingReader._take_py in C)"},
     {"take_bytes", (PyCFunction)reader_take_bytes, METH_NOARGS,
      "take_bytes() -> bytes | None (RingReader._take_bytes_py's common case in C)"},
     {"take_many_bytes", (PyCFunction)reader_take_many_bytes, METH_O,
@@ -595,6 +694,9 @@ PyMODINIT_FUNC PyInit__ringcore(void) {
         return NULL;
 #define INTERN(var, s) if ((var = PyUnicode_InternFromString(s)) == NULL) return NULL
     INTERN(str_publish_py, "_publish_py");
+    INTERN(str_claim_py, "_claim_py");
+    INTERN(str_mv, "_mv");
+    INTERN(str_take_py, "_take_py");
     INTERN(str_publish_one_of_batch, "_publish_one_of_batch");
     INTERN(str_take_bytes_py, "_take_bytes_py");
     INTERN(str_take_many_bytes_py, "_take_many_bytes_py");

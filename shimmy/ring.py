@@ -704,10 +704,6 @@ class RingWriter(_WriterBase):
         except (MessageTooLarge, BackpressureTimeout, ChannelClosed) as exc:
             raise _batch_error(exc, index) from None
 
-    if _core is None:   # pure Python: the reference versions are the fast paths
-        publish = _publish_py
-        publish_many = _publish_many_py
-
     def _commit_batch(self, last: int, end: int, seq: int) -> None:
         """Commit every frame written from the committed tail up to ``end``; ``last`` starts
         the final one, ``seq`` is the next message's number.  Every frame is complete before the
@@ -732,7 +728,7 @@ class RingWriter(_WriterBase):
         if w and (w != self._wakeups.posted_w0 or w >= WIDE_BIT):
             self._wakeups.wake()
 
-    def claim(self, n: int, timeout: float | None) -> memoryview:
+    def _claim_py(self, n: int, timeout: float | None) -> memoryview:
         """Reserve room for an ``n``-byte frame and return a writable view of its payload.
 
         Nothing is visible to readers until :meth:`commit_claim`; dropping the claim publishes
@@ -743,8 +739,14 @@ class RingWriter(_WriterBase):
         FRAME.pack_into(self._mv, pos, n, 0, self._seq)
         return self._mv[pos + HEADER:pos + HEADER + n]
 
-    def commit_claim(self, n: int) -> int:
+    def _commit_claim_py(self, n: int) -> int:
         return self._commit(frame_size(n))
+
+    if _core is None:   # pure Python: the reference versions are the fast paths
+        publish = _publish_py
+        publish_many = _publish_many_py
+        claim = _claim_py
+        commit_claim = _commit_claim_py
 
     def _reserve(self, n: int, timeout: float | None) -> int:
         """Make room for a frame of payload ``n`` at the tail; return its ring offset.
@@ -952,7 +954,7 @@ class RingReader(_ReaderBase):
         """Cheap check for the spin loop: has the publisher committed past our cursor?"""
         return self._q[W_TAIL] != self.position
 
-    def take(self):
+    def _take_py(self):
         """Release everything before the cursor, then return the next frame in place as
         ``(pos, payload_offset, length, seq, lost)``, or None when caught up."""
         q = self._q
@@ -1079,6 +1081,7 @@ class RingReader(_ReaderBase):
         return out or None
 
     if _core is None:   # pure Python: the reference versions are the fast paths
+        take = _take_py
         take_bytes = _take_bytes_py
         take_many_bytes = _take_many_bytes_py
 
@@ -1141,8 +1144,9 @@ class GroupReader(RingReader):
         self.merged = False   # set by the subscription while it reads more than one member
         self.turn = False     # a batch was loaded while merged: yield once when it is done
 
-    def take(self):
-        """RingReader.take, plus None when the group epoch moved (checked at tail reloads)."""
+    def _take_py(self):
+        """RingReader._take_py, plus None when the group epoch moved (checked at tail
+        reloads); _ringcore.c's take calls it at every tail reload of a member."""
         q = self._q
         p = self.position
         q[self._pos_word] = p  # SYNC POINT (consumption), see release_to
@@ -1230,4 +1234,5 @@ class GroupReader(RingReader):
             return data
 
     if _core is None:
+        take = _take_py
         take_bytes = _take_bytes_py

@@ -127,3 +127,28 @@ def test_a_numbering_gap_is_counted_where_nothing_was_overwritten(daemon):
     assert sub.receive_bytes(5) == b"6" and (sub.lost, sub.last_seq) == (5, 6)
     assert sub.receive_many(10, 5) == [b"7", b"8", b"20"]
     assert (sub.lost, sub.last_seq) == (16, 20)
+
+
+def test_loans_and_zero_copy_receives_across_wraps_discards_and_gaps(daemon):
+    # 4 KiB ring, reliable: 300-byte loans wrap (a PAD) every dozen; a loan whose block raises
+    # publishes nothing; a numbering gap shows as Message.lost on the zero-copy path too.
+    ch, sub = _pair(daemon, "core/loan", capacity=4096)
+    expect = []
+    for i in range(60):
+        if i % 7 == 3:
+            with pytest.raises(RuntimeError):
+                with ch.loan(300) as buf:
+                    buf[:] = b"!" * 300
+                    raise RuntimeError("discard this one")
+        with ch.loan(300) as buf:
+            buf[:] = bytes([i]) * 300
+        expect.append(bytes([i]) * 300)
+        if i == 40:
+            assert ch._writer is not None
+            ch._writer.skip_to(ch._writer.next_seq + 3)
+        msg = sub.receive(5)
+        with msg:
+            assert bytes(msg.data) == expect[-1]
+            assert msg.lost == (3 if i == 41 else 0)
+    assert sub.last_seq == 62 and sub.lost == 3
+    ch.close()
