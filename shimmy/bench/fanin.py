@@ -245,6 +245,8 @@ def _fan(ctx, rx, txs, system: str, pubs: int, size: int, tag: str) -> dict:
     outs = [tx.result(timeout=ctx.seconds + 60) for tx in txs]
     sent = [o["n"] for o in outs]
     r = rx.result(timeout=60)
+    if system.startswith("shimmy"):
+        _delete(ctx, name)
     if r["n"] != sum(sent) or r["lost"]:
         raise harness.BenchError(f"fan-in {system} {size} B: sent {sum(sent)}, received "
                                  f"{r['n']} (lost {r['lost']})")
@@ -271,7 +273,15 @@ def _wake(ctx, workers, pubs: int, rep: int) -> dict:
     for w in idle:
         w.stop_signal()
         w.result(timeout=30)
+    _delete(ctx, name)
     return r
+
+
+def _delete(ctx, name: str) -> None:
+    """Delete a measured channel: every repetition uses new names, and the bench daemon's
+    tenant quota (quota_channels, 64 by default) counts channels nobody holds any more too."""
+    from shimmy.sdk.client import get_client
+    get_client(ctx.daemon).request("delete", name=name)
 
 
 def run(ctx) -> dict:
