@@ -95,10 +95,16 @@ class _Group(click.Group):
             raise _PipeClosed() from None
 
 
+# Which per-message ring paths this install runs (shimmy/_ringcore.c or the Python versions).
+_RING_PATHS = ("C" if ring.ACCELERATED else
+               "Python: set by SHIMMY_PURE_PYTHON" if os.environ.get("SHIMMY_PURE_PYTHON") else
+               "Python: the C extension was not built, see the README")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
                                            "max_content_width": 100})
 @click.version_option(shimmy.__version__, "-V", "--version", prog_name="shimmy",
-                      message="%(prog)s %(version)s")
+                      message="%(prog)s %(version)s (ring paths: " + _RING_PATHS + ")")
 def cli() -> None:
     """Shared-memory channels and streams on one node, mirrored across nodes."""
 
