@@ -626,6 +626,11 @@ class Daemon:
         who = client.tenant
         ownership = self.access.ownership_for(caller, name, who)
         cap = self.settings.default_capacity if capacity is None else capacity
+        pubs = self.settings.default_max_publishers if max_publishers is None else max_publishers
+        if isinstance(pubs, int) and pubs > 1:
+            # A group's own ring is made at the smallest capacity (registry.open): its messages
+            # live in its publishers' member rings, each charged when it attaches (op_publish).
+            cap = ring.MIN_CAPACITY
         try:
             size = ring.segment_size(cap, self.settings.max_subscribers)
         except (ValueError, OverflowError):

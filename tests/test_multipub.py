@@ -526,14 +526,17 @@ def test_member_rings_are_charged_to_the_publishers_shm_quota(daemon_factory, tm
     from shimmy import ring as ring_mod
     from test_access_quotas import _daemon
     seg = ring_mod.segment_size(65536, 64)   # the daemon's default max_subscribers
-    d = _daemon(daemon_factory, tmp_path, f"quota_channels = 1\nquota_shm_bytes = {3 * seg}\n")
-    # The channel's own ring is charged at its capacity, then two member rings fit.
+    ctl = ring_mod.segment_size(ring_mod.MIN_CAPACITY, 64)
+    quota = ctl + 2 * seg
+    d = _daemon(daemon_factory, tmp_path, f"quota_channels = 1\nquota_shm_bytes = {quota}\n")
+    # The channel's own ring is charged at what it is made of (the smallest capacity: it holds
+    # no messages), then exactly two member rings of the channel's capacity fit.
     chans = [shimmy.Channel("quota/grp", daemon=d.socket, capacity=65536, max_publishers=4)]
     chans.append(shimmy.Channel("quota/grp", daemon=d.socket))
     chans[0].publish(b"a")
     chans[1].publish(b"b")
     third = shimmy.Channel("quota/grp", daemon=d.socket)
-    with pytest.raises(shimmy.LimitExceeded, match=f"quota_shm_bytes={3 * seg} bytes"):
+    with pytest.raises(shimmy.LimitExceeded, match=f"quota_shm_bytes={quota} bytes"):
         third.publish(b"c")
     chans[1].close()   # no subscriber: its member ring is drained, so reclaimed
     end = time.monotonic() + 10
