@@ -23,6 +23,7 @@
 #include <string.h>
 
 /* Offsets: the same constants as ring.py (checked at import by ring.py against its own). */
+#define OFF_RETIRED 40
 #define OFF_TAIL 320
 #define OFF_HEAD 328
 #define OFF_LAST 336
@@ -34,7 +35,7 @@
 #define LOAD_RLX(p) __atomic_load_n((uint64_t *)(p), __ATOMIC_RELAXED)
 #define STORE_REL(p, v) __atomic_store_n((uint64_t *)(p), (v), __ATOMIC_RELEASE)
 
-static PyObject *str_claim_py, *str_mv, *str_take_py, *str_publish_py, *str_publish_one_of_batch, *str_take_bytes_py,
+static PyObject *str_publish_many_py, *str_claim_py, *str_mv, *str_take_py, *str_publish_py, *str_publish_one_of_batch, *str_take_bytes_py,
     *str_take_many_bytes_py, *str_wakeups, *str_posted_w0, *str_wake;
 
 /* ---- the mapping ---------------------------------------------------------------------------- */
@@ -198,8 +199,9 @@ static PyObject *writer_publish(WriterCore *w, PyObject *const *args, Py_ssize_t
     uint64_t size = ((uint64_t)n + 31) & ~(uint64_t)15;
     uint64_t tail = w->tail;
     uint64_t off = tail & w->m.mask;
-    if (off + size > w->cap || tail + size > w->limit || (uint64_t)n > w->m.max_message) {
-        /* wrap padding, room to make, too large: the Python path (nothing stored yet) */
+    if (off + size > w->cap || tail + size > w->limit || (uint64_t)n > w->m.max_message ||
+        LOAD_RLX(w->m.mem + OFF_RETIRED)) {
+        /* wrap padding, room to make, too large, retired: the Python path (nothing stored) */
         if (view.obj != NULL)
             PyBuffer_Release(&view);
         return PyObject_CallMethodObjArgs((PyObject *)w, str_publish_py, args[0], args[1], NULL);
@@ -240,7 +242,8 @@ static PyObject *writer_claim(WriterCore *w, PyObject *const *args, Py_ssize_t n
     uint64_t size = ((uint64_t)n + 31) & ~(uint64_t)15;
     uint64_t tail = w->tail;
     uint64_t off = tail & w->m.mask;
-    if (n < 0 || off + size > w->cap || tail + size > w->limit || (uint64_t)n > w->m.max_message)
+    if (n < 0 || off + size > w->cap || tail + size > w->limit ||
+        (uint64_t)n > w->m.max_message || LOAD_RLX(w->m.mem + OFF_RETIRED))
         return PyObject_CallMethodObjArgs((PyObject *)w, str_claim_py, args[0], args[1], NULL);
     char *frame = w->m.data + off;
     uint32_t hdr[2] = {(uint32_t)n, 0};
@@ -303,13 +306,14 @@ static PyObject *writer_publish_many(WriterCore *w, PyObject *const *args, Py_ss
     PyObject *items = args[0];
     if (!PyList_CheckExact(items) && !PyTuple_CheckExact(items)) {
         /* an iterator is consumed lazily by the Python path, item by item */
-        static PyObject *name = NULL;
-        if (name == NULL && (name = PyUnicode_InternFromString("_publish_many_py")) == NULL)
-            return NULL;
-        return PyObject_CallMethodObjArgs((PyObject *)w, name, items, args[1], NULL);
+        return PyObject_CallMethodObjArgs((PyObject *)w, str_publish_many_py, items, args[1],
+                                          NULL);
     }
     if (mapping_gone(&w->m))
         return NULL;
+    if (LOAD_RLX(w->m.mem + OFF_RETIRED))   /* retired: the Python path raises, naming it */
+        return PyObject_CallMethodObjArgs((PyObject *)w, str_publish_many_py, items, args[1],
+                                          NULL);
     uint64_t tail = w->tail, seq = w->seq, limit = w->limit;
     uint64_t mask = w->m.mask, cap = w->cap, largest = w->m.max_message;
     int pending = 0;
@@ -694,6 +698,7 @@ PyMODINIT_FUNC PyInit__ringcore(void) {
         return NULL;
 #define INTERN(var, s) if ((var = PyUnicode_InternFromString(s)) == NULL) return NULL
     INTERN(str_publish_py, "_publish_py");
+    INTERN(str_publish_many_py, "_publish_many_py");
     INTERN(str_claim_py, "_claim_py");
     INTERN(str_mv, "_mv");
     INTERN(str_take_py, "_take_py");

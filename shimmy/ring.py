@@ -131,6 +131,7 @@ _unpack_frame = FRAME.unpack_from
 
 # u64 / u32 word indexes of the hot words (byte offset // width), precomputed for the hot paths.
 W_TAIL = OFF_TAIL // 8
+W_RETIRED = OFF_RETIRED // 8
 W_HEAD = OFF_HEAD // 8
 W_LAST = OFF_LAST // 8
 W_WAITING0 = OFF_WAITING // 8     # waiting bytes of slots 0-6 + the wide byte, as one u64
@@ -608,6 +609,8 @@ class RingWriter(_WriterBase):
     # -- hot path (the reference versions of _ringcore.c's) -----------------------------------
     def _publish_py(self, data, timeout: float | None) -> int:
         """Copy ``data`` into the ring as one frame; return its sequence number."""
+        if self._q[W_RETIRED]:   # deleted, or its daemon restarted: nobody will read it
+            self._closed()
         n = len(data)
         size = (n + 31) & ~15          # frame_size(n), inlined
         tail = self._tail
@@ -652,6 +655,8 @@ class RingWriter(_WriterBase):
         the wait for room times out, everything before it is already committed: the error's
         ``published`` says how many of the batch went out, and its text names the index.
         """
+        if self._q[W_RETIRED]:   # as in _publish_py, once per batch
+            raise _batch_error(self._closed_error(), 0)
         mv, mm, mask, cap, base = self._mv, self._mm, self._mask, self._cap, self._base
         largest = self.max_message
         tail, seq, limit = self._tail, self._seq, self._limit
@@ -734,6 +739,8 @@ class RingWriter(_WriterBase):
         Nothing is visible to readers until :meth:`commit_claim`; dropping the claim publishes
         nothing because neither last nor tail moves.
         """
+        if self._q[W_RETIRED]:   # as in _publish_py
+            self._closed()
         off = self._reserve(n, timeout)
         pos = self._base + off
         FRAME.pack_into(self._mv, pos, n, 0, self._seq)
@@ -804,6 +811,13 @@ class RingWriter(_WriterBase):
         return seq
 
     # -- slow paths ---------------------------------------------------------------------------
+    def _closed_error(self) -> ChannelClosed:
+        return ChannelClosed(f"channel {self.v.name!r} was retired by the daemon (deleted, or the "
+                             f"daemon restarted); open it again")
+
+    def _closed(self) -> NoReturn:
+        raise self._closed_error()
+
     def _too_large(self, n: int) -> None:
         raise MessageTooLarge(
             f"message of {n} bytes exceeds the largest message {self.max_message} bytes of channel "
@@ -836,8 +850,7 @@ class RingWriter(_WriterBase):
         """
         cap = self._cap
         if self.v.retired():
-            raise ChannelClosed(f"channel {self.v.name!r} was retired by the daemon (deleted, or "
-                                f"the daemon restarted); open it again")
+            self._closed()
         if self._reliable:
             floor = self.min_position()
             if end - floor > cap:

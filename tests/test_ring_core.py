@@ -152,3 +152,25 @@ def test_loans_and_zero_copy_receives_across_wraps_discards_and_gaps(daemon):
             assert msg.lost == (3 if i == 41 else 0)
     assert sub.last_seq == 62 and sub.lost == 3
     ch.close()
+
+
+@pytest.mark.parametrize("how", ["publish", "publish_many", "loan"])
+def test_a_deleted_channel_refuses_the_next_publish_at_once(daemon, how):
+    # The daemon marks a deleted channel's ring retired; the publisher checks that word on every
+    # publish (it used to notice only when it wrapped or waited for room, so messages went into
+    # a ring nobody would read while publish kept returning).
+    from shimmy.errors import ChannelClosed
+    from shimmy.sdk.client import get_client
+    ch, sub = _pair(daemon, f"core/deleted/{how}", capacity=1 << 20)
+    ch.publish(b"before")
+    assert sub.receive_bytes(5) == b"before"
+    get_client(daemon.socket).request("delete", name=f"core/deleted/{how}")
+    with pytest.raises(ChannelClosed, match="retired"):
+        if how == "publish":
+            ch.publish(b"after")
+        elif how == "publish_many":
+            ch.publish_many([b"after", b"more"])
+        else:
+            with ch.loan(5) as buf:
+                buf[:] = b"after"
+    ch.close()
