@@ -340,7 +340,10 @@ class StreamService:
 
 def _owner(rec: StreamRecord) -> str:
     own = rec.owner
-    return "the daemon" if own is None else f"{own.principal or '?'} (uid {own.uid})"
+    if own is None:
+        return "the daemon"
+    uid = f"uid:{own.uid}"
+    return uid if own.principal in ("", uid) else f"{own.principal} {uid}"
 
 
 def _buffered(rec: StreamRecord) -> int:
