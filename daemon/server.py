@@ -753,7 +753,7 @@ class Daemon:
                    if who is None or (who is not False and c.uid == who.uid)]
         return {"pid": os.getpid(), "uptime": time.time() - self.started,
                 "socket": self.socket_path,
-                "counters": {**self.counters, **self.sessions.counters},
+                "counters": {**self.counters, **self.sessions.counters, **self.streams.counters},
                 "shm_allocated": self.segments.allocated,
                 "nofile": {"soft": self.nofile[0], "hard": self.nofile[1]},
                 "orphans": len(self.orphans),

@@ -83,6 +83,7 @@ def test_orphans_are_freed_and_give_their_quota_back(daemon_factory, tmp_path):
         killed.kill()
         killed.wait(10)
     assert _streams(d) == {}
+    assert get_client(d.socket).request("stat")["counters"]["streams_orphaned"] == 3
     log = d.log()
     for name, dropped in (("orphan/a", 3), ("orphan/b", 0), ("orphan/c", 3)):
         assert any(f"stream {name}: writer finished" in line and "stream_orphan_timeout" in line
@@ -192,6 +193,8 @@ def test_rm_deletes_a_stream_and_attached_ends_get_stream_broken(daemon_factory,
             proc.kill()
             proc.wait(10)
     _wait(lambda: not d.shm_objects(), "the deleted streams' objects unlinked")
+    counters = get_client(d.socket).request("stat")["counters"]
+    assert (counters["streams_deleted"], counters["streams_orphaned"]) == (2, 0)
     assert "stream rm/x: deleted by client" in d.log() and "(owner uid:0," in d.log()
     # The name is free for a new stream.
     w = shimmy.Stream("rm/x", daemon=d.socket, capacity=4096).writer(timeout=5)
