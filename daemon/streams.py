@@ -36,7 +36,7 @@ from .access import Ownership
 
 log = logging.getLogger("shimmy.daemon")
 ROLES = ("writer", "reader")
-FINISHED_KEPT = 64  # freed streams remembered for `list` (so a second reader is told, not hung)
+FINISHED_KEPT = 64  # freed streams remembered for `list` (so a late reader is told, not hung)
 
 
 @dataclass
@@ -180,7 +180,7 @@ class StreamService:
         self.counters["streams_deleted"] += 1
         log.info("stream %s: deleted by client %d pid=%s (owner %s, %d bytes dropped)", name,
                  client.id, client.pid or client.claimed_pid, _owner(rec), _buffered(rec))
-        self._free(rec)
+        self._free(rec, "deleted")
 
     def reap(self, now: float) -> None:
         """Free orphans: streams whose writer finished with no reader for stream_orphan_timeout
@@ -196,7 +196,7 @@ class StreamService:
             log.info("stream %s: writer finished %.0f s ago and no reader came "
                      "(stream_orphan_timeout=%g s): freeing it (owner %s, %d bytes dropped)",
                      rec.name, now - since, timeout, _owner(rec), _buffered(rec))
-            self._free(rec)
+            self._free(rec, "orphaned")
 
     # -- hooks ------------------------------------------------------------------------------------
     def drop_client(self, client_id: int) -> int:
@@ -243,8 +243,8 @@ class StreamService:
         return out
 
     def finished_for(self, visible=None) -> list[dict]:
-        """Streams read to their end and freed (so a second reader is told, not left waiting),
-        filtered for the caller as :meth:`describe` filters live streams."""
+        """Streams freed after being read to their end, deleted, or freed unread as orphans (so
+        a late reader is told, not left waiting), filtered as :meth:`describe` filters."""
         if visible is False:
             return []
         return [{k: v for k, v in done.items() if k != "owner"}
@@ -312,11 +312,16 @@ class StreamService:
         elif w is not None and not writer_open and r is None and rec.orphan_since is None:
             rec.orphan_since = time.monotonic()   # kept for a reader: the orphan clock starts
 
-    def _free(self, rec: StreamRecord) -> None:
+    def _free(self, rec: StreamRecord, how: str | None = None) -> None:
+        """Free the stream; ``how`` ("deleted", "orphaned") is remembered for late readers, as
+        is a stream read to its end ("read")."""
         self.streams.pop(rec.name, None)
         q = rec.view.q
         written = q[stream_ring.OFF_TAIL // 8]
-        read_to_end = bool(q[stream_ring.OFF_EOF // 8]) and q[stream_ring.OFF_HEAD // 8] == written
+        dropped = written - q[stream_ring.OFF_HEAD // 8]
+        if how is None and bool(q[stream_ring.OFF_EOF // 8]) and dropped == 0 and \
+                rec.reader is not None and rec.reader.state == "closed":
+            how = "read"
         rec.view.release()
         self.segments.destroy(rec.token, rec.mm, 0)
         prefix = self.segments.sem_prefix(rec.token)
@@ -329,10 +334,10 @@ class StreamService:
                 pass
             _unlink_sem(prefix + suffix)
         self.counters["streams_freed"] += 1
-        if read_to_end and rec.reader is not None and rec.reader.state == "closed":
+        if how is not None:
             self.finished.pop(rec.name, None)
-            self.finished[rec.name] = {"name": rec.name, "written": written,
-                                       "freed": time.time(), "owner": rec.owner}
+            self.finished[rec.name] = {"name": rec.name, "written": written, "dropped": dropped,
+                                       "how": how, "freed": time.time(), "owner": rec.owner}
             while len(self.finished) > FINISHED_KEPT:
                 del self.finished[next(iter(self.finished))]
         log.info("freed stream %s (%d bytes written, serial %d)", rec.name, written, rec.serial)

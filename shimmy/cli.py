@@ -281,9 +281,17 @@ def _check_stream_name(client, name: str, write: bool, wait: bool) -> None:
     if not write and not wait:
         done = next((s for s in listing.get("finished_streams", ()) if s["name"] == name), None)
         if done is not None:
+            how = done.get("how", "read")
+            if how == "orphaned":
+                what = (f"was freed unread: its writer finished and no reader came within the "
+                        f"daemon's stream_orphan_timeout ({done['dropped']} bytes dropped)")
+            elif how == "deleted":
+                what = f"was deleted (shimmy rm; {done['dropped']} bytes dropped)"
+            else:
+                what = (f"already ended: its reader read all {done['written']} bytes and the "
+                        f"stream was freed")
             raise ChannelNotFound(
-                f"stream {name!r} already ended: its reader read all {done['written']} bytes and "
-                f"the stream was freed; start a writer again (`shimmy cat --write {name}`), or "
+                f"stream {name!r} {what}; start a writer again (`shimmy cat --write {name}`), or "
                 f"pass --wait to wait for one")
 
 

@@ -55,6 +55,11 @@ def _line(proc: subprocess.Popen, timeout: float = 20.0) -> str:
     return proc.stdout.readline().strip()
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shimmy.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
 def _write_and_close(d, name: str, data: bytes) -> None:
     with shimmy.Stream(name, daemon=d.socket, capacity=4096).writer(timeout=5) as w:
         w.write(data)
@@ -89,6 +94,11 @@ def test_orphans_are_freed_and_give_their_quota_back(daemon_factory, tmp_path):
         assert any(f"stream {name}: writer finished" in line and "stream_orphan_timeout" in line
                    and f"{dropped} bytes dropped" in line and "owner uid:0" in line
                    for line in log.splitlines()), (name, log[-3000:])
+    # `shimmy cat` tells a late reader what happened instead of waiting for a writer.
+    late = _cli("cat", "orphan/a", "--daemon", d.socket)
+    assert late.returncode == 1 and "was freed unread" in late.stderr, late.stderr
+    assert "stream_orphan_timeout (3 bytes dropped)" in late.stderr, late.stderr
+    assert _streams(d) == {}, "the refused read created nothing"
     # The quota is back: three new streams fit again.
     ends = [shimmy.Stream(f"orphan/new{i}", daemon=d.socket, capacity=4096).writer()
             for i in range(3)]
@@ -133,8 +143,7 @@ def test_zero_keeps_a_finished_stream_for_its_reader(daemon_factory, tmp_path):
     time.sleep(1.0)                              # ten housekeeping passes
     st = _streams(d)["keep/x"]
     assert st["orphaned_for"] is not None and st["freed_in"] is None
-    out = subprocess.run([sys.executable, "-m", "shimmy.cli", "ls", "--daemon", d.socket],
-                         capture_output=True, text=True, timeout=60)
+    out = _cli("ls", "--daemon", d.socket)
     assert out.returncode == 0, out.stderr
     row = next(line for line in out.stdout.splitlines() if line.startswith("keep/x"))
     assert row.rstrip().endswith("kept"), row
@@ -146,8 +155,7 @@ def test_zero_keeps_a_finished_stream_for_its_reader(daemon_factory, tmp_path):
 def test_ls_shows_how_long_a_finished_stream_waited(daemon_factory, tmp_path):
     d = _daemon(daemon_factory, tmp_path, "stream_orphan_timeout = 3600\n")
     _write_and_close(d, "wait/x", b"abc")
-    out = subprocess.run([sys.executable, "-m", "shimmy.cli", "ls", "--daemon", d.socket],
-                         capture_output=True, text=True, timeout=60)
+    out = _cli("ls", "--daemon", d.socket)
     assert out.returncode == 0, out.stderr
     assert "NO READER FOR" in out.stdout
     row = next(line for line in out.stdout.splitlines() if line.startswith("wait/x"))
@@ -171,12 +179,12 @@ def test_rm_deletes_a_stream_and_attached_ends_get_stream_broken(daemon_factory,
         # stream.
         ch = shimmy.Channel("rm/x", daemon=d.socket)
         ch.close()
-        rm = [sys.executable, "-m", "shimmy.cli", "rm", "--daemon", d.socket]
-        out = subprocess.run(rm + ["rm/x"], capture_output=True, text=True, timeout=60)
+        out = _cli("rm", "--daemon", d.socket, "rm/x")
         assert out.returncode == 0, out.stderr
         assert "rm/x" in _streams(d)
+        assert "rm/x" not in {c["name"] for c in get_client(d.socket).request("list")["channels"]}
         for args in (["--stream", "rm/x"], ["rm/full"]):
-            out = subprocess.run(rm + args, capture_output=True, text=True, timeout=60)
+            out = _cli("rm", "--daemon", d.socket, *args)
             assert out.returncode == 0, out.stderr
         assert _streams(d) == {}
         got = json.loads(_line(reader))
@@ -195,6 +203,8 @@ def test_rm_deletes_a_stream_and_attached_ends_get_stream_broken(daemon_factory,
     _wait(lambda: not d.shm_objects(), "the deleted streams' objects unlinked")
     counters = get_client(d.socket).request("stat")["counters"]
     assert (counters["streams_deleted"], counters["streams_orphaned"]) == (2, 0)
+    late = _cli("cat", "rm/full", "--daemon", d.socket)
+    assert late.returncode == 1 and "was deleted (shimmy rm; 4096 bytes dropped)" in late.stderr
     assert "stream rm/x: deleted by client" in d.log() and "(owner uid:0," in d.log()
     # The name is free for a new stream.
     w = shimmy.Stream("rm/x", daemon=d.socket, capacity=4096).writer(timeout=5)
