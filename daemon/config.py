@@ -61,6 +61,9 @@ class Settings:
     lease_timeout: float = _s(5.0, "no heartbeat for this long: the client's subscriber slots "
                                    "are evicted (seconds)")
     idle_channel_ttl: float = _s(300.0, "a channel nobody holds for this long is deleted (s)")
+    stream_orphan_timeout: float = _s(300.0, "a stream whose writer has finished and that no "
+                                      "reader has opened for this long is freed (s); 0 = keep "
+                                      "it for its reader until the daemon stops")
     request_max_bytes: int = _s(65536, "larger control messages are refused unread")
     access: str = _s("owner", "access policy: 'owner' (a channel belongs to the uid that created "
                               "it; others need a channel_rules entry or channel_group), 'closed' "
@@ -181,6 +184,9 @@ class Settings:
                      "peer_unmirror_grace"):
             if not getattr(self, name) > 0:
                 raise SettingError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if not 0 <= self.stream_orphan_timeout < float("inf"):
+            raise SettingError(f"stream_orphan_timeout must be >= 0 seconds (0 = keep a finished "
+                               f"stream for its reader), got {self.stream_orphan_timeout}")
         if not 0 < self.heartbeat_interval < self.lease_timeout:
             raise SettingError(f"need 0 < heartbeat_interval ({self.heartbeat_interval}) < "
                                f"lease_timeout ({self.lease_timeout})")

@@ -283,7 +283,11 @@ class DaemonCollector:
         for key, name, doc in (("streams_created", "shimmy_streams_created_total",
                                 "Streams created"),
                                ("stream_ends_broken", "shimmy_stream_ends_broken_total",
-                                "Stream ends whose client died (the other end sees it)")):
+                                "Stream ends whose client died (the other end sees it)"),
+                               ("streams_orphaned", "shimmy_streams_orphaned_total",
+                                "Finished streams freed unread after stream_orphan_timeout"),
+                               ("streams_deleted", "shimmy_streams_deleted_total",
+                                "Streams deleted (shimmy rm)")):
             c = _counter(name, doc)
             c.add_metric([], counters.get(key, 0))
             yield c

@@ -258,6 +258,7 @@ class Daemon:
         self._remote_members()
         self.registry.reclaim_all()
         self.registry.expire_idle()
+        self.streams.reap(now)
         try:
             self.peer.tick(now)
         except Exception:   # the peer module must never take the node's channels down with it
@@ -757,7 +758,7 @@ class Daemon:
                    if who is None or (who is not False and c.uid == who.uid)]
         return {"pid": os.getpid(), "uptime": time.time() - self.started,
                 "socket": self.socket_path,
-                "counters": {**self.counters, **self.sessions.counters},
+                "counters": {**self.counters, **self.sessions.counters, **self.streams.counters},
                 "shm_allocated": self.segments.allocated,
                 "nofile": {"soft": self.nofile[0], "hard": self.nofile[1]},
                 "orphans": len(self.orphans),
@@ -784,6 +785,14 @@ class Daemon:
         name = validate_name(req.get("name"))
         client = self._client(req)
         self._policy(client).check("publish", name)  # deleting is a publisher's act
+        kind = req.get("kind")
+        if kind not in (None, "channel", "stream"):
+            raise InvalidArgument(f"delete kind must be 'channel' or 'stream', got {_show(kind)}")
+        # Channels and streams have separate names; without a kind the channel goes first.
+        if kind == "stream" or (kind is None and name not in self.registry.channels
+                                and name in self.streams.streams):
+            self.streams.delete(client, name)
+            return {}
         if name in self.registry.channels:
             rec = self.registry.channels[name]
             if rec.group_of is not None:

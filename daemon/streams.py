@@ -9,7 +9,10 @@ A stream is created by whichever end opens it first and lives until both ends ar
 * the stream is freed (segment and semaphores unlinked) when the reader has finished and the
   writer is not open, or when the writer died before any reader came and had written nothing.
   A writer that finished (closed, or died after writing) before a reader came leaves the stream
-  and its bytes for that reader, until the daemon stops;
+  and its bytes for that reader for ``stream_orphan_timeout`` seconds (0: until the daemon
+  stops); after that the stream is an orphan and is freed (``reap``);
+* ``shimmy rm`` (``delete``) frees a stream at once, for its owner or root; ends still attached
+  see the retired word and get StreamBroken;
 * while any end of a stream is finished but the stream is not yet freed, opening that end again
   is refused with StreamBusy; after the stream is freed the name is free for a new stream.
 """
@@ -25,14 +28,15 @@ from dataclasses import dataclass, field
 import posix_ipc
 
 from shimmy import stream_ring
-from shimmy.errors import ChannelConflict, InvalidArgument, LimitExceeded, StreamBusy
+from shimmy.errors import (ChannelConflict, ChannelNotFound, InvalidArgument, LimitExceeded,
+                           StreamBusy)
 from shimmy.names import object_token, validate_name
 
 from .access import Ownership
 
 log = logging.getLogger("shimmy.daemon")
 ROLES = ("writer", "reader")
-FINISHED_KEPT = 64  # freed streams remembered for `list` (so a second reader is told, not hung)
+FINISHED_KEPT = 64  # freed streams remembered for `list` (so a late reader is told, not hung)
 
 
 @dataclass
@@ -56,7 +60,9 @@ class StreamRecord:
     writer: End | None = None
     reader: End | None = None
     owner: Ownership | None = None   # who created it (daemon/access.py); quotas count it
-
+    # time.monotonic() when the writer finished while no reader had opened the stream; the
+    # orphan clock of stream_orphan_timeout (a reader that opens it stops the clock for good)
+    orphan_since: float | None = None
 
     def end(self, role: str) -> End | None:
         return self.writer if role == "writer" else self.reader
@@ -71,7 +77,9 @@ class StreamRecord:
         return {"name": self.name, "kind": "stream", "capacity": self.capacity,
                 "shm": self.shm_name, "serial": self.serial, "written": tail, "read": head,
                 "buffered": tail - head, "eof": bool(q[stream_ring.OFF_EOF // 8]),
-                "writer": end(self.writer), "reader": end(self.reader)}
+                "writer": end(self.writer), "reader": end(self.reader),
+                "orphaned_for": (None if self.orphan_since is None or self.reader is not None
+                                 else time.monotonic() - self.orphan_since)}
 
 
 class StreamService:
@@ -83,7 +91,8 @@ class StreamService:
         self.segments = daemon.segments
         self.streams: dict[str, StreamRecord] = {}
         self._serial = itertools.count(1)
-        self.counters = {"streams_created": 0, "streams_freed": 0, "stream_ends_broken": 0}
+        self.counters = {"streams_created": 0, "streams_freed": 0, "stream_ends_broken": 0,
+                         "streams_orphaned": 0, "streams_deleted": 0}
         # name -> what the last freed stream of that name carried; bounded, oldest dropped first
         self.finished: dict[str, dict] = {}
 
@@ -160,6 +169,35 @@ class StreamService:
     def op_list(self, req: dict) -> dict:
         return {"streams": self.describe()}
 
+    def delete(self, client, name: str) -> None:
+        """``delete`` of a stream (daemon op_delete): its owner or root frees it now; an end
+        still attached sees the retired word and gets StreamBroken on its next operation that
+        needs the other end (a reader first gets what is already buffered)."""
+        rec = self.streams.get(name)
+        if rec is None:
+            raise ChannelNotFound(f"stream {name!r} does not exist")
+        self.daemon.access.check(self.daemon._caller(client), "delete", name, rec.owner)
+        self.counters["streams_deleted"] += 1
+        log.info("stream %s: deleted by client %d pid=%s (owner %s, %d bytes dropped)", name,
+                 client.id, client.pid or client.claimed_pid, _owner(rec), _buffered(rec))
+        self._free(rec, "deleted")
+
+    def reap(self, now: float) -> None:
+        """Free orphans: streams whose writer finished with no reader for stream_orphan_timeout
+        seconds (housekeeping; ``now`` is time.monotonic())."""
+        timeout = self.settings.stream_orphan_timeout
+        if not timeout:
+            return
+        for rec in list(self.streams.values()):
+            since = rec.orphan_since
+            if since is None or rec.reader is not None or now - since < timeout:
+                continue
+            self.counters["streams_orphaned"] += 1
+            log.info("stream %s: writer finished %.0f s ago and no reader came "
+                     "(stream_orphan_timeout=%g s): freeing it (owner %s, %d bytes dropped)",
+                     rec.name, now - since, timeout, _owner(rec), _buffered(rec))
+            self._free(rec, "orphaned")
+
     # -- hooks ------------------------------------------------------------------------------------
     def drop_client(self, client_id: int) -> int:
         """The client is gone: break every end it held open, wake the peers, free what is done."""
@@ -192,13 +230,21 @@ class StreamService:
         """Every stream (``visible`` None), none (False), or those the caller may see."""
         if visible is False:
             return []
-        return [rec.describe() for rec in self.streams.values()
-                if visible is None or self.daemon.access.allows(visible, "stat", rec.name,
-                                                                rec.owner)]
+        timeout = self.settings.stream_orphan_timeout
+        out = []
+        for rec in self.streams.values():
+            if visible is None or self.daemon.access.allows(visible, "stat", rec.name, rec.owner):
+                d = rec.describe()
+                waited = d["orphaned_for"]
+                # seconds until the orphan is freed; None: not an orphan, or kept (timeout 0)
+                d["freed_in"] = (None if waited is None or not timeout
+                                 else max(timeout - waited, 0.0))
+                out.append(d)
+        return out
 
     def finished_for(self, visible=None) -> list[dict]:
-        """Streams read to their end and freed (so a second reader is told, not left waiting),
-        filtered for the caller as :meth:`describe` filters live streams."""
+        """Streams freed after being read to their end, deleted, or freed unread as orphans (so
+        a late reader is told, not left waiting), filtered as :meth:`describe` filters."""
         if visible is False:
             return []
         return [{k: v for k, v in done.items() if k != "owner"}
@@ -263,12 +309,19 @@ class StreamService:
                              and rec.view.q[stream_ring.OFF_TAIL // 8] == 0)
         if (reader_done and not writer_open) or writer_died_alone:
             self._free(rec)
+        elif w is not None and not writer_open and r is None and rec.orphan_since is None:
+            rec.orphan_since = time.monotonic()   # kept for a reader: the orphan clock starts
 
-    def _free(self, rec: StreamRecord) -> None:
+    def _free(self, rec: StreamRecord, how: str | None = None) -> None:
+        """Free the stream; ``how`` ("deleted", "orphaned") is remembered for late readers, as
+        is a stream read to its end ("read")."""
         self.streams.pop(rec.name, None)
         q = rec.view.q
         written = q[stream_ring.OFF_TAIL // 8]
-        read_to_end = bool(q[stream_ring.OFF_EOF // 8]) and q[stream_ring.OFF_HEAD // 8] == written
+        dropped = written - q[stream_ring.OFF_HEAD // 8]
+        if how is None and bool(q[stream_ring.OFF_EOF // 8]) and dropped == 0 and \
+                rec.reader is not None and rec.reader.state == "closed":
+            how = "read"
         rec.view.release()
         self.segments.destroy(rec.token, rec.mm, 0)
         prefix = self.segments.sem_prefix(rec.token)
@@ -281,13 +334,26 @@ class StreamService:
                 pass
             _unlink_sem(prefix + suffix)
         self.counters["streams_freed"] += 1
-        if read_to_end and rec.reader is not None and rec.reader.state == "closed":
+        if how is not None:
             self.finished.pop(rec.name, None)
-            self.finished[rec.name] = {"name": rec.name, "written": written,
-                                       "freed": time.time(), "owner": rec.owner}
+            self.finished[rec.name] = {"name": rec.name, "written": written, "dropped": dropped,
+                                       "how": how, "freed": time.time(), "owner": rec.owner}
             while len(self.finished) > FINISHED_KEPT:
                 del self.finished[next(iter(self.finished))]
         log.info("freed stream %s (%d bytes written, serial %d)", rec.name, written, rec.serial)
+
+
+def _owner(rec: StreamRecord) -> str:
+    own = rec.owner
+    if own is None:
+        return "the daemon"
+    uid = f"uid:{own.uid}"
+    return uid if own.principal in ("", uid) else f"{own.principal} {uid}"
+
+
+def _buffered(rec: StreamRecord) -> int:
+    q = rec.view.q
+    return q[stream_ring.OFF_TAIL // 8] - q[stream_ring.OFF_HEAD // 8]
 
 
 def _unlink_sem(name: str) -> None:

@@ -287,9 +287,17 @@ def _check_stream_name(client, name: str, write: bool, wait: bool) -> None:
     if not write and not wait:
         done = next((s for s in listing.get("finished_streams", ()) if s["name"] == name), None)
         if done is not None:
+            how = done.get("how", "read")
+            if how == "orphaned":
+                what = (f"was freed unread: its writer finished and no reader came within the "
+                        f"daemon's stream_orphan_timeout ({done['dropped']} bytes dropped)")
+            elif how == "deleted":
+                what = f"was deleted (shimmy rm; {done['dropped']} bytes dropped)"
+            else:
+                what = (f"already ended: its reader read all {done['written']} bytes and the "
+                        f"stream was freed")
             raise ChannelNotFound(
-                f"stream {name!r} already ended: its reader read all {done['written']} bytes and "
-                f"the stream was freed; start a writer again (`shimmy cat --write {name}`), or "
+                f"stream {name!r} {what}; start a writer again (`shimmy cat --write {name}`), or "
                 f"pass --wait to wait for one")
 
 
@@ -418,12 +426,15 @@ def ls(daemon_path: str | None, as_json: bool) -> None:
     streams = reply.get("streams") or []
     if streams:
         click.echo()
-        rows = [("STREAM", "CAPACITY", "BUFFERED", "WRITTEN", "WRITER", "READER", "EOF")]
+        from shimmy.cli_view import orphan_cell
+        rows = [("STREAM", "CAPACITY", "BUFFERED", "WRITTEN", "WRITER", "READER", "EOF",
+                 "NO READER FOR")]
         for st in streams:
             ends = [f"pid {e['pid']} ({e['state']})" if e else "-"
                     for e in (st["writer"], st["reader"])]
             rows.append((st["name"], size(st["capacity"]), size(st["buffered"]),
-                         size(st["written"]), *ends, "yes" if st["eof"] else "-"))
+                         size(st["written"]), *ends, "yes" if st["eof"] else "-",
+                         orphan_cell(st)))
         _print_table(rows)
 
 
@@ -464,12 +475,16 @@ def top(daemon_path: str | None, interval: float, once: bool, rows: int | None) 
     sys.exit(run_top(lambda: _stat(daemon_path), interval, once, rows))
 
 
-@cli.command(short_help="delete a channel")
-@click.argument("channel")
+@cli.command(short_help="delete a channel or a stream")
+@click.argument("name")
 @_daemon_option
-def rm(channel: str, daemon_path: str | None) -> None:
-    """Delete CHANNEL: its ring is retired, holders see ChannelClosed."""
-    _client(daemon_path).request("delete", name=channel)
+@click.option("--stream", "stream", is_flag=True,
+              help="delete the stream NAME even when a channel NAME exists too")
+def rm(name: str, daemon_path: str | None, stream: bool) -> None:
+    """Delete channel NAME (its ring is retired, holders see ChannelClosed) or, when there is
+    no such channel or with --stream, stream NAME (its bytes are dropped; an end still attached
+    gets StreamBroken).  Only the owner or root may delete."""
+    _client(daemon_path).request("delete", name=name, kind="stream" if stream else None)
 
 
 @cli.command(short_help="exit 0 when the daemon answers (for probes)")

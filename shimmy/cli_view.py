@@ -173,14 +173,25 @@ def channels_table(rows: list[ChannelRow], limit: int | None = None) -> Table:
     return table
 
 
+def orphan_cell(st: dict) -> str:
+    """How long a finished stream has waited for a reader, and when the daemon frees it."""
+    waited = st.get("orphaned_for")
+    if waited is None:
+        return "-"
+    freed_in = st.get("freed_in")
+    then = "kept" if freed_in is None else f"freed in {human_duration(freed_in)}"
+    return f"{human_duration(waited)}, {then}"
+
+
 def streams_table(stat: dict) -> Table:
     table = _table(f"Streams ({len(stat.get('streams', ()))})", "STREAM", "CAPACITY", "BUFFERED",
-                   "WRITTEN", "WRITER", "READER", "EOF")
+                   "WRITTEN", "WRITER", "READER", "EOF", "NO READER FOR")
     for st in stat.get("streams", ()):
         ends = [f"pid {e['pid']} ({e['state']})" if e else "-" for e in (st["writer"],
                                                                         st["reader"])]
         table.add_row(st["name"], human_bytes(st["capacity"]), human_bytes(st["buffered"]),
-                      human_bytes(st["written"]), *ends, "yes" if st["eof"] else "-")
+                      human_bytes(st["written"]), *ends, "yes" if st["eof"] else "-",
+                      orphan_cell(st))
     return table
 
 

@@ -202,6 +202,38 @@ def test_a_rule_reserves_names_and_the_sdk_explains_a_kernel_refusal(shared_dir,
     assert "channel_group" in refused["message"]
 
 
+def test_only_the_owner_or_root_deletes_a_stream(shared_dir, daemon_factory, users):
+    """delete of a stream (shimmy rm) follows the channel rule: another uid is refused, naming
+    the owner; the owner and root may; the writer still attached is not hurt by the refusal."""
+    from shimmy.sdk.client import get_client
+    d = daemon_factory(directory=shared_dir)
+    a, out = users["shimmy-a"], users["shimmy-out"]
+
+    def hold(name: str) -> subprocess.Popen:
+        w = subprocess.Popen(uids.command_as("shimmy-a", CLIENT, d.socket, "stream_writer", name),
+                             stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+        assert '"ready"' in w.stdout.readline()
+        return w
+
+    def streams() -> set[str]:
+        return {s["name"] for s in get_client(d.socket).request("stat")["streams"]}
+
+    writers = [hold("a/pipe1"), hold("a/pipe2")]
+    try:
+        got = client("shimmy-out", d.socket, "delete", "a/pipe1")
+        assert got["error"] == "PermissionDenied", got
+        assert f"uid {out['uid']}" in got["message"] and "'a/pipe1'" in got["message"]
+        assert f"belongs to uid {a['uid']}" in got["message"]
+        assert streams() == {"a/pipe1", "a/pipe2"}
+        assert client("shimmy-a", d.socket, "delete", "a/pipe1")["ok"]       # the owner
+        get_client(d.socket).request("delete", name="a/pipe2", kind="stream")  # root
+        assert streams() == set()
+    finally:
+        for w in writers:
+            w.stdin.close()
+            assert w.wait(10) == 0
+
+
 def test_daemon_and_apps_as_one_unprivileged_uid(users, shared_dir):
     """The single-uid recipe: daemon and apps run as the same non-root uid; objects are 0600
     and another uid is refused with the remedy."""
