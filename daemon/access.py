@@ -151,16 +151,17 @@ class AccessControl:
         self.daemon_uid = os.geteuid()
 
     # -- ownership of new channels ------------------------------------------------------------
-    def ownership_for(self, caller: Caller, channel: str, principal: str) -> Ownership:
-        """The ownership a channel ``caller`` creates gets, or PermissionDenied if it may not
-        create it (the name is reserved for another uid, or its objects could not be made
-        usable by the caller)."""
+    def ownership_for(self, caller: Caller, channel: str, principal: str,
+                      kind: str = "channel") -> Ownership:
+        """The ownership a channel (or stream: ``kind``) ``caller`` creates gets, or
+        PermissionDenied if it may not create it (the name is reserved for another uid, or its
+        objects could not be made usable by the caller)."""
         if self.open:
             return Ownership(caller.uid, -1, -1, 0o666, None, principal)
         for rule in self.rules:
             if rule.owner is not None and rule.matches(channel) and rule.owner != caller.uid:
                 raise PermissionDenied(
-                    f"{caller.describe()} may not create channel {channel!r}: rule "
+                    f"{caller.describe()} may not create {kind} {channel!r}: rule "
                     f"{rule.text!r} reserves it for uid {rule.owner}")
         group = self.group
         if group is None:
@@ -172,8 +173,8 @@ class AccessControl:
             return Ownership(caller.uid, file_uid, group, self.shared_mode, group, principal)
         if not root and caller.uid != self.daemon_uid:
             raise PermissionDenied(
-                f"{caller.describe()} may not create channel {channel!r}: the daemon runs as uid "
-                f"{self.daemon_uid} without the privilege to give the channel's memory to uid "
+                f"{caller.describe()} may not create {kind} {channel!r}: the daemon runs as uid "
+                f"{self.daemon_uid} without the privilege to give the {kind}'s memory to uid "
                 f"{caller.uid}; set channel_group to a group both are members of "
                 f"(docs/security.md)")
         return Ownership(caller.uid, file_uid, -1, self.private_mode, None, principal)
@@ -195,9 +196,11 @@ class AccessControl:
             return False
         return True
 
-    def check(self, caller: Caller, op: str, channel: str, owner: Ownership | None) -> None:
-        """Return if ``caller`` may ``op`` the existing channel owned as ``owner`` (``None``:
-        made for no client, owned by the daemon), else raise PermissionDenied naming the rule."""
+    def check(self, caller: Caller, op: str, channel: str, owner: Ownership | None,
+              kind: str = "channel") -> None:
+        """Return if ``caller`` may ``op`` the existing channel (or stream: ``kind``) owned as
+        ``owner`` (``None``: made for no client, owned by the daemon), else raise
+        PermissionDenied naming the rule."""
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}")
         if self.open:
@@ -216,6 +219,6 @@ class AccessControl:
                 return
         shared = f" or members of group {group}" if group is not None else ""
         raise PermissionDenied(
-            f"{caller.describe()} may not {op} channel {channel!r}: it belongs to uid "
+            f"{caller.describe()} may not {op} {kind} {channel!r}: it belongs to uid "
             f"{owner_uid}{shared} (access={self.settings.access}: only the owner may use a "
-            f"channel unless channel_group or a channel_rules entry opens it; docs/security.md)")
+            f"{kind} unless channel_group or a channel_rules entry opens it; docs/security.md)")

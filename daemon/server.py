@@ -520,14 +520,16 @@ class Daemon:
             return None
         return entry[1]
 
-    def authorize(self, client: Client, op: str, name: str, owner: Ownership | None) -> None:
-        """Both layers: container labels (identity) and ownership (access)."""
+    def authorize(self, client: Client, op: str, name: str, owner: Ownership | None,
+                  kind: str = "channel") -> None:
+        """Both layers: container labels (identity) and ownership (access); ``kind`` ("channel"
+        or "stream") is what refusals call the object."""
         policy = self._policy(client)
         if op in ("publish", "subscribe"):
             policy.check(op, name)
         elif op == "open":
             policy.check_open(name)
-        self.access.check(self._caller(client), op, name, owner)
+        self.access.check(self._caller(client), op, name, owner, kind)
 
     def tenant_usage(self, who: str) -> tuple[int, int]:
         """(channels and streams, bytes of shared memory) tenant ``who`` created and holds."""

@@ -114,7 +114,8 @@ class StreamService:
         if rec is None:
             self.daemon._policy(client).check(op, name)
             who = client.tenant
-            ownership = self.daemon.access.ownership_for(self.daemon._caller(client), name, who)
+            ownership = self.daemon.access.ownership_for(self.daemon._caller(client), name, who,
+                                                          "stream")
             cap = stream_ring.DEFAULT_CAPACITY if capacity is None else capacity
             try:
                 size = stream_ring.segment_size(cap)
@@ -123,7 +124,7 @@ class StreamService:
             self.daemon.check_create_quota(who, size)
             rec = self._create(name, capacity, dataclasses.replace(ownership, size=size))
         else:
-            self.daemon.authorize(client, op, name, rec.owner)
+            self.daemon.authorize(client, op, name, rec.owner, "stream")
         if capacity is not None and capacity != rec.capacity:
             raise ChannelConflict(f"stream {name!r} exists with capacity={rec.capacity}, asked "
                                   f"for capacity={capacity}")
@@ -176,7 +177,8 @@ class StreamService:
         rec = self.streams.get(name)
         if rec is None:
             raise ChannelNotFound(f"stream {name!r} does not exist")
-        self.daemon.access.check(self.daemon._caller(client), "delete", name, rec.owner)
+        self.daemon.access.check(self.daemon._caller(client), "delete", name, rec.owner,
+                                 "stream")
         self.counters["streams_deleted"] += 1
         log.info("stream %s: deleted by client %d pid=%s (owner %s, %d bytes dropped)", name,
                  client.id, client.pid or client.claimed_pid, _owner(rec), _buffered(rec))
