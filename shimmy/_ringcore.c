@@ -85,6 +85,33 @@ static int mapping_gone(Mapping *m) {
     return 1;
 }
 
+/* ---- what both types share: the object header and the mapping ------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    Mapping m;
+} Core;   /* the first members of WriterCore and ReaderCore */
+
+static int core_traverse(PyObject *self, visitproc visit, void *arg) {
+    Py_VISIT(((Core *)self)->m.buf.obj);
+    return 0;
+}
+
+static void core_dealloc(PyObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    mapping_detach(&((Core *)self)->m);
+    tp->tp_free(self);
+}
+
+static PyObject *core_detach(PyObject *self, PyObject *unused) {
+    mapping_detach(&((Core *)self)->m);
+    Py_RETURN_NONE;
+}
+
+/* Bytes a frame with an ``n``-byte payload occupies (ring.frame_size). */
+static inline uint64_t frame_size(uint64_t n) { return (n + HEADER + 15) & ~(uint64_t)15; }
+
 /* ---- the writer ----------------------------------------------------------------------------- */
 
 typedef struct {
@@ -97,18 +124,6 @@ typedef struct {
     unsigned long long limit;   /* _limit: furthest end writable without making room */
 } WriterCore;
 
-static int writer_traverse(PyObject *self, visitproc visit, void *arg) {
-    Py_VISIT(((WriterCore *)self)->m.buf.obj);
-    return 0;
-}
-
-static void writer_dealloc(PyObject *self) {
-    PyTypeObject *tp = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    mapping_detach(&((WriterCore *)self)->m);
-    tp->tp_free(self);
-}
-
 static PyObject *writer_attach(WriterCore *w, PyObject *args) {
     PyObject *mm;
     unsigned long long data_offset, capacity, max_message;
@@ -120,9 +135,22 @@ static PyObject *writer_attach(WriterCore *w, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *writer_detach(WriterCore *w, PyObject *unused) {
-    mapping_detach(&w->m);
-    Py_RETURN_NONE;
+/* The frame for an ``n``-byte payload at ``tail``, its header written (length, flags 0, ``seq``),
+ * or NULL where the fast path must hand over with nothing stored: the frame would reach the wrap
+ * point or ``limit`` (padding or room to make), it is too large, or the ring was retired (the
+ * daemon deleted it or restarted: the Python path raises ChannelClosed). */
+static inline char *writer_frame(WriterCore *w, uint64_t tail, uint64_t limit, Py_ssize_t n,
+                                 uint64_t seq) {
+    uint64_t size = frame_size((uint64_t)n);
+    uint64_t off = tail & w->m.mask;
+    if (n < 0 || off + size > w->cap || tail + size > limit || (uint64_t)n > w->m.max_message ||
+        LOAD_RLX(w->m.mem + OFF_RETIRED))
+        return NULL;
+    char *frame = w->m.data + off;
+    uint32_t hdr[2] = {(uint32_t)n, 0};
+    memcpy(frame, hdr, 8);
+    memcpy(frame + 8, &seq, 8);
+    return frame;
 }
 
 /* After a commit: the wake-up handshake (ring.RingWriter._commit, "SYNC POINT (wake-up)").
@@ -196,27 +224,19 @@ static PyObject *writer_publish(WriterCore *w, PyObject *const *args, Py_ssize_t
     Py_ssize_t n;
     if (!borrow(args[0], &view, &src, &n))
         return PyObject_CallMethodObjArgs((PyObject *)w, str_publish_py, args[0], args[1], NULL);
-    uint64_t size = ((uint64_t)n + 31) & ~(uint64_t)15;
-    uint64_t tail = w->tail;
-    uint64_t off = tail & w->m.mask;
-    if (off + size > w->cap || tail + size > w->limit || (uint64_t)n > w->m.max_message ||
-        LOAD_RLX(w->m.mem + OFF_RETIRED)) {
-        /* wrap padding, room to make, too large, retired: the Python path (nothing stored) */
+    uint64_t tail = w->tail, seq = w->seq;
+    char *frame = writer_frame(w, tail, w->limit, n, seq);
+    if (frame == NULL) {   /* the Python path: padding, room to make, too large, retired */
         if (view.obj != NULL)
             PyBuffer_Release(&view);
         return PyObject_CallMethodObjArgs((PyObject *)w, str_publish_py, args[0], args[1], NULL);
     }
-    uint64_t seq = w->seq;
-    char *frame = w->m.data + off;
-    uint32_t hdr[2] = {(uint32_t)n, 0};
-    memcpy(frame, hdr, 8);
-    memcpy(frame + 8, &seq, 8);
     memcpy(frame + HEADER, src, (size_t)n);
     if (view.obj != NULL)
         PyBuffer_Release(&view);
     /* SYNC POINT (complete frame): last = this frame, after every byte of it, before tail. */
     STORE_REL(w->m.mem + OFF_LAST, tail);
-    uint64_t end = tail + size;
+    uint64_t end = tail + frame_size((uint64_t)n);
     w->tail = end;
     w->seq = seq + 1;
     /* SYNC POINT (commit): the release store makes the frame visible with all its bytes. */
@@ -239,17 +259,9 @@ static PyObject *writer_claim(WriterCore *w, PyObject *const *args, Py_ssize_t n
     Py_ssize_t n = PyLong_AsSsize_t(args[0]);
     if (n == -1 && PyErr_Occurred())
         return NULL;
-    uint64_t size = ((uint64_t)n + 31) & ~(uint64_t)15;
-    uint64_t tail = w->tail;
-    uint64_t off = tail & w->m.mask;
-    if (n < 0 || off + size > w->cap || tail + size > w->limit ||
-        (uint64_t)n > w->m.max_message || LOAD_RLX(w->m.mem + OFF_RETIRED))
+    char *frame = writer_frame(w, w->tail, w->limit, n, w->seq);
+    if (frame == NULL)
         return PyObject_CallMethodObjArgs((PyObject *)w, str_claim_py, args[0], args[1], NULL);
-    char *frame = w->m.data + off;
-    uint32_t hdr[2] = {(uint32_t)n, 0};
-    uint64_t seq = w->seq;
-    memcpy(frame, hdr, 8);
-    memcpy(frame + 8, &seq, 8);
     Py_ssize_t at = (Py_ssize_t)(frame + HEADER - w->m.mem);
     PyObject *mv = PyObject_GetAttr((PyObject *)w, str_mv);
     if (mv == NULL)
@@ -272,7 +284,7 @@ static PyObject *writer_commit_claim(WriterCore *w, PyObject *arg) {
     if (n == -1 && PyErr_Occurred())
         return NULL;
     uint64_t tail = w->tail, seq = w->seq;
-    uint64_t end = tail + (((uint64_t)n + 31) & ~(uint64_t)15);
+    uint64_t end = tail + frame_size((uint64_t)n);
     STORE_REL(w->m.mem + OFF_LAST, tail);   /* SYNC POINT (complete frame), as in publish */
     w->tail = end;
     w->seq = seq + 1;
@@ -311,11 +323,7 @@ static PyObject *writer_publish_many(WriterCore *w, PyObject *const *args, Py_ss
     }
     if (mapping_gone(&w->m))
         return NULL;
-    if (LOAD_RLX(w->m.mem + OFF_RETIRED))   /* retired: the Python path raises, naming it */
-        return PyObject_CallMethodObjArgs((PyObject *)w, str_publish_many_py, items, args[1],
-                                          NULL);
     uint64_t tail = w->tail, seq = w->seq, limit = w->limit;
-    uint64_t mask = w->m.mask, cap = w->cap, largest = w->m.max_message;
     int pending = 0;
     uint64_t last = 0;
     Py_ssize_t i;
@@ -326,9 +334,8 @@ static PyObject *writer_publish_many(WriterCore *w, PyObject *const *args, Py_ss
         const char *src;
         Py_ssize_t n;
         int ok = borrow(item, &view, &src, &n);
-        uint64_t size = ((uint64_t)n + 31) & ~(uint64_t)15;
-        uint64_t off = tail & mask;
-        if (!ok || off + size > cap || tail + size > limit || (uint64_t)n > largest) {
+        char *frame = ok ? writer_frame(w, tail, limit, n, seq) : NULL;
+        if (frame == NULL) {   /* padding, room to make, too large, retired, not plain bytes */
             if (ok && view.obj != NULL)
                 PyBuffer_Release(&view);
             if (pending) {
@@ -352,16 +359,12 @@ static PyObject *writer_publish_many(WriterCore *w, PyObject *const *args, Py_ss
             limit = w->limit;
             continue;
         }
-        char *frame = w->m.data + off;
-        uint32_t hdr[2] = {(uint32_t)n, 0};
-        memcpy(frame, hdr, 8);
-        memcpy(frame + 8, &seq, 8);
         memcpy(frame + HEADER, src, (size_t)n);
         if (view.obj != NULL)
             PyBuffer_Release(&view);
         last = tail;
         pending = 1;
-        tail += size;
+        tail += frame_size((uint64_t)n);
         seq += 1;
     }
     if (pending && writer_commit_batch(w, last, tail, seq) < 0)
@@ -408,7 +411,7 @@ static PyMemberDef writer_members[] = {
 static PyMethodDef writer_methods[] = {
     {"_attach", (PyCFunction)writer_attach, METH_VARARGS,
      "_attach(mmap, data_offset, capacity, max_message): map the ring for the fast paths"},
-    {"_detach", (PyCFunction)writer_detach, METH_NOARGS, "release the mapping's buffer"},
+    {"_detach", (PyCFunction)core_detach, METH_NOARGS, "release the mapping's buffer"},
     {"_walk_head", (PyCFunction)(void (*)(void))writer_walk_head, METH_FASTCALL,
      "_walk_head(head, must, target, last) -> head (RingWriter._make_room's frame walk)"},
     {"claim", (PyCFunction)(void (*)(void))writer_claim, METH_FASTCALL,
@@ -428,8 +431,8 @@ static PyTypeObject WriterCoreType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "C fast paths of ring.RingWriter (subclassed there)",
     .tp_new = PyType_GenericNew,
-    .tp_dealloc = writer_dealloc,
-    .tp_traverse = writer_traverse,
+    .tp_dealloc = core_dealloc,
+    .tp_traverse = core_traverse,
     .tp_methods = writer_methods,
     .tp_members = writer_members,
 };
@@ -446,18 +449,6 @@ typedef struct {
     unsigned long long tail;        /* _tail: the tail as last loaded */
     unsigned long long expect;      /* _expect: seq of the next frame */
 } ReaderCore;
-
-static int reader_traverse(PyObject *self, visitproc visit, void *arg) {
-    Py_VISIT(((ReaderCore *)self)->m.buf.obj);
-    return 0;
-}
-
-static void reader_dealloc(PyObject *self) {
-    PyTypeObject *tp = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    mapping_detach(&((ReaderCore *)self)->m);
-    tp->tp_free(self);
-}
 
 static PyObject *reader_attach(ReaderCore *r, PyObject *args) {
     PyObject *mm;
@@ -477,9 +468,36 @@ static PyObject *reader_attach(ReaderCore *r, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *reader_detach(ReaderCore *r, PyObject *unused) {
-    mapping_detach(&r->m);
-    Py_RETURN_NONE;
+/* Load the publisher's tail when the cursor reached the one cached: 1 more is committed, 0
+ * caught up, -1 a tail that breaks the invariants (the Python path names it). */
+static inline int reader_reload(ReaderCore *r, uint64_t p) {
+    /* SYNC POINT (acquire): pairs with the publisher's release store of tail. */
+    uint64_t t = LOAD_ACQ(r->m.mem + OFF_TAIL);
+    if (t == p)
+        return 0;
+    if (t < p || (t & 15))
+        return -1;
+    r->tail = t;
+    return 1;
+}
+
+/* The frame at ``p`` if it is a committed message with the expected seq whose header was intact
+ * when read (``*length``, ``*seq`` set), or NULL where the Python path takes over: lapped, a PAD,
+ * a frame failing validation, or lost messages (which the Python path counts). */
+static inline char *reader_frame(ReaderCore *r, uint64_t p, uint64_t *length, uint64_t *seq) {
+    char *frame = r->m.data + (p & r->m.mask);
+    uint32_t hdr[2];
+    memcpy(hdr, frame, 8);
+    memcpy(seq, frame + 8, 8);
+    /* SYNC POINT (validate header): head loaded after the header (acquire fence: the header
+     * loads are not moved below it); head <= p: the header was intact. */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    uint64_t head = LOAD_RLX(r->m.mem + OFF_HEAD);
+    *length = hdr[0];
+    if (head > p || hdr[1] != 0 || *length > r->m.max_message ||
+        p + frame_size(*length) > r->tail || *seq != r->expect)
+        return NULL;
+    return frame;
 }
 
 /* One step of ring.RingReader._take_bytes_py.  1: ``*out`` is the next message (released);
@@ -493,30 +511,17 @@ static int reader_step(ReaderCore *r, PyObject **out, int reload, int release) {
         if (p == r->tail) {
             if (!reload)
                 return -1;
-            /* SYNC POINT (acquire): pairs with the publisher's release store of tail. */
-            uint64_t t = LOAD_ACQ(mem + OFF_TAIL);
-            if (t == p) {
+            int more = reader_reload(r, p);
+            if (more <= 0) {
                 *out = NULL;
-                return 0;
+                return more;
             }
-            if (t < p || (t & 15))
-                return -1;
-            r->tail = t;
         }
-        char *frame = r->m.data + (p & r->m.mask);
-        uint32_t hdr[2];
-        uint64_t seq;
-        memcpy(hdr, frame, 8);
-        memcpy(&seq, frame + 8, 8);
-        /* SYNC POINT (validate header): head loaded after the header (acquire fence: the
-         * header loads are not moved below it); head <= p: the header was intact. */
-        __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        uint64_t head = LOAD_RLX(mem + OFF_HEAD);
-        uint64_t length = hdr[0];
-        uint64_t end = p + ((length + HEADER + 15) & ~(uint64_t)15);
-        if (head > p || hdr[1] != 0 || length > r->m.max_message || end > r->tail ||
-            seq != r->expect)
-            return -1;   /* lapped, a PAD, invalid, or lost messages: Python counts them */
+        uint64_t length, seq;
+        char *frame = reader_frame(r, p, &length, &seq);
+        if (frame == NULL)
+            return -1;
+        uint64_t end = p + frame_size(length);
         PyObject *data = PyBytes_FromStringAndSize(frame + HEADER, (Py_ssize_t)length);
         if (data == NULL)
             return -2;
@@ -548,26 +553,17 @@ static PyObject *reader_take(ReaderCore *r, PyObject *unused) {
     if (p == r->tail) {
         if (r->group)
             goto slow;
-        uint64_t t = LOAD_ACQ(mem + OFF_TAIL);   /* SYNC POINT (acquire) */
-        if (t == p)
+        int more = reader_reload(r, p);
+        if (more == 0)
             Py_RETURN_NONE;
-        if (t < p || (t & 15))
+        if (more < 0)
             goto slow;
-        r->tail = t;
     }
-    char *frame = r->m.data + (p & r->m.mask);
-    uint32_t hdr[2];
-    uint64_t seq;
-    memcpy(hdr, frame, 8);
-    memcpy(&seq, frame + 8, 8);
-    __atomic_thread_fence(__ATOMIC_ACQUIRE);     /* SYNC POINT (validate header) */
-    uint64_t head = LOAD_RLX(mem + OFF_HEAD);
-    uint64_t length = hdr[0];
-    uint64_t end = p + ((length + HEADER + 15) & ~(uint64_t)15);
-    if (head > p || hdr[1] != 0 || length > r->m.max_message || end > r->tail ||
-        seq != r->expect)
+    uint64_t length, seq;
+    char *frame = reader_frame(r, p, &length, &seq);
+    if (frame == NULL)
         goto slow;
-    r->position = end;
+    r->position = p + frame_size(length);
     r->expect = seq + 1;
     return Py_BuildValue("(KnKKi)", (unsigned long long)p, (Py_ssize_t)(frame + HEADER - mem),
                          (unsigned long long)length, (unsigned long long)seq, 0);
@@ -665,7 +661,7 @@ static PyMemberDef reader_members[] = {
 static PyMethodDef reader_methods[] = {
     {"_attach", (PyCFunction)reader_attach, METH_VARARGS,
      "_attach(mmap, data_offset, capacity, max_message, position_offset, group)"},
-    {"_detach", (PyCFunction)reader_detach, METH_NOARGS, "release the mapping's buffer"},
+    {"_detach", (PyCFunction)core_detach, METH_NOARGS, "release the mapping's buffer"},
     {"take", (PyCFunction)reader_take, METH_NOARGS,
      "take() -> (pos, payload_offset, length, seq, lost) | None (RingReader._take_py in C)"},
     {"take_bytes", (PyCFunction)reader_take_bytes, METH_NOARGS,
@@ -681,8 +677,8 @@ static PyTypeObject ReaderCoreType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "C fast paths of ring.RingReader (subclassed there)",
     .tp_new = PyType_GenericNew,
-    .tp_dealloc = reader_dealloc,
-    .tp_traverse = reader_traverse,
+    .tp_dealloc = core_dealloc,
+    .tp_traverse = core_traverse,
     .tp_methods = reader_methods,
     .tp_members = reader_members,
 };
