@@ -25,6 +25,7 @@ from .client import fork_generation, get_client, open_semaphore, open_shared_mem
 DEFAULT_PUBLISH_TIMEOUT = 10.0   # seconds a reliable publisher waits for room, then raises
 DEFAULT_SPIN_US = 100            # adaptive spin ceiling before a receiver sleeps
 MIN_SPIN_US = 2
+YIELD_AFTER_US = 5             # a spinning receiver yields its CPU between polls after this
 MAX_SLEEP = 0.25                 # a sleeping receiver re-checks at least this often
 
 
@@ -577,15 +578,25 @@ class Subscription:
         spin_end = now + self._spin
         if deadline is not None and spin_end > deadline:
             spin_end = deadline
+        #    The first YIELD_AFTER_US poll without pause (a local publisher's next message is
+        #    usually that close); after that each poll yields the CPU first, as stream readers
+        #    do: when the thread that produces what we wait for shares our CPU (a daemon's
+        #    mirror threads for a replica, a publisher on a busy machine) it runs at once
+        #    instead of waiting for our spin to end.  docs/performance.md has the figures.
         has_data = self._has_data
+        yield_at = now + YIELD_AFTER_US / 1e6
+        sched_yield = os.sched_yield
         while True:
             if has_data():
                 msg = attempt()
                 if msg is not None:
                     self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_max)
                     return msg
-            if time.perf_counter() >= spin_end:
+            t = time.perf_counter()
+            if t >= spin_end:
                 break
+            if t >= yield_at:
+                sched_yield()
         # 2. Sleep on our semaphore, re-checking at least every MAX_SLEEP.
         slept_at = time.perf_counter()
         try:
