@@ -104,6 +104,10 @@ MAX_SUBSCRIBERS_LIMIT = CONTROL_SIZE - OFF_WAITING - 1  # a waiting byte each (+
 # Publishers of one channel at once (one member ring each): a subscriber scans every member when
 # it arms its wake-up, so this bounds that scan (docs/ring-format.md, "Publisher groups").
 MAX_PUBLISHERS_LIMIT = 1024
+# A reliable publisher waiting for room polls at most every ROOM_POLL_FAST s for its first
+# ROOM_POLL_FAST_FOR s of waiting, then backs off to backoff_max (RingWriter._wait_for_space).
+ROOM_POLL_FAST = 50e-6
+ROOM_POLL_FAST_FOR = 0.01
 
 # Link states (OFF_LINK).  A channel published on this node stays LINK_LOCAL; a replica of a
 # channel published on another node is LINK_UP while its mirror streams and LINK_DOWN while the
@@ -886,7 +890,13 @@ class RingWriter(_WriterBase):
 
     def _wait_for_space(self, end: int, timeout: float | None) -> int:
         self._q[OFF_WAITS // 8] += 1   # slow path only; this process alone writes the word
-        deadline = None if timeout is None else time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        # Poll every few tens of µs for the first ROOM_POLL_FAST_FOR s: room usually comes
+        # soon (a local subscriber's next take, a remote replica's next credit, a few hundred
+        # µs away when a peer streams large messages).  A wait longer than that is a slow
+        # subscriber: back off up to backoff_max between checks.
+        fast_until = now + ROOM_POLL_FAST_FOR
         delay = 0.000_02
         while True:
             floor = self.min_position()
@@ -900,10 +910,8 @@ class RingWriter(_WriterBase):
                     f"channel {self.v.name!r}: no room for {end - self._tail} bytes after waiting "
                     f"{timeout} s for the slowest subscriber (publish_timeout)"
                 )
-            # Bounded backoff: poll quickly at first (a subscriber usually frees room within
-            # microseconds), then sleep up to backoff_max between checks.
             time.sleep(delay if deadline is None else min(delay, max(deadline - now, 0)))
-            delay = min(delay * 2, self._backoff_max)
+            delay = min(delay * 2, ROOM_POLL_FAST if now < fast_until else self._backoff_max)
 
 
 def _batch_error(exc: MessageTooLarge | BackpressureTimeout | ChannelClosed,
