@@ -8,7 +8,10 @@ tcp carrying the same messages.  Reusable by shimmy/bench:
 
 Each side runs in its own process (publisher/sender, subscriber/receiver); the two daemons are
 real ``shimmy daemon`` subprocesses with their own sockets (distinct shm prefixes), peered over
-127.0.0.1.  Timing is from the receiver's first message to its last.
+127.0.0.1.  Every receiver times its steady state: the clock starts after the first tenth of the
+messages (``warm_up``), so a fresh connection's slow start and socket-buffer autotuning (the raw
+TCP and ZeroMQ rows open one per measurement; the daemons' link is already up) count for no one,
+and each function returns the seconds ``count`` messages take at that rate.
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ def _count_for(size: int, budget_bytes: int = 256 << 20, cap: int = 200_000) -> 
     return max(200, min(cap, budget_bytes // max(size, 1)))
 
 
+def warm_up(count: int) -> int:
+    """Messages a receiver takes before it starts its clock."""
+    return count // 10
+
+
+def _steady(count: int, seconds: float, timed: int) -> float:
+    """Seconds for ``count`` messages at the rate of ``timed`` messages in ``seconds``."""
+    return seconds * count / timed
+
+
 def _recv_exact(s, view):
     got = 0
     while got < len(view):
@@ -52,13 +65,14 @@ def _raw_rx(port_q, res_q, size, count):
     buf = bytearray(max(size, 1) + 4)
     hv = memoryview(buf)
     t0 = 0.0
+    warm = warm_up(count)
     for i in range(count):
         _recv_exact(c, hv[:4])
         n = struct.unpack_from("<I", buf)[0]
         _recv_exact(c, hv[4:4 + n])
-        if i == 0:
+        if i == warm:
             t0 = time.perf_counter()
-    res_q.put(time.perf_counter() - t0)
+    res_q.put(_steady(count, time.perf_counter() - t0, count - 1 - warm))
 
 
 def _raw_tx(port, size, count):
@@ -94,11 +108,13 @@ def _zmq_rx(port_q, res_q, count):
     ctx = zmq.Context()
     s = ctx.socket(zmq.PULL)
     port_q.put(s.bind_to_random_port("tcp://127.0.0.1"))
-    s.recv()
-    t0 = time.perf_counter()
-    for _ in range(count - 1):
+    warm = warm_up(count)
+    for _ in range(warm + 1):
         s.recv(copy=False)
-    res_q.put(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(count - 1 - warm):
+        s.recv(copy=False)
+    res_q.put(_steady(count, time.perf_counter() - t0, count - 1 - warm))
 
 
 def _zmq_tx(port, size, count):
@@ -139,20 +155,23 @@ def _shimmy_rx(sock, name, ready_q, res_q, count, batch, size):
     while sub.status != "up":
         time.sleep(0.01)
     ready_q.put(1)
-    sub.receive(timeout=30)
+    warm = warm_up(count)
+    for _ in range(warm + 1):
+        sub.receive(timeout=30)
     t0 = time.perf_counter()
     c0 = _own_cpu()
+    timed = count - 1 - warm
     if batch:
-        got, most = 1, 4 * batch
-        while got < count:
-            got += len(sub.receive_many(most, timeout=30))
+        got, most = 0, 4 * batch
+        while got < timed:
+            got += len(sub.receive_many(min(most, timed - got), timeout=30))
     elif size < ZERO_COPY_FROM:   # small: the copy path, a bytes object per message
-        for _ in range(count - 1):
+        for _ in range(timed):
             sub.receive_bytes(timeout=30)
     else:   # large: the zero-copy path (a view into the ring), as the ZeroMQ receiver's frames
-        for _ in range(count - 1):
+        for _ in range(timed):
             sub.receive(timeout=30)
-    res_q.put((time.perf_counter() - t0, _own_cpu() - c0))
+    res_q.put((_steady(count, time.perf_counter() - t0, timed), _own_cpu() - c0, timed))
 
 
 def _shimmy_tx(sock, name, ready_q, go_q, size, count, capacity, batch):
@@ -247,12 +266,12 @@ def cross_node(size: int, count: int, daemons: TwoDaemons | None = None, batch: 
         ready_q.get(timeout=30)
         a0, b0 = d.cpu()
         go_q.put(1)
-        dt, rx_cpu = res_q.get(timeout=300)
+        dt, rx_cpu, rx_timed = res_q.get(timeout=300)
         tx_cpu = ready_q.get(timeout=300)
         a1, b1 = d.cpu()
         per = 1e6 / count
         d.last_cpu = {"publisher": tx_cpu * per, "daemon_a": (a1 - a0) * per,
-                      "daemon_b": (b1 - b0) * per, "subscriber": rx_cpu * per}
+                      "daemon_b": (b1 - b0) * per, "subscriber": rx_cpu * 1e6 / rx_timed}
         return dt
     finally:
         _reap(tx, rx)

@@ -28,7 +28,7 @@ def _daemon_pairs(xbench) -> dict:
 
 def run(ctx) -> dict:
     from shimmy.daemon.peer import bench as xbench
-    budget = (32 << 20) if ctx.quick else (256 << 20)
+    budget = (32 << 20) if ctx.quick else (1 << 30)
     pairs = _daemon_pairs(xbench)
     results = []
     try:
