@@ -78,8 +78,13 @@ class StreamRecord:
                 "shm": self.shm_name, "serial": self.serial, "written": tail, "read": head,
                 "buffered": tail - head, "eof": bool(q[stream_ring.OFF_EOF // 8]),
                 "writer": end(self.writer), "reader": end(self.reader),
-                "orphaned_for": (None if self.orphan_since is None or self.reader is not None
-                                 else time.monotonic() - self.orphan_since)}
+                "orphaned_for": self.orphaned_for(time.monotonic())}
+
+    def orphaned_for(self, now: float) -> float | None:
+        """Seconds since the writer finished with no reader (None: not an orphan)."""
+        if self.orphan_since is None or self.reader is not None:
+            return None
+        return now - self.orphan_since
 
 
 class StreamService:
@@ -191,13 +196,13 @@ class StreamService:
         if not timeout:
             return
         for rec in list(self.streams.values()):
-            since = rec.orphan_since
-            if since is None or rec.reader is not None or now - since < timeout:
+            waited = rec.orphaned_for(now)
+            if waited is None or waited < timeout:
                 continue
             self.counters["streams_orphaned"] += 1
             log.info("stream %s: writer finished %.0f s ago and no reader came "
                      "(stream_orphan_timeout=%g s): freeing it (owner %s, %d bytes dropped)",
-                     rec.name, now - since, timeout, _owner(rec), _buffered(rec))
+                     rec.name, waited, timeout, _owner(rec), _buffered(rec))
             self._free(rec, "orphaned")
 
     # -- hooks ------------------------------------------------------------------------------------

@@ -426,16 +426,8 @@ def ls(daemon_path: str | None, as_json: bool) -> None:
     streams = reply.get("streams") or []
     if streams:
         click.echo()
-        from shimmy.cli_view import orphan_cell
-        rows = [("STREAM", "CAPACITY", "BUFFERED", "WRITTEN", "WRITER", "READER", "EOF",
-                 "NO READER FOR")]
-        for st in streams:
-            ends = [f"pid {e['pid']} ({e['state']})" if e else "-"
-                    for e in (st["writer"], st["reader"])]
-            rows.append((st["name"], size(st["capacity"]), size(st["buffered"]),
-                         size(st["written"]), *ends, "yes" if st["eof"] else "-",
-                         orphan_cell(st)))
-        _print_table(rows)
+        from shimmy.cli_view import STREAM_COLUMNS, stream_cells
+        _print_table([STREAM_COLUMNS, *(stream_cells(st) for st in streams)])
 
 
 def _stat(daemon_path: str | None) -> dict:

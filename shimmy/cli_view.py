@@ -183,15 +183,21 @@ def orphan_cell(st: dict) -> str:
     return f"{human_duration(waited)}, {then}"
 
 
+STREAM_COLUMNS = ("STREAM", "CAPACITY", "BUFFERED", "WRITTEN", "WRITER", "READER", "EOF",
+                  "NO READER FOR")
+
+
+def stream_cells(st: dict) -> tuple[str, ...]:
+    """One stream of the daemon's listing as the cells of STREAM_COLUMNS (``ls`` and ``top``)."""
+    ends = [f"pid {e['pid']} ({e['state']})" if e else "-" for e in (st["writer"], st["reader"])]
+    return (st["name"], human_bytes(st["capacity"]), human_bytes(st["buffered"]),
+            human_bytes(st["written"]), *ends, "yes" if st["eof"] else "-", orphan_cell(st))
+
+
 def streams_table(stat: dict) -> Table:
-    table = _table(f"Streams ({len(stat.get('streams', ()))})", "STREAM", "CAPACITY", "BUFFERED",
-                   "WRITTEN", "WRITER", "READER", "EOF", "NO READER FOR")
+    table = _table(f"Streams ({len(stat.get('streams', ()))})", *STREAM_COLUMNS)
     for st in stat.get("streams", ()):
-        ends = [f"pid {e['pid']} ({e['state']})" if e else "-" for e in (st["writer"],
-                                                                        st["reader"])]
-        table.add_row(st["name"], human_bytes(st["capacity"]), human_bytes(st["buffered"]),
-                      human_bytes(st["written"]), *ends, "yes" if st["eof"] else "-",
-                      orphan_cell(st))
+        table.add_row(*stream_cells(st))
     return table
 
 

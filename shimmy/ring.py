@@ -903,7 +903,7 @@ class RingWriter(_WriterBase):
             if end - floor <= self._cap:
                 return floor
             if self.v.retired():
-                raise ChannelClosed(f"channel {self.v.name!r} was retired by the daemon; reopen it")
+                self._closed()
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise BackpressureTimeout(
