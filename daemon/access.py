@@ -1,7 +1,8 @@
 """Access policy: who may do what with a channel, and who owns its shared-memory objects.
 
-Identity (who the client is: uid, groups, container, labels) comes from :mod:`.identity`; this
-module decides.  The rules (``docs/security.md`` has the recipes and the threat model):
+Identity (who the client is: uid, groups, container) comes from :mod:`.identity`, what its
+container labels allow from :mod:`.label_policy`; this module decides the rest.  The rules
+(``docs/security.md`` has the recipes and the threat model):
 
 * **A channel belongs to the uid that created it** (``access = "owner"``, the default).  Only that
   uid may open, publish, subscribe, delete or see the details of it, unless
@@ -20,7 +21,7 @@ module decides.  The rules (``docs/security.md`` has the recipes and the threat 
   no other rights over another uid's channels.
 * ``access = "open"`` turns all of this off: every local uid may do everything and the objects
   are mode 0666 (single-tenant hosts only).  ``access = "closed"`` is ``owner`` plus: a container
-  without access labels gets nothing (see :mod:`.identity`).
+  without access labels gets nothing (see :mod:`.label_policy`).
 
 Every refusal is :class:`~shimmy.errors.PermissionDenied` naming the uid, the channel and the rule.
 """
@@ -32,94 +33,12 @@ from dataclasses import dataclass, field
 
 from shimmy.errors import PermissionDenied
 
-from . import identity
-from .config import SettingError, Settings, parse_mode, resolve_group, resolve_user
+from .config import Settings
+from .identity import Caller
+from .rules import Rule, parse_rule
+from .setting_values import parse_mode, resolve_group
 
 OPS = ("open", "publish", "subscribe", "delete", "stat")
-RULE_OPS = ("open", "publish", "subscribe", "delete")
-DEFAULT_RULE_OPS = ("open", "publish", "subscribe")
-NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who a request comes from, as far as the daemon knows it."""
-
-    uid: int
-    gid: int
-    groups: frozenset[int] = frozenset()
-    pid: int | None = None
-    container: str | None = None
-    labels: tuple[tuple[str, str], ...] = ()
-
-    def in_group(self, gid: int) -> bool:
-        return gid == self.gid or gid in self.groups
-
-    def describe(self) -> str:
-        where = f" in container {self.container[:12]}" if self.container else ""
-        return f"uid {self.uid} (pid {self.pid}{where})"
-
-
-@dataclass(frozen=True)
-class Rule:
-    text: str
-    pattern: str
-    owner: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    label: tuple[str, str] | None = None
-    namespace: str | None = None
-    ops: tuple[str, ...] = DEFAULT_RULE_OPS
-
-    def grants(self, caller: Caller) -> bool:
-        """Whether the rule's grantee conditions all hold for ``caller`` (and there is one)."""
-        if self.uid is None and self.gid is None and self.label is None and self.namespace is None:
-            return False
-        labels = dict(caller.labels)
-        return ((self.uid is None or caller.uid == self.uid)
-                and (self.gid is None or caller.in_group(self.gid))
-                and (self.label is None or labels.get(self.label[0]) == self.label[1])
-                and (self.namespace is None or labels.get(NAMESPACE_LABEL) == self.namespace))
-
-    def matches(self, channel: str) -> bool:
-        return identity.channel_matches(channel, (self.pattern,)) is not None
-
-
-def parse_rule(text: str) -> Rule:
-    """One ``channel_rules`` entry; :class:`SettingError` naming the entry when it is wrong."""
-    parts = text.split()
-    if not parts:
-        raise SettingError("channel_rules: empty rule")
-    fields: dict = {}
-    for part in parts[1:]:
-        key, sep, value = part.partition("=")
-        if not sep or not value:
-            raise SettingError(f"channel_rules {text!r}: {part!r} is not key=value")
-        where = f"channel_rules {text!r}"
-        if key in ("owner", "uid"):
-            fields[key] = resolve_user(where, value)
-        elif key == "gid":
-            fields[key] = resolve_group(where, value)
-        elif key == "label":
-            lk, lsep, lv = value.partition("=")
-            if not lsep:
-                raise SettingError(f"{where}: label= needs KEY=VALUE")
-            fields["label"] = (lk, lv)
-        elif key == "namespace":
-            fields["namespace"] = value
-        elif key == "ops":
-            ops = tuple(o for o in value.split(",") if o)
-            bad = [o for o in ops if o not in RULE_OPS]
-            if bad:
-                raise SettingError(f"{where}: unknown ops {bad}; known: {', '.join(RULE_OPS)}")
-            fields["ops"] = ops
-        elif key == "serviceaccount":
-            raise SettingError(f"{where}: service accounts are not visible to the daemon (it has "
-                               f"no Kubernetes API access); use namespace= or label=")
-        else:
-            raise SettingError(f"{where}: unknown key {key!r}; known: owner, uid, gid, label, "
-                               f"namespace, ops")
-    return Rule(text=text, pattern=parts[0], **fields)
 
 
 @dataclass(frozen=True)

@@ -10,23 +10,20 @@ setting is a startup error naming the setting, never a failure at the first requ
 from __future__ import annotations
 
 import dataclasses
-import grp
 import os
-import pwd
 import sys
 from dataclasses import dataclass, field
 
 from shimmy import ring
 from shimmy.protocol import DEFAULT_SOCKET
 
+from .rules import parse_rule
+from .setting_values import SettingError, parse_mode, resolve_group
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
-
-
-class SettingError(ValueError):
-    """A setting is missing, of the wrong type or out of range; the message names it."""
 
 
 def _s(default, help: str, **kw):
@@ -212,7 +209,6 @@ class Settings:
                     raise SettingError(f"{name}={getattr(self, name)}: the daemon (uid "
                                        f"{os.geteuid()}) is not a member of group {gid}, so it "
                                        f"cannot give its objects to that group")
-        from .access import parse_rule  # the rule grammar lives with the policy
         for rule in self.peers + self.channel_rules:
             if not isinstance(rule, str):
                 raise SettingError(f"peers and channel_rules entries must be strings, got "
@@ -283,37 +279,6 @@ def _check_dir(name: str, path: str, create: bool = False) -> None:
     if not os.access(path, os.W_OK | os.X_OK):
         raise SettingError(f"{name}: directory {path} is not writable by the daemon "
                            f"(uid {os.geteuid()})")
-
-
-def parse_mode(name: str, value: str) -> int:
-    """An octal mode string such as ``"0660"``; refuses anything but permission bits."""
-    try:
-        mode = int(value, 8)
-    except (TypeError, ValueError):
-        raise SettingError(f"{name} must be an octal mode such as '0660', got {value!r}") from None
-    if not 0 <= mode <= 0o777:
-        raise SettingError(f"{name} must be permission bits 0000..0777, got {value!r}")
-    return mode
-
-
-def resolve_group(name: str, value: str) -> int:
-    """A group given by name or number, as a gid."""
-    if value.isdigit():
-        return int(value)
-    try:
-        return grp.getgrnam(value).gr_gid
-    except KeyError:
-        raise SettingError(f"{name}: no group named {value!r}") from None
-
-
-def resolve_user(name: str, value: str) -> int:
-    """A user given by name or number, as a uid."""
-    if value.isdigit():
-        return int(value)
-    try:
-        return pwd.getpwnam(value).pw_uid
-    except KeyError:
-        raise SettingError(f"{name}: no user named {value!r}") from None
 
 
 def load(path: str | None, **overrides) -> Settings:

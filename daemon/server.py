@@ -30,9 +30,11 @@ from shimmy.errors import (ChannelConflict, ChannelNotFound, InvalidArgument, Li
 from shimmy.names import object_token, validate_name
 from shimmy.protocol import PROTOCOL_VERSION, endpoint, session_path
 
-from . import identity, logformat, metrics
-from .access import AccessControl, Caller, Ownership
-from .config import Settings, parse_mode, resolve_group
+from . import containers, identity, label_policy, logformat, metrics
+from .access import AccessControl, Ownership
+from .config import Settings
+from .identity import Caller
+from .setting_values import parse_mode, resolve_group
 from .quotas import Quotas, tenant
 from .registry import Registry, alias_prefix, is_member_alias
 from .segments import Segments
@@ -124,14 +126,14 @@ class Daemon:
         from .peer.service import PeerService
         self.peer = PeerService(self)
         # Identity and access (docs/containers.md): peer credentials -> cgroup -> labels.
-        self.labels = identity.DockerLabelSource()
+        self.labels = containers.DockerLabelSource()
         self._deaths: "queue.SimpleQueue[str]" = queue.SimpleQueue()
         self._death_r, self._death_w = os.pipe()
         os.set_blocking(self._death_r, False)
         os.set_blocking(self._death_w, False)
         self._stop_watch = threading.Event()
         if os.path.exists(DOCKER_SOCKET):
-            threading.Thread(target=identity.watch_container_deaths, name="container-deaths",
+            threading.Thread(target=containers.watch_container_deaths, name="container-deaths",
                              args=(self._on_container_death, self._stop_watch),
                              daemon=True).start()
         self.ops = {
@@ -342,17 +344,17 @@ class Daemon:
                     self.sessions.disconnect(client)
                     self._client_gone(client, crashed=True)
 
-    def _policy(self, client: Client) -> identity.AccessPolicy:
+    def _policy(self, client: Client) -> label_policy.LabelPolicy:
         policy = client.policy
         if policy is None:
             if client.sock is None:
                 self.sessions.settle()
-            policy = identity.policy_for_pid(client.pid, self.labels,
+            policy = label_policy.policy_for_pid(client.pid, self.labels,
                                              default_open=self.settings.access != "closed")
             client.container = policy.container_id
             if client.sock is not None:
                 client.policy = policy  # identified for good; before that, ask again next time
-        assert isinstance(policy, identity.AccessPolicy)
+        assert isinstance(policy, label_policy.LabelPolicy)
         return policy
 
     def _caller(self, client: Client) -> Caller:
@@ -522,7 +524,7 @@ class Daemon:
 
     def authorize(self, client: Client, op: str, name: str, owner: Ownership | None,
                   kind: str = "channel") -> None:
-        """Both layers: container labels (identity) and ownership (access); ``kind`` ("channel"
+        """Both layers: container labels (label_policy) and ownership (access); ``kind`` ("channel"
         or "stream") is what refusals call the object."""
         policy = self._policy(client)
         if op in ("publish", "subscribe"):

@@ -57,7 +57,7 @@ class Client:
     last_beat: float = field(default_factory=time.monotonic)
     evicted: bool = False
     container: str | None = None
-    policy: object | None = None  # identity.AccessPolicy, computed on first channel operation
+    policy: object | None = None  # label_policy.LabelPolicy, computed on first channel operation
     said_goodbye: bool = False    # sent b"q" before closing: a clean exit, not a crash
     caller: object | None = None  # access.Caller, computed on first channel operation
 

@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from shimmy.daemon.access import AccessControl, Caller, parse_rule
+from shimmy.daemon.access import AccessControl
+from shimmy.daemon.identity import Caller
+from shimmy.daemon.rules import parse_rule
 from shimmy.daemon.config import SettingError, Settings
 from shimmy.errors import PermissionDenied
 

@@ -1,4 +1,5 @@
-"""Container identity and access policy (shimmy.daemon.identity).
+"""Container identity, the container engine's labels and the label policy (shimmy.daemon.identity,
+containers, label_policy).
 
 The cgroup files below are real shapes, copied from processes in containers on cgroup v1 and v2
 hosts with the docker, containerd and CRI-O runtimes; they are written to a fake /proc in a temp
@@ -14,20 +15,20 @@ import time
 
 import pytest
 
-from shimmy.daemon import identity
-from shimmy.daemon.identity import (
-    AccessPolicy,
+from shimmy.daemon import containers
+from shimmy.daemon.containers import (
     DockerLabelSource,
     LabelSource,
     StaticLabelSource,
-    compile_pattern,
+    watch_container_deaths,
+)
+from shimmy.daemon.identity import (
     container_id_from_cgroup,
     container_id_of_pid,
     peer_credentials,
     pid_from_peer_address,
-    policy_for_pid,
-    watch_container_deaths,
 )
+from shimmy.daemon.label_policy import LabelPolicy, compile_pattern, policy_for_pid
 from shimmy.errors import InvalidArgument, PermissionDenied
 
 CID = "3f2a9c1d7e4b5a6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7"
@@ -185,7 +186,7 @@ def test_pattern_semantics(pattern, name, want):
 
 
 def test_labelled_container_gets_exactly_what_its_labels_list():
-    p = AccessPolicy.from_labels("container abc", {"shimmy.publish": "sensors/*, logs/**",
+    p = LabelPolicy.from_labels("container abc", {"shimmy.publish": "sensors/*, logs/**",
                                                    "shimmy.subscribe": "cmd/*"},
                                  default_open=True)
     p.check("publish", "sensors/temp")
@@ -201,7 +202,7 @@ def test_labelled_container_gets_exactly_what_its_labels_list():
 
 
 def test_open_needs_either_op_and_names_both_rules():
-    p = AccessPolicy.from_labels("container abc", {"shimmy.publish": "a/*",
+    p = LabelPolicy.from_labels("container abc", {"shimmy.publish": "a/*",
                                                    "shimmy.subscribe": "b/*"},
                                  default_open=False)
     p.check_open("a/x")
@@ -211,13 +212,13 @@ def test_open_needs_either_op_and_names_both_rules():
     msg = str(e.value)
     assert msg.startswith("container abc may not open channel 'c/x'")
     assert "shimmy.publish='a/*'" in msg and "shimmy.subscribe='b/*'" in msg
-    AccessPolicy.allow_all("host").check_open("anything")
+    LabelPolicy.allow_all("host").check_open("anything")
     with pytest.raises(PermissionDenied, match="closed"):
-        AccessPolicy.deny_all("c", "--access closed").check_open("x")
+        LabelPolicy.deny_all("c", "--access closed").check_open("x")
 
 
 def test_one_label_means_the_other_op_is_refused_even_when_open():
-    p = AccessPolicy.from_labels("container abc", {"shimmy.subscribe": "sensors/*"},
+    p = LabelPolicy.from_labels("container abc", {"shimmy.subscribe": "sensors/*"},
                                  default_open=True)
     p.check("subscribe", "sensors/temp")
     with pytest.raises(PermissionDenied, match=r"no shimmy.publish label"):
@@ -225,29 +226,29 @@ def test_one_label_means_the_other_op_is_refused_even_when_open():
 
 
 def test_empty_label_grants_nothing():
-    p = AccessPolicy.from_labels("container abc", {"shimmy.publish": ""}, default_open=True)
+    p = LabelPolicy.from_labels("container abc", {"shimmy.publish": ""}, default_open=True)
     with pytest.raises(PermissionDenied, match=r"shimmy.publish=''"):
         p.check("publish", "a")
 
 
 def test_unlabelled_container_follows_the_default():
     other = {"shimmy.ci": "1", "com.docker.compose.service": "web"}  # not policy labels
-    AccessPolicy.from_labels("c", other, default_open=True).check("publish", "x/y")
+    LabelPolicy.from_labels("c", other, default_open=True).check("publish", "x/y")
     with pytest.raises(PermissionDenied, match=r"no shimmy.publish or shimmy.subscribe label.*"
                                                r"--access closed"):
-        AccessPolicy.from_labels("c", other, default_open=False).check("subscribe", "x/y")
+        LabelPolicy.from_labels("c", other, default_open=False).check("subscribe", "x/y")
     with pytest.raises(PermissionDenied, match=r"labels unavailable"):
-        AccessPolicy.from_labels("c", None, default_open=False).check("publish", "x")
+        LabelPolicy.from_labels("c", None, default_open=False).check("publish", "x")
 
 
 def test_unknown_op_is_an_argument_error():
     with pytest.raises(InvalidArgument, match="unknown channel operation 'delete'"):
-        AccessPolicy.allow_all("c").check("delete", "x")
+        LabelPolicy.allow_all("c").check("delete", "x")
 
 
 def test_describe_is_jsonable():
     import json
-    p = AccessPolicy.from_labels("c", {"shimmy.publish": "a/*"}, default_open=True,
+    p = LabelPolicy.from_labels("c", {"shimmy.publish": "a/*"}, default_open=True,
                                  container_id=CID)
     d = json.loads(json.dumps(p.describe()))
     assert d["rules"] == {"publish": ["a/*"]} and d["default"] == "deny"
@@ -352,9 +353,7 @@ def test_watch_container_deaths_stops_without_engine(tmp_path):
     assert not t.is_alive() and seen == []
 
 
-def test_identity_module_imports_no_docker_eagerly():
-    import sys
-    assert identity.DockerLabelSource  # the module is loaded
-    # importing identity must not have required docker; if it is loaded, someone else did it
-    assert "docker" not in identity.__dict__
-    del sys
+def test_containers_module_imports_no_docker_eagerly():
+    assert containers.DockerLabelSource  # the module is loaded
+    # importing it must not have required docker: the SDK is imported when first used
+    assert "docker" not in containers.__dict__

@@ -1,5 +1,6 @@
-"""shimmy.daemon.identity against a real Docker engine: labels and names of a running container,
-its id from /proc/<pid>/cgroup on the host, and the die-event watcher."""
+"""shimmy.daemon.identity, containers and label_policy against a real Docker engine: labels and
+names of a running container, its id from /proc/<pid>/cgroup on the host, and the die-event
+watcher."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ pytestmark = pytest.mark.container
 docker_sdk = pytest.importorskip("docker", reason="the docker SDK is not installed "
                                                    "(pip install 'shimmy[daemon]')")
 
-from shimmy.daemon.identity import (DockerLabelSource, container_id_of_pid,  # noqa: E402
-                                    policy_for_pid, watch_container_deaths)
+from shimmy.daemon.containers import DockerLabelSource, watch_container_deaths  # noqa: E402
+from shimmy.daemon.identity import container_id_of_pid  # noqa: E402
+from shimmy.daemon.label_policy import policy_for_pid  # noqa: E402
 from shimmy.errors import PermissionDenied  # noqa: E402
 
 
