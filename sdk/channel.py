@@ -16,8 +16,8 @@ from types import EllipsisType
 import posix_ipc
 
 from shimmy import ring
-from shimmy.errors import (ChannelClosed, InvalidArgument, MessageTooLarge, ReceiveTimeout,
-                           ShimmyError)
+from shimmy.errors import (ChannelClosed, ChannelRetired, InvalidArgument, MessageOverwritten,
+                           MessageTooLarge, ReceiveTimeout, ShimmyError)
 from shimmy.names import validate_name
 
 from .client import fork_generation, get_client, open_semaphore, open_shared_memory
@@ -129,12 +129,6 @@ class Loan:
         self._view.release()
         if exc_type is None:
             self._writer.commit_claim(self._n)
-
-
-class MessageOverwritten(ShimmyError):
-    """A lossy-mode message was overwritten by the publisher while it was held."""
-
-    code = "overwritten"
 
 
 class Channel:
@@ -269,8 +263,7 @@ class Channel:
             raise ChannelClosed(f"channel {self.name!r} was opened before fork(); open it again "
                                 f"in this process")
         if self._view.retired():
-            raise ChannelClosed(f"channel {self.name!r} was retired by the daemon (deleted or "
-                                f"daemon restarted); open it again")
+            raise ChannelRetired.of(self.name)
 
     def _become_publisher(self) -> ring.RingWriter:
         self._check()

@@ -25,19 +25,13 @@ from typing import Any
 
 from shimmy import stream_ring
 from shimmy.ring import fence
-from shimmy.errors import ChannelClosed, InvalidArgument
+from shimmy.errors import InvalidArgument, StreamClosed
 from shimmy.names import validate_name
 
 from . import client as _client_mod
 from .client import fork_generation, get_client
 
 _DEFAULT = object()
-
-
-class StreamClosed(ChannelClosed, ValueError):
-    """An operation on a stream end that this process already closed (``io``'s ValueError)."""
-
-    code = "stream_closed"
 
 
 def _check_timeout(timeout) -> float | None:

@@ -4,11 +4,12 @@ Public API: the names in ``__all__`` and the ``shimmy`` command.  Everything els
 """
 
 from shimmy.errors import (BackpressureTimeout, ChannelClosed, ChannelConflict, ChannelNotFound,
-                           DaemonUnavailable, InvalidArgument, InvalidName, LimitExceeded,
-                           MessageTooLarge, PermissionDenied, ProtocolError, PublisherBusy,
-                           ReceiveTimeout, RingCorrupted, ShimmyError, StreamBroken, StreamBusy)
-from shimmy.sdk.channel import Channel, Message, MessageOverwritten, Subscription
-from shimmy.sdk.stream import Stream, StreamClosed, StreamReader, StreamWriter
+                           ChannelRetired, DaemonUnavailable, InvalidArgument, InvalidName,
+                           LimitExceeded, MessageOverwritten, MessageTooLarge, PermissionDenied,
+                           ProtocolError, PublisherBusy, ReceiveTimeout, RingCorrupted,
+                           ShimmyError, StreamBroken, StreamBusy, StreamClosed)
+from shimmy.sdk.channel import Channel, Message, Subscription
+from shimmy.sdk.stream import Stream, StreamReader, StreamWriter
 
 __version__ = "0.1.0"
 
@@ -16,7 +17,8 @@ __all__ = [
     "Channel", "Subscription", "Message",
     "ShimmyError", "DaemonUnavailable", "InvalidName", "InvalidArgument", "MessageTooLarge",
     "ChannelConflict", "ChannelNotFound", "LimitExceeded", "PermissionDenied",
-    "BackpressureTimeout", "ReceiveTimeout", "ChannelClosed", "ProtocolError", "StreamBusy",
+    "BackpressureTimeout", "ReceiveTimeout", "ChannelClosed", "ChannelRetired", "ProtocolError",
+    "StreamBusy",
     "StreamBroken", "MessageOverwritten", "PublisherBusy", "RingCorrupted",
     "Stream", "StreamReader", "StreamWriter", "StreamClosed",
 ]

@@ -1,9 +1,12 @@
 """Shimmy's exception hierarchy.
 
-Every error derives from :class:`ShimmyError` and mixes in the builtin that a caller would
-naturally catch (``TimeoutError``, ``ValueError``, ``ConnectionError``...).  The daemon sends
-errors as ``{"code": CODE, "message": ...}``; :func:`error_from_reply` is the one place that turns
-a code back into an exception, so the SDK raises the same class whichever side found the fault.
+Every error derives from :class:`ShimmyError`.  Where a builtin says the same thing, the error
+mixes it in, so a caller may catch that (``TimeoutError``, ``ValueError``, ``ConnectionError``...);
+the errors that are Shimmy's own ideas (a closed or retired channel, a protocol fault, a busy
+stream or publisher, an overwritten message, a corrupted ring) derive from ShimmyError alone.
+The daemon sends errors as ``{"code": CODE, "message": ...}``; :func:`error_from_reply` is the one
+place that turns a code back into an exception, so the SDK raises the same class whichever side
+found the fault.
 """
 
 from __future__ import annotations
@@ -79,10 +82,31 @@ class ReceiveTimeout(ShimmyError, TimeoutError):
 
 
 class ChannelClosed(ShimmyError):
-    """The object was closed by its owner (or belongs to the parent of a forked process)."""
+    """The object was closed by its owner (or belongs to the parent of a forked process), or
+    retired by the daemon (:class:`ChannelRetired`)."""
 
     code = "closed"
     published = 0  # publish_many: the messages of the batch published before the channel closed
+
+
+class ChannelRetired(ChannelClosed):
+    """The daemon retired the channel's ring: it was deleted, or its daemon restarted and swept
+    it.  ``Channel.reopen`` opens the channel again (a ChannelClosed, so code written before the
+    distinction keeps working)."""
+
+    code = "retired"
+
+    @classmethod
+    def of(cls, name: str) -> ChannelRetired:
+        """The error for channel ``name``: the one text every retired check raises."""
+        return cls(f"channel {name!r} was retired by the daemon (deleted, or the daemon "
+                   f"restarted); open it again")
+
+
+class MessageOverwritten(ShimmyError):
+    """A lossy-mode message was overwritten by the publisher while it was held."""
+
+    code = "overwritten"
 
 
 class ProtocolError(ShimmyError):
@@ -95,6 +119,12 @@ class StreamBusy(ShimmyError):
     """A stream end (writer or reader) is already held by another process."""
 
     code = "stream_busy"
+
+
+class StreamClosed(ChannelClosed, ValueError):
+    """An operation on a stream end that this process already closed (``io``'s ValueError)."""
+
+    code = "stream_closed"
 
 
 class StreamBroken(ShimmyError, BrokenPipeError):
@@ -122,8 +152,8 @@ _BY_CODE = {
     for cls in (
         ShimmyError, DaemonUnavailable, InvalidName, InvalidArgument, MessageTooLarge,
         ChannelConflict, ChannelNotFound, LimitExceeded, PermissionDenied, BackpressureTimeout,
-        ReceiveTimeout, ChannelClosed, ProtocolError, StreamBusy, StreamBroken, RingCorrupted,
-        PublisherBusy,
+        ReceiveTimeout, ChannelClosed, ChannelRetired, MessageOverwritten, ProtocolError,
+        StreamBusy, StreamClosed, StreamBroken, RingCorrupted, PublisherBusy,
     )
 }
 

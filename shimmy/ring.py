@@ -45,8 +45,8 @@ from typing import Any, NoReturn
 
 import posix_ipc
 
-from shimmy.errors import (BackpressureTimeout, ChannelClosed, LimitExceeded, MessageTooLarge,
-                           PermissionDenied, RingCorrupted)
+from shimmy.errors import (BackpressureTimeout, ChannelClosed, ChannelRetired, LimitExceeded,
+                           MessageTooLarge, PermissionDenied, RingCorrupted)
 
 # The per-message paths in C (shimmy/_ringcore.c): RingWriter and RingReader subclass its types
 # and keep every other path, and the reference version of each fast path (``_publish_py``,
@@ -816,8 +816,7 @@ class RingWriter(_WriterBase):
 
     # -- slow paths ---------------------------------------------------------------------------
     def _closed_error(self) -> ChannelClosed:
-        return ChannelClosed(f"channel {self.v.name!r} was retired by the daemon (deleted, or the "
-                             f"daemon restarted); open it again")
+        return ChannelRetired.of(self.v.name)
 
     def _closed(self) -> NoReturn:
         raise self._closed_error()

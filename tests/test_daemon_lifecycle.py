@@ -24,7 +24,7 @@ def test_sigterm_unlinks_everything_it_created(daemon):
     assert daemon.stop() == 0
     assert daemon.shm_objects() == []
     assert not os.path.exists(daemon.socket)
-    with pytest.raises(shimmy.ChannelClosed, match="retired"):
+    with pytest.raises(shimmy.ChannelRetired, match="retired"):
         sub.receive(timeout=1)
 
 
@@ -41,9 +41,9 @@ def test_restart_after_crash_sweeps_and_old_handles_report_closed(daemon_factory
     assert d.shm_objects() == []
     assert f"swept={len(old)}" in d.log()
     # Documented: handles from before the restart are retired, never silently split-brained.
-    with pytest.raises(shimmy.ChannelClosed, match="retired"):
+    with pytest.raises(shimmy.ChannelRetired, match="retired"):
         sub.receive(timeout=2)
-    with pytest.raises(shimmy.ChannelClosed, match="retired"):
+    with pytest.raises(shimmy.ChannelRetired, match="retired"):
         for _ in range(1000):
             ch.publish(b"x" * 100)
     # A fresh handle (after the SDK noticed the restart) works against the new daemon.

@@ -38,7 +38,7 @@ def test_publisher_carries_its_stream_over_a_daemon_sigkill(daemon, mode):
     for i in range(150, 160):   # published into the old ring after the daemon died
         assert pub.publish(payload[i]) == i
     daemon.start()              # sweeps the old ring, marking it retired: publish says so
-    with pytest.raises(shimmy.ChannelClosed, match="retired"):
+    with pytest.raises(shimmy.ChannelRetired, match="retired"):
         pub.publish(payload[160])
     _reopen(pub)
     _reopen(sub_ch)             # the same Subscription object continues

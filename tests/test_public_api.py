@@ -1,4 +1,5 @@
-"""The public API is what shimmy/__init__.py exports: names and error types as DESIGN fixes."""
+"""The public API is what shimmy/__init__.py exports: its names, and the error types as
+shimmy/errors.py and docs/protocol.md define them."""
 
 from __future__ import annotations
 

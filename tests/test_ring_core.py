@@ -159,13 +159,13 @@ def test_a_deleted_channel_refuses_the_next_publish_at_once(daemon, how):
     # The daemon marks a deleted channel's ring retired; the publisher checks that word on every
     # publish (it used to notice only when it wrapped or waited for room, so messages went into
     # a ring nobody would read while publish kept returning).
-    from shimmy.errors import ChannelClosed
+    from shimmy.errors import ChannelClosed, ChannelRetired
     from shimmy.sdk.client import get_client
     ch, sub = _pair(daemon, f"core/deleted/{how}", capacity=1 << 20)
     ch.publish(b"before")
     assert sub.receive_bytes(5) == b"before"
     get_client(daemon.socket).request("delete", name=f"core/deleted/{how}")
-    with pytest.raises(ChannelClosed, match="retired"):
+    with pytest.raises(ChannelRetired, match="retired") as raised:
         if how == "publish":
             ch.publish(b"after")
         elif how == "publish_many":
@@ -173,4 +173,5 @@ def test_a_deleted_channel_refuses_the_next_publish_at_once(daemon, how):
         else:
             with ch.loan(5) as buf:
                 buf[:] = b"after"
+    assert isinstance(raised.value, ChannelClosed), "code catching ChannelClosed keeps working"
     ch.close()
