@@ -169,7 +169,7 @@ async def receive_async(sub, timeout: float | None = None):
 
     def waiting_set():
         try:
-            sub._epoch = epoch = ring.next_epoch(sub._epoch)   # see RingWriter._wake_waiters
+            sub._epoch = epoch = ring.next_epoch(sub._epoch)   # see ring.Wakeups
             sub._arm(epoch)   # the waiting byte (every member ring's, in a group)
         except ValueError:
             pass  # the subscription was closed (its view released); gone() ends the wait
@@ -200,15 +200,6 @@ async def receive_async(sub, timeout: float | None = None):
             return msg
         if deadline is not None and time.monotonic() >= deadline:
             raise ReceiveTimeout(f"no message on {sub.channel.name!r} within {timeout} s")
-
-
-def sub_aiter(sub):
-    return sub
-
-
-async def sub_anext(sub):
-    """``async for msg in sub`` (attached to Subscription as __anext__)."""
-    return await receive_async(sub)
 
 
 # -- streams ---------------------------------------------------------------------------------

@@ -394,7 +394,3 @@ def cleanup_all() -> None:
             d.stop()
         except Exception:
             pass
-
-
-def add_closer(ctl: _Ctl, fn) -> None:
-    ctl.state.setdefault("_closers", []).append(fn)
