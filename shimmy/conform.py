@@ -23,7 +23,6 @@ from shimmy import ring, stream_ring
 from shimmy.errors import ProtocolError, ShimmyError
 
 FRAME_LENGTH = struct.Struct("<I")   # control protocol v2: u32 little-endian length prefix
-REQUEST_MAX_BYTES = 1 << 20          # the daemon's default request_max_bytes (spec/control.md)
 BATCH = 3                            # messages per take_many_bytes call on the batch path
 NO_SEMAPHORE_PREFIX = "/shimmy-conform-no-semaphore."   # vector images have no semaphores
 
@@ -201,18 +200,18 @@ def encode_frame(request: dict[str, Any]) -> bytes:
     return FRAME_LENGTH.pack(len(body)) + body
 
 
-def iter_frames(data: bytes, limit: int = REQUEST_MAX_BYTES):
-    """Split ``data`` into frames and yield each decoded map; raises ProtocolError at the first
-    frame that breaks the framing rule (spec/control.md, "Framing")."""
+def iter_frames(data: bytes):
+    """Split reply bytes into frames and yield each decoded map; raises ProtocolError at the
+    first frame that breaks the framing rule (spec/control.md, "Framing").  Replies have no
+    length limit (a request has: request_max_bytes, checked by the daemon)."""
     pos = 0
     while pos < len(data):
         if len(data) - pos < 4:
             raise ProtocolError(f"truncated frame: {len(data) - pos} bytes where a 4-byte length "
                                 f"prefix was expected")
         (n,) = FRAME_LENGTH.unpack_from(data, pos)
-        if n < 1 or n > limit:
-            raise ProtocolError(f"frame of {n} bytes: a frame holds 1 to {limit} bytes "
-                                f"(request_max_bytes)")
+        if n < 1:
+            raise ProtocolError("frame of 0 bytes: a frame holds exactly one msgpack map")
         body = data[pos + 4:pos + 4 + n]
         if len(body) < n:
             raise ProtocolError(f"truncated frame: {len(body)} of {n} bytes")

@@ -33,6 +33,7 @@ CREATED_NS = 1_800_000_000_000_000_000   # fixed creation time (2027-01-15)
 PID = 4242                               # fixed subscriber pid
 CAPACITY = 4096
 MAX_SUBS = 4
+REQUEST_MAX_BYTES = 65536                # the daemon's default request_max_bytes
 WAITS = [ring.OFF_WAITS, 8]              # informational counter, ignored in image comparisons
 
 
@@ -640,21 +641,33 @@ def control_suite(out: str) -> Suite:
            message_contains=["v1", "v2"])
     s.image("requests.json", (json.dumps(cases_requests, indent=1) + "\n").encode())
     s.image("replies.bin", replies)
-    # Frames that break the framing rule: a good reply, then the bad frame.
+    # Reply frames that break the framing rule: a good reply, then the bad frame.
     good = encode_frame({"v": 2, "id": 1, "ok": True})
-    oversized = struct.pack("<I", (1 << 20) + 1) + b"\x80"
-    not_a_map = struct.pack("<I", 2) + msgpack.packb([1])[:2]
-    empty = struct.pack("<I", 0)
-    for name, bad in (("oversized", oversized), ("not-a-map", not_a_map), ("empty", empty)):
-        s.image(f"frames-{name}.bin", good + bad)
+    bad_frames = [("empty", "a frame of length 0", struct.pack("<I", 0)),
+                  ("not-a-map", "a frame whose body is a msgpack array",
+                   struct.pack("<I", 2) + msgpack.packb([1])[:2]),
+                  ("two-objects", "a frame whose body holds two msgpack objects",
+                   struct.pack("<I", 2) + msgpack.packb(1) + msgpack.packb(2)),
+                  ("truncated", "a length prefix of 100 and 10 bytes (the connection closed)",
+                   struct.pack("<I", 100) + bytes(10))]
     s.case(name="decode-replies", about="every reply above back to back, as read from the socket",
            frames="replies.bin", expect=expect_replies)
-    for name, about in (("oversized", "a length prefix past request_max_bytes (1 MiB)"),
-                        ("not-a-map", "a frame whose body is a msgpack array"),
-                        ("empty", "a frame of length 0")):
+    for name, about, bad in bad_frames:
+        s.image(f"frames-{name}.bin", good + bad)
         s.case(name=f"decode-{name}", about=f"a good reply, then {about}",
                frames=f"frames-{name}.bin",
                expect=[{"reply": {"v": 2, "id": 1, "ok": True}}, {"error": "protocol"}])
+    # Requests a daemon must refuse by the framing rule (run.py --daemon): code protocol, then
+    # the daemon closes the connection.
+    for name, about, frame, words in (
+            ("oversized", "a length prefix past request_max_bytes (default 65536)",
+             struct.pack("<I", REQUEST_MAX_BYTES + 1) + b"\x80", ["65536"]),
+            ("not-a-map-request", "a request frame whose body is a msgpack array",
+             struct.pack("<I", 2) + msgpack.packb([1])[:2], [])):
+        s.case(name=name, about=about, request_frame=frame.hex(), closes=True,
+               reply_shape={"v": 2, "id": "<any>", "ok": False,
+                            "error": {"code": "protocol", "message": S}},
+               message_contains=words)
     s.case(name="encode-requests", about="the client encodes every request above",
            encode="requests.json", expect=cases_requests)
     return s

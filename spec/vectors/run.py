@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -249,34 +250,41 @@ class Runner:
                 raise CaseFailed(f"frame {i} decodes to {m}, expected {e}")
 
     # -- a live daemon -------------------------------------------------------------------------
-    def daemon(self, sock: str, d: str, cases: list[dict]) -> None:
-        """Send every case's request frame that needs no identity (ping, a version mismatch)
-        to a daemon and check the reply's shape (a hello too, with the pid patched)."""
-        import socket
+    def daemon(self, sock: str, cases: list[dict]) -> None:
+        """Send the request frame of every case that needs no identity (ping, hello, a version
+        mismatch, frames that break the framing rule) to a live daemon, each on a connection
+        of its own, and check the reply's shape (and, for a refused frame, that the daemon
+        then closes the connection)."""
         for case in cases:
-            if "request_frame" not in case or case["name"] not in ("ping", "hello",
-                                                                   "version-mismatch"):
-                continue
-            def exchange(case=case) -> None:
-                frame = bytes.fromhex(case["request_frame"])
-                if case["name"] == "hello":
-                    body = msgpack.unpackb(frame[4:])
-                    body["pid"] = os.getpid()
-                    raw = msgpack.packb(body)
-                    frame = struct.pack("<I", len(raw)) + raw
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    s.settimeout(10)
-                    s.connect(sock)
-                    s.sendall(frame)
-                    n = struct.unpack("<I", recv_exact(s, 4))[0]
-                    reply = msgpack.unpackb(recv_exact(s, n), raw=False)
-                errs = shape_errors(reply, case["reply_shape"])
-                for word in case.get("message_contains", []):
-                    if word not in reply.get("error", {}).get("message", ""):
-                        errs.append(f"error message does not name {word!r}")
-                if errs:
-                    raise CaseFailed("; ".join(errs))
-            self.check(f"daemon/{case['name']}", exchange)
+            if "request_frame" in case and case["name"] in IDENTITY_FREE:
+                self.check(f"daemon/{case['name']}", exchange, sock, case)
+
+
+IDENTITY_FREE = {"ping", "hello", "version-mismatch", "oversized", "not-a-map-request"}
+
+
+def exchange(sock: str, case: dict) -> None:
+    frame = bytes.fromhex(case["request_frame"])
+    if case["name"] == "hello":
+        body = msgpack.unpackb(frame[4:])
+        body["pid"] = os.getpid()
+        raw = msgpack.packb(body)
+        frame = struct.pack("<I", len(raw)) + raw
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(sock)
+        s.sendall(frame)
+        n = struct.unpack("<I", recv_exact(s, 4))[0]
+        reply = msgpack.unpackb(recv_exact(s, n), raw=False)
+        closed = case.get("closes") and s.recv(1) == b""
+    errs = shape_errors(reply, case["reply_shape"])
+    for word in case.get("message_contains", []):
+        if word not in reply.get("error", {}).get("message", ""):
+            errs.append(f"error message does not name {word!r}")
+    if case.get("closes") and not closed:
+        errs.append("the daemon did not close the connection after refusing the frame")
+    if errs:
+        raise CaseFailed("; ".join(errs))
 
 
 def recv_exact(s, n: int) -> bytes:
@@ -374,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                     cases = json.load(f)["cases"]
                 if args.daemon:
                     if kind == "control":
-                        runner.daemon(args.daemon, d, cases)
+                        runner.daemon(args.daemon, cases)
                     continue
                 for case in cases:
                     getattr(runner, kind)(d, case)
