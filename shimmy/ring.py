@@ -292,7 +292,8 @@ class SegmentView:
         version = self.u32[OFF_VERSION // 4]
         if version != self.LAYOUT_VERSION:
             raise RingCorrupted(f"{kind} layout version {version}, this library speaks "
-                                f"{self.LAYOUT_VERSION}")
+                                f"{self.LAYOUT_VERSION}: refused (a client uses only the layout "
+                                f"versions it implements; spec/README.md, \"Versioning\")")
         self.capacity = self.q[OFF_CAPACITY // 8]
         self.data_offset = self.u32[self.DATA_OFFSET_AT // 4]
         if len(self.mm) != self.data_offset + self.capacity:

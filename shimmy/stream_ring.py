@@ -2,7 +2,7 @@
 
 One stream is one POSIX shared-memory object created, sized and reclaimed by the node daemon, plus
 two named semaphores (``...r``: the reader sleeps on it, ``...w``: the writer sleeps on it).
-Byte layout (all integers little-endian; ``spec/stream.md`` repeats it with the reasoning)::
+Byte layout (all integers little-endian; ``spec/stream.md`` states it with the reasoning)::
 
     0      control page (4 KiB)
            +0    magic "SHMYSTRM" u64 | +8 layout version u32 | +12 reserved u32
