@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 import msgpack
@@ -251,16 +252,54 @@ class Runner:
 
     # -- a live daemon -------------------------------------------------------------------------
     def daemon(self, sock: str, cases: list[dict]) -> None:
-        """Send the request frame of every case that needs no identity (ping, hello, a version
-        mismatch, frames that break the framing rule) to a live daemon, each on a connection
-        of its own, and check the reply's shape (and, for a refused frame, that the daemon
-        then closes the connection)."""
+        """Replay the control cases against a live daemon.  Those that need no identity (ping,
+        hello, a version mismatch, frames that break the framing rule) go each on a connection
+        of its own; a refused frame must also close the connection.  Then one client says
+        hello, presents its token on the session socket and sends every other request of the
+        cases in order (its `client` and `token` replaced by its own), checking each reply's
+        shape."""
         for case in cases:
             if "request_frame" in case and case["name"] in IDENTITY_FREE:
                 self.check(f"daemon/{case['name']}", exchange, sock, case)
+        session_cases = [c for c in cases if "request" in c and c["name"] not in IDENTITY_FREE
+                         and c["name"] not in NEEDS_A_GROUP]
+        if session_cases:
+            self.check("daemon/session", self.session_replay, sock, session_cases)
+
+    def session_replay(self, sock: str, cases: list[dict]) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, \
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as session:
+            s.settimeout(10)
+            s.connect(sock)
+            hello = call_daemon(s, {"v": 2, "id": 1, "op": "hello", "pid": os.getpid()})
+            if not hello.get("ok"):
+                raise CaseFailed(f"hello refused: {hello}")
+            session.settimeout(10)
+            session.connect(hello["session"])
+            session.sendall(hello["token"].encode() + b"\n")
+            for case in cases:
+                req = dict(case["request"])
+                if "client" in req:
+                    req["client"], req["token"] = hello["client"], hello["token"]
+                for _ in range(50):   # the daemon binds the session on its next loop pass
+                    reply = call_daemon(s, req)
+                    if reply.get("error", {}).get("code") != "permission_denied":
+                        break
+                    time.sleep(0.02)
+                errs = shape_errors(reply, case["reply_shape"])
+                if errs:
+                    raise CaseFailed(f"{case['name']}: " + "; ".join(errs) + f" (reply {reply})")
 
 
 IDENTITY_FREE = {"ping", "hello", "version-mismatch", "oversized", "not-a-map-request"}
+NEEDS_A_GROUP = {"members"}   # asks about a publisher group the replay does not make
+
+
+def call_daemon(s: socket.socket, request: dict) -> dict:
+    raw = msgpack.packb(request)
+    s.sendall(struct.pack("<I", len(raw)) + raw)
+    n = struct.unpack("<I", recv_exact(s, 4))[0]
+    return msgpack.unpackb(recv_exact(s, n), raw=False)
 
 
 def exchange(sock: str, case: dict) -> None:
