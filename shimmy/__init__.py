@@ -6,7 +6,8 @@ Public API: the names in ``__all__`` and the ``shimmy`` command.  Everything els
 from shimmy.errors import (BackpressureTimeout, ChannelClosed, ChannelConflict, ChannelNotFound,
                            DaemonUnavailable, InvalidArgument, InvalidName, LimitExceeded,
                            MessageTooLarge, PermissionDenied, ProtocolError, PublisherBusy,
-                           ReceiveTimeout, RingCorrupted, ShimmyError, StreamBroken, StreamBusy)
+                           ReceiveTimeout, RingCorrupted, ShimmyError, StreamBroken, StreamBusy,
+                           UnsupportedPlatform)
 from shimmy.sdk.channel import Channel, Message, MessageOverwritten, Subscription
 from shimmy.sdk.stream import Stream, StreamClosed, StreamReader, StreamWriter
 
@@ -17,6 +18,6 @@ __all__ = [
     "ShimmyError", "DaemonUnavailable", "InvalidName", "InvalidArgument", "MessageTooLarge",
     "ChannelConflict", "ChannelNotFound", "LimitExceeded", "PermissionDenied",
     "BackpressureTimeout", "ReceiveTimeout", "ChannelClosed", "ProtocolError", "StreamBusy",
-    "StreamBroken", "MessageOverwritten", "PublisherBusy", "RingCorrupted",
+    "StreamBroken", "MessageOverwritten", "PublisherBusy", "RingCorrupted", "UnsupportedPlatform",
     "Stream", "StreamReader", "StreamWriter", "StreamClosed",
 ]
