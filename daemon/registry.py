@@ -1,6 +1,6 @@
 """The daemon's book of channels: which rings exist, who publishes, which slots are whose.
 
-A channel created with ``max_publishers`` > 1 is a publisher group (docs/ring-format.md,
+A channel created with ``max_publishers`` > 1 is a publisher group (spec/ring.md,
 "Publisher groups"): its own ring holds the subscriber slots and the group epoch only, and every
 publisher gets a member ring of its own (an ordinary single-writer ring) for as long as it
 publishes and until every subscriber has read it to its end.  A subscriber holds the same slot
@@ -437,7 +437,7 @@ class Registry:
     def _bump_epoch(self, rec: ChannelRecord, wake: bool) -> None:
         """Publish a membership change: subscribers compare the epoch before every receive and
         before every sleep; ``wake`` also posts every subscriber (a sleeper must arm its waiting
-        byte in the new member ring, docs/ring-format.md, "Publisher groups")."""
+        byte in the new member ring, spec/ring.md, "Publisher groups")."""
         u32 = rec.view.u32
         u32[ring.I_GROUP_EPOCH] = (u32[ring.I_GROUP_EPOCH] + 1) & 0xFFFFFFFF
         if not wake:

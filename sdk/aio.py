@@ -11,7 +11,7 @@ ended after 30 s idle:
 * when the condition holds (or the deadline passes) it resolves an asyncio future with
   ``loop.call_soon_threadsafe`` (measured against an eventfd registered with ``loop.add_reader``:
   the same cost within noise, and call_soon_threadsafe needs no fd per waiter; see
-  docs/streams.md);
+  spec/stream.md);
 * the helper never consumes anything: the message or bytes are taken on the loop thread after
   the future resolves.  A cancelled ``receive_async`` therefore loses nothing: what arrived stays
   in the ring for the next call.  On cancellation the loop thread posts the semaphore once so the

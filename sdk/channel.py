@@ -139,7 +139,7 @@ class Channel:
     waits; lapped subscribers see ``Message.lost``).  ``max_publishers`` is how many processes
     may publish at once (the daemon's ``default_max_publishers`` when not given, 1 unless
     configured: a second publisher then gets PublisherBusy); with more than one, each publisher
-    writes a ring of its own and subscribers merge them (docs/ring-format.md, "Publisher
+    writes a ring of its own and subscribers merge them (spec/ring.md, "Publisher
     groups").  ``mode``, ``capacity`` and ``max_publishers`` are fixed when the channel is
     created; ``None`` accepts whatever the existing channel has.
     """

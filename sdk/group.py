@@ -1,7 +1,7 @@
 """The subscriber of a multi-publisher channel: one slot index, read in every member ring.
 
 Each publisher of a group writes a member ring of its own (an ordinary single-writer ring,
-docs/ring-format.md, "Publisher groups"); the daemon gives a subscriber's slot the same index in
+spec/ring.md, "Publisher groups"); the daemon gives a subscriber's slot the same index in
 the channel's ring and in every member ring, and bumps the channel ring's group epoch whenever a
 member is added or reclaimed.  :class:`GroupSubscription` compares that epoch before every
 receive batch (one u32 load where a member's tail is reloaded, ring.GroupReader) and asks the

@@ -7,7 +7,8 @@ from shimmy.errors import (BackpressureTimeout, ChannelClosed, ChannelConflict, 
                            ChannelRetired, DaemonUnavailable, InvalidArgument, InvalidName,
                            LimitExceeded, MessageOverwritten, MessageTooLarge, PermissionDenied,
                            ProtocolError, PublisherBusy, ReceiveTimeout, RingCorrupted,
-                           ShimmyError, StreamBroken, StreamBusy, StreamClosed)
+                           ShimmyError, StreamBroken, StreamBusy, StreamClosed,
+                           UnsupportedPlatform)
 from shimmy.sdk.channel import Channel, Message, Subscription
 from shimmy.sdk.stream import Stream, StreamReader, StreamWriter
 
@@ -18,7 +19,7 @@ __all__ = [
     "ShimmyError", "DaemonUnavailable", "InvalidName", "InvalidArgument", "MessageTooLarge",
     "ChannelConflict", "ChannelNotFound", "LimitExceeded", "PermissionDenied",
     "BackpressureTimeout", "ReceiveTimeout", "ChannelClosed", "ChannelRetired", "ProtocolError",
-    "StreamBusy",
-    "StreamBroken", "MessageOverwritten", "PublisherBusy", "RingCorrupted",
+    "StreamBusy", "StreamBroken", "MessageOverwritten", "PublisherBusy", "RingCorrupted",
+    "UnsupportedPlatform",
     "Stream", "StreamReader", "StreamWriter", "StreamClosed",
 ]

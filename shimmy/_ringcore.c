@@ -626,26 +626,14 @@ static PyObject *reader_take_many_bytes(ReaderCore *r, PyObject *arg) {
         return NULL;
     }
     if (rc == -1) {
-        PyObject *more;
         if (out == NULL)
             return PyObject_CallMethodOneArg((PyObject *)r, str_take_many_bytes_py, arg);
-        PyObject *left = PyLong_FromSsize_t(max_n - n);
-        more = left == NULL ? NULL
-                            : PyObject_CallMethodOneArg((PyObject *)r, str_take_many_bytes_py, left);
-        Py_XDECREF(left);
-        if (more == NULL) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        if (more != Py_None) {
-            Py_ssize_t end = PyList_GET_SIZE(out);
-            if (PyList_SetSlice(out, end, end, more) < 0) {
-                Py_DECREF(more);
-                Py_DECREF(out);
-                return NULL;
-            }
-        }
-        Py_DECREF(more);
+        /* The twin appends to the messages copied so far and returns them (also when it meets
+         * a frame that fails validation: they are delivered, the next call raises). */
+        PyObject *more = PyObject_CallMethodObjArgs((PyObject *)r, str_take_many_bytes_py, arg,
+                                                    out, NULL);
+        Py_DECREF(out);
+        return more;
     }
     if (out != NULL)
         return out;

@@ -442,7 +442,7 @@ def _stat(daemon_path: str | None) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="the daemon's full stat reply as JSON")
 def stat(daemon_path: str | None, as_json: bool) -> None:
     """The daemon at a glance: uptime, clients, shared memory, RDMA state, counters, channels,
-    streams and peers.  --json prints the daemon's own reply (docs/protocol.md)."""
+    streams and peers.  --json prints the daemon's own reply (spec/control.md)."""
     reply = _stat(daemon_path)
     if as_json:
         click.echo(json.dumps(reply, indent=2, default=str))

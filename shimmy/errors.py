@@ -147,13 +147,19 @@ class RingCorrupted(ShimmyError):
     code = "ring_corrupted"
 
 
+class UnsupportedPlatform(ShimmyError, OSError):
+    """This machine cannot run the ring code correctly (spec/README.md, "What runs where")."""
+
+    code = "unsupported_platform"
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (
         ShimmyError, DaemonUnavailable, InvalidName, InvalidArgument, MessageTooLarge,
         ChannelConflict, ChannelNotFound, LimitExceeded, PermissionDenied, BackpressureTimeout,
         ReceiveTimeout, ChannelClosed, ChannelRetired, MessageOverwritten, ProtocolError,
-        StreamBusy, StreamClosed, StreamBroken, RingCorrupted, PublisherBusy,
+        StreamBusy, StreamClosed, StreamBroken, RingCorrupted, PublisherBusy, UnsupportedPlatform,
     )
 }
 

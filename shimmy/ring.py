@@ -38,6 +38,7 @@ from __future__ import annotations
 import importlib
 import mmap
 import os
+import platform
 import secrets
 import struct
 import time
@@ -46,7 +47,7 @@ from typing import Any, NoReturn
 import posix_ipc
 
 from shimmy.errors import (BackpressureTimeout, ChannelClosed, ChannelRetired, LimitExceeded,
-                           MessageTooLarge, PermissionDenied, RingCorrupted)
+                           MessageTooLarge, PermissionDenied, RingCorrupted, UnsupportedPlatform)
 
 # The per-message paths in C (shimmy/_ringcore.c): RingWriter and RingReader subclass its types
 # and keep every other path, and the reference version of each fast path (``_publish_py``,
@@ -200,6 +201,23 @@ def fence() -> None:
         _fence_overflowed()
 
 
+# The machines whose store order the Python code that stores shared words relies on (the
+# Python twins, the slow paths of either build, the daemon's stores): x86-64's total store
+# order.  spec/README.md, "What runs where".
+TSO_MACHINES = frozenset({"x86_64", "AMD64", "amd64"})
+_MACHINE = platform.machine()
+
+
+def check_architecture(machine: str) -> None:
+    """Refuse to map a segment on a machine the Python ring code is not correct on."""
+    if machine not in TSO_MACHINES:
+        raise UnsupportedPlatform(
+            f"this machine is {machine or 'of an unknown architecture'}: Shimmy's Python ring "
+            f"code (the pure-Python paths, and the slow paths and daemon stores of every build) "
+            f"orders its stores to shared memory only by x86-64's total store order, so it runs "
+            f"on x86-64 only (spec/README.md, \"What runs where\")")
+
+
 MIN_CAPACITY = 4096
 MAX_CAPACITY = 1 << 30
 DEFAULT_CAPACITY = 1 << 22  # 4 MiB
@@ -255,6 +273,7 @@ class SegmentView:
     DATA_OFFSET_AT = OFF_DATA_OFFSET
 
     def __init__(self, mm: mmap.mmap):
+        check_architecture(_MACHINE)
         self.mm = mm
         self.cores: list = []   # RingWriter/RingReader objects whose C paths export the mapping
         self.mv = memoryview(mm)
@@ -273,7 +292,8 @@ class SegmentView:
         version = self.u32[OFF_VERSION // 4]
         if version != self.LAYOUT_VERSION:
             raise RingCorrupted(f"{kind} layout version {version}, this library speaks "
-                                f"{self.LAYOUT_VERSION}")
+                                f"{self.LAYOUT_VERSION}: refused (a client uses only the layout "
+                                f"versions it implements; spec/README.md, \"Versioning\")")
         self.capacity = self.q[OFF_CAPACITY // 8]
         self.data_offset = self.u32[self.DATA_OFFSET_AT // 4]
         if len(self.mm) != self.data_offset + self.capacity:
@@ -1054,13 +1074,16 @@ class RingReader(_ReaderBase):
             self._expect = seq + 1
             return data
 
-    def _take_many_bytes_py(self, max_n: int) -> list[bytes] | None:
+    def _take_many_bytes_py(self, max_n: int,
+                            out: list[bytes] | None = None) -> list[bytes] | None:
         """Copy up to ``max_n`` committed messages out, oldest first, and release them with one
         position store; None when caught up.  Same validation and lossy handling as
-        :meth:`take_bytes` (a frame overwritten while copied is skipped and counted as lost)."""
+        :meth:`take_bytes` (a frame overwritten while copied is skipped and counted as lost).
+        ``out``: the messages the C path copied before it handed over, appended to."""
         q = self._q
         mv, mm, mask, base, largest = self._mv, self._mm, self._mask, self._base, self._max
-        out: list[bytes] = []
+        if out is None:
+            out = []
         append = out.append
         p = self.position
         try:
@@ -1095,6 +1118,11 @@ class RingReader(_ReaderBase):
                 p = self.position = end
                 self._expect = seq + 1
                 append(data)
+        except RingCorrupted:
+            # The messages copied before the bad frame are delivered (their consumption is
+            # stored below); the next call starts at the bad frame and raises, as take_bytes.
+            if not out:
+                raise
         finally:
             # SYNC POINT (consumption): every message before ``p`` was copied (or skipped).
             q[self._pos_word] = self.position

@@ -2,7 +2,7 @@
 
 One stream is one POSIX shared-memory object created, sized and reclaimed by the node daemon, plus
 two named semaphores (``...r``: the reader sleeps on it, ``...w``: the writer sleeps on it).
-Byte layout (all integers little-endian; ``docs/streams.md`` repeats it with the reasoning)::
+Byte layout (all integers little-endian; ``spec/stream.md`` states it with the reasoning)::
 
     0      control page (4 KiB)
            +0    magic "SHMYSTRM" u64 | +8 layout version u32 | +12 reserved u32
@@ -240,7 +240,7 @@ class _End:
 
     def _check(self, head: int, tail: int) -> None:
         """Validate a freshly loaded head or tail: ``0 <= tail - head <= capacity`` (any other
-        value was not stored by the other end; docs/ring-format.md, "Validation")."""
+        value was not stored by the other end; spec/ring.md, "Validation")."""
         if not 0 <= tail - head <= self._cap:
             raise corrupted(self.v, f"head {head} and tail {tail} are not within "
                                     f"0..capacity {self._cap} of each other", OFF_TAIL)

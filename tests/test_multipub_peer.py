@@ -1,4 +1,4 @@
-"""Publisher groups and peering: a multi-publisher channel is node-local (docs/ring-format.md,
+"""Publisher groups and peering: a multi-publisher channel is node-local (spec/ring.md,
 "Publisher groups"); a single-publisher channel of the same name on another node never turns it
 into a replica, and opening a group under a name another node publishes is refused, naming the
 node.  Real daemons, each in its own IPC and mount namespace, over 127.0.0.1."""

@@ -188,7 +188,7 @@ def test_link_loss_raises_transport_closed(pair):
 
 def test_source_cuts_batches_so_replica_head_never_passes_last(pair):
     """Replica rings keep invariant (A), head <= last, at every instant, also while a batch
-    lands (docs/ring-format.md, "Replica rings"): a reliable source whose subscribers consumed
+    lands (spec/ring.md, "Replica rings"): a reliable source whose subscribers consumed
     everything lets its publisher fill a whole ring before the mirror sends; one batch that
     long would make the replica's head pass its last frame before the commit (the transient
     RingCorrupted of ls/stat/subscribe).  The real MirrorSource cuts it at a frame boundary;

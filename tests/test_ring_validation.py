@@ -88,7 +88,7 @@ def test_garbage_head_or_tail_raises_ring_corrupted(daemon, word, value, what):
 
 def test_random_garbage_in_the_data_area_never_yields_out_of_bounds_frames(daemon):
     """Fuzz: random bytes over unread frames (headers included).  Payload bytes themselves
-    carry no checksum (docs/ring-format.md, "Validation": what is not promised), so what is
+    carry no checksum (spec/ring.md, "Validation": what is not promised), so what is
     asserted is that everything handed out is within the channel's limits and in order, and
     that nothing but RingCorrupted escapes."""
     rng = random.Random(8)

@@ -38,7 +38,7 @@ from .transport import ReplicaSink, Transport, TransportClosed
 
 log = logging.getLogger("shimmy.peer")
 
-fence = ring.fence  # full barrier of the wake-up handshake (docs/ring-format.md)
+fence = ring.fence  # full barrier of the wake-up handshake (spec/ring.md)
 
 
 def seed_stream(view: ring.RingView, position: int, seq: int) -> None:
@@ -73,7 +73,7 @@ def cut_batch(view: ring.RingView, pos: int, limit: int) -> tuple[int, int] | No
     """``(end, last)`` of the longest run of whole frames from ``pos`` that ends at or before
     ``limit`` (``last``: the start of its last frame), or None when the frames read are not
     well formed (overwritten meanwhile: the caller's head check finds out).  A batch so cut
-    never makes the replica's head pass its ``last`` frame (docs/ring-format.md, "Replica
+    never makes the replica's head pass its ``last`` frame (spec/ring.md, "Replica
     rings")."""
     mv, base, mask = view.mv, view.data_offset, view.capacity - 1
     p, prev = pos, -1

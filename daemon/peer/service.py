@@ -718,7 +718,7 @@ class PeerService:
         """``(mode, capacity, max_publishers)`` of ``name`` where a peer announces it as a
         publisher group (the first such node by name), else None: an open that does not state
         max_publishers takes that shape, so subscribers need not know how many publishers a
-        channel has, or where (docs/ring-format.md, "Publisher groups")."""
+        channel has, or where (spec/ring.md, "Publisher groups")."""
         for _, e in sorted(self.directory.names().get(name, []), key=lambda ne: ne[0]):
             if e.publishers > 1 and e.kind != REPLICA:
                 return ring.MODE_NAMES[e.mode], e.capacity, e.publishers
@@ -738,7 +738,7 @@ class PeerService:
     def replicate(self, name: str, node: str) -> None:
         """Make the replica of ``name`` (published on ``node``), fed from the start of the
         source's stream: the ring of another node's publisher of one of our publisher groups
-        (registry.join_remote; docs/ring-format.md, "Publisher groups")."""
+        (registry.join_remote; spec/ring.md, "Publisher groups")."""
         link, info = self.find_publisher(name)
         if link is None or info is None or link.remote != node:
             return
@@ -844,7 +844,7 @@ class PeerService:
             view.q[ring.OFF_STREAM // 8] = stream
         if position >= ring.HEADER:
             # The daemon holds the publisher role's words here: the client it granted the role
-            # to builds its RingWriter only after this reply (docs/ring-format.md, "Carried
+            # to builds its RingWriter only after this reply (spec/ring.md, "Carried
             # streams").
             seed_stream(view, position, seq)
             self.origins[rec.name] = (position, seq)

@@ -1,4 +1,4 @@
-"""Many publishers on one channel (docs/ring-format.md, "Publisher groups").
+"""Many publishers on one channel (spec/ring.md, "Publisher groups").
 
 Three measurements, each against its reference in the same run:
 
