@@ -344,7 +344,7 @@ def ring_suite(out: str) -> Suite:
     w.publish(payload(0, 10), None)
     v.q[ring.W_RETIRED] = 1
     add("retired", "one message, then the daemon retired the ring: publishing is refused "
-        "(closed), reading what is committed is not", img, v,
+        "(retired), reading what is committed is not", img, v,
         reads=[(0, 0, 0, [msg(0, payload(0, 10)), EMPTY])],
         ops=[{"op": "publish", "data": payload(1, 10).hex()},
              {"op": "publish_many", "items": [payload(1, 10).hex()]},
