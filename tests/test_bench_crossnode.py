@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from shimmy.bench import report, xnode
+from shimmy.bench import crossnode, report, xnode
 
 ROLES_SHIMMY = {"sender", "daemon_a", "daemon_b", "receiver"}
 ROLES_TWO = {"sender", "receiver"}
@@ -54,6 +54,8 @@ def test_crossnode_suite_rows_cpu_and_round_trips(tmp_path):
             assert 0 < run["p50_us"] <= run["p99_us"]
     table = suite["table"]
     assert "CPU per MiB" in table and "run 2" in table and "shimmy (2 daemons, loan)" in table
+    md = "\n".join(crossnode.markdown(suite["results"], suite["rtt"]))   # the --report tables
+    assert "| shimmy (2 daemons, loan) | 1 MiB |" in md and "| run 2 |" in md
     ids = {t["id"]: t for t in data["targets"]}
     for tid in ("xn-64KiB-copy", "xn-1MiB-copy", "xn-64KiB-loan", "xn-1MiB-loan",
                 "xn-1MiB-loan-vs-zmq", "xn-64KiB-loan-cpu", "xn-1MiB-loan-cpu", "xn-rtt64"):

@@ -97,34 +97,56 @@ def _rtt_rows(ctx, xnode, pairs: dict) -> list[dict]:
     return rtt
 
 
-def tables(results: list[dict], rtt: list[dict]) -> str:
-    def ref(size, label=RAW_TCP):
-        return next((r for r in results if r["transport"] == label and r["size"] == size), None)
+CPU_HEADER = ["transport", "size", "sender / publisher", "daemon A", "daemon B",
+              "receiver / subscriber", "total", "total vs raw TCP"]
+CPU_TITLE = ("CPU per MiB end to end: CPU time (user + system, every thread, from /proc) of each "
+             "process of the path over the whole transfer, µs per MiB of payload")
+RTT_TITLE = ("round trip, 64 B (A publishes, B echoes on a channel of its own): p50 / p99 µs, "
+             "the median and each run (the runs alternate between the systems)")
 
-    def vs(r, key):
-        base = ref(r["size"])
-        return f"{r[key] / base[key]:.2f}x" if base and base.get(key) else "-"
-    rows = [[r["transport"], report.fmt_size(r["size"]), f"{r['msgs_per_s']:,.0f}",
-             f"{r['mb_per_s']:,.1f}", vs(r, "msgs_per_s")] for r in results]
-    out = ("CROSS-NODE one-way throughput, publisher on node A -> subscriber on node B\n" +
-           report._table(rows, ["transport", "size", "msgs/s", "MB/s", "vs raw TCP"]))
-    rows = [[r["transport"], report.fmt_size(r["size"]),
+
+def _vs_raw(results: list[dict], r: dict, key: str) -> str:
+    base = next((x for x in results if x["transport"] == RAW_TCP and x["size"] == r["size"]),
+                None)
+    return f"{r[key] / base[key]:.2f}x" if base and base.get(key) else "-"
+
+
+def _cpu_cells(results: list[dict]) -> list[list[str]]:
+    """A row per path of 64 KiB and more (per MiB says little of 64 B messages)."""
+    return [[r["transport"], report.fmt_size(r["size"]),
              *(f"{r['cpu_us_per_mib'][k]:,.0f}" if k in r["cpu_us_per_mib"] else "-"
                for k in CPU_COLUMNS),
-             f"{r['cpu_us_per_mib_total']:,.0f}", vs(r, "cpu_us_per_mib_total")]
+             f"{r['cpu_us_per_mib_total']:,.0f}", _vs_raw(results, r, "cpu_us_per_mib_total")]
             for r in results if r["size"] >= 65536]
-    out += ("\n\nCROSS-NODE CPU per MiB end to end (µs, user+sys of every thread of each "
-            "process over the timed window, from /proc)\n" +
-            report._table(rows, ["transport", "size", "sender/pub", "daemon A", "daemon B",
-                                 "receiver/sub", "total", "total vs raw TCP"]))
+
+
+def _rtt_cells(rtt: list[dict]) -> tuple[list[str], list[list[str]]]:
     n_runs = max((len(r.get("runs", [])) for r in rtt), default=0)
-    rows = [[r["transport"], f"{r['p50_us']:,.1f} / {r['p99_us']:,.1f}",
-             *(f"{x['p50_us']:,.1f} / {x['p99_us']:,.1f}" for x in r.get("runs", []))]
-            for r in rtt]
-    out += ("\n\nCROSS-NODE round trip, 64 B (A publishes, B echoes on a channel of its own): "
-            "p50 / p99 µs, median and each run\n" +
-            report._table(rows, ["transport", "median", *(f"run {i + 1}" for i in range(n_runs))]))
-    return out
+    header = ["transport", "median", *(f"run {i + 1}" for i in range(n_runs))]
+    return header, [[r["transport"], f"{r['p50_us']:,.1f} / {r['p99_us']:,.1f}",
+                     *(f"{x['p50_us']:,.1f} / {x['p99_us']:,.1f}" for x in r.get("runs", []))]
+                    for r in rtt]
+
+
+def tables(results: list[dict], rtt: list[dict]) -> str:
+    """The suite's text tables (the terminal report)."""
+    rows = [[r["transport"], report.fmt_size(r["size"]), f"{r['msgs_per_s']:,.0f}",
+             f"{r['mb_per_s']:,.1f}", _vs_raw(results, r, "msgs_per_s")] for r in results]
+    rtt_header, rtt_rows = _rtt_cells(rtt)
+    return ("CROSS-NODE one-way throughput, publisher on node A -> subscriber on node B\n" +
+            report._table(rows, ["transport", "size", "msgs/s", "MB/s", "vs raw TCP"]) +
+            f"\n\nCROSS-NODE {CPU_TITLE}\n" + report._table(_cpu_cells(results), CPU_HEADER) +
+            f"\n\nCROSS-NODE {RTT_TITLE}\n" + report._table(rtt_rows, rtt_header))
+
+
+def markdown(results: list[dict], rtt: list[dict]) -> list[str]:
+    """The CPU and round-trip tables for the Markdown report (publish.py)."""
+    def md(header: list[str], rows: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
+                *("| " + " | ".join(row) + " |" for row in rows), ""]
+    rtt_header, rtt_rows = _rtt_cells(rtt)
+    return (["### Cross-node " + CPU_TITLE, "", *md(CPU_HEADER, _cpu_cells(results)),
+             "### Cross-node " + RTT_TITLE, "", *md(rtt_header, rtt_rows)])
 
 
 def run(ctx) -> dict:
