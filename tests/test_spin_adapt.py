@@ -43,10 +43,11 @@ def _spin_after(daemon, name: str, gap: float, count: int) -> dict:
 
 def test_messages_within_a_few_ceilings_keep_the_spin(daemon):
     # Every message comes ~1 ms after the spin gave up (2 ms apart, 1 ms spin): past one
-    # ceiling, within SPIN_KEEP.  The spin stays at its ceiling, or one late wake-up below it.
+    # ceiling, within SPIN_KEEP.  The spin stays at its ceiling, or a few late wake-ups (a
+    # loaded machine) below it; with a rule of one ceiling it falls to its 2 µs floor.
     st = _spin_after(daemon, "spin/keep", 0.002, 60)
     assert st["sleeps"] > 0            # it did give up spinning: the rule was exercised
-    assert st["spin_us"] >= SPIN_US / 2, st
+    assert st["spin_us"] >= SPIN_US / 8, st
 
 
 def test_messages_far_apart_give_the_spin_up(daemon):
