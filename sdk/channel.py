@@ -26,6 +26,7 @@ DEFAULT_PUBLISH_TIMEOUT = 10.0   # seconds a reliable publisher waits for room, 
 DEFAULT_SPIN_US = 100            # adaptive spin ceiling before a receiver sleeps
 MIN_SPIN_US = 2
 YIELD_AFTER_US = 5             # a spinning receiver yields its CPU between polls after this
+SPIN_KEEP = 4                  # a wait up to this many spin ceilings keeps the spin
 MAX_SLEEP = 0.25                 # a sleeping receiver re-checks at least this often
 
 
@@ -618,8 +619,13 @@ class Subscription:
                     self._check_slot()
         finally:
             self._arm(0)
-        # Woken soon after we stopped spinning: a longer spin would have caught it.
-        if time.perf_counter() - slept_at < self._spin_max:
+        # Woken soon after we stopped spinning: a longer spin would have caught it, or may be
+        # what brings the message sooner (it keeps this CPU out of idle and yields it to the
+        # threads that carry the message: a daemon's mirror threads on the same cores).  "Soon"
+        # is SPIN_KEEP ceilings: with one, a cross-node round trip that ran past the ceiling
+        # once let the spin collapse, and without the spin it stayed 2-4x slower (bimodal
+        # runs; docs/performance.md, "Cross-node loan rows and a round trip that holds").
+        if time.perf_counter() - slept_at < SPIN_KEEP * self._spin_max:
             self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_max)
         else:
             self._spin = max(self._spin / 2, MIN_SPIN_US / 1e6) if self._spin_max else 0.0

@@ -15,9 +15,12 @@ PING      -                                      -
 ========  =====================================  =========================================
 
 The data path: a mirror's batch is *one* ``sendmsg([PUT header, ring view, (ring view after the
-wrap)])`` straight from the source ring's memory (MSG_MORE), then one small COMMIT; the reader
-``recv_into``s the PUT's bytes straight into the replica ring's memory at the same offsets.  No
-Python object is made per message; a few are made per batch.
+wrap), COMMIT header])`` straight from the source ring's memory (reliable sources; lossy ones
+send the COMMIT on its own after their seqlock check).  The reader takes headers with one
+``recv`` into a small read-ahead buffer (``READ_AHEAD``), which usually brings the payload of a
+small batch and the COMMIT after it too: one system call per small batch, not three.  The rest
+of a large payload is ``recv_into``-ed straight into the replica ring's memory at the same
+offsets.  No Python object is made per message; a few are made per batch.
 
 Threads: the dialer/acceptor thread that owns the connection runs :meth:`Link.run_reader`; a
 small writer thread sends queued control messages and keepalives; mirror source threads send
@@ -45,6 +48,10 @@ log = logging.getLogger("shimmy.peer")
 HDR = struct.Struct("<BxxxIQQQQ")
 K_CTRL, K_PUT, K_COMMIT, K_JUMP, K_CREDIT, K_PING = 1, 2, 3, 4, 5, 6
 DISCARD_CHUNK = 1 << 16
+# Bytes one read-ahead recv may take: a header and what follows it in the stream (the payload of
+# a small batch, its COMMIT, the next header).  Small, so that at most this much of a large
+# payload is copied twice (buffer, then ring) before the rest goes straight into the ring.
+READ_AHEAD = 4096
 
 
 class LinkError(Exception):
@@ -90,6 +97,10 @@ class Link:
         self.sinks: dict[int, ReplicaSink] = {}                 # replica side, by mirror id
         self.credit_handlers: dict[int, Callable[[int, int], None]] = {}  # source side
         self._ctrl: collections.deque = collections.deque()
+        # Read-ahead (reader thread only): bytes [_r0, _r1) of _rbuf are received, not yet used.
+        self._rbuf = bytearray(READ_AHEAD)
+        self._rview = memoryview(self._rbuf)
+        self._r0 = self._r1 = 0
         self._wake = threading.Event()
         self.stats = {"bytes_sent": 0, "bytes_received": 0, "batches_sent": 0,
                       "batches_received": 0, "control_sent": 0, "control_received": 0}
@@ -166,7 +177,47 @@ class Link:
             pass
 
     # -- receiving -----------------------------------------------------------------------------
+    def _fill(self, need: int) -> int:
+        """Until at least ``need`` (<= READ_AHEAD) unread bytes are in the read-ahead buffer;
+        return where they start.  Each recv takes whatever has arrived, up to the buffer's end."""
+        r0, r1 = self._r0, self._r1
+        if r1 - r0 >= need:
+            return r0
+        rv = self._rview
+        if r0 + need > READ_AHEAD:   # move the unread bytes to the front
+            rv[:r1 - r0] = rv[r0:r1]
+            r0, r1 = 0, r1 - r0
+        elif r0 == r1:
+            r0 = r1 = 0
+        sock = self.sock
+        got = r1
+        while r1 - r0 < need:
+            k = sock.recv_into(rv[r1:], 0, 0)
+            if k == 0:
+                raise TransportClosed(f"{self.remote} closed the link")
+            r1 += k
+        self.stats["bytes_received"] += r1 - got
+        self._r0, self._r1 = r0, r1
+        return r0
+
+    def _take_into(self, view: memoryview) -> None:
+        """Fill ``view`` with the next bytes of the stream: what the read-ahead buffer holds
+        first, the rest straight from the socket."""
+        r0 = self._r0
+        k = self._r1 - r0
+        if k:
+            n = len(view)
+            if k >= n:
+                view[:] = self._rview[r0:r0 + n]
+                self._r0 = r0 + n
+                return
+            view[:k] = self._rview[r0:r0 + k]
+            self._r0 = self._r1
+            view = view[k:]
+        self._recv_into(view)
+
     def _recv_into(self, view: memoryview) -> None:
+        """Straight from the socket (the read-ahead buffer must be empty)."""
         sock = self.sock
         n = len(view)
         got = 0
@@ -182,21 +233,24 @@ class Link:
         scratch = memoryview(bytearray(min(n, DISCARD_CHUNK)))
         while n:
             k = min(n, len(scratch))
-            self._recv_into(scratch[:k])
+            self._take_into(scratch[:k])
             n -= k
 
     def run_reader(self, on_ctrl: Callable[["Link", dict], None], max_put: int) -> None:
         """Read until the link dies.  Raises LinkError on a protocol violation, TransportClosed
         (or OSError) when the connection ends."""
-        hdr = bytearray(HDR.size)
-        hv = memoryview(hdr)
         unpack = HDR.unpack_from
+        hsize = HDR.size
+        rbuf = self._rbuf
+        fill = self._fill
+        take_into = self._take_into
         sinks = self.sinks
         stats = self.stats
         try:
             while True:
-                self._recv_into(hv)
-                kind, mid, a, b, c, d = unpack(hdr)
+                at = fill(hsize)
+                kind, mid, a, b, c, d = unpack(rbuf, at)
+                self._r0 = at + hsize
                 if kind == K_PUT:
                     n = b - a
                     if n <= 0 or n > max_put:
@@ -207,7 +261,7 @@ class Link:
                         self._discard(n)   # a mirror we already stopped: drain its bytes
                         continue
                     for view in sink.put_target(a, b, c):
-                        self._recv_into(view)
+                        take_into(view)
                     stats["batches_received"] += 1
                 elif kind == K_COMMIT:
                     sink = sinks.get(mid)
@@ -226,7 +280,7 @@ class Link:
                         raise LinkError("size", f"control message of {a} bytes exceeds "
                                                 f"peer_max_control_bytes={self.max_control}")
                     payload = bytearray(a)
-                    self._recv_into(memoryview(payload))
+                    take_into(memoryview(payload))
                     try:
                         obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
                     except Exception as exc:

@@ -137,8 +137,8 @@ def figures(out: dict) -> list[Figure]:
     if xn.get("results"):
         f = Figure("crossnode", "Cross-node one-way throughput (two daemons over 127.0.0.1)",
                    "messages/s", "msg/s", False, "size",
-                   note="The cross-node suite reports the median of its repetitions only: no "
-                   "spread, no CPU time.")
+                   note="Medians of the repetitions; the CPU per MiB of every process and the "
+                   "round trip of every run are in the tables after the figures.")
         for r in xn["results"]:
             f.points.append(Point(r["transport"], r["transport"], None, r["size"],
                                   r["msgs_per_s"], r["msgs_per_s"], r["msgs_per_s"],
@@ -282,6 +282,10 @@ def markdown(out: dict, figs: list[Figure], pngs: dict[str, str]) -> str:
     lines += ["", "## Figures", ""]
     for fig in figs:
         lines += _figure_md(fig, pngs.get(fig.id))
+    xn = out.get("suites", {}).get("crossnode")
+    if xn and xn.get("results"):
+        from .crossnode import markdown as crossnode_markdown
+        lines += crossnode_markdown(xn["results"], xn.get("rtt", []))
     sc = out.get("suites", {}).get("scrape")
     if sc and sc.get("results"):
         lines += ["### Publishing while /metrics is scraped", "",

@@ -1,0 +1,102 @@
+"""The link reader's read-ahead (daemon/peer/tcp.py, ``READ_AHEAD``): headers, small payloads and
+commits taken from one buffer, large payloads partly from it and the rest straight into the
+replica ring, control messages in between, whatever the TCP segmentation.  A real socket pair,
+a real replica ring; the sender dribbles the stream in uneven pieces so that headers, payloads
+and the buffer's end fall at every kind of boundary."""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import random
+import socket
+import threading
+import time
+
+import msgpack
+
+from shimmy import ring
+from shimmy.daemon.peer import tcp
+from shimmy.daemon.peer.mirror import MirrorReplica
+from shimmy.daemon.peer.transport import TransportClosed
+
+CAP = 1 << 18
+MID = 3
+
+
+def _frames(seq: int, sizes: list[int], rnd: random.Random) -> bytes:
+    out = bytearray()
+    for k, n in enumerate(sizes):
+        out += ring.FRAME.pack(n, 0, seq + k) + rnd.randbytes(n)
+        out += bytes(ring.frame_size(n) - ring.HEADER - n)
+    return bytes(out)
+
+
+def test_reader_lands_every_byte_whatever_the_segmentation():
+    rnd = random.Random(19)
+    mm = mmap.mmap(-1, ring.segment_size(CAP, 4))
+    ring.format_ring(mm, "ra/x", ring.MODE_RELIABLE, CAP, 4)
+    view = ring.RingView(mm)
+    sink = MirrorReplica(view, "/shimmy-readahead-none.s")
+    # The stream: a jump to 0, then batches (PUT + payload + COMMIT) of small frames and of
+    # frames larger than the read-ahead buffer, a control message every few batches.
+    stream = bytearray(tcp.HDR.pack(tcp.K_JUMP, MID, 0, 0, 0, 0))
+    expect = bytearray()
+    ctrls = []
+    pos, seq = 0, 0
+    for b in range(120):
+        big = b % 7 == 3
+        sizes = [rnd.randrange(tcp.READ_AHEAD, 3 * tcp.READ_AHEAD)] if big else \
+            [rnd.randrange(0, 300) for _ in range(rnd.randrange(1, 6))]
+        blob = _frames(seq, sizes, rnd)
+        last = pos + len(blob) - ring.frame_size(sizes[-1])
+        stream += tcp.HDR.pack(tcp.K_PUT, MID, pos, pos + len(blob), 0, 0) + blob
+        stream += tcp.HDR.pack(tcp.K_COMMIT, MID, pos + len(blob), last, 0, 0)
+        expect += blob
+        pos += len(blob)
+        seq += len(sizes)
+        if b % 5 == 0:
+            payload = msgpack.packb({"t": "note", "n": b, "pad": "x" * rnd.randrange(0, 2000)})
+            stream += tcp.HDR.pack(tcp.K_CTRL, 0, len(payload), 0, 0, 0) + payload
+            ctrls.append(b)
+    assert pos < CAP          # no wrap: the replica's bytes sit at their stream positions
+
+    lsock = socket.create_server(("127.0.0.1", 0))
+    tx = socket.create_connection(lsock.getsockname())
+    rx, _ = lsock.accept()
+    lsock.close()
+    rx.settimeout(5)
+    tx.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    link = tcp.Link(rx, "dst", "src", "pair", False, 1 << 20, 5.0)
+    link.sinks[MID] = sink
+    got: list[int] = []
+    errors: list[BaseException] = []
+
+    def read():
+        try:
+            link.run_reader(lambda lk, obj: got.append(obj["n"]), CAP)
+        except (TransportClosed, OSError):
+            pass
+        except BaseException as exc:
+            errors.append(exc)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    pieces = itertools.cycle([1, 39, 40, 41, 7, 4095, 4096, 4097, 13, 300, 9000, 2])
+    at = 0
+    while at < len(stream):       # uneven pieces, a pause now and then: partial reads
+        n = next(pieces)
+        tx.sendall(stream[at:at + n])
+        at += n
+        if n < 50:
+            time.sleep(0.0005)
+    deadline = time.monotonic() + 10
+    while sink.tail < pos and time.monotonic() < deadline and not errors:
+        time.sleep(0.005)
+    link.close()
+    tx.close()
+    reader.join(5)
+    assert not errors, errors
+    assert sink.tail == pos
+    assert bytes(view.mv[view.data_offset:view.data_offset + pos]) == bytes(expect)
+    assert got == ctrls
+    assert link.stats["bytes_received"] == len(stream)
