@@ -81,6 +81,7 @@ class HeldSlot:
     slot: int
     since: float
     interest: bool = False      # held for a peer's subscriber until its mirror asks (not a resume)
+    at: tuple[int, int] | None = None   # (position, seq) where that peer's fresh replica stands
 
 
 @dataclass
@@ -536,13 +537,21 @@ class PeerService:
             resume = tail + 1
         ahead = isinstance(resume, int) and resume > tail
         wait_seq = None
-        if ahead and obj.get("stream") == sid and isinstance(rseq, int) and rseq >= 0:
+        fresh_at = held.at if held is not None and resume == -1 else None
+        if fresh_at is not None and head <= fresh_at[0] <= tail and \
+                obj.get("stream") in (sid, 0):
+            # A fresh replica whose subscribers' interest we held for: it starts where it was
+            # positioned (where its subscribers start), not at our tail, which has moved on
+            # since (docs/peering.md, "Interest").
+            resume_pos: int | None = None
+            start, start_seq = fresh_at
+        elif ahead and obj.get("stream") == sid and isinstance(rseq, int) and rseq >= 0:
             # Our stream, numbered on from the replica's, but at other positions than its
             # copy (a publisher carried it over from a ring whose last positions the replica
             # held, Channel.reopen; it may still be carrying): resume by sequence number, at
             # the first message numbered ``rseq`` or later, once the ring has it (the source
             # thread waits); a gap (messages no longer held) is then exact.
-            resume_pos: int | None = resume
+            resume_pos = resume
             start, wait_seq = tail, rseq
             ahead = False
             log.info("mirror %s to %s: replica ahead by position (%d, our tail %d): resuming at "
@@ -853,10 +862,23 @@ class PeerService:
         if self.s.peer_hold <= 0 or (ANY_NODE, rec.name) in self.held:
             return
         served = {e.node for e in self.sources.values() if e.name == rec.name}
+        head, tail = rec.view.q[ring.OFF_HEAD // 8], rec.view.q[ring.OFF_TAIL // 8]
         for node in nodes:
-            if (node, rec.name) not in self.held and node not in served:
-                start = "oldest" if holders[node].kind == OPEN else "next"
-                self._hold(rec, [node], start, interest=True)
+            if (node, rec.name) in self.held or node in served:
+                continue
+            e = holders[node]
+            if e.kind == OPEN:
+                self._hold(rec, [node], "oldest", interest=True)
+                continue
+            self._hold(rec, [node], "next", interest=True)
+            h = self.held.get((node, rec.name))
+            if h is not None and e.stream == self._stream_id(rec) and head <= e.tail <= tail:
+                # Its replica stands at our tail as we announced it: hold from there (a frame
+                # boundary we still hold) and start its mirror there.  Moving the slot back
+                # races with a publisher passing it, as any "oldest" subscriber does: the
+                # mirror reads the head again, so the worst case is a counted gap.
+                rec.view.q[rec.view.slot_word(h.slot)] = e.tail
+                h.at = (e.tail, e.seq)
 
     def hold_member(self, group: str, mrec) -> None:
         """A publisher joined the publisher group ``group`` here: hold its new member ring from
