@@ -122,6 +122,10 @@ class Directory:
                 if node not in self.down_since and name in chans
                 and chans[name].kind == REPLICA and chans[name].source == source]
 
+    def holders(self, name: str) -> dict[str, Entry]:
+        """Every node announcing ``name``, with its entry (live or not)."""
+        return {node: chans[name] for node, chans in self.nodes.items() if name in chans}
+
     def interested(self, name: str, source: str) -> list[str]:
         """Live nodes with interest in ``name`` as published by ``source``: a live subscriber
         there, on the name open (waiting for a publisher) or on a replica fed by ``source``.

@@ -56,6 +56,12 @@ def _ip_key(ip: str) -> tuple:
         return (1, ip)
 
 
+def _interest(e: Entry | None) -> tuple | None:
+    """What of a peer's entry decides whether this node holds a ring for it (a tail that moves
+    does not)."""
+    return None if e is None else (e.kind, e.subscribed, e.source, e.mode, e.capacity)
+
+
 def parse_addr(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -481,11 +487,15 @@ class PeerService:
                             name, e.capacity, ring.MIN_CAPACITY, self.s.peer_max_replica_capacity)
                 continue
             channels[name] = e
+        known = self.directory.nodes.get(link.remote, {})
+        touched = set(known) if obj.get("full") else set(channels) | set(gone)
+        before = {n: _interest(known.get(n)) for n in touched}
         self.directory.apply(link.remote, bool(obj.get("full")), channels, gone)
         self._reconcile()
-        names = set(channels) | set(gone) | {k[1] for k in self.held if k[0] == link.remote}
-        for name in names:
-            self._follow_interest(name)
+        known = self.directory.nodes.get(link.remote, {})
+        for name in touched | set(channels):
+            if before.get(name) != _interest(known.get(name)):
+                self._follow_interest(name)
         self._request_mirrors()
 
     def _send_dir(self, link: Link, full: bool, changed: dict | None = None,
@@ -850,7 +860,7 @@ class PeerService:
         tail (its mirror starts there).  Lossy rings never hold: their mirrors count gaps."""
         if rec.mode != ring.MODE_RELIABLE or rec.name in self.replicas:
             return
-        holders = {n: e for n, e in self.directory.names().get(interest, [])}
+        holders = self.directory.holders(interest)
         nodes = [n for n in self.directory.interested(interest, self.node)
                  if holders[n].mode == rec.mode and
                  (holders[n].capacity == rec.capacity or holders[n].publishers > 1)]
