@@ -861,9 +861,13 @@ class PeerService:
         if rec.mode != ring.MODE_RELIABLE or rec.name in self.replicas:
             return
         holders = self.directory.holders(interest)
+        member = rec.group_of is not None
+        # Only nodes whose channel will take this ring's stream (same mode; the same capacity,
+        # or a group for a group's member ring): one in conflict never asks.
         nodes = [n for n in self.directory.interested(interest, self.node)
-                 if holders[n].mode == rec.mode and
-                 (holders[n].capacity == rec.capacity or holders[n].publishers > 1)]
+                 if holders[n].mode == rec.mode and (holders[n].publishers > 1 if member else
+                                                     holders[n].publishers == 1 and
+                                                     holders[n].capacity == rec.capacity)]
         for key, held in list(self.held.items()):
             if key[1] == rec.name and held.interest and key[0] not in nodes and \
                     key[0] not in self.directory.down_since:
