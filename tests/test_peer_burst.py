@@ -264,7 +264,34 @@ def test_burst_interest_gone_releases_hold(cluster):
     assert not [h for h in a.peer()["held"] if h["name"] == "burst/gone"]
 
 
+def test_burst_group_open_without_subscriber_is_not_held(cluster):
+    """A node that has a publisher group's name open but no subscriber is not interest: it never
+    asks for the new member ring's mirror, so A's publisher must not wait for it (it used to be
+    held for every peer with the group open, and waited peer_hold once its ring was full)."""
+    a, b = pair(cluster, *cluster.config("A", peer_hold=60.0))
+    opened = cluster.burst(b, "open", b.socket, "burst/idle", "reliable", "0", "4")
+    wait_line(opened, "ready")
+    wait_for("A to learn that B has the group open", lambda: [
+        c for c in a.request("list")["remote"] if c["name"] == "burst/idle"])
+    local, _ = subscriber(cluster, a, "burst/idle", "reliable", group=4)
+    p = publisher(cluster, a, "burst/idle", "reliable", group=4)
+    t0 = time.monotonic()
+    check(burst(p, local), "reliable")
+    assert time.monotonic() - t0 < 30, "the publisher waited for a peer without a subscriber"
+    assert not a.peer()["held"], a.peer()["held"]
+
+
+def worker_open(sock: str, name: str, mode: str, n: int, group: int) -> None:
+    """Open ``name`` and keep it open (no subscriber, no publisher) until stdin closes."""
+    import shimmy
+    ch = shimmy.Channel(name, daemon=sock, mode=mode, capacity=CAP,
+                        **({"max_publishers": group} if group > 1 else {}))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    ch.close()
+
+
 if __name__ == "__main__":
     role, args = sys.argv[1], sys.argv[2:]
-    fn = worker_pub if role == "pub" else worker_sub
+    fn = {"pub": worker_pub, "sub": worker_sub, "open": worker_open}[role]
     fn(args[0], args[1], args[2], int(args[3]), int(args[4]))
