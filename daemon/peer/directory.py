@@ -9,6 +9,10 @@ never sockets or rings.  Each node announces every channel it holds (docs/peerin
 * ``replica``: that node mirrors the channel from ``source``; its tail and sequence number are
   what a restarted source continues from.
 
+Each entry also says whether the name has a live subscriber on that node (``subscribed``): the
+*interest* for which a publishing node holds its ring until that node's mirror asks
+(docs/peering.md, "Interest").
+
 Announcements are deltas (``dir`` with the changed entries and the names gone) after a full one
 on link-up, so an idle cluster sends nothing and a busy channel sends one small entry per tick.
 Entries of a node whose link is down are kept (``ls`` shows them, a returning node finds its
@@ -41,10 +45,11 @@ class Entry:
     source: str = ""      # for replicas: the node the channel is published on
     stream: int = 0       # which stream (one per ring a source created; a continued one keeps it)
     publishers: int = 1   # the channel's max_publishers (> 1: a publisher group)
+    subscribed: int = 0   # 1: a live subscriber holds the name on that node (interest)
 
     def wire(self) -> list:
         return [self.mode, self.capacity, self.tail, self.seq, self.kind, self.source, self.stream,
-                self.publishers]
+                self.publishers, self.subscribed]
 
     def shape(self) -> tuple:
         """What matters for routing: everything but the moving tail and sequence number."""
@@ -52,19 +57,21 @@ class Entry:
 
 
 def parse_entry(name, value) -> Entry:
-    # 7 fields from a daemon without publisher groups, 8 with (the last: max_publishers).
+    # 7 fields from a daemon without publisher groups, 8 with (max_publishers), 9 with the
+    # interest flag (subscribed).
     if not isinstance(name, str) or not isinstance(value, (list, tuple)) or \
-            len(value) not in (7, 8):
+            len(value) not in (7, 8, 9):
         raise BadAnnouncement(f"bad directory entry {name!r}")
     mode, capacity, tail, seq, kind, source, stream, *more = value
     publishers = more[0] if more else 1
+    subscribed = more[1] if len(more) > 1 else 0
     if mode not in ring.MODE_NAMES or kind not in KIND_NAMES or not isinstance(source, str) \
             or len(source) > MAX_NODE_NAME or not all(
                 isinstance(x, int) and not isinstance(x, bool) and x >= 0
                 for x in (capacity, tail, seq, stream, publishers)) \
-            or not 1 <= publishers <= ring.MAX_PUBLISHERS_LIMIT:
+            or not 1 <= publishers <= ring.MAX_PUBLISHERS_LIMIT or subscribed not in (0, 1):
         raise BadAnnouncement(f"bad directory entry {name!r}")
-    return Entry(mode, capacity, tail, seq, kind, source, stream, publishers)
+    return Entry(mode, capacity, tail, seq, kind, source, stream, publishers, subscribed)
 
 
 class Directory:
@@ -115,6 +122,23 @@ class Directory:
                 if node not in self.down_since and name in chans
                 and chans[name].kind == REPLICA and chans[name].source == source]
 
+    def holders(self, name: str) -> dict[str, Entry]:
+        """Every node announcing ``name``, with its entry (live or not)."""
+        return {node: chans[name] for node, chans in self.nodes.items() if name in chans}
+
+    def interested(self, name: str, source: str) -> list[str]:
+        """Live nodes with interest in ``name`` as published by ``source``: a live subscriber
+        there, on the name open (waiting for a publisher) or on a replica fed by ``source``.
+        A node whose link is down is not counted: it gets what the ring holds when it is back,
+        the gap counted (docs/peering.md, "Interest")."""
+        out = []
+        for node, chans in sorted(self.nodes.items()):
+            e = chans.get(name)
+            if e is not None and e.subscribed and node not in self.down_since and \
+                    (e.kind == OPEN or (e.kind == REPLICA and e.source == source)):
+                out.append(node)
+        return out
+
     def names(self) -> dict[str, list[tuple[str, Entry]]]:
         """Every name peers announced: name -> [(node, entry)]."""
         out: dict[str, list[tuple[str, Entry]]] = {}
@@ -133,6 +157,13 @@ class Directory:
         gone = [n for n in self._announced if n not in current]
         self._announced = dict(current)
         return changed, gone
+
+    def note(self, name: str, entry: Entry) -> bool:
+        """Remember ``entry`` as announced for ``name`` (sent at once, outside the tick's
+        delta); whether it differs from what was announced before."""
+        changed = self._announced.get(name) != entry
+        self._announced[name] = entry
+        return changed
 
     def announced(self) -> dict[str, Entry]:
         return dict(self._announced)

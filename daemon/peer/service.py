@@ -56,6 +56,12 @@ def _ip_key(ip: str) -> tuple:
         return (1, ip)
 
 
+def _interest(e: Entry | None) -> tuple | None:
+    """What of a peer's entry decides whether this node holds a ring for it (a tail that moves
+    does not)."""
+    return None if e is None else (e.kind, e.subscribed, e.source, e.mode, e.capacity)
+
+
 def parse_addr(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -80,6 +86,8 @@ class HeldSlot:
     client: int
     slot: int
     since: float
+    interest: bool = False      # held for a peer's subscriber until its mirror asks (not a resume)
+    at: tuple[int, int] | None = None   # (position, seq) where that peer's fresh replica stands
 
 
 @dataclass
@@ -479,8 +487,15 @@ class PeerService:
                             name, e.capacity, ring.MIN_CAPACITY, self.s.peer_max_replica_capacity)
                 continue
             channels[name] = e
+        known = self.directory.nodes.get(link.remote, {})
+        touched = set(known) if obj.get("full") else set(channels) | set(gone)
+        before = {n: _interest(known.get(n)) for n in touched}
         self.directory.apply(link.remote, bool(obj.get("full")), channels, gone)
         self._reconcile()
+        known = self.directory.nodes.get(link.remote, {})
+        for name in touched | set(channels):
+            if before.get(name) != _interest(known.get(name)):
+                self._follow_interest(name)
         self._request_mirrors()
 
     def _send_dir(self, link: Link, full: bool, changed: dict | None = None,
@@ -532,13 +547,21 @@ class PeerService:
             resume = tail + 1
         ahead = isinstance(resume, int) and resume > tail
         wait_seq = None
-        if ahead and obj.get("stream") == sid and isinstance(rseq, int) and rseq >= 0:
+        fresh_at = held.at if held is not None and resume == -1 else None
+        if fresh_at is not None and head <= fresh_at[0] <= tail and \
+                obj.get("stream") in (sid, 0):
+            # A fresh replica whose subscribers' interest we held for: it starts where it was
+            # positioned (where its subscribers start), not at our tail, which has moved on
+            # since (docs/peering.md, "Interest").
+            resume_pos: int | None = None
+            start, start_seq = fresh_at
+        elif ahead and obj.get("stream") == sid and isinstance(rseq, int) and rseq >= 0:
             # Our stream, numbered on from the replica's, but at other positions than its
             # copy (a publisher carried it over from a ring whose last positions the replica
             # held, Channel.reopen; it may still be carrying): resume by sequence number, at
             # the first message numbered ``rseq`` or later, once the ring has it (the source
             # thread waits); a gap (messages no longer held) is then exact.
-            resume_pos: int | None = resume
+            resume_pos = resume
             start, wait_seq = tail, rseq
             ahead = False
             log.info("mirror %s to %s: replica ahead by position (%d, our tail %d): resuming at "
@@ -654,6 +677,11 @@ class PeerService:
             raise PublisherBusy(f"channel {rec.name!r} is published on node {entry.node!r}; one "
                                 f"publisher per channel across the cluster: publish there, or "
                                 f"on another channel")
+        if self.enabled and rec.publisher is None and not rec.group:
+            # The publisher about to be granted may fill the ring before any peer's mirror
+            # asks: hold it for the peers with a subscriber waiting (as hold_member does for
+            # a publisher group's new member ring).
+            self._hold_for_interest(rec, rec.name)
 
     def _shape_conflict(self, name: str, node: str, e: Entry, mode, capacity) -> str | None:
         if mode is not None and mode != e.mode:
@@ -792,34 +820,89 @@ class PeerService:
         log.info("channel %s: node %s holds its replica up to position %d (seq %d) from before "
                  "this daemon restarted; continuing the stream there", name, node, e.tail, e.seq)
 
-    def _hold(self, rec, nodes: list[str]) -> None:
-        """Hold the stream from the ring's tail for each of ``nodes`` (``ANY_NODE``: the first
-        replica to ask) until its mirror request arrives (as for a reconnect, bounded by
-        peer_hold): a reliable publisher that starts at once must not overwrite what the
-        replicas have not received yet."""
+    def _hold(self, rec, nodes: list[str], start: str = "next", interest: bool = False) -> None:
+        """Hold the stream from the ring's tail (``start="oldest"``: from the oldest message it
+        still holds) for each of ``nodes`` (``ANY_NODE``: the first replica to ask) until its
+        mirror request arrives (as for a reconnect, bounded by peer_hold): a reliable publisher
+        that starts at once must not overwrite what the replicas have not received yet."""
         for rnode in nodes:
             try:
                 client = self._next_client
-                slot = self.d.registry.add_subscriber(rec, client, os.getpid(), "next").index
+                slot = self.d.registry.add_subscriber(rec, client, os.getpid(), start).index
             except LimitExceeded:
                 break
             self._next_client -= 1
             rec.holders.add(client)
-            self.held[(rnode, rec.name)] = HeldSlot(rec.name, client, slot, time.monotonic())
+            self.held[(rnode, rec.name)] = HeldSlot(rec.name, client, slot, time.monotonic(),
+                                                    interest)
+
+    def _follow_interest(self, name: str) -> None:
+        """A peer's announcement of ``name`` changed: hold the rings this node publishes under
+        that name (a publisher group's local member rings, for the group's name) for the peers
+        now interested, and release the holds of those no longer interested."""
+        rec = self.d.registry.channels.get(name)
+        if rec is None or name in self.replicas:
+            return
+        if rec.group:
+            for m in list(rec.members.values()):
+                if not m.remote and m.client is not None:
+                    self._hold_for_interest(m.rec, name)
+        elif rec.group_of is None and rec.publisher is not None:
+            self._hold_for_interest(rec, name)
+
+    def _hold_for_interest(self, rec, interest: str) -> None:
+        """Hold the reliable ring ``rec`` (published here, or about to be) for every peer with a
+        subscriber of ``interest`` (the channel's name; a member ring's group) that no mirror
+        serves yet, until that peer's mirror asks, at most ``peer_hold``; release the holds of
+        peers whose subscribers left before asking (docs/peering.md, "Interest").  A peer whose
+        channel is still local (it converts to the replica and resumes at the stream's first
+        message) is held from the oldest message the ring holds, one with a replica from the
+        tail (its mirror starts there).  Lossy rings never hold: their mirrors count gaps."""
+        if rec.mode != ring.MODE_RELIABLE or rec.name in self.replicas:
+            return
+        holders = self.directory.holders(interest)
+        member = rec.group_of is not None
+        # Only nodes whose channel will take this ring's stream (same mode; the same capacity,
+        # or a group for a group's member ring): one in conflict never asks.
+        nodes = [n for n in self.directory.interested(interest, self.node)
+                 if holders[n].mode == rec.mode and (holders[n].publishers > 1 if member else
+                                                     holders[n].publishers == 1 and
+                                                     holders[n].capacity == rec.capacity)]
+        for key, held in list(self.held.items()):
+            if key[1] == rec.name and held.interest and key[0] not in nodes and \
+                    key[0] not in self.directory.down_since:
+                del self.held[key]    # its subscribers left before its mirror asked
+                self._free_slot(rec, held.client, held.slot)
+        if self.s.peer_hold <= 0 or (ANY_NODE, rec.name) in self.held:
+            return
+        served = {e.node for e in self.sources.values() if e.name == rec.name}
+        head, tail = rec.view.q[ring.OFF_HEAD // 8], rec.view.q[ring.OFF_TAIL // 8]
+        for node in nodes:
+            if (node, rec.name) in self.held or node in served:
+                continue
+            e = holders[node]
+            if e.kind == OPEN:
+                self._hold(rec, [node], "oldest", interest=True)
+                continue
+            self._hold(rec, [node], "next", interest=True)
+            h = self.held.get((node, rec.name))
+            if h is not None and e.stream == self._stream_id(rec) and head <= e.tail <= tail:
+                # Its replica stands at our tail as we announced it: hold from there (a frame
+                # boundary we still hold) and start its mirror there.  Moving the slot back
+                # races with a publisher passing it, as any "oldest" subscriber does: the
+                # mirror reads the head again, so the worst case is a counted gap.
+                rec.view.q[rec.view.slot_word(h.slot)] = e.tail
+                h.at = (e.tail, e.seq)
 
     def hold_member(self, group: str, mrec) -> None:
         """A publisher joined the publisher group ``group`` here: hold its new member ring from
-        its first message for every peer that has ``group`` open.  Their daemons make the
+        its first message for every peer with a subscriber of ``group``.  Their daemons make the
         member's replica once our directory announces it (a housekeeping tick later); until
         their mirror asks, the held slot keeps a reliable publisher from overwriting what they
         have not received (bounded by peer_hold, as for a reconnect).  Lossy publishers never
         wait: a late mirror counts the gap."""
-        if not self.enabled or mrec.mode != ring.MODE_RELIABLE or self.s.peer_hold <= 0 or \
-                mrec.view.q[ring.OFF_TAIL // 8] != 0 or any(k[1] == mrec.name for k in self.held):
-            return
-        nodes = sorted({node for node, _ in self.directory.names().get(group, [])
-                        if node != self.node})
-        self._hold(mrec, nodes)
+        if self.enabled:
+            self._hold_for_interest(mrec, group)
 
     def carry(self, rec, carry: dict) -> None:
         """The new publisher carries its stream over from its ring of this node's previous
@@ -848,9 +931,14 @@ class PeerService:
             # streams").
             seed_stream(view, position, seq)
             self.origins[rec.name] = (position, seq)
+            for (_, name), held in self.held.items():
+                if name == rec.name:   # held for a peer's subscriber (check_publish), at 0
+                    view.q[view.slot_word(held.slot)] = position
         if self.enabled:
             nodes = [n for n, _ in self.directory.replicas_of(rec.name, self.node)]
-            self._hold(rec, nodes or [ANY_NODE])
+            if not nodes and not any(k[1] == rec.name for k in self.held):
+                nodes = [ANY_NODE]
+            self._hold(rec, [n for n in nodes if (n, rec.name) not in self.held])
         self.counters["streams_carried"] += 1
         log.info("channel %s: its publisher carries its stream over from before this daemon "
                  "restarted: position %d, seq %d", rec.name, position, seq)
@@ -901,11 +989,19 @@ class PeerService:
         self.conflicts = found
 
     def on_subscribe(self, rec) -> None:
+        if not self.enabled:
+            return
         entry = self.replicas.get(rec.name)
         if entry is not None:
             entry.last_subscriber = time.monotonic()
             if entry.state in ("idle", "failed"):
                 self._request_mirrors()
+        # Interest is announced at once, not at the next tick: the publishing node holds its
+        # ring for this subscriber from the moment it hears of it (docs/peering.md, "Interest").
+        e = self._entry(rec.name, rec)
+        if e is not None and self.directory.note(rec.name, e):
+            for link in self.links.values():
+                self._send_dir(link, full=False, changed={rec.name: e})
 
     def _request_mirrors(self) -> None:
         now = time.monotonic()
@@ -970,9 +1066,9 @@ class PeerService:
         for k, held in list(self.held.items()):
             if now - held.since > self.s.peer_hold:
                 rec = self.d.registry.channels.get(held.name)
-                log.warning("mirror %s to %s: no reconnect within peer_hold=%.1fs; releasing "
+                log.warning("mirror %s to %s: no %s within peer_hold=%.1fs; releasing "
                             "its data (a later resume reports a gap)", held.name, k[0],
-                            self.s.peer_hold)
+                            "mirror request" if held.interest else "reconnect", self.s.peer_hold)
                 del self.held[k]
                 if rec is not None:
                     self._free_slot(rec, held.client, held.slot)
@@ -1043,29 +1139,34 @@ class PeerService:
     def _local_directory(self) -> dict[str, Entry]:
         out = {}
         for name, rec in self.d.registry.channels.items():
-            try:
-                tail, seq = ring.stream_point(rec.view)
-            except RingCorrupted as exc:
-                # Never fatal to the daemon: a ring a client corrupted is reported by ls/stat;
-                # a replica whose head a landing batch moved past its last frame is consistent
-                # again at its commit.  Announce what was last announced until then.
-                prev = self.directory.announced().get(name)
-                if prev is not None:
-                    out[name] = prev
-                log.debug("directory: %s skipped this pass: %s", name, exc)
-                continue
-            entry = self.replicas.get(name)
-            if entry is not None:   # in the source's positions and numbers (a restart resumes)
-                out[name] = Entry(rec.mode, rec.capacity, max(tail - entry.sink.off, 0),
-                                  max(seq - entry.sink.seq_off, 0), REPLICA, entry.node,
-                                  entry.stream)
-            elif rec.publisher is not None or tail:
-                out[name] = Entry(rec.mode, rec.capacity, tail, seq, PUBLISHED, "",
-                                  self._stream_id(rec), rec.max_publishers)
-            else:
-                out[name] = Entry(rec.mode, rec.capacity, tail, seq, OPEN,
-                                  publishers=rec.max_publishers)
+            e = self._entry(name, rec)
+            if e is not None:
+                out[name] = e
         return out
+
+    def _entry(self, name: str, rec) -> Entry | None:
+        """What this node announces for its channel ``name``."""
+        try:
+            tail, seq = ring.stream_point(rec.view)
+        except RingCorrupted as exc:
+            # Never fatal to the daemon: a ring a client corrupted is reported by ls/stat;
+            # a replica whose head a landing batch moved past its last frame is consistent
+            # again at its commit.  Announce what was last announced until then.
+            log.debug("directory: %s skipped this pass: %s", name, exc)
+            return self.directory.announced().get(name)
+        # Interest: a live subscriber here (mirror slots of this node's own sources have
+        # negative client ids and are not subscribers).
+        subscribed = int(any(slot.client >= 0 for slot in rec.slots.values()))
+        entry = self.replicas.get(name)
+        if entry is not None:   # in the source's positions and numbers (a restart resumes)
+            return Entry(rec.mode, rec.capacity, max(tail - entry.sink.off, 0),
+                         max(seq - entry.sink.seq_off, 0), REPLICA, entry.node, entry.stream,
+                         subscribed=subscribed)
+        if rec.publisher is not None or tail:
+            return Entry(rec.mode, rec.capacity, tail, seq, PUBLISHED, "",
+                         self._stream_id(rec), rec.max_publishers, subscribed)
+        return Entry(rec.mode, rec.capacity, tail, seq, OPEN, publishers=rec.max_publishers,
+                     subscribed=subscribed)
 
     # -- reporting ---------------------------------------------------------------------------------
     def annotate(self, desc: dict) -> dict:
@@ -1079,6 +1180,7 @@ class PeerService:
             desc["node"] = self.node
         desc["mirrors"] = [{"to": e.node, **e.source.describe()}
                            for e in self.sources.values() if e.name == name]
+        desc["subscribed_on"] = self.directory.interested(name, self.node)
         if name in self.conflicts:
             desc["conflict"] = self.conflicts[name]
             desc["node"] += " (conflict: " + self.conflicts[name].split(": ")[0] + ")"
@@ -1095,6 +1197,7 @@ class PeerService:
             item = {"name": name, "node": pubs[0] if pubs else "",
                     "published": bool(pubs), "mode": ring.MODE_NAMES[mode], "capacity": cap,
                     "open_on": [n for n, _ in holders],
+                    "subscribed_on": [n for n, e in holders if e.subscribed],
                     "link": "down" if pubs and pubs[0] in self.directory.down_since else "up"}
             if len(pubs) > 1:
                 item["conflict"] = f"published on nodes {', '.join(pubs)}"
