@@ -106,6 +106,8 @@ int mp_str(const msgpack_object *map, const char *key, char *out, size_t cap) {
 
 void reply_free(ctl_reply *reply) {
     msgpack_unpacked_destroy(&reply->u);
+    free(reply->buf);
+    reply->buf = NULL;
     reply->map = NULL;
 }
 
@@ -239,6 +241,7 @@ int ctl_request(shimmy_client *c, const char *op, ctl_reply *reply, ...) {
     char *buf = NULL;
     msgpack_unpacked_init(&reply->u);
     reply->map = NULL;
+    reply->buf = NULL;
     if (client_closed(c) && !hello) {
         rc = unavailable(c->path, "the daemon closed this client's session");
         goto out;
@@ -303,7 +306,7 @@ int ctl_request(shimmy_client *c, const char *op, ctl_reply *reply, ...) {
     rc = 0;
 out:
     pthread_mutex_unlock(&c->lock);
-    free(buf);
+    reply->buf = buf;   /* the unpacked strings point into it */
     msgpack_sbuffer_destroy(&sb);
     if (rc < 0)
         reply_free(reply);

@@ -149,10 +149,11 @@ int reader_has_data(const ring_reader *r);
 int reader_head_at_most(const ring_reader *r, uint64_t pos);
 
 /* ---- the control client (control.c) ------------------------------------------------------ */
-/* A reply: the unpacked map, alive until reply_free. */
+/* A reply: the unpacked map, alive until reply_free (its strings point into buf). */
 typedef struct {
     msgpack_unpacked u;
     const msgpack_object *map;
+    char *buf;
 } ctl_reply;
 
 /* Fields of a request: "s:key" const char*, "i:key" int64_t, "o:key" int64_t omitted when 0,

@@ -153,28 +153,34 @@ static int cmd_pub(const opts *o) {
 #define MAX_PUBS 1024
 
 /* Check one received message: its bytes, and its index against its publisher's last. */
+static char report[256];   /* what check() found wrong, printed if it stands */
+
 static int check(const opts *o, const uint8_t *data, size_t len, uint32_t publisher,
                  uint64_t lost, uint64_t *expect, int *seen, uint64_t nth) {
     if (len < 8) {
-        printf("message %" PRIu64 " has %zu bytes, fewer than the 8 of its index\n", nth, len);
+        snprintf(report, sizeof report,
+                 "message %" PRIu64 " has %zu bytes, fewer than the 8 of its index\n", nth, len);
         return 1;
     }
     uint64_t index;
     memcpy(&index, data, 8);
     if (o->size && len != msg_size(o, index)) {
-        printf("message %" PRIu64 " (#%" PRIu64 ") has %zu bytes, expected %" PRIu64 "\n", nth,
+        snprintf(report, sizeof report,
+                 "message %" PRIu64 " (#%" PRIu64 ") has %zu bytes, expected %" PRIu64 "\n", nth,
                index, len, msg_size(o, index));
         return 1;
     }
     for (size_t k = 8; k < len; k++)
         if (data[k] != (uint8_t)((index + k) % 251)) {
-            printf("message %" PRIu64 " (#%" PRIu64 ") byte %zu is %u, expected %u\n", nth, index,
+            snprintf(report, sizeof report,
+                     "message %" PRIu64 " (#%" PRIu64 ") byte %zu is %u, expected %u\n", nth, index,
                    k, data[k], (unsigned)((index + k) % 251));
             return 1;
         }
     uint32_t p = publisher % MAX_PUBS;
     if (seen[p] && index != expect[p] + lost) {
-        printf("message %" PRIu64 " is #%" PRIu64 " from publisher %u, expected #%" PRIu64
+        snprintf(report, sizeof report,
+                 "message %" PRIu64 " is #%" PRIu64 " from publisher %u, expected #%" PRIu64
                " (lost %" PRIu64 ")\n", nth, index, publisher, expect[p] + lost, lost);
         return 1;
     }
@@ -261,7 +267,7 @@ static int cmd_sub(const opts *o) {
                 memcpy(&idx, buf + off, 8);
                 uint64_t gap = seen[pub % MAX_PUBS] ? idx - expect[pub % MAX_PUBS] : 0;
                 if (gap > lost) {
-                    printf("message %" PRIu64 " is #%" PRIu64 ", expected #%" PRIu64 "\n",
+                    snprintf(report, sizeof report, "message %" PRIu64 " is #%" PRIu64 ", expected #%" PRIu64 "\n",
                            received, idx, expect[pub % MAX_PUBS]);
                     bad = 1;
                     break;
@@ -277,6 +283,8 @@ static int cmd_sub(const opts *o) {
     free(buf);
     free(expect);
     free(seen);
+    if (bad)
+        printf("%s", report);
     shimmy_sub_close(sub);
     shimmy_channel_close(ch);
     shimmy_disconnect(c);
