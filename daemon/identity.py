@@ -3,8 +3,7 @@
 The identity chain (see ``docs/containers.md``):
 
 1. **Peer credentials.**  The kernel tells the daemon the pid of the process that connected to its
-   unix socket (``SO_PEERCRED``; over zmq ``ipc://`` the frame property ``Peer-Address`` reads
-   ``host:uid:gid:pid``, see :func:`pid_from_peer_address`).  The pid is translated into the
+   unix socket (``SO_PEERCRED``, :func:`peer_credentials`).  The pid is translated into the
    daemon's pid namespace, so the daemon must share the host's (compose ``pid: host``, Kubernetes
    ``hostPID``) for the pid to mean anything; a peer in a pid namespace the daemon cannot see
    arrives as pid 0.
@@ -66,23 +65,6 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
     return pid, uid, gid
-
-
-def pid_from_peer_address(peer_address: str | None) -> int | None:
-    """The pid in a zmq ``Peer-Address`` frame property of an ``ipc://`` connection.
-
-    libzmq fills it from ``SO_PEERCRED`` as ``"<host>:<uid>:<gid>:<pid>"`` (pyzmq:
-    ``frame.get("Peer-Address")`` on a frame received with ``copy=False``).  Returns ``None`` when
-    the string does not have that shape (for example a TCP peer's ``"127.0.0.1"``) and for pid 0
-    (a peer outside the daemon's pid namespace).
-    """
-    if not peer_address:
-        return None
-    parts = peer_address.rsplit(":", 3)
-    if len(parts) != 4 or not parts[3].isdigit():
-        return None
-    pid = int(parts[3])
-    return pid if pid > 0 else None
 
 
 def supplementary_groups(pid: int | None, proc_root: str = "/proc") -> frozenset[int]:
