@@ -278,8 +278,11 @@ int ctl_request(shimmy_client *c, const char *op, ctl_reply *reply, ...) {
             rc = shm_fail(SHIMMY_E_PROTOCOL, "daemon reply to '%s' is not one msgpack map", op);
             goto out;
         }
-        int64_t rid;
-        if (mp_int(&reply->u.data, "id", &rid) == 0 && (uint64_t)rid == id)
+        /* our reply, or one the daemon could not tie to a request ("id": null: a frame it
+         * refused; it closes the connection after it) */
+        const msgpack_object *rid = mp_get(&reply->u.data, "id");
+        if (rid == NULL || rid->type == MSGPACK_OBJECT_NIL ||
+            (rid->type == MSGPACK_OBJECT_POSITIVE_INTEGER && rid->via.u64 == id))
             break;
     }
     reply->map = &reply->u.data;
