@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -25,6 +26,9 @@ static const char USAGE[] =
     "  stream-write  write --size B bytes to stream NAME (byte i is (i + i / 509) % 251), close\n"
     "  stream-read   read the stream to its end, check every byte as stream-write makes them;\n"
     "          prints 'read B bytes in order' and exits 0, or names the first bad byte, exit 1\n"
+    "  ping, echo, blast, drain   the benchmark sides shimmy bench drives (shimmy/bench/clib.py):\n"
+    "          ping/echo time round trips over NAME/a2b and NAME/b2a, blast/drain one-way\n"
+    "          messages on NAME; each prints one JSON line of figures\n"
     "\n"
     "options:\n"
     "  --daemon SOCK        the daemon's control socket (default $SHIMMY_DAEMON, then\n"
@@ -41,14 +45,19 @@ static const char USAGE[] =
     "  --timeout T          sub, stream-read: seconds to wait for each message (default 30)\n"
     "  --ready FILE         sub, stream-read: create FILE once subscribed / attached\n"
     "  --chunk C            stream-write: bytes per write call (default 65536)\n"
-    "  --linger T           pub: keep the channel open T seconds after the last message\n";
+    "  --linger T           pub: keep the channel open T seconds after the last message\n"
+    "  --seconds T, --warmup N    ping, blast: how long to measure; ping: round trips first\n"
+    "  --spin-us U          receivers' spin before sleeping (default 100)\n"
+    "  --go-stdin           ping, echo, blast, drain: once set up (--ready), wait for a byte on\n"
+    "                       stdin before starting\n";
 
 typedef struct {
     const char *daemon, *name, *start, *mode, *receive, *ready;
     uint64_t count, size, first, capacity, batch, chunk;
     uint32_t max_publishers;
-    int mixed, loan;
-    double timeout, linger;
+    int mixed, loan, go_stdin, spin_us;
+    double timeout, linger, seconds;
+    uint64_t warmup;
 } opts;
 
 static int fail(const char *what, int rc) {
@@ -370,6 +379,261 @@ static int cmd_stream_read(const opts *o) {
     return 0;
 }
 
+/* ---- benchmark sides (shimmy/bench/clib.py; the same protocol as bench/peers.ShimmyLink:
+ * an empty message takes the publisher role and is skipped by receivers, a 1-byte message
+ * ends a run) ---------------------------------------------------------------------------- */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static double cpu_s(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec * 1e-6 +
+           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec * 1e-6;
+}
+
+typedef struct {
+    shimmy_client *c;
+    shimmy_channel *tx, *rx;
+    shimmy_sub *sub;
+} bench_link;
+
+/* rx first (subscribed from next), then tx with the role taken; then ready and go */
+static int link_open(const opts *o, const char *tx, const char *rx, bench_link *l) {
+    memset(l, 0, sizeof *l);
+    int rc = shimmy_connect(o->daemon, &l->c);
+    if (rc < 0)
+        return fail("connect", rc);
+    shimmy_channel_opts co = shimmy_channel_defaults();
+    co.capacity = o->capacity;
+    co.spin_us = o->spin_us;
+    if (rx != NULL && ((rc = shimmy_channel_open(l->c, rx, &co, &l->rx)) < 0 ||
+                       (rc = shimmy_subscribe(l->rx, SHIMMY_START_NEXT, &l->sub)) < 0))
+        return fail("subscribe", rc);
+    if (tx != NULL && ((rc = shimmy_channel_open(l->c, tx, &co, &l->tx)) < 0 ||
+                       (rc = shimmy_publish(l->tx, "", 0, NULL)) < 0))
+        return fail("publish", rc);
+    touch(o->ready);
+    if (o->go_stdin && getchar() == EOF)
+        return 1;
+    return 0;
+}
+
+static void link_close(bench_link *l) {
+    if (l->sub)
+        shimmy_sub_close(l->sub);
+    if (l->rx)
+        shimmy_channel_close(l->rx);
+    if (l->tx)
+        shimmy_channel_close(l->tx);
+    if (l->c)
+        shimmy_disconnect(l->c);
+}
+
+/* the next non-empty message as a view */
+static int recv_view(bench_link *l, shimmy_message *m) {
+    int rc;
+    do
+        rc = shimmy_receive(l->sub, m, 10.0);
+    while (rc == 0 && m->len == 0);
+    return rc;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* harness.percentile: nearest rank */
+static double pct(const uint64_t *v, size_t n, double p) {
+    long k = (long)(p / 100.0 * (double)n + 0.5 + 0.5) - 1;
+    if (k < 0)
+        k = 0;
+    if ((size_t)k > n - 1)
+        k = (long)n - 1;
+    return (double)v[k] / 1e3;
+}
+
+#define MAX_ITERS 200000
+
+static int cmd_echo(const opts *o) {
+    char tx[300], rx[300];
+    snprintf(tx, sizeof tx, "%s/b2a", o->name);
+    snprintf(rx, sizeof rx, "%s/a2b", o->name);
+    bench_link l;
+    int rc = link_open(o, tx, rx, &l);
+    uint64_t n = 0;
+    double c0 = cpu_s();
+    while (rc == 0) {
+        shimmy_message m;
+        if ((rc = recv_view(&l, &m)) < 0) {
+            fail("receive", rc);
+            break;
+        }
+        if (m.len == 1)
+            break;
+        if ((rc = shimmy_publish(l.tx, m.data, m.len, NULL)) < 0) {
+            fail("publish", rc);
+            break;
+        }
+        n++;
+    }
+    if (rc == 0)
+        printf("{\"n\": %" PRIu64 ", \"cpu_s\": %.6f}\n", n, cpu_s() - c0);
+    link_close(&l);
+    return rc != 0;
+}
+
+static int cmd_ping(const opts *o) {
+    char tx[300], rx[300];
+    snprintf(tx, sizeof tx, "%s/a2b", o->name);
+    snprintf(rx, sizeof rx, "%s/b2a", o->name);
+    bench_link l;
+    int rc = link_open(o, tx, rx, &l);
+    uint8_t *data = malloc(o->size ? o->size : 1);
+    uint64_t *lat = malloc(MAX_ITERS * sizeof *lat);
+    for (uint64_t k = 0; k < o->size; k++)
+        data[k] = (uint8_t)(k * 7 + 1);
+    shimmy_message m;
+    for (uint64_t i = 0; rc == 0 && i < o->warmup; i++)
+        if ((rc = shimmy_publish(l.tx, data, o->size, NULL)) < 0 || (rc = recv_view(&l, &m)) < 0)
+            fail("warm-up", rc);
+    size_t n = 0;
+    double c0 = cpu_s(), t_start = now_s(), t_end = t_start + o->seconds;
+    while (rc == 0 && n < MAX_ITERS) {
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        if ((rc = shimmy_publish(l.tx, data, o->size, NULL)) < 0 || (rc = recv_view(&l, &m)) < 0) {
+            fail("round trip", rc);
+            break;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        lat[n++] = (uint64_t)((b.tv_sec - a.tv_sec) * 1000000000LL + (b.tv_nsec - a.tv_nsec));
+        if ((double)b.tv_sec + (double)b.tv_nsec * 1e-9 > t_end)
+            break;
+    }
+    double wall = now_s() - t_start, cpu = cpu_s() - c0;
+    if (rc == 0 && (rc = shimmy_publish(l.tx, "E", 1, NULL)) < 0)
+        fail("end", rc);
+    if (rc == 0 && n > 0) {
+        qsort(lat, n, sizeof *lat, cmp_u64);
+        double sum = 0;
+        for (size_t i = 0; i < n; i++)
+            sum += (double)lat[i];
+        printf("{\"iters\": %zu, \"wall_s\": %.6f, \"cpu_s\": %.6f, \"warmup\": %" PRIu64
+               ", \"p50_us\": %.4f, \"p99_us\": %.4f, \"p999_us\": %.4f, \"min_us\": %.4f, "
+               "\"mean_us\": %.4f}\n", n, wall, cpu, o->warmup, pct(lat, n, 50), pct(lat, n, 99),
+               pct(lat, n, 99.9), (double)lat[0] / 1e3, sum / (double)n / 1e3);
+    }
+    free(data);
+    free(lat);
+    link_close(&l);
+    return rc != 0;
+}
+
+static int cmd_blast(const opts *o) {
+    bench_link l;
+    int rc = link_open(o, o->name, NULL, &l);
+    uint64_t step = o->size >= 1 << 18 ? 1 : 32, batch = o->batch, n = 0;
+    uint8_t *data = malloc(o->size ? o->size : 1);
+    for (uint64_t k = 0; k < o->size; k++)
+        data[k] = (uint8_t)(k * 7 + 1);
+    struct iovec *iov = calloc(batch ? batch : 1, sizeof *iov);
+    for (uint64_t k = 0; k < batch; k++)
+        iov[k] = (struct iovec){data, o->size};
+    double c0 = cpu_s(), t0 = now_s(), end = t0 + o->seconds;
+    while (rc == 0) {
+        if (batch) {
+            int64_t got = shimmy_publish_many(l.tx, iov, batch, NULL);
+            rc = got < 0 ? (int)got : 0;
+            n += batch;
+        } else {
+            for (uint64_t k = 0; k < step && rc == 0; k++) {
+                if (o->loan) {
+                    void *buf;
+                    if ((rc = shimmy_loan(l.tx, o->size, &buf)) == 0) {
+                        memcpy(buf, data, o->size);
+                        rc = shimmy_commit(l.tx, NULL);
+                    }
+                } else {
+                    rc = shimmy_publish(l.tx, data, o->size, NULL);
+                }
+            }
+            n += step;
+        }
+        if (rc < 0)
+            fail("publish", rc);
+        else if (now_s() >= end)
+            break;
+    }
+    double t1 = now_s(), cpu = cpu_s() - c0;
+    if (rc == 0 && (rc = shimmy_publish(l.tx, "E", 1, NULL)) < 0)
+        fail("end", rc);
+    if (rc == 0)
+        printf("{\"n\": %" PRIu64 ", \"elapsed_s\": %.6f, \"cpu_s\": %.6f}\n", n, t1 - t0, cpu);
+    free(data);
+    free(iov);
+    link_close(&l);
+    return rc != 0;
+}
+
+static int cmd_drain(const opts *o) {
+    bench_link l;
+    int rc = link_open(o, NULL, o->name, &l);
+    uint64_t n = 0;
+    double c0 = cpu_s(), t_first = 0, t_end = 0;
+    int copy = !strcmp(o->receive, "copy"), many = !strcmp(o->receive, "many");
+    size_t cap = shimmy_channel_max_message(l.rx) * (many ? 2 : 1) + 64;
+    uint8_t *buf = rc == 0 ? malloc(cap) : NULL;
+    enum { MAXN = 256 };
+    size_t lens[MAXN];
+    while (rc == 0) {
+        size_t len;
+        int64_t got = 1;
+        if (many) {
+            got = shimmy_receive_many(l.sub, buf, cap, lens, NULL, MAXN, 10.0);
+            rc = got < 0 ? (int)got : 0;
+            len = got > 0 ? lens[got - 1] : 0;
+        } else if (copy) {
+            rc = shimmy_receive_copy(l.sub, buf, cap, &len, NULL, 10.0);
+        } else {
+            shimmy_message m;
+            rc = shimmy_receive(l.sub, &m, 10.0);
+            len = m.len;
+        }
+        if (rc < 0) {
+            fail("receive", rc);
+            break;
+        }
+        if (many) {   /* the end marker comes last, alone or at the end of a batch */
+            int64_t k = 0;
+            for (; k < got && lens[k] != 1; k++)
+                if (lens[k] != 0 && n++ == 0)
+                    t_first = now_s();
+            if (k < got)
+                break;
+            continue;
+        }
+        if (len == 0)
+            continue;
+        if (len == 1)
+            break;
+        if (n++ == 0)
+            t_first = now_s();
+    }
+    t_end = now_s();
+    if (rc == 0)
+        printf("{\"n\": %" PRIu64 ", \"elapsed_s\": %.6f, \"cpu_s\": %.6f}\n", n,
+               t_end - t_first, cpu_s() - c0);
+    free(buf);
+    link_close(&l);
+    return rc != 0;
+}
+
 static int parse_u64(const char *flag, const char *s, uint64_t *out) {
     char *end;
     unsigned long long v = strtoull(s, &end, 10);
@@ -387,14 +651,15 @@ int main(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     const char *cmd = argv[1];
-    opts o = {.receive = "view", .timeout = 30};
+    opts o = {.receive = "view", .timeout = 30, .seconds = 1, .spin_us = -1};
     static const struct option longs[] = {
         {"daemon", 1, 0, 'd'}, {"count", 1, 0, 'n'}, {"size", 1, 0, 's'},
         {"mixed", 0, 0, 'x'}, {"first", 1, 0, 'f'}, {"start", 1, 0, 'S'},
         {"mode", 1, 0, 'm'}, {"capacity", 1, 0, 'c'}, {"max-publishers", 1, 0, 'P'},
         {"batch", 1, 0, 'b'}, {"loan", 0, 0, 'l'}, {"receive", 1, 0, 'r'},
         {"timeout", 1, 0, 't'}, {"ready", 1, 0, 'R'}, {"chunk", 1, 0, 'C'},
-        {"linger", 1, 0, 'L'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
+        {"linger", 1, 0, 'L'}, {"seconds", 1, 0, 'T'}, {"warmup", 1, 0, 'W'},
+        {"spin-us", 1, 0, 'U'}, {"go-stdin", 0, 0, 'G'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
     optind = 2;
     int ch;
     uint64_t v;
@@ -418,6 +683,10 @@ int main(int argc, char **argv) {
         case 'R': o.ready = optarg; break;
         case 'C': e = parse_u64("--chunk", optarg, &o.chunk); break;
         case 'L': o.linger = atof(optarg); break;
+        case 'T': o.seconds = atof(optarg); break;
+        case 'W': e = parse_u64("--warmup", optarg, &o.warmup); break;
+        case 'U': e = parse_u64("--spin-us", optarg, &v); o.spin_us = (int)v; break;
+        case 'G': o.go_stdin = 1; break;
         case 'h': fputs(USAGE, stdout); return 0;
         default: fputs(USAGE, stderr); return 2;
         }
@@ -449,6 +718,14 @@ int main(int argc, char **argv) {
         return cmd_stream_write(&o);
     if (!strcmp(cmd, "stream-read"))
         return cmd_stream_read(&o);
+    if (!strcmp(cmd, "echo"))
+        return cmd_echo(&o);
+    if (!strcmp(cmd, "ping"))
+        return cmd_ping(&o);
+    if (!strcmp(cmd, "blast"))
+        return cmd_blast(&o);
+    if (!strcmp(cmd, "drain"))
+        return cmd_drain(&o);
     fprintf(stderr, "shimmy-c: unknown command '%s' (see shimmy-c --help)\n", cmd);
     return 2;
 }
