@@ -8,6 +8,7 @@ missing=()
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
 command -v make >/dev/null 2>&1 || missing+=(make)
 [ -f /usr/include/msgpack.h ] || missing+=(libmsgpack-dev)
+[ -f /usr/include/jansson.h ] || missing+=(libjansson-dev)   # shimmy-c's conformance commands
 [ "${#missing[@]}" -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   say "installing ${missing[*]} with apt-get, to build libshimmy and shimmy-c"

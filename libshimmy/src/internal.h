@@ -123,6 +123,8 @@ int writer_claim(ring_writer *w, uint64_t n, double timeout, void **buf);
 uint64_t writer_commit_claim(ring_writer *w, uint64_t n);
 /* (position, seq) where a new reader starts at the tail: ring.stream_point(oldest=False). */
 int stream_point_tail(shm_seg *seg, uint64_t *position, uint64_t *seq);
+/* ring.stream_point(oldest=True): the oldest intact message (the tail when there is none). */
+int stream_point_oldest(shm_seg *seg, uint64_t *position, uint64_t *seq);
 
 /* One subscriber's cursor (ring.RingReader, ring.GroupReader when group != NULL). */
 typedef struct {
@@ -147,6 +149,13 @@ int reader_take_copy(ring_reader *r, uint8_t *buf, uint64_t cap, uint64_t *len, 
 void reader_release_to(ring_reader *r, uint64_t pos);
 int reader_has_data(const ring_reader *r);
 int reader_head_at_most(const ring_reader *r, uint64_t pos);
+
+/* ---- streams without a daemon (stream.c): an end over a segment already mapped, without
+ * semaphores (the conformance runner's images) -------------------------------------------- */
+shimmy_stream *stream_attach(const shm_seg *seg, enum shimmy_role role, int *rc);
+void stream_detach(shimmy_stream *s);   /* frees the end; the mapping stays the caller's */
+int64_t stream_write_nowait(shimmy_stream *s, const void *data, size_t n);
+void stream_finish(shimmy_stream *s);   /* writer: end of stream; reader: closed */
 
 /* ---- the control client (control.c) ------------------------------------------------------ */
 /* A reply: the unpacked map, alive until reply_free (its strings point into buf). */

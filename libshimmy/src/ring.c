@@ -222,6 +222,41 @@ int stream_point_tail(shm_seg *s, uint64_t *position, uint64_t *seq_out) {
                     "while its tail was being read", s->name);
 }
 
+int stream_point_oldest(shm_seg *s, uint64_t *position, uint64_t *seq_out) {
+    uint64_t at_tail;
+    for (int attempt = 0; attempt < 100000; attempt++) {
+        int rc = stream_point_tail(s, position, &at_tail);
+        if (rc < 0)
+            return rc;
+        uint64_t tail = *position, p = ld_acq(s->mem + OFF_HEAD);
+        int again = 0;
+        while (p < tail) {
+            uint32_t length, flags;
+            uint64_t seq, end;
+            read_header(s, p, &length, &flags, &seq);
+            atomic_thread_fence(memory_order_acquire);
+            if (ld_rlx(s->mem + OFF_HEAD) > p) {   /* overwritten under us: start again */
+                again = 1;
+                break;
+            }
+            if ((rc = frame_end(s, p, length, flags, tail, &end)) < 0)
+                return rc;
+            if (!flags) {
+                *position = p;
+                *seq_out = seq;
+                return 0;
+            }
+            p = end;
+        }
+        if (!again) {
+            *seq_out = at_tail;
+            return 0;
+        }
+    }
+    return shm_fail(SHIMMY_E_RING_CORRUPTED, "channel '%s': the publisher moved on 100000 times "
+                    "while its head was being read", s->name);
+}
+
 /* ---- wake-ups (ring.Wakeups) ------------------------------------------------------------- */
 
 int wakeups_init(wakeups *w, shm_seg *seg, const char *sem_prefix) {

@@ -26,6 +26,8 @@ static const char USAGE[] =
     "  stream-write  write --size B bytes to stream NAME (byte i is (i + i / 509) % 251), close\n"
     "  stream-read   read the stream to its end, check every byte as stream-write makes them;\n"
     "          prints 'read B bytes in order' and exits 0, or names the first bad byte, exit 1\n"
+    "  conform-read, conform-point, conform-write, conform-frames   the command contract of\n"
+    "          the conformance vectors (spec/vectors/README.md)\n"
     "  ping, echo, blast, drain   the benchmark sides shimmy bench drives (shimmy/bench/clib.py):\n"
     "          ping/echo time round trips over NAME/a2b and NAME/b2a, blast/drain one-way\n"
     "          messages on NAME; each prints one JSON line of figures\n"
@@ -645,7 +647,11 @@ static int parse_u64(const char *flag, const char *s, uint64_t *out) {
     return 0;
 }
 
+int conform_main(int argc, char **argv);   /* tools/conform.c */
+
 int main(int argc, char **argv) {
+    if (argc >= 2 && !strncmp(argv[1], "conform-", 8))
+        return conform_main(argc, argv);
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         fputs(USAGE, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
