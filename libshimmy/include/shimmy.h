@@ -27,6 +27,10 @@
  *  - shimmy_stream: one thread at a time per end; the two ends of one stream may be in two
  *    threads of one process.
  *  - Close every object made from a client before shimmy_disconnect.
+ *  - A client whose daemon went away (its session closed, a request unanswered within 5 s, a
+ *    malformed reply) fails every later request with SHIMMY_E_DAEMON_UNAVAILABLE; channels of
+ *    a restarted daemon fail with SHIMMY_E_CLOSED.  Connect again and reopen (there is no
+ *    reopen in place as Python's Channel.reopen).
  *  - fork(): objects opened before fork() must not be used in the child (they would make the
  *    child a second writer of the parent's words); the child connects anew.
  */

@@ -243,7 +243,8 @@ int ctl_request(shimmy_client *c, const char *op, ctl_reply *reply, ...) {
     reply->map = NULL;
     reply->buf = NULL;
     if (client_closed(c) && !hello) {
-        rc = unavailable(c->path, "the daemon closed this client's session");
+        rc = unavailable(c->path, "this client's connection to the daemon was lost; connect "
+                         "again");
         goto out;
     }
     if (write_all(c->fd, sb.data, sb.size) < 0) {
@@ -308,6 +309,12 @@ int ctl_request(shimmy_client *c, const char *op, ctl_reply *reply, ...) {
     }
     rc = 0;
 out:
+    if (rc == -SHIMMY_E_DAEMON_UNAVAILABLE || rc == -SHIMMY_E_PROTOCOL) {
+        /* a reply may be half read: the framing of this connection is lost, and so is the
+         * daemon for this client (sdk/client.py drops its socket the same way); connect anew */
+        shutdown(c->fd, SHUT_RDWR);
+        atomic_store(&c->closed, 1);
+    }
     pthread_mutex_unlock(&c->lock);
     reply->buf = buf;   /* the unpacked strings point into it */
     msgpack_sbuffer_destroy(&sb);
