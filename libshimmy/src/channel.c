@@ -248,7 +248,15 @@ static void use_member(shimmy_sub *s, member *m, size_t following) {
 }
 
 /* GroupSubscription._set_members: keep the members still listed, map new ones, drop the
- * reclaimed ones (every subscriber had read them to their end). */
+ * reclaimed ones (every subscriber had read them to their end).  New rings are mapped first,
+ * so a failure leaves the subscription as it was. */
+static member *find_member(shimmy_sub *s, uint32_t id) {
+    for (size_t j = 0; j < s->n_members; j++)
+        if (s->members[j] != NULL && s->members[j]->id == id)
+            return s->members[j];
+    return NULL;
+}
+
 static int set_members(shimmy_sub *s, const msgpack_object *infos, uint32_t epoch) {
     if (infos == NULL || infos->type != MSGPACK_OBJECT_ARRAY)
         return shm_fail(SHIMMY_E_PROTOCOL, "daemon reply lacks the list 'members'");
@@ -256,57 +264,58 @@ static int set_members(shimmy_sub *s, const msgpack_object *infos, uint32_t epoc
     member **keep = calloc(n ? n : 1, sizeof *keep);
     if (keep == NULL)
         return shm_fail(SHIMMY_E_LIMIT, "out of memory");
-    for (size_t i = 0; i < n; i++) {
+    int rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
         const msgpack_object *info = &infos->via.array.ptr[i];
         int64_t id, position, seq;
         char shm[256];
-        if (mp_int(info, "id", &id) < 0 || mp_int(info, "position", &position) < 0 ||
-            mp_int(info, "seq", &seq) < 0 || mp_str(info, "shm", shm, sizeof shm) < 0) {
-            free(keep);
-            return -SHIMMY_E_PROTOCOL;
-        }
-        member *m = NULL;
-        for (size_t j = 0; j < s->n_members; j++)
-            if (s->members[j] != NULL && s->members[j]->id == (uint32_t)id) {
-                m = s->members[j];
-                s->members[j] = NULL;
+        if ((rc = mp_int(info, "id", &id)) < 0 || (rc = mp_int(info, "position", &position)) < 0 ||
+            (rc = mp_int(info, "seq", &seq)) < 0 || (rc = mp_str(info, "shm", shm, sizeof shm)) < 0)
+            break;
+        member *m = find_member(s, (uint32_t)id);
+        if (m == NULL) {
+            if ((m = calloc(1, sizeof *m)) == NULL) {
+                rc = shm_fail(SHIMMY_E_LIMIT, "out of memory");
                 break;
             }
-        if (m == NULL) {
-            m = calloc(1, sizeof *m);
-            if (m == NULL) {
-                free(keep);
-                return shm_fail(SHIMMY_E_LIMIT, "out of memory");
-            }
-            int rc = seg_map(shm, 'r', &m->seg);
-            if (rc == -SHIMMY_E_CLOSED) {   /* reclaimed since the reply: drained by everyone */
-                free(m);
-                continue;
-            }
+            rc = seg_map(shm, 'r', &m->seg);
             if (rc < 0) {
                 free(m);
-                free(keep);
-                return rc;
+                if (rc == -SHIMMY_E_CLOSED)   /* reclaimed since the reply: drained by all */
+                    rc = 0;
+                continue;
             }
             m->id = (uint32_t)id;
             reader_init(&m->r, &m->seg, s->slot, (uint64_t)position, (uint64_t)seq);
             m->r.group = (const uint32_t *)(s->ch->seg.mem + OFF_GROUP_EPOCH);
             m->r.publisher = (uint32_t)id;
         }
-        m->r.group_epoch = epoch;
         keep[kept++] = m;
     }
-    for (size_t j = 0; j < s->n_members; j++)
-        if (s->members[j] != NULL) {
-            s->lost_gone += s->members[j]->r.lost_total;
-            if (s->held == &s->members[j]->r)
+    if (rc < 0) {   /* close what was mapped here; the members we had stay as they were */
+        for (size_t j = 0; j < kept; j++)
+            if (find_member(s, keep[j]->id) != keep[j])
+                member_close(keep[j], s->slot);
+        free(keep);
+        return rc;
+    }
+    for (size_t j = 0; j < s->n_members; j++) {
+        member *old = s->members[j];
+        int stays = 0;
+        for (size_t k = 0; k < kept && !stays; k++)
+            stays = keep[k] == old;
+        if (!stays) {
+            s->lost_gone += old->r.lost_total;
+            if (s->held == &old->r)
                 s->held = NULL;
-            member_close(s->members[j], s->slot);
+            member_close(old, s->slot);
         }
+    }
     free(s->members);
     s->members = keep;
     s->n_members = kept;
     for (size_t j = 0; j < kept; j++) {
+        keep[j]->r.group_epoch = epoch;
         keep[j]->r.merged = kept > 1;
         keep[j]->r.turn = 0;
     }
