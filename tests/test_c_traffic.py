@@ -195,3 +195,20 @@ def test_stream_python_writer_c_reader(daemon, tmp_path):
             at += n
     out, err = reader.communicate(timeout=60)
     assert reader.returncode == 0 and out.strip() == f"read {total} bytes in order", out + err
+
+
+def test_c_subscriber_starts_oldest_or_next(daemon):
+    """start=oldest reads what the ring still holds from before the subscription; next does not
+    (docs/ring-format.md, "Starting points")."""
+    ch = shimmy.Channel("start/points", daemon=daemon.socket, capacity=CAP)
+    for i in range(100):
+        ch.publish(payload(i, size_of(i, 500)))
+    oldest = run("sub", "--daemon", daemon.socket, "--count", "100", "--start", "oldest",
+                 "--size", "500", "--mixed", "start/points")
+    assert oldest.returncode == 0 and oldest.stdout == "received 100 in order from #0\n", \
+        oldest.stdout + oldest.stderr
+    nothing = run("sub", "--daemon", daemon.socket, "--count", "1", "--start", "next",
+                  "--timeout", "0.2", "start/points")
+    assert nothing.returncode == 1 and "(timeout)" in nothing.stderr, nothing.stderr
+    assert "no message on 'start/points' within 0.2 s" in nothing.stderr
+    ch.close()
