@@ -1,5 +1,6 @@
 # The two commands a newcomer needs (see README):
 #   make demo   make .venv, install Shimmy into it, run the demo (embedded daemon, live traffic)
+#   make c      build libshimmy and shimmy-c (the C client, libshimmy/), plain and sanitized
 #   make test   make .venv, install Shimmy with its test tools into it, run ruff, mypy, pytest,
 #               the real-container tests and (where .ci/rdma.sh exists) the RDMA tests
 #   make clean  remove .venv and the build and test leftovers in this folder
@@ -11,7 +12,7 @@ PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: demo test lint unit containers rdma bench clean venv
+.PHONY: demo test lint unit containers rdma bench clean venv c
 
 # Made once; tools/venv.sh installs python3.X-venv with apt-get when the interpreter lacks it.
 $(VENV)/bin/python:
@@ -30,7 +31,15 @@ $(VENV)/.installed-dev: pyproject.toml | $(VPY)
 	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev,daemon]'
 	touch $@ $(VENV)/.installed
 
+# libshimmy (the C client) and shimmy-c, plain and under AddressSanitizer + UBSan for the tests
+# (libshimmy/Makefile); libshimmy/deps.sh installs gcc and libmsgpack-dev with apt-get as root
+# when missing, as tools/venv.sh does for the C extension.
+c:
+	bash libshimmy/deps.sh
+	$(MAKE) -C libshimmy all asan
+
 demo: $(VENV)/.installed
+	-bash libshimmy/deps.sh && $(MAKE) -C libshimmy all
 	$(VPY) -m shimmy.cli demo
 
 lint: $(VENV)/.installed-dev
@@ -42,7 +51,7 @@ lint: $(VENV)/.installed-dev
 RING_TESTS := tests/test_ring_core.py tests/test_ring_crash.py tests/test_ring_validation.py \
 	tests/test_batch.py tests/test_pubsub.py tests/test_multipub.py tests/test_zero_copy.py
 
-unit: $(VENV)/.installed-dev
+unit: $(VENV)/.installed-dev c
 	$(VPY) -m pytest -m "not container and not rdma"
 	SHIMMY_PURE_PYTHON=1 $(VPY) -m pytest -q $(RING_TESTS)
 
@@ -62,5 +71,5 @@ bench: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \
-		bench-results
+		bench-results libshimmy/build libshimmy/build-asan
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

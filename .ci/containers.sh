@@ -22,6 +22,7 @@ export SHIMMY_WORK="${SHIMMY_CI_WORK:-${SHIMMY_WORK:-/tmp/shimmy-ci}}"
 export SHIMMY_IMAGE_LABEL="shimmy.ci=1"
 export SHIMMY_BASE_IMAGE="${SHIMMY_CI_BASE_IMAGE:-shimmy-ci-base:py3}"
 export SHIMMY_DAEMON_IMAGE="shimmy-ci-daemon:test" SHIMMY_APP_IMAGE="shimmy-ci-app:test"
+export SHIMMY_C_IMAGE="shimmy-ci-c:test"   # examples/c (deploy/docker/Dockerfile.c)
 # shellcheck source=../deploy/scripts/lib.sh
 . "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/deploy/scripts/lib.sh"
 REPO="$SHIMMY_REPO"
@@ -40,7 +41,7 @@ cleanup() {
       done
     $DOCKER ps -aq --filter "label=$SHIMMY_IMAGE_LABEL" | xargs -r $DOCKER rm -f >/dev/null 2>&1
     if [ "${SHIMMY_CI_CLEAN_IMAGES:-0}" = 1 ]; then
-      $DOCKER rmi -f "$SHIMMY_APP_IMAGE" "$SHIMMY_DAEMON_IMAGE" "$SHIMMY_BASE_IMAGE" >/dev/null 2>&1
+      $DOCKER rmi -f "$SHIMMY_APP_IMAGE" "$SHIMMY_DAEMON_IMAGE" "$SHIMMY_C_IMAGE" "$SHIMMY_BASE_IMAGE" >/dev/null 2>&1
       $DOCKER images -q --filter "label=$SHIMMY_IMAGE_LABEL" | sort -u | xargs -r $DOCKER rmi -f >/dev/null 2>&1
     fi
   fi
@@ -55,12 +56,14 @@ trap cleanup EXIT
 step "engine" engine_start || die "no docker engine (log: $SHIMMY_WORK/dockerd.log)"
 step "base image $SHIMMY_BASE_IMAGE" base_image || die "base image"
 step "wheels + images" images || die "image build"
+step "C image" bash "$REPO/deploy/scripts/build-c-image.sh" || die "C image build"
 step "compose v2" compose_v2 || die "Compose v2"
 
 [ "${SHIMMY_CI_BUILD_ONLY:-0}" = 1 ] && { log "SHIMMY_CI_BUILD_ONLY=1: images built, tests not run"; exit 0; }
 
 # the compose test runs deploy/compose/up.sh itself, which finds what this run set up
 export SHIMMY_TEST_DAEMON_IMAGE="$SHIMMY_DAEMON_IMAGE" SHIMMY_TEST_APP_IMAGE="$SHIMMY_APP_IMAGE" \
+       SHIMMY_TEST_C_IMAGE="$SHIMMY_C_IMAGE" \
        SHIMMY_TEST_WORK="$SHIMMY_WORK/tests" SHIMMY_TEST_REQUIRE_DOCKER=1
 mkdir -p "$SHIMMY_TEST_WORK"
 cd "$REPO"

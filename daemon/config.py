@@ -38,8 +38,8 @@ ACCESS_POLICIES = ("owner", "closed", "open")
 
 @dataclass
 class Settings:
-    socket: str = _s(DEFAULT_SOCKET, "control socket path (ZeroMQ ipc); its directory must exist "
-                                     "or be creatable")
+    socket: str = _s(DEFAULT_SOCKET, "control socket path (a unix stream socket, control "
+                                     "protocol v2); its directory must exist or be creatable")
     shm_dir: str = _s("/dev/shm", "where POSIX shm objects appear (free-space checks, sweep); "
                                   "must exist and be writable")
     default_capacity: int = _s(ring.DEFAULT_CAPACITY, "ring size when a client does not ask "
@@ -61,7 +61,11 @@ class Settings:
     stream_orphan_timeout: float = _s(300.0, "a stream whose writer has finished and that no "
                                       "reader has opened for this long is freed (s); 0 = keep "
                                       "it for its reader until the daemon stops")
-    request_max_bytes: int = _s(65536, "larger control messages are refused unread")
+    request_max_bytes: int = _s(65536, "larger control request frames are refused unread (an "
+                                       "error reply, then the connection is closed)")
+    control_request_timeout: float = _s(5.0, "a control connection that sends nothing this long "
+                                             "after connecting, or leaves a request unfinished "
+                                             "this long, is closed (seconds)")
     access: str = _s("owner", "access policy: 'owner' (a channel belongs to the uid that created "
                               "it; others need a channel_rules entry or channel_group), 'closed' "
                               "(as owner, and unlabelled containers get nothing), 'open' (any "
@@ -125,6 +129,8 @@ class Settings:
                                       "removed (seconds; more than lease_timeout)")
     # -- quotas: per container where the daemon identifies one, else per uid (docs/security.md) --
     quota_connections: int = _s(128, "session-socket connections at once per container/uid")
+    quota_control_connections: int = _s(128, "control-socket connections at once per "
+                                              "container/uid")
     quota_sessions: int = _s(128, "client sessions (hello) at once per container/uid")
     quota_channels: int = _s(64, "channels and streams created and alive per container/uid")
     quota_subscribers: int = _s(256, "subscriber slots held at once per container/uid")
@@ -168,7 +174,8 @@ class Settings:
             raise SettingError(f"default_max_publishers must be 1..max_publishers "
                                f"({self.max_publishers})")
         for name in ("max_channels", "max_clients", "request_max_bytes", "nofile_limit",
-                     "quota_connections", "quota_sessions", "quota_channels",
+                     "quota_connections", "quota_control_connections", "quota_sessions",
+                     "quota_channels",
                      "quota_subscribers", "quota_shm_bytes"):
             if getattr(self, name) < 1:
                 raise SettingError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -176,6 +183,7 @@ class Settings:
             if getattr(self, name) < 0:
                 raise SettingError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("idle_channel_ttl", "accept_backoff", "session_connect_timeout",
+                     "control_request_timeout",
                      "peer_dns_interval", "peer_handshake_timeout", "peer_link_timeout",
                      "peer_keepalive", "peer_hold", "peer_credit_interval",
                      "peer_unmirror_grace"):

@@ -44,23 +44,6 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-def pid_from_peer_address(peer_address: str | None) -> int | None:
-    """The pid in a zmq ``Peer-Address`` frame property of an ``ipc://`` connection.
-
-    libzmq fills it from ``SO_PEERCRED`` as ``"<host>:<uid>:<gid>:<pid>"`` (pyzmq:
-    ``frame.get("Peer-Address")`` on a frame received with ``copy=False``).  Returns ``None`` when
-    the string does not have that shape (for example a TCP peer's ``"127.0.0.1"``) and for pid 0
-    (a peer outside the daemon's pid namespace).
-    """
-    if not peer_address:
-        return None
-    parts = peer_address.rsplit(":", 3)
-    if len(parts) != 4 or not parts[3].isdigit():
-        return None
-    pid = int(parts[3])
-    return pid if pid > 0 else None
-
-
 def supplementary_groups(pid: int | None, proc_root: str = "/proc") -> frozenset[int]:
     """The supplementary groups of process ``pid`` (``Groups:`` in ``/proc/<pid>/status``);
     empty when the pid is unknown or its status cannot be read (other pid namespace)."""

@@ -3,7 +3,7 @@
 The daemon is the control plane only.  It never touches message bytes on the local data path: it
 creates and sizes rings, grants the publisher role and subscriber slots, watches liveness, reclaims
 what dead clients held, and answers stats.  Any request, however malformed, gets an error reply
-(or, if it is not even a well-formed ZeroMQ envelope, is dropped with a log line) and the loop
+(a frame that is not one msgpack map also closes its connection: daemon/control.py) and the loop
 goes on.
 """
 
@@ -17,23 +17,24 @@ import os
 import queue
 import resource
 import secrets
+import select
 import signal
 import threading
 import time
 
 import msgpack
-import zmq
 
 from shimmy import ring
 from shimmy.errors import (ChannelConflict, ChannelNotFound, InvalidArgument, LimitExceeded,
                            PermissionDenied, ProtocolError, ShimmyError)
 from shimmy.names import object_token, validate_name
-from shimmy.protocol import PROTOCOL_VERSION, endpoint, session_path
+from shimmy.protocol import PROTOCOL_VERSION, session_path
 
 from . import containers, identity, label_policy, logformat, metrics
 from .access import AccessControl, Ownership
 from .config import Settings
 from .identity import Caller
+from .control import Conn, ControlListener
 from .setting_values import parse_mode, resolve_group
 from .quotas import Quotas, tenant
 from .registry import Registry, alias_prefix, is_member_alias
@@ -43,14 +44,13 @@ from .streams import StreamService
 
 log = logging.getLogger("shimmy.daemon")
 DOCKER_SOCKET = "/var/run/docker.sock"
-ROUTER_HWM = 64     # control messages queued per client connection, each way
-ROUTER_BATCH = 256  # requests answered per loop iteration before sessions are looked at
 TICK = 0.1  # seconds between housekeeping passes (lease checks, idle channels)
 
 
 PID_MAX = 1 << 22          # Linux pid_max ceiling (PID_MAX_LIMIT)
 ID_MAX = (1 << 63) - 1
-FD_HEADROOM = 64           # descriptors kept for rings, semaphores and zmq beyond sessions
+FD_HEADROOM = 64           # descriptors kept for rings, semaphores, peering and metrics beyond
+                           # control and session connections
 LOCK_MODE = 0o600          # nobody else may open (and so flock) the lock file
 
 
@@ -65,16 +65,6 @@ def raise_nofile_limit(want: int) -> tuple[int, int]:
         except (ValueError, OSError) as exc:
             log.warning("could not raise RLIMIT_NOFILE from %d to %d: %s", soft, target, exc)
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def _peer_uid_pid(peer_address: str | None) -> tuple[int | None, int | None]:
-    """(uid, pid) from a zmq ipc ``Peer-Address`` (``host:uid:gid:pid``), or Nones."""
-    if not peer_address:
-        return None, None
-    parts = peer_address.rsplit(":", 3)
-    if len(parts) != 4 or not parts[1].isdigit():
-        return None, None
-    return int(parts[1]), identity.pid_from_peer_address(peer_address)
 
 
 class Daemon:
@@ -100,27 +90,19 @@ class Daemon:
                          "clients_exited": 0, "clients_crashed": 0, "leases_expired": 0,
                          "slots_reclaimed": 0, "peer_tick_errors": 0}
         self._stop = False
-        self._peer_address: str | None = None   # of the request being handled
-        self.ctx = zmq.Context()
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, settings.request_max_bytes)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        # Messages queued per client connection, each way: a client sends one request and waits
-        # for its reply, so a deep queue only serves a flooder (and holds the daemon's memory).
-        self.router.setsockopt(zmq.RCVHWM, ROUTER_HWM)
-        self.router.setsockopt(zmq.SNDHWM, ROUTER_HWM)
+        self._conn: Conn | None = None   # the control connection of the request being handled
         # One daemon per socket: the lock dies with its holder, so a crashed daemon never blocks
         # its successor, and the successor alone may sweep what it left.
         self._lock = self._take_lock(self.socket_path + ".lock")
         self.swept = self.segments.sweep()
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)  # stale socket of a dead daemon: we hold the lock
-        self.router.bind(endpoint(self.socket_path))
-        self._prepare_socket(self.socket_path)
-        self.sessions = Sessions(session_path(self.socket_path), settings,
-                                 lambda uid, pid: tenant(uid, pid), self._prepare_socket,
-                                 max_fds=max(16, self.nofile[0] - FD_HEADROOM))
+        # Control and session connections share the descriptors left after FD_HEADROOM.
+        self.max_conn_fds = max(16, self.nofile[0] - FD_HEADROOM)
+        self.control = ControlListener(self.socket_path, settings, tenant, self._prepare_socket,
+                                       self._room, self._handle)
+        self.sessions = Sessions(session_path(self.socket_path), settings, tenant,
+                                 self._prepare_socket, self._room)
         # Peering (docs/peering.md): own threads for sockets and data; registry changes arrive
         # here as events through a pipe this loop polls (PeerService.fds / on_readable).
         from .peer.service import PeerService
@@ -179,6 +161,10 @@ class Daemon:
                      follow_symlinks=False)
         os.chmod(path, parse_mode("socket_mode", s.socket_mode))
 
+    def _room(self) -> int:
+        """Connections (control or session) the descriptor budget still allows."""
+        return self.max_conn_fds - self.control.open_fds() - self.sessions.open_fds()
+
     # -- loop --------------------------------------------------------------------------------------
     def run(self) -> None:
         log.info("daemon ready socket=%s pid=%d swept=%d nofile=%d (hard %d) access=%s",
@@ -188,28 +174,33 @@ class Daemon:
         try:
             self.exporter = metrics.start(self, self.settings.metrics_listen)
             while not self._stop:
-                poller = zmq.Poller()
-                poller.register(self.router, zmq.POLLIN)
+                poller = select.poll()
+                control = self.control.poll_events(last_tick)
+                for fd, events in control.items():
+                    poller.register(fd, events)
                 for fd in self.sessions.fds(last_tick):
-                    poller.register(fd, zmq.POLLIN)
+                    poller.register(fd, select.POLLIN)
                 for fd in self.orphans:
-                    poller.register(fd, zmq.POLLIN)
-                poller.register(self._death_r, zmq.POLLIN)
+                    poller.register(fd, select.POLLIN)
+                poller.register(self._death_r, select.POLLIN)
                 peer_fds = self.peer.fds()
                 for fd in peer_fds:
-                    poller.register(fd, zmq.POLLIN)
-                for sock_or_fd, _ in poller.poll(int(TICK * 1000)):
-                    if sock_or_fd is self.router:
-                        self._drain_router()
-                    elif sock_or_fd == self._death_r:
+                    poller.register(fd, select.POLLIN)
+                # Requests already buffered are answered without waiting (daemon/control.py).
+                wait = 0 if self.control.ready else int(TICK * 1000)
+                for fd, events in poller.poll(wait):
+                    if fd in control:
+                        self.control.on_event(fd, events)
+                    elif fd == self._death_r:
                         self._drain_deaths()
-                    elif sock_or_fd in peer_fds:
-                        self.peer.on_readable(sock_or_fd)
-                    elif sock_or_fd in self.orphans:
-                        self._orphan_exited(sock_or_fd)
+                    elif fd in peer_fds:
+                        self.peer.on_readable(fd)
+                    elif fd in self.orphans:
+                        self._orphan_exited(fd)
                     else:
-                        for client in self.sessions.on_readable(sock_or_fd):
+                        for client in self.sessions.on_readable(fd):
                             self._client_gone(client, crashed=not client.said_goodbye)
+                self.control.serve_ready()
                 now = time.monotonic()
                 if now - last_tick >= TICK:
                     last_tick = now
@@ -236,8 +227,7 @@ class Daemon:
         for fd in self.orphans:
             os.close(fd)
         self.orphans.clear()
-        self.router.close(0)
-        self.ctx.term()
+        self.control.close()
         for path in (self.socket_path, self.socket_path + ".lock"):
             try:
                 os.unlink(path)
@@ -257,6 +247,7 @@ class Daemon:
             self._client_gone(client, crashed=False)
         for client in silent:
             self._orphan(client)
+        self.control.expire(now)
         self._remote_members()
         self.registry.reclaim_all()
         self.registry.expire_idle()
@@ -388,59 +379,39 @@ class Daemon:
         log.info("client %d pid=%s gone: freed %d slots, %d publisher roles", client.id,
                  client.pid, slots, roles)
 
-    def _drain_router(self) -> None:
-        """Answer up to ROUTER_BATCH requests, then go back to the poll: under a flood of
-        requests the session sockets (heartbeats, crash signals) still get their turn.  The
-        ROUTER queues fairly across clients, so a flooder cannot starve a normal client."""
-        for _ in range(ROUTER_BATCH):
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            if len(frames) != 2:
-                self.counters["malformed"] += 1
-                log.warning("dropped control message with %d frames (expected 2)", len(frames))
-                if len(frames) >= 1:
-                    self._send(frames[0].bytes, None, self._error(ProtocolError(
-                        "expected exactly one msgpack frame per request")))
-                continue
-            ident, payload = frames
-            try:
-                peer = str(payload.get("Peer-Address"))
-            except zmq.ZMQError:
-                peer = None
-            self._send(ident.bytes, *self._handle(payload.bytes, peer))
-
-    def _send(self, ident: bytes, req_id, reply: dict) -> None:
-        reply["v"] = PROTOCOL_VERSION
-        reply["id"] = req_id
-        try:
-            self.router.send_multipart([ident, msgpack.packb(reply)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            log.warning("could not reply to a client: %s", exc)
-
     @staticmethod
     def _error(exc: ShimmyError) -> dict:
         return {"ok": False, "error": {"code": exc.code, "message": str(exc)}}
 
-    def _handle(self, payload: bytes, peer: str | None = None):
+    def _handle(self, payload: bytes, conn: Conn) -> tuple[dict, bool]:
+        """The reply to one request frame, and whether its connection is to be closed after it
+        (a frame that is not one msgpack map: docs/protocol.md, "Transport")."""
+        req_id, reply, close = self._answer(payload, conn)
+        reply["v"] = PROTOCOL_VERSION
+        reply["id"] = req_id
+        return reply, close
+
+    def _answer(self, payload: bytes, conn: Conn):
         self.counters["requests"] += 1
         req_id = None
         op_label = metrics.OP_MALFORMED   # the metrics label until the op is known
+        close = True                      # until the payload is known to be one map
         try:
             try:
-                # Size is already bounded by ZMQ_MAXMSGSIZE (request_max_bytes).
+                # Size is already bounded by request_max_bytes (daemon/control.py).
                 req = msgpack.unpackb(payload, raw=False, strict_map_key=True)
             except Exception as exc:
-                raise ProtocolError(f"request is not valid msgpack: {type(exc).__name__}") from None
+                raise ProtocolError(f"request is not one msgpack map: {type(exc).__name__}: "
+                                    f"{_show(str(exc))}") from None
             if not isinstance(req, dict):
                 raise ProtocolError(f"request must be a msgpack map, got {type(req).__name__}")
+            close = False
             rid = req.get("id")
             req_id = rid if isinstance(rid, int) and not isinstance(rid, bool) \
                 and 0 <= rid <= ID_MAX else None
             if req.get("v") != PROTOCOL_VERSION:
-                raise ProtocolError(f"protocol version {req.get('v')!r} not supported; this "
-                                    f"daemon speaks {PROTOCOL_VERSION}")
+                raise ProtocolError(f"client speaks control protocol v{_show(req.get('v'))}; "
+                                    f"this daemon speaks v{PROTOCOL_VERSION}")
             if "id" in req and req_id is None:
                 raise InvalidArgument(f"field 'id' must be an int in 0..{ID_MAX}, got "
                                       f"{_show(req.get('id'))}")
@@ -449,17 +420,17 @@ class Daemon:
             if handler is None:
                 raise ProtocolError(f"unknown op {_show(op)}; known: {sorted(self.ops)}")
             op_label = str(op)
-            self._peer_address = peer   # the kernel's word on who sent it (op_hello reads it)
+            self._conn = conn   # the kernel's word on who sent it (op_hello reads it)
             result = handler(req)
             result["ok"] = True
             self.control_stats.count(op_label)
-            return req_id, result
+            return req_id, result, close
         except ShimmyError as exc:
             self.control_stats.count(op_label, exc.code)
             self.counters["errors"] += 1
             if isinstance(exc, ProtocolError):
                 self.counters["malformed"] += 1
-            return req_id, self._error(exc)
+            return req_id, self._error(exc), close
         except OSError as exc:
             self.counters["errors"] += 1
             if exc.errno in RESOURCE_ERRNOS or exc.errno == errno.ENOSPC:
@@ -467,16 +438,17 @@ class Daemon:
                 log.warning("request refused for lack of resources: %s", exc)
                 return req_id, self._error(LimitExceeded(
                     f"the daemon is out of resources ({exc.strerror}; {self.sessions.open_fds()} "
-                    f"session connections, nofile limit {self.nofile[0]}); try again"))
+                    f"session and {self.control.open_fds()} control connections, nofile limit "
+                    f"{self.nofile[0]}); try again")), close
             log.exception("internal error handling a request")
             return req_id, self._error(ShimmyError(
-                f"internal daemon error: {type(exc).__name__}: {exc}"))
+                f"internal daemon error: {type(exc).__name__}: {exc}")), close
         except Exception as exc:  # a bug must not take the node's channels down with it
             self.control_stats.count(op_label, metrics.CODE_INTERNAL)
             self.counters["errors"] += 1
             log.exception("internal error handling a request")
             return req_id, self._error(ShimmyError(
-                f"internal daemon error: {type(exc).__name__}: {exc}"))
+                f"internal daemon error: {type(exc).__name__}: {exc}")), close
 
     # -- request helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -580,8 +552,9 @@ class Daemon:
 
     def op_hello(self, req: dict) -> dict:
         pid = self._field(req, "pid", int, lo=1, hi=PID_MAX)
-        uid, real_pid = _peer_uid_pid(self._peer_address)
-        who = tenant(uid, real_pid)
+        conn = self._conn
+        uid, real_pid = (conn.uid, conn.pid or None) if conn is not None else (None, None)
+        who = conn.tenant if conn is not None else tenant(None, None)
         if len(self.sessions.clients) >= self.settings.max_clients:
             raise LimitExceeded(f"max_clients ({self.settings.max_clients}) clients attached")
         self.quotas.check("sessions", who, self.sessions.count(who))
@@ -590,7 +563,8 @@ class Daemon:
         self.counters["clients_total"] += 1
         return {"client": client.id, "token": client.token, "session": self.sessions.path,
                 "heartbeat_interval": self.settings.heartbeat_interval,
-                "lease_timeout": self.settings.lease_timeout}
+                "lease_timeout": self.settings.lease_timeout,
+                "protocol": PROTOCOL_VERSION, "ring_format": ring.LAYOUT_VERSION}
 
     def op_open(self, req: dict) -> dict:
         client = self._client(req)
@@ -762,7 +736,8 @@ class Daemon:
                    if who is None or (who is not False and c.uid == who.uid)]
         return {"pid": os.getpid(), "uptime": time.time() - self.started,
                 "socket": self.socket_path,
-                "counters": {**self.counters, **self.sessions.counters, **self.streams.counters},
+                "counters": {**self.counters, **self.sessions.counters,
+                             **self.control.counters, **self.streams.counters},
                 "shm_allocated": self.segments.allocated,
                 "nofile": {"soft": self.nofile[0], "hard": self.nofile[1]},
                 "orphans": len(self.orphans),

@@ -48,7 +48,7 @@ class Client:
     token: str
     claimed_pid: int
     tenant: str = ""             # quota account (daemon/quotas.py)
-    hello_uid: int | None = None  # uid that said hello (zmq peer credentials), if known
+    hello_uid: int | None = None  # uid that said hello (control peer credentials), if known
     created: float = field(default_factory=time.monotonic)
     sock: socket.socket | None = None
     pid: int | None = None       # from peer credentials, once the session is connected
@@ -80,9 +80,9 @@ class _Pending:
 
 class Sessions:
     def __init__(self, path: str, settings: Settings, tenant_of: Callable[[int, int], str],
-                 prepare_socket: Callable[[str], None], max_fds: int):
+                 prepare_socket: Callable[[str], None], room: Callable[[], int]):
         self.path = path
-        self.max_fds = max_fds          # session connections at most (descriptor headroom)
+        self.room = room                # connections the descriptor budget still allows
         self.settings = settings
         self.tenant_of = tenant_of      # (uid, pid) -> quota account
         self.clients: dict[int, Client] = {}
@@ -187,13 +187,13 @@ class Sessions:
             pid, uid, _gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                           _CRED.size))
             tenant = self.tenant_of(uid, pid)
-            if (self.open_fds() >= min(s.max_clients, self.max_fds)
+            if (self.open_fds() >= s.max_clients or self.room() <= 0
                     or self.connections(tenant) >= s.quota_connections):
                 self.counters["connections_refused"] += 1
                 self._warn("quota:" + tenant, "session socket: refusing a connection from %s "
-                           "(pid %d): quota_connections=%d per tenant, %d in all (max_clients, "
-                           "or the nofile limit less headroom)", tenant, pid,
-                           s.quota_connections, min(s.max_clients, self.max_fds))
+                           "(pid %d): quota_connections=%d per tenant, max_clients=%d in all, "
+                           "and the descriptors left for connections (%d)", tenant, pid,
+                           s.quota_connections, s.max_clients, self.room())
                 sock.close()
                 continue
             sock.setblocking(False)

@@ -1,10 +1,11 @@
 """The SDK's connection to the node daemon (control plane only; no message bytes go this way).
 
-One :class:`DaemonClient` per (process, daemon socket).  It owns a ZeroMQ DEALER for requests and
-a session socket whose lifetime is the daemon's view of this process's lifetime.  A heartbeat
-thread keeps the lease.  After ``fork()`` the child drops the parent's client (closing its copy of
-the session socket, so the parent's death is still seen) and any object opened before the fork
-refuses to work in the child: a child must open its own channels.
+One :class:`DaemonClient` per (process, daemon socket).  It owns a control connection (framed
+requests, control protocol v2: shimmy/protocol.py) and a session socket whose lifetime is the
+daemon's view of this process's lifetime.  A heartbeat thread keeps the lease.  After ``fork()``
+the child drops the parent's client (closing its copies of both sockets, so the parent's death is
+still seen) and any object opened before the fork refuses to work in the child: a child must
+open its own channels.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ import weakref
 
 import msgpack
 import posix_ipc
-import zmq
 
 from shimmy.errors import (DaemonUnavailable, LimitExceeded, PermissionDenied, ProtocolError,
                            error_from_reply)
-from shimmy.protocol import PROTOCOL_VERSION, endpoint, resolve_socket, session_path
+from shimmy.protocol import (PROTOCOL_VERSION, frame, read_frame, resolve_socket,
+                             session_path)
 
 REQUEST_TIMEOUT = 5.0  # seconds to wait for a daemon reply before DaemonUnavailable
-REPLACED_CHECK_MS = 100  # while waiting, how often to check the daemon was not replaced
 GOODBYE = b"q"         # sent on the session socket by close(): the daemon counts a clean exit
 
 _clients: dict[str, "DaemonClient"] = {}
@@ -86,9 +86,7 @@ class DaemonClient:
             raise DaemonUnavailable(self._unavailable("no socket file there")) from None
         if not os.access(path, os.R_OK | os.W_OK):
             raise _denied(path, "the daemon's control socket")
-        _probe(path, self._unavailable)
-        self._ctx: zmq.Context = zmq.Context.instance()
-        self._sock = self._new_socket()
+        self._sock: socket.socket | None = None   # connected by the first request
         hello = self.request("hello", pid=os.getpid())
         self.id = hello["client"]
         self._token = hello["token"]   # proves our requests are ours (see docs/protocol.md)
@@ -114,17 +112,27 @@ class DaemonClient:
         return (f"shimmy daemon not reachable at {self.path} ({why}); start one with "
                 f"`shimmy daemon --socket {self.path}` or point $SHIMMY_DAEMON at its socket")
 
-    def _new_socket(self) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        self._inode = _inode(self.path)
-        sock.connect(endpoint(self.path))
-        return sock
+    def _connect(self) -> socket.socket:
+        """A control connection.  Nobody listening fails at once; a full backlog (a daemon out
+        of descriptors pausing its accepts) waits at most REQUEST_TIMEOUT."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(REQUEST_TIMEOUT)
+        try:
+            sock.connect(self.path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            raise DaemonUnavailable(self._unavailable("nobody listens on the socket")) from None
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnavailable(self._unavailable(f"cannot connect: {exc}")) from None
+        return sock   # the timeout stays: a send to a daemon that stopped reading is bounded
 
-    def _replaced(self) -> bool:
-        """The control socket file is gone or another one (its daemon died; maybe restarted):
-        a request it had not answered will never be answered."""
-        return _inode(self.path) != self._inode
+    def _drop_connection(self) -> None:
+        """Forget the control connection (it may hold half a request or an unread reply); the
+        next request connects afresh."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def request(self, op: str, **fields) -> dict:
         """Send one request and wait (bounded) for its reply; raise the reply's error."""
@@ -136,22 +144,38 @@ class DaemonClient:
         with self._lock:
             if self.closed:
                 raise DaemonUnavailable(self._unavailable("client closed"))
-            self._sock.send(msgpack.packb(fields))
+            if self._sock is None:
+                self._sock = self._connect()
             deadline = time.monotonic() + REQUEST_TIMEOUT
-            while True:
-                if not self._sock.poll(REPLACED_CHECK_MS):
-                    replaced = self._replaced()
-                    if not replaced and time.monotonic() < deadline:
-                        continue
-                    # The DEALER may hold a half-sent request; start clean next time.
-                    self._sock.close(0)
-                    self._sock = self._new_socket()
-                    raise DaemonUnavailable(self._unavailable(
-                        f"the daemon went away before it answered {op!r}" if replaced else
-                        f"no reply to {op!r} within {REQUEST_TIMEOUT} s"))
-                reply = msgpack.unpackb(self._sock.recv(), raw=False)
-                if reply.get("id") == req_id:
-                    break  # replies to abandoned requests are skipped
+            try:
+                self._sock.sendall(frame(msgpack.packb(fields)))
+                sent = None
+            except OSError as exc:
+                # The daemon may have refused the connection with a reply before closing it
+                # (a quota on control connections): that reply says why; read it if it is there.
+                sent = exc
+                deadline = time.monotonic() + 0.5
+            try:
+                payload = read_frame(self._sock, deadline)
+            except OSError as exc:
+                self._drop_connection()
+                why = sent or exc
+                raise DaemonUnavailable(self._unavailable(
+                    f"no reply to {op!r} within {REQUEST_TIMEOUT} s"
+                    if isinstance(why, TimeoutError) else
+                    f"the daemon went away before it answered {op!r}"
+                    if isinstance(why, ConnectionError) else
+                    f"{type(why).__name__} on the connection: {why}")) from None
+            try:
+                reply = msgpack.unpackb(payload, raw=False)
+            except Exception as exc:   # msgpack's errors have no common base but Exception
+                reply = exc
+            if not isinstance(reply, dict) or reply.get("id") not in (req_id, None) \
+                    or sent is not None:
+                self._drop_connection()   # out of step with the daemon: start clean next time
+            if not isinstance(reply, dict):
+                raise ProtocolError(f"daemon reply to {op!r} is not a msgpack map "
+                                    f"({type(reply).__name__})")
         if reply.get("v") != PROTOCOL_VERSION:
             raise ProtocolError(f"daemon speaks protocol {reply.get('v')}, "
                                 f"this SDK {PROTOCOL_VERSION}")
@@ -163,10 +187,12 @@ class DaemonClient:
     def _abandon(self) -> None:
         """In a forked child: forget the parent's connection without telling the daemon."""
         self.closed = True
-        try:
-            self._session.close()
-        except OSError:
-            pass
+        for sock in (self._session, self._sock):
+            try:
+                if sock is not None:
+                    sock.close()   # our copy only: the parent's connections stay open
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self.closed:
@@ -178,33 +204,7 @@ class DaemonClient:
         except OSError:
             pass
         self._session.close()
-        self._sock.close(0)
-
-
-def _inode(path: str) -> tuple[int, int] | None:
-    """Which file is at ``path`` (a new file may reuse the inode number of an unlinked one;
-    its mtime is that of its creation: chmod and traffic leave a socket file's mtime alone)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns
-
-
-def _probe(path: str, unavailable) -> None:
-    """Fail at once when nobody listens on the control socket (a daemon killed without a chance
-    to remove its socket file): ZeroMQ would otherwise wait REQUEST_TIMEOUT for a reply, which
-    made every reopen after a daemon restart take seconds."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)   # a full backlog (a daemon out of descriptors) must not block us
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        raise DaemonUnavailable(unavailable("nobody listens on the socket")) from None
-    except OSError:
-        pass   # anything else (a full backlog: a timeout): let ZeroMQ try and report as before
-    finally:
-        probe.close()
+        self._drop_connection()
 
 
 def _socket_path_mismatch(path: str, session: str, exc: OSError) -> str:
@@ -219,9 +219,11 @@ def _socket_path_mismatch(path: str, session: str, exc: OSError) -> str:
 
 def _heartbeat(ref, sock: socket.socket, stop: threading.Event, interval: float) -> None:
     """Send one byte per interval; notice the daemon going away (EOF) within one interval."""
+    poller = select.poll()   # not select(): the process may hold descriptors past FD_SETSIZE
+    poller.register(sock, select.POLLIN)
     while not stop.is_set():
         try:
-            readable, _, _ = select.select([sock], [], [], interval)
+            readable = poller.poll(int(interval * 1000))
             if readable and not sock.recv(64):
                 raise ConnectionResetError("daemon closed the session")
             sock.send(b"h")

@@ -486,27 +486,30 @@ def rm(name: str, daemon_path: str | None, stream: bool) -> None:
 def health(daemon_path: str | None, timeout: float) -> None:
     """Ping the daemon without registering as a client: exit 0 and print its pid and uptime when
     it answers, 1 when it does not (no socket file fails at once)."""
-    import msgpack
-    import zmq
+    import socket
 
-    from shimmy.protocol import PROTOCOL_VERSION, endpoint, resolve_socket
+    import msgpack
+
+    from shimmy.protocol import PROTOCOL_VERSION, frame, read_frame, resolve_socket
     path = resolve_socket(daemon_path)
     if not os.path.exists(path):
         raise DaemonUnavailable(f"unhealthy: no socket file at {path} (is the daemon "
                                        f"running? see `shimmy daemon --socket {path}`)")
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint(path))
-        sock.send(msgpack.packb({"v": PROTOCOL_VERSION, "id": 1, "op": "ping"}))
-        if not sock.poll(int(timeout * 1000)):
-            raise DaemonUnavailable(f"unhealthy: no reply from {path} within {timeout} s")
-        reply = msgpack.unpackb(sock.recv())
-        click.echo(f"ok pid={reply['pid']} uptime={reply['uptime']:.0f}s")
-    finally:
-        sock.close(0)
-        ctx.term()
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(frame(msgpack.packb({"v": PROTOCOL_VERSION, "id": 1, "op": "ping"})))
+            reply = msgpack.unpackb(read_frame(sock, deadline))
+        except TimeoutError:
+            raise DaemonUnavailable(f"unhealthy: no reply from {path} within {timeout} s") \
+                from None
+        except OSError as exc:
+            raise DaemonUnavailable(f"unhealthy: {path}: {exc.strerror or exc}") from None
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        raise DaemonUnavailable(f"unhealthy: {path} answered {reply!r:.200}")
+    click.echo(f"ok pid={reply['pid']} uptime={reply['uptime']:.0f}s")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,

@@ -11,6 +11,7 @@ Each transport runs two phases with the same processes:
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
 import shutil
@@ -217,8 +218,10 @@ def run_demo(seconds: float = 3.0, size: int = 256) -> int:
             time.sleep(0.02)
         shimmy_r = _run_transport("shimmy", _shimmy_pub, (sock,), _shimmy_sub, sock, size,
                                   seconds)
-        zmq_r = _run_transport("zeromq", _zmq_pub, ("ipc://" + os.path.join(workdir, "zmq"),),
-                               _zmq_sub, "ipc://" + os.path.join(workdir, "zmq"), size, seconds)
+        zmq_r = None
+        if importlib.util.find_spec("zmq") is not None:   # pyzmq: the `bench` extra
+            zmq_r = _run_transport("zeromq", _zmq_pub, ("ipc://" + os.path.join(workdir, "zmq"),),
+                                   _zmq_sub, "ipc://" + os.path.join(workdir, "zmq"), size, seconds)
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:
@@ -228,21 +231,28 @@ def run_demo(seconds: float = 3.0, size: int = 256) -> int:
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
     _print_table(shimmy_r, zmq_r)
+    if zmq_r is None:
+        print("(no ZeroMQ column: pyzmq is not installed; pip install 'shimmy[bench]')")
     return 0 if shimmy_r["complete"] else 1
 
 
-def _print_table(a: dict, b: dict) -> None:
+def _print_table(a: dict, b: dict | None) -> None:
     rows = [
         ("", "shimmy", "zeromq ipc", "ratio"),
-        ("messages/s per subscriber", f"{a['rate']:,.0f}", f"{b['rate']:,.0f}",
-         f"{a['rate'] / b['rate']:.1f}x" if b["rate"] else "-"),
-        ("MB/s per subscriber", f"{a['bytes_per_s'] / 1e6:,.1f}", f"{b['bytes_per_s'] / 1e6:,.1f}",
-         ""),
-        ("all messages delivered", str(a["complete"]), str(b["complete"]), ""),
+        ("messages/s per subscriber", f"{a['rate']:,.0f}", *(
+            (f"{b['rate']:,.0f}", f"{a['rate'] / b['rate']:.1f}x" if b["rate"] else "-")
+            if b else ("-", "-"))),
+        ("MB/s per subscriber", f"{a['bytes_per_s'] / 1e6:,.1f}",
+         f"{b['bytes_per_s'] / 1e6:,.1f}" if b else "-", ""),
+        ("all messages delivered", str(a["complete"]), str(b["complete"]) if b else "-", ""),
     ]
     for q in ("p50", "p99", "p999"):
-        x, y = a["latency_us"][q], b["latency_us"][q]
-        rows.append((f"latency {q} (µs)", f"{x:,.1f}", f"{y:,.1f}", _latency_ratio(x, y)))
+        x = a["latency_us"][q]
+        if b:
+            y = b["latency_us"][q]
+            rows.append((f"latency {q} (µs)", f"{x:,.1f}", f"{y:,.1f}", _latency_ratio(x, y)))
+        else:
+            rows.append((f"latency {q} (µs)", f"{x:,.1f}", "-", "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print()
     for r in rows:

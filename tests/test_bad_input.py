@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import msgpack
 import pytest
-import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shimmy
-from shimmy.protocol import PROTOCOL_VERSION
+from shimmy.protocol import FRAME_HEADER, PROTOCOL_VERSION, frame, read_frame
 
 
 @pytest.mark.parametrize("name", ["", "a//b", "/lead", "trail/", "sp ace", "a/../b", ".", "x" * 201,
@@ -109,17 +109,27 @@ def test_unknown_config_setting_is_refused(daemon_factory, tmp_path):
 
 
 def _raw(daemon):
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect("ipc://" + daemon.socket)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(daemon.socket)
     return sock
 
 
-def _ask(sock, payload, timeout=5000):
-    sock.send(payload)
-    assert sock.poll(timeout), "daemon did not answer"
-    return msgpack.unpackb(sock.recv(), raw=False)
+def _reply(sock, timeout=5.0):
+    return msgpack.unpackb(read_frame(sock, time.monotonic() + timeout), raw=False)
+
+
+def _ask(sock, payload, timeout=5.0):
+    sock.sendall(frame(payload))
+    return _reply(sock, timeout)
+
+
+def _closed(sock) -> bool:
+    """The daemon closed the connection (end-of-file within 5 s)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
 
 
 def _ping_ok(daemon):
@@ -131,34 +141,99 @@ def _ping_ok(daemon):
         sock.close()
 
 
-@pytest.mark.parametrize("payload, code", [
-    (b"\xc1", "protocol"),                                       # never-valid msgpack byte
-    (msgpack.packb([1, 2, 3]), "protocol"),                      # not a map
-    (msgpack.packb({"v": 99, "op": "ping"}), "protocol"),        # wrong version
-    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "explode"}), "protocol"),
-    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "open", "client": "me"}), "invalid_argument"),
-    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "open", "client": 12345}), "invalid_argument"),
-    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "delete", "name": "../etc"}), "invalid_name"),
+@pytest.mark.parametrize("payload, code, closes", [
+    (b"\xc1", "protocol", True),                                 # never-valid msgpack byte
+    (msgpack.packb([1, 2, 3]), "protocol", True),                # not a map
+    (msgpack.packb({"v": 1}) + msgpack.packb({"v": 1}), "protocol", True),   # two maps
+    (msgpack.packb({"v": 99, "op": "ping"}), "protocol", False),  # wrong version
+    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "explode"}), "protocol", False),
+    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "open", "client": "me"}), "invalid_argument",
+     False),
+    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "open", "client": 12345}), "invalid_argument",
+     False),
+    (msgpack.packb({"v": PROTOCOL_VERSION, "op": "delete", "name": "../etc"}), "invalid_name",
+     False),
     (msgpack.packb({"v": PROTOCOL_VERSION, "op": "delete", "name": "nothere"}),
-     "invalid_argument"),                                      # deleting needs a client
+     "invalid_argument", False),                               # deleting needs a client
 ])
-def test_malformed_requests_get_specific_errors(daemon, payload, code):
+def test_malformed_requests_get_specific_errors(daemon, payload, code, closes):
     sock = _raw(daemon)
     try:
         reply = _ask(sock, payload)
         assert reply["ok"] is False and reply["error"]["code"] == code, reply
+        if closes:   # bytes that are not one msgpack map end the connection (docs/protocol.md)
+            assert _closed(sock)
+        else:        # any other error leaves it usable
+            assert _ask(sock, msgpack.packb({"v": PROTOCOL_VERSION, "id": 3, "op": "ping"}))["ok"]
     finally:
         sock.close()
     assert _ping_ok(daemon)
 
 
-def test_oversized_and_multipart_requests(daemon):
+def test_wrong_version_names_both_versions(daemon):
     sock = _raw(daemon)
     try:
-        sock.send(b"x" * (1 << 20))  # over request_max_bytes: libzmq drops the connection
-        sock.send_multipart([b"a", b"b", b"c"])
+        reply = _ask(sock, msgpack.packb({"v": 1, "id": 4, "op": "ping"}))
     finally:
         sock.close()
+    assert reply["id"] == 4 and reply["error"]["code"] == "protocol"
+    assert "control protocol v1" in reply["error"]["message"]
+    assert f"v{PROTOCOL_VERSION}" in reply["error"]["message"]
+
+
+@pytest.mark.parametrize("head", [FRAME_HEADER.pack(65537), FRAME_HEADER.pack((1 << 32) - 1),
+                                  FRAME_HEADER.pack(0)])
+def test_oversized_and_empty_frames_are_refused_unread(daemon, head):
+    sock = _raw(daemon)
+    try:
+        sock.sendall(head + b"x" * 100)   # the body need never arrive
+        reply = _reply(sock)
+        assert reply["ok"] is False and reply["error"]["code"] == "protocol", reply
+        assert "request_max_bytes=65536" in reply["error"]["message"], reply
+        assert _closed(sock)
+    finally:
+        sock.close()
+    assert _ping_ok(daemon)
+
+
+def test_a_client_of_protocol_v1_is_told_to_upgrade(daemon):
+    """A ZeroMQ DEALER (control protocol v1) opens with its ZMTP greeting."""
+    sock = _raw(daemon)
+    try:
+        sock.sendall(b"\xff" + bytes(8) + b"\x7f" + bytes(54))
+        reply = _reply(sock)
+        assert reply["error"]["code"] == "protocol", reply
+        assert "control protocol v1" in reply["error"]["message"], reply
+        assert _closed(sock)
+    finally:
+        sock.close()
+
+
+def test_requests_pipelined_on_one_connection_are_answered_in_order(daemon):
+    sock = _raw(daemon)
+    try:
+        sock.sendall(b"".join(frame(msgpack.packb({"v": PROTOCOL_VERSION, "id": i, "op": "ping"}))
+                              for i in range(1, 501)))
+        assert [_reply(sock)["id"] for _ in range(500)] == list(range(1, 501))
+    finally:
+        sock.close()
+
+
+def test_half_frames_and_garbage_are_closed_and_others_served(daemon):
+    """Half a frame (the header promising bytes that never come) and raw garbage: both
+    connections end, the first after control_request_timeout, and a client is served meanwhile."""
+    half, garbage = _raw(daemon), _raw(daemon)
+    try:
+        half.sendall(FRAME_HEADER.pack(100) + b"\x81")
+        garbage.sendall(b"\xfe" * 4 + os.urandom(5000))
+        assert _ping_ok(daemon)
+        half.settimeout(15)
+        assert _closed(half), "a half frame was held open past control_request_timeout"
+        assert _reply(garbage)["error"]["code"] == "protocol"
+        assert _closed(garbage)
+    finally:
+        half.close()
+        garbage.close()
     assert _ping_ok(daemon)
 
 

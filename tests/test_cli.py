@@ -355,24 +355,32 @@ def test_demo_runs_end_to_end_and_cleans_up():
 
 
 def test_fake_daemon_sending_garbage_gives_one_line_not_a_traceback(tmp_path):
-    """A fake daemon (a bare ZeroMQ ROUTER answering every request with invalid msgpack) makes
-    the SDK fail in an unplanned way: the user still gets one line and exit code 1."""
+    """A fake daemon (a bare unix listener answering every request frame with invalid msgpack)
+    makes the SDK fail in an unplanned way: the user still gets one line and exit code 1."""
+    import socket
     import threading
 
-    import zmq
-
-    from shimmy.protocol import endpoint
+    from shimmy.protocol import frame
     path = str(tmp_path / "fake.sock")
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.bind(endpoint(path))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    listener.settimeout(0.1)
     stop = threading.Event()
 
     def answer():
         while not stop.is_set():
-            if router.poll(100):
-                ident, _ = router.recv_multipart()
-                router.send_multipart([ident, b"\xc1"])
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    while conn.recv(65536):
+                        conn.sendall(frame(b"\xc1"))
+                except OSError:
+                    pass
 
     t = threading.Thread(target=answer, daemon=True)
     t.start()
@@ -380,9 +388,8 @@ def test_fake_daemon_sending_garbage_gives_one_line_not_a_traceback(tmp_path):
         r = run("ls", "--daemon", path, timeout=30)
     finally:
         stop.set()
-        t.join(5)
-        router.close(0)
-        ctx.term()
+        t.join(10)
+        listener.close()
     assert r.returncode == 1, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("shimmy: "), r.stderr
 

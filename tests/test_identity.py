@@ -26,7 +26,6 @@ from shimmy.daemon.identity import (
     container_id_from_cgroup,
     container_id_of_pid,
     peer_credentials,
-    pid_from_peer_address,
 )
 from shimmy.daemon.label_policy import LabelPolicy, compile_pattern, policy_for_pid
 from shimmy.errors import InvalidArgument, PermissionDenied
@@ -120,34 +119,6 @@ def test_peer_credentials_of_a_real_unix_socket():
     with a, b:
         pid, uid, gid = peer_credentials(a)
     assert (pid, uid, gid) == (os.getpid(), os.getuid(), os.getgid())
-
-
-def test_pid_from_zmq_peer_address_of_a_real_ipc_connection(tmp_path):
-    zmq = pytest.importorskip("zmq")
-    ctx = zmq.Context()
-    try:
-        router = ctx.socket(zmq.ROUTER)
-        dealer = ctx.socket(zmq.DEALER)
-        for s in (router, dealer):
-            s.linger = 0
-        endpoint = f"ipc://{tmp_path}/t.sock"
-        router.bind(endpoint)
-        dealer.connect(endpoint)
-        dealer.send(b"hello")
-        assert router.poll(5000), "no message within 5 s"
-        frames = router.recv_multipart(copy=False)
-        assert pid_from_peer_address(frames[-1].get("Peer-Address")) == os.getpid()
-        router.close()
-        dealer.close()
-    finally:
-        ctx.term()
-
-
-@pytest.mark.parametrize("addr,want", [("localhost:0:0:1234", 1234), (":1000:1000:77", 77),
-                                       ("localhost:0:0:0", None), ("127.0.0.1", None),
-                                       ("", None), (None, None), ("a:b:c:d", None)])
-def test_pid_from_peer_address_shapes(addr, want):
-    assert pid_from_peer_address(addr) == want
 
 
 # ---- patterns -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -13,12 +14,11 @@ import urllib.request
 
 import msgpack
 import pytest
-import zmq
 
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from shimmy.protocol import PROTOCOL_VERSION, endpoint  # noqa: E402
+from shimmy.protocol import PROTOCOL_VERSION, frame, read_frame  # noqa: E402
 
 # One worker script, three roles, driven by files so the test decides when each side moves.
 WORKER = r"""
@@ -189,18 +189,12 @@ def test_metrics_count_lossy_losses_and_control_errors(daemon_factory, tmp_path)
             sub.wait()
 
     # Errors by operation and code: a request that is not msgpack, and an unknown op.
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint(d.socket))
-    try:
-        for frame in (b"\xc1 not msgpack", msgpack.packb({"v": PROTOCOL_VERSION, "op": "nope"})):
-            sock.send(frame)
-            assert sock.poll(10_000), "no reply"
-            assert msgpack.unpackb(sock.recv())["ok"] is False
-    finally:
-        sock.close(0)
-        ctx.term()
+    for payload in (b"\xc1 not msgpack", msgpack.packb({"v": PROTOCOL_VERSION, "op": "nope"})):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(d.socket)
+            sock.sendall(frame(payload))
+            reply = msgpack.unpackb(read_frame(sock, time.monotonic() + 10))
+            assert reply["ok"] is False, reply
     s = scrape(url)
     assert value(s, "shimmy_control_errors_total", op="malformed", code="protocol") == 2
     assert value(s, "shimmy_control_requests_total", op="malformed") == 2
@@ -237,6 +231,7 @@ def test_metrics_label_sets_stay_bounded(daemon_factory, tmp_path):
     client; the label names are the documented, bounded set."""
     d, url = _metrics_daemon(daemon_factory, tmp_path, max_channels=1000, max_clients=256,
                               quota_channels=1000, quota_sessions=256, quota_connections=256,
+                              quota_control_connections=256,
                               quota_subscribers=2000)
     ready, stop = tmp_path / "ready", tmp_path / "stop"
     proc = subprocess.Popen([sys.executable, "-c", CARDINALITY_WORKER, d.socket, "200", "5",

@@ -7,8 +7,10 @@ client still served?
 It starts its own daemon on a private socket (unix sockets only, nothing leaves the machine),
 measures a normal client's request latency with the daemon idle, then for ``--seconds`` runs:
 
-* ``--clients`` flooding zmq clients sending random frames, random and malformed requests,
-  ``hello`` after ``hello`` (half-open sessions) and tokens that never heartbeat;
+* ``--clients`` flooding control connections sending random requests and malformed ones, bytes
+  that are no frame, frames over ``request_max_bytes``, empty frames, half frames left hanging
+  (slowloris), ``hello`` after ``hello`` (half-open sessions) and tokens that never heartbeat;
+  a connection the daemon closes is opened again;
 * ``--idle`` idle connections, half on the control socket (never greet), half on the session
   socket (never send a token);
 
@@ -35,7 +37,8 @@ import tempfile
 import time
 
 import msgpack
-import zmq
+
+from shimmy.protocol import FRAME_HEADER, frame
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OPS = ["open", "subscribe", "unsubscribe", "publish", "unpublish", "close", "list", "stat",
@@ -43,7 +46,7 @@ OPS = ["open", "subscribe", "unsubscribe", "publish", "unpublish", "close", "lis
 #: The run's daemon settings: short session timeouts so half-open and silent sessions are
 #: removed within the run (docs/daemon.md explains each).
 DAEMON_CONFIG = ("heartbeat_interval = 0.2\nlease_timeout = 1.0\nsession_timeout = 3.0\n"
-                 "session_connect_timeout = 1.0\n")
+                 "session_connect_timeout = 1.0\ncontrol_request_timeout = 1.0\n")
 
 
 # -- workers (run in their own processes, possibly as another uid) ---------------------------------
@@ -54,54 +57,83 @@ def _random_value(rng: random.Random):
                        "a/b", "../etc", rng.getrandbits(64)])
 
 
-def _random_frame(rng: random.Random, pid: int) -> list[bytes]:
+def _random_frame(rng: random.Random, pid: int) -> tuple[bytes, bool]:
+    """Bytes for one control connection, and whether the daemon must close it after them."""
     kind = rng.random()
-    if kind < 0.2:
-        return [rng.randbytes(rng.randint(0, 200))]
-    if kind < 0.3:
-        return [b"a", b"b", b"c"][: rng.randint(2, 3)]
-    if kind < 0.5:
-        return [msgpack.packb({"v": 1, "id": rng.randint(1, 1 << 30), "op": "hello",
-                               "pid": rng.choice([pid, -5, 2**63])})]
-    req = {"v": rng.choice([1, 1, 1, 0]), "id": rng.randint(0, 1 << 30), "op": rng.choice(OPS)}
+    if kind < 0.05:
+        return rng.randbytes(rng.randint(1, 200)), True             # no frame at all
+    if kind < 0.08:
+        return FRAME_HEADER.pack(rng.choice([0, 65537, 1 << 31])), True   # empty or oversized
+    if kind < 0.10:   # half a frame, then nothing (slowloris): closed at control_request_timeout
+        return FRAME_HEADER.pack(rng.randint(10, 1000)) + b"\x81", True
+    if kind < 0.15:
+        return frame(rng.randbytes(rng.randint(1, 200))), True     # a frame that is no map
+    if kind < 0.35:
+        return frame(msgpack.packb({"v": 2, "id": rng.randint(1, 1 << 30), "op": "hello",
+                                    "pid": rng.choice([pid, -5, 2**63])})), False
+    req = {"v": rng.choice([2, 2, 2, 1]), "id": rng.randint(0, 1 << 30), "op": rng.choice(OPS)}
     for key in rng.sample(["client", "token", "name", "mode", "capacity", "start", "slot", "pid",
                            "create", "role", "serial"], rng.randint(0, 6)):
         req[key] = _random_value(rng)
-    return [msgpack.packb(req)]
+    return frame(msgpack.packb(req)), False
+
+
+class _Conn:
+    """One flooding control connection: what it sent, and the replies it has read back."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        try:
+            self.sock.connect(path)
+        except (BlockingIOError, InterruptedError):
+            pass
+        self.buf = b""
+        self.doomed = False   # sent what the daemon closes connections for
+
+    def replies(self) -> list:
+        out = []
+        while len(self.buf) >= FRAME_HEADER.size:
+            (size,) = FRAME_HEADER.unpack_from(self.buf)
+            if len(self.buf) < FRAME_HEADER.size + size:
+                break
+            out.append(self.buf[FRAME_HEADER.size:FRAME_HEADER.size + size])
+            self.buf = self.buf[FRAME_HEADER.size + size:]
+        return out
 
 
 def flood(sock_path: str, seconds: float, sockets: int, seed: int) -> dict:
-    """Send random frames from ``sockets`` zmq DEALERs for ``seconds``; also present tokens of
-    successful hellos on the session socket and then fall silent.  Returns counts."""
+    """Send random bytes over ``sockets`` control connections for ``seconds`` (opening a new one
+    for each the daemon closes); also present tokens of successful hellos on the session socket
+    and then fall silent.  Returns counts."""
     rng = random.Random(seed)
-    ctx = zmq.Context()
-    socks = []
-    for _ in range(sockets):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 100)
-        s.connect("ipc://" + sock_path)
-        socks.append(s)
-    poller = zmq.Poller()
-    for s in socks:
-        poller.register(s, zmq.POLLIN)
-    sent = answered = 0
+    conns = [_Conn(sock_path) for _ in range(sockets)]
+    sent = answered = closed = 0
     codes: dict[str, int] = {}
     silent: list[socket.socket] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        for s in socks:
-            try:
-                s.send_multipart(_random_frame(rng, os.getpid()), zmq.NOBLOCK)
-                sent += 1
-            except zmq.Again:
-                pass
-        for s, _ in poller.poll(1):
-            while True:
+        for i, c in enumerate(conns):
+            if not c.doomed:
+                data, c.doomed = _random_frame(rng, os.getpid())
                 try:
-                    reply = msgpack.unpackb(s.recv(zmq.NOBLOCK), raw=False)
-                except zmq.Again:
-                    break
+                    c.sock.send(data)
+                    sent += 1
+                except (BlockingIOError, InterruptedError):
+                    c.doomed = False
+                except OSError:
+                    c.doomed = True
+            try:
+                chunk = c.sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                chunk = None
+            except OSError:
+                chunk = b""
+            if chunk is not None:
+                c.buf += chunk
+            for payload in c.replies():
+                try:
+                    reply = msgpack.unpackb(payload, raw=False)
                 except Exception:
                     codes["undecodable"] = codes.get("undecodable", 0) + 1
                     continue
@@ -116,12 +148,17 @@ def flood(sock_path: str, seconds: float, sockets: int, seed: int) -> dict:
                         silent.append(conn)
                     except OSError:
                         conn.close()
+            if chunk == b"":   # the daemon closed it: a new one takes its place
+                closed += 1
+                c.sock.close()
+                conns[i] = _Conn(sock_path)
+        time.sleep(0.001)
     for conn in silent:
         conn.close()
-    for s in socks:
-        s.close(0)
-    ctx.term()
-    return {"sent": sent, "answered": answered, "codes": codes, "silent_sessions": len(silent)}
+    for c in conns:
+        c.sock.close()
+    return {"sent": sent, "answered": answered, "codes": codes, "silent_sessions": len(silent),
+            "closed_by_daemon": closed}
 
 
 def idle(sock_path: str, seconds: float, count: int) -> dict:
@@ -267,6 +304,8 @@ def run(seconds: float = 60, clients: int = 50, idle_connections: int = 2000,
                            "answered": sum(r.get("answered", 0) for r in results),
                            "codes": codes,
                            "silent_sessions": sum(r.get("silent_sessions", 0) for r in results),
+                           "closed_by_daemon": sum(r.get("closed_by_daemon", 0)
+                                                   for r in results),
                            "idle": next((r for r in results if "held" in r), {})}
         # Afterwards: everything the flood held is released within the session timeouts
         # (half-open hellos after session_connect_timeout, silent sessions at EOF or
@@ -290,7 +329,11 @@ def run(seconds: float = 60, clients: int = 50, idle_connections: int = 2000,
         report["daemon_counters"] = {k: v for k, v in stat["counters"].items()
                                      if k in ("requests", "errors", "malformed",
                                               "accept_errors", "connections_refused",
-                                              "sessions_timed_out", "hellos_expired")}
+                                              "sessions_timed_out", "hellos_expired",
+                                              "control_accept_errors",
+                                              "control_connections_refused",
+                                              "control_connections_timed_out",
+                                              "control_frames_refused")}
         if idle_lat and flood_lat:
             report["latency_ratio_median"] = round(statistics.median(flood_lat)
                                                    / statistics.median(idle_lat), 2)
@@ -318,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.abuse.control", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=60, help="length of the flood (default 60)")
-    p.add_argument("--clients", type=int, default=50, help="flooding zmq clients (default 50)")
+    p.add_argument("--clients", type=int, default=50,
+                   help="flooding control connections (default 50)")
     p.add_argument("--idle", type=int, default=2000, help="idle connections (default 2000)")
     p.add_argument("--as-caller", action="store_true",
                    help="flood as the caller's uid even when root (default: shimmy-out)")

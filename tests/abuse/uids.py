@@ -24,7 +24,7 @@ IN_GROUP = ("shimmy-a", "shimmy-b")
 
 _BOOT = """
 import errno, json, mmap, os, select, socket, stat, sys, time, traceback
-import msgpack, posix_ipc, zmq
+import msgpack, posix_ipc
 import shimmy, shimmy.ring, shimmy.stream_ring, shimmy.protocol, shimmy.names
 import shimmy.sdk.client, shimmy.sdk.channel, shimmy.sdk.stream
 import shimmy.cli, shimmy.daemon.server, shimmy.daemon.access, shimmy.daemon.quotas
