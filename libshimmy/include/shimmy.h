@@ -29,7 +29,7 @@
  *  - Close every object made from a client before shimmy_disconnect.
  *  - A client whose daemon went away (its session closed, a request unanswered within 5 s, a
  *    malformed reply) fails every later request with SHIMMY_E_DAEMON_UNAVAILABLE; channels of
- *    a restarted daemon fail with SHIMMY_E_CLOSED.  Connect again and reopen (there is no
+ *    a deleted channel or of a restarted daemon fail with SHIMMY_E_RETIRED.  Connect again and reopen (there is no
  *    reopen in place as Python's Channel.reopen).
  *  - fork(): objects opened before fork() must not be used in the child (they would make the
  *    child a second writer of the parent's words); the child connects anew.
@@ -70,6 +70,7 @@ enum shimmy_code {
     SHIMMY_E_PUBLISHER_BUSY = 16,       /* "publisher_busy"      PublisherBusy */
     SHIMMY_E_RING_CORRUPTED = 17,       /* "ring_corrupted"      RingCorrupted */
     SHIMMY_E_OVERWRITTEN = 18,          /* "overwritten"         MessageOverwritten */
+    SHIMMY_E_RETIRED = 19,              /* "retired"             ChannelRetired */
 };
 
 const char *shimmy_errmsg(void);          /* text of this thread's last error ("" if none) */

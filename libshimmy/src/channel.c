@@ -141,8 +141,7 @@ static int channel_check(shimmy_channel *ch) {
     if (ch->closed)
         return shm_fail(SHIMMY_E_CLOSED, "channel '%s' is closed", ch->name);
     if (ld_rlx(ch->seg.mem + OFF_RETIRED))
-        return shm_fail(SHIMMY_E_CLOSED, "channel '%s' was retired by the daemon (deleted or "
-                        "daemon restarted); open it again", ch->name);
+        return shm_retired(ch->name);
     return 0;
 }
 

@@ -12,7 +12,7 @@ static const char *const CODE_NAMES[] = {
     "ok", "error", "daemon_unavailable", "invalid_name", "invalid_argument",
     "message_too_large", "conflict", "not_found", "limit", "permission_denied",
     "backpressure_timeout", "timeout", "closed", "protocol", "stream_busy", "stream_broken",
-    "publisher_busy", "ring_corrupted", "overwritten",
+    "publisher_busy", "ring_corrupted", "overwritten", "retired",
 };
 #define N_CODES (sizeof CODE_NAMES / sizeof CODE_NAMES[0])
 
@@ -29,6 +29,12 @@ int shm_code_from_name(const char *name, size_t len) {
         if (strlen(CODE_NAMES[i]) == len && memcmp(CODE_NAMES[i], name, len) == 0)
             return (int)i;
     return SHIMMY_E_ERROR;   /* unknown codes become ShimmyError, as error_from_reply does */
+}
+
+int shm_retired(const char *name) {
+    /* ChannelRetired.of in shimmy/errors.py: the one text of every retired check */
+    return shm_fail(SHIMMY_E_RETIRED, "channel '%s' was retired by the daemon (deleted, or the "
+                    "daemon restarted); open it again", name);
 }
 
 int shm_fail(int code, const char *fmt, ...) {

@@ -17,6 +17,7 @@
 /* ---- errors (error.c) -------------------------------------------------------------------- */
 /* Set this thread's error text; returns -code (for `return fail(...)`). */
 int shm_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int shm_retired(const char *name);   /* SHIMMY_E_RETIRED with ChannelRetired's text */
 int shm_code_from_name(const char *name, size_t len);
 
 /* ---- atomics: the orderings of docs/ring-format.md, "The C paths" ------------------------ */

@@ -338,8 +338,7 @@ static inline int after_commit(ring_writer *w) {
 /* ---- the publisher (ring.RingWriter) ----------------------------------------------------- */
 
 static int closed_error(ring_writer *w) {
-    return shm_fail(SHIMMY_E_CLOSED, "channel '%s' was retired by the daemon (deleted, or the "
-                    "daemon restarted); open it again", w->seg->name);
+    return shm_retired(w->seg->name);
 }
 
 /* RingWriter._resume: take over from whatever state the previous holder left. */
