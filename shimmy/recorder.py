@@ -1,0 +1,300 @@
+"""The recorder: a subscriber of a channel's ring that copies its frames, unchanged, to disk.
+
+It reads the ring like any subscriber (its own slot; in reliable mode the publisher waits for
+it), but instead of handing out messages it walks the committed frames from its position and
+writes each contiguous run of messages with one ``pwrite`` straight from the shared mapping
+(PADs are skipped: a recording holds messages only), commits the run in the catalog, and only
+then releases the ring's bytes (docs/recording.md, "The recorder").
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from shimmy import recording, ring
+from shimmy.errors import (ChannelClosed, DaemonUnavailable, InvalidArgument, ReceiveTimeout,
+                           RingCorrupted)
+from shimmy.protocol import resolve_socket
+from shimmy.recording import RecordingError, RecordSettings, TrackWriter
+
+log = logging.getLogger("shimmy.record")
+_ATTACH = threading.Lock()
+
+CHUNK_BYTES = 1 << 20      # a run written at once is at most this (or a quarter of the ring)
+SKIP_FILL = 0.75           # lossy recorder on a reliable ring: skip ahead past this fill
+ERROR_LOG_EVERY = 5.0      # seconds between two log lines about the same failing write
+RETRY_AFTER = 0.05         # a failed write (disk full) is tried again after this
+
+
+def registry_dir(socket_path: str) -> str:
+    """Where a daemon's recordings are registered: channel name -> recording directory, so
+    ``Channel.subscribe(start=<seq>|<datetime>|"recorded")`` finds them."""
+    return resolve_socket(socket_path) + ".recordings"
+
+
+def register(socket_path: str, name: str, channel_dir: str) -> None:
+    reg = registry_dir(socket_path)
+    recording.make_dir(reg)
+    link = recording.channel_dir(reg, name)
+    tmp = f"{link}.{os.getpid()}.tmp"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    os.symlink(os.path.abspath(channel_dir), tmp)
+    os.replace(tmp, link)   # atomic: a reader sees the old link or the new one
+
+
+def lookup(socket_path: str | None, name: str) -> str | None:
+    link = recording.channel_dir(registry_dir(socket_path or ""), name) if socket_path else \
+        recording.channel_dir(registry_dir(resolve_socket(None)), name)
+    return os.path.realpath(link) if os.path.isdir(link) else None
+
+
+class ChannelRecorder:
+    """Records one single-publisher channel into ``root`` (one track)."""
+
+    def __init__(self, name: str, root: str, mode: str = "reliable",
+                 settings: RecordSettings | None = None, daemon: str | None = None):
+        from shimmy.sdk.channel import Channel
+        if mode not in recording.MODES:
+            raise InvalidArgument(f"record mode must be one of {sorted(recording.MODES)}, got "
+                                  f"{mode!r}")
+        self.name, self.root, self.mode, self.daemon = name, root, mode, daemon
+        self.settings = settings or RecordSettings()
+        self._Channel = Channel
+        self.cdir = recording.channel_dir(root, name)
+        self.writer = TrackWriter(os.path.join(self.cdir, recording.MAIN_TRACK), name, mode,
+                                  self.settings)
+        self.ch: Any = None   # the Channel (None while reattaching)
+        self._attach()
+        register(self.socket, name, self.cdir)
+        self._last_error = 0.0
+        self._last_retention = 0.0
+        self.stopped = False
+        self.error: Exception | None = None
+
+    # -- attaching ------------------------------------------------------------------------
+    def _attach(self) -> None:
+        """Open the channel and take a slot at the oldest message the ring holds; frames the
+        recording already has (seq below its next seq) are skipped, so a recorder continuing
+        a track, or reattaching after a daemon restart, records each message once."""
+        ch = self._Channel(self.name, daemon=self.daemon)
+        try:
+            if ch.max_publishers > 1:
+                raise InvalidArgument(f"channel {self.name!r} is a publisher group "
+                                      f"(max_publishers {ch.max_publishers}); recording groups "
+                                      f"is not supported yet")
+            if self.mode == "reliable" and ch.mode == "lossy":
+                raise InvalidArgument(f"channel {self.name!r} is lossy: a reliable recording "
+                                      f"needs a reliable channel (record it with --mode lossy)")
+            self.sub = ch.subscribe("oldest", spin_us=50)
+        except BaseException:
+            ch.close()
+            raise
+        self.ch = ch
+        self.socket = ch._client.path
+        self.r = self.sub._reader
+        v = ch._view
+        self._q, self._mv = v.q, v.mv
+        self._base, self._cap = v.data_offset, v.capacity
+        self._mask = v.capacity - 1
+        self._max = ring.max_message_size(v.capacity)
+        self._chunk = min(CHUNK_BYTES, v.capacity // 4)
+        self._skip_from = self.writer.next_seq if not self.writer.empty else 0
+        # The seq the next recorded message should have: a gap before it is a loss.  A new
+        # recording expects the seq at which its slot started (messages published after the
+        # recorder subscribed and missed before its first run count too).
+        self._expect = self.writer.next_seq if not self.writer.empty else self.r._expect
+        self._reliable_ring = ch.mode == "reliable"
+
+    def _reattach(self) -> None:
+        """After ChannelClosed (the channel was deleted or its daemon restarted)."""
+        try:
+            self.ch.close()
+        except Exception:   # noqa: BLE001 - the old daemon is gone; nothing to hand back
+            pass
+        self.ch = None
+        while not self.stopped:
+            try:
+                with _ATTACH:   # recorders of one process share its daemon client
+                    self._attach()
+                log.info("recording %r: reattached to the channel", self.name)
+                return
+            except (DaemonUnavailable, ChannelClosed):
+                time.sleep(0.1)
+
+    # -- one chunk ------------------------------------------------------------------------
+    def step(self) -> int | None:
+        """Record the next run of committed frames; the number of messages, or None when
+        caught up (the subscription's wait calls it as its ``attempt``)."""
+        r, q, mv = self.r, self._q, self._mv
+        p = r.position
+        tail = q[ring.W_TAIL]
+        if tail == p:
+            return None
+        if tail < p or tail & 15:
+            r._bad_tail(tail)
+        if self.mode == "lossy" and self._reliable_ring and \
+                tail - p > self._cap * SKIP_FILL:
+            # A lossy recording never holds a reliable publisher back: past this fill the
+            # recorder skips to the tail; the next frame's seq counts the gap exactly.
+            r.position = tail
+            r.release_to(tail)
+            return 0
+        start = p
+        wrap = p + (self._cap - (p & self._mask))
+        limit = min(tail, wrap, p + self._chunk)
+        first = -1
+        expect = self._expect
+        count = lost = 0
+        base, mask = self._base, self._mask
+        unpack = ring.FRAME.unpack_from
+        while p < tail:
+            length, flags, seq = unpack(mv, base + (p & mask))
+            if flags:
+                if flags != ring.FLAG_PAD or length & 15 or p + length + 16 > tail:
+                    return self._bad(start, p, length, flags)
+                if p > start:
+                    break          # the run ends before the PAD
+                p = start = p + length + 16
+                continue
+            end = p + ((length + 31) & ~15)
+            if length > self._max or end > tail:
+                return self._bad(start, p, length, flags)
+            if (end > limit and p > start) or p >= wrap:
+                break
+            if seq < self._skip_from:   # already in the recording
+                if p > start:
+                    break
+                p = start = end
+                continue
+            if first < 0:
+                first = seq
+            if seq != expect:
+                if seq < expect:
+                    return self._bad(start, p, length, flags)
+                lost += seq - expect
+            expect = seq + 1
+            count += 1
+            p = end
+        if p == start:                  # only PADs or frames already recorded
+            self._release(p)
+            return 0
+        try:
+            with mv[base + (start & mask):base + (p & mask or self._cap)] as run:
+                # Lossy ring: the head is loaded after the copy and before the commit; a
+                # publisher that passed the run meanwhile makes it uncommitted (lapped).
+                intact = self._intact_from if self.ch.mode == "lossy" else None
+                if not self.writer.append(run, first, expect, count, lost, tail - p,
+                                          intact, start):
+                    return self._lapped()
+        except OSError as exc:
+            return self._failed(exc, p, expect)
+        self._skip_from = self._expect = expect
+        self._release(p)
+        return count
+
+    def _intact_from(self, start: int) -> bool:
+        return self._q[ring.W_HEAD] <= start
+
+    def _release(self, p: int) -> None:
+        self.r.position = p
+        self.r.release_to(p)
+
+    def _lapped(self) -> int:
+        """The lossy publisher overwrote frames we had not recorded: jump to its head; the
+        next frame's seq counts what was missed."""
+        head = self._q[ring.W_HEAD]
+        self.r._resync(head)
+        self.r.release_to(head)
+        return 0
+
+    def _bad(self, start: int, p: int, length: int, flags: int) -> int:
+        if self._q[ring.W_HEAD] > start:
+            return self._lapped()   # torn by a lossy publisher, not corrupt
+        raise ring.corrupted(self.ch._view, f"frame at position {p} (length {length}, flags "
+                             f"{flags:#x}, while recording) is not a valid frame",
+                             self._base + (p & self._mask))
+
+    def _failed(self, exc: OSError, p: int, nxt: int) -> int:
+        """A write failed (disk full, I/O error): logged, counted; then the mode decides.
+        Reliable: nothing is released, so the publisher waits (and its publish times out with
+        BackpressureTimeout) until the write succeeds.  Lossy: the run is dropped and the gap
+        counted by the next run's seq."""
+        self.writer.note_error()
+        now = time.monotonic()
+        if now - self._last_error >= ERROR_LOG_EVERY:
+            self._last_error = now
+            what = "full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "failing"
+            then = ("the publisher is held back until it has room" if self.mode == "reliable"
+                    else "messages are dropped (counted as lost) until it has room")
+            log.error("recording %r: cannot write to %s: %s (disk %s); %s", self.name,
+                      self.cdir, os.strerror(exc.errno or 0) or exc, what, then)
+        if self.mode == "lossy":
+            self._release(p)
+            self._skip_from = nxt
+            return 0
+        time.sleep(RETRY_AFTER)
+        return 0
+
+    # -- the loop -------------------------------------------------------------------------
+    def retention(self) -> None:
+        now = time.monotonic()
+        if now - self._last_retention >= 1.0:
+            self._last_retention = now
+            self.writer.enforce_retention()
+
+    def poll(self, timeout: float = 0.25) -> int:
+        """Record whatever is committed, waiting up to ``timeout`` for something."""
+        try:
+            got = self.step()
+            if got is None:
+                got = self.sub._wait(timeout, self.step)
+            self.retention()
+            return got or 0
+        except ReceiveTimeout:
+            self.writer.set_lag(0)
+            self.retention()
+            return 0
+        except ChannelClosed:
+            self._reattach()
+            return 0
+
+    def run(self) -> None:
+        """Record until :meth:`close` (or ``stopped``); an error that ends the recording is
+        logged and kept in ``error``."""
+        try:
+            while not self.stopped:
+                self.poll()
+        except Exception as exc:   # noqa: BLE001 - logged, and the caller reads .error
+            self.error = exc
+            log.error("recording %r stopped: %s: %s", self.name, type(exc).__name__, exc)
+
+    def close(self) -> None:
+        self.stopped = True
+        if self.ch is not None:
+            self.ch.close()
+        self.writer.close()
+
+
+def open_recorders(names: list[str], root: str, mode: str, settings: RecordSettings,
+                   daemon: str | None) -> list[ChannelRecorder]:
+    out: list[ChannelRecorder] = []
+    try:
+        for name in names:
+            out.append(ChannelRecorder(name, root, mode, settings, daemon))
+    except BaseException:
+        for rec in out:
+            rec.close()
+        raise
+    return out
+
+
+__all__ = ["ChannelRecorder", "RecordingError", "RingCorrupted", "lookup", "open_recorders",
+           "register", "registry_dir"]

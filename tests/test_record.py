@@ -1,0 +1,207 @@
+"""Recording (docs/recording.md): a real daemon, a real publisher process flat out, the real
+``shimmy record`` command, and the recording read back from disk."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+import shimmy
+from shimmy import recording
+from shimmy.recording import TrackReader
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_SIZES = [random.Random(22).choice((0, 1, 8, 24, 100, 300, 1000, 1500, 4096)) for _ in range(1009)]
+_BLOCK = random.Random(7).randbytes(8192)
+
+
+def payload(seq: int) -> bytes:
+    """The message a test publisher sends as ``seq``: its size and bytes follow from seq, so a
+    recorded frame proves the seq it is filed under."""
+    n = _SIZES[seq % len(_SIZES)]
+    head = seq.to_bytes(8, "little")
+    if n <= 8:
+        return head[:n]
+    at = seq % 4096
+    return head + _BLOCK[at:at + n - 8]
+
+
+def publish_main(socket: str, name: str, count: int, mode: str, capacity: int,
+                 start: int = 0) -> None:
+    """A publisher process: ``count`` messages flat out, from seq ``start`` (the channel's)."""
+    ch = shimmy.Channel(name, daemon=socket, mode=mode, capacity=capacity)
+    publish = ch.publish
+    for i in range(start, start + count):
+        publish(payload(i), timeout=60)
+    ch.close()
+
+
+def start_publisher(socket: str, name: str, count: int, mode: str = "reliable",
+                    capacity: int = 1 << 20) -> subprocess.Popen:
+    code = (f"import sys; sys.path.insert(0, {HERE!r}); import test_record as t; "
+            f"t.publish_main({socket!r}, {name!r}, {count}, {mode!r}, {capacity})")
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def start_recorder(socket: str, root: str, *names: str, mode: str = "reliable",
+                   extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shimmy.cli", "record", *names, "--dir", root,
+                             "--daemon", socket, "--mode", mode, *extra],
+                            stderr=subprocess.PIPE, text=True)
+
+
+def track(root: str, name: str) -> str:
+    return os.path.join(recording.channel_dir(root, name), recording.MAIN_TRACK)
+
+
+def wait_recorded(root: str, name: str, next_seq: int, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cat = recording.Catalog(track(root, name))
+        except (FileNotFoundError, recording.RecordingError):
+            cat = None
+        if cat is not None:
+            summary = cat.summary()
+            cat.close()
+            if summary["next_seq"] >= next_seq:
+                return summary
+        assert time.monotonic() < deadline, f"recording reached {summary} not {next_seq}"
+        time.sleep(0.05)
+
+
+def read_all(path: str) -> tuple[list[int], list[int]]:
+    """Every message of a track, checked against ``payload``: (seqs, gaps before each)."""
+    rd = TrackReader(path)
+    rd.expect = rd.q[recording.W_START_SEQ]
+    seqs, gaps = [], []
+    try:
+        while True:
+            got = rd.next()
+            if got is None:
+                return seqs, gaps
+            seq, view, lost = got
+            assert view == payload(seq), f"message seq {seq} differs from what was published"
+            seqs.append(seq)
+            gaps.append(lost)
+    finally:
+        rd.close()
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err
+
+
+@pytest.fixture
+def root():
+    with tempfile.TemporaryDirectory(prefix="shimmy-rec-") as d:
+        yield d
+
+
+N_FULL = 1_000_000
+
+
+@pytest.mark.timeout(300)
+def test_reliable_recording_of_a_million_mixed_messages_equals_the_stream(daemon, root):
+    ch = shimmy.Channel("rec.full", daemon=daemon.socket, mode="reliable", capacity=1 << 20)
+    rec = start_recorder(daemon.socket, root, "rec.full")
+    wait_recorded(root, "rec.full", 0)   # the catalog exists: the recorder holds its slot
+    pub = start_publisher(daemon.socket, "rec.full", N_FULL)
+    assert pub.wait(240) == 0
+    summary = wait_recorded(root, "rec.full", N_FULL)
+    stop(rec)
+    seqs, gaps = read_all(track(root, "rec.full"))
+    assert seqs == list(range(N_FULL))
+    assert summary["lost"] == 0 and summary["messages"] == N_FULL
+    ch.close()
+
+
+@pytest.mark.timeout(300)
+def test_lossy_recording_counts_every_gap_exactly(daemon, root):
+    ch = shimmy.Channel("rec.lossy", daemon=daemon.socket, mode="lossy", capacity=1 << 18)
+    rec = start_recorder(daemon.socket, root, "rec.lossy", mode="lossy")
+    wait_recorded(root, "rec.lossy", 0)
+    pub = start_publisher(daemon.socket, "rec.lossy", N_FULL, mode="lossy", capacity=1 << 18)
+    assert pub.wait(240) == 0
+    summary = wait_recorded(root, "rec.lossy", N_FULL)
+    stop(rec)
+    seqs, gaps = read_all(track(root, "rec.lossy"))
+    # Each recorded message is the one published under its seq (read_all checks the bytes),
+    # each gap is the seq distance from the message before it, and together they are the
+    # whole stream.
+    assert seqs == sorted(set(seqs))
+    expect = 0
+    for seq, gap in zip(seqs, gaps, strict=True):
+        assert gap == seq - expect
+        expect = seq + 1
+    assert len(seqs) + sum(gaps) + (N_FULL - expect) == N_FULL
+    assert expect == N_FULL   # the last message of a flat-out run is always recorded
+    assert summary["lost"] == sum(gaps) and summary["messages"] == len(seqs)
+    ch.close()
+
+
+@pytest.mark.timeout(240)
+def test_recorder_sigkilled_at_random_points_leaves_a_readable_recording_it_continues(
+        daemon, root):
+    # While no recorder runs nobody holds the publisher back; the ring (128 MiB) holds the whole
+    # run, so each new recorder finds in it everything its predecessor had not committed.
+    n = 100_000
+    ch = shimmy.Channel("rec.kill", daemon=daemon.socket, mode="reliable", capacity=1 << 27)
+    rec = start_recorder(daemon.socket, root, "rec.kill", extra=("--segment-size", "1M"))
+    wait_recorded(root, "rec.kill", 0)
+    pub = start_publisher(daemon.socket, "rec.kill", n, capacity=1 << 27)
+    rnd = random.Random(2026)
+    kills = 0
+    while pub.poll() is None and kills < 8:
+        time.sleep(rnd.uniform(0.05, 0.4))
+        rec.kill()
+        rec.wait()
+        kills += 1
+        # Readable up to its last complete frame, with no gap, before anyone repairs it.
+        seqs, gaps = read_all(track(root, "rec.kill"))
+        assert seqs == list(range(len(seqs))) and not any(gaps)
+        rec = start_recorder(daemon.socket, root, "rec.kill", extra=("--segment-size", "1M"))
+    assert pub.wait(180) == 0
+    wait_recorded(root, "rec.kill", n)
+    stop(rec)
+    assert kills >= 3
+    seqs, gaps = read_all(track(root, "rec.kill"))
+    assert seqs == list(range(n))
+    ch.close()
+
+
+def test_a_second_recorder_of_the_same_recording_is_refused(daemon, root):
+    ch = shimmy.Channel("rec.busy", daemon=daemon.socket)
+    rec = start_recorder(daemon.socket, root, "rec.busy")
+    wait_recorded(root, "rec.busy", 0)
+    second = subprocess.run([sys.executable, "-m", "shimmy.cli", "record", "rec.busy", "--dir",
+                             root, "--daemon", daemon.socket], capture_output=True, text=True,
+                            timeout=30)
+    assert second.returncode == 1
+    assert "being written by another recorder" in second.stderr
+    assert "Traceback" not in second.stderr
+    stop(rec)
+    ch.close()
+
+
+def test_a_reliable_recording_of_a_lossy_channel_is_refused_naming_the_rule(daemon, root):
+    ch = shimmy.Channel("rec.mode", daemon=daemon.socket, mode="lossy")
+    out = subprocess.run([sys.executable, "-m", "shimmy.cli", "record", "rec.mode", "--dir",
+                          root, "--daemon", daemon.socket], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2
+    assert "a reliable recording needs a reliable channel" in out.stderr
+    ch.close()
