@@ -497,20 +497,21 @@ class TrackReader:
         self._bstart = offset
 
     def _skip_below(self, seq: int) -> None:
+        """Step over recorded frames below ``seq``; the next frame's ``lost`` then counts from
+        ``seq`` (the recording lacks what lies between)."""
+        self.expect = -1
         while True:
             save = (self.offset, self._bstart, self._blen)
             got = self._frame()
             if got is None:
-                self.expect = max(self.expect, seq) if self.expect >= 0 else seq
-                return
+                break
             fseq, _, size = got
             if fseq >= seq:
                 self.offset, self._bstart, self._blen = save
-                if self.expect < 0:
-                    self.expect = fseq if fseq == seq else seq
-                return
+                break
             self.offset += size
             self.expect = fseq + 1
+        self.expect = seq
 
     # -- reading ------------------------------------------------------------------------
     def _open_segment(self) -> bool:
