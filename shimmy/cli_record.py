@@ -38,6 +38,24 @@ def _log_to_stderr() -> None:
     logger.setLevel(logging.INFO)
 
 
+def _register_schema(root: str, names: tuple[str, ...], spec: str) -> None:
+    from shimmy.recording_export import register_schema
+    kind, _, rest = spec.partition(":")
+    path, _, type_name = rest.partition(":")
+    if kind not in ("json", "protobuf") or not path or (kind == "protobuf") != bool(type_name):
+        raise click.BadParameter(f"{spec!r}: expected json:FILE or protobuf:FILE:TYPE",
+                                 param_hint="--schema")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}",
+                                 param_hint="--schema") from None
+    for name in names:
+        register_schema(recording.channel_dir(root, name),
+                        "jsonschema" if kind == "json" else "protobuf", type_name or name, data)
+
+
 @click.command(short_help="record channels to disk (segment files + catalog)")
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
 @click.option("--dir", "root", required=True, type=click.Path(file_okay=False),
@@ -57,8 +75,13 @@ def _log_to_stderr() -> None:
               show_default=True,
               help="none: page cache only; data: fdatasync each chunk; data+metadata: fsync "
                    "each chunk, the catalog and new segments' directory entries")
+@click.option("--schema", metavar="KIND:FILE[:TYPE]",
+              help="register the messages' schema for export: json:FILE (a JSON Schema; "
+                   "messages are JSON) or protobuf:FILE:TYPE (a FileDescriptorSet, the full "
+                   "message type name)")
 def record(names: tuple[str, ...], root: str, mode: str, daemon_path: str | None,
-           segment_size: int, max_bytes: int, max_age: float, fsync: str) -> None:
+           segment_size: int, max_bytes: int, max_age: float, fsync: str,
+           schema: str | None) -> None:
     """Record the channels NAME... into DIR until interrupted (SIGINT/SIGTERM).  A recording
     that exists is continued; a second recorder of the same recording is refused."""
     from shimmy.recorder import open_recorders
@@ -66,6 +89,8 @@ def record(names: tuple[str, ...], root: str, mode: str, daemon_path: str | None
     settings = RecordSettings(segment_bytes=segment_size, max_bytes=max_bytes, max_age=max_age,
                               fsync=fsync)
     recording.make_dir(root)
+    if schema is not None:
+        _register_schema(root, names, schema)
     recs = open_recorders(list(names), root, mode, settings, daemon_path)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -94,3 +119,87 @@ def record(names: tuple[str, ...], root: str, mode: str, daemon_path: str | None
 
 
 COMMANDS = [record]
+
+
+class _Rate(click.ParamType):
+    """``max`` (as fast as possible) or a positive factor of the recorded pace (1 = as
+    recorded, 2 = twice as fast)."""
+
+    name = "rate"
+
+    def convert(self, value, param, ctx):
+        if value in (None, "max") or isinstance(value, float):
+            return value
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = 0.0
+        if not rate > 0:
+            self.fail(f"{value!r} is not a rate: 'max' or a factor > 0 (1 keeps the recorded "
+                      f"spacing)", param, ctx)
+        return rate
+
+
+def _track_of(root: str, name: str) -> str:
+    import os
+    track = os.path.join(recording.channel_dir(root, name), recording.MAIN_TRACK)
+    if not os.path.isfile(os.path.join(track, "catalog")):
+        have = sorted({n for n, _ in recording.tracks(root)})
+        raise click.UsageError(f"{root} holds no recording of channel {name!r} (it has: "
+                               f"{', '.join(map(repr, have)) or 'none'})")
+    return track
+
+
+@click.command(short_help="publish a recording again, into another channel")
+@click.argument("root", metavar="DIR", type=click.Path(exists=True, file_okay=False))
+@click.argument("name")
+@click.option("--to", "to", required=True, metavar="NEWNAME", help="channel to publish into")
+@click.option("--rate", type=_Rate(), default="1", show_default=True,
+              help="'max': as fast as possible; a factor of the recorded pace (1: the recorded "
+                   "spacing, 2: twice as fast)")
+@click.option("--daemon", "daemon_path", metavar="PATH", help="daemon control socket")
+def replay(root: str, name: str, to: str, rate, daemon_path: str | None) -> None:
+    """Publish every message of channel NAME's recording in DIR into NEWNAME, in order, keeping
+    the recorded spacing (the times at which the recorder read them) or as fast as possible."""
+    import time
+
+    import shimmy
+    track = _track_of(root, name)
+    with shimmy.Channel(to, daemon=daemon_path) as ch:
+        publish = ch.publish
+        start_wall = start_rec = None
+        n = 0
+        for _, t, data in recording.frames_with_time(track):
+            if rate != "max":
+                if start_rec is None:
+                    start_wall, start_rec = time.monotonic(), t
+                else:
+                    due = start_wall + (t - start_rec) / 1e9 / rate
+                    delay = due - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+            publish(data)
+            n += 1
+    click.echo(f"replayed {n} messages of {name!r} into {to!r}", err=True)
+
+
+COMMANDS.append(replay)
+
+
+@click.command(short_help="write recordings to an MCAP file (Foxglove, mcap CLI)")
+@click.argument("root", metavar="DIR", type=click.Path(exists=True, file_okay=False))
+@click.option("--mcap", "out", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="MCAP file to write")
+@click.option("--channel", "channels", multiple=True, metavar="NAME",
+              help="export only this channel (repeatable; default: every recording in DIR)")
+def export(root: str, out: str, channels: tuple[str, ...]) -> None:
+    """Write the recordings in DIR to an MCAP file: one MCAP channel per recorded channel, log
+    time = when the recorder read the message, raw bytes unless a schema was registered
+    (``shimmy record --schema``, docs/recording.md)."""
+    from shimmy.recording_export import export_mcap
+    counts = export_mcap(root, out, list(channels) or None)
+    for topic, n in counts.items():
+        click.echo(f"{topic}: {n} messages", err=True)
+
+
+COMMANDS.append(export)
