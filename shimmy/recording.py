@@ -344,6 +344,7 @@ class TrackWriter:
         committed = q[W_COMMITTED]
         if self._seg_fd < 0 or committed - self._seg_start >= self.settings.segment_bytes:
             self._roll()
+            self.enforce_retention()   # size retention per segment; age also once a second
         at = committed - self._seg_start
         n = len(frames)
         done = 0
@@ -549,14 +550,13 @@ class TrackReader:
         while True:
             if self._fd < 0 or self.offset < self._seg or (
                     self._seg_end >= 0 and self.offset >= self._seg_end):
-                if not self._open_segment():
-                    return False
+                self._open_segment()   # on False it jumped past deleted segments: again
                 continue
-            if self._seg_end < 0:
-                later = [s for s in segments(self.track) if s > self._seg]
-                if later and self.offset >= later[0]:
-                    self._seg_end = later[0]
-                    continue
+            if self._seg_end < 0 and any(s > self._seg for s in segments(self.track)):
+                # A later segment exists, so ours is complete (the recorder rolls only after
+                # committing its last chunk): it ends at its size (the next one may be gone).
+                self._seg_end = self._seg + os.fstat(self._fd).st_size
+                continue
             break
         if need > len(self._buf):
             self._buf = bytearray(max(need, 2 * len(self._buf)))

@@ -18,7 +18,8 @@ from shimmy import recording
 from shimmy.recording import TrackReader
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_SIZES = [random.Random(22).choice((0, 1, 8, 24, 100, 300, 1000, 1500, 4096)) for _ in range(1009)]
+_rnd = random.Random(22)
+_SIZES = [_rnd.choice((0, 1, 8, 24, 100, 300, 1000, 1500, 4096)) for _ in range(1009)]
 _BLOCK = random.Random(7).randbytes(8192)
 
 
