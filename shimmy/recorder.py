@@ -195,7 +195,7 @@ class ChannelRecorder:
                                           intact, start):
                     return self._lapped()
         except OSError as exc:
-            return self._failed(exc, p, expect)
+            return self._failed(exc, p, expect, count + lost)
         self._skip_from = self._expect = expect
         self._release(p)
         return count
@@ -222,11 +222,11 @@ class ChannelRecorder:
                              f"{flags:#x}, while recording) is not a valid frame",
                              self._base + (p & self._mask))
 
-    def _failed(self, exc: OSError, p: int, nxt: int) -> int:
+    def _failed(self, exc: OSError, p: int, nxt: int, missed: int) -> int:
         """A write failed (disk full, I/O error): logged, counted; then the mode decides.
         Reliable: nothing is released, so the publisher waits (and its publish times out with
         BackpressureTimeout) until the write succeeds.  Lossy: the run is dropped and the gap
-        counted by the next run's seq."""
+        counted at once (``missed``: its messages and the gap before them)."""
         self.writer.note_error()
         now = time.monotonic()
         if now - self._last_error >= ERROR_LOG_EVERY:
@@ -237,8 +237,9 @@ class ChannelRecorder:
             log.error("recording %r: cannot write to %s: %s (disk %s); %s", self.name,
                       self.cdir, os.strerror(exc.errno or 0) or exc, what, then)
         if self.mode == "lossy":
+            self.writer.note_lost(missed, nxt)
             self._release(p)
-            self._skip_from = nxt
+            self._skip_from = self._expect = nxt
             return 0
         time.sleep(RETRY_AFTER)
         return 0

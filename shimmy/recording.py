@@ -380,8 +380,8 @@ class TrackWriter:
         return True
 
     def note_lost(self, lost: int, next_seq: int) -> None:
-        """Record a gap that no chunk carries (the recorder skipped ahead with nothing after it
-        yet): the next chunk's first seq tells it too; the counters say it now."""
+        """Count messages the recorder dropped (a lossy recording whose write failed): the
+        next chunk's first seq shows the gap too, and the counters say it now."""
         self.q[W_LOST] += lost
         self.q[W_NEXT_SEQ] = next_seq
 
