@@ -57,7 +57,10 @@ def _register_schema(root: str, names: tuple[str, ...], spec: str) -> None:
 
 
 @click.command(short_help="record channels to disk (segment files + catalog)")
-@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@click.argument("names", nargs=-1, metavar="NAME...")
+@click.option("--pattern", "patterns", multiple=True, metavar="GLOB",
+              help="also record every channel whose name matches (fnmatch; repeatable), as it "
+                   "appears, and make recorded ones that do not exist again (daemon restart)")
 @click.option("--dir", "root", required=True, type=click.Path(file_okay=False),
               help="recording directory (one sub-directory per channel)")
 @click.option("--mode", type=click.Choice(sorted(recording.MODES)), default="reliable",
@@ -79,43 +82,33 @@ def _register_schema(root: str, names: tuple[str, ...], spec: str) -> None:
               help="register the messages' schema for export: json:FILE (a JSON Schema; "
                    "messages are JSON) or protobuf:FILE:TYPE (a FileDescriptorSet, the full "
                    "message type name)")
-def record(names: tuple[str, ...], root: str, mode: str, daemon_path: str | None,
-           segment_size: int, max_bytes: int, max_age: float, fsync: str,
-           schema: str | None) -> None:
-    """Record the channels NAME... into DIR until interrupted (SIGINT/SIGTERM).  A recording
-    that exists is continued; a second recorder of the same recording is refused."""
-    from shimmy.recorder import open_recorders
+def record(names: tuple[str, ...], patterns: tuple[str, ...], root: str, mode: str,
+           daemon_path: str | None, segment_size: int, max_bytes: int, max_age: float,
+           fsync: str, schema: str | None) -> None:
+    """Record the channels NAME... (and those matching --pattern) into DIR until interrupted
+    (SIGINT/SIGTERM).  A recording that exists is continued; a second recorder of the same
+    recording is refused."""
+    from shimmy.recorder import RecorderSet
+    if not names and not patterns:
+        raise click.UsageError("name at least one channel, or a --pattern")
     _log_to_stderr()
     settings = RecordSettings(segment_bytes=segment_size, max_bytes=max_bytes, max_age=max_age,
                               fsync=fsync)
     recording.make_dir(root)
     if schema is not None:
         _register_schema(root, names, schema)
-    recs = open_recorders(list(names), root, mode, settings, daemon_path)
+    recs = RecorderSet(list(names), list(patterns), root, mode, settings, daemon_path)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    for rec in recs:
-        click.echo(f"recording {rec.name!r} ({mode}) into {rec.cdir}", err=True)
-    threads = [threading.Thread(target=rec.run, name=f"record {rec.name}", daemon=True)
-               for rec in recs]
-    for t in threads:
-        t.start()
     try:
-        while not stop.wait(0.2):
-            if not any(t.is_alive() for t in threads):
-                break
+        recs.run(stop)
     except KeyboardInterrupt:
         pass
-    for rec in recs:
-        rec.stopped = True
-    for t in threads:
-        t.join(2.0)
-    for rec in recs:
-        rec.close()
-    failed = [rec for rec in recs if rec.error is not None]
+    finally:
+        recs.close()
+    failed = recs.errors()
     if failed:
-        raise click.ClickException("; ".join(f"recording {r.name!r} stopped: {r.error}"
-                                             for r in failed))
+        raise click.ClickException("; ".join(failed))
 
 
 COMMANDS = [record]

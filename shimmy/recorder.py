@@ -10,6 +10,7 @@ then releases the ring's bytes (docs/recording.md, "The recorder").
 from __future__ import annotations
 
 import errno
+import fnmatch
 import logging
 import os
 import threading
@@ -17,10 +18,10 @@ import time
 from typing import Any
 
 from shimmy import recording, ring
-from shimmy.errors import (ChannelClosed, DaemonUnavailable, InvalidArgument, ReceiveTimeout,
-                           RingCorrupted)
+from shimmy.errors import (ChannelClosed, ChannelConflict, DaemonUnavailable, InvalidArgument,
+                           ReceiveTimeout, ShimmyError)
 from shimmy.protocol import resolve_socket
-from shimmy.recording import RecordingError, RecordSettings, TrackWriter
+from shimmy.recording import RecordSettings, TrackWriter
 
 log = logging.getLogger("shimmy.record")
 _ATTACH = threading.Lock()
@@ -84,7 +85,12 @@ class ChannelRecorder:
         """Open the channel and take a slot at the oldest message the ring holds; frames the
         recording already has (seq below its next seq) are skipped, so a recorder continuing
         a track, or reattaching after a daemon restart, records each message once."""
-        ch = self._Channel(self.name, daemon=self.daemon)
+        mode, capacity = self.writer.shape()
+        try:
+            # A channel made again (after a daemon restart) gets its recorded shape.
+            ch = self._Channel(self.name, daemon=self.daemon, mode=mode, capacity=capacity)
+        except ChannelConflict:
+            ch = self._Channel(self.name, daemon=self.daemon)   # made since with another shape
         try:
             if ch.max_publishers > 1:
                 raise InvalidArgument(f"channel {self.name!r} is a publisher group "
@@ -99,6 +105,7 @@ class ChannelRecorder:
             raise
         self.ch = ch
         self.socket = ch._client.path
+        self.writer.set_shape(ring.MODES[ch.mode], ch.capacity)
         self.r = self.sub._reader
         v = ch._view
         self._q, self._mv = v.q, v.mv
@@ -284,18 +291,77 @@ class ChannelRecorder:
         self.writer.close()
 
 
-def open_recorders(names: list[str], root: str, mode: str, settings: RecordSettings,
-                   daemon: str | None) -> list[ChannelRecorder]:
-    out: list[ChannelRecorder] = []
-    try:
-        for name in names:
-            out.append(ChannelRecorder(name, root, mode, settings, daemon))
-    except BaseException:
-        for rec in out:
+class RecorderSet:
+    """The recorders of one process (``shimmy record``, the daemon's recorder): the channels
+    named, and, given glob ``patterns``, every channel matching one that exists on the daemon or
+    has a recording under ``root`` (looked for once a second; a recorded channel that does not
+    exist, after a daemon restart, is opened and so made again).  One thread per channel."""
+
+    def __init__(self, names: list[str], patterns: list[str], root: str, mode: str,
+                 settings: RecordSettings, daemon: str | None):
+        self.patterns, self.root, self.mode = patterns, root, mode
+        self.settings, self.daemon = settings, daemon
+        self.recs: dict[str, ChannelRecorder] = {}
+        self._threads: list[threading.Thread] = []
+        self._refused: set[str] = set()
+        try:
+            for name in names:
+                self._add(name)
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, name: str) -> None:
+        with _ATTACH:
+            rec = ChannelRecorder(name, self.root, self.mode, self.settings, self.daemon)
+        self.recs[name] = rec
+        log.info("recording %r (%s) into %s", name, self.mode, rec.cdir)
+        t = threading.Thread(target=rec.run, name=f"record {name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def discover(self) -> None:
+        """Start recording every channel matching a pattern that is not recorded yet."""
+        if not self.patterns:
+            return
+        from shimmy.sdk.client import get_client
+        names = {n for n, _ in recording.tracks(self.root)}
+        try:
+            with _ATTACH:
+                listed = get_client(self.daemon).request("list")["channels"]
+        except (DaemonUnavailable, ChannelClosed):
+            return   # restarting: the next pass looks again
+        names.update(c["name"] for c in listed)
+        groups = {c["name"] for c in listed if c.get("max_publishers", 1) > 1}
+        for name in sorted(names):
+            if name in self.recs or name in self._refused or \
+                    not any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
+                continue
+            try:
+                if name in groups:
+                    raise InvalidArgument(f"channel {name!r} is a publisher group; recording "
+                                          f"groups is not supported yet")
+                self._add(name)
+            except (ShimmyError, OSError) as exc:
+                self._refused.add(name)   # logged once; a restart of the recorder retries
+                log.error("not recording %r: %s", name, exc)
+
+    def alive(self) -> bool:
+        return bool(self.patterns) or any(t.is_alive() for t in self._threads)
+
+    def errors(self) -> list[str]:
+        return [f"recording {r.name!r} stopped: {r.error}" for r in self.recs.values()
+                if r.error is not None]
+
+    def run(self, stop: threading.Event) -> None:
+        while self.alive() and not stop.is_set():
+            self.discover()
+            stop.wait(1.0)
+
+    def close(self) -> None:
+        for rec in self.recs.values():
+            rec.stopped = True
+        for t in self._threads:
+            t.join(2.0)
+        for rec in self.recs.values():
             rec.close()
-        raise
-    return out
-
-
-__all__ = ["ChannelRecorder", "RecordingError", "RingCorrupted", "lookup", "open_recorders",
-           "register", "registry_dir"]

@@ -49,7 +49,9 @@ W_LAG = 11             # bytes of the ring the recorder had yet to read after it
 W_CREATED = 12
 W_DROPPED = 13         # messages deleted by retention, ever
 W_ERRORS = 14          # writes that failed (disk full...): each is logged by the recorder
-W_START_SEQ = 15       # seq the recording expected first (messages before its first one are lost)
+W_START_SEQ = 15       # seq the recording expected first (messages before it are lost)
+W_RING_MODE = 16       # the channel's mode + 1 (0: not known yet) ...
+W_CAPACITY = 17        # ... and ring capacity, so a restarted daemon's channel is made alike
 OFF_NAME = 256         # u32 length + UTF-8 channel name
 
 ENTRY = struct.Struct("<QQQQ")   # stream offset of a chunk, its first seq, time ns, messages before
@@ -390,6 +392,16 @@ class TrackWriter:
 
     def set_lag(self, lag: int) -> None:
         self.q[W_LAG] = lag
+
+    def set_shape(self, ring_mode: int, capacity: int) -> None:
+        self.q[W_RING_MODE] = ring_mode + 1
+        self.q[W_CAPACITY] = capacity
+
+    def shape(self) -> tuple[str | None, int | None]:
+        """The recorded channel's ``(mode, capacity)`` (None, None before it was known)."""
+        from shimmy.ring import MODE_NAMES as RING_MODES
+        mode = RING_MODES.get(self.q[W_RING_MODE] - 1) if self.q[W_RING_MODE] else None
+        return mode, (self.q[W_CAPACITY] or None) if mode else None
 
     # -- retention ------------------------------------------------------------------------
     def enforce_retention(self, now_ns: int | None = None) -> int:
