@@ -34,6 +34,7 @@ from . import identity, logformat, metrics
 from .access import AccessControl, Caller, Ownership
 from .config import Settings, parse_mode, resolve_group
 from .quotas import Quotas, tenant
+from .recordings import Recordings
 from .registry import Registry, alias_prefix, is_member_alias
 from .segments import Segments
 from .sessions import RESOURCE_ERRNOS, Client, Sessions
@@ -123,6 +124,8 @@ class Daemon:
         # here as events through a pipe this loop polls (PeerService.fds / on_readable).
         from .peer.service import PeerService
         self.peer = PeerService(self)
+        # Recorded channels (docs/recording.md): the recorder process, numbering across restarts.
+        self.recordings = Recordings(settings, self.socket_path)
         # Identity and access (docs/containers.md): peer credentials -> cgroup -> labels.
         self.labels = identity.DockerLabelSource()
         self._deaths: "queue.SimpleQueue[str]" = queue.SimpleQueue()
@@ -185,6 +188,7 @@ class Daemon:
         last_tick = time.monotonic()
         try:
             self.exporter = metrics.start(self, self.settings.metrics_listen)
+            self.recordings.start()
             while not self._stop:
                 poller = zmq.Poller()
                 poller.register(self.router, zmq.POLLIN)
@@ -227,6 +231,7 @@ class Daemon:
         if self.exporter is not None:
             self.exporter.stop()   # no scrape reads rings while they are retired
         self._stop_watch.set()
+        self.recordings.stop()   # the recorder commits its last chunk before rings retire
         self.peer.shutdown()  # mirror threads stop reading rings before they are retired
         self.streams.close_all()
         self.registry.close_all()
@@ -259,6 +264,7 @@ class Daemon:
         self.registry.reclaim_all()
         self.registry.expire_idle()
         self.streams.reap(now)
+        self.recordings.tick(now)
         try:
             self.peer.tick(now)
         except Exception:   # the peer module must never take the node's channels down with it
@@ -658,6 +664,7 @@ class Daemon:
                 self.segments.unclaim(token)
             raise
         self.owners[name] = (rec, ownership)
+        self.recordings.on_created(rec)   # a recorded channel continues its numbering
         return rec
 
     def op_close(self, req: dict) -> dict:

@@ -284,9 +284,11 @@ class ChannelRecorder:
             self.error = exc
             log.error("recording %r stopped: %s: %s", self.name, type(exc).__name__, exc)
 
-    def close(self) -> None:
+    def close(self, tell_daemon: bool = True) -> None:
+        """Stop; ``tell_daemon=False`` (a process about to exit, maybe because its daemon is
+        stopping) leaves the slot to the daemon's reclaim of the exiting process."""
         self.stopped = True
-        if self.ch is not None:
+        if self.ch is not None and tell_daemon:
             self.ch.close()
         self.writer.close()
 
@@ -359,9 +361,11 @@ class RecorderSet:
             stop.wait(1.0)
 
     def close(self) -> None:
+        """Stop every recorder (each commits the run it is writing); the process exits next,
+        and the daemon reclaims the slots with it (the daemon may be the one stopping us)."""
         for rec in self.recs.values():
             rec.stopped = True
         for t in self._threads:
             t.join(2.0)
         for rec in self.recs.values():
-            rec.close()
+            rec.close(tell_daemon=False)
