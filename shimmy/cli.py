@@ -429,6 +429,10 @@ def ls(daemon_path: str | None, as_json: bool) -> None:
         click.echo()
         from shimmy.cli_view import STREAM_COLUMNS, stream_cells
         _print_table([STREAM_COLUMNS, *(stream_cells(st) for st in streams)])
+    recs = cli_record.recordings(_client(daemon_path).path, reply["channels"])
+    if recs:
+        click.echo()
+        _print_table([cli_record.RECORDING_COLUMNS, *cli_record.recording_rows(recs)])
 
 
 def _stat(daemon_path: str | None) -> dict:
@@ -445,11 +449,16 @@ def stat(daemon_path: str | None, as_json: bool) -> None:
     """The daemon at a glance: uptime, clients, shared memory, RDMA state, counters, channels,
     streams and peers.  --json prints the daemon's own reply (docs/protocol.md)."""
     reply = _stat(daemon_path)
+    reply["recordings"] = cli_record.recordings(_client(daemon_path).path, reply["channels"])
     if as_json:
         click.echo(json.dumps(reply, indent=2, default=str))
         return
     from shimmy.cli_view import console_for_stdout, stat_summary
     console_for_stdout().print(stat_summary(reply))
+    if reply["recordings"]:
+        click.echo()
+        _print_table([cli_record.RECORDING_COLUMNS,
+                      *cli_record.recording_rows(reply["recordings"])])
 
 
 @cli.command(short_help="live view: channels by traffic, peers and mirrors")

@@ -196,3 +196,39 @@ def export(root: str, out: str, channels: tuple[str, ...]) -> None:
 
 
 COMMANDS.append(export)
+
+
+# -- ls / stat: the recordings registered with the daemon --------------------------------------
+RECORDING_COLUMNS = ("RECORDING", "MODE", "BYTES", "MESSAGES", "OLDEST", "NEWEST",
+                     "RECORDER LAG", "LOST", "ERRORS", "DIR")
+
+
+def recordings(socket_path: str, channels: list[dict]) -> list[dict]:
+    """Each registered recording's summary, with ``lag_messages``: messages the channel has
+    published that the recording has not (None where the channel is not open here)."""
+    from shimmy.recorder import registered
+    published = {c["name"]: c.get("published") for c in channels}
+    out = []
+    for r in registered(socket_path):
+        pub = published.get(r["channel"])
+        out.append({**r, "lag_messages": None if pub is None else max(0, pub - r["next_seq"])})
+    return out
+
+
+def _when(ns: int) -> str:
+    import time
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) if ns else "-"
+
+
+def recording_rows(recs: list[dict]) -> list[tuple[str, ...]]:
+    from shimmy.cli_view import human_bytes as size
+    rows: list[tuple[str, ...]] = []
+    for r in recs:
+        empty = r["messages"] == 0
+        lag = "-" if r["lag_messages"] is None else f"{r['lag_messages']} msgs"
+        rows.append((r["channel"], r["mode"], size(r["bytes"]), str(r["messages"]),
+                     "-" if empty else f"{r['first_seq']} @ {_when(r['oldest_ns'])}",
+                     "-" if empty else f"{r['next_seq'] - 1} @ {_when(r['newest_ns'])}",
+                     f"{lag}, {size(r['lag_bytes'])}", str(r["lost"]), str(r["errors"]),
+                     r["dir"]))
+    return rows

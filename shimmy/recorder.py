@@ -32,7 +32,7 @@ ERROR_LOG_EVERY = 5.0      # seconds between two log lines about the same failin
 RETRY_AFTER = 0.05         # a failed write (disk full) is tried again after this
 
 
-def registry_dir(socket_path: str) -> str:
+def registry_dir(socket_path: str | None) -> str:
     """Where a daemon's recordings are registered: channel name -> recording directory, so
     ``Channel.subscribe(start=<seq>|<datetime>|"recorded")`` finds them."""
     return resolve_socket(socket_path) + ".recordings"
@@ -52,9 +52,33 @@ def register(socket_path: str, name: str, channel_dir: str) -> None:
 
 
 def lookup(socket_path: str | None, name: str) -> str | None:
-    link = recording.channel_dir(registry_dir(socket_path or ""), name) if socket_path else \
-        recording.channel_dir(registry_dir(resolve_socket(None)), name)
+    """The recording directory registered for channel ``name``, or None."""
+    link = recording.channel_dir(registry_dir(socket_path), name)
     return os.path.realpath(link) if os.path.isdir(link) else None
+
+
+def registered(socket_path: str | None) -> list[dict]:
+    """The catalog summary (``recording.Catalog.summary``, plus ``dir``) of every recording
+    registered with the daemon at ``socket_path``: what ``ls``, ``stat`` and ``/metrics`` show.
+    A registration whose recording is gone or unreadable is left out."""
+    reg = registry_dir(socket_path)
+    try:
+        entries = sorted(os.listdir(reg))
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        cdir = os.path.realpath(os.path.join(reg, entry))
+        track = os.path.join(cdir, recording.MAIN_TRACK)
+        try:
+            cat = recording.Catalog(track)
+        except (OSError, recording.RecordingError):
+            continue
+        try:
+            out.append({**cat.summary(), "dir": cdir})
+        finally:
+            cat.close()
+    return out
 
 
 class ChannelRecorder:
