@@ -34,6 +34,7 @@ SUITES: dict[str, tuple[str, str | None]] = {
     "crossnode": ("shimmy.bench.crossnode", "shimmy.daemon.peer"),
     "scrape": ("shimmy.bench.scrape", "prometheus_client"),
     "fanin": ("shimmy.bench.fanin", None),
+    "record": ("shimmy.bench.record", None),
 }
 DEFAULT_SIZES = [64, 4096, 1 << 20]
 
