@@ -299,7 +299,7 @@ class DaemonCollector:
         of its own, opened and closed per scrape; the loop thread's rings are not touched
         beyond the published count, read as for the channel families)."""
         from shimmy.recorder import registered
-        lab = ["channel"]
+        lab = ["channel", "track"]   # track: "0", or one per publisher of a group
         fam: dict[str, "CounterMetricFamily | GaugeMetricFamily"] = {
             "bytes": _gauge("shimmy_recording_bytes", "Bytes the recording keeps on disk", lab),
             "msgs": _gauge("shimmy_recording_messages", "Messages the recording keeps", lab),
@@ -322,21 +322,22 @@ class DaemonCollector:
         channels = {rec.name: rec for rec in list(self.d.registry.channels.values())}
         for r in registered(self.d.socket_path):
             name = r["channel"]
-            fam["bytes"].add_metric([name], r["bytes"])
-            fam["msgs"].add_metric([name], r["messages"])
+            key = [name, r["track"]]
+            fam["bytes"].add_metric(key, r["bytes"])
+            fam["msgs"].add_metric(key, r["messages"])
             if r["messages"]:
-                fam["oldest"].add_metric([name], r["oldest_ns"] / 1e9)
-                fam["newest"].add_metric([name], r["newest_ns"] / 1e9)
-            rec = channels.get(name)
+                fam["oldest"].add_metric(key, r["oldest_ns"] / 1e9)
+                fam["newest"].add_metric(key, r["newest_ns"] / 1e9)
+            rec = channels.get(name) if r["track"] == "0" else None   # groups: per publisher
             try:
                 published = None if rec is None else _published(rec.view)
             except (ValueError, IndexError):
                 published = None   # deleted meanwhile
             if published is not None:
-                fam["lag_msgs"].add_metric([name], max(0, published - r["next_seq"]))
-            fam["lag_bytes"].add_metric([name], r["lag_bytes"])
-            fam["lost"].add_metric([name], r["lost"])
-            fam["errors"].add_metric([name], r["errors"])
+                fam["lag_msgs"].add_metric(key, max(0, published - r["next_seq"]))
+            fam["lag_bytes"].add_metric(key, r["lag_bytes"])
+            fam["lost"].add_metric(key, r["lost"])
+            fam["errors"].add_metric(key, r["errors"])
         yield from fam.values()
 
     # -- peering -----------------------------------------------------------------------------------

@@ -210,7 +210,8 @@ def recordings(socket_path: str, channels: list[dict]) -> list[dict]:
     published = {c["name"]: c.get("published") for c in channels}
     out = []
     for r in registered(socket_path):
-        pub = published.get(r["channel"])
+        # A group's per-publisher numbering has no channel-wide count to compare with.
+        pub = published.get(r["channel"]) if r["track"] == recording.MAIN_TRACK else None
         out.append({**r, "lag_messages": None if pub is None else max(0, pub - r["next_seq"])})
     return out
 
@@ -226,7 +227,9 @@ def recording_rows(recs: list[dict]) -> list[tuple[str, ...]]:
     for r in recs:
         empty = r["messages"] == 0
         lag = "-" if r["lag_messages"] is None else f"{r['lag_messages']} msgs"
-        rows.append((r["channel"], r["mode"], size(r["bytes"]), str(r["messages"]),
+        name = r["channel"] if r["track"] == recording.MAIN_TRACK else \
+            f"{r['channel']} [{recording.channel_name(r['track'])}]"
+        rows.append((name, r["mode"], size(r["bytes"]), str(r["messages"]),
                      "-" if empty else f"{r['first_seq']} @ {_when(r['oldest_ns'])}",
                      "-" if empty else f"{r['next_seq'] - 1} @ {_when(r['newest_ns'])}",
                      f"{lag}, {size(r['lag_bytes'])}", str(r["lost"]), str(r["errors"]),

@@ -58,9 +58,10 @@ def lookup(socket_path: str | None, name: str) -> str | None:
 
 
 def registered(socket_path: str | None) -> list[dict]:
-    """The catalog summary (``recording.Catalog.summary``, plus ``dir``) of every recording
-    registered with the daemon at ``socket_path``: what ``ls``, ``stat`` and ``/metrics`` show.
-    A registration whose recording is gone or unreadable is left out."""
+    """The catalog summary (``recording.Catalog.summary``, plus ``dir``) of every track of every
+    recording registered with the daemon at ``socket_path`` (one per channel; a publisher
+    group's has one per publisher): what ``ls``, ``stat`` and ``/metrics`` show.  A
+    registration whose recording is gone or unreadable is left out."""
     reg = registry_dir(socket_path)
     try:
         entries = sorted(os.listdir(reg))
@@ -69,101 +70,52 @@ def registered(socket_path: str | None) -> list[dict]:
     out = []
     for entry in entries:
         cdir = os.path.realpath(os.path.join(reg, entry))
-        track = os.path.join(cdir, recording.MAIN_TRACK)
         try:
-            cat = recording.Catalog(track)
-        except (OSError, recording.RecordingError):
+            names = sorted(os.listdir(cdir))
+        except OSError:
             continue
-        try:
-            out.append({**cat.summary(), "dir": cdir})
-        finally:
-            cat.close()
+        for t in names:
+            try:
+                cat = recording.Catalog(os.path.join(cdir, t))
+            except (OSError, recording.RecordingError):
+                continue   # not a track (schema.json), or gone
+            try:
+                out.append({**cat.summary(), "dir": cdir})
+            finally:
+                cat.close()
     return out
 
 
-class ChannelRecorder:
-    """Records one single-publisher channel into ``root`` (one track)."""
+def member_track(publisher: int, node: str | None, created_ns: int) -> str:
+    """A publisher group member's track: its publisher id and node, and its ring's creation
+    time (ids start again with a new daemon; each member ring numbers its messages from 0)."""
+    return recording.quote(f"p{publisher}.{node or '-'}.{created_ns:x}")
 
-    def __init__(self, name: str, root: str, mode: str = "reliable",
-                 settings: RecordSettings | None = None, daemon: str | None = None):
-        from shimmy.sdk.channel import Channel
-        if mode not in recording.MODES:
-            raise InvalidArgument(f"record mode must be one of {sorted(recording.MODES)}, got "
-                                  f"{mode!r}")
-        self.name, self.root, self.mode, self.daemon = name, root, mode, daemon
-        self.settings = settings or RecordSettings()
-        self._Channel = Channel
-        self.cdir = recording.channel_dir(root, name)
-        self.writer = TrackWriter(os.path.join(self.cdir, recording.MAIN_TRACK), name, mode,
-                                  self.settings)
-        self.ch: Any = None   # the Channel (None while reattaching)
-        self._attach()
-        register(self.socket, name, self.cdir)
-        self._last_error = 0.0
-        self._last_retention = 0.0
-        self.stopped = False
-        self.error: Exception | None = None
 
-    # -- attaching ------------------------------------------------------------------------
-    def _attach(self) -> None:
-        """Open the channel and take a slot at the oldest message the ring holds; frames the
-        recording already has (seq below its next seq) are skipped, so a recorder continuing
-        a track, or reattaching after a daemon restart, records each message once."""
-        mode, capacity = self.writer.shape()
-        try:
-            # A channel made again (after a daemon restart) gets its recorded shape.
-            ch = self._Channel(self.name, daemon=self.daemon, mode=mode, capacity=capacity)
-        except ChannelConflict:
-            ch = self._Channel(self.name, daemon=self.daemon)   # made since with another shape
-        try:
-            if ch.max_publishers > 1:
-                raise InvalidArgument(f"channel {self.name!r} is a publisher group "
-                                      f"(max_publishers {ch.max_publishers}); recording groups "
-                                      f"is not supported yet")
-            if self.mode == "reliable" and ch.mode == "lossy":
-                raise InvalidArgument(f"channel {self.name!r} is lossy: a reliable recording "
-                                      f"needs a reliable channel (record it with --mode lossy)")
-            self.sub = ch.subscribe("oldest", spin_us=50)
-        except BaseException:
-            ch.close()
-            raise
-        self.ch = ch
-        self.socket = ch._client.path
-        self.writer.set_shape(ring.MODES[ch.mode], ch.capacity)
-        self.r = self.sub._reader
-        v = ch._view
-        self._q, self._mv = v.q, v.mv
-        self._base, self._cap = v.data_offset, v.capacity
-        self._mask = v.capacity - 1
-        self._max = ring.max_message_size(v.capacity)
-        self._chunk = min(CHUNK_BYTES, v.capacity // 4)
-        self._skip_from = self.writer.next_seq if not self.writer.empty else 0
+class _Track:
+    """One ring recorded into one track: our slot's reader in that ring (a channel's ring, or
+    one publisher's member ring of a group) and the track's writer."""
+
+    def __init__(self, owner: "ChannelRecorder", reader: ring.RingReader, view: ring.RingView,
+                 writer: TrackWriter):
+        self.owner, self.r, self.v, self.writer = owner, reader, view, writer
+        self._q, self._mv = view.q, view.mv
+        self._base, self._cap = view.data_offset, view.capacity
+        self._mask = view.capacity - 1
+        self._max = ring.max_message_size(view.capacity)
+        self._chunk = min(CHUNK_BYTES, view.capacity // 4)
+        self._lossy_ring = view.mode == ring.MODE_LOSSY
+        # Frames the track already has (seq below its next seq) are skipped, so a recorder
+        # continuing a track, or reattaching after a daemon restart, records each message once.
+        self._skip_from = writer.next_seq if not writer.empty else 0
         # The seq the next recorded message should have: a gap before it is a loss.  A new
-        # recording expects the seq at which its slot started (messages published after the
+        # track expects the seq at which its slot started (messages published after the
         # recorder subscribed and missed before its first run count too).
-        self._expect = self.writer.next_seq if not self.writer.empty else self.r._expect
-        self._reliable_ring = ch.mode == "reliable"
+        self._expect = writer.next_seq if not writer.empty else reader._expect
 
-    def _reattach(self) -> None:
-        """After ChannelClosed (the channel was deleted or its daemon restarted)."""
-        try:
-            self.ch.close()
-        except Exception:   # noqa: BLE001 - the old daemon is gone; nothing to hand back
-            pass
-        self.ch = None
-        while not self.stopped:
-            try:
-                with _ATTACH:   # recorders of one process share its daemon client
-                    self._attach()
-                log.info("recording %r: reattached to the channel", self.name)
-                return
-            except (DaemonUnavailable, ChannelClosed):
-                time.sleep(0.1)
-
-    # -- one chunk ------------------------------------------------------------------------
     def step(self) -> int | None:
         """Record the next run of committed frames; the number of messages, or None when
-        caught up (the subscription's wait calls it as its ``attempt``)."""
+        caught up."""
         r, q, mv = self.r, self._q, self._mv
         p = r.position
         tail = q[ring.W_TAIL]
@@ -171,12 +123,11 @@ class ChannelRecorder:
             return None
         if tail < p or tail & 15:
             r._bad_tail(tail)
-        if self.mode == "lossy" and self._reliable_ring and \
+        if self.owner.mode == "lossy" and not self._lossy_ring and \
                 tail - p > self._cap * SKIP_FILL:
             # A lossy recording never holds a reliable publisher back: past this fill the
             # recorder skips to the tail; the next frame's seq counts the gap exactly.
-            r.position = tail
-            r.release_to(tail)
+            self._release(tail)
             return 0
         start = p
         wrap = p + (self._cap - (p & self._mask))
@@ -184,7 +135,7 @@ class ChannelRecorder:
         first = -1
         expect = self._expect
         count = lost = 0
-        base, mask = self._base, self._mask
+        base, mask, largest, skip = self._base, self._mask, self._max, self._skip_from
         unpack = ring.FRAME.unpack_from
         while p < tail:
             length, flags, seq = unpack(mv, base + (p & mask))
@@ -196,11 +147,11 @@ class ChannelRecorder:
                 p = start = p + length + 16
                 continue
             end = p + ((length + 31) & ~15)
-            if length > self._max or end > tail:
+            if length > largest or end > tail:
                 return self._bad(start, p, length, flags)
             if (end > limit and p > start) or p >= wrap:
                 break
-            if seq < self._skip_from:   # already in the recording
+            if seq < skip:          # already in the recording
                 if p > start:
                     break
                 p = start = end
@@ -221,14 +172,14 @@ class ChannelRecorder:
             with mv[base + (start & mask):base + (p & mask or self._cap)] as run:
                 # Lossy ring: the head is loaded after the copy and before the commit; a
                 # publisher that passed the run meanwhile makes it uncommitted (lapped).
-                intact = self._intact_from if self.ch.mode == "lossy" else None
+                intact = self._intact_from if self._lossy_ring else None
                 if not self.writer.append(run, first, expect, count, lost, tail - p,
                                           intact, start):
                     return self._lapped()
         except OSError as exc:
             return self._failed(exc, p, expect, count + lost)
         self._skip_from = self._expect = expect
-        self._release(p)
+        self._release(p)   # only now: the run is committed in the recording
         return count
 
     def _intact_from(self, start: int) -> bool:
@@ -249,7 +200,7 @@ class ChannelRecorder:
     def _bad(self, start: int, p: int, length: int, flags: int) -> int:
         if self._q[ring.W_HEAD] > start:
             return self._lapped()   # torn by a lossy publisher, not corrupt
-        raise ring.corrupted(self.ch._view, f"frame at position {p} (length {length}, flags "
+        raise ring.corrupted(self.v, f"frame at position {p} (length {length}, flags "
                              f"{flags:#x}, while recording) is not a valid frame",
                              self._base + (p & self._mask))
 
@@ -259,6 +210,138 @@ class ChannelRecorder:
         BackpressureTimeout) until the write succeeds.  Lossy: the run is dropped and the gap
         counted at once (``missed``: its messages and the gap before them)."""
         self.writer.note_error()
+        self.owner.log_failure(exc)
+        if self.owner.mode == "lossy":
+            self.writer.note_lost(missed, nxt)
+            self._release(p)
+            self._skip_from = self._expect = nxt
+            return 0
+        time.sleep(RETRY_AFTER)
+        return 0
+
+
+class ChannelRecorder:
+    """Records one channel into ``root``: one track, or for a publisher group one track per
+    publisher (member ring), each in its publisher's order."""
+
+    def __init__(self, name: str, root: str, mode: str = "reliable",
+                 settings: RecordSettings | None = None, daemon: str | None = None):
+        from shimmy.sdk.channel import Channel
+        if mode not in recording.MODES:
+            raise InvalidArgument(f"record mode must be one of {sorted(recording.MODES)}, got "
+                                  f"{mode!r}")
+        self.name, self.root, self.mode, self.daemon = name, root, mode, daemon
+        self.settings = settings or RecordSettings()
+        self._Channel = Channel
+        self.cdir = recording.channel_dir(root, name)
+        recording.make_dir(root)
+        recording.make_dir(self.cdir)
+        self.writers: dict[str, TrackWriter] = {}   # track name -> writer, kept across reattach
+        self.tracks: dict[int, _Track] = {}         # member id (0: the channel's ring) -> track
+        self.group = False
+        self.ch: Any = None   # the Channel (None while reattaching)
+        self._last_error = 0.0
+        self._last_retention = 0.0
+        self.stopped = False
+        self.error: Exception | None = None
+        try:
+            self._attach()
+        except BaseException:
+            self._close_writers()
+            raise
+        register(self.socket, name, self.cdir)   # after the slot is taken: a sign it records
+
+    def _writer(self, track: str) -> TrackWriter:
+        w = self.writers.get(track)
+        if w is None:
+            w = self.writers[track] = TrackWriter(os.path.join(self.cdir, track), self.name,
+                                                  self.mode, self.settings)
+        return w
+
+    # -- attaching ------------------------------------------------------------------------
+    def _attach(self) -> None:
+        """Open the channel and take a slot at the oldest message each ring holds."""
+        main = os.path.join(self.cdir, recording.MAIN_TRACK)
+        mode = capacity = None
+        if os.path.isfile(os.path.join(main, "catalog")):
+            mode, capacity = self._writer(recording.MAIN_TRACK).shape()
+        try:
+            # A channel made again (after a daemon restart) gets its recorded shape.
+            ch = self._Channel(self.name, daemon=self.daemon, mode=mode, capacity=capacity)
+        except ChannelConflict:
+            ch = self._Channel(self.name, daemon=self.daemon)   # made since with another shape
+        try:
+            if self.mode == "reliable" and ch.mode == "lossy":
+                raise InvalidArgument(f"channel {self.name!r} is lossy: a reliable recording "
+                                      f"needs a reliable channel (record it with --mode lossy)")
+            self.sub = ch.subscribe("oldest", spin_us=50)
+        except BaseException:
+            ch.close()
+            raise
+        self.ch = ch
+        self.socket = ch._client.path
+        self.group = ch.max_publishers > 1
+        self.tracks = {}
+        if self.group:
+            self._sync_members()
+            live = {os.path.basename(t.writer.track) for t in self.tracks.values()}
+            for name in [n for n in self.writers if n not in live]:
+                self.writers.pop(name).close()   # members of the ring before a restart
+        else:
+            w = self._writer(recording.MAIN_TRACK)
+            w.set_shape(ring.MODES[ch.mode], ch.capacity)
+            self.tracks[0] = _Track(self, self.sub._reader, ch._view, w)
+
+    def _sync_members(self) -> None:
+        """A group: a track for each member ring the subscription reads now.  A member that
+        left was read to its end first (the daemon reclaims it only once every subscriber,
+        this recorder included, drained it), so its track is complete: its writer closes."""
+        sub = self.sub
+        if sub._gq[ring.I_GROUP_EPOCH] != sub._gepoch:
+            sub._refresh()
+        now = {m.id: m for m in sub._members}
+        for mid in [k for k in self.tracks if k not in now]:
+            track = self.tracks.pop(mid)
+            name = os.path.basename(track.writer.track)
+            self.writers.pop(name).close()
+        for mid, m in now.items():
+            if mid not in self.tracks:
+                created = m.view.q[ring.OFF_CREATED // 8]
+                w = self._writer(member_track(mid, m.reader.node, created))
+                w.set_shape(ring.MODES[self.ch.mode], m.view.capacity)
+                self.tracks[mid] = _Track(self, m.reader, m.view, w)
+
+    def _reattach(self) -> None:
+        """After ChannelClosed (the channel was deleted or its daemon restarted)."""
+        try:
+            self.ch.close()
+        except Exception:   # noqa: BLE001 - the old daemon is gone; nothing to hand back
+            pass
+        self.ch = None
+        while not self.stopped:
+            try:
+                with _ATTACH:   # recorders of one process share its daemon client
+                    self._attach()
+                log.info("recording %r: reattached to the channel", self.name)
+                return
+            except (DaemonUnavailable, ChannelClosed):
+                time.sleep(0.1)
+
+    # -- recording ------------------------------------------------------------------------
+    def step(self) -> int | None:
+        """Record a run of each ring that has committed frames; the number of messages, or
+        None when every ring is caught up (the subscription's wait calls it as its
+        ``attempt``)."""
+        if self.group and self.sub._gq[ring.I_GROUP_EPOCH] != self.sub._gepoch:
+            self._sync_members()
+        got = None
+        for track in list(self.tracks.values()):
+            n = track.step()
+            if n is not None:
+                got = (got or 0) + n
+        return got
+
+    def log_failure(self, exc: OSError) -> None:
         now = time.monotonic()
         if now - self._last_error >= ERROR_LOG_EVERY:
             self._last_error = now
@@ -267,20 +350,13 @@ class ChannelRecorder:
                     else "messages are dropped (counted as lost) until it has room")
             log.error("recording %r: cannot write to %s: %s (disk %s); %s", self.name,
                       self.cdir, os.strerror(exc.errno or 0) or exc, what, then)
-        if self.mode == "lossy":
-            self.writer.note_lost(missed, nxt)
-            self._release(p)
-            self._skip_from = self._expect = nxt
-            return 0
-        time.sleep(RETRY_AFTER)
-        return 0
 
-    # -- the loop -------------------------------------------------------------------------
     def retention(self) -> None:
         now = time.monotonic()
         if now - self._last_retention >= 1.0:
             self._last_retention = now
-            self.writer.enforce_retention()
+            for w in list(self.writers.values()):
+                w.enforce_retention()
 
     def poll(self, timeout: float = 0.25) -> int:
         """Record whatever is committed, waiting up to ``timeout`` for something."""
@@ -291,7 +367,8 @@ class ChannelRecorder:
             self.retention()
             return got or 0
         except ReceiveTimeout:
-            self.writer.set_lag(0)
+            for w in list(self.writers.values()):
+                w.set_lag(0)
             self.retention()
             return 0
         except ChannelClosed:
@@ -308,13 +385,18 @@ class ChannelRecorder:
             self.error = exc
             log.error("recording %r stopped: %s: %s", self.name, type(exc).__name__, exc)
 
+    def _close_writers(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+
     def close(self, tell_daemon: bool = True) -> None:
         """Stop; ``tell_daemon=False`` (a process about to exit, maybe because its daemon is
         stopping) leaves the slot to the daemon's reclaim of the exiting process."""
         self.stopped = True
         if self.ch is not None and tell_daemon:
             self.ch.close()
-        self.writer.close()
+        self._close_writers()
 
 
 class RecorderSet:
@@ -351,22 +433,21 @@ class RecorderSet:
         if not self.patterns:
             return
         from shimmy.sdk.client import get_client
-        names = {n for n, _ in recording.tracks(self.root)}
+        # Recorded single-publisher channels are opened (made again) even when absent; a group
+        # is recorded when it exists (opening an absent one would make an exclusive channel).
+        names = {n for n, t in recording.tracks(self.root)
+                 if os.path.basename(t) == recording.MAIN_TRACK}
         try:
             with _ATTACH:
                 listed = get_client(self.daemon).request("list")["channels"]
         except (DaemonUnavailable, ChannelClosed):
             return   # restarting: the next pass looks again
         names.update(c["name"] for c in listed)
-        groups = {c["name"] for c in listed if c.get("max_publishers", 1) > 1}
         for name in sorted(names):
             if name in self.recs or name in self._refused or \
                     not any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
                 continue
             try:
-                if name in groups:
-                    raise InvalidArgument(f"channel {name!r} is a publisher group; recording "
-                                          f"groups is not supported yet")
                 self._add(name)
             except (ShimmyError, OSError) as exc:
                 self._refused.add(name)   # logged once; a restart of the recorder retries

@@ -90,10 +90,14 @@ class RecordSettings:
             raise InvalidArgument("record retention limits must be >= 0 (0 = unbounded)")
 
 
+def quote(name: str) -> str:
+    """A name as one path component: ``/`` and ``.`` escaped (never ``..``, never a path)."""
+    return urllib.parse.quote(name, safe="").replace(".", "%2E")
+
+
 def channel_dir(root: str, name: str) -> str:
-    """The directory of channel ``name``'s recording under ``root`` (names never become paths
-    unquoted: ``/`` and ``.`` are escaped)."""
-    return os.path.join(root, urllib.parse.quote(name, safe="").replace(".", "%2E"))
+    """The directory of channel ``name``'s recording under ``root``."""
+    return os.path.join(root, quote(name))
 
 
 def channel_name(entry: str) -> str:

@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -98,9 +99,12 @@ def test_start_recorded_and_start_at_a_time(daemon, root):
         assert sub.receive(timeout=10).seq == 3000
     # From a seq in the future: nothing before it.
     with ch.subscribe(start=6005) as sub:
-        for i in range(6001, 6010):
-            ch.publish(payload(i))
+        # (published from a thread: the subscription's live slot holds the 64 KiB ring from
+        # its oldest message, so the publisher waits for this reader)
+        t = threading.Thread(target=lambda: [ch.publish(payload(i)) for i in range(6001, 6010)])
+        t.start()
         assert [sub.receive(timeout=10).seq for _ in range(5)] == list(range(6005, 6010))
+        t.join()
     stop(rec)
     ch.close()
 

@@ -49,18 +49,20 @@ def test_ls_stat_and_metrics_show_each_recording(daemon_factory, tmp_path):
         assert total + 16 * 1000 <= r["bytes"] <= total + 32 * 1000
         assert r["oldest_ns"] <= r["newest_ns"] <= time.time_ns()
         samples = scrape(url)
-        assert value(samples, "shimmy_recording_messages", channel="ops.a") == 1000
-        assert value(samples, "shimmy_recording_bytes", channel="ops.a") == r["bytes"]
-        assert value(samples, "shimmy_recording_lag_messages", channel="ops.a") == 0
-        assert value(samples, "shimmy_recording_messages_lost_total", channel="ops.a") == 0
-        assert value(samples, "shimmy_recording_write_errors_total", channel="ops.a") == 0
+        assert value(samples, "shimmy_recording_messages", channel="ops.a", track="0") == 1000
+        assert value(samples, "shimmy_recording_bytes", channel="ops.a", track="0") == r["bytes"]
+        assert value(samples, "shimmy_recording_lag_messages", channel="ops.a", track="0") == 0
+        for counter in ("lost", "write_errors"):
+            name = "messages_lost" if counter == "lost" else counter
+            assert value(samples, f"shimmy_recording_{name}_total", channel="ops.a",
+                         track="0") == 0
         assert value(samples, "shimmy_recording_newest_timestamp_seconds",
-                     channel="ops.a") == pytest.approx(r["newest_ns"] / 1e9)
+                     channel="ops.a", track="0") == pytest.approx(r["newest_ns"] / 1e9)
     finally:
         stop(rec)
     # A recorder that is not running: its lag grows with what the channel publishes.
     for i in range(1000, 1100):
         ch.publish(payload(i))
     samples = scrape(url)
-    assert value(samples, "shimmy_recording_lag_messages", channel="ops.a") == 100
+    assert value(samples, "shimmy_recording_lag_messages", channel="ops.a", track="0") == 100
     ch.close()
