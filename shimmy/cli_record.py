@@ -137,6 +137,11 @@ def _track_of(root: str, name: str) -> str:
     import os
     track = os.path.join(recording.channel_dir(root, name), recording.MAIN_TRACK)
     if not os.path.isfile(os.path.join(track, "catalog")):
+        group = sorted(t for n, t in recording.tracks(root) if n == name)
+        if group:
+            raise click.UsageError(
+                f"{root} holds channel {name!r} as a publisher group ({len(group)} publishers' "
+                f"tracks); replaying a group is not supported (export it: shimmy export)")
         have = sorted({n for n, _ in recording.tracks(root)})
         raise click.UsageError(f"{root} holds no recording of channel {name!r} (it has: "
                                f"{', '.join(map(repr, have)) or 'none'})")
