@@ -100,6 +100,7 @@ class RecordedSubscription:
         self._stash: Message | None = None    # a live message held while the gap before it
         self._stalled_at = 0.0                # is filled from the recording (step 5)
         self._lost = 0
+        self._synced = False                  # a live message was delivered (receive_many)
         self.closed = False
 
     # -- the hand-off ---------------------------------------------------------------------
@@ -170,6 +171,8 @@ class RecordedSubscription:
             return self._deliver(msg)
 
     def _deliver(self, msg: Message) -> Message:
+        if msg._src is not _FROM_RECORDING:
+            self._synced = True   # a live message delivered in order: the hand-off is done
         msg.lost = msg.seq - self._expect
         self._lost += msg.lost
         self._expect = msg.seq + 1
@@ -189,6 +192,34 @@ class RecordedSubscription:
             time.sleep(POLL)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self._live._wait(left, self.receive_nowait)
+
+    def receive_many(self, max_n: int, timeout: float | None = None) -> list[bytes]:
+        """Copy path for batches (as :meth:`Subscription.receive_many`): up to ``max_n``
+        messages, waiting for the first at most ``timeout``.  From the recording they are read
+        in one loop over its buffer; on the ring, a reliable channel's batches come straight
+        from the live subscription once the hand-off is done (its numbering then follows
+        ours: a reliable slot is never lapped after its first message), anything else one
+        message at a time (the hand-off itself included), so its steps hold for every
+        message."""
+        if not isinstance(max_n, int) or isinstance(max_n, bool) or max_n < 1:
+            raise InvalidArgument(f"max_n must be a positive int, got {max_n!r}")
+        if self.closed:
+            self._live._closed()
+        if self._from_disk:
+            out, lost = self._rd.read_many(max_n, self._bound)
+            if out:
+                self._lost += lost
+                self._expect = self._rd.expect
+                return out
+        live = self._live
+        if (self._synced and self._stash is None and not self._from_disk
+                and self.channel.mode == "reliable" and live._reader._expect == self._expect):
+            before = live.lost
+            out = live.receive_many(max_n, timeout)
+            self._lost += live.lost - before
+            self._expect = live.last_seq + 1
+            return out
+        return [self.receive_bytes(timeout)]
 
     def receive_bytes(self, timeout: float | None = None) -> bytes:
         msg = self.receive(timeout)

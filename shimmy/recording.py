@@ -472,7 +472,10 @@ class TrackReader:
         self._fd = -1
         self._seg = -1                        # start of the open segment
         self._seg_end = -1                    # its size when known to be final
-        self._buf = bytearray(self.BUF)
+        # What was read last: a new bytes object per read (slices of it are the messages the
+        # copy path returns, one copy each; a view handed out by next() stays valid).
+        self._buf = b""
+        self._bsize = self.BUF
         self._bstart = 0                      # stream offset of _buf[0]
         self._blen = 0
 
@@ -574,14 +577,13 @@ class TrackReader:
                 self._seg_end = self._seg + os.fstat(self._fd).st_size
                 continue
             break
-        if need > len(self._buf):
-            self._buf = bytearray(max(need, 2 * len(self._buf)))
+        if need > self._bsize:
+            self._bsize = max(need, 2 * self._bsize)
         end = limit if self._seg_end < 0 else min(limit, self._seg_end)
-        want = min(len(self._buf), end - self.offset)
-        with memoryview(self._buf) as mv:
-            got = os.preadv(self._fd, [mv[:want]], self.offset - self._seg)
-        self._bstart, self._blen = self.offset, got
-        return got >= need
+        self._buf = os.pread(self._fd, min(self._bsize, end - self.offset),
+                             self.offset - self._seg)
+        self._bstart, self._blen = self.offset, len(self._buf)
+        return self._blen >= need
 
     def _frame(self) -> tuple[int, memoryview, int] | None:
         limit = self.committed()
@@ -607,6 +609,58 @@ class TrackReader:
         self.offset += size
         self.expect = seq + 1
         return seq, view, lost
+
+    def read_many(self, max_n: int, below: int) -> tuple[list[bytes], int]:
+        """Copy out up to ``max_n`` committed messages with a seq below ``below``, in order:
+        ``(payloads, lost)`` with ``lost`` the seq gaps before and between them; afterwards
+        ``expect`` is the seq after the last one.  Stops early when caught up or at a message
+        numbered ``below`` or later (left unread).  The copy path of :meth:`next`: one tight
+        loop over the frames already in the buffer, a refill when it runs out."""
+        out: list[bytes] = []
+        append = out.append
+        lost = count = 0
+        unpack = FRAME.unpack_from
+        while count < max_n:
+            limit = self.committed()
+            if self.offset >= limit or not self._fill(HEADER, limit):
+                break
+            data, blen, base = self._buf, self._blen, self._bstart
+            rel = self.offset - base
+            expect = self.expect
+            while count < max_n and rel + HEADER <= blen:
+                length, flags, seq = unpack(data, rel)
+                nxt = rel + ((length + HEADER + 15) & ~15)
+                if nxt > blen:
+                    break                  # the frame's end is not in the buffer: refill
+                if flags or seq != expect or length > MAX_FRAME or seq >= below:
+                    # off the common path: invalid, a gap, the first frame, or the bound
+                    if flags or length > MAX_FRAME or seq < expect:
+                        check_frame(length, flags, seq, max(expect, 0),
+                                    f"recording {self.track} at offset {base + rel}")
+                    if seq >= below:
+                        self.offset, self.expect = base + rel, expect
+                        return out, lost
+                    if expect >= 0:
+                        lost += seq - expect
+                append(data[rel + HEADER:rel + HEADER + length])
+                rel = nxt
+                expect = seq + 1
+                count += 1
+            self.offset = base + rel
+            self.expect = expect
+            if rel + HEADER <= blen and count < max_n:
+                # A frame that ends past the buffer: read it whole (refilling from it).
+                got = self._frame()
+                if got is None or got[0] >= below:
+                    break
+                seq, view, size = got
+                if self.expect >= 0:
+                    lost += seq - self.expect
+                append(bytes(view))
+                count += 1
+                self.offset += size
+                self.expect = seq + 1
+        return out, lost
 
     def close(self) -> None:
         if self._fd >= 0:

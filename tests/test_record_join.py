@@ -72,6 +72,38 @@ def test_replay_then_live_100_times_while_the_publisher_runs_flat_out(daemon, ro
     ch.close()
 
 
+@pytest.mark.timeout(240)
+def test_replay_then_live_in_batches_while_the_publisher_runs_flat_out(daemon, root):
+    """The same hand-off through receive_many (the recording read in bulk, then the ring's
+    batches): every message's bytes are the ones published under the next seq."""
+    ch = shimmy.Channel("join.b", daemon=daemon.socket, mode="reliable", capacity=1 << 18)
+    rec = start_recorder(daemon.socket, root, "join.b")
+    wait_recorded(root, "join.b", 0)
+    pub = start_publisher(daemon.socket, "join.b", 50_000_000, capacity=1 << 18)
+    try:
+        wait_recorded(root, "join.b", 50_000)
+        rnd = random.Random(7)
+        for _ in range(20):
+            recorded = wait_recorded(root, "join.b", 0)["next_seq"]
+            first = max(0, recorded - rnd.randrange(5000, 30000))
+            with ch.subscribe(start=first) as sub:
+                expect = first
+                live = 0
+                while live < 5000:
+                    was_disk = sub.replaying
+                    for data in sub.receive_many(rnd.choice((1, 7, 100, 1000)), timeout=30):
+                        assert data == payload(expect), f"message {expect} differs"
+                        expect += 1
+                        live += not was_disk
+                    assert sub.last_seq == expect - 1 and sub.lost == 0
+            assert pub.poll() is None, "the publisher stopped"
+    finally:
+        pub.kill()
+        pub.wait()
+        stop(rec)
+    ch.close()
+
+
 @pytest.mark.timeout(120)
 def test_start_recorded_and_start_at_a_time(daemon, root):
     ch = shimmy.Channel("join.t", daemon=daemon.socket, mode="reliable", capacity=1 << 16)
