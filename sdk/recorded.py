@@ -101,6 +101,10 @@ class RecordedSubscription:
         self._stalled_at = 0.0                # is filled from the recording (step 5)
         self._lost = 0
         self._synced = False                  # a live message was delivered (receive_many)
+        # Step 7: live messages in the first ring's length after our slot's start are copied
+        # and checked before they are delivered (a publisher that chose its head before our
+        # slot existed may still overwrite them).
+        self._check_below = live._reader.position + channel.capacity
         self.closed = False
 
     # -- the hand-off ---------------------------------------------------------------------
@@ -156,13 +160,18 @@ class RecordedSubscription:
                 return None
             if msg.seq < self._expect:
                 continue                 # step 3: recorded already, or before the start
-            if msg.seq > self._expect and self._rd.next_seq() > self._expect:
-                # Step 5: lapped on a lossy ring; the recording may hold the gap.
+            gap = msg.seq > self._expect and self._rd.next_seq() > self._expect
+            if gap or msg._pos < self._check_below:
                 try:
-                    data = bytes(msg)
+                    data = bytes(msg)    # checked against the head after the copy
                 except MessageOverwritten:
                     continue             # overwritten while copied: the next one decides
-                self._stash = self._message(memoryview(data), msg.seq, 0)
+                copied = self._message(memoryview(data), msg.seq, 0)
+                if not gap:
+                    self._synced = True
+                    return self._deliver(copied)
+                # Step 5: lapped; the recording may hold the gap.
+                self._stash = copied
                 self._bound = msg.seq
                 self._rd.seek_seq(self._expect)
                 self._from_disk = True
@@ -213,7 +222,8 @@ class RecordedSubscription:
                 return out
         live = self._live
         if (self._synced and self._stash is None and not self._from_disk
-                and self.channel.mode == "reliable" and live._reader._expect == self._expect):
+                and self.channel.mode == "reliable" and live._reader._expect == self._expect
+                and live._reader.position >= self._check_below):
             before = live.lost
             out = live.receive_many(max_n, timeout)
             self._lost += live.lost - before
