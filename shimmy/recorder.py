@@ -139,6 +139,12 @@ class _Track:
         unpack = ring.FRAME.unpack_from
         while p < tail:
             length, flags, seq = unpack(mv, base + (p & mask))
+            end = p + ((length + 31) & ~15)
+            if seq == expect and count and not flags and end <= limit and length <= largest:
+                count += 1      # the common case: the next message, in order, within the run
+                expect = seq + 1
+                p = end
+                continue
             if flags:
                 if flags != ring.FLAG_PAD or length & 15 or p + length + 16 > tail:
                     return self._bad(start, p, length, flags)
@@ -146,7 +152,6 @@ class _Track:
                     break          # the run ends before the PAD
                 p = start = p + length + 16
                 continue
-            end = p + ((length + 31) & ~15)
             if length > largest or end > tail:
                 return self._bad(start, p, length, flags)
             if (end > limit and p > start) or p >= wrap:

@@ -92,6 +92,13 @@ def _wait_catalog(root: str, name: str, want: int = 0, timeout: float = 120.0) -
         time.sleep(0.01)
 
 
+def _delete(ctx, name: str) -> None:
+    """Give the channel's ring back now (a closed channel lingers for idle_channel_ttl, and the
+    quarter-GiB rings of several repetitions would pass the run's shm quota)."""
+    from shimmy.sdk.client import get_client
+    get_client(ctx.daemon).request("delete", name=name)
+
+
 def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -129,6 +136,7 @@ def _publish_rate(ctx, root: str, tag: str, recorded: bool) -> float:
         if rec is not None:
             _stop(rec)
         ch.close()
+        _delete(ctx, name)
 
 
 def _recorder_rate(ctx, root: str, tag: str) -> tuple[float, int]:
@@ -153,15 +161,15 @@ def _recorder_rate(ctx, root: str, tag: str) -> tuple[float, int]:
             _stop(rec)
     finally:
         ch.close()
-    from shimmy import recording
-    shutil.rmtree(recording.channel_dir(root, name))
+        _delete(ctx, name)
     return rate, written
 
 
-def _plain_rate(root: str, nbytes: int) -> float:
-    """A plain loop of ``os.write`` calls of the recorder's run size, ``nbytes`` in all."""
-    path = os.path.join(root, "plain")
-    buf = bytes(RUN_BYTES)
+def _plain_rate(root: str, nbytes: int, tag: str) -> float:
+    """A plain loop of ``os.write`` calls of the recorder's run size, ``nbytes`` in all (the
+    file is kept until the repetition ends, as the recording is: both leave dirty pages)."""
+    path = os.path.join(root, f"plain-{tag}")
+    buf = memoryview(bytes(RUN_BYTES))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         left = nbytes
@@ -171,17 +179,19 @@ def _plain_rate(root: str, nbytes: int) -> float:
         return nbytes / (time.perf_counter() - t)
     finally:
         os.close(fd)
-        os.unlink(path)
 
 
 def _disk_rates(ctx, root: str, tag: str, plain_first: bool) -> tuple[float, float]:
     """(recorder bytes/s, plain write loop bytes/s) over the same number of bytes, in the order
     given (alternated over repetitions: the page cache's writeback favours neither)."""
     nbytes = (BACKLOG_RING // (SIZE + 16) - 65) * (SIZE + 16)
-    plain = _plain_rate(root, nbytes) if plain_first else 0.0
-    rec, written = _recorder_rate(ctx, root, tag)
-    if not plain_first:
-        plain = _plain_rate(root, written)
+    try:
+        plain = _plain_rate(root, nbytes, tag) if plain_first else 0.0
+        rec, written = _recorder_rate(ctx, root, tag)
+        if not plain_first:
+            plain = _plain_rate(root, written, tag)
+    finally:
+        os.unlink(os.path.join(root, f"plain-{tag}"))
     return rec, plain
 
 
@@ -223,6 +233,7 @@ def _ring_copy_rate(ctx, tag: str) -> float:
         return rate
     finally:
         ch.close()
+        _delete(ctx, name)
 
 
 def _redis_rate(n: int) -> tuple[float | None, str | None]:
@@ -271,6 +282,8 @@ def run(ctx) -> dict:
                 cost[recorded].append(_publish_rate(ctx, root, f"{rep}{int(recorded)}",
                                                     recorded))
             disk.append(_disk_rates(ctx, root, str(rep), plain_first=rep % 2 == 1))
+            from shimmy import recording
+            shutil.rmtree(recording.channel_dir(root, f"bench.disk.{rep}"))
             # Replay: the recording the cost run just wrote (PUBLISH_N messages of SIZE), read
             # once just after it was written, then again (warm: in the page cache).
             name = f"bench.rec.{rep}1"
