@@ -254,7 +254,15 @@ class ChannelRecorder:
         except BaseException:
             self._close_writers()
             raise
-        register(self.socket, name, self.cdir)   # after the slot is taken: a sign it records
+        try:
+            register(self.socket, name, self.cdir)   # after the slot is taken: it records
+        except OSError as exc:
+            # e.g. a system daemon's socket directory this user may not write: the recording
+            # works, but joins must name it (subscribe(..., recording=DIR)) and the daemon
+            # does not continue its numbering after a restart.
+            log.warning("recording %r: cannot register it beside the daemon's socket (%s: %s); "
+                        "subscribe(start=...) needs recording=%r", name,
+                        registry_dir(self.socket), exc.strerror or exc, root)
 
     def _writer(self, track: str) -> TrackWriter:
         w = self.writers.get(track)

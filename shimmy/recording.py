@@ -253,7 +253,8 @@ class TrackWriter:
     # -- recovery -------------------------------------------------------------------------
     def _recover(self) -> None:
         """Continue a track a dead recorder left: keep every complete frame of its last segment
-        (also those written after its last commit), cut the rest, and commit that."""
+        (also those written after its last commit, from a reliable ring), cut the rest, and
+        commit that."""
         q = self.q
         segs = segments(self.track)
         if not segs:
@@ -268,9 +269,14 @@ class TrackWriter:
         size = os.fstat(fd).st_size
         p, expect, n = committed, q[W_NEXT_SEQ], 0
         first_seq = None
+        # Frames written past the commit are kept only from a reliable ring: a lossy ring's
+        # publisher may have overwritten them while they were copied (the recorder checks that
+        # before its commit; a recorder killed first never did).
+        from shimmy.ring import MODE_RELIABLE
+        trusted = q[W_RING_MODE] == MODE_RELIABLE + 1
         with os.fdopen(os.dup(fd), "rb") as fh:
             fh.seek(p - start)
-            while True:
+            while trusted:
                 head = fh.read(HEADER)
                 if len(head) < HEADER:
                     break
@@ -320,6 +326,9 @@ class TrackWriter:
     def _roll(self) -> None:
         """Start a new segment at the commit point (only ever at a chunk boundary)."""
         start = self.q[W_COMMITTED]
+        if self._seg_fd >= 0:
+            # Cut an uncommitted run (a lossy one the publisher passed) off the finished file.
+            os.ftruncate(self._seg_fd, start - self._seg_start)
         for fd in (self._seg_fd, self._idx_fd):
             if fd >= 0:
                 os.close(fd)
@@ -461,8 +470,6 @@ class TrackReader:
     kept one; the seq gap then counts in ``lost`` like any other.
     """
 
-    BUF = 1 << 20
-
     def __init__(self, track: str):
         self.track = track
         self.cat = Catalog(track)
@@ -472,12 +479,12 @@ class TrackReader:
         self._fd = -1
         self._seg = -1                        # start of the open segment
         self._seg_end = -1                    # its size when known to be final
-        # What was read last: a new bytes object per read (slices of it are the messages the
-        # copy path returns, one copy each; a view handed out by next() stays valid).
-        self._buf = b""
-        self._bsize = self.BUF
-        self._bstart = 0                      # stream offset of _buf[0]
-        self._blen = 0
+        # The open segment, mapped read-only up to its size when mapped (remapped as the
+        # recorder appends): a message is one copy, a slice of the mapping.  A view handed out
+        # by next() keeps an old mapping alive after a remap.
+        self._buf: mmap.mmap | bytes = b""
+        self._bstart = 0                      # stream offset of _buf[0] (the segment's start)
+        self._blen = 0                        # bytes mapped
 
     def committed(self) -> int:
         return self.q[W_COMMITTED]
@@ -513,21 +520,17 @@ class TrackReader:
 
     def _goto(self, offset: int) -> None:
         self.offset = offset
-        self._blen = 0
-        self._bstart = offset
 
     def _skip_below(self, seq: int) -> None:
         """Step over recorded frames below ``seq``; the next frame's ``lost`` then counts from
         ``seq`` (the recording lacks what lies between)."""
         self.expect = -1
         while True:
-            save = (self.offset, self._bstart, self._blen)
             got = self._frame()
             if got is None:
                 break
             fseq, _, size = got
             if fseq >= seq:
-                self.offset, self._bstart, self._blen = save
                 break
             self.offset += size
             self.expect = fseq + 1
@@ -555,35 +558,45 @@ class TrackReader:
             self._goto(max(self.offset, self.q[W_FIRST_OFFSET]))
             return False
         self._seg = start
+        self._buf, self._bstart, self._blen = b"", start, 0
         later = [s for s in segs if s > start]
         self._seg_end = later[0] if later else -1
         return True
 
     def _fill(self, need: int, limit: int) -> bool:
-        """Make ``need`` bytes at ``self.offset`` readable in the buffer (below ``limit``)."""
-        rel = self.offset - self._bstart
-        if rel + need <= self._blen:
-            return True
+        """Make ``need`` bytes at ``self.offset`` readable in the mapping (below ``limit``)."""
         if self.offset + need > limit:
             return False
+        if self._fd >= 0 and self._bstart <= self.offset and \
+                self.offset - self._bstart + need <= self._blen:
+            return True
         while True:
             if self._fd < 0 or self.offset < self._seg or (
                     self._seg_end >= 0 and self.offset >= self._seg_end):
                 self._open_segment()   # on False it jumped past deleted segments: again
                 continue
-            if self._seg_end < 0 and any(s > self._seg for s in segments(self.track)):
-                # A later segment exists, so ours is complete (the recorder rolls only after
-                # committing its last chunk): it ends at its size (the next one may be gone).
-                self._seg_end = self._seg + os.fstat(self._fd).st_size
-                continue
+            if self._seg_end < 0:
+                later = [s for s in segments(self.track) if s > self._seg]
+                if later:
+                    # Ours is complete: it ends where the next one starts (the file may hold
+                    # an uncommitted run past that end, never read).  Retention deletes the
+                    # oldest first, so the next one exists while ours does; once ours was
+                    # deleted (we hold it open), it ends at its size: the recorder cut it to
+                    # its committed end when it began the next.
+                    st = os.fstat(self._fd)
+                    self._seg_end = self._seg + st.st_size if st.st_nlink == 0 else later[0]
+                    continue
             break
-        if need > self._bsize:
-            self._bsize = max(need, 2 * self._bsize)
-        end = limit if self._seg_end < 0 else min(limit, self._seg_end)
-        self._buf = os.pread(self._fd, min(self._bsize, end - self.offset),
-                             self.offset - self._seg)
-        self._bstart, self._blen = self.offset, len(self._buf)
-        return self._blen >= need
+        # Map what the file holds now: everything below ``limit`` in this segment was written
+        # before the recorder committed it.  Bytes past the commit may be mapped too; readers
+        # never look at them.
+        size = os.fstat(self._fd).st_size
+        if self._seg_end >= 0:
+            size = min(size, self._seg_end - self._seg)
+        if size > self._blen or self._bstart != self._seg:
+            self._buf = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if size else b""
+            self._bstart, self._blen = self._seg, size
+        return self.offset - self._bstart + need <= self._blen
 
     def _frame(self) -> tuple[int, memoryview, int] | None:
         limit = self.committed()
@@ -615,7 +628,7 @@ class TrackReader:
         ``(payloads, lost)`` with ``lost`` the seq gaps before and between them; afterwards
         ``expect`` is the seq after the last one.  Stops early when caught up or at a message
         numbered ``below`` or later (left unread).  The copy path of :meth:`next`: one tight
-        loop over the frames already in the buffer, a refill when it runs out."""
+        loop over the frames already mapped, a remap when it runs out."""
         out: list[bytes] = []
         append = out.append
         lost = count = 0
@@ -624,14 +637,15 @@ class TrackReader:
             limit = self.committed()
             if self.offset >= limit or not self._fill(HEADER, limit):
                 break
-            data, blen, base = self._buf, self._blen, self._bstart
+            data, base = self._buf, self._bstart
+            blen = min(self._blen, limit - base)   # never past the commit
             rel = self.offset - base
             expect = self.expect
             while count < max_n and rel + HEADER <= blen:
                 length, flags, seq = unpack(data, rel)
                 nxt = rel + ((length + HEADER + 15) & ~15)
                 if nxt > blen:
-                    break                  # the frame's end is not in the buffer: refill
+                    break                  # the frame's end is not mapped (or committed)
                 if flags or seq != expect or length > MAX_FRAME or seq >= below:
                     # off the common path: invalid, a gap, the first frame, or the bound
                     if flags or length > MAX_FRAME or seq < expect:
@@ -649,7 +663,7 @@ class TrackReader:
             self.offset = base + rel
             self.expect = expect
             if rel + HEADER <= blen and count < max_n:
-                # A frame that ends past the buffer: read it whole (refilling from it).
+                # A frame that ends past the mapping: map again and read it whole.
                 got = self._frame()
                 if got is None or got[0] >= below:
                     break
@@ -671,7 +685,8 @@ class TrackReader:
 
 def frames_with_time(track: str) -> Iterator[tuple[int, int, bytes]]:
     """``(seq, time ns, payload)`` of every kept message of a track (export)."""
-    for start in segments(track):
+    segs = segments(track)
+    for i, start in enumerate(segs):
         entries = read_entries(track, start)
         try:
             with open(seg_path(track, start), "rb") as fh:
@@ -683,6 +698,8 @@ def frames_with_time(track: str) -> Iterator[tuple[int, int, bytes]]:
             limit = cat.q[W_COMMITTED] - start
         finally:
             cat.close()
+        if i + 1 < len(segs):
+            limit = min(limit, segs[i + 1] - start)   # a segment ends where the next starts
         p, k, t = 0, 0, 0
         end = min(len(data), limit)
         while p + HEADER <= end:

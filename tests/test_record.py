@@ -133,7 +133,9 @@ def test_reliable_recording_of_a_million_mixed_messages_equals_the_stream(daemon
 @pytest.mark.timeout(300)
 def test_lossy_recording_counts_every_gap_exactly(daemon, root):
     ch = shimmy.Channel("rec.lossy", daemon=daemon.socket, mode="lossy", capacity=1 << 18)
-    rec = start_recorder(daemon.socket, root, "rec.lossy", mode="lossy")
+    # Small segments: many rolls, each after runs the publisher may have passed mid-copy.
+    rec = start_recorder(daemon.socket, root, "rec.lossy", mode="lossy",
+                         extra=("--segment-size", "1M"))
     wait_recorded(root, "rec.lossy", 0)
     pub = start_publisher(daemon.socket, "rec.lossy", N_FULL, mode="lossy", capacity=1 << 18)
     assert pub.wait(240) == 0
@@ -179,7 +181,7 @@ def test_recorder_sigkilled_at_random_points_leaves_a_readable_recording_it_cont
     pub = start_publisher(daemon.socket, "rec.kill", n, capacity=1 << 27)
     rnd = random.Random(2026)
     kills = 0
-    while pub.poll() is None and kills < 8:
+    while kills < 6:   # while the publisher runs, and after it, while the backlog is recorded
         time.sleep(rnd.uniform(0.05, 0.4))
         rec.kill()
         rec.wait()
@@ -191,7 +193,6 @@ def test_recorder_sigkilled_at_random_points_leaves_a_readable_recording_it_cont
     assert pub.wait(180) == 0
     wait_recorded(root, "rec.kill", n)
     stop(rec)
-    assert kills >= 3
     seqs, gaps = read_all(track(root, "rec.kill"))
     assert seqs == list(range(n))
     ch.close()
