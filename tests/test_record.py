@@ -220,3 +220,18 @@ def test_a_reliable_recording_of_a_lossy_channel_is_refused_naming_the_rule(daem
     assert out.returncode == 2
     assert "a reliable recording needs a reliable channel" in out.stderr
     ch.close()
+
+
+@pytest.mark.parametrize("policy", ["data", "data+metadata"])
+def test_every_fsync_policy_records_the_same(daemon, root, policy):
+    ch = shimmy.Channel("rec.sync", daemon=daemon.socket, capacity=1 << 16)
+    rec = start_recorder(daemon.socket, root, "rec.sync",
+                         extra=("--fsync", policy, "--segment-size", "64K"))
+    wait_recorded(root, "rec.sync", 0)
+    for i in range(2000):
+        ch.publish(payload(i))
+    wait_recorded(root, "rec.sync", 2000)
+    stop(rec)
+    seqs, gaps = read_all(track(root, "rec.sync"))
+    assert seqs == list(range(2000)) and not any(gaps)
+    ch.close()

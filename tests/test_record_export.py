@@ -79,3 +79,61 @@ def test_mcap_export_read_back_equals_the_recording(daemon, root):
     assert missing.returncode == 2 and "no recording of 'nope'" in missing.stderr
     raw.close()
     js.close()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(num: int, payload: bytes) -> bytes:   # a length-delimited protobuf field
+    return _varint(num << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _point_descriptor_set() -> bytes:
+    """A serialized FileDescriptorSet for ``message demo.Point { int64 x = 1; }``, written
+    out by hand (google.protobuf is not a dependency): FieldDescriptorProto name=1, number=3,
+    label=4 (1 optional), type=5 (3 int64)."""
+    field = (_field(1, b"x") + _varint(3 << 3) + _varint(1) + _varint(4 << 3) + _varint(1)
+             + _varint(5 << 3) + _varint(3))
+    message = _field(1, b"Point") + _field(2, field)
+    file = _field(1, b"point.proto") + _field(2, b"demo") + _field(4, message)
+    return _field(1, file)
+
+
+@pytest.mark.timeout(120)
+def test_mcap_export_with_a_protobuf_schema(daemon, root):
+    ch = shimmy.Channel("ex.pb", daemon=daemon.socket, capacity=1 << 16)
+    desc = os.path.join(root, "point.desc")
+    with open(desc, "wb") as fh:
+        fh.write(_point_descriptor_set())
+    rec = start_recorder(daemon.socket, os.path.join(root, "rec"), "ex.pb",
+                         extra=("--schema", f"protobuf:{desc}:demo.Point"))
+    wait_recorded(os.path.join(root, "rec"), "ex.pb", 0)
+    msgs = [_varint(1 << 3) + _varint(i) for i in range(100)]   # Point{x=i}
+    for m in msgs:
+        ch.publish(m)
+    wait_recorded(os.path.join(root, "rec"), "ex.pb", 100)
+    stop(rec)
+    out = os.path.join(root, "pb.mcap")
+    done = subprocess.run([sys.executable, "-m", "shimmy.cli", "export",
+                           os.path.join(root, "rec"), "--mcap", out], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with open(out, "rb") as fh:
+        got = list(make_reader(fh).iter_messages())
+    assert [m.data for _, _, m in got] == msgs
+    sch, channel, _ = got[0]
+    assert (sch.name, sch.encoding, channel.message_encoding) == \
+        ("demo.Point", "protobuf", "protobuf")
+    assert sch.data == _point_descriptor_set()
+    # A malformed registration is refused naming the rule.
+    bad = subprocess.run([sys.executable, "-m", "shimmy.cli", "record", "ex.pb", "--dir",
+                          os.path.join(root, "rec2"), "--daemon", daemon.socket, "--schema",
+                          f"protobuf:{desc}"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "expected json:FILE or protobuf:FILE:TYPE" in bad.stderr
+    ch.close()

@@ -172,3 +172,33 @@ def test_replay_command_republishes_a_recording_to_a_new_channel(daemon, root):
     sub.close()
     dst.close()
     ch.close()
+
+
+@pytest.mark.timeout(120)
+def test_replay_keeps_the_recorded_spacing_unless_asked_for_max(daemon, root):
+    ch = shimmy.Channel("rp.gap", daemon=daemon.socket, capacity=1 << 16)
+    rec = start_recorder(daemon.socket, root, "rp.gap")
+    wait_recorded(root, "rp.gap", 0)
+    ch.publish(payload(0))
+    wait_recorded(root, "rp.gap", 1)
+    time.sleep(1.0)                       # a second between the two recorded messages
+    ch.publish(payload(1))
+    wait_recorded(root, "rp.gap", 2)
+    stop(rec)
+
+    def replay(*rate: str) -> float:
+        t = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "shimmy.cli", "replay", root, "rp.gap",
+                              "--to", "rp.out", "--daemon", daemon.socket, *rate],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return time.monotonic() - t
+
+    # Lower bounds only: the recorded second is waited out at rate 1, half of it at rate 2.
+    assert replay() >= 0.9
+    assert replay("--rate", "2") >= 0.45
+    bad = subprocess.run([sys.executable, "-m", "shimmy.cli", "replay", root, "rp.gap", "--to",
+                          "rp.out", "--rate", "0", "--daemon", daemon.socket],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "'max' or a factor > 0" in bad.stderr
+    ch.close()
