@@ -32,7 +32,9 @@ from .peer.mirror import seed_stream
 log = logging.getLogger("shimmy.daemon")
 
 PR_SET_PDEATHSIG = 1
-RESTART_AFTER = 1.0     # seconds before a recorder that exited is started again
+RESTART_AFTER = 1.0     # seconds before a recorder that exited is started again, doubled
+RESTART_MAX = 60.0      # (up to this) while it keeps exiting within STABLE seconds of its start
+STABLE = 10.0
 STOP_WAIT = 5.0         # seconds a stopping recorder gets before SIGKILL
 
 
@@ -46,7 +48,9 @@ class Recordings:
         self.socket = socket_path
         self.proc: subprocess.Popen | None = None
         self._died_at: float | None = None
-        self.seeded = 0   # channels made again where their recording ends
+        self._started_at = 0.0
+        self._quick_exits = 0   # exits in a row within STABLE seconds of a start
+        self._delay = RESTART_AFTER
 
     # -- numbering across restarts ----------------------------------------------------------
     def on_created(self, rec) -> None:
@@ -69,7 +73,6 @@ class Recordings:
         if nxt == 0 or rec.view.q[ring.W_TAIL] != 0 or nxt >= ring.U64:
             return
         seed_stream(rec.view, ring.HEADER, nxt)
-        self.seeded += 1
         log.info("channel %s: recorded in %s; its numbering continues at seq %d", rec.name,
                  cdir, nxt)
 
@@ -89,6 +92,7 @@ class Recordings:
             return
         self.proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL,
                                      preexec_fn=_die_with_parent, close_fds=True)
+        self._started_at = time.monotonic()
         log.info("recorder started (pid %d): %s into %s (%s)", self.proc.pid,
                  ", ".join(self.settings.record), self.settings.record_dir,
                  self.settings.record_mode)
@@ -100,9 +104,11 @@ class Recordings:
             return
         if self._died_at is None:
             self._died_at = now
+            self._quick_exits = self._quick_exits + 1 if now - self._started_at < STABLE else 0
+            self._delay = min(RESTART_AFTER * 2 ** max(self._quick_exits - 1, 0), RESTART_MAX)
             log.error("recorder (pid %d) exited with %s; starting it again in %.0f s", proc.pid,
-                      proc.returncode, RESTART_AFTER)
-        elif now - self._died_at >= RESTART_AFTER:
+                      proc.returncode, self._delay)
+        elif now - self._died_at >= self._delay:
             self._died_at = None
             self.start()
 
@@ -116,7 +122,3 @@ class Recordings:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-    def describe(self) -> dict:
-        return {"recorder_pid": self.proc.pid if self.proc and self.proc.poll() is None
-                else None, "seeded": self.seeded, "when": time.time()}

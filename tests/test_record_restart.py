@@ -95,3 +95,39 @@ def test_daemon_sigkill_mid_recording_then_restart_keeps_history_and_numbering(
     # A clean stop stops the recorder too.
     d.stop(signal.SIGTERM)
     _lock_free(track(rec_dir, "rs.a"))
+
+
+@pytest.mark.timeout(120)
+def test_the_daemon_starts_its_recorder_again_when_it_dies(daemon_factory, root):
+    import re
+    rec_dir = os.path.join(root, "rec")
+    d = daemon_factory("--record", "again.*", "--record-dir", rec_dir)
+    ch = shimmy.Channel("again.a", daemon=d.socket, capacity=1 << 16)
+    wait_recorded(rec_dir, "again.a", 0)
+    for i in range(500):
+        ch.publish(payload(i))
+    wait_recorded(rec_dir, "again.a", 500)
+    (pid,) = map(int, re.findall(r"recorder started \(pid (\d+)\)", d.log()))
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while len(re.findall(r"recorder started \(pid (\d+)\)", d.log())) < 2:
+        assert time.monotonic() < deadline, d.log()[-2000:]
+        time.sleep(0.05)
+    assert "recorder (pid %d) exited with -9" % pid in d.log()
+    new = int(re.findall(r"recorder started \(pid (\d+)\)", d.log())[-1])
+    from shimmy.sdk.client import get_client
+
+    def attached() -> bool:
+        chans = get_client(d.socket).request("list")["channels"]
+        return any(s["pid"] == new for c in chans if c["name"] == "again.a"
+                   for s in c["subscribers"])
+    while not attached():
+        assert time.monotonic() < deadline, "the new recorder did not attach"
+        time.sleep(0.05)
+    for i in range(500, 1000):
+        ch.publish(payload(i))
+    wait_recorded(rec_dir, "again.a", 1000)   # the new recorder continued the recording
+    from test_record import read_all
+    seqs, gaps = read_all(track(rec_dir, "again.a"))
+    assert seqs == list(range(1000)) and not any(gaps)
+    ch.close()
