@@ -66,7 +66,9 @@ def check_start(start) -> None:
 
 class RecordedSubscription:
     """Reads ``channel``'s recording from ``start``, then its live ring, with no gap and no
-    duplicate (same receive API as :class:`Subscription`)."""
+    duplicate.  The receive API of :class:`Subscription` (``receive``, ``receive_nowait``,
+    ``receive_bytes``, ``receive_many``, iteration, ``last_seq``, ``lost``, ``close``); the
+    asyncio methods are not offered yet."""
 
     def __init__(self, channel: Channel, start, recording_dir: str | None,
                  spin_us: int | None):

@@ -15,7 +15,6 @@ recorder holding the catalog's ``flock``.  Readers never write.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import fcntl
 import mmap
 import os
@@ -713,6 +712,3 @@ def frames_with_time(track: str) -> Iterator[tuple[int, int, bytes]]:
             yield seq, t, data[p + HEADER:p + HEADER + length]
             p += size
 
-
-def errno_name(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
