@@ -266,6 +266,14 @@ class TrackWriter:
         path = seg_path(self.track, start)
         fd = os.open(path, os.O_RDWR)
         size = os.fstat(fd).st_size
+        if size < committed - start:
+            # The commit word reached the disk and the data did not (a power cut with fsync
+            # none): keep the complete frames the file holds, numbered on from its first run.
+            first = read_entries(self.track, start)
+            committed, nxt = self._complete_frames(fd, start, size,
+                                                   first[0][1] if first else 0)
+            q[W_NEXT_SEQ] = nxt
+            q[W_COMMITTED] = committed
         p, expect, n = committed, q[W_NEXT_SEQ], 0
         first_seq = None
         # Frames written past the commit are kept only from a reliable ring: a lossy ring's
@@ -312,6 +320,23 @@ class TrackWriter:
             q[W_NEXT_SEQ] = expect
             q[W_LAST_TIME] = time.time_ns()
         q[W_COMMITTED] = p
+
+    @staticmethod
+    def _complete_frames(fd: int, start: int, size: int, expect: int) -> tuple[int, int]:
+        """``(end, next seq)`` of the well-formed frames at the start of segment file ``fd``."""
+        p = start
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            while True:
+                head = fh.read(HEADER)
+                if len(head) < HEADER:
+                    break
+                length, flags, seq = FRAME.unpack(head)
+                end = p + ((length + HEADER + 15) & ~15)
+                if flags or length > MAX_FRAME or seq < expect or end - start > size:
+                    break
+                fh.seek(end - start)
+                p, expect = end, seq + 1
+        return p, expect
 
     # -- appending ------------------------------------------------------------------------
     @property
@@ -606,8 +631,11 @@ class TrackReader:
         size = check_frame(length, flags, seq, max(self.expect, 0),
                            f"recording {self.track} at offset {self.offset}")
         if not self._fill(size, limit):
-            raise RecordingError(f"recording {self.track}: frame at {self.offset} ends past "
-                                 f"the committed end {limit}")
+            raise RecordingError(
+                f"recording {self.track}: the frame at {self.offset} ends past the committed "
+                f"end {limit} or past its segment file (damaged: a commit past what reached "
+                f"the disk, as a power cut with fsync none can leave; a recorder continuing "
+                f"the recording repairs it)")
         rel = self.offset - self._bstart
         return seq, memoryview(self._buf)[rel + HEADER:rel + HEADER + length], size
 

@@ -235,3 +235,41 @@ def test_every_fsync_policy_records_the_same(daemon, root, policy):
     seqs, gaps = read_all(track(root, "rec.sync"))
     assert seqs == list(range(2000)) and not any(gaps)
     ch.close()
+
+
+def test_a_commit_past_the_data_on_disk_is_recovered_to_the_frames_that_are_there(daemon, root):
+    """What a power cut with --fsync none can leave: the mapped catalog's commit word reached
+    the disk, the end of the segment did not.  The next recorder keeps the complete frames the
+    file holds and continues the numbering after them."""
+    ch = shimmy.Channel("rec.cut", daemon=daemon.socket, capacity=1 << 16)
+    rec = start_recorder(daemon.socket, root, "rec.cut")
+    wait_recorded(root, "rec.cut", 0)
+    for i in range(1000):
+        ch.publish(payload(i))
+    wait_recorded(root, "rec.cut", 1000)
+    stop(rec)
+    path = track(root, "rec.cut")
+    (seg,) = recording.segments(path)
+    with open(recording.seg_path(path, seg), "r+b") as fh:
+        fh.truncate(os.path.getsize(fh.name) // 2 + 5)   # mid-frame, as a lost write-back
+    rec = start_recorder(daemon.socket, root, "rec.cut")
+    deadline = time.monotonic() + 30
+    while True:   # recovered: the commit is back within the file
+        cat = recording.Catalog(path)
+        committed = cat.q[recording.W_COMMITTED]
+        cat.close()
+        if committed - seg <= os.path.getsize(recording.seg_path(path, seg)):
+            break
+        assert time.monotonic() < deadline, "the recorder did not recover the track"
+        time.sleep(0.05)
+    for i in range(1000, 1100):
+        ch.publish(payload(i))
+    wait_recorded(root, "rec.cut", 1100)
+    stop(rec)
+    # The frames the file held (a prefix of the stream), then what the ring still held (its
+    # newest messages): the lost write-back is one counted gap, every message the one sent.
+    seqs, gaps = read_all(path)
+    k = next(i for i, g in enumerate(gaps) if g)
+    assert 0 < k < 1000 and seqs[:k] == list(range(k))
+    assert seqs[-1] == 1099 and len(seqs) + sum(gaps) == 1100
+    ch.close()
