@@ -449,16 +449,15 @@ def stat(daemon_path: str | None, as_json: bool) -> None:
     """The daemon at a glance: uptime, clients, shared memory, RDMA state, counters, channels,
     streams and peers.  --json prints the daemon's own reply (docs/protocol.md)."""
     reply = _stat(daemon_path)
-    reply["recordings"] = cli_record.recordings(_client(daemon_path).path, reply["channels"])
     if as_json:
         click.echo(json.dumps(reply, indent=2, default=str))
         return
     from shimmy.cli_view import console_for_stdout, stat_summary
     console_for_stdout().print(stat_summary(reply))
-    if reply["recordings"]:
+    recs = cli_record.recordings(_client(daemon_path).path, reply["channels"])
+    if recs:
         click.echo()
-        _print_table([cli_record.RECORDING_COLUMNS,
-                      *cli_record.recording_rows(reply["recordings"])])
+        _print_table([cli_record.RECORDING_COLUMNS, *cli_record.recording_rows(recs)])
 
 
 @cli.command(short_help="live view: channels by traffic, peers and mirrors")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -39,10 +38,13 @@ def test_ls_stat_and_metrics_show_each_recording(daemon_factory, tmp_path):
         assert len(row) == 1, ls.stdout
         assert " 1000 " in row[0] and "0 @ " in row[0] and "999 @ " in row[0]
         assert "0 msgs" in row[0]
-        st = subprocess.run([sys.executable, "-m", "shimmy.cli", "stat", "--json", "--daemon",
-                             d.socket], capture_output=True, text=True, timeout=30)
+        st = subprocess.run([sys.executable, "-m", "shimmy.cli", "stat", "--daemon", d.socket],
+                            capture_output=True, text=True, timeout=30)
         assert st.returncode == 0, st.stderr
-        (r,) = json.loads(st.stdout)["recordings"]
+        assert [line for line in st.stdout.splitlines() if line.startswith("ops.a ")
+                and os.path.basename(root) in line] == row
+        from shimmy.cli_record import recordings
+        (r,) = recordings(d.socket, [{"name": "ops.a", "published": 1000}])
         assert (r["channel"], r["messages"], r["first_seq"], r["next_seq"]) == \
             ("ops.a", 1000, 0, 1000)
         assert r["lag_messages"] == 0 and r["lost"] == 0 and r["errors"] == 0
