@@ -157,6 +157,23 @@ class Settings:
     log_format: str = _s("text", "log line format: 'text' (human) or 'json' (one JSON object per "
                                  "line, for log shippers)", choices=("text", "json"))
 
+    # -- recorded channels (daemon/recordings.py, docs/recording.md) --
+    record: list = _s([], "channel names or fnmatch patterns the daemon records into record_dir "
+                          "(its recorder process); recorded channels come back, numbering and "
+                          "history, after a daemon restart")
+    record_dir: str = _s("", "where the daemon's recorder writes (required with record)")
+    record_mode: str = _s("reliable", "the daemon's recordings: reliable (holds publishers back, "
+                                      "loses nothing) or lossy (never holds them back, records "
+                                      "every gap)", choices=("reliable", "lossy"))
+    record_segment_bytes: int = _s(64 << 20, "a recording's segment file is closed past this "
+                                             "size (>= 64 KiB)")
+    record_max_bytes: int = _s(0, "retention by size, per recorded channel (0 = keep all)")
+    record_max_age: float = _s(0.0, "retention by age in seconds (0 = keep all)")
+    record_fsync: str = _s("none", "none (page cache), data (fdatasync each chunk) or "
+                                   "data+metadata (fsync chunk, catalog, new segments' "
+                                   "directory entries)",
+                           choices=("none", "data", "data+metadata"))
+
     def validate(self) -> "Settings":
         _check_types(self)
         try:
@@ -245,7 +262,25 @@ class Settings:
             except ValueError as exc:
                 raise SettingError(str(exc)) from None
         self._validate_rdma()
+        self._validate_record()
         return self
+
+    def _validate_record(self) -> None:
+        if any(not isinstance(p, str) or not p for p in self.record):
+            raise SettingError(f"record entries must be channel names or patterns, got "
+                               f"{self.record!r}")
+        if self.record and not self.record_dir:
+            raise SettingError("record needs record_dir: where the recordings are written")
+        if self.record:
+            _check_dir("record_dir", self.record_dir, create=True)
+        from shimmy.recording import RecordSettings
+        try:
+            RecordSettings(segment_bytes=self.record_segment_bytes,
+                           max_bytes=self.record_max_bytes, max_age=self.record_max_age,
+                           fsync=self.record_fsync)
+        except ValueError as exc:
+            raise SettingError(f"record_segment_bytes/record_max_bytes/record_max_age: "
+                               f"{exc}") from None
 
     def _validate_rdma(self) -> None:
         if not 0 <= self.rdma_small_write_threshold <= RDMA_MAX_SMALL_WRITE:

@@ -133,6 +133,7 @@ class DaemonCollector:
             yield from self._channels()
             yield from self._streams()
             yield from self._peering()
+            yield from self._recordings()
 
     # -- daemon-wide ------------------------------------------------------------------------------
     def _daemon(self) -> Iterator["Metric"]:
@@ -291,6 +292,53 @@ class DaemonCollector:
             c = _counter(name, doc)
             c.add_metric([], counters.get(key, 0))
             yield c
+
+    # -- recordings (docs/recording.md) -----------------------------------------------------------
+    def _recordings(self) -> Iterator["Metric"]:
+        """Every recording registered with this daemon, read from its catalog (a file mapping
+        of its own, opened and closed per scrape; the loop thread's rings are not touched
+        beyond the published count, read as for the channel families)."""
+        from shimmy.recorder import registered
+        lab = ["channel", "track"]   # track: "0", or one per publisher of a group
+        fam: dict[str, "CounterMetricFamily | GaugeMetricFamily"] = {
+            "bytes": _gauge("shimmy_recording_bytes", "Bytes the recording keeps on disk", lab),
+            "msgs": _gauge("shimmy_recording_messages", "Messages the recording keeps", lab),
+            "oldest": _gauge("shimmy_recording_oldest_timestamp_seconds",
+                             "When the oldest kept message was recorded (Unix time)", lab),
+            "newest": _gauge("shimmy_recording_newest_timestamp_seconds",
+                             "When the newest message was recorded (Unix time)", lab),
+            "lag_msgs": _gauge("shimmy_recording_lag_messages",
+                               "Messages the channel published that the recording has not yet",
+                               lab),
+            "lag_bytes": _gauge("shimmy_recording_lag_bytes",
+                                "Ring bytes the recorder had still to read after its last write",
+                                lab),
+            "lost": _counter("shimmy_recording_messages_lost_total",
+                             "Messages a lossy recording missed (every gap, exactly)", lab),
+            "errors": _counter("shimmy_recording_write_errors_total",
+                               "Writes that failed (disk full, I/O errors); each is logged by "
+                               "the recorder", lab),
+        }
+        channels = {rec.name: rec for rec in list(self.d.registry.channels.values())}
+        for r in registered(self.d.socket_path):
+            name = r["channel"]
+            key = [name, r["track"]]
+            fam["bytes"].add_metric(key, r["bytes"])
+            fam["msgs"].add_metric(key, r["messages"])
+            if r["messages"]:
+                fam["oldest"].add_metric(key, r["oldest_ns"] / 1e9)
+                fam["newest"].add_metric(key, r["newest_ns"] / 1e9)
+            rec = channels.get(name) if r["track"] == "0" else None   # groups: per publisher
+            try:
+                published = None if rec is None else _published(rec.view)
+            except (ValueError, IndexError):
+                published = None   # deleted meanwhile
+            if published is not None:
+                fam["lag_msgs"].add_metric(key, max(0, published - r["next_seq"]))
+            fam["lag_bytes"].add_metric(key, r["lag_bytes"])
+            fam["lost"].add_metric(key, r["lost"])
+            fam["errors"].add_metric(key, r["errors"])
+        yield from fam.values()
 
     # -- peering -----------------------------------------------------------------------------------
     def _peering(self) -> Iterator["Metric"]:

@@ -37,6 +37,7 @@ from .identity import Caller
 from .control import Conn, ControlListener
 from .setting_values import parse_mode, resolve_group
 from .quotas import Quotas, tenant
+from .recordings import Recordings
 from .registry import Registry, alias_prefix, is_member_alias
 from .segments import Segments
 from .sessions import RESOURCE_ERRNOS, Client, Sessions
@@ -107,6 +108,8 @@ class Daemon:
         # here as events through a pipe this loop polls (PeerService.fds / on_readable).
         from .peer.service import PeerService
         self.peer = PeerService(self)
+        # Recorded channels (docs/recording.md): the recorder process, numbering across restarts.
+        self.recordings = Recordings(settings, self.socket_path)
         # Identity and access (docs/containers.md): peer credentials -> cgroup -> labels.
         self.labels = containers.DockerLabelSource()
         self._deaths: "queue.SimpleQueue[str]" = queue.SimpleQueue()
@@ -173,6 +176,7 @@ class Daemon:
         last_tick = time.monotonic()
         try:
             self.exporter = metrics.start(self, self.settings.metrics_listen)
+            self.recordings.start()
             while not self._stop:
                 poller = select.poll()
                 control = self.control.poll_events(last_tick)
@@ -220,6 +224,7 @@ class Daemon:
         if self.exporter is not None:
             self.exporter.stop()   # no scrape reads rings while they are retired
         self._stop_watch.set()
+        self.recordings.stop()   # the recorder commits its last chunk before rings retire
         self.peer.shutdown()  # mirror threads stop reading rings before they are retired
         self.streams.close_all()
         self.registry.close_all()
@@ -252,6 +257,7 @@ class Daemon:
         self.registry.reclaim_all()
         self.registry.expire_idle()
         self.streams.reap(now)
+        self.recordings.tick(now)
         try:
             self.peer.tick(now)
         except Exception:   # the peer module must never take the node's channels down with it
@@ -634,6 +640,7 @@ class Daemon:
                 self.segments.unclaim(token)
             raise
         self.owners[name] = (rec, ownership)
+        self.recordings.on_created(rec)   # a recorded channel continues its numbering
         return rec
 
     def op_close(self, req: dict) -> dict:

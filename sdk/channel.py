@@ -6,6 +6,7 @@ after that every publish and receive goes straight to the shared mapping.
 
 from __future__ import annotations
 
+import datetime as _dt
 import itertools
 import mmap
 import os
@@ -331,11 +332,21 @@ class Channel:
         return Loan(writer, n, writer.claim(n, self.publish_timeout if timeout is ... else timeout))
 
     # -- subscribing --------------------------------------------------------------------------
-    def subscribe(self, start: str = "next", *, spin_us: int | None = None) -> "Subscription":
-        """A new subscription; ``start="oldest"`` begins at the oldest message still held."""
+    def subscribe(self, start: str | int | _dt.datetime = "next", *,
+                  spin_us: int | None = None, recording: str | None = None):
+        """A new subscription; ``start="oldest"`` begins at the oldest message still held.
+
+        ``start`` may also be a sequence number (``int``), a ``datetime``, or ``"recorded"``
+        (the oldest message of the channel's recording): the subscription then reads the
+        recording from there and continues on the live ring with no gap and no duplicate
+        (docs/recording.md).  The recording is the one registered with the daemon by its
+        recorder, or the one under the recording directory ``recording``.
+        """
         self._check()
         if start not in ("next", "oldest"):
-            raise InvalidArgument(f"start must be 'next' or 'oldest', got {start!r}")
+            from .recorded import RecordedSubscription, check_start
+            check_start(start)
+            return RecordedSubscription(self, start, recording, spin_us)
         reply = self._client.request("subscribe", name=self.name, start=start)
         sub: Subscription
         if "members" in reply:

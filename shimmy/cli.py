@@ -1,4 +1,5 @@
-"""The ``shimmy`` command: daemon | pub | sub | cat | ls | stat | top | rm | health | bench | demo.
+"""The ``shimmy`` command: daemon | pub | sub | cat | ls | stat | top | rm | health | bench | demo
+| record | replay | export.
 
 Exit codes: 0 success, 1 a runtime failure (daemon unreachable, refused operation, timeout),
 2 a usage error (bad option, bad value, bad name), 130 interrupted.  Errors are one line on
@@ -20,7 +21,7 @@ from typing import Any
 import click
 
 import shimmy
-from shimmy import cli_io, ring, stream_ring
+from shimmy import cli_io, cli_record, ring, stream_ring
 from shimmy.errors import (
     ChannelConflict,
     ChannelNotFound,
@@ -428,6 +429,10 @@ def ls(daemon_path: str | None, as_json: bool) -> None:
         click.echo()
         from shimmy.cli_view import STREAM_COLUMNS, stream_cells
         _print_table([STREAM_COLUMNS, *(stream_cells(st) for st in streams)])
+    recs = cli_record.recordings(_client(daemon_path).path, reply["channels"])
+    if recs:
+        click.echo()
+        _print_table([cli_record.RECORDING_COLUMNS, *cli_record.recording_rows(recs)])
 
 
 def _stat(daemon_path: str | None) -> dict:
@@ -449,6 +454,10 @@ def stat(daemon_path: str | None, as_json: bool) -> None:
         return
     from shimmy.cli_view import console_for_stdout, stat_summary
     console_for_stdout().print(stat_summary(reply))
+    recs = cli_record.recordings(_client(daemon_path).path, reply["channels"])
+    if recs:
+        click.echo()
+        _print_table([cli_record.RECORDING_COLUMNS, *cli_record.recording_rows(recs)])
 
 
 @cli.command(short_help="live view: channels by traffic, peers and mirrors")
@@ -533,6 +542,11 @@ def demo(seconds: float, size: int) -> None:
     progress, then the same workload over ZeroMQ ipc; everything is removed at the end."""
     from shimmy.demo import run_demo
     sys.exit(run_demo(seconds=seconds, size=size))
+
+
+# -- recordings: record, replay, export (shimmy/cli_record.py) -------------------------------------
+for _command in cli_record.COMMANDS:
+    cli.add_command(_command)
 
 
 # -- entry point -----------------------------------------------------------------------------------

@@ -233,7 +233,7 @@ def render(out: dict) -> str:
         parts.append(f"  placement: {suites['fanout'].get('placement', '')}")
         for k, why in suites["fanout"].get("failed", {}).items():
             parts.append(f"  FAILED {k}: {why.splitlines()[-1] if why else ''}")
-    for name in ("stream", "crossnode", "fanin", "c"):
+    for name in ("stream", "crossnode", "fanin", "c", "record"):
         if name in suites and suites[name].get("table"):
             parts.append("\n" + suites[name]["table"])
     if suites.get("scrape", {}).get("results"):

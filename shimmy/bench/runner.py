@@ -35,6 +35,7 @@ SUITES: dict[str, tuple[str, str | None]] = {
     "scrape": ("shimmy.bench.scrape", "prometheus_client"),
     "fanin": ("shimmy.bench.fanin", None),
     "c": ("shimmy.bench.clib", None),   # skipped, saying why, until libshimmy is built
+    "record": ("shimmy.bench.record", None),
 }
 DEFAULT_SIZES = [64, 4096, 1 << 20]
 
