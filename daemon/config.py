@@ -157,6 +157,10 @@ class Settings:
     # -- observability (daemon/metrics.py, daemon/logformat.py, docs/metrics.md) --
     metrics_listen: str = _s("", "HOST:PORT serving Prometheus metrics at /metrics (e.g. "
                                  "127.0.0.1:9464); empty = no metrics endpoint")
+    metrics_max_connections: int = _s(16, "metrics connections served at once; more are closed "
+                                          "at accept (counted)")
+    metrics_timeout: float = _s(10.0, "a metrics connection silent this long (reading its "
+                                      "request or its reply) is closed (seconds)")
     log_format: str = _s("text", "log line format: 'text' (human) or 'json' (one JSON object per "
                                  "line, for log shippers)", choices=("text", "json"))
 
@@ -178,6 +182,7 @@ class Settings:
                                f"({self.max_publishers})")
         for name in ("max_channels", "max_clients", "request_max_bytes", "nofile_limit",
                      "quota_connections", "quota_control_connections", "quota_sessions",
+                     "metrics_max_connections",
                      "quota_channels",
                      "quota_subscribers", "quota_shm_bytes"):
             if getattr(self, name) < 1:
@@ -186,7 +191,7 @@ class Settings:
             if getattr(self, name) < 0:
                 raise SettingError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("idle_channel_ttl", "accept_backoff", "session_connect_timeout",
-                     "control_request_timeout",
+                     "control_request_timeout", "metrics_timeout",
                      "peer_dns_interval", "peer_handshake_timeout", "peer_link_timeout",
                      "peer_keepalive", "peer_hold", "peer_credit_interval",
                      "peer_unmirror_grace"):

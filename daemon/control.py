@@ -39,6 +39,7 @@ from shimmy.protocol import FRAME_HEADER, PROTOCOL_VERSION, frame
 
 from .config import Settings
 from .identity import peer_credentials
+from .logformat import Throttle
 from .sessions import RESOURCE_ERRNOS
 
 log = logging.getLogger("shimmy.daemon")
@@ -83,7 +84,7 @@ class ControlListener:
         self.conns: dict[int, Conn] = {}
         self.ready: set[int] = set()   # connections holding whole requests not yet answered
         self._paused_until = 0.0
-        self._last_warning: dict[str, float] = {}
+        self._warn = Throttle(log).warning   # a flood must not flood the log
         self.counters = Counter({"control_accept_errors": 0, "control_connections_refused": 0,
                                  "control_connections_timed_out": 0,
                                  "control_frames_refused": 0})
@@ -157,13 +158,6 @@ class ControlListener:
             pass
 
     # -- accepting ---------------------------------------------------------------------------
-    def _warn(self, key: str, msg: str, *args) -> None:
-        """Log at most one warning per key and second (a flood must not flood the log)."""
-        now = time.monotonic()
-        if now - self._last_warning.get(key, -1e9) >= 1.0:
-            self._last_warning[key] = now
-            log.warning(msg, *args)
-
     def _accept(self) -> None:
         s = self.settings
         for _ in range(BACKLOG):

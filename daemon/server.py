@@ -47,8 +47,8 @@ TICK = 0.1  # seconds between housekeeping passes (lease checks, idle channels)
 
 PID_MAX = 1 << 22          # Linux pid_max ceiling (PID_MAX_LIMIT)
 ID_MAX = (1 << 63) - 1
-FD_HEADROOM = 64           # descriptors kept for rings, semaphores, peering and metrics beyond
-                           # control and session connections
+FD_HEADROOM = 64           # descriptors kept for the daemon's own files, rings and semaphores
+                           # being opened, pipes, and the Docker watcher, beyond connections
 LOCK_MODE = 0o600          # nobody else may open (and so flock) the lock file
 
 
@@ -86,7 +86,9 @@ class Daemon:
         self.orphans: dict[int, Client] = {}     # pidfd -> silent client whose session we closed
         self.counters = {"requests": 0, "errors": 0, "malformed": 0, "clients_total": 0,
                          "clients_exited": 0, "clients_crashed": 0, "leases_expired": 0,
-                         "slots_reclaimed": 0, "peer_tick_errors": 0}
+                         "slots_reclaimed": 0, "peer_tick_errors": 0,
+                         "metrics_connections_refused": 0, "metrics_accept_errors": 0,
+                         "metrics_connection_errors": 0}
         self._stop = False
         self._conn: Conn | None = None   # the control connection of the request being handled
         # One daemon per socket: the lock dies with its holder, so a crashed daemon never blocks
@@ -95,8 +97,12 @@ class Daemon:
         self.swept = self.segments.sweep()
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)  # stale socket of a dead daemon: we hold the lock
-        # Control and session connections share the descriptors left after FD_HEADROOM.
-        self.max_conn_fds = max(16, self.nofile[0] - FD_HEADROOM)
+        # Control and session connections share the descriptors left after FD_HEADROOM and what
+        # the other listeners may hold at most (metrics connections, peer handshakes and links).
+        self.max_conn_fds = max(16, self.nofile[0] - FD_HEADROOM - settings.metrics_max_connections
+                                - (settings.peer_max_pending + settings.peer_max_links
+                                   if settings.peer_listen or settings.peers
+                                   or settings.peer_dns else 0))
         self.control = ControlListener(self.socket_path, settings, tenant, self._prepare_socket,
                                        self._room, self._handle)
         self.sessions = Sessions(session_path(self.socket_path), settings, tenant,
