@@ -163,6 +163,19 @@ class DaemonCollector:
             c.add_metric([], counters.get(key, 0))
             yield c
         yield from self._listeners(counters)
+        reclaimed = dict(d.registry.counters)
+        for key, name, doc in (
+                ("channels_reclaimed", "shimmy_channels_reclaimed_total",
+                 "Channels deleted after idle_channel_ttl or idle_channel_unread_ttl with no "
+                 "ends attached"),
+                ("channels_reclaimed_unread", "shimmy_channels_reclaimed_unread_total",
+                 "Of those, channels deleted while their ring held unread messages "
+                 "(idle_channel_unread_ttl)"),
+                ("unread_bytes_dropped", "shimmy_channel_unread_bytes_dropped_total",
+                 "Unread ring bytes those deletions dropped")):
+            c = _counter(name, doc)
+            c.add_metric([], reclaimed.get(key, 0))
+            yield c
         g = _gauge("shimmy_shm_allocated_bytes", "Shared memory the daemon's segments take")
         g.add_metric([], d.segments.allocated)
         yield g

@@ -166,14 +166,25 @@ class Daemon:
         os.chmod(path, parse_mode("socket_mode", s.socket_mode))
 
     def _room(self) -> int:
-        """Connections (control or session) the descriptor budget still allows."""
-        return self.max_conn_fds - self.control.open_fds() - self.sessions.open_fds()
+        """Connections (control or session) the descriptor budget still allows.  Every ring the
+        daemon maps holds a descriptor too (Python's mmap keeps a duplicate of the one it was
+        given), so channels and streams come off the budget as well."""
+        return (self.max_conn_fds - self.control.open_fds() - self.sessions.open_fds()
+                - len(self.registry.channels) - len(self.streams.streams))
 
     # -- loop --------------------------------------------------------------------------------------
     def run(self) -> None:
         log.info("daemon ready socket=%s pid=%d swept=%d nofile=%d (hard %d) access=%s",
                  self.socket_path, os.getpid(), self.swept, self.nofile[0], self.nofile[1],
                  self.settings.access)
+        s = self.settings
+        need = FD_HEADROOM + 2 * s.max_channels + 2 * s.max_clients
+        if self.nofile[0] < need:
+            log.warning("nofile limit %d is below what max_channels=%d (and as many streams) and "
+                        "max_clients=%d may need (%d descriptors: one per ring, two per client); "
+                        "past it new channels and connections are refused for lack of "
+                        "descriptors: raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower "
+                        "those settings", self.nofile[0], s.max_channels, s.max_clients, need)
         last_tick = time.monotonic()
         try:
             self.exporter = metrics.start(self, self.settings.metrics_listen)
@@ -539,12 +550,21 @@ class Daemon:
     def _channels_for(self, req: dict) -> tuple[list[dict], int]:
         who = self._visible(req)
         shown, hidden = [], 0
+        now = time.monotonic()
         for rec in self.registry.channels.values():
             if rec.group_of is not None:
                 continue   # a member ring: listed under its channel's publishers
             if who is None or (who is not False and self.access.allows(
                     who, "stat", rec.name, self.owner(rec.name))):
-                shown.append(self.peer.annotate(rec.describe()))
+                entry = self.peer.annotate(rec.describe())
+                if rec.idle_since is not None and not rec.attached():
+                    # No ends attached: when it goes, and what unread it would take along
+                    # (docs/daemon.md, "Idle channels"); in_s None = kept until deleted.
+                    left, unread = self.registry.reclaim_in(rec, now)
+                    entry["idle"] = {"for_s": round(now - rec.idle_since, 3),
+                                     "unread_bytes": unread,
+                                     "reclaim_in_s": None if left is None else round(left, 3)}
+                shown.append(entry)
             else:
                 hidden += 1
         return shown, hidden
@@ -741,7 +761,8 @@ class Daemon:
         return {"pid": os.getpid(), "uptime": time.time() - self.started,
                 "socket": self.socket_path,
                 "counters": {**self.counters, **self.sessions.counters,
-                             **self.control.counters, **self.streams.counters},
+                             **self.control.counters, **self.registry.counters,
+                             **self.streams.counters},
                 "shm_allocated": self.segments.allocated,
                 "nofile": {"soft": self.nofile[0], "hard": self.nofile[1]},
                 "orphans": len(self.orphans),

@@ -26,6 +26,7 @@ import sys
 import time
 import urllib.request
 
+import msgpack
 import pytest
 
 pytest.importorskip("prometheus_client")
@@ -33,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 import shimmy  # noqa: E402
 from shimmy.daemon.peer.auth import random_key_file  # noqa: E402
-from shimmy.protocol import FRAME_HEADER  # noqa: E402
+from shimmy.protocol import FRAME_HEADER, read_frame  # noqa: E402
 from shimmy.sdk.client import DaemonClient  # noqa: E402
 
 DAEMON_NOFILE = 1024
@@ -326,3 +327,45 @@ def test_a_flood_of_idle_and_half_open_connections_ends_nothing(tmp_path, key, l
     assert "Traceback" not in log, log[-5000:]
     # Refusals are logged, throttled: a handful of lines, not one per connection.
     assert log.count("WARNING") < 200, log.count("WARNING")
+
+
+def test_control_connections_past_the_quota_are_told_why(daemon_factory, tmp_path):
+    """One uid's control connections past quota_control_connections get one error reply naming
+    the setting, then end; the SDK raises it as LimitExceeded; each refusal is counted."""
+    cfg = tmp_path / "shimmyd.toml"
+    cfg.write_text("quota_control_connections = 8\n")
+    d = daemon_factory("--config", str(cfg))
+    held = []
+    try:
+        for _ in range(7):   # with the probe's own connection below: 8
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(d.socket)
+            held.append(s)
+        probe = DaemonClient(d.socket)
+        try:
+            with pytest.raises(shimmy.LimitExceeded, match="quota_control_connections=8"):
+                DaemonClient(d.socket)
+            extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            extra.connect(d.socket)
+            held.append(extra)
+            extra.settimeout(5)
+            reply = msgpack.unpackb(read_frame(extra, time.monotonic() + 5))
+            assert reply["ok"] is False and reply["error"]["code"] == "limit", reply
+            assert "holds 8 control connections" in reply["error"]["message"], reply
+            assert extra.recv(1) == b""   # and closed
+            assert probe.request("stat")["counters"]["control_connections_refused"] == 2
+        finally:
+            probe.close()
+    finally:
+        for s in held:
+            s.close()
+    # Given back as they close: a new client is served.
+    client = _until(lambda: _try_client(d.socket), 10, "a client served after the quota frees")
+    client.close()
+
+
+def _try_client(path: str):
+    try:
+        return DaemonClient(path)
+    except shimmy.LimitExceeded:
+        return None
