@@ -39,6 +39,7 @@ log = logging.getLogger("shimmy.daemon")
 _CRED = struct.Struct("3i")
 TOKEN_BYTES = 16
 TOKEN_LINE_MAX = 2 * TOKEN_BYTES + 1   # hex token and its newline
+ACCEPT_BATCH = 32   # connections accepted per loop pass (the others' heartbeats come first)
 #: accept() errors that mean "no resources right now", not "this connection is bad"
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
@@ -164,7 +165,7 @@ class Sessions:
     # -- accepting ----------------------------------------------------------------------------
     def _accept(self) -> None:
         s = self.settings
-        while True:
+        for _ in range(ACCEPT_BATCH):   # the rest next pass: a connect flood cannot starve
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
