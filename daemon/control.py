@@ -45,8 +45,6 @@ from .sessions import ACCEPT_BATCH, RESOURCE_ERRNOS
 log = logging.getLogger("shimmy.daemon")
 READ_CHUNK = 1 << 16   # bytes read from one connection per readable event
 BATCH = 64             # requests answered from one connection per loop pass (fairness)
-TENANT_BATCH = 64      # requests answered per tenant per loop pass: one tenant's flood over
-                       # many connections leaves the others a turn every pass
 OUT_MAX = 1 << 18      # reply bytes waiting for a client before its requests stop being read
 BACKLOG = 512
 #: The greeting a ZeroMQ peer (a client of control protocol v1) sends first: 0xFF, 8 bytes,
@@ -85,7 +83,6 @@ class ControlListener:
         self.handle = handle
         self.conns: dict[int, Conn] = {}
         self.ready: set[int] = set()   # connections holding whole requests not yet answered
-        self._served: Counter[str] = Counter()   # requests answered per tenant this loop pass
         self._paused_until = 0.0
         self._warn = Throttle(log).warning   # a flood must not flood the log
         self.counters = Counter({"control_accept_errors": 0, "control_connections_refused": 0,
@@ -99,8 +96,7 @@ class ControlListener:
 
     # -- the loop's view ---------------------------------------------------------------------
     def poll_events(self, now: float) -> dict[int, int]:
-        """Descriptor -> poll events this listener waits for (called once per loop pass)."""
-        self._served.clear()
+        """Descriptor -> poll events this listener waits for."""
         events = {} if now < self._paused_until else {self.listener.fileno(): POLL_IN}
         for fd, conn in self.conns.items():
             ev = POLL_OUT if conn.wbuf else 0
@@ -227,9 +223,6 @@ class ControlListener:
         for _ in range(BATCH):
             if conn.closing or len(conn.wbuf) >= OUT_MAX or len(conn.rbuf) < FRAME_HEADER.size:
                 break
-            if self._served[conn.tenant] >= TENANT_BATCH:
-                self.ready.add(fd)   # its tenant had its turn this pass: the next one
-                break
             (size,) = FRAME_HEADER.unpack_from(conn.rbuf)
             if not 1 <= size <= limit:
                 self._refuse_frame(fd, conn, ProtocolError(
@@ -243,7 +236,6 @@ class ControlListener:
             del conn.rbuf[:end]
             conn.spoke = True
             conn.since = time.monotonic()
-            self._served[conn.tenant] += 1
             reply, close = self.handle(payload, conn)
             self._queue(fd, conn, reply)
             if close:
