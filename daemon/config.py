@@ -45,19 +45,25 @@ class Settings:
     default_capacity: int = _s(ring.DEFAULT_CAPACITY, "ring size when a client does not ask "
                                                       "(power of two)")
     max_capacity: int = _s(ring.MAX_CAPACITY, "largest ring a client may ask for")
-    max_channels: int = _s(256, "channels (and, counted apart, streams) at once, all clients")
+    max_channels: int = _s(16384, "channels (and, counted apart, streams) at once, all clients")
     max_subscribers: int = _s(64, "subscriber slots in each ring")
     default_max_publishers: int = _s(1, "publishers a channel admits at once when its creator "
                                         "does not say (1 = exclusive: a second gets PublisherBusy)")
     max_publishers: int = _s(64, "largest max_publishers a client may create a channel with "
                                  f"(at most {ring.MAX_PUBLISHERS_LIMIT})")
-    max_clients: int = _s(1024, "client sessions (hello) at once, all clients")
+    max_clients: int = _s(4096, "client sessions (hello) at once, all clients")
     shm_budget: int = _s(0, "bytes of rings in total; 0 = bounded by free space only")
     shm_reserve: int = _s(8 << 20, "bytes of shm_dir kept free for others")
     heartbeat_interval: float = _s(1.0, "clients send one heartbeat per interval (seconds)")
     lease_timeout: float = _s(5.0, "no heartbeat for this long: the client's subscriber slots "
                                    "are evicted (seconds)")
-    idle_channel_ttl: float = _s(300.0, "a channel nobody holds for this long is deleted (s)")
+    idle_channel_ttl: float = _s(60.0, "a channel with no ends attached (no client holds it, no "
+                                       "publisher, subscriber or mirror) and nothing unread is "
+                                       "deleted after this long (s); 0 = kept until deleted")
+    idle_channel_unread_ttl: float = _s(3600.0, "a channel with no ends attached whose ring "
+                                                "still holds unread messages is deleted after "
+                                                "this long (s; logged and counted, shown in ls "
+                                                "and stat meanwhile); 0 = kept until deleted")
     stream_orphan_timeout: float = _s(300.0, "a stream whose writer has finished and that no "
                                       "reader has opened for this long is freed (s); 0 = keep "
                                       "it for its reader until the daemon stops")
@@ -90,10 +96,10 @@ class Settings:
     peer_link_timeout: float = _s(10.0, "silence (no data, no keepalive) for this long: dead")
     peer_keepalive: float = _s(1.0, "keepalive period on idle links")
     peer_max_pending: int = _s(16, "unauthenticated peer connections handled at once")
-    peer_max_links: int = _s(64, "authenticated peer links at once")
+    peer_max_links: int = _s(256, "authenticated peer links at once")
     peer_max_control_bytes: int = _s(1 << 20, "largest control message a peer may send")
     peer_max_replica_capacity: int = _s(1 << 28, "largest ring a peer may make us replicate")
-    peer_max_replicas: int = _s(128, "replica rings this node keeps at once")
+    peer_max_replicas: int = _s(4096, "replica rings this node keeps at once")
     peer_hold: float = _s(10.0, "reliable: keep a disconnected mirror's data this long")
     peer_credit_interval: float = _s(0.0002, "replica reports consumed positions this often")
     peer_unmirror_grace: float = _s(1.0, "mirror stops this long after its last subscriber left")
@@ -128,13 +134,13 @@ class Settings:
     session_timeout: float = _s(30.0, "a session silent (no heartbeat) this long is closed and "
                                       "removed (seconds; more than lease_timeout)")
     # -- quotas: per container where the daemon identifies one, else per uid (docs/security.md) --
-    quota_connections: int = _s(128, "session-socket connections at once per container/uid")
-    quota_control_connections: int = _s(128, "control-socket connections at once per "
+    quota_connections: int = _s(512, "session-socket connections at once per container/uid")
+    quota_control_connections: int = _s(512, "control-socket connections at once per "
                                               "container/uid")
-    quota_sessions: int = _s(128, "client sessions (hello) at once per container/uid")
-    quota_channels: int = _s(64, "channels and streams created and alive per container/uid")
-    quota_subscribers: int = _s(256, "subscriber slots held at once per container/uid")
-    quota_shm_bytes: int = _s(1 << 30, "bytes of rings and streams created and alive per "
+    quota_sessions: int = _s(512, "client sessions (hello) at once per container/uid")
+    quota_channels: int = _s(4096, "channels and streams created and alive per container/uid")
+    quota_subscribers: int = _s(8192, "subscriber slots held at once per container/uid")
+    quota_shm_bytes: int = _s(4 << 30, "bytes of rings and streams created and alive per "
                                        "container/uid")
     # -- object ownership and modes (docs/security.md) --
     object_mode: str = _s("0600", "mode (octal) of the rings and semaphores of a channel that "
@@ -154,6 +160,10 @@ class Settings:
     # -- observability (daemon/metrics.py, daemon/logformat.py, docs/metrics.md) --
     metrics_listen: str = _s("", "HOST:PORT serving Prometheus metrics at /metrics (e.g. "
                                  "127.0.0.1:9464); empty = no metrics endpoint")
+    metrics_max_connections: int = _s(16, "metrics connections served at once; more are closed "
+                                          "at accept (counted)")
+    metrics_timeout: float = _s(10.0, "a metrics connection silent this long (reading its "
+                                      "request or its reply) is closed (seconds)")
     log_format: str = _s("text", "log line format: 'text' (human) or 'json' (one JSON object per "
                                  "line, for log shippers)", choices=("text", "json"))
 
@@ -192,6 +202,7 @@ class Settings:
                                f"({self.max_publishers})")
         for name in ("max_channels", "max_clients", "request_max_bytes", "nofile_limit",
                      "quota_connections", "quota_control_connections", "quota_sessions",
+                     "metrics_max_connections",
                      "quota_channels",
                      "quota_subscribers", "quota_shm_bytes"):
             if getattr(self, name) < 1:
@@ -199,16 +210,17 @@ class Settings:
         for name in ("shm_budget", "shm_reserve"):
             if getattr(self, name) < 0:
                 raise SettingError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("idle_channel_ttl", "accept_backoff", "session_connect_timeout",
-                     "control_request_timeout",
+        for name in ("idle_channel_ttl", "idle_channel_unread_ttl", "stream_orphan_timeout"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise SettingError(f"{name} must be >= 0 seconds (0 = kept until deleted), got "
+                                   f"{getattr(self, name)}")
+        for name in ("accept_backoff", "session_connect_timeout",
+                     "control_request_timeout", "metrics_timeout",
                      "peer_dns_interval", "peer_handshake_timeout", "peer_link_timeout",
                      "peer_keepalive", "peer_hold", "peer_credit_interval",
                      "peer_unmirror_grace"):
             if not getattr(self, name) > 0:
                 raise SettingError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
-        if not 0 <= self.stream_orphan_timeout < float("inf"):
-            raise SettingError(f"stream_orphan_timeout must be >= 0 seconds (0 = keep a finished "
-                               f"stream for its reader), got {self.stream_orphan_timeout}")
         if not 0 < self.heartbeat_interval < self.lease_timeout:
             raise SettingError(f"need 0 < heartbeat_interval ({self.heartbeat_interval}) < "
                                f"lease_timeout ({self.lease_timeout})")

@@ -1,6 +1,6 @@
 """The control socket: the daemon's own unix stream listener for control protocol v2.
 
-Frames and their rules are stated once, in ``docs/protocol.md`` ("Transport"); the helpers are in
+Frames and their rules are stated once, in ``spec/control.md`` ("Transport"); the helpers are in
 :mod:`shimmy.protocol`.  This module owns the listening socket and its connections; the daemon's
 loop polls the descriptors it names (:meth:`ControlListener.poll_events`) and hands each payload
 to the daemon's request handler, which answers with one reply map.
@@ -39,7 +39,8 @@ from shimmy.protocol import FRAME_HEADER, PROTOCOL_VERSION, frame
 
 from .config import Settings
 from .identity import peer_credentials
-from .sessions import RESOURCE_ERRNOS
+from .logformat import Throttle
+from .sessions import ACCEPT_BATCH, RESOURCE_ERRNOS
 
 log = logging.getLogger("shimmy.daemon")
 READ_CHUNK = 1 << 16   # bytes read from one connection per readable event
@@ -83,7 +84,7 @@ class ControlListener:
         self.conns: dict[int, Conn] = {}
         self.ready: set[int] = set()   # connections holding whole requests not yet answered
         self._paused_until = 0.0
-        self._last_warning: dict[str, float] = {}
+        self._warn = Throttle(log).warning   # a flood must not flood the log
         self.counters = Counter({"control_accept_errors": 0, "control_connections_refused": 0,
                                  "control_connections_timed_out": 0,
                                  "control_frames_refused": 0})
@@ -157,16 +158,9 @@ class ControlListener:
             pass
 
     # -- accepting ---------------------------------------------------------------------------
-    def _warn(self, key: str, msg: str, *args) -> None:
-        """Log at most one warning per key and second (a flood must not flood the log)."""
-        now = time.monotonic()
-        if now - self._last_warning.get(key, -1e9) >= 1.0:
-            self._last_warning[key] = now
-            log.warning(msg, *args)
-
     def _accept(self) -> None:
         s = self.settings
-        for _ in range(BACKLOG):
+        for _ in range(ACCEPT_BATCH):
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):

@@ -29,3 +29,27 @@ def configure(level_name: str, log_format: str) -> None:
     handler.setFormatter(JsonFormatter() if log_format == "json" else
                          logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
+
+
+class Throttle:
+    """Warnings that a flood repeats: at most one line per key and ``every`` seconds, the
+    lines held back counted into the next one.  Thread-safe enough for its use: a lost count
+    under a race only shortens the "(N more)" figure."""
+
+    def __init__(self, log: logging.Logger, every: float = 1.0):
+        self.log = log
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self.every:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            msg += " (and %d more like it since the last such line)"
+            args = (*args, held)
+        self.log.warning(msg, *args)

@@ -22,11 +22,18 @@ are aggregated per channel (never a label per client).
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from shimmy import ring
+
+from .logformat import Throttle
+from .sessions import RESOURCE_ERRNOS
 
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -156,6 +163,20 @@ class DaemonCollector:
             c = _counter(name, doc)
             c.add_metric([], counters.get(key, 0))
             yield c
+        yield from self._listeners(counters)
+        reclaimed = dict(d.registry.counters)
+        for key, name, doc in (
+                ("channels_reclaimed", "shimmy_channels_reclaimed_total",
+                 "Channels deleted after idle_channel_ttl or idle_channel_unread_ttl with no "
+                 "ends attached"),
+                ("channels_reclaimed_unread", "shimmy_channels_reclaimed_unread_total",
+                 "Of those, channels deleted while their ring held unread messages "
+                 "(idle_channel_unread_ttl)"),
+                ("unread_bytes_dropped", "shimmy_channel_unread_bytes_dropped_total",
+                 "Unread ring bytes those deletions dropped")):
+            c = _counter(name, doc)
+            c.add_metric([], reclaimed.get(key, 0))
+            yield c
         g = _gauge("shimmy_shm_allocated_bytes", "Shared memory the daemon's segments take")
         g.add_metric([], d.segments.allocated)
         yield g
@@ -169,6 +190,43 @@ class DaemonCollector:
                      ["op", "code"])
         for (op, code), n in sorted(dict(stats.errors).items()):
             c.add_metric([op, code], n)
+        yield c
+
+    def _listeners(self, counters: dict) -> Iterator["Metric"]:
+        """Each listener's refusals (docs/security.md, "No listener can end the daemon")."""
+        d = self.d
+        session, control, peer = dict(d.sessions.counters), dict(d.control.counters), \
+            dict(d.peer.counters)
+        for name, doc, values in (
+                ("shimmy_connections_refused_total",
+                 "Connections closed at accept for a limit (per-tenant quota, descriptors kept "
+                 "for connections, metrics_max_connections, peer_max_pending), by listener",
+                 {"control": control["control_connections_refused"],
+                  "session": session["connections_refused"],
+                  "metrics": counters.get("metrics_connections_refused", 0),
+                  "peer": peer.get("evicted_pending", 0)}),
+                ("shimmy_accept_errors_total",
+                 "accept() failures (out of descriptors or memory: accepting pauses for "
+                 "accept_backoff), by listener",
+                 {"control": control["control_accept_errors"],
+                  "session": session["accept_errors"],
+                  "metrics": counters.get("metrics_accept_errors", 0),
+                  "peer": peer.get("accept_errors", 0)}),
+                ("shimmy_connections_timed_out_total",
+                 "Connections closed for silence or an unfinished request "
+                 "(control_request_timeout, session_connect_timeout, metrics_timeout), by "
+                 "listener",
+                 {"control": control["control_connections_timed_out"],
+                  "session": session["connections_timed_out"],
+                  "metrics": counters.get("metrics_connection_errors", 0)})):
+            c = _counter(name, doc, ["listener"])
+            for listener, n in values.items():
+                c.add_metric([listener], n)
+            yield c
+        c = _counter("shimmy_control_frames_refused_total",
+                     "Control connections closed for a frame over request_max_bytes, an empty "
+                     "frame, or bytes that are not one msgpack map")
+        c.add_metric([], control["control_frames_refused"])
         yield c
 
     # -- pub/sub channels -------------------------------------------------------------------------
@@ -403,15 +461,78 @@ class DaemonCollector:
 
 
 class Exporter:
-    """The HTTP endpoint (prometheus_client's threaded server) serving one daemon's metrics."""
+    """The HTTP endpoint serving one daemon's metrics: prometheus_client's WSGI app on a
+    thread-per-connection server that survives its clients.  At most ``metrics_max_connections``
+    are served at once (one more is closed at accept, counted: ``metrics_connections_refused``);
+    a connection silent for ``metrics_timeout`` is closed; an ``accept()`` failing for lack of
+    descriptors is counted (``metrics_accept_errors``) and accepting pauses for
+    ``accept_backoff``.  Warnings are throttled like the other listeners'."""
 
     def __init__(self, daemon, listen: str) -> None:
-        from prometheus_client import start_http_server
+        from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
         from prometheus_client.registry import CollectorRegistry
+        s = daemon.settings
         host, port = parse_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(DaemonCollector(daemon))
-        self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        counters = daemon.counters
+        warn = Throttle(log).warning
+        slots = threading.BoundedSemaphore(s.metrics_max_connections)
+
+        class Handler(WSGIRequestHandler):
+            timeout = s.metrics_timeout   # per read and write on the connection
+
+            def log_message(self, format, *args) -> None:
+                pass   # no line per scrape
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+            def get_request(self):
+                try:
+                    return super().get_request()
+                except OSError as exc:
+                    if exc.errno in RESOURCE_ERRNOS:
+                        counters["metrics_accept_errors"] += 1
+                        warn("accept", "metrics port: accept failed (%s); pausing accepts for "
+                             "accept_backoff=%.2fs", exc, s.accept_backoff)
+                        time.sleep(s.accept_backoff)
+                    raise   # socketserver drops the attempt and polls again
+
+            def verify_request(self, request, client_address) -> bool:
+                if slots.acquire(blocking=False):
+                    return True
+                counters["metrics_connections_refused"] += 1
+                warn("refuse", "metrics port: refusing a connection from %s: "
+                     "metrics_max_connections=%d served at once", client_address[0],
+                     s.metrics_max_connections)
+                return False
+
+            def process_request(self, request, client_address) -> None:
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    slots.release()   # no thread to give it back (out of threads)
+                    raise
+
+            def handle_error(self, request, client_address) -> None:
+                # A client gone silent (metrics_timeout) or reset: its connection is closed;
+                # no traceback for what a client did.
+                counters["metrics_connection_errors"] += 1
+                warn("error", "metrics port: a connection from %s ended: %s", client_address[0],
+                     sys.exc_info()[1])
+
+            def process_request_thread(self, request, client_address) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
+
+        self.server = make_server(host, port, make_wsgi_app(self.registry), Server,
+                                  handler_class=Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics",
+                                       daemon=True)
+        self.thread.start()
         self.address = f"{host}:{self.server.server_port}"
         log.info("metrics on http://%s/metrics", self.address)
 

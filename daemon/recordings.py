@@ -7,7 +7,7 @@ Two jobs, each called from the server by one line:
   ``shimmy record``), the empty ring is positioned where the recording ends, so the numbering
   continues after a restart of the daemon (a SIGKILL included) and subscribers resume by
   sequence number.  The daemon stores the ring's publisher words here as it does for a carried
-  stream (docs/ring-format.md, "Carried streams"): nobody holds the publisher role yet.
+  stream (spec/ring.md, "Carried streams"): nobody holds the publisher role yet.
 - the recorder process the settings ask for (``record`` patterns into ``record_dir``): started
   with the daemon (it opens the recorded channels again), restarted when it dies, stopped with
   the daemon, and killed by the kernel when the daemon dies (``PR_SET_PDEATHSIG``), so a killed

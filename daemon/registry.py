@@ -10,6 +10,14 @@ A member ring is also a record of its own in the book, under a reserved name
 (``<channel>/.p<id>.<node>``, :func:`member_alias`) that clients cannot open: the peer module
 announces and mirrors it like any published channel, and a node with subscribers of the group
 adds the replica it makes of another node's member to its own group (a remote member).
+
+Idle channels (docs/daemon.md, "Idle channels"): a channel with no ends attached - no client
+holds it open, no publisher, no subscriber slot (EVICTED included), no mirror - is deleted after
+``idle_channel_ttl`` when nothing in it is unread, and after ``idle_channel_unread_ttl`` when its
+ring still holds messages past the furthest point a departed subscriber read (what a later
+``start="oldest"`` subscriber would get).  ``ls`` and ``stat`` show each idle channel's unread
+bytes and when it goes; the deletion is logged and counted.  Replicas a peer made for no local
+client are the peer module's to keep or drop.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import mmap
 import re
 import socket
 import time
+from collections import Counter
 
 import posix_ipc
 from dataclasses import dataclass, field
@@ -128,6 +137,30 @@ class ChannelRecord:
     group_of: "ChannelRecord | None" = None  # a member ring's record: its channel
     reclaimed_messages: int = 0             # published by members reclaimed since (metrics)
     reclaimed_bytes: int = 0                # bytes those members carried (metrics, stat)
+    read_to: int = 0                        # furthest position a departed subscriber had read
+
+    def attached(self) -> bool:
+        """Something holds an end of the channel: a client that opened it (mirrors included),
+        the publisher role, a subscriber slot (EVICTED too), a live member of a group."""
+        return bool(self.holders or self.publisher is not None or self.slots or self.evicted
+                    or any(m.client is not None for m in self.members.values()))
+
+    def note_read(self, index: int) -> None:
+        """Slot ``index`` is about to be freed: remember how far its subscriber had read."""
+        try:
+            self.read_to = max(self.read_to, self.view.q[self.view.slot_word(index)])
+        except (ValueError, IndexError):
+            pass   # a view already released: the channel is going anyway
+
+    def unread_bytes(self) -> int:
+        """Ring bytes no subscriber has read: past the furthest point a departed subscriber
+        reached (or all the ring holds, when none ever read it).  A group's member rings are
+        counted whole (its departed subscribers' positions are not kept per member)."""
+        if self.group:
+            return sum(max(0, m.view.q[ring.W_TAIL] - m.view.q[ring.W_HEAD])
+                       for m in list(self.members.values()))
+        q = self.view.q
+        return max(0, q[ring.W_TAIL] - max(self.read_to, q[ring.W_HEAD]))
 
     @property
     def group(self) -> bool:
@@ -233,6 +266,8 @@ class Registry:
         self.channels: dict[str, ChannelRecord] = {}
         self.node = settings.node or socket.gethostname()   # as the peer module names it
         self._joining: dict[str, ChannelRecord] = {}   # alias -> group, while its replica is made
+        self.counters = Counter({"channels_reclaimed": 0, "channels_reclaimed_unread": 0,
+                                 "unread_bytes_dropped": 0})
 
     # -- channels ------------------------------------------------------------------------------
     def open(self, client: int, name: str, mode: str | None, capacity: int | None,
@@ -510,6 +545,7 @@ class Registry:
         slot = rec.slots.get(index) or rec.evicted.get(index)
         if slot is None or slot.client != client:
             raise InvalidArgument(f"channel {rec.name!r}: slot {index} is not yours")
+        rec.note_read(index)
         rec.slots.pop(index, None)
         rec.evicted.pop(index, None)
         rec.set_slot_state(index, ring.SLOT_FREE)
@@ -548,6 +584,7 @@ class Registry:
             for table in (rec.slots, rec.evicted):
                 for index, slot in list(table.items()):
                     if slot.client == client:
+                        rec.note_read(index)
                         rec.set_slot_state(index, ring.SLOT_FREE)
                         del table[index]
                         for m in rec.members.values():
@@ -568,12 +605,38 @@ class Registry:
             if rec.members and any(m.client is None for m in rec.members.values()):
                 self.reclaim_members(rec)
 
+    def reclaim_in(self, rec: ChannelRecord, now: float) -> tuple[float | None, int]:
+        """(seconds until idle channel ``rec`` is deleted, or None: it is not idle or is kept;
+        its unread bytes).  The rule is in the module docstring."""
+        if rec.idle_since is None or rec.group_of is not None or rec.attached():
+            return None, 0
+        try:
+            unread = rec.unread_bytes()
+        except (ValueError, IndexError):
+            unread = 0
+        ttl = self.settings.idle_channel_unread_ttl if unread else self.settings.idle_channel_ttl
+        if not ttl:
+            return None, unread   # 0: kept until deleted
+        return max(0.0, ttl - (now - rec.idle_since)), unread
+
     def expire_idle(self) -> None:
-        ttl = self.settings.idle_channel_ttl
         now = time.monotonic()
         for name, rec in list(self.channels.items()):
-            if rec.group_of is not None or name not in self.channels:
-                continue   # a member ring lives as long as its publisher and its readers
-            if rec.idle_since is not None and now - rec.idle_since >= ttl:
-                log.info("channel %s idle for %.0f s (idle_channel_ttl): deleting", name, ttl)
-                self.delete(name)
+            if name not in self.channels:
+                continue   # a member deleted with its channel earlier in this pass
+            left, unread = self.reclaim_in(rec, now)
+            if left is None or left > 0:
+                continue
+            c = self.counters
+            c["channels_reclaimed"] += 1
+            if unread:
+                c["channels_reclaimed_unread"] += 1
+                c["unread_bytes_dropped"] += unread
+                log.info("channel %s: no ends attached for idle_channel_unread_ttl=%.0fs; "
+                         "deleting it with %d unread bytes", name,
+                         self.settings.idle_channel_unread_ttl, unread)
+            else:
+                log.info("channel %s: no ends attached and nothing unread for "
+                         "idle_channel_ttl=%.0fs; deleting it", name,
+                         self.settings.idle_channel_ttl)
+            self.delete(name)

@@ -50,8 +50,8 @@ TICK = 0.1  # seconds between housekeeping passes (lease checks, idle channels)
 
 PID_MAX = 1 << 22          # Linux pid_max ceiling (PID_MAX_LIMIT)
 ID_MAX = (1 << 63) - 1
-FD_HEADROOM = 64           # descriptors kept for rings, semaphores, peering and metrics beyond
-                           # control and session connections
+FD_HEADROOM = 64           # descriptors kept for the daemon's own files, rings and semaphores
+                           # being opened, pipes, and the Docker watcher, beyond connections
 LOCK_MODE = 0o600          # nobody else may open (and so flock) the lock file
 
 
@@ -89,7 +89,9 @@ class Daemon:
         self.orphans: dict[int, Client] = {}     # pidfd -> silent client whose session we closed
         self.counters = {"requests": 0, "errors": 0, "malformed": 0, "clients_total": 0,
                          "clients_exited": 0, "clients_crashed": 0, "leases_expired": 0,
-                         "slots_reclaimed": 0, "peer_tick_errors": 0}
+                         "slots_reclaimed": 0, "peer_tick_errors": 0,
+                         "metrics_connections_refused": 0, "metrics_accept_errors": 0,
+                         "metrics_connection_errors": 0}
         self._stop = False
         self._conn: Conn | None = None   # the control connection of the request being handled
         # One daemon per socket: the lock dies with its holder, so a crashed daemon never blocks
@@ -98,8 +100,12 @@ class Daemon:
         self.swept = self.segments.sweep()
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)  # stale socket of a dead daemon: we hold the lock
-        # Control and session connections share the descriptors left after FD_HEADROOM.
-        self.max_conn_fds = max(16, self.nofile[0] - FD_HEADROOM)
+        # Control and session connections share the descriptors left after FD_HEADROOM and what
+        # the other listeners may hold at most (metrics connections, peer handshakes and links).
+        self.max_conn_fds = max(16, self.nofile[0] - FD_HEADROOM - settings.metrics_max_connections
+                                - (settings.peer_max_pending + settings.peer_max_links
+                                   if settings.peer_listen or settings.peers
+                                   or settings.peer_dns else 0))
         self.control = ControlListener(self.socket_path, settings, tenant, self._prepare_socket,
                                        self._room, self._handle)
         self.sessions = Sessions(session_path(self.socket_path), settings, tenant,
@@ -165,14 +171,25 @@ class Daemon:
         os.chmod(path, parse_mode("socket_mode", s.socket_mode))
 
     def _room(self) -> int:
-        """Connections (control or session) the descriptor budget still allows."""
-        return self.max_conn_fds - self.control.open_fds() - self.sessions.open_fds()
+        """Connections (control or session) the descriptor budget still allows.  Every ring the
+        daemon maps holds a descriptor too (Python's mmap keeps a duplicate of the one it was
+        given), so channels and streams come off the budget as well."""
+        return (self.max_conn_fds - self.control.open_fds() - self.sessions.open_fds()
+                - len(self.registry.channels) - len(self.streams.streams))
 
     # -- loop --------------------------------------------------------------------------------------
     def run(self) -> None:
         log.info("daemon ready socket=%s pid=%d swept=%d nofile=%d (hard %d) access=%s",
                  self.socket_path, os.getpid(), self.swept, self.nofile[0], self.nofile[1],
                  self.settings.access)
+        s = self.settings
+        need = FD_HEADROOM + 2 * s.max_channels + 2 * s.max_clients
+        if self.nofile[0] < need:
+            log.warning("nofile limit %d is below what max_channels=%d (and as many streams) and "
+                        "max_clients=%d may need (%d descriptors: one per ring, two per client); "
+                        "past it new channels and connections are refused for lack of "
+                        "descriptors: raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower "
+                        "those settings", self.nofile[0], s.max_channels, s.max_clients, need)
         last_tick = time.monotonic()
         try:
             self.exporter = metrics.start(self, self.settings.metrics_listen)
@@ -267,7 +284,7 @@ class Daemon:
     def _remote_members(self) -> None:
         """Members of our publisher groups on other nodes (announced by their daemons under
         ``<channel>/.p<id>.<node>``) join the group here as replicas; one no longer announced
-        has left (reclaimed once our subscribers drained it).  docs/ring-format.md."""
+        has left (reclaimed once our subscribers drained it).  spec/ring.md."""
         peer = self.peer
         groups = [r for r in self.registry.channels.values() if r.group]
         if not peer.enabled or not groups:
@@ -363,7 +380,7 @@ class Daemon:
         if client.uid is None or client.gid is None:
             raise PermissionDenied(
                 f"client {client.id} has not presented its session token on "
-                f"{self.sessions.path}; a client connects its session (docs/protocol.md) before "
+                f"{self.sessions.path}; a client connects its session (spec/control.md) before "
                 f"any channel request, which is how the daemon learns its uid")
         labels: dict = {}
         if client.container is not None:
@@ -391,7 +408,7 @@ class Daemon:
 
     def _handle(self, payload: bytes, conn: Conn) -> tuple[dict, bool]:
         """The reply to one request frame, and whether its connection is to be closed after it
-        (a frame that is not one msgpack map: docs/protocol.md, "Transport")."""
+        (a frame that is not one msgpack map: spec/control.md, "Transport")."""
         req_id, reply, close = self._answer(payload, conn)
         reply["v"] = PROTOCOL_VERSION
         reply["id"] = req_id
@@ -541,12 +558,21 @@ class Daemon:
     def _channels_for(self, req: dict) -> tuple[list[dict], int]:
         who = self._visible(req)
         shown, hidden = [], 0
+        now = time.monotonic()
         for rec in self.registry.channels.values():
             if rec.group_of is not None:
                 continue   # a member ring: listed under its channel's publishers
             if who is None or (who is not False and self.access.allows(
                     who, "stat", rec.name, self.owner(rec.name))):
-                shown.append(self.peer.annotate(rec.describe()))
+                entry = self.peer.annotate(rec.describe())
+                if rec.idle_since is not None and not rec.attached():
+                    # No ends attached: when it goes, and what unread it would take along
+                    # (docs/daemon.md, "Idle channels"); in_s None = kept until deleted.
+                    left, unread = self.registry.reclaim_in(rec, now)
+                    entry["idle"] = {"for_s": round(now - rec.idle_since, 3),
+                                     "unread_bytes": unread,
+                                     "reclaim_in_s": None if left is None else round(left, 3)}
+                shown.append(entry)
             else:
                 hidden += 1
         return shown, hidden
@@ -691,7 +717,7 @@ class Daemon:
 
     def op_members(self, req: dict) -> dict:
         """A subscriber of a multi-publisher channel saw the group epoch change: the member
-        rings its slot reads now (docs/protocol.md)."""
+        rings its slot reads now (spec/control.md)."""
         client = self._client(req)
         rec = self._channel(req)
         index = self._field(req, "slot", int, lo=0, hi=rec.max_subscribers - 1)
@@ -744,7 +770,8 @@ class Daemon:
         return {"pid": os.getpid(), "uptime": time.time() - self.started,
                 "socket": self.socket_path,
                 "counters": {**self.counters, **self.sessions.counters,
-                             **self.control.counters, **self.streams.counters},
+                             **self.control.counters, **self.registry.counters,
+                             **self.streams.counters},
                 "shm_allocated": self.segments.allocated,
                 "nofile": {"soft": self.nofile[0], "hard": self.nofile[1]},
                 "orphans": len(self.orphans),

@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .config import Settings
+from .logformat import Throttle
 
 log = logging.getLogger("shimmy.daemon")
 _CRED = struct.Struct("3i")
 TOKEN_BYTES = 16
 TOKEN_LINE_MAX = 2 * TOKEN_BYTES + 1   # hex token and its newline
+ACCEPT_BATCH = 32   # connections accepted per loop pass (the others' heartbeats come first)
 #: accept() errors that mean "no resources right now", not "this connection is bad"
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
@@ -91,9 +93,10 @@ class Sessions:
         self._pending: dict[int, _Pending] = {}
         self._next_id = 1
         self._paused_until = 0.0
-        self._last_warning: dict[str, float] = {}
+        self._warn = Throttle(log).warning
         self.counters = Counter({"accept_errors": 0, "connections_refused": 0,
-                                 "sessions_timed_out": 0, "hellos_expired": 0})
+                                 "sessions_timed_out": 0, "hellos_expired": 0,
+                                 "connections_timed_out": 0})
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -160,16 +163,9 @@ class Sessions:
             self._read_token(fd)
 
     # -- accepting ----------------------------------------------------------------------------
-    def _warn(self, key: str, msg: str, *args) -> None:
-        """Log at most one warning per key and second (a flood must not flood the log)."""
-        now = time.monotonic()
-        if now - self._last_warning.get(key, -1e9) >= 1.0:
-            self._last_warning[key] = now
-            log.warning(msg, *args)
-
     def _accept(self) -> None:
         s = self.settings
-        while True:
+        for _ in range(ACCEPT_BATCH):   # the rest next pass: a connect flood cannot starve
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -263,6 +259,7 @@ class Sessions:
             if now - pending.since > s.session_connect_timeout:
                 del self._pending[fd]
                 pending.sock.close()
+                self.counters["connections_timed_out"] += 1
         return lapsed, ghosts, silent
 
     def close(self) -> None:

@@ -688,6 +688,11 @@ class Subscription:
         self._sem.close()
         self._waiting.release()
         if channel._fork_gen == fork_generation() and not channel._client.closed:
+            # The message handed out last was received: release it, so the slot's position
+            # (which the daemon reads when the slot goes) says how far this subscriber read
+            # (docs/daemon.md, "Idle channels").  The slot stops holding the publisher back
+            # at unsubscribe anyway.
+            self._reader.release_to(self._reader.position)
             try:
                 channel._client.request("unsubscribe", name=channel.name, slot=self.slot)
             except ShimmyError:

@@ -89,7 +89,7 @@ class DaemonClient:
         self._sock: socket.socket | None = None   # connected by the first request
         hello = self.request("hello", pid=os.getpid())
         self.id = hello["client"]
-        self._token = hello["token"]   # proves our requests are ours (see docs/protocol.md)
+        self._token = hello["token"]   # proves our requests are ours (see spec/control.md)
         self.heartbeat_interval = hello["heartbeat_interval"]
         self.lease_timeout = hello["lease_timeout"]
         self._session = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -113,8 +113,8 @@ class DaemonClient:
                 f"`shimmy daemon --socket {self.path}` or point $SHIMMY_DAEMON at its socket")
 
     def _connect(self) -> socket.socket:
-        """A control connection.  Nobody listening fails at once; a full backlog (a daemon out
-        of descriptors pausing its accepts) waits at most REQUEST_TIMEOUT."""
+        """A control connection.  Nobody listening, or a full backlog (a daemon out of
+        descriptors pausing its accepts), fails at once."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(REQUEST_TIMEOUT)
         try:
@@ -122,6 +122,11 @@ class DaemonClient:
         except (ConnectionRefusedError, FileNotFoundError):
             sock.close()
             raise DaemonUnavailable(self._unavailable("nobody listens on the socket")) from None
+        except BlockingIOError:   # a unix listener's backlog is full: no wait is offered
+            sock.close()
+            raise DaemonUnavailable(self._unavailable(
+                "its backlog of connections is full: the daemon is under a flood of "
+                "connections or out of descriptors; try again")) from None
         except OSError as exc:
             sock.close()
             raise DaemonUnavailable(self._unavailable(f"cannot connect: {exc}")) from None

@@ -2,7 +2,7 @@
 
 ``Channel.subscribe(start=<seq> | <datetime> | "recorded")`` returns a
 :class:`RecordedSubscription`.  The hand-off from the recording to the ring, and why it has no
-gap and no duplicate, is argued in docs/ring-format.md ("Joining from a recording"); the
+gap and no duplicate, is argued in spec/ring.md ("Joining from a recording"); the
 numbered steps below point there.
 """
 

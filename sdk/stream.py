@@ -126,7 +126,7 @@ class _StreamEnd(io.RawIOBase):
             try:
                 self._client.request("stream_close", name=self.name, role=self.role,
                                      serial=self._serial)
-            except Exception:  # ShimmyError, or zmq errors at interpreter exit
+            except Exception:  # ShimmyError, or whatever a half torn-down interpreter raises
                 pass  # the daemon is gone (or going); it frees what we held when we die
 
     @property

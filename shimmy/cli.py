@@ -421,6 +421,15 @@ def ls(daemon_path: str | None, as_json: bool) -> None:
             click.echo(f"{ch['name']}: publisher {pub['id']}{pid} on node "
                        f"{pub.get('node') or '?'}: {state}, {pub['published']} published")
     for ch in reply["channels"]:
+        idle = ch.get("idle")
+        if idle:   # no ends attached (docs/daemon.md, "Idle channels")
+            unread = (f"{idle['unread_bytes']} unread bytes" if idle["unread_bytes"] else
+                      "nothing unread")
+            when = ("kept until deleted" if idle["reclaim_in_s"] is None else
+                    f"deleted in {idle['reclaim_in_s']:.0f} s")
+            click.echo(f"{ch['name']}: no ends attached for {idle['for_s']:.0f} s, {unread}: "
+                       f"{when}")
+    for ch in reply["channels"]:
         if ch.get("broken"):
             click.echo(f"{ch['name']}: broken: {ch['broken']} (shimmy rm {ch['name']} retires "
                        f"it)")

@@ -10,7 +10,7 @@ Reply:    ``{"v": PROTOCOL_VERSION, "id": same, "ok": True, ...result}``
              "error": {"code": str, "message": str}}``
 
 Error codes are the ``code`` attributes of the classes in :mod:`shimmy.errors`.  The full list of
-operations and their fields, and the rules for frames, are in ``docs/protocol.md``.  A second,
+operations and their fields, and the rules for frames, are in ``spec/control.md``.  A second,
 plain unix socket beside the control socket (``session_path``) carries each client's liveness:
 the client connects once per process, sends its session token, then one heartbeat byte per
 heartbeat interval; the daemon learns the client's pid/uid from the socket's peer credentials

@@ -19,12 +19,11 @@ def test_the_daemon_survives_a_short_abuse_run_and_serves_a_normal_client():
     assert flood["answered"] > 1000 and "error" not in flood["codes"], flood
     assert flood["idle"]["held"] == 400, flood
     # Bad framing closed connections, each refusal counted: garbage, empty, oversized and
-    # non-map frames at once, half frames after control_request_timeout; idle connections past
-    # quota_control_connections (200 from one uid) were refused.
+    # non-map frames at once, half frames after control_request_timeout.  (Quotas on control
+    # connections: tests/test_listener_flood.py.)
     counters = report["daemon_counters"]
     assert flood["closed_by_daemon"] > 10 and counters["control_frames_refused"] > 10, report
     assert counters["control_connections_timed_out"] > 0, report
-    assert counters["control_connections_refused"] > 0, report
     # The normal client never failed, during the flood or after it.
     assert report["latency_idle"]["errors"] == 0 and report["latency_flood"]["errors"] == 0
     assert report["latency_flood"]["n"] > 0 and report["served_after"], report

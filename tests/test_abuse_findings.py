@@ -133,18 +133,18 @@ for i in range(1100):
 print(json.dumps(codes))
 """
     codes = uids.run_as("shimmy-out", flood, d.socket, timeout=60)
-    # Held to quota_sessions: 128 accepted, every other answer a LimitExceeded (all of them
+    # Held to quota_sessions: 512 accepted, every other answer a LimitExceeded (all of them
     # arrive: the daemon stops reading a connection's requests while its replies wait, it never
     # drops one).
-    assert set(codes) <= {"ok", "limit"} and codes.get("ok") == 128, codes
-    assert codes.get("limit", 0) == 1100 - 128, codes
+    assert set(codes) <= {"ok", "limit"} and codes.get("ok") == 512, codes
+    assert codes.get("limit", 0) == 1100 - 512, codes
     with shimmy.Channel("still/served", daemon=d.socket) as ch:
         sub = ch.subscribe()
         ch.publish(b"x")
         assert bytes(sub.receive(timeout=5)) == b"x"
         stat = get_client(d.socket).request("stat")
         assert _until(lambda: get_client(d.socket).request("stat")["counters"]
-                      ["hellos_expired"] >= 128, timeout=10)
+                      ["hellos_expired"] >= 512, timeout=10)
         assert len(get_client(d.socket).request("stat")["clients"]) == 1, stat["clients"]
 
 

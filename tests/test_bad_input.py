@@ -161,7 +161,7 @@ def test_malformed_requests_get_specific_errors(daemon, payload, code, closes):
     try:
         reply = _ask(sock, payload)
         assert reply["ok"] is False and reply["error"]["code"] == code, reply
-        if closes:   # bytes that are not one msgpack map end the connection (docs/protocol.md)
+        if closes:   # bytes that are not one msgpack map end the connection (spec/control.md)
             assert _closed(sock)
         else:        # any other error leaves it usable
             assert _ask(sock, msgpack.packb({"v": PROTOCOL_VERSION, "id": 3, "op": "ping"}))["ok"]

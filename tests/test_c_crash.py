@@ -1,5 +1,5 @@
 """Crash-matrix rows for the C client: a C publisher SIGKILLed at random instants mid-publish and
-mid-batch, a C subscriber SIGKILLed mid-receive (docs/ring-format.md, "Crash points": the C
+mid-batch, a C subscriber SIGKILLed mid-receive (spec/ring.md, "Crash points": the C
 paths make the same stores in the same order as the Python ones).  After every kill the
 channel is usable (a successor publishes and is received), nothing committed is lost (reliable:
 sequence numbers without a gap; lossy: every gap counted exactly in ``lost``), nothing is torn

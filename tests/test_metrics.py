@@ -223,7 +223,7 @@ for cl in held:
 """
 
 ALLOWED_LABELS = {"channel", "state", "op", "code", "peer", "role", "event", "transport", "rdma",
-                  "stream"}
+                  "stream", "listener"}
 
 
 def test_metrics_label_sets_stay_bounded(daemon_factory, tmp_path):

@@ -1,5 +1,5 @@
 """The public API is what shimmy/__init__.py exports: its names, and the error types as
-shimmy/errors.py and docs/protocol.md define them."""
+shimmy/errors.py and spec/control.md define them."""
 
 from __future__ import annotations
 

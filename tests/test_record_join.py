@@ -1,4 +1,4 @@
-"""Joining from a recording (docs/ring-format.md, "Joining from a recording"): a subscription
+"""Joining from a recording (spec/ring.md, "Joining from a recording"): a subscription
 that reads the recording, then the live ring, while a publisher runs flat out."""
 
 from __future__ import annotations

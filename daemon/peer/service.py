@@ -34,6 +34,7 @@ from shimmy import ring
 from shimmy.errors import ChannelConflict, InvalidArgument, LimitExceeded, RingCorrupted
 
 from shimmy.errors import PublisherBusy
+from ..logformat import Throttle
 from . import auth
 from .directory import OPEN, PUBLISHED, REPLICA, BadAnnouncement, Directory, Entry, parse_entry
 from .mirror import MirrorReplica, MirrorSource, ReplicaViolation, seed_stream
@@ -119,7 +120,8 @@ class PeerService:
                          "replica_resets": 0, "rdma_fallbacks": 0, "peers_discovered": 0,
                          "evicted_pending": 0, "duplicate_links": 0, "replicas_converted": 0,
                          "streams_continued": 0, "streams_carried": 0, "nodes_forgotten": 0,
-                         "conflicts": 0}
+                         "conflicts": 0, "accept_errors": 0}
+        self._warn = Throttle(log).warning   # what a flood of connections repeats
         self.links: dict[int, Link] = {}
         self.directory = Directory()
         self.conflicts: dict[str, str] = {}     # channel name -> what conflicts (ls, logs)
@@ -207,7 +209,7 @@ class PeerService:
             return
         key = {"auth": "auth_failures", "size": "refused_sizes"}.get(reason, "protocol_errors")
         self.counters[key] += 1
-        log.warning("peer refused %s: %s: %s", who, reason, exc)
+        self._warn(key, "peer refused %s: %s: %s", who, reason, exc)
 
     def _prepare(self, sock: socket.socket, server: bool) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -228,9 +230,12 @@ class PeerService:
             except OSError as exc:
                 if self._stop.is_set() or listener.fileno() < 0:
                     return
-                # EMFILE/ENFILE/ENOMEM: log, let handshakes finish and free descriptors, go on.
-                log.warning("peer accept failed: %s; retrying", exc)
-                self._stop.wait(0.05)
+                # EMFILE/ENFILE/ENOMEM: count, log (throttled), let handshakes finish and free
+                # descriptors for accept_backoff, go on.
+                self.counters["accept_errors"] += 1
+                self._warn("accept", "peer accept failed: %s; pausing accepts for "
+                           "accept_backoff=%.2fs", exc, self.s.accept_backoff)
+                self._stop.wait(self.s.accept_backoff)
                 continue
             who = "%s:%d" % addr[:2]
             self._admit(conn)
@@ -269,8 +274,9 @@ class PeerService:
             evicted = conn not in self._pending
             self._handshake_done(conn)
             if evicted:
-                log.info("peer connection %s cut: not authenticated when %d newer connections "
-                         "were waiting (peer_max_pending)", who, self.s.peer_max_pending)
+                self._warn("evicted", "peer connection %s cut: not authenticated when %d newer "
+                           "connections were waiting (peer_max_pending)", who,
+                           self.s.peer_max_pending)
             else:
                 self._refused(who, exc if str(exc) else Exception(type(exc).__name__),
                               "protocol")

@@ -2,9 +2,9 @@
  *
  * The same channels and streams as the Python SDK (shimmy.Channel, shimmy.Stream): a C process
  * and a Python process may publish to and subscribe from one channel, in either direction, and
- * take over each other's publisher role.  The ring and its orderings are docs/ring-format.md,
- * the control protocol docs/protocol.md (version 2: length-prefixed msgpack maps over a unix
- * stream socket), streams docs/streams.md.
+ * take over each other's publisher role.  The ring and its orderings are spec/ring.md,
+ * the control protocol spec/control.md (version 2: length-prefixed msgpack maps over a unix
+ * stream socket), streams spec/stream.md.
  *
  * Errors.  Every call that can fail returns 0 (or a count) on success and a negative
  * SHIMMY_E_* code on failure; shimmy_errmsg() then gives the text, which is the text the Python
@@ -45,9 +45,9 @@
 extern "C" {
 #endif
 
-#define SHIMMY_PROTOCOL_VERSION 2   /* control protocol spoken (docs/protocol.md) */
+#define SHIMMY_PROTOCOL_VERSION 2   /* control protocol spoken (spec/control.md) */
 #define SHIMMY_RING_LAYOUT 2        /* pub/sub ring layout read and written (ring-format.md) */
-#define SHIMMY_STREAM_LAYOUT 1      /* stream ring layout (docs/streams.md) */
+#define SHIMMY_STREAM_LAYOUT 1      /* stream ring layout (spec/stream.md) */
 
 /* Error codes: the negated values are returned.  Names match shimmy/errors.py's codes. */
 enum shimmy_code {

@@ -1,4 +1,4 @@
-/* The connection to the node daemon (sdk/client.py): control protocol v2 (docs/protocol.md:
+/* The connection to the node daemon (sdk/client.py): control protocol v2 (spec/control.md:
  * each request and reply one frame, a 4-byte little-endian length then one msgpack map, over a
  * unix stream socket), the session socket (token line, then one heartbeat byte per
  * heartbeat_interval, from a thread of this library) and the daemon's error replies. */

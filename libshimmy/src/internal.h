@@ -1,5 +1,5 @@
 /* libshimmy internals: the ring (ring.c), the control client (control.c), errors (error.c).
- * Offsets and rules: docs/ring-format.md, docs/streams.md (one text of each rule; the
+ * Offsets and rules: spec/ring.md, spec/stream.md (one text of each rule; the
  * comments here point at it). */
 #ifndef SHIMMY_INTERNAL_H
 #define SHIMMY_INTERNAL_H
@@ -20,7 +20,7 @@ int shm_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 int shm_retired(const char *name);   /* SHIMMY_E_RETIRED with ChannelRetired's text */
 int shm_code_from_name(const char *name, size_t len);
 
-/* ---- atomics: the orderings of docs/ring-format.md, "The C paths" ------------------------ */
+/* ---- atomics: the orderings of spec/ring.md, "The C paths" ------------------------ */
 static inline uint64_t ld_acq(const void *p) {
     return atomic_load_explicit((_Atomic uint64_t *)(uintptr_t)p, memory_order_acquire);
 }

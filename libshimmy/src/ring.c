@@ -1,9 +1,9 @@
 /* The pub/sub ring: mapping, the publisher (RingWriter), a subscriber's cursor (RingReader,
- * GroupReader) and the wake-ups (Wakeups).  docs/ring-format.md is the rule book; each
+ * GroupReader) and the wake-ups (Wakeups).  spec/ring.md is the rule book; each
  * function below names the Python twin in shimmy/ring.py whose loads and stores it makes, in
  * the same order, so every crash point of that document holds for it line by line.  Where
  * Python relies on x86-64's store order the order is stated here to the compiler too (the
- * table "The C paths" of docs/ring-format.md). */
+ * table "The C paths" of spec/ring.md). */
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
@@ -177,7 +177,7 @@ static int frame_end(shm_seg *s, uint64_t p, uint32_t length, uint32_t flags, ui
 }
 
 /* ring.stream_point(view, oldest=False): the tail and the seq at the tail, exact in every
- * state a live or dead publisher leaves (docs/ring-format.md, "The seq at the tail"). */
+ * state a live or dead publisher leaves (spec/ring.md, "The seq at the tail"). */
 int stream_point_tail(shm_seg *s, uint64_t *position, uint64_t *seq_out) {
     uint8_t *mem = s->mem;
     for (int attempt = 0; attempt < 100000; attempt++) {

@@ -1,4 +1,4 @@
-/* Streams (sdk/stream.py over shimmy/stream_ring.py; layout and rules in docs/streams.md): one
+/* Streams (sdk/stream.py over shimmy/stream_ring.py; layout and rules in spec/stream.md): one
  * writer and one reader of an SPSC byte ring.  The writer alone stores tail, eof and w_waiting,
  * the reader head, r_closed and r_waiting; each commit is one release store after the bytes,
  * and each wake-up is the Dekker pair "store my word, FENCE, load the other's waiting word". */

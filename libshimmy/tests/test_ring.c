@@ -223,7 +223,7 @@ static void test_batches_loans_resume(void) {
     fill(p, next, 100);
     CHECK(writer_commit_claim(&w, 100) == next, "commit seq");
     next++;
-    /* A publisher killed between `last` and `tail` (docs/ring-format.md, "Crash points"):
+    /* A publisher killed between `last` and `tail` (spec/ring.md, "Crash points"):
      * a complete frame at the tail that the successor rolls forward. */
     CHECK(writer_claim(&w, 40, 0, &p) == 0, "claim 2");
     fill(p, next, 40);

@@ -45,6 +45,7 @@ OPS = ["open", "subscribe", "unsubscribe", "publish", "unpublish", "close", "lis
        "delete", "hello", "ping", "stream_open", "stream_close", "bogus"]
 #: The run's daemon settings: short session timeouts so half-open and silent sessions are
 #: removed within the run (docs/daemon.md explains each).
+BURST = 16   # requests a flooding connection sends per round before reading replies
 DAEMON_CONFIG = ("heartbeat_interval = 0.2\nlease_timeout = 1.0\nsession_timeout = 3.0\n"
                  "session_connect_timeout = 1.0\ncontrol_request_timeout = 1.0\n")
 
@@ -103,62 +104,81 @@ class _Conn:
 
 
 def flood(sock_path: str, seconds: float, sockets: int, seed: int) -> dict:
-    """Send random bytes over ``sockets`` control connections for ``seconds`` (opening a new one
-    for each the daemon closes); also present tokens of successful hellos on the session socket
-    and then fall silent.  Returns counts."""
+    """Send random bytes over ``sockets`` control connections for ``seconds``.  A connection
+    that sent what the daemon closes connections for is set aside until the daemon closes it
+    (half frames wait out control_request_timeout) and a new one takes its place; the tokens of
+    successful hellos are presented on the session socket, which then falls silent.  Returns
+    counts."""
     rng = random.Random(seed)
     conns = [_Conn(sock_path) for _ in range(sockets)]
-    sent = answered = closed = 0
+    ending: list[_Conn] = []   # doomed: waiting for the daemon to close them
+    counts = {"sent": 0, "answered": 0, "closed_by_daemon": 0}
     codes: dict[str, int] = {}
     silent: list[socket.socket] = []
+
+    def read(c: _Conn) -> bool:
+        """Read what ``c`` has; True when the daemon closed it."""
+        try:
+            chunk = c.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            chunk = b""
+        c.buf += chunk
+        for payload in c.replies():
+            try:
+                reply = msgpack.unpackb(payload, raw=False)
+            except Exception:
+                codes["undecodable"] = codes.get("undecodable", 0) + 1
+                continue
+            counts["answered"] += 1
+            code = "ok" if reply.get("ok") else (reply.get("error") or {}).get("code", "?")
+            codes[code] = codes.get(code, 0) + 1
+            if reply.get("ok") and "session" in reply and len(silent) < 50:
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:   # a session that presents its token, then never heartbeats
+                    conn.connect(reply["session"])
+                    conn.sendall(reply["token"].encode() + b"\n")
+                    silent.append(conn)
+                except OSError:
+                    conn.close()
+        if chunk:
+            return False
+        counts["closed_by_daemon"] += 1
+        c.sock.close()
+        return True
+
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        before = counts["answered"]
         for i, c in enumerate(conns):
-            if not c.doomed:
+            for _ in range(BURST):   # pipelined, as fast as the daemon takes them
                 data, c.doomed = _random_frame(rng, os.getpid())
                 try:
                     c.sock.send(data)
-                    sent += 1
+                    counts["sent"] += 1
                 except (BlockingIOError, InterruptedError):
                     c.doomed = False
+                    break
                 except OSError:
                     c.doomed = True
-            try:
-                chunk = c.sock.recv(1 << 16)
-            except (BlockingIOError, InterruptedError):
-                chunk = None
-            except OSError:
-                chunk = b""
-            if chunk is not None:
-                c.buf += chunk
-            for payload in c.replies():
-                try:
-                    reply = msgpack.unpackb(payload, raw=False)
-                except Exception:
-                    codes["undecodable"] = codes.get("undecodable", 0) + 1
-                    continue
-                answered += 1
-                code = "ok" if reply.get("ok") else (reply.get("error") or {}).get("code", "?")
-                codes[code] = codes.get(code, 0) + 1
-                if reply.get("ok") and "session" in reply and len(silent) < 50:
-                    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    try:   # a session that presents its token, then never heartbeats
-                        conn.connect(reply["session"])
-                        conn.sendall(reply["token"].encode() + b"\n")
-                        silent.append(conn)
-                    except OSError:
-                        conn.close()
-            if chunk == b"":   # the daemon closed it: a new one takes its place
-                closed += 1
-                c.sock.close()
+                if c.doomed:
+                    break
+            if read(c):
                 conns[i] = _Conn(sock_path)
-        time.sleep(0.001)
+            elif c.doomed:
+                ending.append(c)
+                conns[i] = _Conn(sock_path)
+        ending = [c for c in ending if not read(c)]
+        while len(ending) > 20 * sockets:   # bounded: the oldest is given up on
+            ending.pop(0).sock.close()
+        if counts["answered"] == before:
+            time.sleep(0.001)
     for conn in silent:
         conn.close()
-    for c in conns:
+    for c in conns + ending:
         c.sock.close()
-    return {"sent": sent, "answered": answered, "codes": codes, "silent_sessions": len(silent),
-            "closed_by_daemon": closed}
+    return {**counts, "codes": codes, "silent_sessions": len(silent)}
 
 
 def idle(sock_path: str, seconds: float, count: int) -> dict:
