@@ -26,6 +26,7 @@ DEFAULT_PUBLISH_TIMEOUT = 10.0   # seconds a reliable publisher waits for room, 
 DEFAULT_SPIN_US = 100            # adaptive spin ceiling before a receiver sleeps
 MIN_SPIN_US = 2
 YIELD_AFTER_US = 5             # a spinning receiver yields its CPU between polls after this
+SPIN_BYTES_PER_US = 2048       # ... and may spin 1 us longer per this many bytes it got last
 MAX_SLEEP = 0.25                 # a sleeping receiver re-checks at least this often
 
 
@@ -456,6 +457,7 @@ class Subscription:
         self._sleeps = 0          # times this subscription slept on its semaphore ...
         self._sleep_timeouts = 0  # ... and how many of those ended by the bound, not a post
         self._spin_max = spin_us / 1e6
+        self._spin_cap = self._spin_max   # the ceiling for the size of the message got last
         self._spin = self._spin_max
         self.closed = False
 
@@ -495,7 +497,8 @@ class Subscription:
         """This subscription's counters: messages missed, sleeps on the semaphore and how many
         of them ended by their bound instead of a publisher's post, and the spin budget now."""
         return {"last_seq": self.last_seq, "lost": self.lost, "sleeps": self._sleeps,
-                "sleep_timeouts": self._sleep_timeouts, "spin_us": round(self._spin * 1e6, 1)}
+                "sleep_timeouts": self._sleep_timeouts, "spin_us": round(self._spin * 1e6, 1),
+                "spin_cap_us": round(self._spin_cap * 1e6, 1)}
 
     @property
     def last_seq(self) -> int:
@@ -571,10 +574,17 @@ class Subscription:
         """Spin, then sleep, until ``attempt()`` returns something (bounded by ``timeout``)."""
         channel = self.channel
         channel._check()
+        reader = self._reader
+        start = reader.position
         now = time.perf_counter()
         deadline = None if timeout is None else now + timeout
         # 1. Adaptive spin: poll for up to self._spin seconds (shrinks when spinning keeps
-        #    failing, grows back when a message arrives soon after we would have given up).
+        #    failing, grows back when a message arrives soon after we would have given up),
+        #    at most self._spin_cap: spin_us, plus 1 us per SPIN_BYTES_PER_US bytes of what the
+        #    last wait got.  The next large message is a copy of that size away (the publisher
+        #    writes it; in a round trip the echo copies it out and back in): 1 MiB takes a
+        #    publisher 30-200 us here, and a receiver that slept through it paid a wake-up on
+        #    top (docs/performance.md, "Large messages on one node").
         spin_end = now + self._spin
         if deadline is not None and spin_end > deadline:
             spin_end = deadline
@@ -590,7 +600,8 @@ class Subscription:
             if has_data():
                 msg = attempt()
                 if msg is not None:
-                    self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_max)
+                    self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_cap)
+                    self._size_spin(reader.position - start)
                     return msg
             t = time.perf_counter()
             if t >= spin_end:
@@ -626,11 +637,19 @@ class Subscription:
         finally:
             self._arm(0)
         # Woken soon after we stopped spinning: a longer spin would have caught it.
-        if time.perf_counter() - slept_at < self._spin_max:
-            self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_max)
+        if time.perf_counter() - slept_at < self._spin_cap:
+            self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_cap)
         else:
             self._spin = max(self._spin / 2, MIN_SPIN_US / 1e6) if self._spin_max else 0.0
+        self._size_spin(reader.position - start)
         return msg
+
+    def _size_spin(self, got: int) -> None:
+        """Set the spin ceiling for the next wait from ``got``, the bytes of ring this wait's
+        messages took (frames with their headers; 0 where they came from another member ring
+        of a group: the ceiling is then spin_us).  ``spin_us=0`` stays 0: no spin at all."""
+        if self._spin_max:
+            self._spin_cap = self._spin_max + got / SPIN_BYTES_PER_US / 1e6
 
     def _arm(self, epoch: int) -> None:
         """Store ``epoch`` (0 = awake) in our waiting byte: the publisher posts us when set."""
