@@ -27,7 +27,7 @@ def variants(ctx) -> list[dict]:
         # the echo as a view (len only); the echo server copies the view it got into its own
         # loan.  Two copies per round trip where every other row makes four: what the ring
         # costs without the receivers' copies.
-        dict(transport="shimmy", variant="loan+view", label="shimmy loan/view (zero-copy)",
+        dict(transport="shimmy", variant="zero-copy", label="shimmy loan/view (zero-copy)",
              opts={"zero_copy": True}),
     ]
     if ctx.iceoryx2_ok:

@@ -81,7 +81,7 @@ def evaluate_targets(out: dict) -> list[dict]:
                          "iceoryx2 busy-poll", _get(pp("shimmy", "default", MIB), "p99_us"),
                          _get(pp("iceoryx2", "busy-poll", MIB), "p99_us"), "<=", 1.0, "us", note))
         t.append(_target("rtt1m-zc-vs-iceoryx2", "1 MiB round trip p50, loan + view <= 0.5x "
-                         "iceoryx2 busy-poll (copy)", _get(pp("shimmy", "loan+view", MIB),
+                         "iceoryx2 busy-poll (copy)", _get(pp("shimmy", "zero-copy", MIB),
                                                             "p50_us"), ice_mib, "<=", 0.5, "us",
                          note))
     if "stream" in out["suites"]:
