@@ -457,7 +457,7 @@ class Subscription:
         self._sleeps = 0          # times this subscription slept on its semaphore ...
         self._sleep_timeouts = 0  # ... and how many of those ended by the bound, not a post
         self._spin_max = spin_us / 1e6
-        self._spin_cap = self._spin_max   # the ceiling for the size of the message got last
+        self._spin_cap = self._spin_max   # the spin's ceiling in the last wait (_wait)
         self._spin = self._spin_max
         self.closed = False
 
@@ -473,6 +473,7 @@ class Subscription:
         at = ring.waiting_offset(slot)
         self._waiting = channel._view.mv[at:at + 1]
         self._epoch = 0  # sleep epoch last stored in the waiting byte (ring.next_epoch)
+        self._wait_pos = position  # where the last wait began (_wait sizes its spin by it)
         self._ro = channel._view.mv.toreadonly()
 
     def _rebind(self, slot: int, position: int, seq: int) -> None:
@@ -574,17 +575,22 @@ class Subscription:
         """Spin, then sleep, until ``attempt()`` returns something (bounded by ``timeout``)."""
         channel = self.channel
         channel._check()
-        reader = self._reader
-        start = reader.position
+        # The spin's ceiling: spin_us, plus 1 us per SPIN_BYTES_PER_US bytes of ring taken since
+        # the last wait began (the message that wait got and any taken without waiting after
+        # it).  The next large message is a copy of that size away (its publisher writes it; in
+        # a round trip the echo copies it out and back in): 1 MiB takes a publisher 30-200 us
+        # here, and a receiver that slept through it paid a wake-up on top (docs/performance.md,
+        # "Large messages on one node").  Set here, where we wait anyway, not after a message
+        # arrived, where it would delay the caller.  spin_us=0 stays without spin.
+        pos = self._reader.position
+        if self._spin_max:
+            self._spin_cap = self._spin_max + (pos - self._wait_pos) / SPIN_BYTES_PER_US / 1e6
+        self._wait_pos = pos
         now = time.perf_counter()
         deadline = None if timeout is None else now + timeout
         # 1. Adaptive spin: poll for up to self._spin seconds (shrinks when spinning keeps
         #    failing, grows back when a message arrives soon after we would have given up),
-        #    at most self._spin_cap: spin_us, plus 1 us per SPIN_BYTES_PER_US bytes of what the
-        #    last wait got.  The next large message is a copy of that size away (the publisher
-        #    writes it; in a round trip the echo copies it out and back in): 1 MiB takes a
-        #    publisher 30-200 us here, and a receiver that slept through it paid a wake-up on
-        #    top (docs/performance.md, "Large messages on one node").
+        #    at most self._spin_cap.
         spin_end = now + self._spin
         if deadline is not None and spin_end > deadline:
             spin_end = deadline
@@ -601,7 +607,6 @@ class Subscription:
                 msg = attempt()
                 if msg is not None:
                     self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_cap)
-                    self._size_spin(reader.position - start)
                     return msg
             t = time.perf_counter()
             if t >= spin_end:
@@ -641,15 +646,7 @@ class Subscription:
             self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_cap)
         else:
             self._spin = max(self._spin / 2, MIN_SPIN_US / 1e6) if self._spin_max else 0.0
-        self._size_spin(reader.position - start)
         return msg
-
-    def _size_spin(self, got: int) -> None:
-        """Set the spin ceiling for the next wait from ``got``, the bytes of ring this wait's
-        messages took (frames with their headers; 0 where they came from another member ring
-        of a group: the ceiling is then spin_us).  ``spin_us=0`` stays 0: no spin at all."""
-        if self._spin_max:
-            self._spin_cap = self._spin_max + got / SPIN_BYTES_PER_US / 1e6
 
     def _arm(self, epoch: int) -> None:
         """Store ``epoch`` (0 = awake) in our waiting byte: the publisher posts us when set."""

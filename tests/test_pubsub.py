@@ -257,14 +257,16 @@ def test_every_sleeping_subscriber_of_a_wide_channel_is_woken(daemon):
             dict(zip([s.slot for s in subs], timeouts_after_first, strict=True))
 
 
-def test_spin_ceiling_follows_the_size_of_what_the_wait_got(daemon):
-    """A receiver that waited for a large message may spin longer before it sleeps next time:
-    spin_us plus 1 us per SPIN_BYTES_PER_US bytes of ring the wait took (docs/ring-format.md,
-    "Wake-up path"); small messages keep spin_us, and spin_us=0 never spins."""
+def test_spin_ceiling_follows_the_size_of_what_the_last_wait_got(daemon):
+    """A receiver that waited for a large message may spin longer in its next wait before it
+    sleeps: spin_us plus 1 us per SPIN_BYTES_PER_US bytes of ring taken since the last wait
+    began (docs/ring-format.md, "Wake-up path"); small messages keep spin_us, and spin_us=0
+    never spins."""
     from shimmy.sdk import channel as channel_mod
     with shimmy.Channel("spin/size", daemon=daemon.socket, capacity=1 << 22) as ch:
-        for spin_us, sizes in ((100, (64, 1 << 20, 4096, 64)), (0, (1 << 20,))):
+        for spin_us, sizes in ((100, (64, 1 << 20, 4096, 64)), (0, (1 << 20, 1 << 20))):
             sub = ch.subscribe(spin_us=spin_us)
+            before = 0   # bytes of ring the previous wait took (none before the first)
             for size in sizes:
                 later = threading.Timer(0.02, ch.publish, args=(bytes(size),))
                 later.start()
@@ -272,7 +274,7 @@ def test_spin_ceiling_follows_the_size_of_what_the_wait_got(daemon):
                     assert len(sub.receive_bytes(timeout=10)) == size  # waits: nothing there yet
                 finally:
                     later.join()
-                want = spin_us + ring.frame_size(size) / channel_mod.SPIN_BYTES_PER_US if spin_us \
-                    else 0
+                want = spin_us + before / channel_mod.SPIN_BYTES_PER_US if spin_us else 0
                 assert sub.stats()["spin_cap_us"] == round(want, 1), (spin_us, size)
+                before = ring.frame_size(size)
             sub.close()
