@@ -473,7 +473,9 @@ class Subscription:
         at = ring.waiting_offset(slot)
         self._waiting = channel._view.mv[at:at + 1]
         self._epoch = 0  # sleep epoch last stored in the waiting byte (ring.next_epoch)
-        self._wait_pos = position  # where the last wait began (_wait sizes its spin by it)
+        # The reader's position and next seq where a wait last outlasted YIELD_AFTER_US: the
+        # messages taken since size the next such wait's spin (_wait).
+        self._wait_pos, self._wait_seq = position, seq
         self._ro = channel._view.mv.toreadonly()
 
     def _rebind(self, slot: int, position: int, seq: int) -> None:
@@ -575,17 +577,6 @@ class Subscription:
         """Spin, then sleep, until ``attempt()`` returns something (bounded by ``timeout``)."""
         channel = self.channel
         channel._check()
-        # The spin's ceiling: spin_us, plus 1 us per SPIN_BYTES_PER_US bytes of ring taken since
-        # the last wait began (the message that wait got and any taken without waiting after
-        # it).  The next large message is a copy of that size away (its publisher writes it; in
-        # a round trip the echo copies it out and back in): 1 MiB takes a publisher 30-200 us
-        # here, and a receiver that slept through it paid a wake-up on top (docs/performance.md,
-        # "Large messages on one node").  Set here, where we wait anyway, not after a message
-        # arrived, where it would delay the caller.  spin_us=0 stays without spin.
-        pos = self._reader.position
-        if self._spin_max:
-            self._spin_cap = self._spin_max + (pos - self._wait_pos) / SPIN_BYTES_PER_US / 1e6
-        self._wait_pos = pos
         now = time.perf_counter()
         deadline = None if timeout is None else now + timeout
         # 1. Adaptive spin: poll for up to self._spin seconds (shrinks when spinning keeps
@@ -594,14 +585,10 @@ class Subscription:
         spin_end = now + self._spin
         if deadline is not None and spin_end > deadline:
             spin_end = deadline
-        #    The first YIELD_AFTER_US poll without pause (a local publisher's next message is
-        #    usually that close); after that each poll yields the CPU first, as stream readers
-        #    do: when the thread that produces what we wait for shares our CPU (a daemon's
-        #    mirror threads for a replica, a publisher on a busy machine) it runs at once
-        #    instead of waiting for our spin to end.  docs/performance.md has the figures.
+        #    The first YIELD_AFTER_US poll without pause: a local publisher's next message is
+        #    usually that close.
         has_data = self._has_data
         yield_at = now + YIELD_AFTER_US / 1e6
-        sched_yield = os.sched_yield
         while True:
             if has_data():
                 msg = attempt()
@@ -609,10 +596,36 @@ class Subscription:
                     self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_cap)
                     return msg
             t = time.perf_counter()
-            if t >= spin_end:
+            if t >= yield_at or t >= spin_end:
                 break
-            if t >= yield_at:
-                sched_yield()
+        #    A longer wait: the ceiling is spin_us plus 1 us per SPIN_BYTES_PER_US bytes of the
+        #    average message (frame) taken since the last wait this long.  The next large
+        #    message is a copy of that size away (its publisher writes it; in a round trip the
+        #    echo copies it out and back in): 1 MiB takes a publisher 30-200 us here, and a
+        #    receiver that slept through it paid a wake-up on top (docs/performance.md, "Large
+        #    messages on one node").  Done here, not per message: a message that comes within
+        #    YIELD_AFTER_US costs the caller nothing for it.  spin_us=0 stays without spin.
+        reader = self._reader
+        pos, seq = reader.position, reader._expect
+        if self._spin_max and seq > self._wait_seq:
+            self._spin_cap = self._spin_max + ((pos - self._wait_pos) / (seq - self._wait_seq)
+                                               / (SPIN_BYTES_PER_US * 1e6))
+            if spin_end > now + self._spin_cap:
+                spin_end = now + self._spin_cap
+        self._wait_pos, self._wait_seq = pos, seq
+        #    Each further poll yields the CPU first, as stream readers do: when the thread that
+        #    produces what we wait for shares our CPU (a daemon's mirror threads for a replica,
+        #    a publisher on a busy machine) it runs at once instead of waiting for our spin to
+        #    end.  docs/performance.md has the figures.
+        sched_yield = os.sched_yield
+        while t < spin_end:
+            sched_yield()
+            if has_data():
+                msg = attempt()
+                if msg is not None:
+                    self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_cap)
+                    return msg
+            t = time.perf_counter()
         # 2. Sleep on our semaphore, re-checking at least every MAX_SLEEP.
         slept_at = time.perf_counter()
         try:
