@@ -26,7 +26,7 @@ DEFAULT_PUBLISH_TIMEOUT = 10.0   # seconds a reliable publisher waits for room, 
 DEFAULT_SPIN_US = 100            # adaptive spin ceiling before a receiver sleeps
 MIN_SPIN_US = 2
 YIELD_AFTER_US = 5             # a spinning receiver yields its CPU between polls after this
-SPIN_BYTES_PER_US = 2048       # ... and may spin 1 us longer per this many bytes it got last
+SPIN_BYTES_PER_US = 2048       # ... and may spin 1 us longer per this many bytes of message
 MAX_SLEEP = 0.25                 # a sleeping receiver re-checks at least this often
 
 
@@ -498,7 +498,8 @@ class Subscription:
 
     def stats(self) -> dict:
         """This subscription's counters: messages missed, sleeps on the semaphore and how many
-        of them ended by their bound instead of a publisher's post, and the spin budget now."""
+        of them ended by their bound instead of a publisher's post, the spin budget now and its
+        ceiling in the last long wait (both in µs)."""
         return {"last_seq": self.last_seq, "lost": self.lost, "sleeps": self._sleeps,
                 "sleep_timeouts": self._sleep_timeouts, "spin_us": round(self._spin * 1e6, 1),
                 "spin_cap_us": round(self._spin_cap * 1e6, 1)}
