@@ -28,6 +28,7 @@ DEFAULT_SPIN_US = 100            # adaptive spin ceiling before a receiver sleep
 MIN_SPIN_US = 2
 YIELD_AFTER_US = 5             # a spinning receiver yields its CPU between polls after this
 SPIN_KEEP = 4                  # a wait up to this many spin ceilings keeps the spin
+SPIN_BYTES_PER_US = 2048       # ... and may spin 1 us longer per this many bytes of message
 MAX_SLEEP = 0.25                 # a sleeping receiver re-checks at least this often
 
 
@@ -461,6 +462,7 @@ class Subscription:
         self._sleeps = 0          # times this subscription slept on its semaphore ...
         self._sleep_timeouts = 0  # ... and how many of those ended by the bound, not a post
         self._spin_max = spin_us / 1e6
+        self._spin_cap = self._spin_max   # the spin's ceiling in the last wait (_wait)
         self._spin = self._spin_max
         self.closed = False
 
@@ -476,6 +478,9 @@ class Subscription:
         at = ring.waiting_offset(slot)
         self._waiting = channel._view.mv[at:at + 1]
         self._epoch = 0  # sleep epoch last stored in the waiting byte (ring.next_epoch)
+        # The reader's position and next seq where a wait last outlasted YIELD_AFTER_US: the
+        # messages taken since size the next such wait's spin (_wait).
+        self._wait_pos, self._wait_seq = position, seq
         self._ro = channel._view.mv.toreadonly()
 
     def _rebind(self, slot: int, position: int, seq: int) -> None:
@@ -498,9 +503,11 @@ class Subscription:
 
     def stats(self) -> dict:
         """This subscription's counters: messages missed, sleeps on the semaphore and how many
-        of them ended by their bound instead of a publisher's post, and the spin budget now."""
+        of them ended by their bound instead of a publisher's post, the spin budget now and its
+        ceiling in the last long wait (both in µs)."""
         return {"last_seq": self.last_seq, "lost": self.lost, "sleeps": self._sleeps,
-                "sleep_timeouts": self._sleep_timeouts, "spin_us": round(self._spin * 1e6, 1)}
+                "sleep_timeouts": self._sleep_timeouts, "spin_us": round(self._spin * 1e6, 1),
+                "spin_cap_us": round(self._spin_cap * 1e6, 1)}
 
     @property
     def last_seq(self) -> int:
@@ -579,29 +586,52 @@ class Subscription:
         now = time.perf_counter()
         deadline = None if timeout is None else now + timeout
         # 1. Adaptive spin: poll for up to self._spin seconds (shrinks when spinning keeps
-        #    failing, grows back when a message arrives soon after we would have given up).
+        #    failing, grows back when a message arrives soon after we would have given up),
+        #    at most self._spin_cap.
         spin_end = now + self._spin
         if deadline is not None and spin_end > deadline:
             spin_end = deadline
-        #    The first YIELD_AFTER_US poll without pause (a local publisher's next message is
-        #    usually that close); after that each poll yields the CPU first, as stream readers
-        #    do: when the thread that produces what we wait for shares our CPU (a daemon's
-        #    mirror threads for a replica, a publisher on a busy machine) it runs at once
-        #    instead of waiting for our spin to end.  docs/performance.md has the figures.
+        #    The first YIELD_AFTER_US poll without pause: a local publisher's next message is
+        #    usually that close.
         has_data = self._has_data
         yield_at = now + YIELD_AFTER_US / 1e6
-        sched_yield = os.sched_yield
         while True:
             if has_data():
                 msg = attempt()
                 if msg is not None:
-                    self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_max)
+                    self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_cap)
                     return msg
             t = time.perf_counter()
-            if t >= spin_end:
+            if t >= yield_at or t >= spin_end:
                 break
-            if t >= yield_at:
-                sched_yield()
+        #    A longer wait: the ceiling is spin_us plus 1 us per SPIN_BYTES_PER_US bytes of the
+        #    average message (frame) taken since the last wait this long.  The next large
+        #    message is a copy of that size away (its publisher writes it; in a round trip the
+        #    echo copies it out and back in): 1 MiB takes a publisher 30-200 us here, and a
+        #    receiver that slept through it paid a wake-up on top (docs/performance.md, "Large
+        #    messages on one node").  Done here, not per message: a message that comes within
+        #    YIELD_AFTER_US costs the caller nothing for it.  spin_us=0 stays without spin.
+        reader = self._reader
+        pos, seq = reader.position, reader._expect
+        if self._spin_max and seq > self._wait_seq:
+            self._spin_cap = self._spin_max + ((pos - self._wait_pos) / (seq - self._wait_seq)
+                                               / (SPIN_BYTES_PER_US * 1e6))
+            if spin_end > now + self._spin_cap:
+                spin_end = now + self._spin_cap
+        self._wait_pos, self._wait_seq = pos, seq
+        #    Each further poll yields the CPU first, as stream readers do: when the thread that
+        #    produces what we wait for shares our CPU (a daemon's mirror threads for a replica,
+        #    a publisher on a busy machine) it runs at once instead of waiting for our spin to
+        #    end.  docs/performance.md has the figures.
+        sched_yield = os.sched_yield
+        while t < spin_end:
+            sched_yield()
+            if has_data():
+                msg = attempt()
+                if msg is not None:
+                    self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_cap)
+                    return msg
+            t = time.perf_counter()
         # 2. Sleep on our semaphore, re-checking at least every MAX_SLEEP.
         slept_at = time.perf_counter()
         try:
@@ -636,8 +666,8 @@ class Subscription:
         # is SPIN_KEEP ceilings: with one, a cross-node round trip that ran past the ceiling
         # once let the spin collapse, and without the spin it stayed 2-4x slower (bimodal
         # runs; docs/performance.md, "Cross-node loan rows and a round trip that holds").
-        if time.perf_counter() - slept_at < SPIN_KEEP * self._spin_max:
-            self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_max)
+        if time.perf_counter() - slept_at < SPIN_KEEP * self._spin_cap:
+            self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_cap)
         else:
             self._spin = max(self._spin / 2, MIN_SPIN_US / 1e6) if self._spin_max else 0.0
         return msg

@@ -2,7 +2,7 @@
 
 One ring is one POSIX shared-memory object created and sized by the node daemon.  The full byte
 layout, the ownership of every word and the memory-ordering argument are in
-``docs/ring-format.md``; the constants below are the source of truth for the offsets::
+``spec/ring.md``; the constants below are the source of truth for the offsets::
 
     0      control page (4 KiB)
            +0    magic "SHMYRING" | +8 layout version u32 | +12 mode u32
@@ -11,7 +11,7 @@ layout, the ownership of every word and the memory-ordering argument are in
            +48   link u32 (daemon: replica link state, LINK_*) | +52 link_epoch u32 (daemon:
                  reconnects of the replica's link) -- written only by the daemon of a replica
            +56   group epoch u32 (daemon: bumped whenever a publisher's member ring is added to
-                 or removed from a multi-publisher channel; docs/ring-format.md, "Publisher groups")
+                 or removed from a multi-publisher channel; spec/ring.md, "Publisher groups")
            +64   name length u32 + name bytes (up to 200)            -- all daemon, write-once
            +320  tail u64       publisher: end of the last committed frame (commit word)
            +328  head u64       publisher: start of the oldest intact frame
@@ -30,7 +30,7 @@ Positions (tail, head, subscriber positions) are byte offsets in an endless stre
 offset is ``position & (capacity - 1)``.  A frame is a 16-byte header (length u32, flags u32,
 seq u64) followed by the payload, padded to 16 bytes; frames never straddle the wrap point (the
 writer fills the end with a PAD frame, committed on its own, instead).  The crash-consistency
-argument (what survivors see whatever instruction a writer dies at) is in docs/ring-format.md.
+argument (what survivors see whatever instruction a writer dies at) is in spec/ring.md.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ OFF_WAITING = 448
 OFF_WIDE = OFF_WAITING + 7    # daemon-written byte: 1 once a slot >= 7 was handed out
 MAX_SUBSCRIBERS_LIMIT = CONTROL_SIZE - OFF_WAITING - 1  # a waiting byte each (+ the wide byte)
 # Publishers of one channel at once (one member ring each): a subscriber scans every member when
-# it arms its wake-up, so this bounds that scan (docs/ring-format.md, "Publisher groups").
+# it arms its wake-up, so this bounds that scan (spec/ring.md, "Publisher groups").
 MAX_PUBLISHERS_LIMIT = 1024
 # A reliable publisher waiting for room polls at most every ROOM_POLL_FAST s for its first
 # ROOM_POLL_FAST_FOR s of waiting, then backs off to backoff_max (RingWriter._wait_for_space).
@@ -143,7 +143,7 @@ W_WAITING0 = OFF_WAITING // 8     # waiting bytes of slots 0-6 + the wide byte, 
 WIDE_BIT = 1 << 56                # the wide byte's lowest bit inside that u64
 I_SLOT_HIGH = OFF_SLOT_HIGH // 4
 
-# The full memory barrier of the wake-up handshake (docs/ring-format.md, "Wake-ups").  Posting a
+# The full memory barrier of the wake-up handshake (spec/ring.md, "Wake-up protocol").  Posting a
 # process-private semaphore is one LOCK-prefixed read-modify-write in glibc's sem_post, a full
 # fence on x86-64, and costs about 25 ns from Python (an uncontended lock acquire+release, the
 # other candidate, about 75 ns).  The semaphore is unlinked at once, so it never shows in
@@ -262,7 +262,7 @@ class SegmentView:
 
     ``q`` views the mapping as u64 words, ``u32`` as u32 words; index = byte offset // width.
     Aligned 8-byte loads and stores through a ``memoryview.cast("Q")`` compile to one ``mov`` on
-    x86-64 and are single-copy atomic there (see docs/ring-format.md for the full argument).
+    x86-64 and are single-copy atomic there (see spec/ring.md for the full argument).
     Both kinds keep magic (+0), version (+8), capacity (+16), retired (+40) and name (+64) at the
     same offsets; where the data area starts is a u32 at ``DATA_OFFSET_AT``.
     """
@@ -404,7 +404,7 @@ def next_epoch(epoch: int) -> int:
 
 
 def corrupted(view: SegmentView, what: str, offset: int) -> RingCorrupted:
-    """The error for a word or frame that breaks the ring's invariants (docs/ring-format.md,
+    """The error for a word or frame that breaks the ring's invariants (spec/ring.md,
     "Validation"): names the channel, what was wrong and the byte offset in the segment."""
     kind = "stream" if view.KIND == "stream" else "channel"
     return RingCorrupted(f"{kind} {view.name!r} is corrupted: {what} (segment offset {offset}); "
@@ -415,7 +415,7 @@ def check_positions(view: RingView, head: int, last: int, tail: int) -> None:
     """Raise RingCorrupted unless ``head <= last <= tail``, all 16-aligned.
 
     Holds in every state of the ring, whatever instruction a writer died at (the crash-point
-    table in docs/ring-format.md); the caller loads the three words so that a live publisher
+    table in spec/ring.md); the caller loads the three words so that a live publisher
     cannot have moved between them (or retries).  (``tail - head`` may exceed the capacity in
     a replica ring: a hole the mirror filled with one long PAD, daemon/peer/mirror.py.)"""
     if (head | last | tail) & 15:
@@ -449,7 +449,7 @@ def frame_end(view: RingView, position: int, length: int, flags: int, limit: int
 def stream_point(view: RingView, oldest: bool = False) -> tuple[int, int]:
     """``(position, seq)`` where a new reader starts: the tail (next message) or the head.
 
-    Exact in every state of the ring, a live publisher's or a dead one's (docs/ring-format.md,
+    Exact in every state of the ring, a live publisher's or a dead one's (spec/ring.md,
     "Crash points"): the frame header at ``last`` is always complete and is never rewritten while
     ``last`` points at it.  ``last < tail``: it is the last committed frame (or PAD, which
     carries the seq of the message before it), so the tail's seq is its seq + 1.  ``last ==
@@ -741,7 +741,7 @@ class RingWriter(_WriterBase):
         past the old tail before the commit: first ``last = old tail`` (the batch's first
         frame: the state of a single publish between its two stores), then ``tail``, then
         ``last`` = the final frame (stream_point walks from an earlier ``last`` to the tail, so
-        the state between the last two stores is exact too).  docs/ring-format.md, "Batches"."""
+        the state between the last two stores is exact too).  spec/ring.md, "Batches"."""
         q = self._q
         first = self._tail
         q[W_LAST] = first              # SYNC POINT (complete frame), as in _commit
@@ -784,7 +784,7 @@ class RingWriter(_WriterBase):
 
         When the frame would straddle the wrap point, first fills the end of the ring with a PAD
         frame and commits it on its own (so ``last`` always points at a frame that no later
-        frame overlaps: docs/ring-format.md, "Crash points").  Otherwise only head may be stored
+        frame overlaps: spec/ring.md, "Crash points").  Otherwise only head may be stored
         here, so an abandoned reservation leaves the ring unchanged to readers.
         """
         if n > self.max_message:
@@ -950,7 +950,7 @@ class RingReader(_ReaderBase):
     at the next ``take`` or an explicit ``release_to``, so the publisher cannot reuse bytes the
     caller may still be reading.  ``take_bytes`` copies and releases at once.
 
-    Every frame followed is validated (docs/ring-format.md, "Validation"): a header that is not
+    Every frame followed is validated (spec/ring.md, "Validation"): a header that is not
     a frame or PAD within the channel's limits, a position out of bounds or a sequence number
     going backwards raises RingCorrupted naming the channel and offset; nothing else escapes.
     """
@@ -1180,7 +1180,7 @@ class GroupReader(RingReader):
       from ``group_epoch`` it returns None, so the subscription asks the daemon for the member
       list before it reads on: a busy subscriber misses a new publisher for one batch at most.
 
-    docs/ring-format.md, "Publisher groups".
+    spec/ring.md, "Publisher groups".
     """
 
     def __init__(self, view: RingView, slot: int, position: int, seq: int, group: memoryview,

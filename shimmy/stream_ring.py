@@ -44,7 +44,9 @@ Memory ordering (x86-64, TSO; see the SYNC POINT comments):
 On ARM (weaker ordering) the commit store would need release semantics and the loads of
 ``tail``/``head``/``eof`` acquire semantics; memoryview stores give neither, so this module is
 x86-64-only as written (the fence the SDK passes in, ``shimmy.ring.fence``, is a full barrier on
-both).
+both).  The C fast paths of ``write`` and ``readinto_fast`` (shimmy/_ringcore.c) make the same
+loads and stores in the same order and state it to the compiler as well: release stores of
+``tail`` and ``head``, acquire loads of them, a sequentially consistent fence in each Dekker pair.
 """
 
 from __future__ import annotations
@@ -53,13 +55,20 @@ import mmap
 import os
 import struct
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import posix_ipc
 
 from shimmy.errors import (BackpressureTimeout, InvalidArgument, ReceiveTimeout,
                            StreamBroken)
 from shimmy.ring import SegmentView, corrupted
+from shimmy.ring import _core
+
+# The per-chunk paths in C (shimmy/_ringcore.c, where it is built and SHIMMY_PURE_PYTHON is not
+# set): WriterCursor.write and ReaderCursor.readinto_fast run their common case there and hand
+# the rest to their Python twins here (``_write_py``, ``_readinto_fast_py``), the reference.
+_WriterBase: Any = _core.StreamWriterCore if _core else object
+_ReaderBase: Any = _core.StreamReaderCore if _core else object
 
 MAGIC = 0x4D525453594D4853  # b"SHMYSTRM" read as a little-endian u64
 LAYOUT_VERSION = 1
@@ -246,7 +255,7 @@ class _End:
                                     f"0..capacity {self._cap} of each other", OFF_TAIL)
 
 
-class WriterCursor(_End):
+class WriterCursor(_End, _WriterBase):
     """The single writer's cursor.  It alone stores tail, eof, w_waiting and the data bytes."""
 
     def __init__(self, view, my_sem, peer_sem, barrier, spin_us=DEFAULT_SPIN_US):
@@ -257,6 +266,9 @@ class WriterCursor(_End):
         # Commit at least every quarter ring so that a large write is pipelined with the reader.
         self._piece = max(self._cap // 4, 4096)
         self.closed = False
+        if _core is not None:
+            self._attach(view.mm, view.data_offset, view.capacity)
+            view.cores.append(self)
 
     @property
     def position(self) -> int:
@@ -313,9 +325,9 @@ class WriterCursor(_End):
             self._commit(k)
         return done
 
-    def write(self, data, timeout: float | None) -> int:
+    def _write_py(self, data, timeout: float | None) -> int:
         """Copy all of ``data`` (bytes, bytearray or a byte memoryview) in, waiting (bounded by
-        ``timeout``) while the ring is full."""
+        ``timeout``) while the ring is full.  ``write`` (_ringcore.c's fast path, or this)."""
         # Fast path, flattened (Python calls cost more than the copy for small writes): the
         # whole write fits now and in one piece.  Same stores, same order as the slow path.
         n = len(data)
@@ -358,6 +370,9 @@ class WriterCursor(_End):
                     f"{n} bytes", done)
             done += self.write_nowait(data[done:])
         return n
+
+    if _core is None:   # pure Python: the reference version is the fast path
+        write = _write_py
 
     def _copy_in(self, data: memoryview, start: int, k: int) -> None:
         off = self._tail & self._mask
@@ -402,7 +417,7 @@ class WriterCursor(_End):
         self._peer.release()
 
 
-class ReaderCursor(_End):
+class ReaderCursor(_End, _ReaderBase):
     """The single reader's cursor.  It alone stores head, r_closed and r_waiting."""
 
     def __init__(self, view, my_sem, peer_sem, barrier, spin_us=DEFAULT_SPIN_US):
@@ -412,6 +427,9 @@ class ReaderCursor(_End):
         self._check(self._head, self._tail)
         self._ro = view.mv.toreadonly()
         self.closed = False
+        if _core is not None:
+            self._attach(view.mm, view.data_offset, view.capacity)
+            view.cores.append(self)
 
     @property
     def position(self) -> int:
@@ -474,9 +492,10 @@ class ReaderCursor(_End):
                     f"stream {self.v.name!r}: no data within {timeout} s (writer pid "
                     f"{self.v.pid('writer') or 'none yet'})")
 
-    def readinto_fast(self, buf, timeout: float | None) -> int:
+    def _readinto_fast_py(self, buf, timeout: float | None) -> int:
         """``ready`` + ``readinto`` flattened for the common case (bytes already buffered, no
-        wrap); falls back to them otherwise.  ``buf`` is a writable byte buffer, len > 0."""
+        wrap); falls back to them otherwise.  ``buf`` is a writable byte buffer, len > 0.
+        ``readinto_fast`` (_ringcore.c's fast path, or this)."""
         head = self._head
         avail = self._tail - head
         if not avail:
@@ -505,6 +524,9 @@ class ReaderCursor(_End):
         if not avail:
             return 0
         return self.readinto(memoryview(buf), avail)
+
+    if _core is None:   # pure Python: the reference version is the fast path
+        readinto_fast = _readinto_fast_py
 
     def readinto(self, buf: memoryview, avail: int) -> int:
         """Copy up to ``len(buf)`` of the ``avail`` buffered bytes into ``buf`` and consume them."""

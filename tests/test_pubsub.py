@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -254,3 +255,26 @@ def test_every_sleeping_subscriber_of_a_wide_channel_is_woken(daemon):
         assert sum(s.stats()["sleeps"] for s in subs) > n_subs, "subscribers did sleep"
         assert timeouts_after_first == [0] * n_subs, \
             dict(zip([s.slot for s in subs], timeouts_after_first, strict=True))
+
+
+def test_spin_ceiling_follows_the_size_of_what_the_last_wait_got(daemon):
+    """A receiver that waited for a large message may spin longer in its next wait before it
+    sleeps: spin_us plus 1 us per SPIN_BYTES_PER_US bytes of the average message taken since
+    its last long wait (spec/ring.md, "Wake-up protocol"); small messages keep spin_us, and
+    spin_us=0 never spins.  Every wait here is long (the message comes 20 ms later)."""
+    from shimmy.sdk import channel as channel_mod
+    with shimmy.Channel("spin/size", daemon=daemon.socket, capacity=1 << 22) as ch:
+        for spin_us, sizes in ((100, (64, 1 << 20, 4096, 64)), (0, (1 << 20, 1 << 20))):
+            sub = ch.subscribe(spin_us=spin_us)
+            before = 0   # the frame the previous wait took (none before the first)
+            for size in sizes:
+                later = threading.Timer(0.02, ch.publish, args=(bytes(size),))
+                later.start()
+                try:
+                    assert len(sub.receive_bytes(timeout=10)) == size  # waits: nothing there yet
+                finally:
+                    later.join()
+                want = spin_us + before / channel_mod.SPIN_BYTES_PER_US if spin_us else 0
+                assert sub.stats()["spin_cap_us"] == round(want, 1), (spin_us, size)
+                before = ring.frame_size(size)
+            sub.close()

@@ -23,6 +23,12 @@ def variants(ctx) -> list[dict]:
     out: list[dict] = [
         dict(transport="shimmy", variant="default", label="shimmy (default spin)", opts={}),
         dict(transport="shimmy", variant="spin0", label="shimmy spin_us=0", opts={"spin_us": 0}),
+        # Zero copy on both sides: the client fills a loan from its prepared buffer and reads
+        # the echo as a view (len only); the echo server copies the view it got into its own
+        # loan.  Two copies per round trip where every other row makes four: what the ring
+        # costs without the receivers' copies.
+        dict(transport="shimmy", variant="zero-copy", label="shimmy loan/view (zero-copy)",
+             opts={"zero_copy": True}),
     ]
     if ctx.iceoryx2_ok:
         out.append(dict(transport="iceoryx2", variant="busy-poll", label="iceoryx2 busy-poll",
