@@ -98,7 +98,9 @@ class RdmaMirrors:
         entry.sink.drop_uncommitted()
 
         def on_guard(head: int) -> None:
-            link.send_ctrl({"t": "rdma", "k": "guard", "id": mid, "head": head})
+            # The receiver's completion thread: straight onto the link, not through the link's
+            # writer (the source sends nothing more until it has this).
+            link.send_ctrl_now({"t": "rdma", "k": "guard", "id": mid, "head": head})
 
         def on_failure(reason: str) -> None:
             self.call_soon(self._replica_failed, name, mid, reason, True)

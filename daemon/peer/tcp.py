@@ -159,6 +159,15 @@ class Link:
             self._ctrl.append(msgpack.packb(obj))
             self._wake.set()
 
+    def send_ctrl_now(self, obj: dict) -> None:
+        """Send a control message from the calling thread (not the daemon's main thread: it
+        blocks like ``send``, raises TransportClosed), ahead of those still queued."""
+        self._send_ctrl_payload(msgpack.packb(obj))
+
+    def _send_ctrl_payload(self, payload: bytes) -> None:
+        self.send([HDR.pack(K_CTRL, 0, len(payload), 0, 0, 0), payload])
+        self.stats["control_sent"] += 1
+
     def send_credit(self, mirror_id: int, consumed: int, tail: int) -> None:
         """Replica side: report what mirror ``mirror_id``'s replica consumed and holds (the
         source's ``Transport.credited``); blocks like ``send``, raises TransportClosed."""
@@ -175,9 +184,7 @@ class Link:
                 if not self._ctrl:
                     self.send([ping])
                 while self._ctrl:
-                    payload = self._ctrl.popleft()
-                    self.send([HDR.pack(K_CTRL, 0, len(payload), 0, 0, 0), payload])
-                    self.stats["control_sent"] += 1
+                    self._send_ctrl_payload(self._ctrl.popleft())
         except TransportClosed:
             pass
 
