@@ -660,6 +660,10 @@ class RdmaTransport(Transport):
     def accept(self) -> dict:
         return self.ep.info()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     # -- events from the link (main thread; guard_acked_to: the link's reader thread) ----------
     def ready(self) -> None:
         self._ready.set()

@@ -142,7 +142,7 @@ class RdmaMirrors:
     # -- source side -------------------------------------------------------------------------------
     def source_transport(self, link, mid: int, rec, offer):
         """The transport for a mirror the peer asked for: RDMA when it offered and we can."""
-        for key in [k for k, t in self.sources.items() if t._closed]:
+        for key in [k for k, t in self.sources.items() if t.closed]:
             del self.sources[key]
         kind, why = rdma.choose(self.setting, self.ok, offer is not None)
         transport = None
