@@ -416,7 +416,7 @@ class DaemonCollector:
         for event, n in sorted(dict(p.counters).items()):
             c.add_metric([event], n)
         yield c
-        links = list(p.links.values())
+        links = list(p.links.up.values())
         g = _gauge("shimmy_peer_links", "Authenticated peer links up")
         g.add_metric([], len(links))
         yield g

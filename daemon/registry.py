@@ -279,7 +279,7 @@ class Registry:
         if rec is None:
             if not create:
                 raise ChannelNotFound(f"channel {name!r} does not exist")
-            rec = self._create(name, mode or "reliable", capacity, max_publishers)
+            rec = self.create(name, mode or "reliable", capacity, max_publishers)
         else:
             if max_publishers is not None and max_publishers != rec.max_publishers:
                 raise ChannelConflict(
@@ -296,8 +296,10 @@ class Registry:
         rec.idle_since = None
         return rec
 
-    def _create(self, name: str, mode: str, capacity: int | None,
-                max_publishers: int | None = None) -> ChannelRecord:
+    def create(self, name: str, mode: str, capacity: int | None,
+               max_publishers: int | None = None) -> ChannelRecord:
+        """Create channel ``name`` (no holder yet): for ``open``, and for the peer module's
+        replicas and continued streams, which no client opened.  Every creation limit applies."""
         s = self.settings
         if mode not in ring.MODES:
             raise InvalidArgument(f"mode {mode!r} is not one of {sorted(ring.MODES)}")

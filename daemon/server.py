@@ -298,8 +298,9 @@ class Daemon:
             for alias, node in want.items():
                 if alias not in have and alias not in self.registry.channels:
                     try:
-                        self.registry.join_remote(rec, alias, node,
-                                                  lambda a=alias, n=node: peer.replicate(a, n))
+                        self.registry.join_remote(
+                            rec, alias, node,
+                            lambda a=alias, n=node: peer.replica_side.replicate(a, n))
                     except ShimmyError as exc:
                         log.warning("channel %s: cannot add publisher %s of node %s: %s",
                                     rec.name, alias, node, exc)
@@ -659,7 +660,7 @@ class Daemon:
                     f"open it without max_publishers (its messages mirror here), or use "
                     f"another name")
         try:
-            self.peer.prepare_open(name, mode, capacity)  # published on a peer: a replica
+            self.peer.replica_side.prepare_open(name, mode, capacity)  # a peer publishes it
             rec = self.registry.open(client.id, name, mode, capacity, create, max_publishers)
         except BaseException:
             if name not in self.registry.channels:
@@ -698,9 +699,9 @@ class Daemon:
                                                key)
         if member is None:
             if carry is not None:
-                self.peer.carry(rec, carry)   # position the empty ring where its stream left off
+                self.peer.source_side.carry(rec, carry)   # the empty ring where its stream left off
             return {}
-        self.peer.hold_member(rec.name, member.rec)   # peers with the group open get it all
+        self.peer.source_side.hold_member(rec.name, member.rec)  # peers with the group get it all
         if size:   # counted by tenant_usage while the member ring lives (not as a channel)
             own = self.owner(rec.name) or self.segments.ownership(rec.token)
             if own is not None:

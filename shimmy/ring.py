@@ -142,6 +142,9 @@ W_LAST = OFF_LAST // 8
 W_WAITING0 = OFF_WAITING // 8     # waiting bytes of slots 0-6 + the wide byte, as one u64
 WIDE_BIT = 1 << 56                # the wide byte's lowest bit inside that u64
 I_SLOT_HIGH = OFF_SLOT_HIGH // 4
+W_STREAM = OFF_STREAM // 8
+I_LINK = OFF_LINK // 4
+I_LINK_EPOCH = OFF_LINK_EPOCH // 4
 
 # The full memory barrier of the wake-up handshake (spec/ring.md, "Wake-up protocol").  Posting a
 # process-private semaphore is one LOCK-prefixed read-modify-write in glibc's sem_post, a full

@@ -16,7 +16,7 @@ import pytest
 from shimmy import ring
 from shimmy.daemon.peer import rdma
 from shimmy.daemon.peer.mirror import MirrorReplica
-from shimmy.daemon.peer.tcp import Link, TcpTransport, send_credit
+from shimmy.daemon.peer.tcp import Link, TcpTransport
 from shimmy.daemon.peer.transport import TransportClosed
 
 CAP = 1 << 16
@@ -59,7 +59,7 @@ class TcpPair:
             self.errors.append(exc)
 
     def report_credit(self, consumed):
-        send_credit(self.dst_link, 7, consumed, self.sink.tail)
+        self.dst_link.send_credit(7, consumed, self.sink.tail)
 
     def close(self):
         self.transport.close()

@@ -74,6 +74,19 @@ def parse_entry(name, value) -> Entry:
     return Entry(mode, capacity, tail, seq, kind, source, stream, publishers, subscribed)
 
 
+def shape_conflict(name: str, node: str, e: Entry, mode: int | None,
+                   capacity: int | None) -> str | None:
+    """Why a channel ``name`` of ``mode`` and ``capacity`` here (None: not stated) cannot take the
+    stream ``node`` announces as ``e``, or None when it can."""
+    if mode is not None and mode != e.mode:
+        return (f"channel {name!r} is published on node {node!r} with "
+                f"mode={ring.MODE_NAMES[e.mode]!r}; here mode={ring.MODE_NAMES[mode]!r}")
+    if capacity is not None and capacity != e.capacity:
+        return (f"channel {name!r} is published on node {node!r} with capacity={e.capacity}; "
+                f"here capacity={capacity}")
+    return None
+
+
 class Directory:
     def __init__(self) -> None:
         self.nodes: dict[str, dict[str, Entry]] = {}     # node -> name -> entry

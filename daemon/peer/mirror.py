@@ -50,9 +50,9 @@ def seed_stream(view: ring.RingView, position: int, seq: int) -> None:
     q, mv, base, mask = view.q, view.mv, view.data_offset, view.capacity - 1
     lp = position - HEADER
     FRAME.pack_into(mv, base + (lp & mask), 0, FLAG_PAD, seq - 1)
-    q[ring.OFF_HEAD // 8] = lp
-    q[ring.OFF_LAST // 8] = lp
-    q[ring.OFF_TAIL // 8] = position
+    q[ring.W_HEAD] = lp
+    q[ring.W_LAST] = lp
+    q[ring.W_TAIL] = position
 
 
 def seq_point(view: ring.RingView, seq: int) -> tuple[int, int]:
@@ -94,7 +94,7 @@ class ReplicaViolation(Exception):
 
 
 class MirrorSource:
-    """Streams one local ring to one replica.  Run :meth:`run` in a thread."""
+    """Streams one local ring to one replica, in its own thread (:meth:`start`)."""
 
     def __init__(self, name: str, view: ring.RingView, slot: int, sem_name: str,
                  transport: Transport, start: int, start_seq: int | None, resume: int | None,
@@ -125,8 +125,7 @@ class MirrorSource:
         # first of them, a safe lower bound (a frame or PAD is at most half the ring).
         self.rlast = start - view.capacity // 2
         self.thread = threading.Thread(target=self._run, name=f"mirror-{name}", daemon=True)
-        if hasattr(transport, "on_credit"):
-            transport.on_credit = self.on_credit
+        transport.on_credit = self.on_credit
 
     def start(self) -> None:
         self.thread.start()
@@ -141,7 +140,7 @@ class MirrorSource:
                 self.v.q[self.v.slot_word(self.slot)] = consumed
 
     def lag(self) -> int:
-        return max(self.v.q[ring.OFF_TAIL // 8] - self.credit, 0)
+        return max(self.v.q[ring.W_TAIL] - self.credit, 0)
 
     def stop(self) -> None:
         self.stopped = True
@@ -157,7 +156,7 @@ class MirrorSource:
             self._loop()
         except TransportClosed as exc:
             self.error = str(exc)
-        except Exception as exc:  # keep the daemon alive; the service sees ``error``
+        except Exception as exc:  # keep the daemon alive; SourceSide.expire sees it stopped
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("mirror source %s failed", self.name)
         finally:
@@ -167,13 +166,13 @@ class MirrorSource:
         v, t = self.v, self.t
         q, mv = v.q, v.mv
         cap, base, mask = v.capacity, v.data_offset, v.capacity - 1
-        tail_w, head_w, last_w = ring.OFF_TAIL // 8, ring.OFF_HEAD // 8, ring.OFF_LAST // 8
+        tail_w, head_w, last_w = ring.W_TAIL, ring.W_HEAD, ring.W_LAST
         at = ring.waiting_offset(self.slot)
         waiting = mv[at:at + 1]
         sem = posix_ipc.Semaphore(self.sem_name)
         stats = self.stats
         pos = self.pos
-        put_commit = getattr(t, "put_commit", None) if self.reliable else None
+        put_commit = t.put_commit if self.reliable else None
         epoch = 0
         try:
             if self.wait_seq is not None:
@@ -205,7 +204,7 @@ class MirrorSource:
                 tail = q[tail_w]
                 if tail == pos:
                     # Sleep like a subscriber: waiting byte, fence, re-check, bounded wait.
-                    epoch = ring.next_epoch(epoch)  # new epoch per sleep: RingWriter._wake_waiters
+                    epoch = ring.next_epoch(epoch)  # new epoch per sleep: ring.Wakeups.wake
                     waiting[0] = epoch
                     fence()
                     if q[tail_w] == pos and not self.stopped:
@@ -303,7 +302,7 @@ class MirrorSource:
             v = self.v
             seq_end: int | None = FRAME.unpack_from(v.mv, v.data_offset +
                                                     (last & (v.capacity - 1)))[2] + 1
-            if v.q[ring.OFF_HEAD // 8] > last:   # overwritten meanwhile (lossy): skip the stat
+            if v.q[ring.W_HEAD] > last:   # overwritten meanwhile (lossy): skip the stat
                 seq_end = None
             elif self._seq_end is not None and seq_end is not None and seq_end > self._seq_end:
                 stats["messages"] += seq_end - self._seq_end
@@ -326,8 +325,8 @@ class MirrorReplica(ReplicaSink):
         self.cap = view.capacity
         self.mask = view.capacity - 1
         self.base = view.data_offset
-        self.tail = self.q[ring.OFF_TAIL // 8]
-        self.head = self.q[ring.OFF_HEAD // 8]
+        self.tail = self.q[ring.W_TAIL]
+        self.head = self.q[ring.W_HEAD]
         self.next = self.tail            # where the next put must start
         self.fed = False                 # has a source ever positioned this ring
         self.same_from = 0               # from here on our frame boundaries equal the source's
@@ -376,7 +375,7 @@ class MirrorReplica(ReplicaSink):
             raise ReplicaViolation(f"guard head {guard} outside [{end - self.cap}, {self.tail}]")
         need = end - self.cap
         if self.head < need:
-            last = self.q[ring.OFF_LAST // 8]
+            last = self.q[ring.W_LAST]
             if guard >= self.same_from:
                 # Frame boundaries from same_from on are the source's own.  Never past our
                 # last frame (invariant (A)): the source cuts batches so that need <= last.
@@ -392,7 +391,7 @@ class MirrorReplica(ReplicaSink):
             self.head = h
             # SYNC POINT (overwrite guard, as RingWriter._make_room): head is stored before any
             # byte of the frames it passes is overwritten by the incoming put.
-            self.q[ring.OFF_HEAD // 8] = h
+            self.q[ring.W_HEAD] = h
         self.next = end
         off = start & self.mask
         n = end - start
@@ -427,7 +426,7 @@ class MirrorReplica(ReplicaSink):
             if self._seq_end is not None and seq_end > self._seq_end:
                 self.stats["messages"] += seq_end - self._seq_end
             self._seq_end = seq_end
-            self.q[ring.OFF_LAST // 8] = last
+            self.q[ring.W_LAST] = last
         self._commit(tail)
 
     def _renumber(self, start: int, end: int) -> None:
@@ -514,11 +513,11 @@ class MirrorReplica(ReplicaSink):
         h = min(h, old)
         if h > self.head:
             self.head = h
-            self.q[ring.OFF_HEAD // 8] = h
+            self.q[ring.W_HEAD] = h
         if lp > old:
             FRAME.pack_into(mv, base + (old & mask), lp - old - HEADER, FLAG_PAD, 0)
         FRAME.pack_into(mv, base + (lp & mask), 0, FLAG_PAD, seq - 1)
-        self.q[ring.OFF_LAST // 8] = lp
+        self.q[ring.W_LAST] = lp
         self.next = position
         self.same_from = position
         self._seq_end = seq
@@ -528,7 +527,7 @@ class MirrorReplica(ReplicaSink):
         """Min position of the ACTIVE subscribers (or our tail), in the source's positions."""
         v, q = self.v, self.q
         low = self.tail
-        for slot in range(v.u32[ring.OFF_SLOT_HIGH // 4]):
+        for slot in range(v.u32[ring.I_SLOT_HIGH]):
             if v.slot_state(slot) == ring.SLOT_ACTIVE:
                 p = q[v.slot_word(slot)]
                 if p < low:
@@ -550,7 +549,7 @@ class MirrorReplica(ReplicaSink):
         self.tail = tail
         # SYNC POINT (commit): every byte of the batch landed (recv_into returned) before this
         # aligned store; readers acquire it in RingReader.take.
-        q[ring.OFF_TAIL // 8] = tail
+        q[ring.W_TAIL] = tail
         # SYNC POINT (wake-up, Dekker pair with Subscription._wait), as RingWriter._commit.
         fence()
         w = q[ring.W_WAITING0]
@@ -562,8 +561,8 @@ class MirrorReplica(ReplicaSink):
     def set_link(self, state: int, bump: bool = False) -> None:
         u32 = self.v.u32
         if bump:
-            u32[ring.OFF_LINK_EPOCH // 4] = (u32[ring.OFF_LINK_EPOCH // 4] + 1) & 0xFFFFFFFF
-        u32[ring.OFF_LINK // 4] = state
+            u32[ring.I_LINK_EPOCH] = (u32[ring.I_LINK_EPOCH] + 1) & 0xFFFFFFFF
+        u32[ring.I_LINK] = state
 
     def close(self) -> None:
         self.wakeups.close()
@@ -573,6 +572,9 @@ class MirrorReplica(ReplicaSink):
         return {"tail": self.tail, "head": self.head, "consumed": consumed,
                 "lag_bytes": self.source_tail - consumed, "rebases": self.rebases,
                 "transport": self.transport, **self.stats}
+
+    def drop_uncommitted(self) -> None:
+        self.next = self.tail
 
     # -- transports that place bytes without this CPU (RDMA, daemon/peer/rdma.py) ----------------
     def advance_head(self, need: int, ahead: int) -> int:
@@ -587,7 +589,7 @@ class MirrorReplica(ReplicaSink):
             raise ReplicaViolation(f"guard {need} beyond the replica tail {self.tail}")
         # Never past our last frame (invariant (A)) when the batch allows it (the source cuts
         # batches so that it does: need <= last).
-        last = self.q[ring.OFF_LAST // 8]
+        last = self.q[ring.W_LAST]
         target = min(max(need, ahead), last if need <= last else self.tail)
         h = self.head
         mv, base, mask = self.mv, self.base, self.mask
@@ -597,7 +599,7 @@ class MirrorReplica(ReplicaSink):
         if h > self.head:
             self.head = h
             # SYNC POINT (overwrite guard, as put_target): stored before the source is told.
-            self.q[ring.OFF_HEAD // 8] = h
+            self.q[ring.W_HEAD] = h
         return self.head - self.off
 
     def landed(self, end: int) -> None:

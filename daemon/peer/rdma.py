@@ -1,6 +1,6 @@
 """RDMA transport (pyverbs): one RC queue pair per mirror, RDMA WRITE into the replica ring.
 
-Shape (docs/rdma.md has the deployment side, RESEARCH.md section 4 the reasons):
+Shape (docs/rdma.md has the deployment side and the steps in prose):
 
 * The replica registers its ring's shared-memory mapping once per mirror as a memory region
   with remote-write access (the same pages its local subscribers read), plus a small *mailbox*
@@ -649,12 +649,10 @@ class RdmaTransport(Transport):
         self._guard_head = -1
         self._small: tuple[int, int, int] | None = None
         self._op = threading.Lock()
-        self._credit: int | None = None
-        self.on_credit: Callable[[int], None] | None = None
         fault = os.environ.get(FAULT_ENV, "")
         self._fault_at = int(fault) if fault.isdigit() else -1
         self.stats = {"writes": 0, "small_writes": 0, "records": 0, "guards": 0}
-        link.credit_handlers[mirror_id] = self._on_credit
+        link.transports[mirror_id] = self
         log.info("rdma: mirror %s source registered %d bytes (%s) in %.1f ms; small-write "
                  "threshold %d", view.name, self.ep.pinned, "odp" if self.ep.odp else "pinned",
                  self.ep.reg_seconds * 1e3, self.threshold)
@@ -662,7 +660,11 @@ class RdmaTransport(Transport):
     def accept(self) -> dict:
         return self.ep.info()
 
-    # -- events from the link (daemon main thread) -----------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- events from the link (main thread; guard_acked_to: the link's reader thread) ----------
     def ready(self) -> None:
         self._ready.set()
 
@@ -677,12 +679,6 @@ class RdmaTransport(Transport):
         self.ep.to_error()
         self._ready.set()
         self._guard.set()
-
-    def _on_credit(self, consumed: int, replica_tail: int) -> None:
-        self._credit = consumed
-        cb = self.on_credit
-        if cb is not None:
-            cb(consumed)
 
     # -- data path (mirror source thread) --------------------------------------------------------
     def _check(self, step: str) -> None:
@@ -816,16 +812,13 @@ class RdmaTransport(Transport):
             self._check("jump")
             self._record(OP_JUMP, position, seq)
 
-    def credits(self) -> int | None:
-        return self._credit
-
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._ready.set()
         self._guard.set()
-        self.link.credit_handlers.pop(self.mid, None)
+        self.link.transports.pop(self.mid, None)
         if self.failure is not None:
             self.link.send_ctrl({"t": "rdma", "k": "down", "id": self.mid,
                                  "reason": self.failure})

@@ -1,10 +1,16 @@
 """Which transport each mirror runs over, and the RDMA half of the mirror handshake.
 
-``PeerService`` asks this module at three points: the replica builds its ``mirror`` request
-(:meth:`RdmaMirrors.offer`: register the replica ring, offer the QP), the source answers it
-(:meth:`RdmaMirrors.source_transport`: RDMA or TCP), and ``{"t": "rdma", "k": ...}`` control
-messages arrive (:meth:`RdmaMirrors.on_ctrl`).  Every decision not to use RDMA is logged with its
-reason, counted in ``rdma_fallbacks`` and shown on the mirror (``ls`` / ``stat``).
+The peer module asks this module at three points: the replica side builds its ``mirror``
+request (:meth:`RdmaMirrors.offer`: register the replica ring, offer the QP), the source side
+answers it (:meth:`RdmaMirrors.source_transport`: RDMA or TCP), and ``{"t": "rdma", "k": ...}``
+control messages arrive (:meth:`RdmaMirrors.on_ctrl`, on the main thread; ``guard`` alone
+:meth:`RdmaMirrors.on_guard`, on the link's reader thread, as it only wakes the mirror source
+that waits for it).  Every decision not to use RDMA is logged with its reason, counted in
+``rdma_fallbacks`` and shown on the mirror (``ls`` / ``stat``).
+
+It reaches the replica side only through ``ReplicaControl`` (look a replica up, restart its
+mirror) and the replica ring only through its ``ReplicaSink``; it never changes the daemon's
+books itself.
 
 Control messages (over the authenticated peer link), ``k`` =
   ``accept``   source -> replica: the source's QP details; the replica connects its QP
@@ -18,19 +24,34 @@ Control messages (over the authenticated peer link), ``k`` =
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from shimmy import ring
 
 from . import rdma
 from .tcp import TcpTransport
 
+if TYPE_CHECKING:
+    from .replicas import ReplicaEntry
+
 log = logging.getLogger("shimmy.peer")
 
 
+class ReplicaControl(Protocol):
+    """What of the replica side RDMA uses (``replicas.ReplicaSide``)."""
+
+    def get(self, name: str) -> ReplicaEntry | None: ...
+
+    def restart(self, entry: ReplicaEntry) -> None:
+        """Detach the replica's mirror and ask for a new one (main thread)."""
+
+
 class RdmaMirrors:
-    def __init__(self, service):
-        self.svc = service
-        s = service.s
+    def __init__(self, s, counters: dict, replicas: ReplicaControl,
+                 call_soon: Callable[..., None]):
+        self.counters = counters
+        self.replicas = replicas
+        self.call_soon = call_soon      # runs a function on the daemon's main thread
         self.setting = s.transport
         self.device = s.rdma_device
         self.threshold = s.rdma_small_write_threshold
@@ -39,9 +60,9 @@ class RdmaMirrors:
             self.ok, self.reason = False, "transport=tcp"
         else:
             self.ok, self.reason = rdma.available(self.device)
-        service.counters.setdefault("rdma_fallbacks", 0)
-        service.counters["rdma_mirrors"] = 0
-        service.counters["rdma_failures"] = 0
+        counters.setdefault("rdma_fallbacks", 0)
+        counters["rdma_mirrors"] = 0
+        counters["rdma_failures"] = 0
         self.receivers: dict[str, rdma.RdmaReceiver] = {}
         self.rx_mid: dict[tuple[int, int], str] = {}
         self.sources: dict[tuple[int, int], rdma.RdmaTransport] = {}
@@ -52,7 +73,7 @@ class RdmaMirrors:
             log.info("peer transport: tcp (RDMA not used: %s)", self.reason)
 
     def _fallback(self, what: str, reason: str) -> None:
-        self.svc.counters["rdma_fallbacks"] += 1
+        self.counters["rdma_fallbacks"] += 1
         if self.ok:   # a device exists and failed, or the peer cannot: worth a warning each time
             log.warning("rdma: %s falls back to TCP: %s", what, reason)
         else:         # no usable device at all: said once at start (INFO), counted per mirror
@@ -74,13 +95,15 @@ class RdmaMirrors:
         link, mid, name = entry.link, entry.mid, entry.name
         # An RDMA mirror places bytes from our tail (a put of an earlier mirror that was never
         # committed is dropped; TCP mirrors do this in MirrorReplica.put_target / jump).
-        entry.sink.next = entry.sink.tail
+        entry.sink.drop_uncommitted()
 
         def on_guard(head: int) -> None:
-            link.send_ctrl({"t": "rdma", "k": "guard", "id": mid, "head": head})
+            # The receiver's completion thread: straight onto the link, not through the link's
+            # writer (the source sends nothing more until it has this).
+            link.send_ctrl_now({"t": "rdma", "k": "guard", "id": mid, "head": head})
 
         def on_failure(reason: str) -> None:
-            self.svc._post("rdma", name, mid, reason)
+            self.call_soon(self._replica_failed, name, mid, reason, True)
 
         try:
             rx = rdma.RdmaReceiver(self.device, entry.sink, rec.view, self.threshold, on_guard,
@@ -104,27 +127,22 @@ class RdmaMirrors:
         rx.stop()
 
     def _replica_failed(self, name: str, mid: int, reason: str, notify: bool) -> None:
-        entry = self.svc.replicas.get(name)
+        entry = self.replicas.get(name)
         if entry is None or entry.mid != mid:
             return
         self.failures[name] = self.failures.get(name, 0) + 1
-        self.svc.counters["rdma_failures"] += 1
+        self.counters["rdma_failures"] += 1
         again = "a new QP" if self.failures[name] < rdma.RDMA_RETRIES else "TCP"
         log.warning("rdma: replica %s: %s; restarting the mirror over %s from tail %d", name,
                     reason, again, entry.sink.tail)
         if notify and entry.link is not None:
             entry.link.send_ctrl({"t": "rdma", "k": "rx_down", "id": mid, "reason": reason})
-        self.svc._detach_replica(entry, reconnect=True)
-        self.svc._request_mirrors()
-
-    def on_event(self, name: str, mid: int, reason: str) -> None:
-        """The replica's completion thread failed (posted to the main thread)."""
-        self._replica_failed(name, mid, reason, notify=True)
+        self.replicas.restart(entry)
 
     # -- source side -------------------------------------------------------------------------------
     def source_transport(self, link, mid: int, rec, offer):
         """The transport for a mirror the peer asked for: RDMA when it offered and we can."""
-        for key in [k for k, t in self.sources.items() if t._closed]:
+        for key in [k for k, t in self.sources.items() if t.closed]:
             del self.sources[key]
         kind, why = rdma.choose(self.setting, self.ok, offer is not None)
         transport = None
@@ -144,7 +162,7 @@ class RdmaMirrors:
                 tcp.fallback = why
             return tcp
         self.sources[(link.id, mid)] = transport
-        self.svc.counters["rdma_mirrors"] += 1
+        self.counters["rdma_mirrors"] += 1
         link.send_ctrl({"t": "rdma", "k": "accept", "id": mid, **transport.accept()})
         return transport
 
@@ -157,7 +175,7 @@ class RdmaMirrors:
             if name is None:
                 return
             rx = self.receivers[name]
-            entry = self.svc.replicas.get(name)
+            entry = self.replicas.get(name)
             if k == "accept":
                 try:
                     rx.connect(obj)
@@ -174,18 +192,26 @@ class RdmaMirrors:
                     entry.sink.transport = {"kind": "tcp", "fallback": str(obj.get("reason"))}
             else:
                 self._replica_failed(name, mid, f"source: {obj.get('reason')}", notify=False)
-        elif k in ("ready", "guard", "rx_down"):        # we are the source
+        elif k in ("ready", "rx_down"):                 # we are the source
             t = self.sources.get(key)
             if t is None:
                 return
             if k == "ready":
                 t.ready()
-            elif k == "guard":
-                t.guard_acked_to(int(obj["head"]))
             else:
                 t.fail(f"replica: {obj.get('reason')}")
+        elif k == "guard":
+            self.on_guard(link, obj)
         else:
             raise ValueError(f"unknown rdma message {k!r}")
+
+    def on_guard(self, link, obj: dict) -> None:
+        """``guard``: the replica's head after a GUARD record, for the source thread waiting in
+        ``RdmaTransport._write`` (any thread: it only sets that transport's event)."""
+        head = int(obj["head"])
+        t = self.sources.get((link.id, int(obj["id"])))
+        if t is not None:
+            t.guard_acked_to(head)
 
     def shutdown(self) -> None:
         for name in list(self.receivers):

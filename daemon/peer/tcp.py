@@ -94,8 +94,8 @@ class Link:
         self.lock = threading.Lock()
         self.closed = False
         self.up_since = time.time()
-        self.sinks: dict[int, ReplicaSink] = {}                 # replica side, by mirror id
-        self.credit_handlers: dict[int, Callable[[int, int], None]] = {}  # source side
+        self.sinks: dict[int, ReplicaSink] = {}       # replica side, by mirror id
+        self.transports: dict[int, Transport] = {}    # source side (credits), by mirror id
         self._ctrl: collections.deque = collections.deque()
         # Read-ahead (reader thread only): bytes [_r0, _r1) of _rbuf are received, not yet used.
         self._rbuf = bytearray(READ_AHEAD)
@@ -159,6 +159,20 @@ class Link:
             self._ctrl.append(msgpack.packb(obj))
             self._wake.set()
 
+    def send_ctrl_now(self, obj: dict) -> None:
+        """Send a control message from the calling thread (not the daemon's main thread: it
+        blocks like ``send``, raises TransportClosed), ahead of those still queued."""
+        self._send_ctrl_payload(msgpack.packb(obj))
+
+    def _send_ctrl_payload(self, payload: bytes) -> None:
+        self.send([HDR.pack(K_CTRL, 0, len(payload), 0, 0, 0), payload])
+        self.stats["control_sent"] += 1
+
+    def send_credit(self, mirror_id: int, consumed: int, tail: int) -> None:
+        """Replica side: report what mirror ``mirror_id``'s replica consumed and holds (the
+        source's ``Transport.credited``); blocks like ``send``, raises TransportClosed."""
+        self.send([HDR.pack(K_CREDIT, mirror_id, consumed, tail, 0, 0)])
+
     def _run_writer(self) -> None:
         ping = HDR.pack(K_PING, 0, 0, 0, 0, 0)
         try:
@@ -170,9 +184,7 @@ class Link:
                 if not self._ctrl:
                     self.send([ping])
                 while self._ctrl:
-                    payload = self._ctrl.popleft()
-                    self.send([HDR.pack(K_CTRL, 0, len(payload), 0, 0, 0), payload])
-                    self.stats["control_sent"] += 1
+                    self._send_ctrl_payload(self._ctrl.popleft())
         except TransportClosed:
             pass
 
@@ -268,9 +280,9 @@ class Link:
                     if sink is not None:
                         sink.commit(a, b, c)
                 elif kind == K_CREDIT:
-                    handler = self.credit_handlers.get(mid)
-                    if handler is not None:
-                        handler(a, b)
+                    transport = self.transports.get(mid)
+                    if transport is not None:
+                        transport.credited(a, b)
                 elif kind == K_JUMP:
                     sink = sinks.get(mid)
                     if sink is not None:
@@ -323,18 +335,8 @@ class TcpTransport(Transport):
     def __init__(self, link: Link, mirror_id: int):
         self.link = link
         self.mid = mirror_id
-        self._credit: int | None = None
-        self.replica_tail = -1       # the replica's committed tail, as its last credit said
         self._closed = False
-        link.credit_handlers[mirror_id] = self._on_credit
-        self.on_credit: Callable[[int], None] | None = None
-
-    def _on_credit(self, consumed: int, replica_tail: int) -> None:
-        self._credit = consumed
-        self.replica_tail = replica_tail
-        cb = self.on_credit
-        if cb is not None:
-            cb(consumed)
+        link.transports[mirror_id] = self
 
     def _check(self) -> None:
         if self._closed:
@@ -350,8 +352,7 @@ class TcpTransport(Transport):
         self.link.stats["batches_sent"] += 1
 
     def put_commit(self, start: int, views, guard: int, tail: int, last: int) -> None:
-        """``put`` then ``commit(tail, last)`` in one ``sendmsg`` (reliable sources, which need
-        no seqlock check between the two; ``MirrorSource`` uses it when a transport has it)."""
+        """``put`` then ``commit(tail, last)`` in one ``sendmsg``."""
         self._check()
         total = 0
         for v in views:
@@ -368,13 +369,6 @@ class TcpTransport(Transport):
         self._check()
         self.link.send([HDR.pack(K_JUMP, self.mid, position, seq, 0, 0)])
 
-    def credits(self) -> int | None:
-        return self._credit
-
     def close(self) -> None:
         self._closed = True
-        self.link.credit_handlers.pop(self.mid, None)
-
-
-def send_credit(link: Link, mirror_id: int, consumed: int, tail: int) -> None:
-    link.send([HDR.pack(K_CREDIT, mirror_id, consumed, tail, 0, 0)])
+        self.link.transports.pop(self.mid, None)

@@ -17,6 +17,11 @@ Contract (the conformance suite ``tests/test_peer_transport.py`` checks it for e
   Puts and commits of one transport are applied in the order they were issued.
 * ``jump(position, last)``: the source no longer holds the bytes between the replica's tail
   and ``position`` (a gap): the replica moves head and tail there.
+* ``put_commit(start, views, guard, tail, last)``: ``put`` then ``commit(tail, last)``; a
+  transport may send both at once (reliable sources, which need no seqlock check between them).
+* ``credited(consumed, replica_tail)``: a credit from the replica arrived (the link's reader
+  calls it): ``credits()`` returns ``consumed`` from then on and ``on_credit`` (the mirror
+  source's hook) is called with it.
 * ``credits()``: the latest consumed position the replica reported (min of its live
   subscribers' positions, or its tail when it has none), or None before the first report.
 * ``close()``: stop; later calls raise ``TransportClosed``.  Idempotent.
@@ -29,7 +34,7 @@ the replica's last committed position.
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 class TransportClosed(ConnectionError):
@@ -41,6 +46,9 @@ class Transport(abc.ABC):
 
     kind = "abstract"
     fallback: str | None = None      # why this mirror is not on RDMA (set by rdma_mirrors.py)
+    on_credit: Callable[[int], None] | None = None   # the mirror source's credit hook
+    _credit: int | None = None
+    replica_tail = -1                # the replica's committed tail, as its last credit said
 
     def describe(self) -> dict:
         """Transport-specific fields for ``ls`` / ``stat`` (registration, fallback reason...)."""
@@ -52,18 +60,36 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def commit(self, tail: int, last: int, pad_until: int = 0) -> None: ...
 
+    def put_commit(self, start: int, views: Sequence[memoryview], guard: int, tail: int,
+                   last: int) -> None:
+        self.put(start, views, guard)
+        self.commit(tail, last)
+
     @abc.abstractmethod
     def jump(self, position: int, last: int) -> None: ...
 
-    @abc.abstractmethod
-    def credits(self) -> int | None: ...
+    def credited(self, consumed: int, replica_tail: int) -> None:
+        """A credit arrived (the link's reader thread)."""
+        self._credit = consumed
+        self.replica_tail = replica_tail
+        cb = self.on_credit
+        if cb is not None:
+            cb(consumed)
+
+    def credits(self) -> int | None:
+        return self._credit
 
     @abc.abstractmethod
     def close(self) -> None: ...
 
 
 class ReplicaSink(abc.ABC):
-    """Replica end: what a transport's receiving side calls, in stream order."""
+    """Replica end: what a transport's receiving side calls, in stream order (TCP: ``put_target``
+    then ``commit``; RDMA places bytes itself: ``advance_head``, ``landed`` then ``commit``).
+    ``head`` and ``tail`` are the replica's positions as it stored them."""
+
+    head: int
+    tail: int
 
     @abc.abstractmethod
     def put_target(self, start: int, end: int, guard: int) -> list[memoryview]:
@@ -78,3 +104,16 @@ class ReplicaSink(abc.ABC):
     @abc.abstractmethod
     def consumed(self) -> int:
         """Credits to report: min position of ACTIVE local subscribers, or tail."""
+
+    @abc.abstractmethod
+    def advance_head(self, need: int, ahead: int) -> int:
+        """Store a head >= ``need`` (up to ``ahead``) before bytes land without this CPU;
+        return the head stored."""
+
+    @abc.abstractmethod
+    def landed(self, end: int) -> None:
+        """Bytes up to ``end`` were placed in the ring directly; accept them for the commit."""
+
+    @abc.abstractmethod
+    def drop_uncommitted(self) -> None:
+        """Forget bytes put but never committed: a new mirror places bytes from our tail."""

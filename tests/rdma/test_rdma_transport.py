@@ -39,6 +39,10 @@ class Placing:
         _place(self.v, start, views)
         return self.t.put(start, views, guard)
 
+    def put_commit(self, start, views, guard, tail, last):
+        _place(self.v, start, views)
+        return self.t.put_commit(start, views, guard, tail, last)
+
     def __getattr__(self, name):
         return getattr(self.t, name)
 
