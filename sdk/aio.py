@@ -6,17 +6,17 @@ the wait moves to a helper thread, one per subscription or stream end, created o
 ended after 30 s idle:
 
 * the helper runs the same Dekker protocol as the blocking API (store the waiting word, fence,
-  re-check, sleep on the posix semaphore for at most 0.25 s, repeat), so publishers and writers
-  need no change: they post the semaphore as they always do;
+  re-check, sleep on the posix semaphore for at most ``HELPER_SLEEP``, repeat), so publishers
+  and writers need no change: they post the semaphore as they always do;
 * when the condition holds (or the deadline passes) it resolves an asyncio future with
   ``loop.call_soon_threadsafe`` (measured against an eventfd registered with ``loop.add_reader``:
   the same cost within noise, and call_soon_threadsafe needs no fd per waiter; see
-  spec/stream.md);
+  docs/performance.md, "Streams and asyncio: the first measurements");
 * the helper never consumes anything: the message or bytes are taken on the loop thread after
   the future resolves.  A cancelled ``receive_async`` therefore loses nothing: what arrived stays
   in the ring for the next call.  On cancellation the loop thread posts the semaphore once so the
-  helper returns at once instead of after its 0.25 s bound (a spare post only causes one extra
-  re-check later).
+  helper returns at once instead of after its ``HELPER_SLEEP`` bound (a spare post only causes
+  one extra re-check later).
 
 Fairness: a consumer whose messages are always ready would never yield to the loop, so
 ``receive_async`` yields (``await asyncio.sleep(0)``) after every ``FAIR_BATCH`` messages taken
@@ -34,14 +34,14 @@ import time
 import posix_ipc
 
 from shimmy import ring, stream_ring
-from shimmy.errors import ChannelClosed, InvalidArgument, ReceiveTimeout
+from shimmy.errors import BackpressureTimeout, ChannelClosed, InvalidArgument, ReceiveTimeout
 from shimmy.ring import fence
 
 from . import client as _client_mod
-from .channel import MAX_SLEEP
 
 FAIR_BATCH = 32         # messages handed out without yielding to the loop
 HELPER_IDLE = 30.0      # seconds an idle helper thread lingers before exiting
+HELPER_SLEEP = 0.25     # a helper asleep on a semaphore re-checks at least this often
 
 
 class _Helper:
@@ -102,12 +102,12 @@ def _block(sem, waiting_set, waiting_clear, ready, deadline, stop, gone) -> None
             if ready():
                 return
             if deadline is None:
-                wait = MAX_SLEEP
+                wait = HELPER_SLEEP
             else:
                 wait = deadline - time.monotonic()
                 if wait <= 0:
                     return
-                wait = min(wait, MAX_SLEEP)
+                wait = min(wait, HELPER_SLEEP)
             try:
                 sem.acquire(wait)
             except posix_ipc.BusyError:
@@ -139,7 +139,7 @@ async def _wait(obj, name, sem, waiting_set, waiting_clear, ready, deadline, gon
     except asyncio.CancelledError:
         stop[0] = True
         try:
-            sem.release()  # wake the helper now rather than after MAX_SLEEP
+            sem.release()  # wake the helper now rather than after HELPER_SLEEP
         except posix_ipc.Error:
             pass
         raise
@@ -303,7 +303,6 @@ async def stream_read_async(reader, size: int = -1, timeout: float | None = None
 async def stream_write_async(writer, b, timeout: float | None = None) -> int:
     """Write all of ``b``; waits for room without blocking the loop.  If cancelled, the bytes
     already copied stay written (``writer.position`` says how far the stream got)."""
-    from shimmy.errors import BackpressureTimeout
     deadline = None if timeout is None else time.monotonic() + timeout
     with memoryview(b) as mv:
         if mv.ndim != 1 or mv.format != "B":

@@ -14,14 +14,18 @@ waiting byte armed in every member ring.
 from __future__ import annotations
 
 import mmap
+from typing import TYPE_CHECKING
 
 import posix_ipc
 
 from shimmy import ring
-
 from shimmy.errors import InvalidArgument
-from .channel import Channel, Message, Subscription
+
 from .client import open_shared_memory
+from .subscription import Message, Subscription
+
+if TYPE_CHECKING:
+    from .channel import Channel
 
 
 class _Member:

@@ -211,7 +211,7 @@ RECORDING_COLUMNS = ("RECORDING", "MODE", "BYTES", "MESSAGES", "OLDEST", "NEWEST
 def recordings(socket_path: str, channels: list[dict]) -> list[dict]:
     """Each registered recording's summary, with ``lag_messages``: messages the channel has
     published that the recording has not (None where the channel is not open here)."""
-    from shimmy.recorder import registered
+    from shimmy.recording_registry import registered
     published = {c["name"]: c.get("published") for c in channels}
     out = []
     for r in registered(socket_path):
