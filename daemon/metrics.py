@@ -185,7 +185,8 @@ class DaemonCollector:
         yield c
 
     def _listeners(self, counters: dict) -> Iterator["Metric"]:
-        """Each listener's refusals (docs/security.md, "No listener can end the daemon")."""
+        """Each listener's refusals (docs/security.md, "A flood of local connections or
+        requests")."""
         d = self.d
         session, control, peer = dict(d.sessions.counters), dict(d.control.counters), \
             dict(d.peer.counters)

@@ -8,7 +8,8 @@ receive batch (one u32 load where a member's tail is reloaded, ring.GroupReader)
 daemon for the member list only when it changed, merges the
 members round-robin (each receive starts at the member after the one that delivered last, so a
 fast publisher never starves a slow one), and sleeps on the channel's one semaphore with its
-waiting byte armed in every member ring.
+waiting byte armed in every member ring.  It must never write a member ring beyond its own
+slot's position and waiting byte, and never ask the daemon on a receive whose epoch is unchanged.
 """
 
 from __future__ import annotations

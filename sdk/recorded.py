@@ -3,7 +3,8 @@
 ``Channel.subscribe(start=<seq> | <datetime> | "recorded")`` returns a
 :class:`RecordedSubscription`.  The hand-off from the recording to the ring, and why it has no
 gap and no duplicate, is argued in spec/ring.md ("Joining from a recording"); the
-numbered steps below point there.
+numbered steps below point there.  It only reads the recording: it must never write it (the
+recorder holding the track's ``flock`` is its one writer).
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ Both ends are ``io.RawIOBase`` objects, so ``io.BufferedReader``, ``shutil.copyf
 ``readline`` and ``with`` work.  Timeouts: every blocking call takes ``timeout=`` (seconds; None
 waits forever, re-checking liveness every 0.25 s); the end's ``timeout`` attribute (set with
 ``writer(timeout=...)``) is the default for the plain ``io`` methods.
+
+An end must never write the other end's words of the ring (spec/stream.md), and never work in
+a forked child: the child opens its own ends.
 """
 
 from __future__ import annotations

@@ -317,7 +317,8 @@ class Subscription:
         # threads that carry the message: a daemon's mirror threads on the same cores).  "Soon"
         # is SPIN_KEEP ceilings: with one, a cross-node round trip that ran past the ceiling
         # once let the spin collapse, and without the spin it stayed 2-4x slower (bimodal
-        # runs; docs/performance.md, "Cross-node loan rows and a round trip that holds").
+        # runs; docs/performance.md, "Cross-node loan rows, CPU per MiB and a
+        # round trip that holds").
         if time.perf_counter() - slept_at < SPIN_KEEP * self._spin_cap:
             self._spin = min(self._spin * 2 or MIN_SPIN_US / 1e6, self._spin_cap)
         else:

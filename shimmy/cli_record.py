@@ -1,5 +1,6 @@
 """``shimmy record``, ``shimmy replay`` and ``shimmy export``: recorded channels on the command
-line (docs/recording.md).  ``shimmy.cli`` adds these commands to its group."""
+line (docs/recording.md).  ``shimmy.cli`` adds these commands to its group.  They parse and
+report only: recording is shimmy/recorder.py's, replay the SDK's and the recording format's."""
 
 from __future__ import annotations
 

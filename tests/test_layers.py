@@ -1,6 +1,6 @@
 """The import layers hold: no module of shimmy/, sdk/ or daemon/ imports itself back through
 another (no circle, whether the import is at module level or inside a function), and nothing
-in daemon/ imports the client SDK in sdk/.
+in daemon/ imports the client SDK in sdk/, nor anything in sdk/ or daemon/ the benchmark.
 
 The graph is read from the source with ``ast``, not by importing, so a lazy import inside a
 function counts as much as one at the top of the file.  Imports under ``if TYPE_CHECKING:`` are
@@ -124,8 +124,16 @@ def test_no_import_circle():
     assert cycles(import_graph()) == []
 
 
+def arrows(graph: dict[str, set[str]], src_prefix: str, dst_prefix: str) -> list[tuple[str, str]]:
+    return sorted((src, dst) for src, dsts in graph.items() if src.startswith(src_prefix)
+                  for dst in dsts if dst.startswith(dst_prefix))
+
+
 def test_the_daemon_never_imports_the_sdk():
-    arrows = sorted((src, dst) for src, dsts in import_graph().items()
-                    if src.startswith("shimmy.daemon") for dst in dsts
-                    if dst.startswith("shimmy.sdk"))
-    assert arrows == []
+    assert arrows(import_graph(), "shimmy.daemon", "shimmy.sdk") == []
+
+
+def test_neither_sdk_nor_daemon_imports_the_benchmark():
+    graph = import_graph()
+    assert arrows(graph, "shimmy.sdk", "shimmy.bench") == []
+    assert arrows(graph, "shimmy.daemon", "shimmy.bench") == []
