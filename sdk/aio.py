@@ -47,11 +47,10 @@ HELPER_SLEEP = 0.25     # a helper asleep on a semaphore re-checks at least this
 class _Helper:
     """One thread that runs blocking waits, one after another, for one subscription/stream end."""
 
-    def __init__(self, name: str):
+    def __init__(self) -> None:
         self._cv = threading.Condition()
         self._jobs: collections.deque = collections.deque()
         self._thread: int | None = None  # ident of the running helper thread
-        self._name = name
 
     def submit(self, job) -> None:
         with self._cv:
@@ -76,10 +75,10 @@ class _Helper:
             job()
 
 
-def _helper(obj, name: str) -> _Helper:
+def _helper(obj) -> _Helper:
     helper = obj.__dict__.get("_aio_helper")
     if helper is None:
-        helper = obj.__dict__["_aio_helper"] = _Helper(name)
+        helper = obj.__dict__["_aio_helper"] = _Helper()
     return helper
 
 
@@ -116,7 +115,7 @@ def _block(sem, waiting_set, waiting_clear, ready, deadline, stop, gone) -> None
         waiting_clear()
 
 
-async def _wait(obj, name, sem, waiting_set, waiting_clear, ready, deadline, gone) -> None:
+async def _wait(obj, sem, waiting_set, waiting_clear, ready, deadline, gone) -> None:
     """Await ``ready()`` (or the deadline) without blocking the loop; cancellation-safe."""
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
@@ -133,7 +132,7 @@ async def _wait(obj, name, sem, waiting_set, waiting_clear, ready, deadline, gon
         except RuntimeError:
             pass  # the loop is closed; nobody is waiting any more
 
-    _helper(obj, name).submit(job)
+    _helper(obj).submit(job)
     try:
         await fut
     except asyncio.CancelledError:
@@ -192,7 +191,7 @@ async def receive_async(sub, timeout: float | None = None):
     while True:
         sub.channel._check()
         sub._check_slot()
-        await _wait(sub, "shimmy-aio-sub", sem, waiting_set, waiting_clear, ready, deadline, gone)
+        await _wait(sub, sem, waiting_set, waiting_clear, ready, deadline, gone)
         if sub.closed:
             raise ChannelClosed(f"subscription to {sub.channel.name!r} is closed")
         msg = sub.receive_nowait()
@@ -236,7 +235,7 @@ def _stream_waiter(end, waiting_off: int, sem_index: int, ready):
     def gone():
         return end.closed
 
-    return ("shimmy-aio-stream", sem, waiting_set, waiting_clear, closed_aware_ready, gone)
+    return (sem, waiting_set, waiting_clear, closed_aware_ready, gone)
 
 
 def _reader_state(reader) -> int:
@@ -256,9 +255,9 @@ async def _reader_wait(reader, deadline, timeout) -> None:
     if deadline is not None and time.monotonic() >= deadline:
         raise ReceiveTimeout(f"stream {reader.name!r}: no data within {timeout} s")
     cur = reader._cursor
-    name, sem, ws, wc, ready, gone = _stream_waiter(reader, stream_ring.OFF_R_WAITING, 0,
-                                                    cur._data_ready)
-    await _wait(reader, name, sem, ws, wc, ready, deadline, gone)
+    sem, ws, wc, ready, gone = _stream_waiter(reader, stream_ring.OFF_R_WAITING, 0,
+                                              cur._data_ready)
+    await _wait(reader, sem, ws, wc, ready, deadline, gone)
 
 
 async def stream_readinto_async(reader, b, timeout: float | None = None) -> int:
@@ -315,8 +314,8 @@ async def stream_write_async(writer, b, timeout: float | None = None) -> int:
                                           f"wrote {done} of {n} bytes")
                 exc.written = done
                 raise exc
-            name, sem, ws, wc, ready, gone = _stream_waiter(writer, stream_ring.OFF_W_WAITING, 1,
-                                                            writer._cursor._space_ready)
-            await _wait(writer, name, sem, ws, wc, ready, deadline, gone)
+            sem, ws, wc, ready, gone = _stream_waiter(writer, stream_ring.OFF_W_WAITING, 1,
+                                                      writer._cursor._space_ready)
+            await _wait(writer, sem, ws, wc, ready, deadline, gone)
             done += writer.write_nowait(mv[done:])
         return n

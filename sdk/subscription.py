@@ -274,7 +274,8 @@ class Subscription:
         #    Each further poll yields the CPU first, as stream readers do: when the thread that
         #    produces what we wait for shares our CPU (a daemon's mirror threads for a replica,
         #    a publisher on a busy machine) it runs at once instead of waiting for our spin to
-        #    end.  docs/performance.md has the figures.
+        #    end.  docs/performance.md has the figures.  The poll is the first loop's, written
+        #    out again: a helper call per poll would cost every spin (the hot path).
         sched_yield = os.sched_yield
         while t < spin_end:
             sched_yield()
