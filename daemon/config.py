@@ -18,7 +18,7 @@ from shimmy import ring
 from shimmy.protocol import DEFAULT_SOCKET
 
 from .rules import parse_rule
-from .setting_values import SettingError, parse_mode, resolve_group
+from .setting_values import SettingError, parse_listen, parse_mode, resolve_group
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -268,7 +268,6 @@ class Settings:
         if self.peer_max_replica_capacity > ring.MAX_CAPACITY:
             raise SettingError(f"peer_max_replica_capacity must be <= {ring.MAX_CAPACITY}")
         if self.metrics_listen:
-            from .metrics import parse_listen
             try:
                 parse_listen(self.metrics_listen)
             except ValueError as exc:

@@ -34,6 +34,7 @@ from shimmy import ring
 
 from .logformat import Throttle
 from .sessions import RESOURCE_ERRNOS
+from .setting_values import parse_listen
 
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -46,15 +47,6 @@ log = logging.getLogger("shimmy.daemon")
 # Label value for a request whose operation could not be read (not msgpack, no/unknown op).
 OP_MALFORMED = "malformed"
 CODE_INTERNAL = "internal"
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` -> (host, port); ValueError naming the rule otherwise."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"metrics_listen {text!r} must be HOST:PORT (port 0..65535), "
-                         f"e.g. 127.0.0.1:9464")
-    return host.strip("[]"), int(port)
 
 
 class ControlStats:
@@ -193,7 +185,8 @@ class DaemonCollector:
         yield c
 
     def _listeners(self, counters: dict) -> Iterator["Metric"]:
-        """Each listener's refusals (docs/security.md, "No listener can end the daemon")."""
+        """Each listener's refusals (docs/security.md, "A flood of local connections or
+        requests")."""
         d = self.d
         session, control, peer = dict(d.sessions.counters), dict(d.control.counters), \
             dict(d.peer.counters)
@@ -356,7 +349,7 @@ class DaemonCollector:
         """Every recording registered with this daemon, read from its catalog (a file mapping
         of its own, opened and closed per scrape; the loop thread's rings are not touched
         beyond the published count, read as for the channel families)."""
-        from shimmy.recorder import registered
+        from shimmy.recording_registry import registered
         lab = ["channel", "track"]   # track: "0", or one per publisher of a group
         fam: dict[str, "CounterMetricFamily | GaugeMetricFamily"] = {
             "bytes": _gauge("shimmy_recording_bytes", "Bytes the recording keeps on disk", lab),

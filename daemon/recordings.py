@@ -25,7 +25,7 @@ import sys
 import time
 
 from shimmy import recording, ring
-from shimmy.recorder import lookup
+from shimmy.recording_registry import lookup
 
 from .peer.mirror import seed_stream
 

@@ -409,7 +409,7 @@ class Daemon:
 
     def _handle(self, payload: bytes, conn: Conn) -> tuple[dict, bool]:
         """The reply to one request frame, and whether its connection is to be closed after it
-        (a frame that is not one msgpack map: spec/control.md, "Transport")."""
+        (a frame that is not one msgpack map: spec/control.md, "Framing")."""
         req_id, reply, close = self._answer(payload, conn)
         reply["v"] = PROTOCOL_VERSION
         reply["id"] = req_id

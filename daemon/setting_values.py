@@ -1,6 +1,7 @@
 """Parsers for setting values shared by the settings (:mod:`.config`) and the rule grammar
-(:mod:`.rules`): octal modes, users and groups by name or number.  Each raises
-:class:`SettingError` naming the setting and what it wanted."""
+(:mod:`.rules`) and the metrics exporter (:mod:`.metrics`): octal modes, users and groups by name
+or number, listen addresses.  Each raises :class:`SettingError` (``parse_listen``: ValueError)
+naming the setting and what it wanted."""
 
 from __future__ import annotations
 
@@ -41,3 +42,12 @@ def resolve_user(name: str, value: str) -> int:
         return pwd.getpwnam(value).pw_uid
     except KeyError:
         raise SettingError(f"{name}: no user named {value!r}") from None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port); ValueError naming the rule otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics_listen {text!r} must be HOST:PORT (port 0..65535), "
+                         f"e.g. 127.0.0.1:9464")
+    return host.strip("[]"), int(port)

@@ -6,17 +6,17 @@ the wait moves to a helper thread, one per subscription or stream end, created o
 ended after 30 s idle:
 
 * the helper runs the same Dekker protocol as the blocking API (store the waiting word, fence,
-  re-check, sleep on the posix semaphore for at most 0.25 s, repeat), so publishers and writers
-  need no change: they post the semaphore as they always do;
+  re-check, sleep on the posix semaphore for at most ``HELPER_SLEEP``, repeat), so publishers
+  and writers need no change: they post the semaphore as they always do;
 * when the condition holds (or the deadline passes) it resolves an asyncio future with
   ``loop.call_soon_threadsafe`` (measured against an eventfd registered with ``loop.add_reader``:
   the same cost within noise, and call_soon_threadsafe needs no fd per waiter; see
-  spec/stream.md);
+  docs/performance.md, "Streams and asyncio: the first measurements");
 * the helper never consumes anything: the message or bytes are taken on the loop thread after
   the future resolves.  A cancelled ``receive_async`` therefore loses nothing: what arrived stays
   in the ring for the next call.  On cancellation the loop thread posts the semaphore once so the
-  helper returns at once instead of after its 0.25 s bound (a spare post only causes one extra
-  re-check later).
+  helper returns at once instead of after its ``HELPER_SLEEP`` bound (a spare post only causes
+  one extra re-check later).
 
 Fairness: a consumer whose messages are always ready would never yield to the loop, so
 ``receive_async`` yields (``await asyncio.sleep(0)``) after every ``FAIR_BATCH`` messages taken
@@ -34,24 +34,23 @@ import time
 import posix_ipc
 
 from shimmy import ring, stream_ring
-from shimmy.errors import ChannelClosed, InvalidArgument, ReceiveTimeout
+from shimmy.errors import BackpressureTimeout, ChannelClosed, InvalidArgument, ReceiveTimeout
 from shimmy.ring import fence
 
 from . import client as _client_mod
-from .channel import MAX_SLEEP
 
 FAIR_BATCH = 32         # messages handed out without yielding to the loop
 HELPER_IDLE = 30.0      # seconds an idle helper thread lingers before exiting
+HELPER_SLEEP = 0.25     # a helper asleep on a semaphore re-checks at least this often
 
 
 class _Helper:
     """One thread that runs blocking waits, one after another, for one subscription/stream end."""
 
-    def __init__(self, name: str):
+    def __init__(self) -> None:
         self._cv = threading.Condition()
         self._jobs: collections.deque = collections.deque()
         self._thread: int | None = None  # ident of the running helper thread
-        self._name = name
 
     def submit(self, job) -> None:
         with self._cv:
@@ -76,10 +75,10 @@ class _Helper:
             job()
 
 
-def _helper(obj, name: str) -> _Helper:
+def _helper(obj) -> _Helper:
     helper = obj.__dict__.get("_aio_helper")
     if helper is None:
-        helper = obj.__dict__["_aio_helper"] = _Helper(name)
+        helper = obj.__dict__["_aio_helper"] = _Helper()
     return helper
 
 
@@ -102,12 +101,12 @@ def _block(sem, waiting_set, waiting_clear, ready, deadline, stop, gone) -> None
             if ready():
                 return
             if deadline is None:
-                wait = MAX_SLEEP
+                wait = HELPER_SLEEP
             else:
                 wait = deadline - time.monotonic()
                 if wait <= 0:
                     return
-                wait = min(wait, MAX_SLEEP)
+                wait = min(wait, HELPER_SLEEP)
             try:
                 sem.acquire(wait)
             except posix_ipc.BusyError:
@@ -116,7 +115,7 @@ def _block(sem, waiting_set, waiting_clear, ready, deadline, stop, gone) -> None
         waiting_clear()
 
 
-async def _wait(obj, name, sem, waiting_set, waiting_clear, ready, deadline, gone) -> None:
+async def _wait(obj, sem, waiting_set, waiting_clear, ready, deadline, gone) -> None:
     """Await ``ready()`` (or the deadline) without blocking the loop; cancellation-safe."""
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
@@ -133,13 +132,13 @@ async def _wait(obj, name, sem, waiting_set, waiting_clear, ready, deadline, gon
         except RuntimeError:
             pass  # the loop is closed; nobody is waiting any more
 
-    _helper(obj, name).submit(job)
+    _helper(obj).submit(job)
     try:
         await fut
     except asyncio.CancelledError:
         stop[0] = True
         try:
-            sem.release()  # wake the helper now rather than after MAX_SLEEP
+            sem.release()  # wake the helper now rather than after HELPER_SLEEP
         except posix_ipc.Error:
             pass
         raise
@@ -192,7 +191,7 @@ async def receive_async(sub, timeout: float | None = None):
     while True:
         sub.channel._check()
         sub._check_slot()
-        await _wait(sub, "shimmy-aio-sub", sem, waiting_set, waiting_clear, ready, deadline, gone)
+        await _wait(sub, sem, waiting_set, waiting_clear, ready, deadline, gone)
         if sub.closed:
             raise ChannelClosed(f"subscription to {sub.channel.name!r} is closed")
         msg = sub.receive_nowait()
@@ -236,7 +235,7 @@ def _stream_waiter(end, waiting_off: int, sem_index: int, ready):
     def gone():
         return end.closed
 
-    return ("shimmy-aio-stream", sem, waiting_set, waiting_clear, closed_aware_ready, gone)
+    return (sem, waiting_set, waiting_clear, closed_aware_ready, gone)
 
 
 def _reader_state(reader) -> int:
@@ -256,9 +255,9 @@ async def _reader_wait(reader, deadline, timeout) -> None:
     if deadline is not None and time.monotonic() >= deadline:
         raise ReceiveTimeout(f"stream {reader.name!r}: no data within {timeout} s")
     cur = reader._cursor
-    name, sem, ws, wc, ready, gone = _stream_waiter(reader, stream_ring.OFF_R_WAITING, 0,
-                                                    cur._data_ready)
-    await _wait(reader, name, sem, ws, wc, ready, deadline, gone)
+    sem, ws, wc, ready, gone = _stream_waiter(reader, stream_ring.OFF_R_WAITING, 0,
+                                              cur._data_ready)
+    await _wait(reader, sem, ws, wc, ready, deadline, gone)
 
 
 async def stream_readinto_async(reader, b, timeout: float | None = None) -> int:
@@ -303,7 +302,6 @@ async def stream_read_async(reader, size: int = -1, timeout: float | None = None
 async def stream_write_async(writer, b, timeout: float | None = None) -> int:
     """Write all of ``b``; waits for room without blocking the loop.  If cancelled, the bytes
     already copied stay written (``writer.position`` says how far the stream got)."""
-    from shimmy.errors import BackpressureTimeout
     deadline = None if timeout is None else time.monotonic() + timeout
     with memoryview(b) as mv:
         if mv.ndim != 1 or mv.format != "B":
@@ -316,8 +314,8 @@ async def stream_write_async(writer, b, timeout: float | None = None) -> int:
                                           f"wrote {done} of {n} bytes")
                 exc.written = done
                 raise exc
-            name, sem, ws, wc, ready, gone = _stream_waiter(writer, stream_ring.OFF_W_WAITING, 1,
-                                                            writer._cursor._space_ready)
-            await _wait(writer, name, sem, ws, wc, ready, deadline, gone)
+            sem, ws, wc, ready, gone = _stream_waiter(writer, stream_ring.OFF_W_WAITING, 1,
+                                                      writer._cursor._space_ready)
+            await _wait(writer, sem, ws, wc, ready, deadline, gone)
             done += writer.write_nowait(mv[done:])
         return n

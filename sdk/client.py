@@ -5,7 +5,8 @@ requests, control protocol v2: shimmy/protocol.py) and a session socket whose li
 daemon's view of this process's lifetime.  A heartbeat thread keeps the lease.  After ``fork()``
 the child drops the parent's client (closing its copies of both sockets, so the parent's death is
 still seen) and any object opened before the fork refuses to work in the child: a child must
-open its own channels.
+open its own channels.  The client must never carry message bytes, and never answer for another
+process's session.
 """
 
 from __future__ import annotations

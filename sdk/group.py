@@ -8,20 +8,25 @@ receive batch (one u32 load where a member's tail is reloaded, ring.GroupReader)
 daemon for the member list only when it changed, merges the
 members round-robin (each receive starts at the member after the one that delivered last, so a
 fast publisher never starves a slow one), and sleeps on the channel's one semaphore with its
-waiting byte armed in every member ring.
+waiting byte armed in every member ring.  It must never write a member ring beyond its own
+slot's position and waiting byte, and never ask the daemon on a receive whose epoch is unchanged.
 """
 
 from __future__ import annotations
 
 import mmap
+from typing import TYPE_CHECKING
 
 import posix_ipc
 
 from shimmy import ring
-
 from shimmy.errors import InvalidArgument
-from .channel import Channel, Message, Subscription
+
 from .client import open_shared_memory
+from .subscription import Message, Subscription
+
+if TYPE_CHECKING:
+    from .channel import Channel
 
 
 class _Member:

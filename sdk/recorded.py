@@ -3,7 +3,8 @@
 ``Channel.subscribe(start=<seq> | <datetime> | "recorded")`` returns a
 :class:`RecordedSubscription`.  The hand-off from the recording to the ring, and why it has no
 gap and no duplicate, is argued in spec/ring.md ("Joining from a recording"); the
-numbered steps below point there.
+numbered steps below point there.  It only reads the recording: it must never write it (the
+recorder holding the track's ``flock`` is its one writer).
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from shimmy import recording, ring
-from shimmy.errors import InvalidArgument, ReceiveTimeout
+from shimmy.errors import InvalidArgument, MessageOverwritten, ReceiveTimeout
 from shimmy.recording import TrackReader
+from shimmy.recording_registry import lookup
 
-from .channel import Channel, Message, MessageOverwritten, Subscription
+from .subscription import Message, Subscription
+
+if TYPE_CHECKING:
+    from .channel import Channel
 
 HANDOFF_WAIT = 0.5   # seconds the join waits for a recorder that stopped advancing (lossy gaps)
 POLL = 0.001         # how often a join waiting for its recorder looks at the catalog
@@ -72,7 +77,6 @@ class RecordedSubscription:
 
     def __init__(self, channel: Channel, start, recording_dir: str | None,
                  spin_us: int | None):
-        from shimmy.recorder import lookup
         if channel.max_publishers > 1:
             raise InvalidArgument(f"channel {channel.name!r} is a publisher group: joining it "
                                   f"from a recording is not supported yet")

@@ -14,20 +14,24 @@ Both ends are ``io.RawIOBase`` objects, so ``io.BufferedReader``, ``shutil.copyf
 ``readline`` and ``with`` work.  Timeouts: every blocking call takes ``timeout=`` (seconds; None
 waits forever, re-checking liveness every 0.25 s); the end's ``timeout`` attribute (set with
 ``writer(timeout=...)``) is the default for the plain ``io`` methods.
+
+An end must never write the other end's words of the ring (spec/stream.md), and never work in
+a forked child: the child opens its own ends.
 """
 
 from __future__ import annotations
 
 import io
 import mmap
+import time
 from typing import Any
 
-
 from shimmy import stream_ring
-from shimmy.ring import fence
-from shimmy.errors import InvalidArgument, StreamClosed
+from shimmy.errors import BackpressureTimeout, InvalidArgument, StreamClosed
 from shimmy.names import validate_name
+from shimmy.ring import fence
 
+from . import aio
 from . import client as _client_mod
 from .client import fork_generation, get_client
 
@@ -230,7 +234,6 @@ class StreamWriter(_StreamEnd):
         if max_n == 0:
             raise InvalidArgument("claim size must be at least 1 byte")
         timeout = self._timeout(timeout)
-        import time
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             view = self._cursor.claim(max_n)
@@ -239,7 +242,6 @@ class StreamWriter(_StreamEnd):
                 self._claim_view = view
                 return view
             if not self._cursor.wait_space(deadline):
-                from shimmy.errors import BackpressureTimeout
                 raise BackpressureTimeout(f"stream {self.name!r}: ring full for {timeout} s "
                                           f"(capacity {self.capacity})")
 
@@ -266,8 +268,7 @@ class StreamWriter(_StreamEnd):
             return
 
     async def write_async(self, b, timeout: float | None = None) -> int:
-        from .aio import stream_write_async
-        return await stream_write_async(self, b, timeout)
+        return await aio.stream_write_async(self, b, timeout)
 
 
 class StreamReader(_StreamEnd):
@@ -397,9 +398,7 @@ class StreamReader(_StreamEnd):
         super().close()
 
     async def read_async(self, size: int = -1, timeout: float | None = None) -> bytes:
-        from .aio import stream_read_async
-        return await stream_read_async(self, size, timeout)
+        return await aio.stream_read_async(self, size, timeout)
 
     async def readinto_async(self, b, timeout: float | None = None) -> int:
-        from .aio import stream_readinto_async
-        return await stream_readinto_async(self, b, timeout)
+        return await aio.stream_readinto_async(self, b, timeout)

@@ -4,7 +4,8 @@
 Exit codes: 0 success, 1 a runtime failure (daemon unreachable, refused operation, timeout),
 2 a usage error (bad option, bad value, bad name), 130 interrupted.  Errors are one line on
 stderr naming what was wrong; no traceback reaches the user.  A closed stdout (``shimmy ls |
-head -1``) ends the command quietly.
+head -1``) ends the command quietly.  The commands parse, call the SDK or the daemon's control
+requests, and print: they must never touch a ring's words themselves.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from shimmy.errors import (
     ReceiveTimeout,
     ShimmyError,
 )
+from shimmy.bench.runner import bench
 from shimmy.names import validate_name
 
 MiB = 1 << 20
@@ -530,14 +532,7 @@ def health(daemon_path: str | None, timeout: float) -> None:
     click.echo(f"ok pid={reply['pid']} uptime={reply['uptime']:.0f}s")
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                               "help_option_names": []},
-             short_help="benchmarks against ZeroMQ, TCP and others (--help for options)")
-@click.argument("bench_args", nargs=-1, type=click.UNPROCESSED)
-def bench(bench_args: tuple[str, ...]) -> None:
-    """Benchmarks; every argument goes to shimmy.bench.runner (`shimmy bench --help`)."""
-    from shimmy.bench.runner import main as bench_main
-    sys.exit(bench_main(list(bench_args)))
+cli.add_command(bench)   # shimmy/bench/runner.py
 
 
 @cli.command(short_help="embedded daemon + publisher + 2 subscribers, vs ZeroMQ")
@@ -578,9 +573,6 @@ def _fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:
-        # Everything after "bench" goes to the benchmark's own parser, untouched.
-        argv = ["bench", "--", *argv[1:]]
     code = 0
     stdout = sys.stdout
     try:

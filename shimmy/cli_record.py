@@ -1,5 +1,6 @@
 """``shimmy record``, ``shimmy replay`` and ``shimmy export``: recorded channels on the command
-line (docs/recording.md).  ``shimmy.cli`` adds these commands to its group."""
+line (docs/recording.md).  ``shimmy.cli`` adds these commands to its group.  They parse and
+report only: recording is shimmy/recorder.py's, replay the SDK's and the recording format's."""
 
 from __future__ import annotations
 
@@ -211,7 +212,7 @@ RECORDING_COLUMNS = ("RECORDING", "MODE", "BYTES", "MESSAGES", "OLDEST", "NEWEST
 def recordings(socket_path: str, channels: list[dict]) -> list[dict]:
     """Each registered recording's summary, with ``lag_messages``: messages the channel has
     published that the recording has not (None where the channel is not open here)."""
-    from shimmy.recorder import registered
+    from shimmy.recording_registry import registered
     published = {c["name"]: c.get("published") for c in channels}
     out = []
     for r in registered(socket_path):

@@ -4,7 +4,8 @@ On a terminal it redraws in the alternate screen until Ctrl-C, SIGTERM or a clos
 (SIGHUP, a hung-up tty, or a write failing with EIO/EPIPE), each of which ends it quietly with
 exit code 0.
 When stdout is not a terminal (or with ``--once``) it takes two samples one interval apart and
-prints one plain snapshot, rates included.
+prints one plain snapshot, rates included.  It only reads: it never changes the daemon's
+state.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Everything here is a pure function of one or two ``stat`` replies, so the same rendering serves
 the live view (``top`` on a terminal) and the plain snapshot (``stat``, ``top --once``, or any
-command whose stdout is a pipe).
+command whose stdout is a pipe).  Nothing here talks to the daemon or writes anywhere but the
+console it is given.
 """
 
 from __future__ import annotations

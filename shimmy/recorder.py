@@ -20,8 +20,10 @@ from typing import Any
 from shimmy import recording, ring
 from shimmy.errors import (ChannelClosed, ChannelConflict, DaemonUnavailable, InvalidArgument,
                            ReceiveTimeout, ShimmyError)
-from shimmy.protocol import resolve_socket
 from shimmy.recording import RecordSettings, TrackWriter
+from shimmy.recording_registry import register, registry_dir
+from shimmy.sdk.channel import Channel
+from shimmy.sdk.client import get_client
 
 log = logging.getLogger("shimmy.record")
 _ATTACH = threading.Lock()
@@ -30,60 +32,6 @@ CHUNK_BYTES = 1 << 20      # a run written at once is at most this (or a quarter
 SKIP_FILL = 0.75           # lossy recorder on a reliable ring: skip ahead past this fill
 ERROR_LOG_EVERY = 5.0      # seconds between two log lines about the same failing write
 RETRY_AFTER = 0.05         # a failed write (disk full) is tried again after this
-
-
-def registry_dir(socket_path: str | None) -> str:
-    """Where a daemon's recordings are registered: channel name -> recording directory, so
-    ``Channel.subscribe(start=<seq>|<datetime>|"recorded")`` finds them."""
-    return resolve_socket(socket_path) + ".recordings"
-
-
-def register(socket_path: str, name: str, channel_dir: str) -> None:
-    reg = registry_dir(socket_path)
-    recording.make_dir(reg)
-    link = recording.channel_dir(reg, name)
-    tmp = f"{link}.{os.getpid()}.tmp"
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    os.symlink(os.path.abspath(channel_dir), tmp)
-    os.replace(tmp, link)   # atomic: a reader sees the old link or the new one
-
-
-def lookup(socket_path: str | None, name: str) -> str | None:
-    """The recording directory registered for channel ``name``, or None."""
-    link = recording.channel_dir(registry_dir(socket_path), name)
-    return os.path.realpath(link) if os.path.isdir(link) else None
-
-
-def registered(socket_path: str | None) -> list[dict]:
-    """The catalog summary (``recording.Catalog.summary``, plus ``dir``) of every track of every
-    recording registered with the daemon at ``socket_path`` (one per channel; a publisher
-    group's has one per publisher): what ``ls``, ``stat`` and ``/metrics`` show.  A
-    registration whose recording is gone or unreadable is left out."""
-    reg = registry_dir(socket_path)
-    try:
-        entries = sorted(os.listdir(reg))
-    except OSError:
-        return []
-    out = []
-    for entry in entries:
-        cdir = os.path.realpath(os.path.join(reg, entry))
-        try:
-            names = sorted(os.listdir(cdir))
-        except OSError:
-            continue
-        for t in names:
-            try:
-                cat = recording.Catalog(os.path.join(cdir, t))
-            except (OSError, recording.RecordingError):
-                continue   # not a track (schema.json), or gone
-            try:
-                out.append({**cat.summary(), "dir": cdir})
-            finally:
-                cat.close()
-    return out
 
 
 def member_track(publisher: int, node: str | None, created_ns: int) -> str:
@@ -231,13 +179,11 @@ class ChannelRecorder:
 
     def __init__(self, name: str, root: str, mode: str = "reliable",
                  settings: RecordSettings | None = None, daemon: str | None = None):
-        from shimmy.sdk.channel import Channel
         if mode not in recording.MODES:
             raise InvalidArgument(f"record mode must be one of {sorted(recording.MODES)}, got "
                                   f"{mode!r}")
         self.name, self.root, self.mode, self.daemon = name, root, mode, daemon
         self.settings = settings or RecordSettings()
-        self._Channel = Channel
         self.cdir = recording.channel_dir(root, name)
         recording.make_dir(root)
         recording.make_dir(self.cdir)
@@ -280,9 +226,9 @@ class ChannelRecorder:
             mode, capacity = self._writer(recording.MAIN_TRACK).shape()
         try:
             # A channel made again (after a daemon restart) gets its recorded shape.
-            ch = self._Channel(self.name, daemon=self.daemon, mode=mode, capacity=capacity)
+            ch = Channel(self.name, daemon=self.daemon, mode=mode, capacity=capacity)
         except ChannelConflict:
-            ch = self._Channel(self.name, daemon=self.daemon)   # made since with another shape
+            ch = Channel(self.name, daemon=self.daemon)   # made since with another shape
         try:
             if self.mode == "reliable" and ch.mode == "lossy":
                 raise InvalidArgument(f"channel {self.name!r} is lossy: a reliable recording "
@@ -449,7 +395,6 @@ class RecorderSet:
         """Start recording every channel matching a pattern that is not recorded yet."""
         if not self.patterns:
             return
-        from shimmy.sdk.client import get_client
         # Recorded single-publisher channels are opened (made again) even when absent; a group
         # is recorded when it exists (opening an absent one would make an exclusive channel).
         names = {n for n, t in recording.tracks(self.root)

@@ -236,7 +236,6 @@ class TrackWriter:
         self._idx_fd = -1
         self._seg_start = 0
         self._idx_len = 0
-        self._entries_first: dict[int, tuple[int, int, int]] = {}
         self._recover()
 
     def _create(self, fd: int, name: str, mode: str) -> None:

@@ -199,7 +199,7 @@ def test_stream_python_writer_c_reader(daemon, tmp_path):
 
 def test_c_subscriber_starts_oldest_or_next(daemon):
     """start=oldest reads what the ring still holds from before the subscription; next does not
-    (spec/ring.md, "Starting points")."""
+    (spec/ring.md, "Start points")."""
     ch = shimmy.Channel("start/points", daemon=daemon.socket, capacity=CAP)
     for i in range(100):
         ch.publish(payload(i, size_of(i, 500)))

@@ -1,4 +1,4 @@
-"""No listener can end the daemon (docs/security.md, "No listener can end the daemon").
+"""No listener can end the daemon (docs/security.md, "A flood of local connections or requests").
 
 A daemon held to RLIMIT_NOFILE 1024 (soft and hard, set before it starts) with every listener
 open: the control socket, the session socket, the metrics port and the peer listener.  This

@@ -262,7 +262,7 @@ def test_spin_ceiling_follows_the_size_of_what_the_last_wait_got(daemon):
     sleeps: spin_us plus 1 us per SPIN_BYTES_PER_US bytes of the average message taken since
     its last long wait (spec/ring.md, "Wake-up protocol"); small messages keep spin_us, and
     spin_us=0 never spins.  Every wait here is long (the message comes 20 ms later)."""
-    from shimmy.sdk import channel as channel_mod
+    from shimmy.sdk import subscription as channel_mod
     with shimmy.Channel("spin/size", daemon=daemon.socket, capacity=1 << 22) as ch:
         for spin_us, sizes in ((100, (64, 1 << 20, 4096, 64)), (0, (1 << 20, 1 << 20))):
             sub = ch.subscribe(spin_us=spin_us)

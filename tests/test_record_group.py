@@ -14,7 +14,7 @@ from mcap.reader import make_reader
 
 import shimmy
 from shimmy import recording
-from shimmy.recorder import lookup
+from shimmy.recording_registry import lookup
 from shimmy.recording import TrackReader
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from . import harness, pingpong, report, throughput
 
-NAME = "c"
 SHIMMY_C = Path(os.environ.get("SHIMMY_C") or
                 Path(__file__).resolve().parents[2] / "libshimmy" / "build" / "shimmy-c")
 if not SHIMMY_C.exists():

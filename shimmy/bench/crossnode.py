@@ -12,7 +12,6 @@ from functools import partial
 
 from . import report
 
-NAME = "crossnode"
 SIZES = [64, 65536, 1 << 20]
 LOAN_SIZES = (65536, 1 << 20)   # the loan rows: where a zero-copy publisher is worth its loan
 RAW_TCP, ZMQ, ZMQ_PAIR = "raw TCP 127.0.0.1", "ZeroMQ tcp PUSH/PULL", "ZeroMQ tcp PAIR"

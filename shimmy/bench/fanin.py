@@ -30,8 +30,6 @@ import time
 
 from . import harness, peers, report
 
-NAME = "fanin"
-REQUIRES = None
 SIZES = [64, 4096]
 FANIN = 4
 WAKE_PUBLISHERS = [1, 4, 16]

@@ -20,8 +20,6 @@ import time
 
 from . import harness, peers, report
 
-NAME = "fanout"
-REQUIRES = None
 SIZE = 4096
 
 

@@ -14,7 +14,8 @@ heartbeat thread land on the same core).  The parent asks it to run one function
 Functions run in the worker as ``fn(ctl, **kwargs)``; ``ctl.state`` is a dict that lives as long
 as the worker, so sockets and channels can be opened once and reused across repetitions.
 Every wait in the parent is bounded; a worker that does not answer in time is killed and the
-measurement is reported as failed instead of hanging the run.
+measurement is reported as failed instead of hanging the run.  It must never leave a worker
+behind: ``cleanup_all`` runs on every way out of a run.
 """
 
 from __future__ import annotations
@@ -305,11 +306,6 @@ class Worker:
 
     def result(self, timeout: float = 60.0):
         return self._recv(timeout, "result")
-
-    def call(self, module: str, func: str, timeout: float = 60.0, **kwargs):
-        """Run a function that does not use ready/go and return its result."""
-        self.start_call(module, func, **kwargs)
-        return self.result(timeout)
 
     def close(self, timeout: float = 3.0) -> None:
         if self.proc.is_alive():

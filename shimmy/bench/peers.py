@@ -127,7 +127,6 @@ _BINDS = {("pair", "b"), ("pipe", "rx"), ("fanout", "tx")}
 class ZmqLink:
     def __init__(self, kind: str, side: str, name: str, proto: str, **_):
         import zmq
-        self._zmq = zmq
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(getattr(zmq, _ZMQ_TYPES[(kind, side)]))
         self.sock.setsockopt(zmq.LINGER, 0)

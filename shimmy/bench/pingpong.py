@@ -13,8 +13,6 @@ import time
 
 from . import harness, peers
 
-NAME = "pingpong"
-REQUIRES = None
 
 MAX_ITERS = 200_000
 

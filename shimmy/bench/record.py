@@ -30,7 +30,6 @@ from typing import Any
 
 from . import harness, peers, report
 
-NAME = "record"
 SIZE = 4096
 PUBLISH_N = 50_000          # messages per recording-cost measurement (200 MiB at 4 KiB)
 BACKLOG_RING = 1 << 28      # the disk-rate run records this much backlog

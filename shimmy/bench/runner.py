@@ -4,12 +4,14 @@ pub/sub and iceoryx2, in one run on one machine.
 Starts a private daemon (and a private redis-server when the binary exists), runs the selected
 suites (each in pinned worker processes), prints a table, checks the targets (ratios against
 peers measured in the same run) and writes JSON; ``--report DIR`` also writes a Markdown report
-with PNG plots.  See docs/benchmarks.md for what each number means.
+with PNG plots.  See docs/benchmarks.md for what each number means.  The runner measures
+nothing itself; it must never leave a worker, the daemon or redis-server running behind it
+(also on Ctrl-C and SIGTERM).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime as _dt
 import importlib
 import json
@@ -21,20 +23,22 @@ import signal
 import sys
 import time
 
+import click
+
 from . import harness, peers, report
 
-# Suite registry: name -> (suite module, feature module that must import for the suite to run).
-# A suite whose feature is missing is skipped with the reason (e.g. streams, cross-node: written
-# elsewhere; their suite modules can be dropped in here without touching anything else).
+# Suite registry: name -> (suite module, optional package the suite needs, or None).  A suite
+# whose package does not import, or whose module raises ImportError (clib: the C binary is not
+# built), is skipped with the reason; the suite modules are imported only when selected.
 SUITES: dict[str, tuple[str, str | None]] = {
     "pingpong": ("shimmy.bench.pingpong", None),
     "throughput": ("shimmy.bench.throughput", None),
     "fanout": ("shimmy.bench.fanout", None),
-    "stream": ("shimmy.bench.streams", "shimmy.sdk.stream"),
-    "crossnode": ("shimmy.bench.crossnode", "shimmy.daemon.peer"),
-    "scrape": ("shimmy.bench.scrape", "prometheus_client"),
+    "stream": ("shimmy.bench.streams", None),
+    "crossnode": ("shimmy.bench.crossnode", None),
+    "scrape": ("shimmy.bench.scrape", "prometheus_client"),   # the metrics extra
     "fanin": ("shimmy.bench.fanin", None),
-    "c": ("shimmy.bench.clib", None),   # skipped, saying why, until libshimmy is built
+    "c": ("shimmy.bench.clib", None),
     "record": ("shimmy.bench.record", None),
 }
 DEFAULT_SIZES = [64, 4096, 1 << 20]
@@ -43,7 +47,7 @@ DEFAULT_SIZES = [64, 4096, 1 << 20]
 class Context:
     """What every suite gets: the daemon, sizes, timing budget, CPU placement, a logger."""
 
-    def __init__(self, args, daemon: str, cpu_list: list[int]):
+    def __init__(self, args: Options, daemon: str, cpu_list: list[int]):
         self.daemon = daemon
         self.sizes = args.sizes
         self.reps = args.reps
@@ -78,40 +82,66 @@ class Context:
             print(text, file=sys.stderr, flush=True)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="shimmy bench",
-                                description="Benchmarks shimmy against ZeroMQ, raw TCP, UDP, a "
-                                "unix socket, pipes, Redis pub/sub and iceoryx2.")
-    p.add_argument("--quick", action="store_true", help="1 repetition, short runs (~30 s)")
-    p.add_argument("--only", help=f"comma-separated suites: {','.join(SUITES)}")
-    p.add_argument("--json", dest="json_path", help="where to write results "
-                   "(default bench-results/bench-<timestamp>.json)")
-    p.add_argument("--sizes", help="comma-separated message sizes in bytes (k/m suffix ok); "
-                   "default 64,4k,1m")
-    p.add_argument("--seconds", type=float, help="seconds per measurement (default 0.4, quick 0.1)")
-    p.add_argument("--reps", type=int, help="repetitions per measurement (default 3, quick 1)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--report", metavar="DIR", help="also write DIR/results.json, DIR/report.md "
-                   "and PNG plots (needs matplotlib: pip install 'shimmy[bench]')")
-    p.add_argument("--no-redis", action="store_true",
-                   help="leave Redis out even if redis-server is installed")
-    args = p.parse_args(argv)
-    args.sizes = [_size(s) for s in args.sizes.split(",")] if args.sizes else list(DEFAULT_SIZES)
-    if args.seconds is None:
-        args.seconds = 0.1 if args.quick else 0.4
-    if args.reps is None:
-        args.reps = 1 if args.quick else 3
-    if args.report:
+@dataclasses.dataclass
+class Options:
+    """What ``shimmy bench`` was asked for, defaults filled in (``bench`` below)."""
+    argv: list[str]
+    quick: bool
+    only: list[str]
+    json_path: str | None
+    sizes: list[int]
+    seconds: float
+    reps: int
+    quiet: bool
+    report: str | None
+    no_redis: bool
+
+
+class _BenchCommand(click.Command):
+    """Keeps the arguments as given: the results name the command that made them."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["bench_argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+@click.command("bench", cls=_BenchCommand, context_settings={"help_option_names": ["-h", "--help"]},
+               short_help="benchmarks against ZeroMQ, TCP and others (--help for options)")
+@click.option("--quick", is_flag=True, help="1 repetition, short runs (~30 s)")
+@click.option("--only", metavar="ONLY", help=f"comma-separated suites: {','.join(SUITES)}")
+@click.option("--json", "json_path", metavar="JSON_PATH", help="where to write results "
+              "(default bench-results/bench-<timestamp>.json)")
+@click.option("--sizes", metavar="SIZES", help="comma-separated message sizes in bytes (k/m "
+              "suffix ok); default 64,4k,1m")
+@click.option("--seconds", type=float, help="seconds per measurement (default 0.4, quick 0.1)")
+@click.option("--reps", type=int, help="repetitions per measurement (default 3, quick 1)")
+@click.option("--quiet", is_flag=True, help="no progress lines on stderr")
+@click.option("--report", metavar="DIR", help="also write DIR/results.json, DIR/report.md and "
+              "PNG plots (needs matplotlib: pip install 'shimmy[bench]')")
+@click.option("--no-redis", is_flag=True,
+              help="leave Redis out even if redis-server is installed")
+def bench(quick: bool, only: str | None, json_path: str | None, sizes: str | None,
+          seconds: float | None, reps: int | None, quiet: bool, report: str | None,
+          no_redis: bool) -> None:
+    """Benchmarks shimmy against ZeroMQ, raw TCP, UDP, a unix socket, pipes, Redis pub/sub and
+    iceoryx2."""
+    if report:
         try:
             import matplotlib  # noqa: F401
         except ImportError:   # say so now, not after a run of several minutes
-            p.error("--report draws its plots with matplotlib, which is not installed: "
-                    "pip install 'shimmy[bench]'")
-    args.only = [s.strip() for s in args.only.split(",")] if args.only else list(SUITES)
-    unknown = [s for s in args.only if s not in SUITES]
+            raise click.UsageError("--report draws its plots with matplotlib, which is not "
+                                   "installed: pip install 'shimmy[bench]'") from None
+    suites = [s.strip() for s in only.split(",")] if only else list(SUITES)
+    unknown = [s for s in suites if s not in SUITES]
     if unknown:
-        p.error(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
-    return args
+        raise click.UsageError(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
+    opts = Options(argv=click.get_current_context().meta["bench_argv"], quick=quick,
+                   only=suites, json_path=json_path,
+                   sizes=[_size(s) for s in sizes.split(",")] if sizes else list(DEFAULT_SIZES),
+                   seconds=(0.1 if quick else 0.4) if seconds is None else seconds,
+                   reps=(1 if quick else 3) if reps is None else reps,
+                   quiet=quiet, report=report, no_redis=no_redis)
+    sys.exit(run(opts))
 
 
 def _size(text: str) -> int:
@@ -169,7 +199,7 @@ def _feature_missing(feature: str | None) -> str | None:
     return None
 
 
-def _start_redis(args, out: dict, log) -> "harness.RedisServer | None":
+def _start_redis(args: Options, out: dict, log) -> "harness.RedisServer | None":
     """A private redis-server for the Redis peer, when the binary and redis-py exist."""
     why = None
     binary = shutil.which("redis-server")
@@ -197,14 +227,14 @@ def _start_redis(args, out: dict, log) -> "harness.RedisServer | None":
     return None
 
 
-def main(argv=None) -> int:
-    args = parse_args(list(argv or []))
+def run(args: Options) -> int:
+    """Run the suites ``args`` names; print the table; write JSON (and the report)."""
     cpu_list = harness.cpus()
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = args.json_path or (None if args.report else
                                    os.path.join("bench-results", f"bench-{stamp}.json"))
-    command = "shimmy bench " + " ".join(shlex.quote(a) for a in (argv or []))
-    out: dict = {"meta": {"timestamp": stamp, "argv": list(argv or []), "command": command.strip(),
+    command = "shimmy bench " + " ".join(shlex.quote(a) for a in args.argv)
+    out: dict = {"meta": {"timestamp": stamp, "argv": args.argv, "command": command.strip(),
                     "nice": os.nice(0),
                     "sizes": args.sizes,
                     "reps": args.reps, "seconds_per_measurement": args.seconds,
@@ -236,7 +266,7 @@ def main(argv=None) -> int:
             if why is None:
                 try:
                     mod = importlib.import_module(modname)
-                except ImportError as exc:
+                except ImportError as exc:   # the suite's own check (clib: shimmy-c not built)
                     why = f"suite module {modname} not importable: {exc}"
             if why is not None:
                 out["skipped"][name] = why
@@ -290,4 +320,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    bench(prog_name="python -m shimmy.bench.runner")

@@ -15,7 +15,6 @@ import urllib.request
 
 from . import harness, throughput
 
-NAME = "scrape"
 SIZES = [64, 4096]
 SCRAPES_PER_S = 10.0
 

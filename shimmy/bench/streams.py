@@ -23,8 +23,6 @@ from typing import Any
 
 from . import harness
 
-NAME = "stream"
-REQUIRES = "shimmy.sdk.stream"
 CHUNKS = [4096, 65536, 1 << 20]
 
 

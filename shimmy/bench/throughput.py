@@ -18,9 +18,6 @@ import time
 
 from . import harness, peers
 
-NAME = "throughput"
-REQUIRES = None
-
 
 def variants(ctx) -> list[dict]:
     out: list[dict] = [

@@ -9,7 +9,7 @@ real ``shimmy daemon`` subprocesses with their own sockets (distinct shm prefixe
 127.0.0.1.  Every receiver times its steady state: the clock starts after the first tenth of the
 messages (``warm_up``), so a fresh connection's slow start and socket-buffer autotuning (the raw
 TCP and ZeroMQ rows open one per measurement; the daemons' link is already up) count for no one.
-The receiver also reads the CPU time of every process of its path from /proc (``proc_cpu_ns``:
+The receiver also reads the CPU time of every process of its path from /proc (``thread_cpu_ns``:
 publisher, both daemons and subscriber; raw TCP's and ZeroMQ's two ends) just before the sender
 starts and after the last message, and the sender stays up until then, so each process's
 whole share of the transfer is counted, whichever end ran ahead (a ZeroMQ sender queues its
