@@ -82,7 +82,7 @@ def worker_sub(sock: str, name: str, mode: str, n: int, group: int) -> None:
         lost += msg.lost   # counted from the subscription's start: the first message's too
         try:
             i = number(bytes(msg))
-        except shimmy.sdk.channel.MessageOverwritten:   # lossy: lapped while we copied it
+        except shimmy.MessageOverwritten:   # lossy: lapped while we copied it
             lost += 1
             last = (last if last is not None else -1) + 1 + msg.lost
             continue

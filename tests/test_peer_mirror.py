@@ -199,7 +199,7 @@ def worker_sub(sock: str, name: str, n: int, idle: float, wait_known: int = 1,
             statuses.append(sub.status)
         try:
             data = bytes(msg)
-        except shimmy.sdk.channel.MessageOverwritten:   # lossy: lapped while we copied it
+        except shimmy.MessageOverwritten:   # lossy: lapped while we copied it
             if prev is not None:
                 lost += msg.lost + 1
                 prev += 1 + msg.lost

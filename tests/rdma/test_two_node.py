@@ -142,7 +142,7 @@ def subscribe(d: Daemon, name: str, n: int) -> dict:
         msg = sub.receive(timeout=120)
         try:
             data = bytes(msg)
-        except shimmy.sdk.channel.MessageOverwritten:     # lossy: lapped while copying
+        except shimmy.MessageOverwritten:     # lossy: lapped while copying
             lost += msg.lost + 1
             prev = (prev if prev is not None else -1) + 1 + msg.lost
             continue
@@ -293,7 +293,7 @@ def _burst_subscribe(d: Daemon, name: str, mode: str, silent_first: bool) -> dic
         lost += msg.lost    # the subscription began before message 0: counted from there
         try:
             data = bytes(msg)
-        except shimmy.sdk.channel.MessageOverwritten:
+        except shimmy.MessageOverwritten:
             lost += 1
             prev = (prev if prev is not None else -1) + 1 + msg.lost
             continue
