@@ -24,11 +24,11 @@ venv: $(VPY)
 # editable install resolves that mapping even when run from this folder (where the plain shimmy/
 # folder would otherwise shadow an installed copy).  Redone when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(VPY)
-	$(VPY) -m pip install -q --disable-pip-version-check -e .
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[demo]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(VPY)
-	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev,daemon]'
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev,daemon,demo]'
 	touch $@ $(VENV)/.installed
 
 # libshimmy (the C client) and shimmy-c, plain and under AddressSanitizer + UBSan for the tests

@@ -219,7 +219,7 @@ def run_demo(seconds: float = 3.0, size: int = 256) -> int:
         shimmy_r = _run_transport("shimmy", _shimmy_pub, (sock,), _shimmy_sub, sock, size,
                                   seconds)
         zmq_r = None
-        if importlib.util.find_spec("zmq") is not None:   # pyzmq: the `bench` extra
+        if importlib.util.find_spec("zmq") is not None:   # pyzmq: the `demo` extra
             zmq_r = _run_transport("zeromq", _zmq_pub, ("ipc://" + os.path.join(workdir, "zmq"),),
                                    _zmq_sub, "ipc://" + os.path.join(workdir, "zmq"), size, seconds)
     finally:
@@ -232,7 +232,7 @@ def run_demo(seconds: float = 3.0, size: int = 256) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     _print_table(shimmy_r, zmq_r)
     if zmq_r is None:
-        print("(no ZeroMQ column: pyzmq is not installed; pip install 'shimmy[bench]')")
+        print("(no ZeroMQ column: pyzmq is not installed; pip install 'shimmy[demo]')")
     return 0 if shimmy_r["complete"] else 1
 
 
