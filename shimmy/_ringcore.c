@@ -1,12 +1,21 @@
-/* The per-message paths of the pub/sub ring in C (shimmy/ring.py, spec/ring.md).
+/* The per-message paths of the pub/sub ring in C (shimmy/ring/, spec/ring.md).
  *
- * ring.RingWriter and ring.RingReader subclass the two types below.  Each method here runs the
- * common case of its Python twin in ring.py (``_publish_py``, ``_publish_many_py``,
- * ``_take_bytes_py``, ``_take_many_bytes_py``) with the same loads and stores in the same order,
- * and hands every other case (wrap padding, room to make, a lapped or lossy reader, a frame
- * that fails validation, a bytes-like object that is not one contiguous run of bytes) to that
- * Python twin, before changing any state.  The Python twins stay the reference: they run alone
- * where this module is not built, or with SHIMMY_PURE_PYTHON=1, and the tests run both ways.
+ * ring.RingWriter and ring.RingReader (shimmy/ring/writer.py, reader.py) subclass the two types
+ * below.  Each method here runs the common case of its Python twin with the same loads and
+ * stores in the same order; the seven twins are ``publish`` (``_publish_py``), ``publish_many``
+ * (``_publish_many_py``), ``claim`` (``_claim_py``), ``commit_claim`` (``_commit_claim_py``),
+ * ``take`` (``_take_py``), ``take_bytes`` (``_take_bytes_py``) and ``take_many_bytes``
+ * (``_take_many_bytes_py``), plus ``_walk_head``, the frame walk of RingWriter._make_room.  Each
+ * hands every other case (wrap padding, room to make, a lapped or lossy reader, a frame that
+ * fails validation, a bytes-like object that is not one contiguous run of bytes) to that Python
+ * twin, before changing any state.  The Python twins stay the reference: they run alone where
+ * this module is not built, or with SHIMMY_PURE_PYTHON=1, and the tests run both ways.  (The
+ * byte stream's two paths, further down, have their own twins in shimmy/stream_ring.py.)
+ *
+ * What this module and Python must agree on is checked when the package imports it
+ * (shimmy/ring/native.py): every offset #define below is exported and compared with the Python
+ * layout, and every Python attribute looked up here by name (the INTERN list in PyInit__ringcore,
+ * exported as LOOKUPS) must exist on its class; either mismatch refuses the module.
  *
  * Memory ordering.  The Python paths rely on x86-64 TSO and on aligned 8-byte stores through a
  * memoryview being single `mov`s.  Here the same order is stated to the compiler as well:
@@ -997,7 +1006,7 @@ static PyTypeObject StreamReaderCoreType = {
 
 static struct PyModuleDef ringcore_module = {
     PyModuleDef_HEAD_INIT, "shimmy._ringcore",
-    "C fast paths of the pub/sub ring (see shimmy/ring.py and spec/ring.md).", -1, NULL};
+    "C fast paths of the pub/sub ring (see shimmy/ring/ and spec/ring.md).", -1, NULL};
 
 PyMODINIT_FUNC PyInit__ringcore(void) {
     if (PyType_Ready(&WriterCoreType) < 0 || PyType_Ready(&ReaderCoreType) < 0 ||
