@@ -54,7 +54,12 @@ class RingReader(_ReaderBase):
                          self._GROUP)
             view.cores.append(self)
 
-    _GROUP = False   # GroupReader: tail reloads (its turn and epoch checks) stay in Python
+    # GroupReader: tail reloads go through its ``_reload`` hook (its turn and epoch checks), in
+    # Python in both builds.  take and take_bytes are the one take path of both readers.
+    _GROUP = False
+
+    def _reload(self, p: int) -> int:
+        raise NotImplementedError   # only a GroupReader's take paths call it (_GROUP)
 
     def head_at_most(self, pos: int) -> bool:
         """True while the frame at ``pos`` has not been overwritten (pairs with _make_room)."""
@@ -77,8 +82,9 @@ class RingReader(_ReaderBase):
         q[self._pos_word] = p  # SYNC POINT (consumption), see release_to
         while True:
             if p == self._tail:
-                # SYNC POINT (acquire): pairs with the publisher's tail store in _commit.
-                t = q[W_TAIL]
+                # SYNC POINT (acquire): pairs with the publisher's tail store in _commit.  A
+                # group member's reload goes through its hook (GroupReader._reload).
+                t = self._reload(p) if self._GROUP else q[W_TAIL]
                 if t == p:
                     return None
                 if t < p or t & 15:
@@ -112,12 +118,17 @@ class RingReader(_ReaderBase):
         to ``lost_total``.  A frame overwritten while being copied (lossy mode) is skipped
         without advancing the expected sequence number, so the next message's loss counts it:
         this never returns torn bytes and never raises for it.
+
+        Its loop repeats _take_py's frame steps (reload, header, head check, PAD, bounds) line
+        for line, on purpose: a shared helper would cost a Python call per message on the pure
+        Python build's hot path, and C holds the same steps once more (_ringcore.c).
         """
         q = self._q
         while True:
             p = self.position
             if p == self._tail:
-                t = q[W_TAIL]                 # SYNC POINT (acquire), as in take
+                # SYNC POINT (acquire), as in take (and its group hook)
+                t = self._reload(p) if self._GROUP else q[W_TAIL]
                 if t == p:
                     return None
                 if t < p or t & 15:
@@ -244,9 +255,9 @@ class RingReader(_ReaderBase):
 class GroupReader(RingReader):
     """A subscriber's cursor in one member ring of a multi-publisher channel.
 
-    ``take`` and ``take_bytes`` are RingReader's, line for line (keep them in step), with two
-    checks more where the tail is reloaded, i.e. once per batch (the frames committed at the
-    last reload), never per message:
+    ``take`` and ``take_bytes`` are RingReader's; their tail reload calls :meth:`_reload`, which
+    adds two checks, i.e. once per batch (the frames committed at the last reload), never per
+    message:
 
     * ``merged`` (the subscription reads several members): after a batch the reader returns
       None once (``turn``), so the subscription moves on to the next member; each member
@@ -267,95 +278,19 @@ class GroupReader(RingReader):
         self.merged = False   # set by the subscription while it reads more than one member
         self.turn = False     # a batch was loaded while merged: yield once when it is done
 
-    def _take_py(self):
-        """RingReader._take_py, plus None when the group epoch moved (checked at tail
-        reloads); _ringcore.c's take calls it at every tail reload of a member."""
-        q = self._q
-        p = self.position
-        q[self._pos_word] = p  # SYNC POINT (consumption), see release_to
-        while True:
-            if p == self._tail:
-                if self.turn:     # merging: this batch is done, the other members go first
-                    self.turn = False
-                    return None
-                if self._gq[I_GROUP_EPOCH] != self.group_epoch:
-                    return None   # a publisher joined or left: the subscription refreshes first
-                # SYNC POINT (acquire): pairs with the publisher's tail store in _commit.
-                t = q[W_TAIL]
-                if t == p:
-                    return None
-                if t < p or t & 15:
-                    self._bad_tail(t)
-                self._tail = t
-                self.turn = self.merged
-            off = self._base + (p & self._mask)
-            length, flags, seq = _unpack_frame(self._mv, off)
-            # SYNC POINT (validate): load head after the header; head <= p means the header
-            # was intact when read (pairs with the head store in RingWriter._make_room).
-            head = q[W_HEAD]
-            if head > p:
-                p = self._resync(head)
-                continue
-            if flags:
-                p = self.position = self._pad_end(p, length, flags)
-                continue
-            end = p + ((length + HEADER + 15) & ~15)
-            if length > self._max or end > self._tail:
-                self._bad_frame(p, length, flags)   # validate: within limits and committed
-            self.position = end
-            lost = seq - self._expect
-            if lost:
-                self._count_lost(p, seq, lost)
-            self._expect = seq + 1
-            return p, off + HEADER, length, seq, lost
-
     _GROUP = True
 
-    def _take_bytes_py(self):
-        """RingReader._take_bytes_py, plus None when the group epoch moved (at tail reloads);
-        _ringcore.c's take_bytes calls it at every tail reload of a member."""
-        q = self._q
-        while True:
-            p = self.position
-            if p == self._tail:
-                if self.turn:     # merging: this batch is done, the other members go first
-                    self.turn = False
-                    return None
-                if self._gq[I_GROUP_EPOCH] != self.group_epoch:
-                    return None   # a publisher joined or left: the subscription refreshes first
-                t = q[W_TAIL]                 # SYNC POINT (acquire), as in take
-                if t == p:
-                    return None
-                if t < p or t & 15:
-                    self._bad_tail(t)
-                self._tail = t
-                self.turn = self.merged
-            off = self._base + (p & self._mask)
-            length, flags, seq = _unpack_frame(self._mv, off)
-            head = q[W_HEAD]                  # SYNC POINT (validate header), as in take
-            if head > p:
-                self._resync(head)
-                continue
-            if flags:
-                self.position = end = self._pad_end(p, length, flags)
-                # released too: a dead group publisher's ring may end at a PAD committed alone
-                q[self._pos_word] = end       # SYNC POINT (consumption), as below
-                continue
-            end = p + ((length + HEADER + 15) & ~15)
-            if length > self._max or end > self._tail:
-                self._bad_frame(p, length, flags)
-            start = off + HEADER
-            data = self._mm[start:start + length]   # one copy, straight into a bytes object
-            self.position = end
-            if q[W_HEAD] > p:                 # SYNC POINT (validate payload): overwritten
-                continue                      # while copied: counted by the next message
-            q[self._pos_word] = end           # SYNC POINT (consumption): copied, release it
-            lost = seq - self._expect
-            if lost:
-                self._count_lost(p, seq, lost)
-            self._expect = seq + 1
-            return data
-
-    if _core is None:
-        take = _take_py
-        take_bytes = _take_bytes_py
+    def _reload(self, p: int) -> int:
+        """RingReader's tail reload (the take paths' hook, once per batch): the tail, or ``p``
+        (caught up, so the take returns None) when this member must yield first: its batch is
+        done while merging (``turn``), or the group epoch moved.  _ringcore.c's take and
+        take_bytes hand every tail reload of a member to the Python take for it."""
+        if self.turn:     # merging: this batch is done, the other members go first
+            self.turn = False
+            return p
+        if self._gq[I_GROUP_EPOCH] != self.group_epoch:
+            return p      # a publisher joined or left: the subscription refreshes first
+        t = self._q[W_TAIL]   # SYNC POINT (acquire), as in RingReader._take_py
+        if t > p and not t & 15:   # a batch the take path accepts: yield after it when merging
+            self.turn = self.merged
+        return t
