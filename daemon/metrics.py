@@ -287,7 +287,7 @@ class DaemonCollector:
                                              for m in list(rec.members.values()))
             lags = list(rec.member_lags().values())
         lost = {(s.index, s.generation): view.slot_lost(s.index) for s in slots + evicted}
-        waits = q[ring.W_WAITS]
+        waits = q[ring.OFF_WAITS // 8]
         link = view.link_state()
         # Everything read: now emit (a released view raised before any sample was added).
         if published is not None:
