@@ -12,6 +12,7 @@ import pytest
 import shimmy
 from shimmy.daemon.config import Settings
 from shimmy.sdk.client import DaemonClient
+from workers import until
 
 
 def _daemon(daemon_factory, tmp_path, text: str = ""):
@@ -22,16 +23,6 @@ def _daemon(daemon_factory, tmp_path, text: str = ""):
 
 def _listing(client: DaemonClient) -> dict:
     return {ch["name"]: ch for ch in client.request("list")["channels"]}
-
-
-def _until(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def test_one_uid_creates_quota_channels_channels_and_the_next_is_refused(daemon):
@@ -74,7 +65,7 @@ def test_an_idle_channel_with_nothing_unread_is_reclaimed_after_its_ttl(daemon_f
     try:
         idle = _listing(probe)["idle/read"]["idle"]
         assert idle["unread_bytes"] == 0 and idle["reclaim_in_s"] <= 1.0, idle
-        _until(lambda: "idle/read" not in _listing(probe), 10, "the read-out channel reclaimed")
+        until(lambda: "idle/read" not in _listing(probe), 10, "the read-out channel reclaimed")
         counters = probe.request("stat")["counters"]
         assert counters["channels_reclaimed"] == 1 and counters["channels_reclaimed_unread"] == 0
         assert "nothing unread for idle_channel_ttl=1s" in d.log()
@@ -107,7 +98,7 @@ def test_unread_messages_keep_an_idle_channel_for_the_longer_ttl_and_say_so(daem
                 [b"u%d" % i for i in range(5)]
         # unread/late was read to its end: it goes after idle_channel_ttl; unread/never after
         # idle_channel_unread_ttl, with its bytes counted.
-        _until(lambda: not {"unread/late", "unread/never"} & set(_listing(probe)), 10,
+        until(lambda: not {"unread/late", "unread/never"} & set(_listing(probe)), 10,
                "both reclaimed")
         counters = probe.request("stat")["counters"]
         assert counters["channels_reclaimed"] == 2, counters

@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 import shimmy  # noqa: E402
 from shimmy.daemon.peer.auth import random_key_file  # noqa: E402
+from workers import until  # noqa: E402
 from shimmy.protocol import FRAME_HEADER, read_frame  # noqa: E402
 from shimmy.sdk.client import DaemonClient  # noqa: E402
 
@@ -201,16 +202,6 @@ def _progress(path: str) -> dict:
         return {"received": 0, "requests": 0, "errors": []}
 
 
-def _until(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 def _scrape(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
@@ -253,7 +244,7 @@ def test_a_flood_of_idle_and_half_open_connections_ends_nothing(tmp_path, key, l
     try:
         progress, stop = str(tmp_path / "progress.json"), str(tmp_path / "stop")
         live = subprocess.Popen([sys.executable, "-c", LIVE_WORKER, node.socket, progress, stop])
-        _until(lambda: _progress(progress)["requests"] >= 3, 30, "the live client started")
+        until(lambda: _progress(progress)["requests"] >= 3, 30, "the live client started")
         fds_before = node.fds()
 
         held, failed = _flood(node, listeners, FLOOD)
@@ -279,7 +270,7 @@ def test_a_flood_of_idle_and_half_open_connections_ends_nothing(tmp_path, key, l
         assert not during["errors"], during["errors"][:5]
 
         # After the flood: what it held is given back, and new clients are served.
-        _until(lambda: node.fds() <= fds_before + 8, 30,
+        until(lambda: node.fds() <= fds_before + 8, 30,
                f"the daemon's descriptors back near {fds_before} (now {node.fds()})")
         with shimmy.Channel("flood/after", daemon=node.socket) as ch:
             sub = ch.subscribe()
@@ -306,7 +297,7 @@ def test_a_flood_of_idle_and_half_open_connections_ends_nothing(tmp_path, key, l
             other = Node(str(other_dir), key, "B", "--peer", f"127.0.0.1:{node.peer_port}")
             probe = DaemonClient(node.socket)
             try:
-                _until(lambda: probe.request("stat")["peer"]["links"], 30,
+                until(lambda: probe.request("stat")["peer"]["links"], 30,
                        "node B linked to A after the flood")
             finally:
                 probe.close()
@@ -360,7 +351,7 @@ def test_control_connections_past_the_quota_are_told_why(daemon_factory, tmp_pat
         for s in held:
             s.close()
     # Given back as they close: a new client is served.
-    client = _until(lambda: _try_client(d.socket), 10, "a client served after the quota frees")
+    client = until(lambda: _try_client(d.socket), 10, "a client served after the quota frees")
     client.close()
 
 

@@ -19,6 +19,18 @@ import zlib
 import shimmy
 
 
+def until(cond, timeout: float, what: str):
+    """cond()'s first truthy value, polled every 50 ms; AssertionError naming ``what`` after
+    ``timeout`` seconds (a bound on a wait, never a speed figure)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
 def payload(seq: int, max_size: int) -> bytes:
     rng = random.Random(seq)
     size = rng.randint(0, max_size) if seq % 7 else rng.choice((0, max_size))
