@@ -47,7 +47,7 @@ lint: $(VENV)/.installed-dev
 	$(VPY) -m mypy
 
 # The ring's per-message paths exist twice (shimmy/_ringcore.c and their Python twins in
-# shimmy/ring.py): the ring tests run once more with the Python versions.
+# shimmy/ring/): the ring tests run once more with the Python versions.
 RING_TESTS := tests/test_ring_core.py tests/test_ring_crash.py tests/test_ring_validation.py \
 	tests/test_batch.py tests/test_pubsub.py tests/test_multipub.py tests/test_zero_copy.py
 

@@ -287,7 +287,7 @@ class DaemonCollector:
                                              for m in list(rec.members.values()))
             lags = list(rec.member_lags().values())
         lost = {(s.index, s.generation): view.slot_lost(s.index) for s in slots + evicted}
-        waits = q[ring.OFF_WAITS // 8]
+        waits = q[ring.W_WAITS]
         link = view.link_state()
         # Everything read: now emit (a released view raised before any sample was added).
         if published is not None:

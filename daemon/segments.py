@@ -82,7 +82,7 @@ class Segments:
 
     def create_ring(self, token: str, name: str, mode: int, capacity: int,
                     max_subscribers: int) -> tuple[str, mmap.mmap]:
-        """A pub/sub ring (layout: shimmy/ring.py), space-checked, allocated and formatted."""
+        """A pub/sub ring (shimmy/ring/layout.py), space-checked, allocated and formatted."""
         shm_name, mm = self._allocate(token, f"channel {name!r}",
                                       ring.segment_size(capacity, max_subscribers))
         ring.format_ring(mm, name, mode, capacity, max_subscribers)
@@ -184,7 +184,7 @@ class Segments:
         it and give its bytes back to the budget."""
         size = len(mm)
         view = memoryview(mm).cast("Q")
-        view[ring.OFF_RETIRED // 8] = 1
+        view[ring.W_RETIRED] = 1
         view.release()
         self.allocated -= size
         try:

@@ -1,12 +1,21 @@
-/* The per-message paths of the pub/sub ring in C (shimmy/ring.py, spec/ring.md).
+/* The per-message paths of the pub/sub ring in C (shimmy/ring/, spec/ring.md).
  *
- * ring.RingWriter and ring.RingReader subclass the two types below.  Each method here runs the
- * common case of its Python twin in ring.py (``_publish_py``, ``_publish_many_py``,
- * ``_take_bytes_py``, ``_take_many_bytes_py``) with the same loads and stores in the same order,
- * and hands every other case (wrap padding, room to make, a lapped or lossy reader, a frame
- * that fails validation, a bytes-like object that is not one contiguous run of bytes) to that
- * Python twin, before changing any state.  The Python twins stay the reference: they run alone
- * where this module is not built, or with SHIMMY_PURE_PYTHON=1, and the tests run both ways.
+ * ring.RingWriter and ring.RingReader (shimmy/ring/writer.py, reader.py) subclass the two types
+ * below.  Each method here runs the common case of its Python twin with the same loads and
+ * stores in the same order; the seven twins are ``publish`` (``_publish_py``), ``publish_many``
+ * (``_publish_many_py``), ``claim`` (``_claim_py``), ``commit_claim`` (``_commit_claim_py``),
+ * ``take`` (``_take_py``), ``take_bytes`` (``_take_bytes_py``) and ``take_many_bytes``
+ * (``_take_many_bytes_py``), plus ``_walk_head``, the frame walk of RingWriter._make_room.  Each
+ * hands every other case (wrap padding, room to make, a lapped or lossy reader, a frame that
+ * fails validation, a bytes-like object that is not one contiguous run of bytes) to that Python
+ * twin, before changing any state.  The Python twins stay the reference: they run alone where
+ * this module is not built, or with SHIMMY_PURE_PYTHON=1, and the tests run both ways.  (The
+ * byte stream's two paths, further down, have their own twins in shimmy/stream_ring.py.)
+ *
+ * What this module and Python must agree on is checked when the package imports it
+ * (shimmy/ring/native.py): every offset #define below is exported and compared with the Python
+ * layout, and every Python attribute looked up here by name (the INTERN list in PyInit__ringcore,
+ * exported as LOOKUPS) must exist on its class; either mismatch refuses the module.
  *
  * Memory ordering.  The Python paths rely on x86-64 TSO and on aligned 8-byte stores through a
  * memoryview being single `mov`s.  Here the same order is stated to the compiler as well:
@@ -22,7 +31,8 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Offsets: the same constants as ring.py (checked at import by ring.py against its own). */
+/* Offsets: the same constants as shimmy/ring/layout.py, exported by the module and compared
+ * with it at import (shimmy/ring/native.py, check_layout): a difference refuses this module. */
 #define OFF_MODE 12
 #define OFF_MAX_SUBS 24
 #define OFF_RETIRED 40
@@ -996,7 +1006,7 @@ static PyTypeObject StreamReaderCoreType = {
 
 static struct PyModuleDef ringcore_module = {
     PyModuleDef_HEAD_INIT, "shimmy._ringcore",
-    "C fast paths of the pub/sub ring (see shimmy/ring.py and spec/ring.md).", -1, NULL};
+    "C fast paths of the pub/sub ring (see shimmy/ring/ and spec/ring.md).", -1, NULL};
 
 PyMODINIT_FUNC PyInit__ringcore(void) {
     if (PyType_Ready(&WriterCoreType) < 0 || PyType_Ready(&ReaderCoreType) < 0 ||
@@ -1022,12 +1032,36 @@ PyMODINIT_FUNC PyInit__ringcore(void) {
     PyObject *m = PyModule_Create(&ringcore_module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "OFF_TAIL", OFF_TAIL) < 0 ||
-        PyModule_AddIntConstant(m, "OFF_HEAD", OFF_HEAD) < 0 ||
-        PyModule_AddIntConstant(m, "OFF_LAST", OFF_LAST) < 0 ||
-        PyModule_AddIntConstant(m, "OFF_WAITING", OFF_WAITING) < 0 ||
-        PyModule_AddIntConstant(m, "HEADER", HEADER) < 0)
+    /* Every layout constant above, for shimmy/ring/native.py's check_layout (ring words) and
+     * stream_ring's (the S_ stream words): the package refuses this module at import when one
+     * differs from the Python layout. */
+#define EXPORT(name) PyModule_AddIntConstant(m, #name, name) < 0
+    if (EXPORT(OFF_MODE) || EXPORT(OFF_MAX_SUBS) || EXPORT(OFF_RETIRED) || EXPORT(OFF_TAIL) ||
+        EXPORT(OFF_HEAD) || EXPORT(OFF_LAST) || EXPORT(OFF_SLOT_HIGH) || EXPORT(OFF_WAITING) ||
+        EXPORT(CONTROL_SIZE) || EXPORT(SLOT_SIZE) || EXPORT(SLOT_OFF_STATE) ||
+        EXPORT(SLOT_ACTIVE) || EXPORT(MODE_RELIABLE) || EXPORT(HEADER) || EXPORT(FLAG_PAD) ||
+        EXPORT(S_OFF_RETIRED) || EXPORT(S_OFF_TAIL) || EXPORT(S_OFF_W_WAITING) ||
+        EXPORT(S_OFF_HEAD) || EXPORT(S_OFF_R_CLOSED) || EXPORT(S_OFF_R_WAITING) ||
+        EXPORT(S_OFF_R_BROKEN) ||
+        PyModule_AddObject(m, "WIDE_BIT", PyLong_FromUnsignedLongLong(WIDE_BIT)) < 0)
         goto fail;
+#undef EXPORT
+    /* The Python attributes each type looks up by name (the INTERN list above, by the object it
+     * is looked up on): the package checks at import that each exists, so a rename on the
+     * Python side fails there, not at the first slow path. */
+    PyObject *lookups = Py_BuildValue(
+        "{s(ssssss)s(sss)s(ss)s(ss)s(ss)s(s)}",
+        "WriterCore", "_publish_py", "_publish_many_py", "_claim_py", "_mv",
+        "_publish_one_of_batch", "_wakeups",
+        "ReaderCore", "_take_py", "_take_bytes_py", "_take_many_bytes_py",
+        "Wakeups", "posted_w0", "wake",
+        "StreamWriterCore", "_write_py", "_peer",
+        "StreamReaderCore", "_readinto_fast_py", "_peer",
+        "peer", "release");
+    if (lookups == NULL || PyModule_AddObject(m, "LOOKUPS", lookups) < 0) {
+        Py_XDECREF(lookups);
+        goto fail;
+    }
     Py_INCREF(&WriterCoreType);
     if (PyModule_AddObject(m, "WriterCore", (PyObject *)&WriterCoreType) < 0) {
         Py_DECREF(&WriterCoreType);

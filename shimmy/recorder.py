@@ -269,7 +269,7 @@ class ChannelRecorder:
             self.writers.pop(name).close()
         for mid, m in now.items():
             if mid not in self.tracks:
-                created = m.view.q[ring.OFF_CREATED // 8]
+                created = m.view.q[ring.W_CREATED]
                 w = self._writer(member_track(mid, m.reader.node, created))
                 w.set_shape(ring.MODES[self.ch.mode], m.view.capacity)
                 self.tracks[mid] = _Track(self, m.reader, m.view, w)

@@ -61,7 +61,7 @@ import posix_ipc
 
 from shimmy.errors import (BackpressureTimeout, InvalidArgument, ReceiveTimeout,
                            StreamBroken)
-from shimmy.ring import SegmentView, corrupted
+from shimmy.ring import SegmentView, check_layout, check_lookups, core_layout, corrupted
 from shimmy.ring import _core
 
 # The per-chunk paths in C (shimmy/_ringcore.c, where it is built and SHIMMY_PURE_PYTHON is not
@@ -165,6 +165,8 @@ def daemon_mark_broken(view: StreamView, role: str) -> None:
 
 class _End:
     """What both cursors share: the view, the two semaphores, the fence and the bounded sleep."""
+
+    _peer: posix_ipc.Semaphore   # read by _ringcore.c by name (checked at import, end of file)
 
     def __init__(self, view: StreamView, my_sem, peer_sem, barrier: Callable[[], None],
                  spin_us: int = DEFAULT_SPIN_US):
@@ -592,3 +594,10 @@ class ReaderCursor(_End, _ReaderBase):
             self._ro.release()
         except BufferError:
             pass  # a caller still holds a read_view slice; it dies with the mapping
+
+
+if _core is not None:   # refuse a C module built for another stream layout or other names, now
+    check_layout(core_layout(), {name: globals().get(name[2:]) for name in core_layout()
+                                 if name.startswith("S_")})
+    check_lookups(_core.LOOKUPS, {"StreamWriterCore": WriterCursor,
+                                  "StreamReaderCore": ReaderCursor, "peer": posix_ipc.Semaphore})

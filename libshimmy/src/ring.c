@@ -1,6 +1,6 @@
 /* The pub/sub ring: mapping, the publisher (RingWriter), a subscriber's cursor (RingReader,
  * GroupReader) and the wake-ups (Wakeups).  spec/ring.md is the rule book; each
- * function below names the Python twin in shimmy/ring.py whose loads and stores it makes, in
+ * function below names the Python twin in shimmy/ring/ whose loads and stores it makes, in
  * the same order, so every crash point of that document holds for it line by line.  Where
  * Python relies on x86-64's store order the order is stated here to the compiler too (the
  * table "The C paths" of spec/ring.md). */
