@@ -12,23 +12,15 @@ import threading
 import click
 
 from shimmy import recording
+from shimmy.cli_args import Size
 from shimmy.recording import RecordSettings
 
 
-class _Size(click.ParamType):
-    name = "size"
-    _units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+class _Size(Size):
+    """A byte count up to terabytes (retention and segment sizes)."""
 
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().lower().removesuffix("b").removesuffix("i")
-        unit = text[-1:] if text[-1:] in self._units else ""
-        number = text[:len(text) - len(unit)]
-        if not number.isdigit():
-            self.fail(f"{value!r} is not a size (bytes, or with K, M, G, T: 64M, 10GiB)", param,
-                      ctx)
-        return int(number) * self._units[unit]
+    _units = {**Size._units, "t": 1 << 40}
+    _examples = "K, M, G, T: 64M, 10GiB"
 
 
 def _log_to_stderr() -> None:
