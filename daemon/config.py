@@ -36,6 +36,10 @@ def _s(default, help: str, **kw):
 ACCESS_POLICIES = ("owner", "closed", "open")
 
 
+# Every setting below is one declaration: name, type, default and help, the one place the CLI's
+# flags and the docs read them from.  Their lines look alike (a checker for repeated code lists
+# them) because each says the same kind of thing about a different limit; a table built in a
+# loop would hide the fields from the type checker and from a reader looking one up.
 @dataclass
 class Settings:
     socket: str = _s(DEFAULT_SOCKET, "control socket path (a unix stream socket, control "

@@ -74,6 +74,26 @@ def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> "GaugeMetricFamil
     return GaugeMetricFamily(name, doc, labels=list(labels))
 
 
+def _one(family: "CounterMetricFamily | GaugeMetricFamily", value: float) -> "Metric":
+    """``family`` with its one unlabelled sample."""
+    family.add_metric([], value)
+    return family
+
+
+def _by(family: "CounterMetricFamily | GaugeMetricFamily", samples) -> "Metric":
+    """``family`` with one sample per ``(label value, value)`` of ``samples``."""
+    for label, value in samples:
+        family.add_metric([label], value)
+    return family
+
+
+def _totals(values: dict, table) -> Iterator["Metric"]:
+    """One unlabelled counter per ``(key, name, doc)`` row of ``table``: ``values[key]``, 0 while
+    the key is absent."""
+    for key, name, doc in table:
+        yield _one(_counter(name, doc), values.get(key, 0))
+
+
 class _LostTally:
     """Keeps ``shimmy_channel_messages_lost_total`` monotonic although the per-slot words it is
     summed from vanish with their subscribers: the last value seen of a slot that has gone
@@ -138,26 +158,20 @@ class DaemonCollector:
     def _daemon(self) -> Iterator["Metric"]:
         d = self.d
         counters = dict(d.counters)
-        g = _gauge("shimmy_daemon_start_time_seconds", "Unix time the daemon started")
-        g.add_metric([], d.started)
-        yield g
-        g = _gauge("shimmy_clients", "Clients attached now")
-        g.add_metric([], len(d.sessions.clients))
-        yield g
-        for key, name, doc in (
+        yield _one(_gauge("shimmy_daemon_start_time_seconds", "Unix time the daemon started"),
+                   d.started)
+        yield _one(_gauge("shimmy_clients", "Clients attached now"), len(d.sessions.clients))
+        yield from _totals(counters, (
                 ("clients_total", "shimmy_clients_attached_total", "Clients that said hello"),
                 ("clients_crashed", "shimmy_clients_crashed_total",
                  "Clients that went away without closing (crash, kill, container death)"),
                 ("leases_expired", "shimmy_leases_expired_total",
                  "Clients whose lease lapsed (no heartbeat within lease_timeout)"),
                 ("slots_reclaimed", "shimmy_subscriber_slots_reclaimed_total",
-                 "Subscriber slots freed after their client went away")):
-            c = _counter(name, doc)
-            c.add_metric([], counters.get(key, 0))
-            yield c
+                 "Subscriber slots freed after their client went away")))
         yield from self._listeners(counters)
         reclaimed = dict(d.registry.counters)
-        for key, name, doc in (
+        yield from _totals(reclaimed, (
                 ("channels_reclaimed", "shimmy_channels_reclaimed_total",
                  "Channels deleted after idle_channel_ttl or idle_channel_unread_ttl with no "
                  "ends attached"),
@@ -165,18 +179,12 @@ class DaemonCollector:
                  "Of those, channels deleted while their ring held unread messages "
                  "(idle_channel_unread_ttl)"),
                 ("unread_bytes_dropped", "shimmy_channel_unread_bytes_dropped_total",
-                 "Unread ring bytes those deletions dropped")):
-            c = _counter(name, doc)
-            c.add_metric([], reclaimed.get(key, 0))
-            yield c
-        g = _gauge("shimmy_shm_allocated_bytes", "Shared memory the daemon's segments take")
-        g.add_metric([], d.segments.allocated)
-        yield g
+                 "Unread ring bytes those deletions dropped")))
+        yield _one(_gauge("shimmy_shm_allocated_bytes", "Shared memory the daemon's segments take"),
+                   d.segments.allocated)
         stats: ControlStats = d.control_stats
-        c = _counter("shimmy_control_requests_total", "Control requests by operation", ["op"])
-        for op, n in sorted(dict(stats.requests).items()):
-            c.add_metric([op], n)
-        yield c
+        yield _by(_counter("shimmy_control_requests_total", "Control requests by operation",
+                           ["op"]), sorted(dict(stats.requests).items()))
         c = _counter("shimmy_control_errors_total",
                      "Control requests answered with an error, by operation and error code",
                      ["op", "code"])
@@ -190,37 +198,34 @@ class DaemonCollector:
         d = self.d
         session, control, peer = dict(d.sessions.counters), dict(d.control.counters), \
             dict(d.peer.counters)
-        for name, doc, values in (
+        # Each row: the family, its help, then the counter's key at each listener (control,
+        # session, metrics, peer; None: the peer listener has no such counter).
+        for name, doc, ck, sk, mk, pk in (
                 ("shimmy_connections_refused_total",
                  "Connections closed at accept for a limit (per-tenant quota, descriptors kept "
                  "for connections, metrics_max_connections, peer_max_pending), by listener",
-                 {"control": control["control_connections_refused"],
-                  "session": session["connections_refused"],
-                  "metrics": counters.get("metrics_connections_refused", 0),
-                  "peer": peer.get("evicted_pending", 0)}),
+                 "control_connections_refused", "connections_refused",
+                 "metrics_connections_refused", "evicted_pending"),
                 ("shimmy_accept_errors_total",
                  "accept() failures (out of descriptors or memory: accepting pauses for "
                  "accept_backoff), by listener",
-                 {"control": control["control_accept_errors"],
-                  "session": session["accept_errors"],
-                  "metrics": counters.get("metrics_accept_errors", 0),
-                  "peer": peer.get("accept_errors", 0)}),
+                 "control_accept_errors", "accept_errors", "metrics_accept_errors",
+                 "accept_errors"),
                 ("shimmy_connections_timed_out_total",
                  "Connections closed for silence or an unfinished request "
                  "(control_request_timeout, session_connect_timeout, metrics_timeout), by "
                  "listener",
-                 {"control": control["control_connections_timed_out"],
-                  "session": session["connections_timed_out"],
-                  "metrics": counters.get("metrics_connection_errors", 0)})):
-            c = _counter(name, doc, ["listener"])
-            for listener, n in values.items():
-                c.add_metric([listener], n)
-            yield c
-        c = _counter("shimmy_control_frames_refused_total",
-                     "Control connections closed for a frame over request_max_bytes, an empty "
-                     "frame, or bytes that are not one msgpack map")
-        c.add_metric([], control["control_frames_refused"])
-        yield c
+                 "control_connections_timed_out", "connections_timed_out",
+                 "metrics_connection_errors", None)):
+            values = {"control": control[ck], "session": session[sk],
+                      "metrics": counters.get(mk, 0)}
+            if pk is not None:
+                values["peer"] = peer.get(pk, 0)
+            yield _by(_counter(name, doc, ["listener"]), values.items())
+        yield _one(_counter("shimmy_control_frames_refused_total",
+                            "Control connections closed for a frame over request_max_bytes, an "
+                            "empty frame, or bytes that are not one msgpack map"),
+                   control["control_frames_refused"])
 
     # -- pub/sub channels -------------------------------------------------------------------------
     def _channels(self) -> Iterator["Metric"]:
@@ -327,22 +332,17 @@ class DaemonCollector:
             written.add_metric([rec.name], tail)
             read.add_metric([rec.name], head)
             buffered.add_metric([rec.name], tail - head)
-        g = _gauge("shimmy_streams", "Byte streams on this node")
-        g.add_metric([], count)
-        yield g
+        yield _one(_gauge("shimmy_streams", "Byte streams on this node"), count)
         yield from (written, read, buffered)
         counters = dict(svc.counters)
-        for key, name, doc in (("streams_created", "shimmy_streams_created_total",
+        yield from _totals(counters, (("streams_created", "shimmy_streams_created_total",
                                 "Streams created"),
                                ("stream_ends_broken", "shimmy_stream_ends_broken_total",
                                 "Stream ends whose client died (the other end sees it)"),
                                ("streams_orphaned", "shimmy_streams_orphaned_total",
                                 "Finished streams freed unread after stream_orphan_timeout"),
                                ("streams_deleted", "shimmy_streams_deleted_total",
-                                "Streams deleted (shimmy rm)")):
-            c = _counter(name, doc)
-            c.add_metric([], counters.get(key, 0))
-            yield c
+                                "Streams deleted (shimmy rm)")))
 
     # -- recordings (docs/recording.md) -----------------------------------------------------------
     def _recordings(self) -> Iterator["Metric"]:
@@ -403,16 +403,12 @@ class DaemonCollector:
         else:
             g.add_metric([p.transport_kind, "unavailable" if p.rdma_reason else "available"], 1)
         yield g
-        c = _counter("shimmy_peer_events_total",
-                     "Peering events: links accepted/dialed, reconnects, refusals, auth failures, "
-                     "mirrors served/requested, replica resets, RDMA fallbacks", ["event"])
-        for event, n in sorted(dict(p.counters).items()):
-            c.add_metric([event], n)
-        yield c
+        yield _by(_counter("shimmy_peer_events_total",
+                           "Peering events: links accepted/dialed, reconnects, refusals, auth "
+                           "failures, mirrors served/requested, replica resets, RDMA fallbacks",
+                           ["event"]), sorted(dict(p.counters).items()))
         links = list(p.links.up.values())
-        g = _gauge("shimmy_peer_links", "Authenticated peer links up")
-        g.add_metric([], len(links))
-        yield g
+        yield _one(_gauge("shimmy_peer_links", "Authenticated peer links up"), len(links))
         link_fams = {key: _counter(f"shimmy_peer_{key}_total", doc, ["peer"]) for key, doc in (
             ("bytes_sent", "Bytes sent to the peer node (data and control)"),
             ("bytes_received", "Bytes received from the peer node"),

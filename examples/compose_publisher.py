@@ -65,12 +65,19 @@ class DaemonReplaced(Exception):
     """The daemon this app opened its channel through is no longer the one serving."""
 
 
-def main() -> int:
+def channel_and_count(role: str) -> tuple[str, int]:
+    """SHIMMY_CHANNEL and SHIMMY_COUNT (0 = for ever); a negative count ends the app with
+    status 2 and a line naming the rule."""
     channel = os.environ.get("SHIMMY_CHANNEL", "demo/compose")
     count = int(os.environ.get("SHIMMY_COUNT", "10000"))
     if count < 0:
-        print(f"publisher: SHIMMY_COUNT must be >= 0 (0 = for ever), got {count}", flush=True)
-        return 2
+        print(f"{role}: SHIMMY_COUNT must be >= 0 (0 = for ever), got {count}", flush=True)
+        raise SystemExit(2)
+    return channel, count
+
+
+def main() -> int:
+    channel, count = channel_and_count("publisher")
     forever = count == 0
     report_every = float(os.environ.get("SHIMMY_REPORT_EVERY", "10"))
     size = max(HEADER.size + CHECK, int(os.environ.get("SHIMMY_SIZE", "256")))

@@ -28,15 +28,11 @@ import shimmy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compose_publisher import (  # noqa: E402  (same folder)
-    CHECK, HEADER, DaemonReplaced, daemon_instance, payload)
+    CHECK, HEADER, DaemonReplaced, channel_and_count, daemon_instance, payload)
 
 
 def main() -> int:
-    channel = os.environ.get("SHIMMY_CHANNEL", "demo/compose")
-    count = int(os.environ.get("SHIMMY_COUNT", "10000"))
-    if count < 0:
-        print(f"subscriber: SHIMMY_COUNT must be >= 0 (0 = for ever), got {count}", flush=True)
-        return 2
+    channel, count = channel_and_count("subscriber")
     forever = count == 0
     limit = float(os.environ.get("SHIMMY_TIMEOUT", "300"))
     per_message = float(os.environ.get("SHIMMY_RECEIVE_TIMEOUT", "60"))

@@ -144,6 +144,17 @@ async def _wait(obj, sem, waiting_set, waiting_clear, ready, deadline, gone) -> 
         raise
 
 
+def _unless_closed(fn, closed=None, errors: tuple = (ValueError,)):
+    """``fn`` for ``_wait``'s callbacks, returning ``closed`` where it raises one of ``errors``
+    (what a view or cursor released by ``close()`` under the wait raises)."""
+    def call():
+        try:
+            return fn()
+        except errors:
+            return closed
+    return call
+
+
 # -- pub/sub ---------------------------------------------------------------------------------
 async def receive_async(sub, timeout: float | None = None):
     """``await sub.receive_async(timeout)``: the next message; ReceiveTimeout after ``timeout``."""
@@ -166,24 +177,15 @@ async def receive_async(sub, timeout: float | None = None):
         sem = d["_aio_sem"] = _client_mod.open_semaphore(sub.channel._sem_prefix + str(sub.slot))
     has_data = sub._has_data   # a group's also says True when its membership changed
 
-    def waiting_set():
-        try:
-            sub._epoch = epoch = ring.next_epoch(sub._epoch)   # see ring.Wakeups
-            sub._arm(epoch)   # the waiting byte (every member ring's, in a group)
-        except ValueError:
-            pass  # the subscription was closed (its view released); gone() ends the wait
+    def arm():
+        sub._epoch = epoch = ring.next_epoch(sub._epoch)   # see ring.Wakeups
+        sub._arm(epoch)   # the waiting byte (every member ring's, in a group)
 
-    def waiting_clear():
-        try:
-            sub._arm(0)
-        except ValueError:
-            pass
-
-    def ready():
-        try:
-            return has_data()
-        except ValueError:
-            return True  # closed under us: return to the loop, which raises ChannelClosed
+    # A subscription closed under us (its view released) raises ValueError here: gone() ends
+    # the wait, and ready() returns to the loop, which raises ChannelClosed.
+    waiting_set = _unless_closed(arm)
+    waiting_clear = _unless_closed(lambda: sub._arm(0))
+    ready = _unless_closed(has_data, True)
 
     def gone():
         return sub.closed or sub.channel.closed
@@ -212,25 +214,18 @@ def _stream_waiter(end, waiting_off: int, sem_index: int, ready):
         sem = d["_aio_sem"] = _client_mod.open_semaphore(end._sem_names[sem_index])
     q = end._view.q
     word = waiting_off // 8
-    cursor_ready = ready
 
-    def closed_aware_ready():
-        try:
-            return cursor_ready()
-        except ValueError:
-            return True  # closed under us: back to the loop, which raises StreamClosed
+    def arm():
+        q[word] = end._cursor.next_epoch()   # a new epoch per sleep, as the blocking path
 
-    def waiting_set():
-        try:
-            q[word] = end._cursor.next_epoch()   # a new epoch per sleep, as the blocking path
-        except (ValueError, AttributeError):
-            pass  # the end was closed (its views released); gone() ends the wait
+    def clear():
+        q[word] = 0
 
-    def waiting_clear():
-        try:
-            q[word] = 0
-        except ValueError:
-            pass
+    # An end closed under us (its views released, its cursor gone) raises here: gone() ends the
+    # wait, and ready() returns to the loop, which raises StreamClosed.
+    waiting_set = _unless_closed(arm, errors=(ValueError, AttributeError))
+    waiting_clear = _unless_closed(clear)
+    closed_aware_ready = _unless_closed(ready, True)
 
     def gone():
         return end.closed

@@ -167,6 +167,7 @@ class _End:
     """What both cursors share: the view, the two semaphores, the fence and the bounded sleep."""
 
     _peer: posix_ipc.Semaphore   # read by _ringcore.c by name (checked at import, end of file)
+    _attach: Callable[..., None]  # the C base's (where built): maps the ring for its fast paths
 
     def __init__(self, view: StreamView, my_sem, peer_sem, barrier: Callable[[], None],
                  spin_us: int = DEFAULT_SPIN_US):
@@ -229,6 +230,25 @@ class _End:
         finally:
             q[waiting_word] = 0
 
+    def _attach_native(self) -> None:
+        """Open the end, and hand it to the C paths (shimmy/_ringcore.c) where they are built;
+        the last step of each cursor's ``__init__``."""
+        self.closed = False
+        if _core is not None:
+            self._attach(self.v.mm, self.v.data_offset, self.v.capacity)
+            self.v.cores.append(self)
+
+    def _close_end(self, word: int) -> bool:
+        """Close this end once: store 1 in my closing ``word`` (eof, r_closed), fence, and always
+        wake the peer.  False when the end was closed already."""
+        if self.closed:
+            return False
+        self.closed = True
+        self._q[word] = 1
+        self._barrier()
+        self._peer.release()
+        return True
+
     def next_epoch(self) -> int:
         """A new sleep epoch for our waiting word (never 0, never repeated).  The peer posts
         each epoch once, so while we are still waking up its further commits cost no syscall
@@ -267,10 +287,7 @@ class WriterCursor(_End, _WriterBase):
         self._check(self._head, self._tail)
         # Commit at least every quarter ring so that a large write is pipelined with the reader.
         self._piece = max(self._cap // 4, 4096)
-        self.closed = False
-        if _core is not None:
-            self._attach(view.mm, view.data_offset, view.capacity)
-            view.cores.append(self)
+        self._attach_native()
 
     @property
     def position(self) -> int:
@@ -410,13 +427,8 @@ class WriterCursor(_End, _WriterBase):
 
     def close(self) -> None:
         """Clean end of stream: eof after the final tail, then always wake the reader."""
-        if self.closed:
-            return
-        self.closed = True
         # SYNC POINT (eof): stored after the last tail store; the reader loads eof before tail.
-        self._q[OFF_EOF // 8] = 1
-        self._barrier()
-        self._peer.release()
+        self._close_end(OFF_EOF // 8)
 
 
 class ReaderCursor(_End, _ReaderBase):
@@ -428,10 +440,7 @@ class ReaderCursor(_End, _ReaderBase):
         self._tail = self._q[OFF_TAIL // 8]
         self._check(self._head, self._tail)
         self._ro = view.mv.toreadonly()
-        self.closed = False
-        if _core is not None:
-            self._attach(view.mm, view.data_offset, view.capacity)
-            view.cores.append(self)
+        self._attach_native()
 
     @property
     def position(self) -> int:
@@ -584,12 +593,8 @@ class ReaderCursor(_End, _ReaderBase):
 
     def close(self) -> None:
         """The reader is done: the writer's next write raises StreamBroken (like EPIPE)."""
-        if self.closed:
+        if not self._close_end(OFF_R_CLOSED // 8):
             return
-        self.closed = True
-        self._q[OFF_R_CLOSED // 8] = 1
-        self._barrier()
-        self._peer.release()
         try:
             self._ro.release()
         except BufferError:

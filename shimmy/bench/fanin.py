@@ -39,6 +39,9 @@ STAMP = struct.Struct("<dQ")   # send time, sample number (+ padding to 64 B)
 
 
 # -- worker side --------------------------------------------------------------------------------
+# The measured loops below are written out once per transport, alike on purpose: each calls its
+# transport's own receive or send method directly, where a loop shared through a wrapper (a
+# lambda, functools.partial) would add one call per message to the very figure it measures.
 
 def _channel(name: str, daemon: str, pubs: int, spin_us: int | None = None):
     import shimmy

@@ -361,6 +361,27 @@ def repeat_measurements(ctx, suite: str, variants: list[dict], pairs: dict, meas
     return reps, failed
 
 
+def measure_pairs(ctx, suite: str, variants: list[dict], names, measure) -> tuple:
+    """Start one pair of workers per variant (``names(key)``: their two names; the first is
+    pinned to ``ctx.cpu_a``, the second to ``ctx.cpu_b``), run ``measure(v, pair, size, rep)``
+    through :func:`repeat_measurements`, and close the workers.  Returns ``(rows, failures)``,
+    a row ``(variant, size, runs)`` for every variant and size that has runs, in that order."""
+    pairs: dict = {}
+    try:
+        for v in variants:
+            key = (v["transport"], v["variant"])
+            first, second = names(key)
+            pairs[key] = (Worker(first, ctx.cpu_a), Worker(second, ctx.cpu_b))
+        reps, failed = repeat_measurements(ctx, suite, variants, pairs, measure)
+    finally:
+        for pair in pairs.values():
+            close_all(pair)
+    rows = [(v, size, reps[key, size]) for v in variants
+            for key in [(v["transport"], v["variant"])] for size in ctx.sizes
+            if reps.get((key, size))]
+    return rows, failed
+
+
 def close_all(workers) -> None:
     for w in workers:
         try:

@@ -544,31 +544,41 @@ class IceoryxLink:
         self.node = None
 
 
+_LINKS = {"shimmy": ShimmyLink, "tcp": TcpLink, "unix": UnixLink, "pipe": PipeLink,
+          "udp": UdpLink, "redis": RedisLink, "iceoryx2": IceoryxLink}   # ZeroMQ: its own call
+
+
 def open_link(ctl, transport: str, kind: str, side: str, name: str, **opts):
     """The cached link for (transport, kind, side, name) in this worker, opened on first use."""
     key = ("link", transport, kind, side, name, tuple(sorted(opts.items())))
     link = ctl.state.get(key)
     if link is None:
-        if transport == "shimmy":
-            link = ShimmyLink(kind, side, name, **opts)
-        elif transport in ("zmq-ipc", "zmq-tcp"):
+        if transport in ("zmq-ipc", "zmq-tcp"):
             link = ZmqLink(kind, side, name, transport.split("-")[1], **opts)
-        elif transport == "tcp":
-            link = TcpLink(kind, side, name, **opts)
-        elif transport == "unix":
-            link = UnixLink(kind, side, name, **opts)
-        elif transport == "pipe":
-            link = PipeLink(kind, side, name, **opts)
-        elif transport == "udp":
-            link = UdpLink(kind, side, name, **opts)
-        elif transport == "redis":
-            link = RedisLink(kind, side, name, **opts)
-        elif transport == "iceoryx2":
-            link = IceoryxLink(kind, side, name, **opts)
+        elif transport in _LINKS:
+            link = _LINKS[transport](kind, side, name, **opts)
         else:
             raise ValueError(f"unknown transport {transport!r}")
         ctl.state[key] = link
         ctl.state.setdefault("_closers", []).append(link.close)
+    return link
+
+
+def accepted_link(ctl, transport: str, kind: str, side: str, name: str, opts: dict):
+    """The listening side of a two-worker suite: open the link, tell the parent its address,
+    wait for the other side."""
+    link = open_link(ctl, transport, kind, side, name, **opts)
+    ctl.ready(link.address)
+    link.accept()
+    return link
+
+
+def connected_link(ctl, transport: str, kind: str, side: str, name: str, opts: dict, address):
+    """The dialling side of a two-worker suite: open the link, connect to ``address``, then
+    tell the parent it is ready."""
+    link = open_link(ctl, transport, kind, side, name, **opts)
+    link.connect(address)
+    ctl.ready()
     return link
 
 

@@ -48,9 +48,7 @@ def variants(ctx) -> list[dict]:
 # -- worker side --------------------------------------------------------------------------------
 
 def server(ctl, transport: str, name: str, opts: dict):
-    link = peers.open_link(ctl, transport, "pair", "b", name, **opts)
-    ctl.ready(link.address)
-    link.accept()
+    link = peers.accepted_link(ctl, transport, "pair", "b", name, opts)
     recv, send = link.recv, link.send
     n = 0
     c0 = harness.cpu_seconds()
@@ -65,9 +63,7 @@ def server(ctl, transport: str, name: str, opts: dict):
 
 def client(ctl, transport: str, name: str, opts: dict, size: int, seconds: float, warmup: int,
            address=None):
-    link = peers.open_link(ctl, transport, "pair", "a", name, **opts)
-    link.connect(address)
-    ctl.ready()
+    link = peers.connected_link(ctl, transport, "pair", "a", name, opts, address)
     data = peers.payload(size)
     recv, send, now = link.recv, link.send, time.perf_counter_ns
     for _ in range(warmup):
@@ -118,37 +114,23 @@ def measure(ctx, v, pair, size: int, rep: int) -> dict:
 
 def run(ctx) -> dict:
     vs = variants(ctx)
-    results, failed, pairs = [], {}, {}
-    try:
-        for v in vs:
-            key = (v["transport"], v["variant"])
-            pairs[key] = (harness.Worker(f"pp-client-{key[0]}-{key[1]}", ctx.cpu_a),
-                          harness.Worker(f"pp-server-{key[0]}-{key[1]}", ctx.cpu_b))
-        reps, failed = harness.repeat_measurements(
-            ctx, "pingpong", vs, pairs,
-            lambda v, pair, size, rep: measure(ctx, v, pair, size, rep))
-        for v in vs:
-            key = (v["transport"], v["variant"])
-            for size in ctx.sizes:
-                runs = reps.get((key, size))
-                if not runs:
-                    continue
-                med = harness.median
-                results.append({
-                    "transport": v["transport"], "variant": v["variant"], "label": v["label"],
-                    "size": size, "reps": len(runs),
-                    "p50_us": med([r["p50_us"] for r in runs]),
-                    "p99_us": med([r["p99_us"] for r in runs]),
-                    "p999_us": med([r["p999_us"] for r in runs]),
-                    "wall_us_per_rt": med([r["wall_s"] / r["iters"] * 1e6 for r in runs]),
-                    "cpu_us_per_rt_client": med([r["cpu_s"] / r["iters"] * 1e6 for r in runs]),
-                    "cpu_us_per_rt_server": med([r["server_cpu_s"] / max(r["server_n"], 1) * 1e6
-                                                 for r in runs]),
-                    "iters": [r["iters"] for r in runs],
-                    "runs": runs,
-                })
-    finally:
-        for p in pairs.values():
-            harness.close_all(p)
+    rows, failed = harness.measure_pairs(
+        ctx, "pingpong", vs, lambda key: (f"pp-client-{key[0]}-{key[1]}",
+                                          f"pp-server-{key[0]}-{key[1]}"),
+        lambda v, pair, size, rep: measure(ctx, v, pair, size, rep))
+    med = harness.median
+    results = [{
+        "transport": v["transport"], "variant": v["variant"], "label": v["label"],
+        "size": size, "reps": len(runs),
+        "p50_us": med([r["p50_us"] for r in runs]),
+        "p99_us": med([r["p99_us"] for r in runs]),
+        "p999_us": med([r["p999_us"] for r in runs]),
+        "wall_us_per_rt": med([r["wall_s"] / r["iters"] * 1e6 for r in runs]),
+        "cpu_us_per_rt_client": med([r["cpu_s"] / r["iters"] * 1e6 for r in runs]),
+        "cpu_us_per_rt_server": med([r["server_cpu_s"] / max(r["server_n"], 1) * 1e6
+                                     for r in runs]),
+        "iters": [r["iters"] for r in runs],
+        "runs": runs,
+    } for v, size, runs in rows]
     return {"results": results, "failed": failed,
             "placement": f"client pinned to CPU {ctx.cpu_a}, echo server to CPU {ctx.cpu_b}"}

@@ -47,9 +47,7 @@ def variants(ctx) -> list[dict]:
 # -- worker side --------------------------------------------------------------------------------
 
 def receiver(ctl, transport: str, name: str, opts: dict):
-    link = peers.open_link(ctl, transport, "pipe", "rx", name, **opts)
-    ctl.ready(link.address)
-    link.accept()
+    link = peers.accepted_link(ctl, transport, "pipe", "rx", name, opts)
     recv, now = link.recv, time.perf_counter
     c0 = harness.cpu_seconds()
     m = recv()
@@ -67,9 +65,7 @@ def receiver(ctl, transport: str, name: str, opts: dict):
 
 
 def sender(ctl, transport: str, name: str, opts: dict, size: int, seconds: float, address=None):
-    link = peers.open_link(ctl, transport, "pipe", "tx", name, **opts)
-    link.connect(address)
-    ctl.ready()
+    link = peers.connected_link(ctl, transport, "pipe", "tx", name, opts, address)
     data = peers.payload(size)
     send, now = link.send, time.perf_counter
     step = 1 if size >= 1 << 18 else 32
@@ -107,35 +103,22 @@ def measure(ctx, v, pair, size: int) -> dict:
 
 def run(ctx) -> dict:
     vs = variants(ctx)
-    results, failed, pairs = [], {}, {}
-    try:
-        for v in vs:
-            key = (v["transport"], v["variant"])
-            pairs[key] = (harness.Worker(f"tp-tx-{key[0]}", ctx.cpu_a),
-                          harness.Worker(f"tp-rx-{key[0]}", ctx.cpu_b))
-        reps, failed = harness.repeat_measurements(
-            ctx, "throughput", vs, pairs,
-            lambda v, pair, size, rep: measure(ctx, v, pair, size))
-        med = harness.median
-        for v in vs:
-            key = (v["transport"], v["variant"])
-            for size in ctx.sizes:
-                runs = reps.get((key, size))
-                if not runs:
-                    continue
-                rate = med([r["n"] / r["rx_elapsed_s"] for r in runs])
-                results.append({
-                    "transport": v["transport"], "variant": v["variant"], "label": v["label"],
-                    "size": size, "reps": len(runs), "msgs_per_s": rate,
-                    "mb_per_s": rate * size / 1e6,
-                    "wall_us_per_msg": 1e6 / rate if rate else None,
-                    "cpu_us_per_msg_tx": med([r["tx_cpu_s"] / r["n"] * 1e6 for r in runs]),
-                    "cpu_us_per_msg_rx": med([r["rx_cpu_s"] / r["n"] * 1e6 for r in runs]),
-                    "loss_pct": med([100.0 * (1 - r["n"] / r["sent"]) for r in runs]),
-                    "messages": [r["n"] for r in runs], "runs": runs,
-                })
-    finally:
-        for p in pairs.values():
-            harness.close_all(p)
+    rows, failed = harness.measure_pairs(
+        ctx, "throughput", vs, lambda key: (f"tp-tx-{key[0]}", f"tp-rx-{key[0]}"),
+        lambda v, pair, size, rep: measure(ctx, v, pair, size))
+    med = harness.median
+    results = []
+    for v, size, runs in rows:
+        rate = med([r["n"] / r["rx_elapsed_s"] for r in runs])
+        results.append({
+            "transport": v["transport"], "variant": v["variant"], "label": v["label"],
+            "size": size, "reps": len(runs), "msgs_per_s": rate,
+            "mb_per_s": rate * size / 1e6,
+            "wall_us_per_msg": 1e6 / rate if rate else None,
+            "cpu_us_per_msg_tx": med([r["tx_cpu_s"] / r["n"] * 1e6 for r in runs]),
+            "cpu_us_per_msg_rx": med([r["rx_cpu_s"] / r["n"] * 1e6 for r in runs]),
+            "loss_pct": med([100.0 * (1 - r["n"] / r["sent"]) for r in runs]),
+            "messages": [r["n"] for r in runs], "runs": runs,
+        })
     return {"results": results, "failed": failed,
             "placement": f"sender pinned to CPU {ctx.cpu_a}, receiver to CPU {ctx.cpu_b}"}
