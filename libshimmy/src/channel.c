@@ -63,13 +63,6 @@ struct shimmy_channel {
     shimmy_sub *subs;
 };
 
-static void fmt_secs(char *out, size_t n, double s) {   /* as Python prints a float */
-    if (s == (double)(long long)s)
-        snprintf(out, n, "%.1f", s);
-    else
-        snprintf(out, n, "%g", s);
-}
-
 shimmy_channel_opts shimmy_channel_defaults(void) {
     shimmy_channel_opts o = {NULL, 0, 0, DEFAULT_PUBLISH_TIMEOUT, -1};
     return o;

@@ -41,10 +41,7 @@ struct shimmy_client {
 
 static int unavailable(const char *path, const char *fmt, ...) {
     char why[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(why, sizeof why, fmt, ap);
-    va_end(ap);
+    FORMAT_VARGS(why, fmt);
     return shm_fail(SHIMMY_E_DAEMON_UNAVAILABLE,
                     "shimmy daemon not reachable at %s (%s); start one with `shimmy daemon "
                     "--socket %s` or point $SHIMMY_DAEMON at its socket", path, why, path);

@@ -38,11 +38,15 @@ int shm_retired(const char *name) {
 }
 
 int shm_fail(int code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(errbuf, sizeof errbuf, fmt, ap);
-    va_end(ap);
+    FORMAT_VARGS(errbuf, fmt);
     return -code;
+}
+
+void fmt_secs(char *out, size_t n, double s) {
+    if (s == (double)(long long)s)
+        snprintf(out, n, "%.1f", s);
+    else
+        snprintf(out, n, "%g", s);
 }
 
 /* shimmy/names.py: 1-200 characters, segments of [A-Za-z0-9._-] joined by '/'. */

@@ -19,6 +19,17 @@
 int shm_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int shm_retired(const char *name);   /* SHIMMY_E_RETIRED with ChannelRetired's text */
 int shm_code_from_name(const char *name, size_t len);
+/* A number of seconds as Python prints a float ("2.0", "0.25"), for error texts. */
+void fmt_secs(char *out, size_t n, double s);
+/* Formats a variadic function's own arguments (those after its last named one, `fmt`) into the
+ * char array `buf` (truncated to fit): the one copy of va_start/vsnprintf/va_end. */
+#define FORMAT_VARGS(buf, fmt)                          \
+    do {                                                \
+        va_list ap_;                                    \
+        va_start(ap_, fmt);                             \
+        vsnprintf((buf), sizeof(buf), (fmt), ap_);      \
+        va_end(ap_);                                    \
+    } while (0)
 
 /* ---- atomics: the orderings of spec/ring.md, "The C paths" ------------------------ */
 static inline uint64_t ld_acq(const void *p) {

@@ -25,10 +25,7 @@
 
 int seg_corrupted(const shm_seg *seg, uint64_t offset, const char *fmt, ...) {
     char what[600];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(what, sizeof what, fmt, ap);
-    va_end(ap);
+    FORMAT_VARGS(what, fmt);
     /* ring.corrupted(): names the channel, what was wrong and the byte offset */
     return shm_fail(SHIMMY_E_RING_CORRUPTED,
                     "%s '%s' is corrupted: %s (segment offset %llu); delete it (shimmy rm) and "
@@ -729,13 +726,17 @@ static inline int reload(ring_reader *r, uint64_t p) {
     return 1;
 }
 
-/* RingReader._take_py (zero copy): release the frame handed out last, then the next frame. */
-int reader_take(ring_reader *r, const uint8_t **payload, uint64_t *len, uint64_t *seq_out,
-                uint64_t *lost_out, uint64_t *at) {
+/* The next message frame at r->position, for both take paths: waits for nothing (reload at the
+ * cached tail), jumps to the head when lapped, steps over PADs (storing the consumption position
+ * past one too when release_pads: a dead group publisher's ring may end at a PAD committed
+ * alone).  1: a message frame at *at whose header was intact when read and whose end is within
+ * the tail (r->position not moved past it yet); 0 nothing; < 0 a ring that breaks the rules.
+ * Forced inline: it is each take's per-message path, as it was when written out in both. */
+static inline __attribute__((always_inline)) int
+next_frame(ring_reader *r, int release_pads, uint64_t *at, uint32_t *len, uint64_t *seq_out) {
     shm_seg *s = r->seg;
-    uint64_t p = r->position;
-    st_rel(s->mem + r->pos_off, p);   /* SYNC POINT (consumption): the frame handed out last */
     for (;;) {
+        uint64_t p = r->position;
         if (p == r->tail) {
             int more = reload(r, p);
             if (more <= 0)
@@ -751,31 +752,47 @@ int reader_take(ring_reader *r, const uint8_t **payload, uint64_t *len, uint64_t
         if (head > p) {
             if ((rc = resync(r, head)) < 0)
                 return rc;
-            p = r->position;
             continue;
         }
         if (flags) {
             uint64_t end = 0;
             if ((rc = pad_end(r, p, length, flags, &end)) < 0)
                 return rc;
-            p = r->position = end;
+            r->position = end;
+            if (release_pads)
+                st_rel(s->mem + r->pos_off, end);
             continue;
         }
-        uint64_t end = p + frame_size(length);
-        if (length > s->max_message || end > r->tail)
+        if (length > s->max_message || p + frame_size(length) > r->tail)
             return bad_frame(r, p, length, flags);
-        r->position = end;
-        uint64_t lost = seq - r->expect;
-        if (lost && (rc = count_lost(r, p, seq, lost)) < 0)
-            return rc;
-        r->expect = seq + 1;
-        *payload = s->data + (p & s->mask) + HEADER;
+        *at = p;
         *len = length;
         *seq_out = seq;
-        *lost_out = lost;
-        *at = p;
         return 1;
     }
+}
+
+/* RingReader._take_py (zero copy): release the frame handed out last, then the next frame. */
+int reader_take(ring_reader *r, const uint8_t **payload, uint64_t *len, uint64_t *seq_out,
+                uint64_t *lost_out, uint64_t *at) {
+    shm_seg *s = r->seg;
+    st_rel(s->mem + r->pos_off, r->position);   /* SYNC POINT (consumption): handed out last */
+    uint64_t p = 0, seq = 0;   /* set when next_frame returns 1 (the compiler cannot tell) */
+    uint32_t length = 0;
+    int rc = next_frame(r, 0, &p, &length, &seq);
+    if (rc <= 0)
+        return rc;
+    r->position = p + frame_size(length);
+    uint64_t lost = seq - r->expect;
+    if (lost && (rc = count_lost(r, p, seq, lost)) < 0)
+        return rc;
+    r->expect = seq + 1;
+    *payload = s->data + (p & s->mask) + HEADER;
+    *len = length;
+    *seq_out = seq;
+    *lost_out = lost;
+    *at = p;
+    return 1;
 }
 
 /* RingReader._take_bytes_py (release = 1) and one step of _take_many_bytes_py (release = 0:
@@ -784,42 +801,18 @@ int reader_take_copy(ring_reader *r, uint8_t *buf, uint64_t cap, uint64_t *len, 
                      int release) {
     shm_seg *s = r->seg;
     for (;;) {
-        uint64_t p = r->position;
-        if (p == r->tail) {
-            int more = reload(r, p);
-            if (more <= 0)
-                return more;
-        }
-        uint32_t length, flags;
-        uint64_t seq;
-        read_header(s, p, &length, &flags, &seq);
-        atomic_thread_fence(memory_order_acquire);   /* SYNC POINT (validate header) */
-        uint64_t head = ld_rlx(s->mem + OFF_HEAD);
-        int rc;
-        if (head > p) {
-            if ((rc = resync(r, head)) < 0)
-                return rc;
-            continue;
-        }
-        if (flags) {
-            uint64_t end = 0;
-            if ((rc = pad_end(r, p, length, flags, &end)) < 0)
-                return rc;
-            r->position = end;
-            /* released too: a dead group publisher's ring may end at a PAD committed alone */
-            if (release)
-                st_rel(s->mem + r->pos_off, end);
-            continue;
-        }
-        uint64_t end = p + frame_size(length);
-        if (length > s->max_message || end > r->tail)
-            return bad_frame(r, p, length, flags);
+        uint64_t p = 0, seq = 0;   /* as in reader_take */
+        uint32_t length = 0;
+        int rc = next_frame(r, release, &p, &length, &seq);
+        if (rc <= 0)
+            return rc;
         if (length > cap)
             return shm_fail(SHIMMY_E_INVALID_ARGUMENT, "message of %u bytes on '%s' does not fit "
                             "the buffer of %llu bytes (the channel's largest message is %llu)",
                             length, s->name, (unsigned long long)cap,
                             (unsigned long long)s->max_message);
         memcpy(buf, s->data + (p & s->mask) + HEADER, length);
+        uint64_t end = p + frame_size(length);
         r->position = end;
         /* SYNC POINT (validate payload): head after the copy */
         atomic_thread_fence(memory_order_acquire);

@@ -48,11 +48,13 @@ static int check_span(shimmy_stream *s, uint64_t head, uint64_t tail) {
     return 0;
 }
 
-static void fmt_secs(char *out, size_t n, double t) {
-    if (t == (double)(long long)t)
-        snprintf(out, n, "%.1f", t);
+/* The other end's pid for an error text, or "none yet" before one attached. */
+static void peer_pid_text(shimmy_stream *s, int writer, char out[16]) {
+    unsigned pid = peer_pid(s, writer);
+    if (pid)
+        snprintf(out, 16, "%u", pid);
     else
-        snprintf(out, n, "%g", t);
+        snprintf(out, 16, "none yet");
 }
 
 static sem_t *open_sem(const char *name, int *rc) {
@@ -289,10 +291,7 @@ int shimmy_stream_write(shimmy_stream *s, const void *data, size_t n, double tim
         if (rc == 0) {
             char secs[32], pid[16];
             fmt_secs(secs, sizeof secs, timeout);
-            if (peer_pid(s, 0))
-                snprintf(pid, sizeof pid, "%u", peer_pid(s, 0));
-            else
-                snprintf(pid, sizeof pid, "none yet");
+            peer_pid_text(s, 0, pid);
             if (written != NULL)
                 *written = done;
             return shm_fail(SHIMMY_E_BACKPRESSURE_TIMEOUT, "stream '%s': ring full for %s s "
@@ -375,10 +374,7 @@ int64_t shimmy_stream_read(shimmy_stream *s, void *buf, size_t n, double timeout
                 return rc < 0 ? rc : 0;
             char secs[32], pid[16];
             fmt_secs(secs, sizeof secs, timeout);
-            if (peer_pid(s, 1))
-                snprintf(pid, sizeof pid, "%u", peer_pid(s, 1));
-            else
-                snprintf(pid, sizeof pid, "none yet");
+            peer_pid_text(s, 1, pid);
             return shm_fail(SHIMMY_E_TIMEOUT, "stream '%s': no data within %s s (writer pid "
                             "%s)", s->name, secs, pid);
         }
