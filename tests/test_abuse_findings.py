@@ -20,6 +20,7 @@ import pytest
 import shimmy
 from shimmy.sdk.client import get_client
 from tests.abuse import uids
+from workers import until
 
 HERE = os.path.dirname(__file__)
 
@@ -32,15 +33,6 @@ def _config(tmp_path, text: str) -> str:
 
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _until(predicate, timeout: float = 10.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every)
 
 
 def _channel_with_retry(name: str, sock: str, timeout: float = 15.0):
@@ -81,8 +73,8 @@ def test_finding2_idle_connections_exhausting_descriptors_do_not_kill_the_daemon
         except (BlockingIOError, ConnectionRefusedError, OSError):
             pass
         idle.append(s)
-    assert _until(lambda: "accept failed (EMFILE" in d.log()
-                  or "refusing a connection" in d.log()), d.log()[-2000:]
+    until(lambda: "accept failed (EMFILE" in d.log() or "refusing a connection" in d.log(),
+          10.0, lambda: d.log()[-2000:])
     assert d.proc.poll() is None, "the daemon died of EMFILE"
     ch = _channel_with_retry("normal", d.socket)
     sub = ch.subscribe()
@@ -91,7 +83,7 @@ def test_finding2_idle_connections_exhausting_descriptors_do_not_kill_the_daemon
     ch.close()
     for s in idle:
         s.close()
-    assert _until(lambda: _fds(pid) <= baseline + 4), (baseline, _fds(pid))
+    until(lambda: _fds(pid) <= baseline + 4, 10.0, lambda: (baseline, _fds(pid)))
     assert d.proc.poll() is None
 
 
@@ -143,8 +135,8 @@ print(json.dumps(codes))
         ch.publish(b"x")
         assert bytes(sub.receive(timeout=5)) == b"x"
         stat = get_client(d.socket).request("stat")
-        assert _until(lambda: get_client(d.socket).request("stat")["counters"]
-                      ["hellos_expired"] >= 512, timeout=10)
+        until(lambda: get_client(d.socket).request("stat")["counters"]["hellos_expired"] >= 512,
+              10.0, "512 hellos expired")
         assert len(get_client(d.socket).request("stat")["clients"]) == 1, stat["clients"]
 
 
@@ -171,14 +163,14 @@ def test_finding4_silent_sessions_are_removed_and_slots_kept_until_exit(daemon_f
             st = me.request("stat")
             return st if len(st["clients"]) == 1 and st["orphans"] == 1 else None
 
-        st = _until(removed, timeout=10)
-        assert st, me.request("stat")
+        st = until(removed, 10.0, lambda: me.request("stat"))
         assert st["counters"]["sessions_timed_out"] == 1
         assert [c["evicted"] for c in st["channels"] if c["name"] == "quiet"] == [[0]]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        st = _until(lambda: (lambda s: s if s["orphans"] == 0 else None)(me.request("stat")))
-        assert st and [c["evicted"] for c in st["channels"] if c["name"] == "quiet"] == [[]]
+        st = until(lambda: (lambda s: s if s["orphans"] == 0 else None)(me.request("stat")),
+                   10.0, "no orphans left")
+        assert [c["evicted"] for c in st["channels"] if c["name"] == "quiet"] == [[]]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -17,6 +17,7 @@ import shimmy
 from shimmy.errors import BackpressureTimeout, ReceiveTimeout
 from shimmy.sdk.client import get_client
 from tests.c_client import check, needs_c, needs_v2, payload, start, wait_file
+from workers import until
 
 pytestmark = [needs_c, needs_v2]
 
@@ -28,13 +29,6 @@ TRIALS = 8
 def _entry(daemon, name: str) -> dict:
     reply = get_client(daemon.socket).request("list")
     return next(c for c in reply["channels"] if c["name"] == name)
-
-
-def _until(what, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 class Checker:
@@ -85,7 +79,8 @@ def test_c_publisher_killed(daemon, mode, how):
         pub.wait(10)
         checker.drain()
         # the role is free again once the daemon saw the session close
-        _until(lambda: not _entry(daemon, name)["publisher"])
+        until(lambda: not _entry(daemon, name)["publisher"], 5.0, "the publisher role freed",
+              every=0.02)
     before, lost = checker.received, checker.sub.lost
     last = start("pub", "--daemon", daemon.socket, "--count", "500", "--size", str(SIZE),
                  "--mixed", "--first", str(checker.index + 1000), *how, name)
@@ -123,7 +118,8 @@ def test_c_subscriber_killed(daemon, tmp_path, mode):
         out, err = sub.communicate(timeout=10)
         assert "message" not in out, out   # it found nothing wrong before it died
         # its slot is freed with its session: a reliable publisher no longer waits for it
-        _until(lambda: not _entry(daemon, name)["subscribers"])
+        until(lambda: not _entry(daemon, name)["subscribers"], 5.0, "the slot freed",
+              every=0.02)
         for _ in range(3 * CAP // 64):   # three rings' worth: would block on a stale slot
             ch.publish(payload(i, 32), timeout=5)
             i += 1
@@ -191,8 +187,9 @@ def test_c_group_publisher_killed(daemon, mode):
         while take(0.3):
             pass
         # the dead member is reclaimed once drained: only the steady publisher is left
-        _until(lambda: len(_entry(daemon, name).get("publishers", [])) == 1 and
-               set(daemon.shm_objects()) == shm_before, 10)
+        until(lambda: len(_entry(daemon, name).get("publishers", [])) == 1 and
+              set(daemon.shm_objects()) == shm_before, 10.0, "the dead member reclaimed",
+              every=0.02)
     assert len(last) >= 2   # the steady publisher and at least one C publisher delivered
     steady.close()
     ch.close()

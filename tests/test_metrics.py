@@ -19,6 +19,19 @@ pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from shimmy.protocol import PROTOCOL_VERSION, frame, read_frame  # noqa: E402
+from workers import until  # noqa: E402
+
+# The worker scripts' wait for a file the test creates (they run as ``python -c``, without the
+# tests folder on their path, so the text itself is shared; ``role`` names the worker).
+WAIT_FOR = r"""
+import os, time
+def wait_for(path, limit=60.0):
+    end = time.monotonic() + limit
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            raise SystemExit(f"{role}: {path} never appeared")
+        time.sleep(0.01)
+"""
 
 # One worker script, three roles, driven by files so the test decides when each side moves.
 WORKER = r"""
@@ -26,12 +39,7 @@ import json, os, sys, time
 import shimmy
 role, daemon, name, mode, capacity, count, work = sys.argv[1:8]
 capacity, count = int(capacity), int(count)
-def wait_for(path, limit=60.0):
-    end = time.monotonic() + limit
-    while not os.path.exists(path):
-        if time.monotonic() > end:
-            raise SystemExit(f"{role}: {path} never appeared")
-        time.sleep(0.01)
+""" + WAIT_FOR + r"""
 ch = shimmy.Channel(name, daemon=daemon, mode=mode, capacity=capacity)
 if role == "pub":
     data = b"x" * 100
@@ -62,13 +70,9 @@ def _metrics_daemon(daemon_factory, tmp_path, **settings):
     lines = ['metrics_listen = "127.0.0.1:0"'] + [f"{k} = {v!r}" for k, v in settings.items()]
     cfg.write_text("\n".join(lines) + "\n")
     d = daemon_factory("--config", str(cfg))
-    end = time.monotonic() + 15
-    while time.monotonic() < end:
-        m = re.search(r"metrics on http://([\d.]+:\d+)/metrics", d.log())
-        if m:
-            return d, f"http://{m.group(1)}/metrics"
-        time.sleep(0.02)
-    raise AssertionError(f"no metrics endpoint announced:\n{d.log()}")
+    m = until(lambda: re.search(r"metrics on http://([\d.]+:\d+)/metrics", d.log()), 15.0,
+              "the metrics endpoint announced in the daemon's log", every=0.02)
+    return d, f"http://{m.group(1)}/metrics"
 
 
 def scrape(url: str) -> dict:
@@ -92,20 +96,11 @@ def _spawn(role, daemon, name, mode, capacity, count, work):
 
 
 def _wait(path, proc=None, limit=60.0):
-    end = time.monotonic() + limit
-    while not os.path.exists(path):
+    """Until the file ``path`` exists; fails at once when ``proc`` (its writer) exited."""
+    def there() -> bool:
         assert proc is None or proc.poll() is None, f"worker exited with {proc.returncode}"
-        assert time.monotonic() < end, f"{path} never appeared"
-        time.sleep(0.01)
-
-
-def _until(fn, limit=30.0):
-    end = time.monotonic() + limit
-    while True:
-        got = fn()
-        if got or time.monotonic() > end:
-            return got
-        time.sleep(0.05)
+        return os.path.exists(path)
+    until(there, limit, f"{path} to appear", every=0.01)
 
 
 def test_metrics_follow_reliable_traffic_and_backpressure(daemon_factory, tmp_path):
@@ -120,10 +115,9 @@ def test_metrics_follow_reliable_traffic_and_backpressure(daemon_factory, tmp_pa
         _wait(tmp_path / "sub.ready", sub)
         pub = _spawn("pub", d, name, "reliable", 16384, count, tmp_path)
         # The subscriber does not read yet: the 16 KiB ring fills and the publisher waits.
-        blocked = _until(lambda: (lambda s: s if (value(
+        blocked = until(lambda: (lambda s: s if (value(
             s, "shimmy_channel_backpressure_waits_total", channel=name) or 0) > 0 else None)(
-            scrape(url)))
-        assert blocked, "the publisher never waited for room"
+            scrape(url)), 30.0, "the publisher waiting for room")
         assert value(blocked, "shimmy_channel_ring_fill_ratio", channel=name) > 0.5
         assert value(blocked, "shimmy_channel_subscriber_lag_bytes_max", channel=name) > 8192
         assert value(blocked, "shimmy_channel_subscribers", channel=name, state="active") == 1
@@ -147,9 +141,8 @@ def test_metrics_follow_reliable_traffic_and_backpressure(daemon_factory, tmp_pa
         assert value(after, "shimmy_control_requests_total", op="hello") == 2
         (tmp_path / "sub.exit").touch()
         assert sub.wait(30) == 0
-        gone = _until(lambda: (lambda s: s if value(s, "shimmy_clients") == 0 else None)(
-            scrape(url)))
-        assert gone, "the clients never left"
+        gone = until(lambda: (lambda s: s if value(s, "shimmy_clients") == 0 else None)(
+            scrape(url)), 30.0, "the clients gone")
         assert value(gone, "shimmy_channel_subscribers", channel=name, state="active") == 0
         assert value(gone, "shimmy_channel_messages_published_total", channel=name) == count
     finally:
@@ -180,8 +173,8 @@ def test_metrics_count_lossy_losses_and_control_errors(daemon_factory, tmp_path)
         (tmp_path / "sub.exit").touch()
         assert sub.wait(30) == 0
         # The subscriber's slot is gone; the channel's lost counter must not go down.
-        s = _until(lambda: (lambda s: s if value(s, "shimmy_clients") == 0 else None)(
-            scrape(url)))
+        s = until(lambda: (lambda s: s if value(s, "shimmy_clients") == 0 else None)(
+            scrape(url)), 30.0, "the clients gone")
         assert value(s, "shimmy_channel_messages_lost_total", channel=name) == lost
     finally:
         if sub.poll() is None:
@@ -310,7 +303,8 @@ def test_daemon_without_prometheus_client(tmp_path):
         plain = subprocess.Popen([sys.executable, "-c", NO_PROMETHEUS, "daemon", "--socket",
                                   sock], stdout=fh, stderr=subprocess.STDOUT)
     try:
-        assert _until(lambda: "daemon ready" in log.read_text() or plain.poll() is not None)
+        until(lambda: "daemon ready" in log.read_text() or plain.poll() is not None, 30.0,
+              "the daemon ready or exited")
         assert plain.poll() is None, log.read_text()      # up and serving without the package
     finally:
         plain.terminate()

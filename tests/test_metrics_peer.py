@@ -13,19 +13,15 @@ import pytest
 
 pytest.importorskip("prometheus_client")
 
-from test_metrics import _metrics_daemon, _until, _wait, scrape, value  # noqa: E402
+from test_metrics import WAIT_FOR, _metrics_daemon, _wait, scrape, value  # noqa: E402
+from workers import until  # noqa: E402
 
 PEER_WORKER = r"""
 import os, sys, time
 import shimmy
 from shimmy.sdk.client import get_client
 role, sock, name, count, work = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-def wait_for(path, limit=60.0):
-    end = time.monotonic() + limit
-    while not os.path.exists(path):
-        if time.monotonic() > end:
-            raise SystemExit(f"{role}: {path} never appeared")
-        time.sleep(0.01)
+""" + WAIT_FOR + r"""
 if role == "pub":
     ch = shimmy.Channel(name, daemon=sock, mode="reliable", capacity=1 << 20)
     ch.publish(b"announce")   # announced to peers once it has a publisher
@@ -74,9 +70,8 @@ def test_peer_and_mirror_metrics_follow_a_mirrored_channel(daemon_factory, tmp_p
                                peer_listen=f"127.0.0.1:{port}", cluster_key_file=str(key))
     b, url_b = _metrics_daemon(daemon_factory, tmp_path / "b", node="node-b",
                                peers=[f"127.0.0.1:{port}"], cluster_key_file=str(key))
-    linked = _until(lambda: (lambda s: s if value(s, "shimmy_peer_links") == 1 else None)(
-        scrape(url_b)))
-    assert linked, "node B never linked to node A"
+    linked = until(lambda: (lambda s: s if value(s, "shimmy_peer_links") == 1 else None)(
+        scrape(url_b)), 30.0, "node B linked to node A")
     assert value(linked, "shimmy_peer_transport_info", transport="auto",
                  rdma="unavailable") == 1 or value(linked, "shimmy_peer_transport_info",
                                                    transport="auto", rdma="available") == 1
@@ -112,10 +107,9 @@ def test_peer_and_mirror_metrics_follow_a_mirrored_channel(daemon_factory, tmp_p
         assert value(sa, "shimmy_channel_replica_link_up", channel=name) is None   # local
         published = value(sa, "shimmy_channel_messages_published_total", channel=name)
         assert published == count + 1                                           # + announce
-        replicated = _until(lambda: (lambda s: s if value(
-            s, "shimmy_channel_messages_published_total", channel=name) == published else None)(
-            scrape(url_b)))
-        assert replicated, "the replica ring's message count never reached the source's"
+        until(lambda: value(scrape(url_b), "shimmy_channel_messages_published_total",
+                            channel=name) == published, 30.0,
+              "the replica ring's message count at the source's")
         (work / "exit").touch()
         for p in procs:
             assert p.wait(30) == 0

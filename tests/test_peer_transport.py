@@ -18,6 +18,7 @@ from shimmy.daemon.peer import rdma
 from shimmy.daemon.peer.mirror import MirrorReplica
 from shimmy.daemon.peer.tcp import Link, TcpTransport
 from shimmy.daemon.peer.transport import TransportClosed
+from workers import until
 
 CAP = 1 << 16
 SUBS = 4
@@ -79,13 +80,6 @@ def make_pair(kind):
 KINDS = ["tcp", "rdma"]
 
 
-def until(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.001)
-
-
 def frames(start_seq, sizes):
     """Bytes of consecutive frames (header + payload padded to 16)."""
     out = bytearray()
@@ -116,11 +110,12 @@ def test_put_lands_at_same_offset_and_commit_makes_it_visible(pair):
     blob = frames(0, [10, 100, 0, 33])
     pair.transport.jump(0, 0)
     pair.transport.put(0, [memoryview(blob)], 0)
-    until(lambda: pair.sink.next == len(blob))
+    until(lambda: pair.sink.next == len(blob), 5.0, "pair.sink.next == len(blob)", every=0.001)
     assert pair.view.q[ring.OFF_TAIL // 8] == 0            # not visible before the commit
     last = len(blob) - ring.frame_size(33)
     pair.transport.commit(len(blob), last)
-    until(lambda: pair.view.q[ring.OFF_TAIL // 8] == len(blob))
+    until(lambda: pair.view.q[ring.OFF_TAIL // 8] == len(blob), 5.0,
+          "pair.view.q[ring.OFF_TAIL // 8] == len(blob)", every=0.001)
     assert data_at(pair.view, 0, len(blob)) == blob
     assert ring.stream_point(pair.view) == (len(blob), 4)
 
@@ -132,7 +127,8 @@ def test_range_split_at_the_wrap(pair):
     views = [memoryview(blob)[:64], memoryview(blob)[64:]]
     pair.transport.put(start, views, start - ring.HEADER)
     pair.transport.commit(start + len(blob), start + 128)
-    until(lambda: pair.view.q[ring.OFF_TAIL // 8] == start + len(blob))
+    until(lambda: pair.view.q[ring.OFF_TAIL // 8] == start + len(blob), 5.0,
+          "pair.view.q[ring.OFF_TAIL // 8] == start + len(blob)", every=0.001)
     assert data_at(pair.view, start, len(blob)) == blob
     assert ring.stream_point(pair.view)[1] == 103
 
@@ -142,14 +138,15 @@ def test_jump_reports_exact_loss_to_readers(pair):
     a = frames(0, [8])
     pair.transport.put(0, [memoryview(a)], 0)
     pair.transport.commit(len(a), 0)
-    until(lambda: pair.sink.tail == len(a))
+    until(lambda: pair.sink.tail == len(a), 5.0, "pair.sink.tail == len(a)", every=0.001)
     reader = ring.RingReader(pair.view, 0, 0, 0)
     assert reader.take()[3] == 0
     pair.transport.jump(4096, 57)                       # seqs 1..56 are gone
     b = frames(57, [8])
     pair.transport.put(4096, [memoryview(b)], 4096 - ring.HEADER)
     pair.transport.commit(4096 + len(b), 4096)
-    until(lambda: pair.sink.tail == 4096 + len(b))
+    until(lambda: pair.sink.tail == 4096 + len(b), 5.0,
+          "pair.sink.tail == 4096 + len(b)", every=0.001)
     got = reader.take()
     assert got[3] == 57 and got[4] == 56
 
@@ -159,7 +156,7 @@ def test_pad_until_hides_torn_bytes(pair):
     blob = frames(0, [8, 8, 8])
     pair.transport.put(0, [memoryview(blob)], 0)
     pair.transport.commit(len(blob), 64, 64)            # first two frames were torn at the source
-    until(lambda: pair.sink.tail == len(blob))
+    until(lambda: pair.sink.tail == len(blob), 5.0, "pair.sink.tail == len(blob)", every=0.001)
     reader = ring.RingReader(pair.view, 0, 0, 0)
     got = reader.take()
     assert got[3] == 2 and got[4] == 2                  # exactly two lost, no torn frame
@@ -168,7 +165,8 @@ def test_pad_until_hides_torn_bytes(pair):
 def test_credits_flow_back(pair):
     assert pair.transport.credits() is None
     pair.report_credit(4096)
-    until(lambda: pair.transport.credits() == 4096)
+    until(lambda: pair.transport.credits() == 4096, 5.0,
+          "pair.transport.credits() == 4096", every=0.001)
 
 
 def test_close_stops_the_transport(pair):
@@ -231,7 +229,7 @@ def ring_long_batch(pair):
         pair.transport.jump(0, 0)
         pair.transport.put(0, [view.mv[view.data_offset:view.data_offset + 1024]], 0)
         pair.transport.commit(1024, 0)
-        until(lambda: sink.tail == 1024)
+        until(lambda: sink.tail == 1024, 5.0, "sink.tail == 1024", every=0.001)
         view.q[view.slot_word(0)] = 1024
         while writer._tail + 1024 <= 1024 + CAP:   # a whole ring past what was consumed
             writer.publish(body, 1.0)
@@ -239,7 +237,7 @@ def ring_long_batch(pair):
         assert tail - 1024 == CAP
         src = MirrorSource("conf/x", view, 0, prefix + "0", pair.transport, 1024, None, 1024)
         src.start()
-        until(lambda: sink.tail == tail)
+        until(lambda: sink.tail == tail, 5.0, "sink.tail == tail", every=0.001)
         src.stop()
         src.thread.join(2)
     finally:
@@ -263,10 +261,11 @@ def test_uncommitted_put_of_a_stopped_mirror_is_dropped_not_a_restart(pair, comm
         pair.transport.put(0, [memoryview(blob)], 0)
         pair.transport.commit(len(blob), len(blob) - ring.frame_size(33))
         tail, seq = len(blob), 4
-        until(lambda: pair.sink.tail == tail)
+        until(lambda: pair.sink.tail == tail, 5.0, "pair.sink.tail == tail", every=0.001)
     stale = frames(seq, [50, 60])
     pair.transport.put(tail, [memoryview(stale)], 0)   # never committed: mirror stopped
-    until(lambda: pair.sink.next == tail + len(stale))
+    until(lambda: pair.sink.next == tail + len(stale), 5.0,
+          "pair.sink.next == tail + len(stale)", every=0.001)
     # The next mirror: its first word is a jump to a point inside the uncommitted bytes, the
     # two stale messages lost; then a put and commit of the message after them.
     at = tail + ring.frame_size(50)
@@ -274,7 +273,8 @@ def test_uncommitted_put_of_a_stopped_mirror_is_dropped_not_a_restart(pair, comm
     more = frames(seq + 2, [20])
     pair.transport.put(at, [memoryview(more)], 0)
     pair.transport.commit(at + len(more), at)
-    until(lambda: pair.sink.tail == at + len(more))
+    until(lambda: pair.sink.tail == at + len(more), 5.0,
+          "pair.sink.tail == at + len(more)", every=0.001)
     assert not pair.sink.reset_needed and pair.sink.rebases == 0
     assert ring.stream_point(pair.view) == (at + len(more), seq + 3)
     reader = ring.RingReader(pair.view, 0, tail, seq)
@@ -282,9 +282,10 @@ def test_uncommitted_put_of_a_stopped_mirror_is_dropped_not_a_restart(pair, comm
     assert got is not None and got[3] == seq + 2 and got[4] == 2   # exactly 2 lost
     # A put at the tail right after an uncommitted one (a mirror that resumes at our tail).
     pair.transport.put(pair.sink.tail, [memoryview(frames(seq + 3, [5]))], 0)
-    until(lambda: pair.sink.next > pair.sink.tail)
+    until(lambda: pair.sink.next > pair.sink.tail, 5.0,
+          "pair.sink.next > pair.sink.tail", every=0.001)
     pair.transport.put(pair.sink.tail, [memoryview(frames(seq + 3, [8]))], 0)
     end = pair.sink.tail + ring.frame_size(8)
     pair.transport.commit(end, pair.sink.tail)
-    until(lambda: pair.sink.tail == end)
+    until(lambda: pair.sink.tail == end, 5.0, "pair.sink.tail == end", every=0.001)
     assert ring.stream_point(pair.view) == (end, seq + 4) and not pair.errors

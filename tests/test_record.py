@@ -16,6 +16,7 @@ import pytest
 import shimmy
 from shimmy import recording
 from shimmy.recording import TrackReader
+from workers import until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _rnd = random.Random(22)
@@ -63,37 +64,42 @@ def track(root: str, name: str) -> str:
 
 
 def wait_recorded(root: str, name: str, next_seq: int, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
+    def summary() -> dict | None:
         try:
             cat = recording.Catalog(track(root, name))
         except (FileNotFoundError, recording.RecordingError):
-            cat = None
-        if cat is not None:
-            summary = cat.summary()
+            return None
+        try:
+            got = cat.summary()
+        finally:
             cat.close()
-            if summary["next_seq"] >= next_seq:
-                return summary
-        assert time.monotonic() < deadline, f"recording reached {summary} not {next_seq}"
-        time.sleep(0.05)
+        return got if got["next_seq"] >= next_seq else None
+    return until(summary, timeout, f"recording of {name!r} up to seq {next_seq}")
+
+
+def read_track(path: str) -> list[tuple[int, bytes, int]]:
+    """``(seq, payload, lost before it)`` of every message of a track, from the seq the
+    recording expected first."""
+    rd = TrackReader(path)
+    rd.expect = rd.q[recording.W_START_SEQ]
+    try:
+        out = []
+        while (got := rd.next()) is not None:
+            seq, view, lost = got
+            out.append((seq, bytes(view), lost))
+        return out
+    finally:
+        rd.close()
 
 
 def read_all(path: str) -> tuple[list[int], list[int]]:
     """Every message of a track, checked against ``payload``: (seqs, gaps before each)."""
-    rd = TrackReader(path)
-    rd.expect = rd.q[recording.W_START_SEQ]
     seqs, gaps = [], []
-    try:
-        while True:
-            got = rd.next()
-            if got is None:
-                return seqs, gaps
-            seq, view, lost = got
-            assert view == payload(seq), f"message seq {seq} differs from what was published"
-            seqs.append(seq)
-            gaps.append(lost)
-    finally:
-        rd.close()
+    for seq, data, lost in read_track(path):
+        assert data == payload(seq), f"message seq {seq} differs from what was published"
+        seqs.append(seq)
+        gaps.append(lost)
+    return seqs, gaps
 
 
 def stop(proc: subprocess.Popen) -> str:

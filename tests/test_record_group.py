@@ -15,11 +15,10 @@ from mcap.reader import make_reader
 import shimmy
 from shimmy import recording
 from shimmy.recording_registry import lookup
-from shimmy.recording import TrackReader
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_record import payload, start_recorder, stop  # noqa: E402
+from test_record import payload, read_track, start_recorder, stop  # noqa: E402
 
 N = 20_000
 SALT = 1_000_000   # publisher k sends payload(k * SALT + i) as its message i
@@ -85,14 +84,9 @@ def test_a_publisher_group_records_every_publisher_in_its_own_order(daemon, root
     stop(rec)
     seen = set()
     for t in _tracks(root, name):
-        rd = TrackReader(t)
-        rd.expect = rd.q[recording.W_START_SEQ]
-        got = []
-        while (m := rd.next()) is not None:
-            seq, view, lost = m
-            assert lost == 0
-            got.append((seq, bytes(view)))
-        rd.close()
+        msgs = read_track(t)
+        assert all(lost == 0 for _, _, lost in msgs)
+        got = [(seq, data) for seq, data, _ in msgs]
         assert [s for s, _ in got] == list(range(N)), t
         k = int.from_bytes(got[0][1][:8], "little") // SALT
         assert [d for _, d in got] == [payload(k * SALT + i) for i in range(N)], t

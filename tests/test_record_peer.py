@@ -15,10 +15,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_peer_mirror import (HAVE_NS, cluster_nodes, free_port, make_payload,  # noqa: E402
                               wait_for, wait_line)
-from test_record import track, wait_recorded  # noqa: E402
+from test_record import read_track, track, wait_recorded  # noqa: E402
 
-from shimmy import recording  # noqa: E402
-from shimmy.recording import TrackReader  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAVE_NS, reason="needs root, unshare and nsenter "
                                                      "(a private IPC namespace and /dev/shm)")
@@ -66,14 +64,9 @@ def test_a_replica_recorded_on_node_b_equals_the_source_stream(cluster):
         want = [b"announce"] + [make_payload(i, rng) for i in range(n)]
         # The replica starts at the source's tail when it is made (docs/peering.md): after the
         # announcement, or at it; from there on the recording is the source's stream.
-        rd = TrackReader(track(root, name))
-        rd.expect = rd.q[recording.W_START_SEQ]
-        got = []
-        while (m := rd.next()) is not None:
-            seq, view, lost = m
-            assert lost == 0
-            got.append((seq, bytes(view)))
-        rd.close()
+        msgs = read_track(track(root, name))
+        assert all(lost == 0 for _, _, lost in msgs)
+        got = [(seq, data) for seq, data, _ in msgs]
         first = got[0][0]
         assert first in (0, 1)
         assert [s for s, _ in got] == list(range(first, n + 1))

@@ -19,16 +19,18 @@ import zlib
 import shimmy
 
 
-def until(cond, timeout: float, what: str):
-    """cond()'s first truthy value, polled every 50 ms; AssertionError naming ``what`` after
-    ``timeout`` seconds (a bound on a wait, never a speed figure)."""
+def until(cond, timeout: float, what, every: float = 0.05):
+    """cond()'s first truthy value, polled every ``every`` seconds; AssertionError naming
+    ``what`` (a text, or a callable giving it at the failure: a log's tail) after ``timeout``
+    seconds (a bound on a wait, never a speed figure).  The tests' one polling loop: a wait
+    written out again in a test is a second copy of this."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = cond()
         if got:
             return got
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
 
 
 def payload(seq: int, max_size: int) -> bytes:
