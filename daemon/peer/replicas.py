@@ -7,10 +7,12 @@
 * mirror requests (``request_mirrors``): each replica with subscribers asks the publishing
   node for a mirror, resuming at its committed tail, and is detached when its link goes or its
   last subscriber leaves;
-* credits (``credit_loop``, a thread): each replica's consumed position goes back to its
-  source (``Link.send_credit``, received by the source's ``Transport.credited``).
+* credits: each replica's consumed position goes back to its source (``Link.send_credit``,
+  received by the source's ``Transport.credited``), from the commit path when one is due
+  (``make``'s ``on_commit``), else from a thread (``credit_loop``).
 
-Runs on the daemon's main thread, except the credit thread, which only reads.  It never serves a
+Runs on the daemon's main thread, except the credits, which only read: the commit path runs in
+the transport's receiving thread, the rest in the credit thread.  It never serves a
 mirror (``sources.py``) and never reads a link's socket (the link's reader feeds the
 ``MirrorReplica`` registered in ``Link.sinks``).
 """
@@ -143,11 +145,36 @@ class ReplicaSide:
         entry = self.entries[name] = ReplicaEntry(name, node, sink, converted=converted,
                                                    stream=stream)
         step = rec.capacity // CREDIT_STEP
+        half = rec.capacity // 2
         wake = self._credit_wake.set
 
-        def on_commit() -> None:   # link reader thread, after each replica commit
-            if sink.source_tail - entry.last_credit >= step:
-                wake()   # a credit may come due: the credit loop starts polling
+        check_at = 0   # the replica tail from which the next commit looks at the credit
+
+        def on_commit() -> None:
+            """The transport's receiving thread, after each replica commit: send the credit
+            when one is due (credit_loop's rule), here, without waking another thread; leave
+            it to the credit thread when the link is busy, or when none is due yet but the
+            source may be waiting for one (it is polled for while that holds).  A look that
+            finds none due skips the commits of the next sixteenth of a ring: with a slow
+            subscriber every commit would look (a pass over the subscriber slots) in vain."""
+            nonlocal check_at
+            tail = sink.source_tail
+            # (check_at is at most step // 4 ahead unless our positions moved back: a rebase)
+            if tail - entry.last_credit < step or 0 < check_at - tail <= step // 4:
+                return
+            link = entry.link
+            if link is None or entry.state != "streaming":
+                return
+            c = sink.consumed()
+            if c - entry.last_credit >= step:
+                if link.try_send_credit(entry.mid, c, tail):
+                    entry.last_credit = c
+                else:
+                    wake()
+                return
+            check_at = tail + step // 4
+            if tail - entry.last_credit > half:
+                wake()
         sink.on_commit = on_commit
         if converted:
             # Subscribers here were waiting before the publisher existed: they get the source's
@@ -238,6 +265,7 @@ class ReplicaSide:
                 if isinstance(obj.get("stream"), int):
                     entry.stream = obj["stream"]
                 entry.sink.set_link(ring.LINK_UP)
+                self._credit_wake.set()   # commits that landed before this may owe a credit
                 log.info("replica %s streaming from %s (start=%s)", entry.name, link.remote,
                          obj.get("start"))
 
@@ -331,30 +359,41 @@ class ReplicaSide:
         of the source's link reader per message (two per round trip).  A source then holds at
         most a quarter ring of bytes the replica has consumed, which leaves room for the
         largest message (half the ring), so a reliable publisher never waits on a credit not
-        sent.  While a credit may come due (a quarter ring unconsumed past the last credit),
-        poll every ``peer_credit_interval``; otherwise sleep until a replica commit brings one
-        closer, or 0.25 s, after which the current position is repeated (so a credit the
-        source could not apply never leaves a reliable publisher waiting)."""
+        sent.
+
+        Most credits leave from the commit path (``make``'s ``on_commit``): each commit that
+        finds one due sends it.  This thread sends what that path cannot: a credit due while
+        the link was busy (it wakes us), and one that comes due after the last commit, as
+        subscribers consume what it brought.  Only the second needs polling, and only while
+        the source may be waiting for room: a reliable publisher waits only when a message
+        (at most half the ring, a wrap PAD committed on its own) would end more than a ring
+        past the credit, so while the replica's tail is at most half a ring past the last
+        credit it is not waiting, or a commit is still to come and will carry the credit.  So
+        poll every ``peer_credit_interval`` while some replica's tail is more than half a ring
+        past its last credit; otherwise sleep until a commit wakes us, or 0.25 s, after which
+        the current position is repeated (so a credit the source could not apply never
+        leaves a reliable publisher waiting)."""
         interval = self.s.peer_credit_interval
         refresh = False
         while not self.svc.stopping.is_set():
             self._credit_wake.clear()
-            busy = False
+            poll = False
             for entry in list(self.entries.values()):
                 link = entry.link
                 if entry.state != "streaming" or link is None or link.closed:
                     continue
-                step = entry.sink.cap // CREDIT_STEP
-                c = entry.sink.consumed()
-                if c - entry.last_credit >= step or refresh:
+                sink = entry.sink
+                tail = sink.source_tail
+                c = sink.consumed()
+                if c - entry.last_credit >= sink.cap // CREDIT_STEP or refresh:
                     entry.last_credit = c
                     try:
-                        link.send_credit(entry.mid, c, entry.sink.source_tail)
+                        link.send_credit(entry.mid, c, tail)
                     except TransportClosed:
                         pass
-                if entry.sink.source_tail - entry.last_credit >= step:
-                    busy = True
-            if busy:
+                if tail - entry.last_credit > sink.cap // 2:
+                    poll = True
+            if poll:
                 self.svc.stopping.wait(interval)
                 refresh = False
             else:

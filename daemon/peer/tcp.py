@@ -173,6 +173,29 @@ class Link:
         source's ``Transport.credited``); blocks like ``send``, raises TransportClosed."""
         self.send([HDR.pack(K_CREDIT, mirror_id, consumed, tail, 0, 0)])
 
+    def try_send_credit(self, mirror_id: int, consumed: int, tail: int) -> bool:
+        """``send_credit`` from a thread that must never block on this socket: the link's
+        reader, which lands a replica's commit and finds a credit due (a reader blocked on its
+        own send, while the peer's reader is blocked the same way, would stall both links until
+        the timeout).  True when sent; False when the link is busy (another thread holds its
+        lock), its send buffer is full, or it is TLS: the credit thread sends it instead."""
+        if self.closed or self.tls or not self.lock.acquire(blocking=False):
+            return False
+        try:
+            msg = HDR.pack(K_CREDIT, mirror_id, consumed, tail, 0, 0)
+            sent = self.sock.send(msg, socket.MSG_DONTWAIT)
+            if sent < len(msg):   # 40 bytes partly queued: the rest must follow, blocking
+                self.sock.sendall(memoryview(msg)[sent:])
+            self.stats["bytes_sent"] += len(msg)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.close()
+            return False
+        finally:
+            self.lock.release()
+
     def _run_writer(self) -> None:
         ping = HDR.pack(K_PING, 0, 0, 0, 0, 0)
         try:
