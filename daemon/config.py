@@ -105,7 +105,9 @@ class Settings:
     peer_max_replica_capacity: int = _s(1 << 28, "largest ring a peer may make us replicate")
     peer_max_replicas: int = _s(4096, "replica rings this node keeps at once")
     peer_hold: float = _s(10.0, "reliable: keep a disconnected mirror's data this long")
-    peer_credit_interval: float = _s(0.0002, "replica reports consumed positions this often")
+    peer_credit_interval: float = _s(0.0002, "while the source may wait for room, the "
+                                       "replica's credit thread looks for a credit due this often "
+                                       "(credits otherwise leave from the commit path)")
     peer_unmirror_grace: float = _s(1.0, "mirror stops this long after its last subscriber left")
     # -- peering: cluster-wide names and restarts (daemon/peer, docs/peering.md) --
     peer_forget_after: float = _s(60.0, "seconds a peer node may stay without a link before it is "
