@@ -108,24 +108,33 @@ class Channel:
         self._member: tuple[mmap.mmap, ring.RingView] | None = None   # our member ring (group)
         self._writer: ring.RingWriter | None = None
         self._subs: list[Subscription] = []
+        # subscriptions a reopen cut short let go of; the next reopen binds them again
+        self._orphans: list[Subscription] = []
         self.closed = False
         self._map(reply)
         _open_channels.add(self)
 
     def _map(self, reply: dict) -> None:
-        """Map the ring an ``open`` reply names (and its wake-up semaphores)."""
+        """Map the ring an ``open`` reply names (and its wake-up semaphores); when that fails,
+        nothing of this channel changed."""
+        shm = open_shared_memory(reply["shm"])
+        try:
+            mm = mmap.mmap(shm.fd, shm.size)
+        finally:
+            shm.close_fd()
+        view = ring.RingView(mm)
+        try:
+            wakeups = ring.Wakeups(view, reply["sem_prefix"])
+        except BaseException:
+            view.release()
+            mm.close()
+            raise
+        self._mm, self._view, self._wakeups = mm, view, wakeups
         self.mode = reply["mode"]
         self.max_publishers = reply.get("max_publishers", 1)
         self.capacity = reply["capacity"]
         self.max_message = reply["max_message"]
         self._sem_prefix = reply["sem_prefix"]
-        shm = open_shared_memory(reply["shm"])
-        try:
-            self._mm = mmap.mmap(shm.fd, shm.size)
-        finally:
-            shm.close_fd()
-        self._view = ring.RingView(self._mm)
-        self._wakeups = ring.Wakeups(self._view, reply["sem_prefix"])
 
     def reopen(self) -> None:
         """Open the channel again after ``ChannelClosed`` because its daemon restarted (also
@@ -141,6 +150,9 @@ class Channel:
         channel continue on the new ring from its next message (the same objects); where the
         numbering went on (a replica of another node's channel, a carried stream), the first
         message's ``lost`` counts what was missed.
+
+        A reopen that raises part way (the new daemon went in its turn) leaves the publisher on
+        its old ring: the next reopen carries the same stream from it again.
         """
         if self._fork_gen != fork_generation():
             raise ChannelClosed(f"channel {self.name!r} was opened before fork(); open it again "
@@ -152,40 +164,50 @@ class Channel:
         # stream; a new member ring starts a new one) and its subscriptions end (subscribe again).
         member, self._member = self._member, None
         plan = _carry_plan(old_view, writer) if writer is not None and member is None else None
-        subs = [sub for sub in self._subs if not sub.closed]
-        for sub in subs:
-            sub._drop()
-        subs = [sub for sub in subs if not isinstance(sub, GroupSubscription)]
+        for sub in self._subs:
+            if not sub.closed:
+                sub._drop()
+                if not isinstance(sub, GroupSubscription):
+                    self._orphans.append(sub)
         self._subs = []
         self._client = client
         self._writer = None
         self.publisher_id = 0
-        if member is not None:
-            member[1].release()
-            try:
-                member[0].close()
-            except BufferError:
-                pass  # a caller still holds a Message view of it
-        self._map(reply)
-        self.closed = False
         try:
+            self._map(reply)
+            self.closed = False
             if plan is not None:
                 self._client.request("publish", name=self.name, carry={
                     "stream": plan[0], "position": plan[1], "seq": plan[2]})
                 new = ring.RingWriter(self._view, self._wakeups)
                 _carry(old_view, plan[1], new, plan[3], self.publish_timeout)
                 self._writer = new
-            for sub in subs:
+            while self._orphans:
+                sub = self._orphans[0]
                 reply = self._client.request("subscribe", name=self.name, start="next")
                 sub._rebind(reply["slot"], reply["position"], reply["seq"])
                 self._subs.append(sub)
-        finally:
-            old_wakeups.close()
-            old_view.release()
+                del self._orphans[0]
+        except BaseException:
+            # Cut short (the new daemon went too, before or during the carry): back to the
+            # old ring and its writer, the only copy of what no replica received, so the next
+            # reopen carries the stream from it again (docs/peering.md, "Restarts and links").
+            self._orphans[:0] = self._subs
+            for sub in self._subs:
+                sub._drop()
+            self._subs = []
+            if self._view is not old_view:
+                _unmap(self._wakeups, self._view, self._mm)
+            self._view, self._mm, self._wakeups = old_view, old_mm, old_wakeups
+            self._writer, self._member = writer, member
+            raise
+        if member is not None:
+            member[1].release()
             try:
-                old_mm.close()
+                member[0].close()
             except BufferError:
-                pass  # a caller still holds a Message view of the old ring
+                pass  # a caller still holds a Message view of it
+        _unmap(old_wakeups, old_view, old_mm)
 
     # -- publishing ---------------------------------------------------------------------------
     def _check(self) -> None:
@@ -326,6 +348,16 @@ class Channel:
     def __repr__(self) -> str:
         return (f"<shimmy.Channel {self.name!r} mode={self.mode} capacity={self.capacity} "
                 f"max_publishers={self.max_publishers}>")
+
+
+def _unmap(wakeups: ring.Wakeups, view: ring.RingView, mm: mmap.mmap) -> None:
+    """Let go of a ring ``Channel._map`` mapped, and of its wake-up semaphores."""
+    wakeups.close()
+    view.release()
+    try:
+        mm.close()
+    except BufferError:
+        pass  # a caller still holds a Message view of it
 
 
 def _carry_plan(view: ring.RingView, writer: ring.RingWriter) -> tuple[int, int, int, int]:

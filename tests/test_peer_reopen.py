@@ -63,3 +63,60 @@ def test_publisher_carries_its_stream_over_a_daemon_sigkill(daemon, mode):
     assert m.seq == 160 and bytes(m) == payload[160] and m.lost == 160 - 100, m
     for ch in (pub, sub_ch, check.channel):
         ch.close()
+
+
+class _KillAfterOpen:
+    """Fault injection: a client of the SDK's that SIGKILLs ``daemon`` right after the daemon
+    answered an ``open``, so a ``Channel.reopen`` is cut short between its ``open`` and the
+    ``publish`` that carries the stream (what the crash matrix's peer-source row does when it
+    kills a restarted source daemon again)."""
+
+    def __init__(self, client, daemon):
+        self.client, self.daemon = client, daemon
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def request(self, op, **fields):
+        reply = self.client.request(op, **fields)
+        if op == "open":
+            self.daemon.kill()
+        return reply
+
+
+def test_reopen_cut_short_still_carries_the_stream(daemon, monkeypatch):
+    """A reopen whose new daemon is killed after its ``open`` raises and changes nothing: the
+    next reopen carries the old ring's stream into the ring of the daemon after it.  (It used
+    to carry nothing: the first try had already let go of the old ring and its writer, so the
+    messages the old ring held and no replica had yet were lost, in reliable mode too.)"""
+    from shimmy.sdk import channel as channel_module
+    cap = 64 << 10
+    pub = shimmy.Channel("carry/cut", daemon=daemon.socket, mode="reliable", capacity=cap)
+    sub = shimmy.Channel("carry/cut", daemon=daemon.socket).subscribe()
+    payload = [b"%06d" % i + b"y" * (i % 700) for i in range(200)]
+    for i in range(150):
+        assert pub.publish(payload[i]) == i
+    for i in range(100):   # 50 are unread: the reliable slot keeps them in the old ring
+        assert sub.receive(timeout=5).seq == i
+    daemon.kill()
+    daemon.start()
+    with pytest.raises(shimmy.ChannelRetired):
+        pub.publish(payload[150])
+    real = channel_module.get_client
+    with monkeypatch.context() as patch:
+        patch.setattr(channel_module, "get_client", lambda d: _KillAfterOpen(real(d), daemon))
+        with pytest.raises(shimmy.DaemonUnavailable):
+            pub.reopen()
+    daemon.start()
+    _reopen(pub)
+    check = shimmy.Channel("carry/cut", daemon=daemon.socket).subscribe(start="oldest")
+    got = []
+    while (m := check.receive_nowait()) is not None:
+        got.append((m.seq, bytes(m)))
+    # everything from the oldest message the subscriber had not released, with its numbers
+    assert got and got[0][0] <= 100 and [s for s, _ in got] == list(range(got[0][0], 150)), \
+        [s for s, _ in got][:5]
+    assert all(data == payload[seq] for seq, data in got)
+    assert pub.publish(payload[150]) == 150
+    for ch in (pub, sub.channel, check.channel):
+        ch.close()

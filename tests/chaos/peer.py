@@ -56,6 +56,13 @@ errors         anything unexpected (a worker process died, a bug in the row).
 
 A subscription's first message sets its starting point: a fresh replica (peer-replica) starts
 at the source's tail, so the gap between two subscriptions is not loss.
+
+Diagnostics: ``SHIMMY_CHAOS_LOG_LEVEL`` sets the daemons' ``--log-level`` (default warning;
+``info`` logs every mirror start, continued and carried stream).  With ``SHIMMY_CHAOS_KEEP``
+set to a folder, a trial that counted torn, lost, duplicated, inexact or wedged keeps there
+both daemons' logs, their ``stat`` and the pair's journal (each kill and restart, where the
+publisher stood, every report that counted, with times), and the row's notes say where; every
+pair's logs and journal are kept there too when it is closed (``pair-*``).
 """
 
 from __future__ import annotations
@@ -85,6 +92,8 @@ PACE_EVERY = 20      # the publisher sleeps 1 ms after every PACE_EVERY messages
 RESUME_S = 20.0      # bound on a trial's recovery (more than the peer_hold of 10 s)
 AGAIN = 0.25         # the share of trials that kill the restarted daemon a second time
 RECYCLE = 250        # trials per pair of nodes (a node's namespace holder lives an hour)
+LOG_LEVEL = os.environ.get("SHIMMY_CHAOS_LOG_LEVEL", "warning")   # the daemons' --log-level
+KEEP = os.environ.get("SHIMMY_CHAOS_KEEP")    # a folder: keep the logs of trials that counted
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -130,8 +139,12 @@ def worker_pub(sock: str, name: str, mode: str) -> None:
     at = [0]
 
     def answer() -> None:
-        for _ in sys.stdin:
-            print("at", at[0], flush=True)
+        try:
+            for _ in sys.stdin:
+                print("at", at[0], flush=True)
+        except BrokenPipeError:
+            pass
+        os._exit(0)   # the row is gone (our stdin closed): so are we
     threading.Thread(target=answer, daemon=True).start()
     ch = _open(sock, name, mode, linked=True)
     print("open", flush=True)
@@ -236,7 +249,7 @@ class Pair:
         port = free_port()
         # the redial backoff capped at 0.25 s (default 2 s): a trial then costs the recovery,
         # not the wait for the next dial
-        quiet = ("--log-level", "warning", "--peer-backoff-max", "0.25")
+        quiet = ("--log-level", LOG_LEVEL, "--peer-backoff-max", "0.25")
         self.a = Node("A", key, *quiet, "--peer-listen", f"127.0.0.1:{port}")
         self.nodes.append(self.a)
         self.b = Node("B", key, *quiet, "--peer", f"127.0.0.1:{port}")
@@ -307,6 +320,8 @@ class Pair:
             if left and row is not None:
                 row.bad("stale_objects", f"left on {node.name} after it stopped: {left}", len(left))
             node.close()
+        if KEEP and self.nodes:
+            _keep_logs(self, tempfile.mkdtemp(prefix="pair-", dir=KEEP))
         for node in self.nodes:
             shutil.rmtree(node.dir, ignore_errors=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -325,6 +340,46 @@ def _unowned(node) -> list[str]:
     return [o for o in objects if not (o.startswith(owned) or o[4:].startswith(owned))]
 
 
+def _journal(pair, text: str) -> None:
+    """One line of the pair's journal (what the row did when, to read beside the daemons'
+    logs; kept with them by ``_keep``)."""
+    now = time.time()
+    with open(os.path.join(pair.tmp, "journal.txt"), "a") as fh:
+        fh.write(f"{time.strftime('%H:%M:%S', time.localtime(now))}.{int(now * 1000) % 1000:03d}"
+                 f" {text}\n")
+
+
+def _bad(row) -> int:
+    return sum(row.counts[k] for k in ("torn", "lost", "duplicated", "lost_inexact", "wedged"))
+
+
+def _keep_logs(pair, dest: str, stat: bool = False) -> None:
+    """Copy both daemons' logs (and, with ``stat``, their ``stat``) and the pair's journal
+    into ``dest``."""
+    for node in pair.nodes:
+        shutil.copy(os.path.join(node.dir, "daemon.log"), os.path.join(dest, f"{node.name}.log"))
+        if stat:
+            try:
+                out = node.stat()
+            except (ShimmyError, OSError) as exc:
+                out = {"error": str(exc)}
+            with open(os.path.join(dest, f"{node.name}.stat.json"), "w") as fh:
+                json.dump(out, fh, indent=1, default=str)
+    if os.path.exists(os.path.join(pair.tmp, "journal.txt")):
+        shutil.copy(os.path.join(pair.tmp, "journal.txt"), os.path.join(dest, "journal.txt"))
+
+
+def _keep(row, pair) -> None:
+    """A trial counted something: keep the daemons' logs, their ``stat`` and the journal under
+    ``$SHIMMY_CHAOS_KEEP`` (when set), and say where in the row's notes."""
+    if not KEEP:
+        return
+    dest = tempfile.mkdtemp(prefix=f"{row.kind}-{row.mode}-trial{row.counts['trials']}-",
+                            dir=KEEP)
+    _keep_logs(pair, dest, stat=True)
+    row.notes.append(f"trial {row.counts['trials']}: the daemons' logs are kept in {dest}")
+
+
 def _add(row, rep: dict) -> None:
     for key in ("torn", "lost", "duplicated", "lost_inexact"):
         if rep[key]:
@@ -336,6 +391,8 @@ def _trial(row, pair: Pair, name: str, rng: random.Random) -> bool:
     """One kill and its recovery; False when the pair is not to be trusted for another trial
     (anything counted as wedged, a death, a worker gone): the row sets up a new pair."""
     wedged = row.counts["wedged"]
+    bad = _bad(row)
+    _journal(pair, f"trial {row.counts['trials']} begins")
     source = row.kind == "peer-source"
     victim, survivor = (pair.a, pair.b) if source else (pair.b, pair.a)
     time.sleep(rng.uniform(0, 0.3))
@@ -351,9 +408,11 @@ def _trial(row, pair: Pair, name: str, rng: random.Random) -> bool:
     for k in range(2 if rng.random() < AGAIN else 1):
         if k:
             time.sleep(rng.uniform(0, 0.2))
+        _journal(pair, f"kill {victim.name} ({k})")
         victim.stop(signal.SIGKILL)
         try:
             victim.start()
+            _journal(pair, f"{victim.name} restarted")
         except RuntimeError as exc:
             row.bad("daemon_deaths", f"restart of {victim.name} failed: {exc}")
             return False
@@ -366,11 +425,14 @@ def _trial(row, pair: Pair, name: str, rng: random.Random) -> bool:
     if after is None:
         row.bad("errors", "the publisher did not say where it is")
         return False
+    _journal(pair, f"before {json.dumps(before)}; publisher at {after}")
     subs0, resumed, rep = before["subs"], False, before
     while time.monotonic() < deadline:
         rep = pair.report()
         if rep is None:
             break
+        if any(rep[k] for k in ("torn", "lost", "duplicated", "lost_inexact")):
+            _journal(pair, f"report {json.dumps(rep)}")
         _add(row, rep)
         if source:
             if rep["subs"] != subs0:
@@ -385,6 +447,9 @@ def _trial(row, pair: Pair, name: str, rng: random.Random) -> bool:
     if not resumed:
         row.bad("wedged", f"no recovery within {RESUME_S} s after the kill of {victim.name}: "
                           f"subscriber {rep}, publisher at {after} after the restart")
+    if _bad(row) != bad:
+        _journal(pair, f"trial counted {json.dumps({k: v for k, v in row.counts.items() if v})}")
+        _keep(row, pair)
     if not survivor.alive():
         row.bad("daemon_deaths", f"survivor {survivor.name} exited")
         return False
@@ -419,6 +484,8 @@ def run(row, trials: int, end: float, rng: random.Random) -> None:
 
 
 if __name__ == "__main__":
+    # (SIGPIPE stays ignored, as Python sets it: with its default action a worker whose
+    # daemon was SIGKILLed in the middle of a request died of it, silently, instead of getting
+    # DaemonUnavailable: the row's rare "publisher did not say where it is".)
     role, sock, channel, mode = sys.argv[1:5]
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     (worker_pub if role == "pub" else worker_sub)(sock, channel, mode)
