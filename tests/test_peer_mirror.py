@@ -455,9 +455,12 @@ def check(result, n, reliable, allow_start_after=False):
 @pytest.mark.parametrize("mode", ["reliable", "lossy"])
 def test_fanout_to_two_nodes_in_order(cluster, mode):
     port = free_port()
-    a = cluster.node("A", "--peer-listen", f"127.0.0.1:{port}")
-    b = cluster.node("B", "--peer", f"127.0.0.1:{port}")
-    c = cluster.node("C", "--peer", f"127.0.0.1:{port}")
+    # The mirrors are listed after the subscribers have left: a grace far past the time a loaded
+    # machine takes to get there keeps them listed (the 1 s default let them go, now and then).
+    grace = {"peer_unmirror_grace": 60.0}
+    a = cluster.node("A", "--peer-listen", f"127.0.0.1:{port}", *cluster.config("A", **grace))
+    b = cluster.node("B", "--peer", f"127.0.0.1:{port}", *cluster.config("B", **grace))
+    c = cluster.node("C", "--peer", f"127.0.0.1:{port}", *cluster.config("C", **grace))
     n = 50_000
     results = run_stream(cluster, a, [a, b, c], "fan/" + mode, mode, n)
     for r in results:
