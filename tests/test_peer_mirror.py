@@ -285,7 +285,7 @@ class Node:
         log = open(os.path.join(self.dir, "daemon.log"), "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60   # a loaded machine (load ~18) took over 15 s
         while not os.path.exists(self.socket + ".session"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"node {self.name} did not start:\n{self.log()}")
