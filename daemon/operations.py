@@ -22,7 +22,7 @@ from shimmy.protocol import PROTOCOL_VERSION
 
 from .dispatch import ID_MAX, field, show
 from .quotas import tenant
-from .registry import is_member_alias
+from .records import is_member_alias
 from .sessions import Client
 
 if TYPE_CHECKING:

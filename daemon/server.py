@@ -37,7 +37,8 @@ from .dispatch import Dispatch
 from .operations import Operations
 from .quotas import Quotas, tenant
 from .recordings import Recordings
-from .registry import Registry, alias_prefix
+from .records import alias_prefix
+from .registry import Registry
 from .segments import Segments
 from .sessions import Sessions
 from .setting_values import parse_mode, resolve_group
