@@ -197,36 +197,33 @@ class Endpoint:
                 cq.ack_events(1)
 
     def close(self) -> None:
+        """Release the QP, the MRs (and their share of the pinned count), then the CQ, the
+        completion channel, the PD and the context; a close that fails does not stop the rest."""
         global _pinned
-        for name in ("qp",):
-            obj = getattr(self, name, None)
-            if obj is not None:
-                try:
-                    obj.close()
-                except Exception:
-                    pass
+        _close_quietly(getattr(self, "qp", None))
         for mr in self.mrs:
-            try:
-                mr.close()
-            except Exception:
-                pass
+            _close_quietly(mr)
         self.mrs = []
         with _pinned_lock:
             _pinned -= self.pinned
         self.pinned = 0
         for name in ("cq", "channel", "pd", "ctx"):
-            obj = getattr(self, name, None)
-            if obj is not None:
-                try:
-                    obj.close()
-                except Exception:
-                    pass
+            _close_quietly(getattr(self, name, None))
             setattr(self, name, None)
 
     def describe(self) -> dict:
         return {"device": f"{self.dev}:{self.port}", "gid_index": self.gid_index,
                 "registration": "odp" if self.odp else "pinned", "pinned_bytes": self.pinned,
                 "register_ms": round(self.reg_seconds * 1e3, 3)}
+
+
+def _close_quietly(obj) -> None:
+    """Close a pyverbs object if there is one; a failure is ignored (teardown goes on)."""
+    if obj is not None:
+        try:
+            obj.close()
+        except Exception:
+            pass
 
 
 def _event_fds() -> set[int]:

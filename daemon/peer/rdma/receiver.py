@@ -3,10 +3,10 @@
 the completion thread that turns each record, in sequence order, into calls on the replica's
 sink (``landed``/``commit``, ``put_target``, ``jump``, ``advance_head``).
 
-It must never write the ring itself except through the sink (the sink owns the replica's words
-and their order), never take a record out of sequence, and never touch the daemon's books: a
-failure is handed to ``on_failure`` (the mirror set-up in ``mirrors``), which restarts the
-mirror on the main thread.
+It must never write the ring but through the sink (into the views ``put_target`` hands it; the
+sink owns the replica's words and their order), never take a record out of sequence, and never
+touch the daemon's books: a failure goes to ``on_failure`` (``RdmaMirrors``, peer/rdma_mirrors.py),
+which restarts the mirror on the main thread.
 """
 
 from __future__ import annotations
