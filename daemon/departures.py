@@ -3,9 +3,10 @@ lease missed (its slots evicted), silence past session_timeout (an orphan: its s
 its roles kept until its process exits, watched by a pidfd), or its container dying (the Docker
 watcher thread).  Each departure frees what the client held in the registry and the streams.
 
-It must never free a slot or role of a process that still lives and may write to it (one writer
-per word: an orphan's slots stay EVICTED until its pidfd says it exited), and the watcher thread
-never touches the daemon's state: it only queues the event for the loop.
+It must never free the slots or role of a silent client whose process still lives (one writer
+per word: an orphan's slots stay EVICTED until its pidfd says it exited, as it may wake up and
+write to them), and the watcher thread never touches the daemon's state: it only queues the
+event for the loop.
 """
 
 from __future__ import annotations
