@@ -4,8 +4,9 @@ checks its fields, asks ``callers`` whether the client may, and changes the regi
 peer holds elsewhere is asked of the peer module.
 
 It must never write a ring word (the registry owns them), never reply to a request itself
-(``dispatch`` does: a handler returns its result or raises a ShimmyError naming the rule), and
-never skip the access check before acting for a client.
+(``dispatch`` does: a handler returns its result or raises a ShimmyError naming the rule), never
+act for a client that ``callers`` has not named by its token, and never open, create, publish,
+subscribe or delete without the access check.
 """
 
 from __future__ import annotations

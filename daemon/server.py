@@ -10,8 +10,10 @@ This module is the loop and what it owns: the lock that makes one daemon per soc
 descriptor budget, the poll over every source of events, housekeeping each TICK, shutdown.  The
 rooms it drives: ``dispatch`` (a request frame to a reply), ``operations`` (the channel and node
 operations), ``callers`` (who asks, what they may), ``departures`` (clients leaving), and the
-registry, sessions, streams, peer module and recorder.  It must never answer a request or change
-a channel itself: every change happens on this one thread, in those rooms.
+registry, sessions, streams, peer module and recorder; the one pass of its own is
+``_remote_members`` (other nodes' publishers of our groups).  It must never answer a request
+itself, and nothing it drives changes the daemon's books from another thread: the peer module's
+and the Docker watcher's threads hand their events to this loop through the pipes it polls.
 """
 
 from __future__ import annotations
