@@ -8,9 +8,9 @@ A member ring is a record of its own in the book, under a reserved name
 announces and mirrors it like any published channel, and a node with subscribers of the group
 adds the replica it makes of another node's member to its own group (a remote member).
 
-A record changes only the ring words the daemon owns (slot states, slot_high: spec/ring.md), and
-only through the daemon's slot stores (``ring.daemon_set_slot_state``); it must never create or
-delete a ring, a semaphore or another record (the registry does).
+A record writes only ring words the daemon owns (spec/ring.md): slot states, through
+``ring.daemon_set_slot_state``, and slot_high, when it restores them from its books.  It must
+never create or delete a ring, a semaphore or another record (the registry does).
 """
 
 from __future__ import annotations
