@@ -22,7 +22,7 @@ Shape (docs/rdma.md has the deployment side and the steps in prose):
 * Lossy guard: before a WRITE may land on ring offsets the replica's readers could still be
   reading, the source sends ``GUARD(need, ahead)``; the replica stores a head >= need (up to a
   quarter ring ahead, so this costs one round trip per quarter ring) and acknowledges over the
-  link.  No byte is written below the acknowledged head + capacity.
+  link.  No byte is written at or past the acknowledged head + capacity.
 * Lossy mode also waits for the completion of the batch's last WRITE before ``put`` returns:
   only then has the adapter read the source bytes, so the mirror's seqlock check after ``put``
   still proves they were intact.  Reliable mode does not wait (the mirror's slot holds them).

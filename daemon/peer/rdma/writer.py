@@ -4,10 +4,10 @@ mailbox; small ranges copied through the mailbox; the lossy guard before a WRITE
 the replica's readers still read.
 
 It runs on the mirror source's thread (``put``, ``commit``, ``jump``) and takes the link's
-events (``ready``, ``guard_acked_to``, ``fail``) from other threads.  It must never write below
-the acknowledged replica head plus a ring's capacity, and never let ``put`` return in lossy mode
-before the adapter has read the source bytes (the mirror's seqlock check after ``put`` relies
-on it).
+events (``ready``, ``guard_acked_to``, ``fail``) from other threads.  It must never place a byte
+at or past the acknowledged replica head plus a ring's capacity, and never let ``put`` return in
+lossy mode before the adapter has read the source bytes (the mirror's seqlock check after
+``put`` relies on it).
 """
 
 from __future__ import annotations
