@@ -116,7 +116,7 @@ class Settings:
     peer_drain_timeout: float = _s(2.0, "on shutdown, seconds to wait for mirrors to deliver "
                                         "what their rings still hold, so a graceful restart of a "
                                         "publishing node loses nothing")
-    # -- RDMA transport (daemon/peer/rdma.py, docs/rdma.md) --
+    # -- RDMA transport (daemon/peer/rdma/, docs/rdma.md) --
     transport: str = _s("auto", "peer data path: tcp, rdma (startup error without a usable RDMA "
                                 "device) or auto (RDMA when both peers have a device and agree, "
                                 "else TCP; fallbacks are logged and counted)",

@@ -32,6 +32,7 @@ from shimmy.errors import (ChannelConflict, ChannelNotFound, InvalidArgument, Li
                            StreamBusy)
 from shimmy.names import object_token, validate_name
 
+from . import dispatch
 from .access import Ownership
 
 log = logging.getLogger("shimmy.daemon")
@@ -94,6 +95,7 @@ class StreamService:
         self.daemon = daemon
         self.settings = daemon.settings
         self.segments = daemon.segments
+        self.callers = daemon.callers
         self.streams: dict[str, StreamRecord] = {}
         self._serial = itertools.count(1)
         self.counters = {"streams_created": 0, "streams_freed": 0, "stream_ends_broken": 0,
@@ -107,29 +109,29 @@ class StreamService:
 
     # -- operations -------------------------------------------------------------------------------
     def op_open(self, req: dict) -> dict:
-        client = self.daemon._client(req)
+        client = self.callers.client(req)
         name = validate_name(req.get("name"))
         role = req.get("role")
         if role not in ROLES:
             raise InvalidArgument(f"stream role must be 'writer' or 'reader', got {role!r}")
-        capacity = self.daemon._field(req, "capacity", int, optional=True, lo=1,
-                                      hi=self.settings.max_capacity)
+        capacity = dispatch.field(req, "capacity", int, optional=True, lo=1,
+                                  hi=self.settings.max_capacity)
         op = "publish" if role == "writer" else "subscribe"   # the label each end needs
         rec = self.streams.get(name)
         if rec is None:
-            self.daemon._policy(client).check(op, name)
+            self.callers.policy(client).check(op, name)
             who = client.tenant
-            ownership = self.daemon.access.ownership_for(self.daemon._caller(client), name, who,
-                                                          "stream")
+            ownership = self.daemon.access.ownership_for(self.callers.caller(client), name, who,
+                                                         "stream")
             cap = stream_ring.DEFAULT_CAPACITY if capacity is None else capacity
             try:
                 size = stream_ring.segment_size(cap)
             except (ValueError, OverflowError):
                 size = 0   # an invalid capacity: _create names the rule
-            self.daemon.check_create_quota(who, size)
+            self.callers.check_create_quota(who, size)
             rec = self._create(name, capacity, dataclasses.replace(ownership, size=size))
         else:
-            self.daemon.authorize(client, op, name, rec.owner, "stream")
+            self.callers.authorize(client, op, name, rec.owner, "stream")
         if capacity is not None and capacity != rec.capacity:
             raise ChannelConflict(f"stream {name!r} exists with capacity={rec.capacity}, asked "
                                   f"for capacity={capacity}")
@@ -157,10 +159,10 @@ class StreamService:
                 "capacity": rec.capacity, "serial": rec.serial}
 
     def op_close(self, req: dict) -> dict:
-        client = self.daemon._client(req)
+        client = self.callers.client(req)
         name = validate_name(req.get("name"))
         role = req.get("role")
-        serial = self.daemon._field(req, "serial", int, lo=0, hi=(1 << 63) - 1)
+        serial = dispatch.field(req, "serial", int, lo=0, hi=(1 << 63) - 1)
         rec = self.streams.get(name)
         if rec is None or rec.serial != serial:
             return {}  # already freed (the daemon saw the other end go first)
@@ -182,7 +184,7 @@ class StreamService:
         rec = self.streams.get(name)
         if rec is None:
             raise ChannelNotFound(f"stream {name!r} does not exist")
-        self.daemon.access.check(self.daemon._caller(client), "delete", name, rec.owner,
+        self.daemon.access.check(self.callers.caller(client), "delete", name, rec.owner,
                                  "stream")
         self.counters["streams_deleted"] += 1
         log.info("stream %s: deleted by client %d pid=%s (owner %s, %d bytes dropped)", name,

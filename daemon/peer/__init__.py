@@ -12,7 +12,8 @@ rings on other nodes (docs/peering.md, which has the table of its modules).
   the replica sink it feeds;
 * ``tcp``: the peer link (framing, one ``sendmsg`` per batch, ``recv_into`` the replica) and the
   TCP transport over it;
-* ``rdma``: the pyverbs transport (RDMA WRITE + WRITE_WITH_IMM) and its replica receiver;
+* ``rdma``: the pyverbs transport, a package (device, wire, endpoint, writer, receiver): RDMA
+  WRITE + WRITE_WITH_IMM and its replica receiver;
 * ``rdma_mirrors``: which transport each mirror runs over, and the RDMA handshake;
 * ``auth``: mutual HMAC challenge-response on the cluster key, optional TLS.
 """

@@ -576,7 +576,7 @@ class MirrorReplica(ReplicaSink):
     def drop_uncommitted(self) -> None:
         self.next = self.tail
 
-    # -- transports that place bytes without this CPU (RDMA, daemon/peer/rdma.py) ----------------
+    # -- transports that place bytes without this CPU (RDMA, daemon/peer/rdma/) ----------------
     def advance_head(self, need: int, ahead: int) -> int:
         """Store a head >= ``need`` (walking our own frames, up to ``ahead``, never past tail)
         before the source lets bytes land directly in the ring; return the head stored.  Both

@@ -200,9 +200,7 @@ class RdmaMirrors:
                 t.ready()
             else:
                 t.fail(f"replica: {obj.get('reason')}")
-        elif k == "guard":
-            self.on_guard(link, obj)
-        else:
+        else:   # ``guard`` never comes here: PeerService.on_link_ctrl hands it to on_guard
             raise ValueError(f"unknown rdma message {k!r}")
 
     def on_guard(self, link, obj: dict) -> None:

@@ -3,7 +3,7 @@
 A transport moves bytes of one source ring into the replica ring of one mirror on another node.
 It knows nothing about frames, modes or loss: the mirror halves in ``mirror.py`` decide what to
 send and when, so ordering, flow control, loss accounting and resume are the same whatever moves
-the bytes (TCP here, RDMA in ``rdma.py``).
+the bytes (TCP here, RDMA in the ``rdma`` package).
 
 Contract (the conformance suite ``tests/test_peer_transport.py`` checks it for every transport):
 

@@ -32,7 +32,7 @@ import shimmy.daemon.peer.service, shimmy.daemon.streams, shimmy.daemon.config
 import argparse, fcntl, gettext, grp, hashlib, hmac, ipaddress, locale, logging, pwd, queue
 import random, resource, secrets, shutil, signal, ssl, statistics, struct, subprocess, tempfile
 import threading, tomllib, zlib
-import ctypes, ctypes.util   # the RDMA probe (daemon/peer/rdma.py) needs them
+import ctypes, ctypes.util   # the RDMA probe (daemon/peer/rdma/device.py) needs them
 import encodings.ascii, encodings.latin_1, encodings.idna, encodings.utf_8, encodings.hex_codec
 import contextlib, io
 with contextlib.redirect_stdout(io.StringIO()):
