@@ -13,6 +13,7 @@ import array
 import os
 import shutil
 import sysconfig
+import time
 
 import pytest
 
@@ -20,6 +21,7 @@ import shimmy
 from shimmy import ring
 from shimmy.errors import MessageTooLarge, ReceiveTimeout
 from shimmy.sdk.subscription import SPIN_BYTES_PER_US
+from tests.c_client import needs_c, needs_v2, payload, start, wait_file
 
 
 def test_the_c_paths_are_built_where_a_compiler_and_headers_exist():
@@ -277,3 +279,30 @@ def test_loans_rewind_like_publishes(daemon):
         assert _tail_offset(ch) == frame
         assert sub.receive_bytes(5) == _big(i)
     ch.close()
+
+
+@needs_c
+@needs_v2
+@pytest.mark.parametrize("receive", ["view", "copy", "many"])
+def test_the_c_library_reads_rewound_frames(daemon, tmp_path, receive):
+    # libshimmy's reader (shimmy-c sub) skips the long PADs a Python publisher's rewinds leave.
+    name, ready, count = f"core/rewind-c-{receive}", tmp_path / "ready", 120
+    sub = start("sub", "--daemon", daemon.socket, "--count", str(count), "--size", str(BIG),
+                "--mode", "reliable", "--capacity", str(REWIND_CAP), "--receive", receive,
+                "--ready", str(ready), name)
+    wait_file(ready, sub)
+    ch = shimmy.Channel(name, daemon=daemon.socket, mode="reliable", capacity=REWIND_CAP)
+    v = ch._view
+    rewound = 0
+    for i in range(count):
+        ch.publish(payload(i, BIG))
+        rewound += _tail_offset(ch) == ring.frame_size(BIG)
+        deadline = time.monotonic() + 10   # the C subscriber takes it before the next one
+        while any(v.slot_state(s) == ring.SLOT_ACTIVE and v.q[v.slot_word(s)] < v.q[ring.W_TAIL]
+                  for s in range(v.u32[ring.I_SLOT_HIGH])) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+    out, err = sub.communicate(timeout=60)
+    ch.close()
+    assert sub.returncode == 0, out + err
+    assert out.splitlines() == [f"received {count} in order from #0"], out
+    assert rewound >= count - 12, f"only {rewound} of {count} frames were rewound"
