@@ -743,11 +743,14 @@ static PyObject *reader_take(ReaderCore *r, PyObject *unused) {
         frame = reader_frame(r, p, &length, &seq);
         if (frame != NULL)
             break;
-        uint64_t pad = reader_pad(r, p);   /* skipped, released with the next take (_take_py) */
+        uint64_t pad = reader_pad(r, p);
         if (!pad)
             goto slow;
         r->padded += pad - p;
         r->position = p = pad;
+        /* SYNC POINT (consumption), as _take_py: the PAD is released before the frame after it
+         * is handed out, so a held view pins its frame only, not a lap of PAD behind it. */
+        STORE_REL(mem + r->pos_off, p);
     }
     r->position = p + frame_size(length);
     r->expect = seq + 1;

@@ -306,3 +306,19 @@ def test_the_c_library_reads_rewound_frames(daemon, tmp_path, receive):
     assert sub.returncode == 0, out + err
     assert out.splitlines() == [f"received {count} in order from #0"], out
     assert rewound >= count - 12, f"only {rewound} of {count} frames were rewound"
+
+
+def test_a_view_held_after_a_rewind_leaves_the_publisher_room(daemon):
+    # take() releases the PAD it skips: a view held of a rewound frame must not pin the lap of
+    # PAD before it, or the next frame would wait for that view (here: in the same thread).
+    ch, sub = _pair(daemon, "core/rewind-pad-release", "reliable", REWIND_CAP)
+    for i in range(3):
+        ch.publish(_big(i))
+        assert sub.receive_bytes(5) == _big(i)
+    for i in range(3, 30):
+        with ch.loan(BIG, timeout=2) as buf:
+            buf[:] = _big(i)
+        held = sub.receive(5)
+        assert bytes(held.data) == _big(i)
+    assert sub.lost == 0
+    ch.close()

@@ -101,6 +101,9 @@ class RingReader(_ReaderBase):
                 continue
             if flags:
                 p = self.position = self._pad_end(p, length, flags)
+                # Released at once: a view held of the frame after it pins that frame only,
+                # not the PAD too (after a rewind, a lap of it: spec/ring.md, "Rewind").
+                q[self._pos_word] = p   # SYNC POINT (consumption), as at the top
                 continue
             end = p + ((length + HEADER + 15) & ~15)
             if length > self._max or end > self._tail:
