@@ -264,7 +264,9 @@ class Subscription:
         #    messages on one node").  Done here, not per message: a message that comes within
         #    YIELD_AFTER_US costs the caller nothing for it.  spin_us=0 stays without spin.
         reader = self._reader
-        pos, seq = reader.position, reader._expect
+        # Frame bytes only: a PAD (at the wrap point, or before each rewound frame, where a
+        # large message's position moves a whole lap: spec/ring.md, "Rewind") is no message.
+        pos, seq = reader.position - reader.padded, reader._expect
         if self._spin_max and seq > self._wait_seq:
             self._spin_cap = self._spin_max + ((pos - self._wait_pos) / (seq - self._wait_seq)
                                                / (SPIN_BYTES_PER_US * 1e6))

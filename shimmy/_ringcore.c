@@ -36,6 +36,7 @@
 #define OFF_MODE 12
 #define OFF_MAX_SUBS 24
 #define OFF_RETIRED 40
+#define OFF_STREAM 272
 #define OFF_TAIL 320
 #define OFF_HEAD 328
 #define OFF_LAST 336
@@ -49,6 +50,7 @@
 #define HEADER 16
 #define FLAG_PAD 1
 #define WIDE_BIT ((uint64_t)1 << 56)
+#define REWIND_MIN_FRAME ((uint64_t)1 << 16)
 
 #define LOAD_ACQ(p) __atomic_load_n((uint64_t *)(p), __ATOMIC_ACQUIRE)
 #define LOAD_RLX(p) __atomic_load_n((uint64_t *)(p), __ATOMIC_RELAXED)
@@ -175,7 +177,9 @@ static uint64_t walk_head(WriterCore *w, uint64_t head, uint64_t must, uint64_t 
         uint32_t hdr[2];
         memcpy(hdr, w->m.data + (head & w->m.mask), 8);
         uint64_t next = head + (((uint64_t)hdr[0] + HEADER + 15) & ~(uint64_t)15);
-        if (hdr[1] > 1 || hdr[0] > w->m.max_message || next > last) {
+        /* a message is at most max_message; a PAD (16-aligned) may reach back to a rewind */
+        if (hdr[1] > 1 || (hdr[1] == 0 ? hdr[0] > w->m.max_message : (hdr[0] & 15) != 0) ||
+            next > last) {
             *bad = 1;   /* not a frame or PAD that ends by last */
             break;
         }
@@ -234,6 +238,28 @@ static int writer_room(WriterCore *w, uint64_t end) {
     return 1;
 }
 
+/* RingWriter._may_rewind: whether a frame of ``size`` bytes may start the next lap now (a PAD
+ * to the wrap point first): no peer mirrors the ring (its stream word is 0) and every ACTIVE
+ * subscriber has consumed the frame at ``last``'s predecessors and the first ``size`` bytes of
+ * this lap (spec/ring.md, "Rewind").  Loads only: deciding not to rewind changes nothing. */
+static int writer_may_rewind(WriterCore *w, uint64_t size) {
+    char *mem = w->m.mem;
+    if (LOAD_RLX(mem + OFF_STREAM))
+        return 0;
+    uint64_t need = (w->tail & ~w->m.mask) + size, last = LOAD_RLX(mem + OFF_LAST);
+    if (need < last)
+        need = last;
+    uint32_t high = LOAD32(mem + OFF_SLOT_HIGH);
+    if (high > w->max_subs)
+        return 0;
+    for (uint32_t s = 0; s < high; s++) {
+        char *slot = mem + CONTROL_SIZE + (uint64_t)s * SLOT_SIZE;
+        if (LOAD32(slot + SLOT_OFF_STATE) == SLOT_ACTIVE && LOAD_ACQ(slot) < need)
+            return 0;
+    }
+    return 1;
+}
+
 /* RingWriter._reserve's common cases for one frame of ``n`` bytes at the committed tail that
  * does not fit as is: at the wrap point, a PAD to the end of the ring committed on its own (room
  * made for it first), then room made for the frame, with the same stores in the same order.
@@ -244,7 +270,7 @@ static void writer_reserve(WriterCore *w, Py_ssize_t n) {
         return;   /* the Python path raises */
     uint64_t size = frame_size((uint64_t)n), tail = w->tail, off = tail & w->m.mask;
     uint64_t rest = w->cap - off;
-    if (size > rest) {
+    if (size > rest || (size >= REWIND_MIN_FRAME && size <= off && writer_may_rewind(w, size))) {
         if (tail + rest > w->limit && !writer_room(w, tail + rest))
             return;
         /* The PAD carries the seq of the message before it (stream_point reads it). */
@@ -261,10 +287,12 @@ static void writer_reserve(WriterCore *w, Py_ssize_t n) {
         writer_room(w, tail + size);
 }
 
-/* Whether a frame of ``n`` bytes fits at the committed tail as is (else writer_reserve). */
+/* Whether a frame of ``n`` bytes fits at the committed tail as is and is no candidate for a
+ * rewind (else writer_reserve decides). */
 static inline int writer_fits(WriterCore *w, Py_ssize_t n) {
-    uint64_t size = frame_size((uint64_t)n);
-    return (w->tail & w->m.mask) + size <= w->cap && w->tail + size <= w->limit;
+    uint64_t size = frame_size((uint64_t)n), off = w->tail & w->m.mask;
+    return off + size <= w->cap && w->tail + size <= w->limit &&
+           (size < REWIND_MIN_FRAME || size > off);
 }
 
 /* The frame for an ``n``-byte payload at ``tail``, its header written (length, flags 0, ``seq``),
@@ -575,6 +603,7 @@ typedef struct {
     unsigned long long position;    /* position: start of the next frame to read */
     unsigned long long tail;        /* _tail: the tail as last loaded */
     unsigned long long expect;      /* _expect: seq of the next frame */
+    unsigned long long padded;      /* padded: bytes of PADs skipped (RingReader._pad_end) */
 } ReaderCore;
 
 static PyObject *reader_attach(ReaderCore *r, PyObject *args) {
@@ -627,6 +656,20 @@ static inline char *reader_frame(ReaderCore *r, uint64_t p, uint64_t *length, ui
     return frame;
 }
 
+/* The end of the PAD at ``p`` when it is one, intact when read (head <= p) and committed
+ * (ring.RingReader._pad_end); 0 where the Python path takes over (a lap, a bad header).  Once
+ * per lap, or per message where the publisher rewinds (spec/ring.md, "Rewind"). */
+static inline uint64_t reader_pad(ReaderCore *r, uint64_t p) {
+    uint32_t hdr[2];
+    memcpy(hdr, r->m.data + (p & r->m.mask), 8);
+    /* SYNC POINT (validate header), as in reader_frame */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (LOAD_RLX(r->m.mem + OFF_HEAD) > p || hdr[1] != FLAG_PAD || (hdr[0] & 15) ||
+        p + hdr[0] + HEADER > r->tail)
+        return 0;
+    return p + hdr[0] + HEADER;
+}
+
 /* One step of ring.RingReader._take_bytes_py.  1: ``*out`` is the next message (released);
  * 0: caught up (``*out`` NULL); -1: anything else, which the Python path handles (nothing
  * changed but the cached tail, which the Python path caches the same way); -2: an exception.
@@ -646,8 +689,16 @@ static int reader_step(ReaderCore *r, PyObject **out, int reload, int release) {
         }
         uint64_t length, seq;
         char *frame = reader_frame(r, p, &length, &seq);
-        if (frame == NULL)
-            return -1;
+        if (frame == NULL) {
+            uint64_t pad = reader_pad(r, p);
+            if (!pad)
+                return -1;
+            r->padded += pad - p;
+            r->position = pad;
+            if (release)   /* SYNC POINT (consumption), as _take_bytes_py: a PAD is released */
+                STORE_REL(mem + r->pos_off, pad);
+            continue;
+        }
         uint64_t end = p + frame_size(length);
         PyObject *data = PyBytes_FromStringAndSize(frame + HEADER, (Py_ssize_t)length);
         if (data == NULL)
@@ -677,19 +728,30 @@ static PyObject *reader_take(ReaderCore *r, PyObject *unused) {
     char *mem = r->m.mem;
     uint64_t p = r->position;
     STORE_REL(mem + r->pos_off, p);   /* SYNC POINT (consumption): the frame handed out last */
-    if (p == r->tail) {
-        if (r->group)
-            goto slow;
-        int more = reader_reload(r, p);
-        if (more == 0)
-            Py_RETURN_NONE;
-        if (more < 0)
-            goto slow;
-    }
     uint64_t length, seq;
-    char *frame = reader_frame(r, p, &length, &seq);
-    if (frame == NULL)
-        goto slow;
+    char *frame;
+    for (;;) {
+        if (p == r->tail) {
+            if (r->group)
+                goto slow;
+            int more = reader_reload(r, p);
+            if (more == 0)
+                Py_RETURN_NONE;
+            if (more < 0)
+                goto slow;
+        }
+        frame = reader_frame(r, p, &length, &seq);
+        if (frame != NULL)
+            break;
+        uint64_t pad = reader_pad(r, p);
+        if (!pad)
+            goto slow;
+        r->padded += pad - p;
+        r->position = p = pad;
+        /* SYNC POINT (consumption), as _take_py: the PAD is released before the frame after it
+         * is handed out, so a held view pins its frame only, not a lap of PAD behind it. */
+        STORE_REL(mem + r->pos_off, p);
+    }
     r->position = p + frame_size(length);
     r->expect = seq + 1;
     return Py_BuildValue("(KnKKi)", (unsigned long long)p, (Py_ssize_t)(frame + HEADER - mem),
@@ -771,6 +833,7 @@ static PyMemberDef reader_members[] = {
     {"position", T_ULONGLONG, offsetof(ReaderCore, position), 0, "start of the next frame"},
     {"_tail", T_ULONGLONG, offsetof(ReaderCore, tail), 0, "the tail as last loaded"},
     {"_expect", T_ULONGLONG, offsetof(ReaderCore, expect), 0, "seq of the next frame"},
+    {"padded", T_ULONGLONG, offsetof(ReaderCore, padded), 0, "bytes of PADs skipped"},
     {NULL}};
 
 static PyMethodDef reader_methods[] = {
@@ -1040,6 +1103,7 @@ PyMODINIT_FUNC PyInit__ringcore(void) {
         EXPORT(OFF_HEAD) || EXPORT(OFF_LAST) || EXPORT(OFF_SLOT_HIGH) || EXPORT(OFF_WAITING) ||
         EXPORT(CONTROL_SIZE) || EXPORT(SLOT_SIZE) || EXPORT(SLOT_OFF_STATE) ||
         EXPORT(SLOT_ACTIVE) || EXPORT(MODE_RELIABLE) || EXPORT(HEADER) || EXPORT(FLAG_PAD) ||
+        EXPORT(OFF_STREAM) || EXPORT(REWIND_MIN_FRAME) ||
         EXPORT(S_OFF_RETIRED) || EXPORT(S_OFF_TAIL) || EXPORT(S_OFF_W_WAITING) ||
         EXPORT(S_OFF_HEAD) || EXPORT(S_OFF_R_CLOSED) || EXPORT(S_OFF_R_WAITING) ||
         EXPORT(S_OFF_R_BROKEN) ||

@@ -13,12 +13,15 @@ import array
 import os
 import shutil
 import sysconfig
+import time
 
 import pytest
 
 import shimmy
 from shimmy import ring
-from shimmy.errors import MessageTooLarge
+from shimmy.errors import MessageTooLarge, ReceiveTimeout
+from shimmy.sdk.subscription import SPIN_BYTES_PER_US
+from tests.c_client import needs_c, needs_v2, payload, start, wait_file
 
 
 def test_the_c_paths_are_built_where_a_compiler_and_headers_exist():
@@ -174,4 +177,148 @@ def test_a_deleted_channel_refuses_the_next_publish_at_once(daemon, how):
             with ch.loan(5) as buf:
                 buf[:] = b"after"
     assert isinstance(raised.value, ChannelClosed), "code catching ChannelClosed keeps working"
+    ch.close()
+
+
+# -- rewind: a large frame goes back to the start of the ring (spec/ring.md, "Rewind") -------
+
+REWIND_CAP = 1 << 20
+BIG = 100_000                      # frame 100,016 B: above REWIND_MIN_FRAME, ten fit a lap
+
+
+def _tail_offset(ch) -> int:
+    return ch._view.q[ring.W_TAIL] & (REWIND_CAP - 1)
+
+
+def _big(i: int) -> bytes:
+    return i.to_bytes(4, "little") * (BIG // 4)
+
+
+@pytest.mark.parametrize("mode", ["reliable", "lossy"])
+def test_a_drained_ring_puts_each_large_frame_at_its_start(daemon, mode):
+    ch, sub = _pair(daemon, f"core/rewind-{mode}", mode, REWIND_CAP)
+    frame = ring.frame_size(BIG)
+    for i in range(60):            # six laps' worth: every message at offset 0
+        ch.publish(_big(i))
+        assert _tail_offset(ch) == frame, f"message {i} was not put at the ring's start"
+        assert sub.receive_bytes(5) == _big(i)
+    assert sub.lost == 0 and sub.last_seq == 59
+    # The receiver's spin ceiling follows the messages' size, not the laps the PADs skipped.
+    with pytest.raises(ReceiveTimeout):
+        sub.receive_bytes(0.002)
+    assert sub._spin_cap <= sub._spin_max + 2 * frame / (SPIN_BYTES_PER_US * 1e6)
+    late = ch.subscribe(start="oldest")       # start points read through the PADs
+    ch.publish(_big(60))
+    assert late.receive_bytes(5) == _big(59) and late.receive_bytes(5) == _big(60)
+    assert late.lost == 0
+    ch.close()
+
+
+def test_a_held_view_is_never_overwritten_by_a_rewind(daemon):
+    # The subscriber holds each message's view until its next receive: the publisher alternates
+    # between the ring's first two frames, never over the one held.
+    ch, sub = _pair(daemon, "core/rewind-held", "reliable", REWIND_CAP)
+    frame = ring.frame_size(BIG)
+    ch.publish(_big(0))
+    held = sub.receive(5)
+    offsets = []
+    for i in range(1, 40):
+        ch.publish(_big(i))
+        offsets.append(_tail_offset(ch))
+        assert bytes(held.data) == _big(i - 1), "the held message changed under its view"
+        held = sub.receive(5)
+        assert bytes(held.data) == _big(i)
+    assert set(offsets) == {frame, 2 * frame} and offsets[:4] == [2 * frame, frame] * 2
+    assert sub.lost == 0
+    ch.close()
+
+
+def test_a_lagging_subscriber_or_small_frames_keep_the_ring_in_order(daemon):
+    ch, sub = _pair(daemon, "core/rewind-lag", "reliable", REWIND_CAP)
+    frame = ring.frame_size(BIG)
+    for i in range(5):             # nothing taken: each frame after the one before
+        ch.publish(_big(i))
+        assert _tail_offset(ch) == (i + 1) * frame
+    for i in range(3):             # two frames not taken: the frame goes after them
+        assert sub.receive_bytes(5) == _big(i)
+    ch.publish(_big(5))
+    assert _tail_offset(ch) == 6 * frame
+    for i in (3, 4):               # all but the last taken: back to the start
+        assert sub.receive_bytes(5) == _big(i)
+    ch.publish(_big(6))
+    assert _tail_offset(ch) == frame
+    for i in (5, 6):
+        assert sub.receive_bytes(5) == _big(i)
+    small = ring.frame_size(4096)  # below REWIND_MIN_FRAME: never
+    for i in range(20):
+        ch.publish(b"s" * 4096)
+        assert sub.receive_bytes(5) == b"s" * 4096
+        assert _tail_offset(ch) == frame + (i + 1) * small
+    ch.close()
+
+
+def test_a_ring_a_peer_may_mirror_is_never_rewound(daemon):
+    # The daemon gives a ring its stream id when it first announces it to peers; a mirror
+    # sends PAD bodies too, so such a ring keeps its frames in order (spec/ring.md, "Rewind").
+    ch, sub = _pair(daemon, "core/rewind-mirrored", "reliable", REWIND_CAP)
+    ch._view.q[ring.W_STREAM] = 12345   # as daemon/peer/sources.py stores it
+    frame = ring.frame_size(BIG)
+    for i in range(3):
+        ch.publish(_big(i))
+        assert _tail_offset(ch) == (i + 1) * frame
+        assert sub.receive_bytes(5) == _big(i)
+    ch.close()
+
+
+def test_loans_rewind_like_publishes(daemon):
+    ch, sub = _pair(daemon, "core/rewind-loan", "reliable", REWIND_CAP)
+    frame = ring.frame_size(BIG)
+    for i in range(25):
+        with ch.loan(BIG) as buf:
+            buf[:] = _big(i)
+        assert _tail_offset(ch) == frame
+        assert sub.receive_bytes(5) == _big(i)
+    ch.close()
+
+
+@needs_c
+@needs_v2
+@pytest.mark.parametrize("receive", ["view", "copy", "many"])
+def test_the_c_library_reads_rewound_frames(daemon, tmp_path, receive):
+    # libshimmy's reader (shimmy-c sub) skips the long PADs a Python publisher's rewinds leave.
+    name, ready, count = f"core/rewind-c-{receive}", tmp_path / "ready", 120
+    sub = start("sub", "--daemon", daemon.socket, "--count", str(count), "--size", str(BIG),
+                "--mode", "reliable", "--capacity", str(REWIND_CAP), "--receive", receive,
+                "--ready", str(ready), name)
+    wait_file(ready, sub)
+    ch = shimmy.Channel(name, daemon=daemon.socket, mode="reliable", capacity=REWIND_CAP)
+    v = ch._view
+    rewound = 0
+    for i in range(count):
+        ch.publish(payload(i, BIG))
+        rewound += _tail_offset(ch) == ring.frame_size(BIG)
+        deadline = time.monotonic() + 10   # the C subscriber takes it before the next one
+        while any(v.slot_state(s) == ring.SLOT_ACTIVE and v.q[v.slot_word(s)] < v.q[ring.W_TAIL]
+                  for s in range(v.u32[ring.I_SLOT_HIGH])) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+    out, err = sub.communicate(timeout=60)
+    ch.close()
+    assert sub.returncode == 0, out + err
+    assert out.splitlines() == [f"received {count} in order from #0"], out
+    assert rewound >= count - 12, f"only {rewound} of {count} frames were rewound"
+
+
+def test_a_view_held_after_a_rewind_leaves_the_publisher_room(daemon):
+    # take() releases the PAD it skips: a view held of a rewound frame must not pin the lap of
+    # PAD before it, or the next frame would wait for that view (here: in the same thread).
+    ch, sub = _pair(daemon, "core/rewind-pad-release", "reliable", REWIND_CAP)
+    for i in range(3):
+        ch.publish(_big(i))
+        assert sub.receive_bytes(5) == _big(i)
+    for i in range(3, 30):
+        with ch.loan(BIG, timeout=2) as buf:
+            buf[:] = _big(i)
+        held = sub.receive(5)
+        assert bytes(held.data) == _big(i)
+    assert sub.lost == 0
     ch.close()

@@ -227,3 +227,51 @@ def test_group_member_left_ending_in_a_pad_is_reclaimed_after_a_copy_path_drain(
         _drain(sub, got, until=lambda: True, quiet=0.05)
     assert rings() == before, "the dead publisher's member ring was not reclaimed"
     ch.close()
+
+
+# A rewind (spec/ring.md, "Rewind") makes the wrap point's stores before the wrap point: three
+# 100,000-byte messages through a 1 MiB ring with no subscriber attached (so every one after the
+# first rewinds), then the fatal one, killed at each store of its rewind.  (kill word, stores of
+# it to let through, messages committed once the successor rolled forward.)
+REWIND_CASES = {
+    "before the head store for the PAD's room": ("head", 0, 3),
+    "PAD: between last and tail": ("tail", 0, 3),          # the PAD rolled forward
+    "after the PAD, before last": ("last", 1, 3),
+    "after the PAD, between last and tail": ("tail", 1, 4),  # the frame rolled forward
+}
+
+
+@pytest.mark.parametrize("mode", ["reliable", "lossy"])
+@pytest.mark.parametrize("case", sorted(REWIND_CASES))
+def test_publisher_killed_in_a_rewind_leaves_channel_usable(daemon, mode, case):
+    word, skip, committed = REWIND_CASES[case]
+    size, cap = 100_000, 1 << 20
+    name = f"crash.rewind.{mode}.{word}{skip}"
+    ch = shimmy.Channel(name, daemon=daemon.socket, mode=mode, capacity=cap)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.chaos.faults", "--daemon", daemon.socket, "--channel", name,
+         "--mode", mode, "--capacity", str(cap), "--count", "3", "--size", str(size),
+         "--kill-word", word, "--skip", str(skip), "--last-size", str(size)],
+        stderr=subprocess.PIPE, env=faults.child_env())
+    assert child.stderr is not None
+    assert child.wait(30) == -9, child.stderr.read().decode()
+    listing = {c["name"]: c for c in get_client(daemon.socket).request("list")["channels"]}
+    assert listing[name]["broken"] is None and listing[name]["published"] == 3
+    oldest = ch.subscribe(start="oldest")
+    sub_new = ch.subscribe()
+    held: list = []
+    fresh: list = []
+    _drain(oldest, held, until=lambda: True)   # what the ring still holds, before it is reused
+    first = _become_publisher(ch, payloads.make(committed, size))
+    assert first == committed
+    for seq in range(committed + 1, committed + 6):
+        # Taken as they come: a subscriber paused at a rewind's PAD leaves the publisher only
+        # the room before that PAD (spec/ring.md, "Rewind").
+        _drain(sub_new, fresh, until=lambda: True, quiet=0.02)
+        _drain(oldest, held, until=lambda: True, quiet=0.02)
+        if seq < committed + 5:
+            assert ch.publish(payloads.make(seq, size)) == seq
+    _check_stream(fresh, "reliable", 3, committed + 4)
+    _check_stream(held, "reliable", held[0][0], committed + 4)
+    assert held[0][0] in (2, 3)   # message 2 is gone once head passed it for the frame's room
+    ch.close()

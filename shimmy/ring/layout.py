@@ -85,6 +85,12 @@ MAX_PUBLISHERS_LIMIT = 1024
 ROOM_POLL_FAST = 50e-6
 ROOM_POLL_FAST_FOR = 0.01
 
+# A frame of at least REWIND_MIN_FRAME bytes may go back to the start of the ring (after a PAD
+# to the wrap point, committed alone) when every subscriber has taken everything but the last
+# frame, so a round trip of large messages reuses cache-warm memory instead of walking the
+# whole ring: spec/ring.md, "Rewind" (RingWriter._may_rewind, _ringcore.c writer_may_rewind).
+REWIND_MIN_FRAME = 1 << 16
+
 # Link states (OFF_LINK).  A channel published on this node stays LINK_LOCAL; a replica of a
 # channel published on another node is LINK_UP while its mirror streams and LINK_DOWN while the
 # daemon reconnects (messages resume, or a counted gap is reported, when it comes back).

@@ -47,6 +47,7 @@ class RingReader(_ReaderBase):
         self._tail = position      # the tail as last loaded (take reloads it when caught up)
         self._pos_word = view.slot_word(slot)
         self._expect = seq          # sequence number of the next frame at our position
+        self.padded = 0             # bytes of PADs skipped: position - padded counts frames
         self.lost_total = 0
         self._lost_word = self._pos_word + SLOT_OFF_LOST // 8   # shared copy of lost_total
         if _core is not None:
@@ -100,6 +101,9 @@ class RingReader(_ReaderBase):
                 continue
             if flags:
                 p = self.position = self._pad_end(p, length, flags)
+                # Released at once: a view held of the frame after it pins that frame only,
+                # not the PAD too (after a rewind, a lap of it: spec/ring.md, "Rewind").
+                q[self._pos_word] = p   # SYNC POINT (consumption), as at the top
                 continue
             end = p + ((length + HEADER + 15) & ~15)
             if length > self._max or end > self._tail:
@@ -223,6 +227,7 @@ class RingReader(_ReaderBase):
     def _pad_end(self, p: int, length: int, flags: int) -> int:
         if flags != FLAG_PAD or length & 15 or p + length + HEADER > self._tail:
             self._bad_frame(p, length, flags)
+        self.padded += length + HEADER
         return p + length + HEADER
 
     def _bad_frame(self, p: int, length: int, flags: int) -> NoReturn:

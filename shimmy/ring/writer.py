@@ -16,9 +16,10 @@ from shimmy.errors import BackpressureTimeout, ChannelClosed, ChannelRetired, Me
 from shimmy.ring.checks import check_positions, corrupted, frame_end, stream_point
 from shimmy.ring import wakeups as _fence
 from shimmy.ring.layout import (CONTROL_SIZE, FLAG_PAD, HEADER, I_SLOT_HIGH, MODE_RELIABLE,
-                                OFF_SLOT_HIGH, OFF_WIDE, ROOM_POLL_FAST, ROOM_POLL_FAST_FOR,
-                                SLOT_ACTIVE, SLOT_OFF_LOST, SLOT_OFF_STATE, SLOT_SIZE, U64,
-                                W_HEAD, W_LAST, W_RETIRED, W_TAIL, W_WAITING0, W_WAITS, WIDE_BIT,
+                                OFF_SLOT_HIGH, OFF_WIDE, REWIND_MIN_FRAME, ROOM_POLL_FAST,
+                                ROOM_POLL_FAST_FOR, SLOT_ACTIVE, SLOT_OFF_LOST, SLOT_OFF_STATE,
+                                SLOT_SIZE, U64, W_HEAD, W_LAST, W_RETIRED, W_STREAM, W_TAIL,
+                                W_WAITING0, W_WAITS, WIDE_BIT,
                                 _pack_frame, _unpack_frame, frame_size, max_message_size,
                                 waiting_offset)
 from shimmy.ring.native import _WriterBase, _core
@@ -132,8 +133,10 @@ class RingWriter(_WriterBase):
         tail = self._tail
         off = tail & self._mask
         # Fast path: fits before the wrap point and within the limit.  Everything unusual
-        # (too large, wrap padding, room to make) goes through _reserve.
-        if off + size > self._cap or tail + size > self._limit or n > self.max_message:
+        # (too large, wrap padding, room to make, a large frame that may rewind) goes through
+        # _reserve.
+        if off + size > self._cap or tail + size > self._limit or n > self.max_message or \
+                REWIND_MIN_FRAME <= size <= off:
             off = self._reserve(n, timeout)
             tail = self._tail
         pos = self._base + off
@@ -276,8 +279,10 @@ class RingWriter(_WriterBase):
 
         When the frame would straddle the wrap point, first fills the end of the ring with a PAD
         frame and commits it on its own (so ``last`` always points at a frame that no later
-        frame overlaps: spec/ring.md, "Crash points").  Otherwise only head may be stored
-        here, so an abandoned reservation leaves the ring unchanged to readers.
+        frame overlaps: spec/ring.md, "Crash points").  A large frame does the same before the
+        wrap point when ``_may_rewind`` allows it (spec/ring.md, "Rewind").  Otherwise only
+        head may be stored here, so an abandoned reservation leaves the ring unchanged to
+        readers.
         """
         if n > self.max_message:
             self._too_large(n)
@@ -285,7 +290,7 @@ class RingWriter(_WriterBase):
         tail = self._tail
         off = tail & self._mask
         room = self._cap - off
-        if size > room:
+        if size > room or (REWIND_MIN_FRAME <= size <= off and self._may_rewind(size)):
             if tail + room > self._limit:
                 self._make_room(tail + room, timeout)
             # The PAD carries the seq of the message before it, so stream_point reads the tail's
@@ -299,6 +304,24 @@ class RingWriter(_WriterBase):
         if tail + size > self._limit:
             self._make_room(tail + size, timeout)
         return off
+
+    def _may_rewind(self, size: int) -> bool:
+        """Whether a frame of ``size`` bytes may start the next lap now, after a PAD to the wrap
+        point (spec/ring.md, "Rewind"): no peer mirrors the ring (its ``stream`` word is 0: a
+        mirror sends PAD bodies too) and every ACTIVE subscriber's position is at least
+        ``last`` and past the first ``size`` bytes of this lap (everything but the last frame
+        taken, and nothing the frame overwrites still held).  Loads only."""
+        q, v = self._q, self.v
+        if q[W_STREAM]:
+            return False
+        need = max((self._tail & ~self._mask) + size, q[W_LAST])
+        high = v.u32[I_SLOT_HIGH]
+        if high > v.max_subscribers:
+            return False   # min_position raises for it
+        for slot in range(high):
+            if v.slot_state(slot) == SLOT_ACTIVE and q[v.slot_word(slot)] < need:
+                return False
+        return True
 
     def _commit(self, size: int) -> int:
         seq = self._seq
