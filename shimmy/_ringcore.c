@@ -147,6 +147,7 @@ typedef struct {
     unsigned long long head;    /* _head: the head as last stored */
     int reliable;               /* the ring's mode is reliable (header word, fixed) */
     uint32_t max_subs;          /* the slot table's size (header word, fixed) */
+    char rewind;                /* rewind: the publisher chose rewinds (spec/ring.md, "Rewind") */
 } WriterCore;
 
 static PyObject *writer_attach(WriterCore *w, PyObject *args) {
@@ -270,7 +271,8 @@ static void writer_reserve(WriterCore *w, Py_ssize_t n) {
         return;   /* the Python path raises */
     uint64_t size = frame_size((uint64_t)n), tail = w->tail, off = tail & w->m.mask;
     uint64_t rest = w->cap - off;
-    if (size > rest || (size >= REWIND_MIN_FRAME && size <= off && writer_may_rewind(w, size))) {
+    if (size > rest ||
+        (w->rewind && size >= REWIND_MIN_FRAME && size <= off && writer_may_rewind(w, size))) {
         if (tail + rest > w->limit && !writer_room(w, tail + rest))
             return;
         /* The PAD carries the seq of the message before it (stream_point reads it). */
@@ -292,7 +294,7 @@ static void writer_reserve(WriterCore *w, Py_ssize_t n) {
 static inline int writer_fits(WriterCore *w, Py_ssize_t n) {
     uint64_t size = frame_size((uint64_t)n), off = w->tail & w->m.mask;
     return off + size <= w->cap && w->tail + size <= w->limit &&
-           (size < REWIND_MIN_FRAME || size > off);
+           (!w->rewind || size < REWIND_MIN_FRAME || size > off);
 }
 
 /* The frame for an ``n``-byte payload at ``tail``, its header written (length, flags 0, ``seq``),
@@ -561,6 +563,7 @@ static PyMemberDef writer_members[] = {
     {"_seq", T_ULONGLONG, offsetof(WriterCore, seq), 0, "the next message's number"},
     {"_limit", T_ULONGLONG, offsetof(WriterCore, limit), 0, "furthest end writable as is"},
     {"_head", T_ULONGLONG, offsetof(WriterCore, head), 0, "the head as last stored"},
+    {"rewind", T_BOOL, offsetof(WriterCore, rewind), 0, "large frames may rewind"},
     {NULL}};
 
 static PyMethodDef writer_methods[] = {

@@ -19,7 +19,7 @@ import pytest
 
 import shimmy
 from shimmy import ring
-from shimmy.errors import MessageTooLarge, ReceiveTimeout
+from shimmy.errors import InvalidArgument, MessageTooLarge, ReceiveTimeout
 from shimmy.sdk.subscription import SPIN_BYTES_PER_US
 from tests.c_client import needs_c, needs_v2, payload, start, wait_file
 
@@ -34,8 +34,9 @@ def test_the_c_paths_are_built_where_a_compiler_and_headers_exist():
     assert ring.ACCELERATED, "shimmy._ringcore was not built although a compiler is here"
 
 
-def _pair(daemon, name: str, mode: str = "reliable", capacity: int = 1 << 16):
-    ch = shimmy.Channel(name, daemon=daemon.socket, mode=mode, capacity=capacity)
+def _pair(daemon, name: str, mode: str = "reliable", capacity: int = 1 << 16,
+          rewind: bool = False):
+    ch = shimmy.Channel(name, daemon=daemon.socket, mode=mode, capacity=capacity, rewind=rewind)
     return ch, ch.subscribe()
 
 
@@ -196,7 +197,7 @@ def _big(i: int) -> bytes:
 
 @pytest.mark.parametrize("mode", ["reliable", "lossy"])
 def test_a_drained_ring_puts_each_large_frame_at_its_start(daemon, mode):
-    ch, sub = _pair(daemon, f"core/rewind-{mode}", mode, REWIND_CAP)
+    ch, sub = _pair(daemon, f"core/rewind-{mode}", mode, REWIND_CAP, rewind=True)
     frame = ring.frame_size(BIG)
     for i in range(60):            # six laps' worth: every message at offset 0
         ch.publish(_big(i))
@@ -214,10 +215,32 @@ def test_a_drained_ring_puts_each_large_frame_at_its_start(daemon, mode):
     ch.close()
 
 
+@pytest.mark.parametrize("mode", ["reliable", "lossy"])
+def test_without_rewind_a_drained_ring_keeps_its_whole_capacity_for_bursts(daemon, mode):
+    # rewind is the publisher's choice, off by default: frames go on round the ring, so a
+    # subscriber that stops after keeping up still has the whole ring between it and the
+    # publisher (spec/ring.md, "Rewind": the cost).
+    ch, sub = _pair(daemon, f"core/no-rewind-{mode}", mode, REWIND_CAP)
+    frame = ring.frame_size(BIG)
+    for i in range(5):
+        ch.publish(_big(i))
+        assert _tail_offset(ch) == (i + 1) * frame
+        assert sub.receive_bytes(5) == _big(i)
+    burst = REWIND_CAP // frame - 1          # what fits behind the stopped subscriber
+    for i in range(5, 5 + burst):
+        ch.publish(_big(i), timeout=0)       # reliable: no wait for room
+    for i in range(5, 5 + burst):
+        assert sub.receive_bytes(5) == _big(i)
+    assert sub.lost == 0
+    with pytest.raises(InvalidArgument, match="rewind"):
+        shimmy.Channel("core/no-rewind-bad", daemon=daemon.socket, rewind="yes")
+    ch.close()
+
+
 def test_a_held_view_is_never_overwritten_by_a_rewind(daemon):
     # The subscriber holds each message's view until its next receive: the publisher alternates
     # between the ring's first two frames, never over the one held.
-    ch, sub = _pair(daemon, "core/rewind-held", "reliable", REWIND_CAP)
+    ch, sub = _pair(daemon, "core/rewind-held", "reliable", REWIND_CAP, rewind=True)
     frame = ring.frame_size(BIG)
     ch.publish(_big(0))
     held = sub.receive(5)
@@ -234,7 +257,7 @@ def test_a_held_view_is_never_overwritten_by_a_rewind(daemon):
 
 
 def test_a_lagging_subscriber_or_small_frames_keep_the_ring_in_order(daemon):
-    ch, sub = _pair(daemon, "core/rewind-lag", "reliable", REWIND_CAP)
+    ch, sub = _pair(daemon, "core/rewind-lag", "reliable", REWIND_CAP, rewind=True)
     frame = ring.frame_size(BIG)
     for i in range(5):             # nothing taken: each frame after the one before
         ch.publish(_big(i))
@@ -260,7 +283,7 @@ def test_a_lagging_subscriber_or_small_frames_keep_the_ring_in_order(daemon):
 def test_a_ring_a_peer_may_mirror_is_never_rewound(daemon):
     # The daemon gives a ring its stream id when it first announces it to peers; a mirror
     # sends PAD bodies too, so such a ring keeps its frames in order (spec/ring.md, "Rewind").
-    ch, sub = _pair(daemon, "core/rewind-mirrored", "reliable", REWIND_CAP)
+    ch, sub = _pair(daemon, "core/rewind-mirrored", "reliable", REWIND_CAP, rewind=True)
     ch._view.q[ring.W_STREAM] = 12345   # as daemon/peer/sources.py stores it
     frame = ring.frame_size(BIG)
     for i in range(3):
@@ -271,7 +294,7 @@ def test_a_ring_a_peer_may_mirror_is_never_rewound(daemon):
 
 
 def test_loans_rewind_like_publishes(daemon):
-    ch, sub = _pair(daemon, "core/rewind-loan", "reliable", REWIND_CAP)
+    ch, sub = _pair(daemon, "core/rewind-loan", "reliable", REWIND_CAP, rewind=True)
     frame = ring.frame_size(BIG)
     for i in range(25):
         with ch.loan(BIG) as buf:
@@ -291,7 +314,8 @@ def test_the_c_library_reads_rewound_frames(daemon, tmp_path, receive):
                 "--mode", "reliable", "--capacity", str(REWIND_CAP), "--receive", receive,
                 "--ready", str(ready), name)
     wait_file(ready, sub)
-    ch = shimmy.Channel(name, daemon=daemon.socket, mode="reliable", capacity=REWIND_CAP)
+    ch = shimmy.Channel(name, daemon=daemon.socket, mode="reliable", capacity=REWIND_CAP,
+                        rewind=True)
     v = ch._view
     rewound = 0
     for i in range(count):
@@ -311,7 +335,7 @@ def test_the_c_library_reads_rewound_frames(daemon, tmp_path, receive):
 def test_a_view_held_after_a_rewind_leaves_the_publisher_room(daemon):
     # take() releases the PAD it skips: a view held of a rewound frame must not pin the lap of
     # PAD before it, or the next frame would wait for that view (here: in the same thread).
-    ch, sub = _pair(daemon, "core/rewind-pad-release", "reliable", REWIND_CAP)
+    ch, sub = _pair(daemon, "core/rewind-pad-release", "reliable", REWIND_CAP, rewind=True)
     for i in range(3):
         ch.publish(_big(i))
         assert sub.receive_bytes(5) == _big(i)

@@ -247,11 +247,11 @@ def test_publisher_killed_in_a_rewind_leaves_channel_usable(daemon, mode, case):
     word, skip, committed = REWIND_CASES[case]
     size, cap = 100_000, 1 << 20
     name = f"crash.rewind.{mode}.{word}{skip}"
-    ch = shimmy.Channel(name, daemon=daemon.socket, mode=mode, capacity=cap)
+    ch = shimmy.Channel(name, daemon=daemon.socket, mode=mode, capacity=cap, rewind=True)
     child = subprocess.Popen(
         [sys.executable, "-m", "tests.chaos.faults", "--daemon", daemon.socket, "--channel", name,
          "--mode", mode, "--capacity", str(cap), "--count", "3", "--size", str(size),
-         "--kill-word", word, "--skip", str(skip), "--last-size", str(size)],
+         "--kill-word", word, "--skip", str(skip), "--last-size", str(size), "--rewind"],
         stderr=subprocess.PIPE, env=faults.child_env())
     assert child.stderr is not None
     assert child.wait(30) == -9, child.stderr.read().decode()

@@ -64,9 +64,10 @@ def _directions(kind: str, side: str, name: str, sep: str) -> tuple[str | None, 
 
 class ShimmyLink:
     def __init__(self, kind: str, side: str, name: str, daemon: str, capacity: int | None = None,
-                 spin_us: int | None = None, zero_copy: bool = False, mode: str = "reliable"):
+                 spin_us: int | None = None, zero_copy: bool = False, mode: str = "reliable",
+                 rewind: bool = False):
         import shimmy
-        opts = dict(daemon=daemon, mode=mode, capacity=capacity, spin_us=spin_us)
+        opts = dict(daemon=daemon, mode=mode, capacity=capacity, spin_us=spin_us, rewind=rewind)
         tx, rx = _directions(kind, side, name, "/")
         self.address = None
         self.zero_copy = zero_copy

@@ -27,6 +27,13 @@ def variants(ctx) -> list[dict]:
         # costs without the receivers' copies.
         dict(transport="shimmy", variant="zero-copy", label="shimmy loan/view (zero-copy)",
              opts={"zero_copy": True}),
+        # The publishers' rewind=True (spec/ring.md, "Rewind"): from 64 KiB on, each message
+        # goes back to the warm start of the ring when the other side has kept up.
+        dict(transport="shimmy", variant="rewind", label="shimmy rewind=True (copy)",
+             opts={"rewind": True}),
+        dict(transport="shimmy", variant="zero-copy-rewind",
+             label="shimmy loan/view, rewind=True (zero-copy)",
+             opts={"zero_copy": True, "rewind": True}),
     ]
     if ctx.iceoryx2_ok:
         out.append(dict(transport="iceoryx2", variant="busy-poll", label="iceoryx2 busy-poll",

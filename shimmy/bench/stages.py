@@ -15,6 +15,7 @@ subscription's own counters (``stats()["sleeps"]``).  Modes, alternated round by
   (what the ring and the copies cost without the wait path);
 - ``iox``: iceoryx2 busy-poll, as in the bench.
 
+Shimmy's channels here choose ``rewind=True`` (spec/ring.md, "Rewind"), as the bench's rewind rows.
 Medians over the round trips of a repetition, then over repetitions (docs/performance.md).
 """
 
@@ -53,9 +54,9 @@ def _endpoint(side: str, mode: str, daemon: str, size: int, n: int, q, barrier) 
         import shimmy
         cap = Context.capacity_for(size)   # the bench's ring size for this message size
         rx, tx = ("stages/b2a", "stages/a2b") if side == "a" else ("stages/a2b", "stages/b2a")
-        rx_ch = shimmy.Channel(rx, daemon=daemon, mode="reliable", capacity=cap)
+        rx_ch = shimmy.Channel(rx, daemon=daemon, mode="reliable", capacity=cap, rewind=True)
         sub = rx_ch.subscribe()
-        tx_ch = shimmy.Channel(tx, daemon=daemon, mode="reliable", capacity=cap)
+        tx_ch = shimmy.Channel(tx, daemon=daemon, mode="reliable", capacity=cap, rewind=True)
         tx_ch.publish(b"")   # the publisher role now, not in the loop
         barrier.wait()
         sub.receive_nowait()

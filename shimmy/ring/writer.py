@@ -73,8 +73,12 @@ class RingWriter(_WriterBase):
     _mv: memoryview
     _wakeups: Wakeups
 
-    def __init__(self, view: RingView, wakeups: Wakeups, backoff_max: float = 0.001):
+    def __init__(self, view: RingView, wakeups: Wakeups, backoff_max: float = 0.001,
+                 rewind: bool = False):
         self.v = view
+        # The publisher's choice (Channel(rewind=True)): large frames may go back to the start
+        # of the ring when the subscribers keep up (spec/ring.md, "Rewind", and its cost).
+        self.rewind = rewind
         self._mm = view.mm
         self._wakeups = wakeups
         self._mv = view.mv
@@ -136,7 +140,7 @@ class RingWriter(_WriterBase):
         # (too large, wrap padding, room to make, a large frame that may rewind) goes through
         # _reserve.
         if off + size > self._cap or tail + size > self._limit or n > self.max_message or \
-                REWIND_MIN_FRAME <= size <= off:
+                (REWIND_MIN_FRAME <= size <= off and self.rewind):
             off = self._reserve(n, timeout)
             tail = self._tail
         pos = self._base + off
@@ -280,7 +284,8 @@ class RingWriter(_WriterBase):
         When the frame would straddle the wrap point, first fills the end of the ring with a PAD
         frame and commits it on its own (so ``last`` always points at a frame that no later
         frame overlaps: spec/ring.md, "Crash points").  A large frame does the same before the
-        wrap point when ``_may_rewind`` allows it (spec/ring.md, "Rewind").  Otherwise only
+        wrap point when the publisher chose rewinds and ``_may_rewind`` allows it (spec/ring.md,
+        "Rewind").  Otherwise only
         head may be stored here, so an abandoned reservation leaves the ring unchanged to
         readers.
         """
@@ -290,7 +295,8 @@ class RingWriter(_WriterBase):
         tail = self._tail
         off = tail & self._mask
         room = self._cap - off
-        if size > room or (REWIND_MIN_FRAME <= size <= off and self._may_rewind(size)):
+        if size > room or (self.rewind and REWIND_MIN_FRAME <= size <= off and
+                           self._may_rewind(size)):
             if tail + room > self._limit:
                 self._make_room(tail + room, timeout)
             # The PAD carries the seq of the message before it, so stream_point reads the tail's

@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=0)
     p.add_argument("--last-size", type=int, default=100)
     p.add_argument("--loan", action="store_true", help="publish the fatal message with loan()")
+    p.add_argument("--rewind", action="store_true", help="the publisher chooses rewind=True")
     p.add_argument("--max-publishers", type=int, default=None,
                    help="open the channel as a publisher group (its member ring is faulted)")
     args = p.parse_args()
@@ -71,7 +72,8 @@ def main() -> None:
         raise SystemExit("the C fast paths are loaded: their stores cannot be intercepted "
                          "(run with SHIMMY_PURE_PYTHON=1, faults.child_env())")
     ch = shimmy.Channel(args.channel, daemon=args.daemon, mode=args.mode,
-                        capacity=args.capacity, max_publishers=args.max_publishers)
+                        capacity=args.capacity, max_publishers=args.max_publishers,
+                        rewind=args.rewind)
     first = None
     for i in range(args.count):
         seq = ch.publish(payloads.make(i, args.size, size=args.size))
