@@ -127,12 +127,7 @@ class Channel:
     def _map(self, reply: dict) -> None:
         """Map the ring an ``open`` reply names (and its wake-up semaphores); when that fails,
         nothing of this channel changed."""
-        shm = open_shared_memory(reply["shm"])
-        try:
-            mm = mmap.mmap(shm.fd, shm.size)
-        finally:
-            shm.close_fd()
-        view = ring.RingView(mm)
+        mm, view = _map_ring(reply["shm"])
         try:
             wakeups = ring.Wakeups(view, reply["sem_prefix"])
         except BaseException:
@@ -239,15 +234,9 @@ class Channel:
         # A publisher group: our own member ring, whose subscribers sleep on the channel's
         # semaphores (the same slot index in every member).
         if self._member is None:
-            shm = open_shared_memory(member["shm"])
-            try:
-                mm = mmap.mmap(shm.fd, shm.size)
-            finally:
-                shm.close_fd()
-            view = ring.RingView(mm)
-            self._member = (mm, view)
+            self._member = _map_ring(member["shm"])
             self._wakeups.close()
-            self._wakeups = ring.Wakeups(view, self._sem_prefix)
+            self._wakeups = ring.Wakeups(self._member[1], self._sem_prefix)
         self.publisher_id = member["id"]
         self._writer = ring.RingWriter(self._member[1], self._wakeups, rewind=self.rewind)
         return self._writer
@@ -358,6 +347,16 @@ class Channel:
     def __repr__(self) -> str:
         return (f"<shimmy.Channel {self.name!r} mode={self.mode} capacity={self.capacity} "
                 f"max_publishers={self.max_publishers}>")
+
+
+def _map_ring(shm_name: str) -> tuple[mmap.mmap, ring.RingView]:
+    """Map the ring in shared memory ``shm_name`` (its descriptor closed once mapped)."""
+    shm = open_shared_memory(shm_name)
+    try:
+        mm = mmap.mmap(shm.fd, shm.size)
+    finally:
+        shm.close_fd()
+    return mm, ring.RingView(mm)
 
 
 def _unmap(wakeups: ring.Wakeups, view: ring.RingView, mm: mmap.mmap) -> None:
