@@ -140,7 +140,7 @@ def test_guard_moves_replica_head_before_bytes_land(pair):
         pair.transport.commit(pos + len(blob), pos + len(blob) - ring.frame_size(1000))
         pos += len(blob)
         seq += len(sizes)
-    conformance.until(lambda: pair.sink.tail == pos)
+    conformance.until(lambda: pair.sink.tail == pos, 5.0, "pair.sink.tail == pos", every=0.001)
     assert pair.sink.head >= pos - CAP
     assert conformance.data_at(pair.view, pos - len(blob), len(blob)) == blob
 
@@ -151,10 +151,11 @@ def test_put_lands_at_same_offset_and_commit_makes_it_visible(pair):
     blob = conformance.frames(0, [10, 100, 0, 33])
     pair.transport.jump(0, 0)
     pair.transport.put(0, [memoryview(blob)], 0)
-    conformance.until(lambda: pair.sink.fed)
-    assert pair.view.q[ring.OFF_TAIL // 8] == 0            # not visible before the commit
+    conformance.until(lambda: pair.sink.fed, 5.0, "pair.sink.fed", every=0.001)
+    assert pair.view.q[ring.W_TAIL] == 0           # not visible before the commit
     last = len(blob) - ring.frame_size(33)
     pair.transport.commit(len(blob), last)
-    conformance.until(lambda: pair.view.q[ring.OFF_TAIL // 8] == len(blob))
+    conformance.until(lambda: pair.view.q[ring.W_TAIL] == len(blob), 5.0,
+                      "the replica's tail == len(blob)", every=0.001)
     assert conformance.data_at(pair.view, 0, len(blob)) == blob
     assert ring.stream_point(pair.view) == (len(blob), 4)
