@@ -46,14 +46,16 @@ lint: $(VENV)/.installed-dev
 	$(VPY) -m ruff check .
 	$(VPY) -m mypy
 
-# The ring's per-message paths exist twice (shimmy/_ringcore.c and their Python twins in
-# shimmy/ring/): the ring tests run once more with the Python versions.
-RING_TESTS := tests/test_ring_core.py tests/test_ring_crash.py tests/test_ring_validation.py \
-	tests/test_batch.py tests/test_pubsub.py tests/test_multipub.py tests/test_zero_copy.py
+# The ring's per-message paths and the peer relay's per-batch paths exist twice (shimmy/_ringcore.c
+# and shimmy/_relaycore.c, and their Python twins in shimmy/ring/ and daemon/peer/mirror.py): their
+# tests run once more with the Python versions.
+TWIN_TESTS := tests/test_ring_core.py tests/test_ring_crash.py tests/test_ring_validation.py \
+	tests/test_batch.py tests/test_pubsub.py tests/test_multipub.py tests/test_zero_copy.py \
+	tests/test_peer_readahead.py tests/test_peer_transport.py tests/test_peer_mirror.py
 
 unit: $(VENV)/.installed-dev c
 	$(VPY) -m pytest -m "not container and not rdma"
-	SHIMMY_PURE_PYTHON=1 $(VPY) -m pytest -q $(RING_TESTS)
+	SHIMMY_PURE_PYTHON=1 $(VPY) -m pytest -q $(TWIN_TESTS)
 
 # Docker engine from Debian packages when none answers (needs root and apt); see .ci/containers.sh
 # for what it starts, builds and removes.

@@ -437,7 +437,7 @@ class DaemonCollector:
             rows.append((e.name, e.node, "replica", e.sink))
             reconnects.add_metric([e.name, e.node], e.reconnects)
         for name, node, role, end in rows:
-            stats = dict(end.stats)
+            stats = end.counters()
             for key, fam in fams.items():
                 fam.add_metric([name, node, role], stats.get(key, 0))
             try:

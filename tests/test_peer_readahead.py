@@ -7,6 +7,7 @@ and the buffer's end fall at every kind of boundary."""
 from __future__ import annotations
 
 import itertools
+import os
 import mmap
 import random
 import socket
@@ -100,3 +101,63 @@ def test_reader_lands_every_byte_whatever_the_segmentation():
     assert bytes(view.mv[view.data_offset:view.data_offset + pos]) == bytes(expect)
     assert got == ctrls
     assert link.stats["bytes_received"] == len(stream)
+
+
+def test_buffered_small_batches_land_without_the_python_put():
+    """A batch whose payload and COMMIT arrive within one read-ahead buffer is landed by the C
+    relay (shimmy/_relaycore.c, ``MirrorReplica.land``) where it is built, which it must be
+    where a compiler is: the Python ``put_target`` never sees it, and the replica holds the
+    same bytes and numbers as the Python path would give it."""
+    from shimmy.daemon.peer import relay
+    assert relay.ACCELERATED or os.environ.get("SHIMMY_PURE_PYTHON"), \
+        "shimmy._relaycore was not built although a compiler is here"
+    rnd = random.Random(7)
+    mm = mmap.mmap(-1, ring.segment_size(CAP, 4))
+    ring.format_ring(mm, "ra/c", ring.MODE_RELIABLE, CAP, 4)
+    view = ring.RingView(mm)
+    sink = MirrorReplica(view, "/shimmy-readahead-none.c")
+    puts = []
+    put_target = sink.put_target
+    sink.put_target = lambda *a: puts.append(a) or put_target(*a)
+    stream = bytearray(tcp.HDR.pack(tcp.K_JUMP, MID, 0, 0, 0, 0))
+    expect = bytearray()
+    pos = seq = 0
+    first = 0                     # messages of the first batch: counted from the second on
+    for _ in range(200):          # ~50 KiB in all: well inside the ring, no wrap
+        sizes = [rnd.randrange(0, 120) for _ in range(rnd.randrange(1, 4))]
+        first = first or len(sizes)
+        blob = _frames(seq, sizes, rnd)
+        last = pos + len(blob) - ring.frame_size(sizes[-1])
+        stream += tcp.HDR.pack(tcp.K_PUT, MID, pos, pos + len(blob), 0, 0) + blob
+        stream += tcp.HDR.pack(tcp.K_COMMIT, MID, pos + len(blob), last, 0, 0)
+        expect += blob
+        pos += len(blob)
+        seq += len(sizes)
+    a, b = socket.socketpair()
+    a.settimeout(5)
+    link = tcp.Link(a, "dst", "src", "pair", False, 1 << 20, 5.0)
+    link.sinks[MID] = sink
+    reader = threading.Thread(target=lambda: _read_quietly(link), daemon=True)
+    reader.start()
+    b.sendall(stream)
+    deadline = time.monotonic() + 10
+    while sink.tail < pos and time.monotonic() < deadline:
+        time.sleep(0.005)
+    link.close()
+    b.close()
+    reader.join(5)
+    assert sink.tail == pos and view.q[ring.W_TAIL] == pos
+    assert bytes(view.mv[view.data_offset:view.data_offset + pos]) == bytes(expect)
+    assert ring.stream_point(view) == (pos, seq)
+    assert sink.counters()["messages"] == seq - first and sink.counters()["batches"] == 200
+    if relay.ACCELERATED:
+        assert len(puts) < 20, f"{len(puts)} of 200 buffered batches went through put_target"
+    else:
+        assert len(puts) == 200
+
+
+def _read_quietly(link) -> None:
+    try:
+        link.run_reader(lambda lk, obj: None, CAP)
+    except (TransportClosed, OSError):
+        pass

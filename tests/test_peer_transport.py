@@ -200,6 +200,7 @@ def test_source_cuts_batches_so_replica_head_never_passes_last(pair):
         seen.append((sink.q[ring.OFF_HEAD // 8], sink.q[ring.OFF_LAST // 8]))
         return views
     sink.put_target = checked
+    sink.land = lambda *batch: -1   # every batch through put_target, where this test looks
     view = ring_long_batch(pair)
     assert len(seen) >= 3, seen   # (the first frame's put, then the ring-long batch, cut)
     assert all(head <= last for head, last in seen), seen

@@ -24,6 +24,7 @@ is ever visible and the loss is still exact.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable
@@ -34,6 +35,7 @@ from shimmy import ring
 from shimmy.errors import RingCorrupted
 from shimmy.ring import FLAG_PAD, FRAME, HEADER
 
+from . import relay
 from .transport import ReplicaSink, Transport, TransportClosed
 
 log = logging.getLogger("shimmy.peer")
@@ -93,8 +95,10 @@ class ReplicaViolation(Exception):
     """The source sent something inconsistent with the replica's state."""
 
 
-class MirrorSource:
-    """Streams one local ring to one replica, in its own thread (:meth:`start`)."""
+class MirrorSource(relay.SourceBase):
+    """Streams one local ring to one replica, in its own thread (:meth:`start`).  Over a plain
+    TCP link the C base's ``pump`` runs the sleeps and the plain batches of :meth:`_loop`
+    (shimmy/_relaycore.c); this class keeps every other case, and all of them without it."""
 
     def __init__(self, name: str, view: ring.RingView, slot: int, sem_name: str,
                  transport: Transport, start: int, start_seq: int | None, resume: int | None,
@@ -118,9 +122,10 @@ class MirrorSource:
         self.credit = start
         self.stopped = False
         self.error: str | None = None
-        self.stats = {"bytes": 0, "messages": 0, "batches": 0, "gaps": 0, "gap_bytes": 0,
-                      "torn": 0}
-        self._seq_end: int | None = None
+        self.stats = {"gaps": 0, "gap_bytes": 0}
+        self._bytes = self._batches = self._messages = self._torn = 0
+        self._seq_end = -1               # the number after the last message sent (-1: unknown)
+        self._epoch = 0                  # the last sleep epoch stored in our waiting byte
         # The replica's ``last`` (in our positions) as our commits and jumps left it; until the
         # first of them, a safe lower bound (a frame or PAD is at most half the ring).
         self.rlast = start - view.capacity // 2
@@ -173,7 +178,8 @@ class MirrorSource:
         stats = self.stats
         pos = self.pos
         put_commit = t.put_commit if self.reliable else None
-        epoch = 0
+        relayed = t.relay_link() if relay.ACCELERATED else None
+        link = relayed[0] if relayed else None
         try:
             if self.wait_seq is not None:
                 while ring.stream_point(v)[1] < self.wait_seq:
@@ -199,13 +205,34 @@ class MirrorSource:
                     self.rlast = pos - HEADER   # the replica's hole ends in a PAD there
                 else:   # it rebased: its last frame (or hole PAD) is at most half a ring back
                     self.rlast = pos - cap // 2
+            if relayed is not None:
+                self._attach(v.mm, v.data_offset, cap, at, self.sem_name, relayed[1],
+                             self.reliable)
+                v.cores.append(self)   # detached if the view is released under us
             while not self.stopped:
+                if link is not None:
+                    # The C pump: sleeps and plain batches, the same steps as below.
+                    got = self.pump(link, t)
+                    if got == relay.PUMP_TIMEOUT:
+                        if v.retired():
+                            self.error = "source channel retired"
+                            return
+                        continue
+                    if got == relay.PUMP_STOPPED:
+                        return
+                    if got == relay.PUMP_FAILED:
+                        link.close()
+                        raise TransportClosed(f"link to {link.remote}: "
+                                              f"{os.strerror(self._errno)}")
+                    if got == relay.PUMP_CLOSED:
+                        raise TransportClosed(f"link to {link.remote} is closed")
+                    pos = self.pos   # PUMP_PYTHON: this batch is a case for the loop below
                 # SYNC POINT (acquire): pairs with the publisher's tail store (RingWriter._commit).
                 tail = q[tail_w]
                 if tail == pos:
                     # Sleep like a subscriber: waiting byte, fence, re-check, bounded wait.
-                    epoch = ring.next_epoch(epoch)  # new epoch per sleep: ring.Wakeups.wake
-                    waiting[0] = epoch
+                    self._epoch = ring.next_epoch(self._epoch)   # new per sleep: Wakeups.wake
+                    waiting[0] = self._epoch
                     fence()
                     if q[tail_w] == pos and not self.stopped:
                         try:
@@ -281,7 +308,7 @@ class MirrorSource:
                     h2 = q[head_w]
                     if h2 > pos:
                         pad = min(h2, tail)
-                        stats["torn"] += 1
+                        self._torn += 1
                 # Before the commit goes out: the replica may consume and credit it back before
                 # this thread runs again, and on_credit refuses credits beyond self.pos.
                 pos = self.pos = tail
@@ -290,33 +317,41 @@ class MirrorSource:
                     self.rlast = last
                 self._count(n, last)
         finally:
+            if link is not None:
+                self._detach()
+                if self in v.cores:
+                    v.cores.remove(self)
             waiting[0] = 0
             waiting.release()
             sem.close()
 
     def _count(self, n: int, last: int) -> None:
-        stats = self.stats
-        stats["bytes"] += n
-        stats["batches"] += 1
+        self._bytes += n
+        self._batches += 1
         if last:
             v = self.v
-            seq_end: int | None = FRAME.unpack_from(v.mv, v.data_offset +
-                                                    (last & (v.capacity - 1)))[2] + 1
+            seq_end = FRAME.unpack_from(v.mv, v.data_offset + (last & (v.capacity - 1)))[2] + 1
             if v.q[ring.W_HEAD] > last:   # overwritten meanwhile (lossy): skip the stat
-                seq_end = None
-            elif self._seq_end is not None and seq_end is not None and seq_end > self._seq_end:
-                stats["messages"] += seq_end - self._seq_end
-            if seq_end is not None:
-                self._seq_end = seq_end
+                return
+            if 0 <= self._seq_end < seq_end:
+                self._messages += seq_end - self._seq_end
+            self._seq_end = seq_end
+
+    def counters(self) -> dict:
+        return {"bytes": self._bytes, "messages": self._messages, "batches": self._batches,
+                "torn": self._torn, **self.stats}
 
     def describe(self) -> dict:
         return {"position": self.pos, "credit": self.credit, "lag_bytes": self.lag(),
                 "transport": self.t.kind, "running": not self.stopped, "error": self.error,
-                **self.stats, **self.t.describe()}
+                **self.counters(), **self.t.describe()}
 
 
-class MirrorReplica(ReplicaSink):
-    """Replica ring writer, driven by a transport's receiving side (one thread at a time)."""
+class MirrorReplica(relay.ReplicaBase, ReplicaSink):
+    """Replica ring writer, driven by a transport's receiving side (one thread at a time).  The
+    C base's ``land`` takes a whole batch from a TCP link's read-ahead buffer
+    (shimmy/_relaycore.c); ``put_target`` and ``commit`` are its Python twins and take every
+    other batch, and all of them without it."""
 
     def __init__(self, view: ring.RingView, sem_prefix: str):
         self.v = view
@@ -332,9 +367,9 @@ class MirrorReplica(ReplicaSink):
         self.same_from = 0               # from here on our frame boundaries equal the source's
         self.on_commit: Callable[[], None] | None = None   # after every commit (credit loop)
         self.wakeups = ring.Wakeups(view, sem_prefix)
-        self.stats = {"bytes": 0, "batches": 0, "messages": 0, "gaps": 0, "gap_bytes": 0,
-                      "torn_padded": 0}
-        self._seq_end: int | None = None
+        self.stats = {"gaps": 0, "gap_bytes": 0, "torn_padded": 0}
+        self._bytes = self._batches = self._messages = 0
+        self._seq_end = -1               # the number after the last message landed (-1: none)
         self.reset_needed = False
         # After the source's stream restarted below us (its daemon restarted and the publisher
         # reopened before the replicas' position reached it), the replica continues: source
@@ -344,6 +379,9 @@ class MirrorReplica(ReplicaSink):
         self.seq_off = 0
         self.rebases = 0
         self.transport: dict = {"kind": "tcp"}   # what feeds this replica (rdma_mirrors.py)
+        if relay.ACCELERATED:
+            self._attach(view.mm, view.data_offset, view.capacity)
+            view.cores.append(self)   # detached when the view is released
 
     @property
     def source_tail(self) -> int:
@@ -353,7 +391,7 @@ class MirrorReplica(ReplicaSink):
     @property
     def source_seq(self) -> int:
         """The number of the next message we lack, in the source's numbering (-1: unknown)."""
-        return -1 if self._seq_end is None else max(self._seq_end - self.seq_off, 0)
+        return -1 if self._seq_end < 0 else max(self._seq_end - self.seq_off, 0)
 
     # -- ReplicaSink ---------------------------------------------------------------------------
     def put_target(self, start: int, end: int, guard: int) -> list[memoryview]:
@@ -417,14 +455,14 @@ class MirrorReplica(ReplicaSink):
             self.stats["torn_padded"] += 1
         if self.seq_off:
             self._renumber(self.tail, tail)
-        self.stats["bytes"] += tail - self.tail
-        self.stats["batches"] += 1
+        self._bytes += tail - self.tail
+        self._batches += 1
         if last and last >= pad_until:   # (a last frame inside the padded range was torn)
             if not self.tail <= last < tail:
                 raise ReplicaViolation(f"last frame {last} outside the batch [{self.tail}, {tail})")
             seq_end = FRAME.unpack_from(self.mv, self.base + (last & self.mask))[2] + 1
-            if self._seq_end is not None and seq_end > self._seq_end:
-                self.stats["messages"] += seq_end - self._seq_end
+            if 0 <= self._seq_end < seq_end:
+                self._messages += seq_end - self._seq_end
             self._seq_end = seq_end
             self.q[ring.W_LAST] = last
         self._commit(tail)
@@ -460,7 +498,7 @@ class MirrorReplica(ReplicaSink):
             # (its next message gets our next number; what the old source held but never sent
             # is then not counted: unknowable).  A replica never fed a message continues the
             # same way: its next number is the one its ring was positioned at.
-            ours = ring.stream_point(self.v)[1] if self._seq_end is None else self._seq_end
+            ours = ring.stream_point(self.v)[1] if self._seq_end < 0 else self._seq_end
             self.rebases += 1
             self.off = -(-(self.tail - position) // self.cap) * self.cap
             if seq + self.seq_off < ours:
@@ -566,12 +604,20 @@ class MirrorReplica(ReplicaSink):
 
     def close(self) -> None:
         self.wakeups.close()
+        if relay.ACCELERATED:
+            self._detach()
+            if self in self.v.cores:
+                self.v.cores.remove(self)
+
+    def counters(self) -> dict:
+        return {"bytes": self._bytes, "batches": self._batches, "messages": self._messages,
+                **self.stats}
 
     def describe(self) -> dict:
         consumed = self.consumed()
         return {"tail": self.tail, "head": self.head, "consumed": consumed,
                 "lag_bytes": self.source_tail - consumed, "rebases": self.rebases,
-                "transport": self.transport, **self.stats}
+                "transport": self.transport, **self.counters()}
 
     def drop_uncommitted(self) -> None:
         self.next = self.tail

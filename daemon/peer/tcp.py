@@ -295,6 +295,11 @@ class Link:
                     if sink is None:
                         self._discard(n)   # a mirror we already stopped: drain its bytes
                         continue
+                    r0 = sink.land(rbuf, self._r0, self._r1, mid, a, b, c)
+                    if r0 >= 0:   # the whole batch and its COMMIT were buffered: landed in C
+                        self._r0 = r0
+                        stats["batches_received"] += 1
+                        continue
                     for view in sink.put_target(a, b, c):
                         take_into(view)
                     stats["batches_received"] += 1
@@ -391,6 +396,9 @@ class TcpTransport(Transport):
     def jump(self, position: int, seq: int) -> None:
         self._check()
         self.link.send([HDR.pack(K_JUMP, self.mid, position, seq, 0, 0)])
+
+    def relay_link(self) -> tuple[Link, int] | None:
+        return None if self.link.tls else (self.link, self.mid)
 
     def close(self) -> None:
         self._closed = True

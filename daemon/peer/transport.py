@@ -34,7 +34,7 @@ the replica's last committed position.
 from __future__ import annotations
 
 import abc
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 
 class TransportClosed(ConnectionError):
@@ -79,6 +79,12 @@ class Transport(abc.ABC):
     def credits(self) -> int | None:
         return self._credit
 
+    def relay_link(self) -> tuple[Any, int] | None:
+        """The plain TCP link (``tcp.Link``) whose socket a mirror's C pump may send on itself
+        (daemon/peer/relay.py) and the mirror's id on it, or None: every batch then goes through
+        ``put`` and ``commit``."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -90,6 +96,15 @@ class ReplicaSink(abc.ABC):
 
     head: int
     tail: int
+
+    def land(self, buf: bytearray, r0: int, r1: int, mid: int, start: int, end: int,
+             guard: int) -> int:
+        """A PUT header of mirror ``mid`` was read and ``buf[r0:r1]`` are the bytes received
+        after it: when they hold the whole batch and its COMMIT, put, fill and commit it at once
+        and return where the next header starts; else -1, and the batch goes through
+        ``put_target`` and ``commit``.  This default always says -1; MirrorReplica's C base
+        (shimmy/_relaycore.c) lands the common case."""
+        return -1
 
     @abc.abstractmethod
     def put_target(self, start: int, end: int, guard: int) -> list[memoryview]:

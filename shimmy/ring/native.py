@@ -35,14 +35,15 @@ class CoreMismatch(ImportError):
     changed on one side only): refused at import, never discovered in a ring at run time."""
 
 
-def check_layout(exported: dict[str, int], expected: dict[str, int | None]) -> None:
-    """Raise CoreMismatch naming the first constant the C module exports with another value than
-    the Python layout's (``exported``: the C module's constants; ``expected``: Python's, by
+def check_layout(exported: dict[str, int], expected: dict[str, int | None],
+                 module: str = "shimmy._ringcore") -> None:
+    """Raise CoreMismatch naming the first constant the C ``module`` exports with another value
+    than the Python layout's (``exported``: the C module's constants; ``expected``: Python's, by
     the C module's names)."""
     for name, value in expected.items():
         got = exported.get(name)
         if got != value:
-            raise CoreMismatch(f"shimmy._ringcore was built for another ring layout: its {name} is "
+            raise CoreMismatch(f"{module} was built for another layout: its {name} is "
                                f"{got}, the Python layout's is {value} (rebuild it: "
                                f"pip install -e ., or set SHIMMY_PURE_PYTHON=1)")
 
