@@ -5,9 +5,8 @@
  * in the same order, and hands every other case back to Python before changing anything:
  *
  *   SourceCore.pump  MirrorSource._loop over a plain TCP link: the sleep on the mirror's slot
- *                    semaphore, and each batch that needs neither a jump nor a cut (one
- *                    ``sendmsg`` of PUT header, ring bytes and COMMIT header; lossy: the PUT,
- *                    the seqlock check, the COMMIT).
+ *                    semaphore, and each reliable batch that needs neither a jump nor a cut
+ *                    (one ``sendmsg`` of PUT header, ring bytes and COMMIT header).
  *   ReplicaCore.land Link.run_reader's PUT, payload and COMMIT of one replica when the whole
  *                    batch sits in the link's read-ahead buffer (MirrorReplica.put_target, the
  *                    copy, MirrorReplica.commit), with the commit's wake-up handshake.
@@ -289,7 +288,7 @@ typedef struct {
     unsigned long long pos;
     long long rlast;            /* the replica's last frame (a lower bound: may be < 0) */
     long long seq_end;          /* _seq_end: -1 until known */
-    unsigned long long n_bytes, n_batches, n_messages, n_torn;
+    unsigned long long n_bytes, n_batches, n_messages;
     unsigned char epoch;        /* _epoch: the last sleep epoch stored in the waiting byte */
     char stopped;
 } SourceCore;
@@ -346,7 +345,7 @@ static PyObject *source_attach(SourceCore *s, PyObject *args) {
  * with another thread's).  0 sent; PUMP_CLOSED (link or transport closed: Python raises);
  * PUMP_FAILED (s->err holds errno: Python closes the link and raises); -1 a Python error. */
 static int source_send(SourceCore *s, PyObject *link, PyObject *transport, struct iovec *iov,
-                       int cnt, size_t total, int flags, int batch) {
+                       int cnt, size_t total) {
     for (int i = 0; i < 2; i++) {
         PyObject *closed = PyObject_GetAttr(i ? transport : link, i ? str_tclosed : str_closed);
         if (closed == NULL)
@@ -384,7 +383,7 @@ static int source_send(SourceCore *s, PyObject *link, PyObject *transport, struc
     Py_BEGIN_ALLOW_THREADS
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
     while (total) {
-        ssize_t k = sendmsg(fd, &msg, flags | MSG_NOSIGNAL);
+        ssize_t k = sendmsg(fd, &msg, MSG_NOSIGNAL);
         if (k < 0) {
             if (errno == EINTR)
                 continue;
@@ -418,7 +417,7 @@ static int source_send(SourceCore *s, PyObject *link, PyObject *transport, struc
     if (stats == NULL)
         return -1;
     int rc = dict_add(stats, str_bytes_sent, whole);
-    if (rc == 0 && batch)
+    if (rc == 0)
         rc = dict_add(stats, str_batches_sent, 1);
     Py_DECREF(stats);
     return rc;
@@ -495,11 +494,13 @@ static PyObject *source_pump(SourceCore *s, PyObject *const *args, Py_ssize_t na
             continue;
         }
         /* ``last`` is stored before tail: last < tail proves it belongs to this tail.  The
-         * publisher between its two stores, a lap, a batch to cut: the Python turn. */
+         * publisher between its two stores, a lap, a batch to cut, and every lossy batch (its
+         * seqlock check and torn ranges): the Python turn. */
         uint64_t last = LOAD_RLX(mem + OFF_LAST);
         /* SYNC POINT (validate): head loaded after tail (pairs with RingWriter._make_room). */
         uint64_t head = LOAD_RLX(mem + OFF_HEAD);
-        if (last >= tail || tail < pos || head > pos || (long long)tail > s->rlast + (long long)cap || tail - pos > cap)
+        if (!s->reliable || last >= tail || tail < pos || head > pos || tail - pos > cap ||
+            (long long)tail > s->rlast + (long long)cap)
             return PyLong_FromLong(PUMP_PYTHON);
         uint64_t n = tail - pos, at = pos & s->m.mask;
         struct iovec iov[4];
@@ -512,44 +513,17 @@ static PyObject *source_pump(SourceCore *s, PyObject *const *args, Py_ssize_t na
             iov[cnt++] = (struct iovec){s->m.data + at, (size_t)(cap - at)};
             iov[cnt++] = (struct iovec){s->m.data, (size_t)(n - (cap - at))};
         }
-        int rc;
-        if (s->reliable) {
-            /* Our slot keeps the publisher off these bytes: one send for PUT and COMMIT.  pos
-             * moves first (a credit for this batch may arrive before the send returns). */
-            put_hdr(commit, K_COMMIT, s->mid, tail, last, 0);
-            iov[cnt++] = (struct iovec){commit, HDR_SIZE};
-            s->pos = tail;
-            rc = source_send(s, link, transport, iov, cnt, n + 2 * HDR_SIZE, 0, 1);
-            if (rc)
-                return rc < 0 ? NULL : PyLong_FromLong(rc);
-            if (s->m.mem == NULL)   /* unmapped while we sent (the GIL was let go) */
-                return PyLong_FromLong(PUMP_STOPPED);
-            if (last)
-                s->rlast = (long long)last;
-            source_count(s, n, last);
-            continue;
-        }
-        rc = source_send(s, link, transport, iov, cnt, n + HDR_SIZE, MSG_MORE, 1);
-        if (rc)
-            return rc < 0 ? NULL : PyLong_FromLong(rc);
-        if (s->m.mem == NULL)
-            return PyLong_FromLong(PUMP_STOPPED);
-        /* SYNC POINT (seqlock check after the copy): head <= pos proves every byte sent was
-         * intact when the socket copied it; else the replica PADs [pos, min(head, tail)). */
-        uint64_t h2 = LOAD_RLX(mem + OFF_HEAD), pad = 0;
-        if (h2 > pos) {
-            pad = h2 < tail ? h2 : tail;
-            s->n_torn += 1;
-        }
+        /* Our slot keeps the publisher off these bytes: one send for PUT and COMMIT.  pos moves
+         * first (a credit for this batch may arrive before the send returns). */
+        put_hdr(commit, K_COMMIT, s->mid, tail, last, 0);
+        iov[cnt++] = (struct iovec){commit, HDR_SIZE};
         s->pos = tail;
-        put_hdr(commit, K_COMMIT, s->mid, tail, last, pad);
-        struct iovec one = {commit, HDR_SIZE};
-        rc = source_send(s, link, transport, &one, 1, HDR_SIZE, 0, 0);
+        int rc = source_send(s, link, transport, iov, cnt, n + 2 * HDR_SIZE);
         if (rc)
             return rc < 0 ? NULL : PyLong_FromLong(rc);
-        if (s->m.mem == NULL)
+        if (s->m.mem == NULL)   /* unmapped while we sent (the GIL was let go) */
             return PyLong_FromLong(PUMP_STOPPED);
-        if (last && last >= pad)
+        if (last)
             s->rlast = (long long)last;
         source_count(s, n, last);
     }
@@ -562,7 +536,6 @@ static PyMemberDef source_members[] = {
     {"_bytes", T_ULONGLONG, offsetof(SourceCore, n_bytes), 0, "bytes sent"},
     {"_batches", T_ULONGLONG, offsetof(SourceCore, n_batches), 0, "batches sent"},
     {"_messages", T_ULONGLONG, offsetof(SourceCore, n_messages), 0, "messages sent"},
-    {"_torn", T_ULONGLONG, offsetof(SourceCore, n_torn), 0, "batches overwritten while sent"},
     {"_epoch", T_UBYTE, offsetof(SourceCore, epoch), 0, "the last sleep epoch"},
     {"stopped", T_BOOL, offsetof(SourceCore, stopped), 0, "stop at the next look"},
     {"_errno", T_INT, offsetof(SourceCore, err), READONLY, "errno of the failed send"},

@@ -122,8 +122,8 @@ class MirrorSource(relay.SourceBase):
         self.credit = start
         self.stopped = False
         self.error: str | None = None
-        self.stats = {"gaps": 0, "gap_bytes": 0}
-        self._bytes = self._batches = self._messages = self._torn = 0
+        self.stats = {"gaps": 0, "gap_bytes": 0, "torn": 0}
+        self._bytes = self._batches = self._messages = 0
         self._seq_end = -1               # the number after the last message sent (-1: unknown)
         self._epoch = 0                  # the last sleep epoch stored in our waiting byte
         # The replica's ``last`` (in our positions) as our commits and jumps left it; until the
@@ -308,7 +308,7 @@ class MirrorSource(relay.SourceBase):
                     h2 = q[head_w]
                     if h2 > pos:
                         pad = min(h2, tail)
-                        self._torn += 1
+                        stats["torn"] += 1
                 # Before the commit goes out: the replica may consume and credit it back before
                 # this thread runs again, and on_credit refuses credits beyond self.pos.
                 pos = self.pos = tail
@@ -339,7 +339,7 @@ class MirrorSource(relay.SourceBase):
 
     def counters(self) -> dict:
         return {"bytes": self._bytes, "messages": self._messages, "batches": self._batches,
-                "torn": self._torn, **self.stats}
+                **self.stats}
 
     def describe(self) -> dict:
         return {"position": self.pos, "credit": self.credit, "lag_bytes": self.lag(),
