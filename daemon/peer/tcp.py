@@ -20,7 +20,10 @@ send the COMMIT on its own after their seqlock check).  The reader takes headers
 ``recv`` into a small read-ahead buffer (``READ_AHEAD``), which usually brings the payload of a
 small batch and the COMMIT after it too: one system call per small batch, not three.  The rest
 of a large payload is ``recv_into``-ed straight into the replica ring's memory at the same
-offsets.  No Python object is made per message; a few are made per batch.
+offsets.  No Python object is made per message; a few are made per batch.  The common case of
+both ends runs in C where it is built (shimmy/_relaycore.c, daemon/peer/relay.py): the mirror's
+send of a reliable batch (``MirrorSource``'s pump), and the landing of a batch the read-ahead
+buffer holds whole, with its COMMIT (``ReplicaSink.land``).
 
 Threads: the dialer/acceptor thread that owns the connection runs :meth:`Link.run_reader`; a
 small writer thread sends queued control messages and keepalives; mirror source threads send
