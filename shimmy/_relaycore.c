@@ -293,7 +293,7 @@ typedef struct {
     char stopped;
 } SourceCore;
 
-enum { PUMP_PYTHON = 0, PUMP_TIMEOUT = 1, PUMP_STOPPED = 2, PUMP_FAILED = 3, PUMP_CLOSED = 4 };
+enum { PUMP_PYTHON = 0, PUMP_RETIRED = 1, PUMP_STOPPED = 2, PUMP_FAILED = 3, PUMP_CLOSED = 4 };
 
 static void source_close_sem(SourceCore *s) {
     if (s->sem != NULL && s->sem != SEM_FAILED)
@@ -438,7 +438,8 @@ static void source_count(SourceCore *s, uint64_t n, uint64_t last) {
 }
 
 /* The sleep of MirrorSource._loop: waiting byte, FENCE, re-check, bounded wait.  0 woken (or
- * there was no need), PUMP_TIMEOUT the bound passed (Python checks retirement), PUMP_STOPPED. */
+ * there was no need, or the bound passed), PUMP_RETIRED the bound passed on a ring the daemon
+ * retired (its channel was deleted), PUMP_STOPPED. */
 static int source_sleep(SourceCore *s) {
     char *mem = s->m.mem;
     unsigned char *waiting = (unsigned char *)mem + s->waiting_off;
@@ -463,16 +464,16 @@ static int source_sleep(SourceCore *s) {
         Py_END_ALLOW_THREADS
         if (s->m.mem == NULL)   /* detached meanwhile (the channel went) */
             return PUMP_STOPPED;
-        if (r < 0 && e == ETIMEDOUT)
-            rc = PUMP_TIMEOUT;
+        if (r < 0 && e == ETIMEDOUT && LOAD_RLX(mem + OFF_RETIRED))
+            rc = PUMP_RETIRED;
     }
     __atomic_store_n(waiting, 0, __ATOMIC_RELAXED);
     return s->stopped ? PUMP_STOPPED : rc;
 }
 
 /* pump(link, transport) -> PUMP_*: MirrorSource._loop's sleeps and plain batches until a case
- * for Python (PUMP_PYTHON: run one turn of the Python loop), a bounded sleep that timed out,
- * stop, or a send that failed. */
+ * for Python (PUMP_PYTHON: run one turn of the Python loop), a retired ring, stop, or a send
+ * that failed. */
 static PyObject *source_pump(SourceCore *s, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "pump(link, transport)");
@@ -590,9 +591,10 @@ PyMODINIT_FUNC PyInit__relaycore(void) {
     if (m == NULL)
         return NULL;
 #define EXPORT(name) PyModule_AddIntConstant(m, #name, name) < 0
-    if (EXPORT(OFF_TAIL) || EXPORT(OFF_HEAD) || EXPORT(OFF_LAST) || EXPORT(OFF_WAITING) ||
+    if (EXPORT(OFF_RETIRED) || EXPORT(OFF_TAIL) || EXPORT(OFF_HEAD) || EXPORT(OFF_LAST) ||
+        EXPORT(OFF_WAITING) ||
         EXPORT(CONTROL_SIZE) || EXPORT(HEADER) || EXPORT(HDR_SIZE) || EXPORT(K_PUT) ||
-        EXPORT(K_COMMIT) || EXPORT(PUMP_PYTHON) || EXPORT(PUMP_TIMEOUT) ||
+        EXPORT(K_COMMIT) || EXPORT(PUMP_PYTHON) || EXPORT(PUMP_RETIRED) ||
         EXPORT(PUMP_STOPPED) || EXPORT(PUMP_FAILED) || EXPORT(PUMP_CLOSED) ||
         PyModule_AddObject(m, "WIDE_BIT", PyLong_FromUnsignedLongLong(WIDE_BIT)) < 0)
         goto fail;

@@ -206,18 +206,18 @@ class MirrorSource(relay.SourceBase):
                 else:   # it rebased: its last frame (or hole PAD) is at most half a ring back
                     self.rlast = pos - cap // 2
             if relayed is not None:
+                # The C pump's export keeps the ring mapped until this thread ends (as the
+                # waiting byte's view does): a channel deleted under it is noticed here, by
+                # its retired word, never as memory gone from under a send.
                 self._attach(v.mm, v.data_offset, cap, at, self.sem_name, relayed[1],
                              self.reliable)
-                v.cores.append(self)   # detached if the view is released under us
             while not self.stopped:
                 if link is not None:
                     # The C pump: sleeps and plain batches, the same steps as below.
                     got = self.pump(link, t)
-                    if got == relay.PUMP_TIMEOUT:
-                        if v.retired():
-                            self.error = "source channel retired"
-                            return
-                        continue
+                    if got == relay.PUMP_RETIRED:
+                        self.error = "source channel retired"
+                        return
                     if got == relay.PUMP_STOPPED:
                         return
                     if got == relay.PUMP_FAILED:
@@ -319,8 +319,6 @@ class MirrorSource(relay.SourceBase):
         finally:
             if link is not None:
                 self._detach()
-                if self in v.cores:
-                    v.cores.remove(self)
             waiting[0] = 0
             waiting.release()
             sem.close()

@@ -40,19 +40,18 @@ SourceBase: Any = _core.SourceCore if _core else _PythonOnly
 
 # What ``SourceCore.pump`` returns.
 PUMP_PYTHON = 0    # a case for Python: run one turn of MirrorSource's own loop
-PUMP_TIMEOUT = 1   # a bounded sleep passed with nothing committed (look for retirement)
+PUMP_RETIRED = 1   # the daemon retired the ring (its channel was deleted)
 PUMP_STOPPED = 2   # stopped, or the ring was unmapped
 PUMP_FAILED = 3    # a send failed (``_errno``): the link is broken
 PUMP_CLOSED = 4    # the link or the transport was closed
 
 if _core is not None:
-    check_layout({name: getattr(_core, name) for name in (
-        "OFF_TAIL", "OFF_HEAD", "OFF_LAST", "OFF_WAITING", "CONTROL_SIZE", "HEADER", "HDR_SIZE",
-        "K_PUT", "K_COMMIT", "PUMP_PYTHON", "PUMP_TIMEOUT", "PUMP_STOPPED", "PUMP_FAILED",
-        "PUMP_CLOSED", "WIDE_BIT")}, {
-        "OFF_TAIL": layout.OFF_TAIL, "OFF_HEAD": layout.OFF_HEAD, "OFF_LAST": layout.OFF_LAST,
-        "OFF_WAITING": layout.OFF_WAITING, "CONTROL_SIZE": layout.CONTROL_SIZE,
-        "HEADER": layout.HEADER, "HDR_SIZE": tcp.HDR.size, "K_PUT": tcp.K_PUT,
-        "K_COMMIT": tcp.K_COMMIT, "PUMP_PYTHON": PUMP_PYTHON, "PUMP_TIMEOUT": PUMP_TIMEOUT,
-        "PUMP_STOPPED": PUMP_STOPPED, "PUMP_FAILED": PUMP_FAILED, "PUMP_CLOSED": PUMP_CLOSED,
-        "WIDE_BIT": layout.WIDE_BIT}, "shimmy._relaycore")
+    _expected: dict[str, int | None] = {
+        name: getattr(layout, name) for name in ("OFF_RETIRED", "OFF_TAIL", "OFF_HEAD",
+                                                 "OFF_LAST", "OFF_WAITING", "CONTROL_SIZE",
+                                                 "HEADER", "WIDE_BIT")}
+    _expected.update(HDR_SIZE=tcp.HDR.size, K_PUT=tcp.K_PUT, K_COMMIT=tcp.K_COMMIT,
+                     PUMP_PYTHON=PUMP_PYTHON, PUMP_RETIRED=PUMP_RETIRED,
+                     PUMP_STOPPED=PUMP_STOPPED, PUMP_FAILED=PUMP_FAILED, PUMP_CLOSED=PUMP_CLOSED)
+    check_layout({name: getattr(_core, name, -1) for name in _expected}, _expected,
+                 "shimmy._relaycore")
