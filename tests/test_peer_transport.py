@@ -151,6 +151,32 @@ def test_jump_reports_exact_loss_to_readers(pair):
     assert got[3] == 57 and got[4] == 56
 
 
+@pytest.mark.parametrize("laps", [1, 2])
+def test_jump_a_whole_number_of_rings_plus_16_keeps_the_hole_readable(pair, laps):
+    """A hole whose zero PAD (at position - 16) falls on the ring offset of its first header
+    (lossy lapping by a whole number of rings plus 16 bytes: seen in the lab) must not
+    overwrite that header: a reader caught up at the old tail reads the hole and then the
+    next message, with the exact loss (spec/ring.md, "Replica rings")."""
+    pair.transport.jump(0, 0)
+    a = frames(0, [8, 8])
+    old = len(a)
+    pair.transport.put(0, [memoryview(a)], 0)
+    pair.transport.commit(old, old - ring.frame_size(8))
+    until(lambda: pair.sink.tail == old, 5.0, "pair.sink.tail == old", every=0.001)
+    reader = ring.RingReader(pair.view, 0, 0, 0)
+    assert [reader.take()[3], reader.take()[3], reader.take()] == [0, 1, None]
+    position = old + laps * CAP + ring.HEADER
+    pair.transport.jump(position, 1000)               # seqs 2..999 are gone
+    b = frames(1000, [8])
+    pair.transport.put(position, [memoryview(b)], position - ring.HEADER)
+    pair.transport.commit(position + len(b), position)
+    until(lambda: pair.sink.tail == position + len(b), 5.0,
+          "pair.sink.tail == position + len(b)", every=0.001)
+    assert ring.stream_point(pair.view) == (position + len(b), 1001)
+    got = reader.take()
+    assert got is not None and got[0] == position and got[3:] == (1000, 998), got
+
+
 def test_pad_until_hides_torn_bytes(pair):
     pair.transport.jump(0, 0)
     blob = frames(0, [8, 8, 8])
