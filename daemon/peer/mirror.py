@@ -18,7 +18,9 @@ the source sends ``jump``: replica head and tail move past the hole, readers res
 and see ``Message.lost`` = the exact number of sequence numbers skipped.  Bytes the source finds
 overwritten *while* it was sending them (lossy only; detected by re-reading head after the send,
 the seqlock check) are turned into PAD frames by the replica before the commit, so no torn frame
-is ever visible and the loss is still exact.
+is ever visible and the loss is still exact; a batch torn to its end, or cut by walking frames
+that were being overwritten, is not committed at all: the source jumps past it
+(spec/ring.md, "Replica rings").
 """
 
 from __future__ import annotations
@@ -250,7 +252,8 @@ class MirrorSource:
                     if self.credit < pos:
                         self.credit = pos
                     continue
-                if tail > self.rlast + cap:
+                walked = tail > self.rlast + cap
+                if walked:
                     # A batch this long would overwrite the replica's last frame before the
                     # commit (its head would pass its last): cut it at a frame boundary.  Rare:
                     # only when nearly a ring was committed since the last batch.
@@ -288,13 +291,17 @@ class MirrorSource:
                     # intact when the socket copied it.
                     h2 = q[head_w]
                     if h2 > pos:
-                        pad = min(h2, tail)
                         stats["torn"] += 1
+                        if walked or h2 >= tail:
+                            # Not committed (spec/ring.md, "Replica rings": torn batches): the
+                            # head check at the top jumps past it, exactly counted.
+                            continue
+                        pad = h2
                 # Before the commit goes out: the replica may consume and credit it back before
                 # this thread runs again, and on_credit refuses credits beyond self.pos.
                 pos = self.pos = tail
                 t.commit(tail, last, pad)
-                if last and last >= pad:   # (as the replica: a torn last frame is not its last)
+                if last:   # (>= pad: the frame at h2, at or before last, was intact)
                     self.rlast = last
                 self._count(n, last)
         finally:
