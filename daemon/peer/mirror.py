@@ -301,7 +301,7 @@ class MirrorSource:
                 # this thread runs again, and on_credit refuses credits beyond self.pos.
                 pos = self.pos = tail
                 t.commit(tail, last, pad)
-                if last:   # (>= pad: the frame at h2, at or before last, was intact)
+                if last and last >= pad:   # (as the replica: a torn last frame is not its last)
                     self.rlast = last
                 self._count(n, last)
         finally:
