@@ -151,6 +151,32 @@ def test_jump_reports_exact_loss_to_readers(pair):
     assert got[3] == 57 and got[4] == 56
 
 
+@pytest.mark.parametrize("laps", [1, 2])
+def test_jump_a_whole_number_of_rings_plus_16_keeps_the_hole_readable(pair, laps):
+    """A hole whose zero PAD (at position - 16) falls on the ring offset of its first header
+    (lossy lapping by a whole number of rings plus 16 bytes: seen in the lab) must not
+    overwrite that header: a reader caught up at the old tail reads the hole and then the
+    next message, with the exact loss (spec/ring.md, "Replica rings")."""
+    pair.transport.jump(0, 0)
+    a = frames(0, [8, 8])
+    old = len(a)
+    pair.transport.put(0, [memoryview(a)], 0)
+    pair.transport.commit(old, old - ring.frame_size(8))
+    until(lambda: pair.sink.tail == old, 5.0, "pair.sink.tail == old", every=0.001)
+    reader = ring.RingReader(pair.view, 0, 0, 0)
+    assert [reader.take()[3], reader.take()[3], reader.take()] == [0, 1, None]
+    position = old + laps * CAP + ring.HEADER
+    pair.transport.jump(position, 1000)               # seqs 2..999 are gone
+    b = frames(1000, [8])
+    pair.transport.put(position, [memoryview(b)], position - ring.HEADER)
+    pair.transport.commit(position + len(b), position)
+    until(lambda: pair.sink.tail == position + len(b), 5.0,
+          "pair.sink.tail == position + len(b)", every=0.001)
+    assert ring.stream_point(pair.view) == (position + len(b), 1001)
+    got = reader.take()
+    assert got is not None and got[0] == position and got[3:] == (1000, 998), got
+
+
 def test_pad_until_hides_torn_bytes(pair):
     pair.transport.jump(0, 0)
     blob = frames(0, [8, 8, 8])
@@ -290,3 +316,82 @@ def test_uncommitted_put_of_a_stopped_mirror_is_dropped_not_a_restart(pair, comm
     pair.transport.commit(end, pair.sink.tail)
     until(lambda: pair.sink.tail == end, 5.0, "pair.sink.tail == end", every=0.001)
     assert ring.stream_point(pair.view) == (end, seq + 4) and not pair.errors
+
+
+def test_a_batch_torn_to_its_end_is_skipped_with_an_exact_count(pair):
+    """Lossy: the publisher laps the mirror while it sends a batch, past the batch's end (the
+    seqlock check after the put finds head >= tail).  PAD frames alone would carry no seq, so
+    the seq at the replica's tail (where a new subscriber starts) would be lost; the source
+    must not commit such a batch but jump past it (spec/ring.md, "Replica rings").  A real
+    MirrorSource over ``pair``; the replica's stream point is checked after every step."""
+    import os
+
+    import posix_ipc
+
+    from shimmy.daemon.peer.mirror import MirrorSource
+    sink, t = pair.sink, pair.transport
+    prefix = f"/shimmy-conf-torn-{os.getpid()}.s"
+    sem = posix_ipc.Semaphore(prefix + "0", posix_ipc.O_CREX)
+    mm, view = make_ring(ring.MODE_LOSSY)
+    wakeups = ring.Wakeups(view, prefix)
+    size = 1024 - ring.HEADER          # one frame per KiB, no wrap PADs: seq = position // 1024
+    writer = ring.RingWriter(view, wakeups)
+    lap = threading.Event()
+    checked: list[tuple[int, int]] = []
+
+    def exact():   # the replica's stream point, to check it names the message at its tail
+        until(lambda: sink.tail == sink.next, 5.0, "the replica applied the step", every=0.001)
+        checked.append(ring.stream_point(sink.v))
+
+    class Lapped:
+        """``pair.transport``, with the publisher lapping the mirror inside one put."""
+
+        def put(self, start, views, guard):
+            if lap.is_set():
+                lap.clear()
+                for _ in range(2 * CAP // 1024):
+                    writer.publish(bytes([writer._seq & 0xFF]) * size, 1.0)
+            t.put(start, views, guard)
+
+        def commit(self, tail, last, pad_until=0):
+            t.commit(tail, last, pad_until)
+            exact()
+
+        def jump(self, position, seq):
+            t.jump(position, seq)
+            exact()
+
+        def __getattr__(self, name):
+            return getattr(t, name)
+
+    src = MirrorSource("conf/x", view, 0, prefix + "0", Lapped(), 0, 0, None)
+    try:
+        ring.daemon_activate_slot(view, 0, 0, os.getpid(), 1)   # the mirror's slot
+        for _ in range(10):
+            writer.publish(bytes([writer._seq & 0xFF]) * size, 1.0)
+        src.start()
+        until(lambda: sink.tail == writer._tail, 5.0, "sink.tail == writer._tail", every=0.001)
+        lap.set()
+        for _ in range(5):
+            writer.publish(bytes([writer._seq & 0xFF]) * size, 1.0)
+        until(lambda: not lap.is_set() and sink.tail == writer._tail, 5.0,
+              "the replica caught up after the lap", every=0.001)
+        src.stop()
+        src.thread.join(2)
+    finally:
+        wakeups.close()
+        sem.unlink()
+        sem.close()
+    assert src.error is None and src.stats["torn"] >= 1, (src.error, src.stats)
+    assert [p for p in checked if p[1] != p[0] // 1024] == [], checked
+    assert ring.stream_point(sink.v) == ring.stream_point(view) == (writer._tail, writer._seq)
+    first, expect = ring.stream_point(sink.v, oldest=True)
+    reader = ring.RingReader(sink.v, 0, first, expect)
+    got = lost = 0
+    while (m := reader.take()) is not None:     # every message intact, every gap counted
+        pos, off, length, seq, missed = m
+        assert seq == pos // 1024, m
+        assert bytes(sink.v.mv[off:off + length]) == bytes([seq & 0xFF]) * size, m
+        got += 1
+        lost += missed
+    assert expect + got + lost == writer._seq, (expect, got, lost, writer._seq)

@@ -18,7 +18,9 @@ the source sends ``jump``: replica head and tail move past the hole, readers res
 and see ``Message.lost`` = the exact number of sequence numbers skipped.  Bytes the source finds
 overwritten *while* it was sending them (lossy only; detected by re-reading head after the send,
 the seqlock check) are turned into PAD frames by the replica before the commit, so no torn frame
-is ever visible and the loss is still exact.
+is ever visible and the loss is still exact; a batch torn to its end, or cut by walking frames
+that were being overwritten, is not committed at all: the source jumps past it
+(spec/ring.md, "Replica rings").
 """
 
 from __future__ import annotations
@@ -89,6 +91,14 @@ def cut_batch(view: ring.RingView, pos: int, limit: int) -> tuple[int, int] | No
     except RingCorrupted:
         return None
     return (p, prev) if prev >= 0 else None
+
+
+def hole_last(position: int) -> int:
+    """A lower bound of the replica's ``last`` after a hole that ends at ``position``: the hole's
+    last PAD starts at ``position - 16``, or ``position - 32`` when that would share a ring
+    offset with the hole's first header (``MirrorReplica._hole``).  What the source's batch
+    cutting assumes until its next commit sets the replica's ``last`` exactly."""
+    return position - 2 * HEADER
 
 
 class ReplicaViolation(Exception):
@@ -202,7 +212,7 @@ class MirrorSource(relay.SourceBase):
                     stats["gap_bytes"] += pos - self.resume
                 t.jump(pos, self.start_seq)
                 if self.resume is None or pos > self.resume:
-                    self.rlast = pos - HEADER   # the replica's hole ends in a PAD there
+                    self.rlast = hole_last(pos)   # the replica's hole ends in a PAD there
                 else:   # it rebased: its last frame (or hole PAD) is at most half a ring back
                     self.rlast = pos - cap // 2
             if relayed is not None:
@@ -264,12 +274,13 @@ class MirrorSource(relay.SourceBase):
                     stats["gap_bytes"] += jpos - pos
                     t.jump(jpos, jseq)
                     if jpos > pos:
-                        self.rlast = jpos - HEADER
+                        self.rlast = hole_last(jpos)
                     pos = self.pos = jpos
                     if self.credit < pos:
                         self.credit = pos
                     continue
-                if tail > self.rlast + cap:
+                walked = tail > self.rlast + cap
+                if walked:
                     # A batch this long would overwrite the replica's last frame before the
                     # commit (its head would pass its last): cut it at a frame boundary.  Rare:
                     # only when nearly a ring was committed since the last batch.
@@ -307,8 +318,12 @@ class MirrorSource(relay.SourceBase):
                     # intact when the socket copied it.
                     h2 = q[head_w]
                     if h2 > pos:
-                        pad = min(h2, tail)
                         stats["torn"] += 1
+                        if walked or h2 >= tail:
+                            # Not committed (spec/ring.md, "Replica rings": torn batches): the
+                            # head check at the top jumps past it, exactly counted.
+                            continue
+                        pad = h2
                 # Before the commit goes out: the replica may consume and credit it back before
                 # this thread runs again, and on_credit refuses credits beyond self.pos.
                 pos = self.pos = tail
@@ -533,11 +548,17 @@ class MirrorReplica(relay.ReplicaBase, ReplicaSink):
                         self.v.name, position - old)
             return
         # The hole [old, position) becomes PAD frames that readers skip: one spanning
-        # [old, position - 16) (a PAD's length is a stream distance; readers do not care about
-        # the wrap) and a zero-payload PAD at position - 16 that carries seq - 1 and becomes
-        # ``last``, so ring.stream_point finds the exact sequence number at the new tail and
-        # readers crossing the hole see Message.lost = the exact count.  Never head > tail.
+        # [old, lp) (a PAD's length is a stream distance; readers do not care about the wrap)
+        # and a PAD [lp, position) that carries seq - 1 and becomes ``last``, so
+        # ring.stream_point finds the exact sequence number at the new tail and readers
+        # crossing the hole see Message.lost = the exact count.  Never head > tail.
+        # lp = position - 16 (a zero-payload PAD), or position - 32 when that would put both
+        # headers on one ring offset (a hole of whole rings plus 16 bytes): the second header
+        # would overwrite the first, which readers at ``old`` read next (spec/ring.md,
+        # "Replica rings").
         lp = position - HEADER
+        if lp > old and not (lp - old) & self.mask:
+            lp -= HEADER
         mv, base, mask = self.mv, self.base, self.mask
         # Overwrite guard first: the two headers land on ring offsets of older positions; move
         # head past every frame that could share those offsets (>= position - capacity).
@@ -552,7 +573,7 @@ class MirrorReplica(relay.ReplicaBase, ReplicaSink):
             self.q[ring.W_HEAD] = h
         if lp > old:
             FRAME.pack_into(mv, base + (old & mask), lp - old - HEADER, FLAG_PAD, 0)
-        FRAME.pack_into(mv, base + (lp & mask), 0, FLAG_PAD, seq - 1)
+        FRAME.pack_into(mv, base + (lp & mask), position - lp - HEADER, FLAG_PAD, seq - 1)
         self.q[ring.W_LAST] = lp
         self.next = position
         self.same_from = position

@@ -16,7 +16,8 @@ Contract (the conformance suite ``tests/test_peer_transport.py`` checks it for e
   source found overwritten while they were being sent) stores ``last`` then ``tail``.
   Puts and commits of one transport are applied in the order they were issued.
 * ``jump(position, last)``: the source no longer holds the bytes between the replica's tail
-  and ``position`` (a gap): the replica moves head and tail there.
+  and ``position`` (a gap): the replica moves head and tail there.  A ``put`` not followed by
+  its commit (a lossy batch the source found torn) is dropped by it.
 * ``put_commit(start, views, guard, tail, last)``: ``put`` then ``commit(tail, last)``; a
   transport may send both at once (reliable sources, which need no seqlock check between them).
 * ``credited(consumed, replica_tail)``: a credit from the replica arrived (the link's reader

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections import deque
 
 import pytest
 
@@ -30,13 +31,17 @@ pytestmark = pytest.mark.skipif(ROLE not in ("a", "b"), reason="needs the two-gu
 
 
 def barrier(name: str, timeout: float = 120.0) -> None:
-    """Both guests reach ``name`` (marker files in the shared run folder)."""
+    """Both guests reach ``name`` (marker files in the shared run folder).  A guest whose step
+    failed leaves ``failed`` in its folder (lab_job.sh): the other stops waiting at once."""
     name = name.replace("/", "_")
     with open(os.path.join(RUN, ROLE, f"at-{name}"), "w") as fh:
         fh.write(str(time.time()))
-    other = os.path.join(RUN, "b" if ROLE == "a" else "a", f"at-{name}")
+    folder = os.path.join(RUN, "b" if ROLE == "a" else "a")
+    other = os.path.join(folder, f"at-{name}")
     deadline = time.monotonic() + timeout
     while not os.path.exists(other):
+        assert not os.path.exists(os.path.join(folder, "failed")), \
+            f"the other guest failed before reaching {name!r}: its output says why"
         assert time.monotonic() < deadline, f"the other guest never reached {name!r}"
         time.sleep(0.05)
 
@@ -48,7 +53,7 @@ def payload(i: int, rng: random.Random) -> bytes:
 
 def index_of(data: bytes) -> int:
     assert len(data) >= 12 and zlib.crc32(data[:-4]) == struct.unpack("<I", data[-4:])[0], \
-        f"checksum mismatch in a message of {len(data)} bytes"
+        f"checksum mismatch in a message of {len(data)} bytes (starts {data[:24].hex()})"
     return struct.unpack("<Q", data[:8])[0]
 
 
@@ -137,25 +142,48 @@ def subscribe(d: Daemon, name: str, n: int) -> dict:
     barrier(f"{name}-subscribed")
     got = lost = 0
     prev = None
+    seq_off = None        # a message's seq minus its index: the same for every message
     errors: list[str] = []
-    while prev != n - 1:
-        msg = sub.receive(timeout=120)
-        try:
-            data = bytes(msg)
-        except shimmy.MessageOverwritten:     # lossy: lapped while copying
-            lost += msg.lost + 1
-            prev = (prev if prev is not None else -1) + 1 + msg.lost
-            continue
-        i = index_of(data)
-        if i == 2**63:
-            continue
-        # exact loss accounting: the jump in index equals msg.lost (the subscription started
-        # before message 0, so the first message's lost counts from index 0)
-        if i != (prev if prev is not None else -1) + 1 + msg.lost:
-            errors.append(f"index {i} after {prev} with lost={msg.lost}")
-        lost += msg.lost
-        prev = i
-        got += 1
+    recent: deque = deque(maxlen=8)   # (pos, seq, lost, len, index) of the last messages
+    try:
+        while prev != n - 1:
+            msg = sub.receive(timeout=120)
+            recent.append((msg._pos, msg.seq, msg.lost, len(msg), None))
+            try:
+                data = bytes(msg)
+            except shimmy.MessageOverwritten:     # lossy: lapped while copying
+                lost += msg.lost + 1
+                prev = (prev if prev is not None else -1) + 1 + msg.lost
+                recent[-1] = (*recent[-1][:4], "overwritten")
+                continue
+            i = index_of(data)
+            if i == 2**63:
+                continue
+            recent[-1] = (*recent[-1][:4], i)
+            # exact loss accounting: the jump in index equals msg.lost (the subscription started
+            # before message 0, so the first message's lost counts from index 0)
+            if i != (prev if prev is not None else -1) + 1 + msg.lost:
+                errors.append(f"index {i} after {prev} with lost={msg.lost} (seq {msg.seq} at "
+                              f"position {msg._pos})")
+            if seq_off is None:
+                seq_off = msg.seq - i
+            elif msg.seq - i != seq_off:
+                errors.append(f"index {i} in the frame of seq {msg.seq} at position {msg._pos} "
+                              f"(seq - index was {seq_off})")
+            lost += msg.lost
+            prev = i
+            got += 1
+    except Exception as exc:
+        # Everything the failure needs, in the guest's output: where the stream stood, the
+        # messages just before, the replica's counters, and the ring itself (LAB_OUT).
+        dump = os.path.join(os.environ["LAB_OUT"], f"ring-{name.replace('/', '_')}.bin")
+        with open(dump, "wb") as fh:
+            fh.write(bytes(ch._view.mm))
+        replica = next((r for r in d.stat()["peer"]["replicas"] if r["name"] == name), None)
+        raise AssertionError(
+            f"{type(exc).__name__}: {exc}\n  after index {prev}: got {got}, lost {lost}, "
+            f"errors {errors[:5]}\n  last messages (pos, seq, lost, len, index): "
+            f"{list(recent)}\n  replica: {replica}\n  ring: {dump}") from exc
     result = {"got": got, "lost": lost, "errors": errors[:5], "stat": d.stat()}
     barrier(f"{name}-received")
     ch.close()
@@ -205,6 +233,12 @@ def test_lossy_20000_messages_exact_loss():
         assert out["got"] > 100, out                 # and enough arrived to check the order
         assert replica_transport(out["stat"], "lab/lossy")["kind"] == "rdma"
         print("lossy:", out["got"], "received,", out["lost"], "lost")
+        r = next(r for r in out["stat"]["peer"]["replicas"] if r["name"] == "lab/lossy")
+        print("replica:", {k: r.get(k) for k in ("batches", "gaps", "gap_bytes", "torn_padded")})
+    else:
+        m = out["peer"]["mirrors"][0]
+        print("source mirror:", {k: m.get(k) for k in ("batches", "gaps", "gap_bytes", "torn")},
+              m.get("rdma"))
 
 
 def test_qp_error_mid_stream_recovers_without_loss():

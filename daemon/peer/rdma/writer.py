@@ -228,6 +228,7 @@ class RdmaTransport(Transport):
     def jump(self, position: int, seq: int) -> None:
         with self._op:
             self._check("jump")
+            self._small = None   # a put without its commit (a torn batch) is dropped
             self._record(OP_JUMP, position, seq)
 
     def close(self) -> None:
