@@ -25,8 +25,8 @@ import weakref
 import msgpack
 import posix_ipc
 
-from shimmy.errors import (DaemonUnavailable, LimitExceeded, PermissionDenied, ProtocolError,
-                           error_from_reply)
+from shimmy.errors import (ChannelRetired, DaemonUnavailable, LimitExceeded, PermissionDenied,
+                           ProtocolError, error_from_reply)
 from shimmy.protocol import (PROTOCOL_VERSION, frame, read_frame, resolve_socket,
                              session_path)
 
@@ -253,6 +253,8 @@ def open_shared_memory(name: str) -> posix_ipc.SharedMemory:
         return posix_ipc.SharedMemory(name)
     except posix_ipc.PermissionsError:
         raise _denied(os.path.join(SHM_DIR, name.lstrip("/")), "shared memory") from None
+    except posix_ipc.ExistentialError:
+        raise _gone(os.path.join(SHM_DIR, name.lstrip("/")), "shared memory") from None
     except OSError as exc:
         raise _translated(exc, os.path.join(SHM_DIR, name.lstrip("/"))) from None
 
@@ -264,8 +266,17 @@ def open_semaphore(name: str) -> posix_ipc.Semaphore:
         return posix_ipc.Semaphore(name)
     except posix_ipc.PermissionsError:
         raise _denied(os.path.join(SHM_DIR, "sem." + name.lstrip("/")), "semaphore") from None
+    except posix_ipc.ExistentialError:
+        raise _gone(os.path.join(SHM_DIR, "sem." + name.lstrip("/")), "semaphore") from None
     except OSError as exc:
         raise _translated(exc, os.path.join(SHM_DIR, "sem." + name.lstrip("/"))) from None
+
+
+def _gone(path: str, what: str) -> ChannelRetired:
+    """The daemon named an object that is no longer there: it removed it since its reply."""
+    return ChannelRetired(f"the {what} {path} is gone: its daemon removed it after naming it (the "
+                          f"channel was deleted, or the daemon restarted and swept it); open the "
+                          f"channel again")
 
 
 def _denied(path: str, what: str) -> PermissionDenied:

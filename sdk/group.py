@@ -17,10 +17,8 @@ from __future__ import annotations
 import mmap
 from typing import TYPE_CHECKING
 
-import posix_ipc
-
 from shimmy import ring
-from shimmy.errors import InvalidArgument
+from shimmy.errors import ChannelRetired, InvalidArgument
 
 from .client import open_shared_memory
 from .subscription import Message, Subscription
@@ -85,7 +83,7 @@ class GroupSubscription(Subscription):
             if m is None:
                 try:
                     m = _Member(info, self.slot, self._gq, epoch)
-                except posix_ipc.ExistentialError:
+                except ChannelRetired:
                     continue  # reclaimed since the reply: every subscriber had drained it
             m.reader.group_epoch = epoch
             keep.append(m)

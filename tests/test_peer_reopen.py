@@ -71,8 +71,8 @@ class _KillAfterOpen:
     ``publish`` that carries the stream (what the crash matrix's peer-source row does when it
     kills a restarted source daemon again)."""
 
-    def __init__(self, client, daemon):
-        self.client, self.daemon = client, daemon
+    def __init__(self, client, daemon, restart: bool = False):
+        self.client, self.daemon, self.restart = client, daemon, restart
 
     def __getattr__(self, name):
         return getattr(self.client, name)
@@ -81,6 +81,8 @@ class _KillAfterOpen:
         reply = self.client.request(op, **fields)
         if op == "open":
             self.daemon.kill()
+            if self.restart:   # and a newer daemon sweeps the ring just named
+                self.daemon.start()
         return reply
 
 
@@ -118,5 +120,33 @@ def test_reopen_cut_short_still_carries_the_stream(daemon, monkeypatch):
         [s for s, _ in got][:5]
     assert all(data == payload[seq] for seq, data in got)
     assert pub.publish(payload[150]) == 150
+    for ch in (pub, sub.channel, check.channel):
+        ch.close()
+
+
+def test_reopen_whose_ring_is_swept_before_it_is_mapped(daemon, monkeypatch):
+    """The daemon that answered a reopen's ``open`` is killed and a newer one sweeps the ring
+    it named before the SDK maps it: the reopen raises ChannelRetired (it raised posix_ipc's
+    own ExistentialError, which no caller expects) with the publisher left on its old ring,
+    and the next reopen carries the stream."""
+    from shimmy.sdk import channel as channel_module
+    pub = shimmy.Channel("carry/swept", daemon=daemon.socket, mode="reliable", capacity=64 << 10)
+    sub = shimmy.Channel("carry/swept", daemon=daemon.socket).subscribe()
+    for i in range(20):
+        assert pub.publish(b"m%d" % i) == i
+    daemon.kill()
+    daemon.start()
+    real = channel_module.get_client
+    with monkeypatch.context() as patch:
+        patch.setattr(channel_module, "get_client",
+                      lambda d: _KillAfterOpen(real(d), daemon, restart=True))
+        with pytest.raises(shimmy.ChannelRetired, match="is gone: its daemon removed it"):
+            pub.reopen()
+    _reopen(pub)
+    check = shimmy.Channel("carry/swept", daemon=daemon.socket).subscribe(start="oldest")
+    got = []
+    while (m := check.receive_nowait()) is not None:
+        got.append(m.seq)
+    assert got == list(range(20)), got   # the subscriber had released none of them
     for ch in (pub, sub.channel, check.channel):
         ch.close()
