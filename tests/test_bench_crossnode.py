@@ -9,6 +9,7 @@ No speed assertions: numbers on a shared CI machine mean nothing (docs/benchmark
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -31,6 +32,8 @@ def test_crossnode_suite_rows_cpu_and_round_trips(tmp_path):
     data = json.loads(out.read_text())
     suite = data["suites"]["crossnode"]
     assert "failed" not in suite, suite.get("failed")
+    if len(os.sched_getaffinity(0)) > 1:
+        assert suite["placement"].startswith("node A (daemon A"), suite["placement"]
     rows = {(r["transport"], r["size"]): r for r in suite["results"]}
     for size in (65536, 1 << 20):
         for label in ("shimmy (2 daemons)", "shimmy (2 daemons, loan)", "raw TCP 127.0.0.1",
@@ -124,3 +127,22 @@ def test_cpu_window_counts_thread_by_thread():
     finally:
         p.kill()
         p.wait()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_each_node_runs_on_a_cpu_of_its_own(monkeypatch):
+    """With ``NODE_CPUS`` set (the suite sets it from the bench's placement), every thread of
+    daemon A, those its mirrors start after it came up included, runs on node A's CPU and every
+    thread of daemon B on node B's: the two simulated nodes never share a CPU."""
+    cpus = tuple(sorted(os.sched_getaffinity(0))[:2])
+    monkeypatch.setattr(xnode, "NODE_CPUS", cpus)
+    d = xnode.TwoDaemons()
+    try:
+        assert len(xnode.cross_node_rtt(64, 50, d)) == 50   # mirror threads on both daemons
+        for proc, cpu in zip(d.procs, cpus, strict=True):
+            tids = os.listdir(f"/proc/{proc.pid}/task")
+            assert len(tids) > 3, tids
+            for tid in tids:
+                assert os.sched_getaffinity(int(tid)) == {cpu}, (proc.pid, tid)
+    finally:
+        d.close()

@@ -150,6 +150,8 @@ def markdown(results: list[dict], rtt: list[dict]) -> list[str]:
 
 def run(ctx) -> dict:
     from . import xnode
+    if ctx.cpu_a != ctx.cpu_b:   # each node on a CPU of its own (xnode.py, "Placement")
+        xnode.NODE_CPUS = (ctx.cpu_a, ctx.cpu_b)
     pairs = _daemon_pairs(xnode)
     try:
         results = _one_way_rows(ctx, xnode, pairs)
@@ -157,4 +159,8 @@ def run(ctx) -> dict:
     finally:
         for pair in pairs.values():
             pair.close()
-    return {"results": results, "rtt": rtt, "table": tables(results, rtt)}
+    placement = (f"node A (daemon A, publisher or pinger, the raw TCP and ZeroMQ senders) on CPU "
+                 f"{ctx.cpu_a}, node B (daemon B, subscriber or echoer, the receivers) on CPU "
+                 f"{ctx.cpu_b}" if ctx.cpu_a != ctx.cpu_b else "unpinned (one CPU)")
+    return {"results": results, "rtt": rtt, "placement": placement,
+            "table": tables(results, rtt) + f"\n  placement: {placement}"}

@@ -21,7 +21,9 @@ def placement_text(ctx) -> str:
     n = len(ctx.cpus)
     order = ", ".join(str(c) for c in fanout_sub_cpus(ctx, n))
     return (f"{n} usable CPU(s); two-sided runs: side A (client/sender) on CPU {ctx.cpu_a}, "
-            f"side B (server/receiver) on CPU {ctx.cpu_b}; fan-out: publisher on CPU {ctx.cpu_a}, "
+            f"side B (server/receiver) on CPU {ctx.cpu_b} (cross-node: node A's daemon and "
+            f"processes on CPU {ctx.cpu_a}, node B's on CPU {ctx.cpu_b}); fan-out: publisher on "
+            f"CPU {ctx.cpu_a}, "
             f"subscriber i on CPU [{order}][i mod {n}] (more processes than cores: they share)")
 
 

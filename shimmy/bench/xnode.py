@@ -15,6 +15,14 @@ starts and after the last message, and the sender stays up until then, so each p
 whole share of the transfer is counted, whichever end ran ahead (a ZeroMQ sender queues its
 messages long before they cross).
 
+Placement: each simulated node runs on a CPU of its own (``NODE_CPUS``, set by the suite from
+the bench's two-sided placement): node A's daemon, publisher (or pinger) and the raw TCP and
+ZeroMQ senders on CPU A, node B's on CPU B, as two machines would run them.  Unpinned, the
+scheduler may put both nodes' processes on one CPU, where a message never crosses CPUs (and the
+other CPU halts between round trips): on this 2-vCPU VM that made the 64 B round trip of every
+system bimodal by run, ZeroMQ PAIR 21 or 80 µs by where its four threads landed
+(docs/performance.md, "The relay hops in C").
+
 The publisher's ways to send (``how``): ``copy`` (``publish`` of one bytes object, as raw TCP
 and ZeroMQ send one buffer over and over), ``loan`` (``Channel.loan``: the message is made in
 place in the ring; the publisher stamps its number in the first 8 bytes and leaves the rest as
@@ -35,9 +43,47 @@ import tempfile
 import time
 from typing import NamedTuple
 
-from . import report
+from . import harness, report
 
 MIB = 1 << 20
+
+# The CPUs of node A and node B (None: unpinned, where the machine has one CPU).
+NODE_CPUS: tuple[int | None, int | None] = (None, None)
+
+
+def _on_node(node: int) -> None:
+    """Pin this process (and the threads it starts afterwards) to node ``node``'s CPU."""
+    harness.pin(NODE_CPUS[node])
+
+
+class _OnNode:
+    """This process on node ``node``'s CPU for the block (the side of a round trip that the
+    calling process plays), its affinity restored after."""
+
+    def __init__(self, node: int):
+        self.node = node
+        self.saved: set[int] | None = None
+
+    def __enter__(self) -> None:
+        if NODE_CPUS[self.node] is not None:
+            self.saved = os.sched_getaffinity(0)
+            _on_node(self.node)
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            os.sched_setaffinity(0, self.saved)
+
+
+def _pin_process(pid: int, cpu: int | None) -> None:
+    """Pin every thread process ``pid`` has now to ``cpu`` (the ones it starts later inherit it
+    from the thread that starts them)."""
+    if cpu is None:
+        return
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except OSError:   # the thread ended meanwhile
+            pass
 
 # Each receiver uses its library's idiomatic call for the size, the rule the ZeroMQ sender below
 # uses too (``copy=size < 4096``): below this size a copy into a new bytes object is cheaper than
@@ -136,6 +182,7 @@ def _recv_exact(s, view):
 
 
 def _raw_rx(port_q, res_q, roles_q, go, done, size, count):
+    _on_node(1)
     ls = socket.create_server(("127.0.0.1", 0))
     port_q.put(ls.getsockname()[1])
     c, _ = ls.accept()
@@ -163,6 +210,7 @@ def _report(res_q, done, seconds: float, cpu: CpuWindow, nbytes: int) -> None:
 
 
 def _raw_tx(port, go, done, size, count):
+    _on_node(0)
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     payload = os.urandom(size)
@@ -198,6 +246,7 @@ def raw_tcp(size: int, count: int) -> OneWay:
 
 def _zmq_rx(port_q, res_q, roles_q, go, done, size, count):
     import zmq
+    _on_node(1)
     ctx = zmq.Context()
     s = ctx.socket(zmq.PULL)
     port_q.put(s.bind_to_random_port("tcp://127.0.0.1"))
@@ -218,6 +267,7 @@ def _zmq_rx(port_q, res_q, roles_q, go, done, size, count):
 
 def _zmq_tx(port, go, done, size, count):
     import zmq
+    _on_node(0)
     ctx = zmq.Context()
     s = ctx.socket(zmq.PUSH)
     s.setsockopt(zmq.SNDHWM, 100_000)
@@ -250,6 +300,7 @@ def _wait_published(sock: str, name: str, timeout: float = 30.0) -> None:
 
 def _shimmy_rx(sock, name, ready_q, res_q, done, roles, count, how, size):
     import shimmy
+    _on_node(1)
     _wait_published(sock, name)
     ch = shimmy.Channel(name, daemon=sock)
     sub = ch.subscribe()
@@ -290,6 +341,7 @@ def _shimmy_rx(sock, name, ready_q, res_q, done, roles, count, how, size):
 
 def _shimmy_tx(sock, name, ready_q, go_q, done, size, count, capacity, how):
     import shimmy
+    _on_node(0)
     ch = shimmy.Channel(name, daemon=sock, mode="reliable", capacity=capacity,
                         publish_timeout=60)
     ch.publish(b"x")
@@ -337,6 +389,8 @@ class TwoDaemons:
         for p in (self.a, self.b):
             while not os.path.exists(p + ".session"):
                 time.sleep(0.02)
+        for proc, cpu in zip(self.procs, NODE_CPUS, strict=True):   # each on its node's CPU
+            _pin_process(proc.pid, cpu)
 
     def close(self):
         for p in self.procs:
@@ -411,8 +465,9 @@ def _subscribe_remote(sock, name):
 
 def _rtt_side(sock, mine, theirs, size, count, ready, go, res_q):
     """Publish ``mine`` here, subscribe ``theirs`` (published on the other node).  The side
-    given ``res_q`` pings and measures; the other echoes."""
+    given ``res_q`` pings and measures (node A); the other echoes (node B)."""
     import shimmy
+    _on_node(0 if res_q is not None else 1)
     out = shimmy.Channel(mine, daemon=sock)
     out.publish(b"")                     # announce it (and take the publisher role)
     _, sub = _subscribe_remote(sock, theirs)
@@ -456,6 +511,7 @@ def cross_node_rtt(size: int, count: int, daemons: TwoDaemons) -> list[int]:
 
 
 def _tcp_echo(port_q, size, count):
+    _on_node(1)
     ls = socket.create_server(("127.0.0.1", 0))
     port_q.put(ls.getsockname()[1])
     c, _ = ls.accept()
@@ -474,11 +530,12 @@ def raw_tcp_rtt(size: int, count: int) -> list[int]:
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     payload, buf = os.urandom(size), memoryview(bytearray(size))
     samples = []
-    for _ in range(count):
-        t0 = time.perf_counter_ns()
-        s.sendall(payload)
-        _recv_exact(s, buf)
-        samples.append(time.perf_counter_ns() - t0)
+    with _OnNode(0):
+        for _ in range(count):
+            t0 = time.perf_counter_ns()
+            s.sendall(payload)
+            _recv_exact(s, buf)
+            samples.append(time.perf_counter_ns() - t0)
     s.close()
     srv.join(30)
     return samples
@@ -486,6 +543,7 @@ def raw_tcp_rtt(size: int, count: int) -> list[int]:
 
 def _zmq_echo(port_q, count):
     import zmq
+    _on_node(1)
     ctx = zmq.Context()
     s = ctx.socket(zmq.PAIR)
     port_q.put(s.bind_to_random_port("tcp://127.0.0.1"))
@@ -500,18 +558,19 @@ def zmq_tcp_rtt(size: int, count: int) -> list[int]:
     port_q: mp.Queue = mp.Queue()
     srv = mp.Process(target=_zmq_echo, args=(port_q, count))
     srv.start()
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.PAIR)
-    s.connect(f"tcp://127.0.0.1:{port_q.get(timeout=30)}")
-    payload = os.urandom(size)
-    samples = []
-    for _ in range(count):
-        t0 = time.perf_counter_ns()
-        s.send(payload)
-        s.recv()
-        samples.append(time.perf_counter_ns() - t0)
-    s.close(linger=0)
-    ctx.term()
+    with _OnNode(0):   # (ZeroMQ's I/O thread, started with the socket, inherits the CPU)
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.PAIR)
+        s.connect(f"tcp://127.0.0.1:{port_q.get(timeout=30)}")
+        payload = os.urandom(size)
+        samples = []
+        for _ in range(count):
+            t0 = time.perf_counter_ns()
+            s.send(payload)
+            s.recv()
+            samples.append(time.perf_counter_ns() - t0)
+        s.close(linger=0)
+        ctx.term()
     srv.join(30)
     return samples
 
