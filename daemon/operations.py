@@ -90,7 +90,8 @@ class Operations:
         else:
             rec = self._create_channel(client, name, mode, capacity, create, pubs)
         return {"shm": rec.shm_name, "sem_prefix": self.segments.sem_prefix(rec.token),
-                "mode": ring.MODE_NAMES[rec.mode], "capacity": rec.capacity,
+                "room_sem": rec.room_sem, "mode": ring.MODE_NAMES[rec.mode],
+                "capacity": rec.capacity,
                 "max_message": ring.max_message_size(rec.capacity),
                 "max_publishers": rec.max_publishers}
 
@@ -177,7 +178,8 @@ class Operations:
             if own is not None:
                 self.callers.owners[member.rec.name] = (member.rec, dataclasses.replace(
                     own, principal=client.tenant, size=size, member=True))
-        return {"member": {"id": member.publisher, "shm": member.shm_name, "node": self.peer.node}}
+        return {"member": {"id": member.publisher, "shm": member.shm_name,
+                           "room_sem": member.rec.room_sem, "node": self.peer.node}}
 
     def op_unpublish(self, req: dict) -> dict:
         client = self.callers.client(req)

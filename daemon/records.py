@@ -112,6 +112,7 @@ class ChannelRecord:
     slots: dict[int, Slot] = field(default_factory=dict)
     evicted: dict[int, Slot] = field(default_factory=dict)
     semaphores: int = 0                     # slots 0..semaphores-1 have a semaphore
+    room_sem: str = ""                      # the ring's room semaphore (Segments.room_sem)
     generation: int = 0
     holders: set[int] = field(default_factory=set)   # clients that opened it
     idle_since: float | None = None
@@ -237,7 +238,13 @@ class ChannelRecord:
         return fixed
 
     def set_slot_state(self, index: int, state: int) -> None:
-        """``state`` for slot ``index`` in the channel's ring and every member ring."""
+        """``state`` for slot ``index`` in the channel's ring and every member ring.  A slot
+        that leaves ACTIVE no longer holds a waiting publisher back: its room semaphore is
+        posted (spec/ring.md, "Waiting for room")."""
         ring.daemon_set_slot_state(self.view, index, state)
         for m in self.members.values():
             ring.daemon_set_slot_state(m.view, index, state)
+        if state != ring.SLOT_ACTIVE:
+            ring.post_room(self.view, self.room_sem)
+            for m in self.members.values():
+                ring.post_room(m.view, m.rec.room_sem)

@@ -110,7 +110,8 @@ class Registry:
             s.max_subscribers)
         rec = ChannelRecord(name=name, token=token, mode=ring.MODES[mode], capacity=capacity,
                             max_subscribers=s.max_subscribers, shm_name=shm_name, mm=mm,
-                            view=ring.RingView(mm), max_publishers=pubs)
+                            view=ring.RingView(mm), max_publishers=pubs,
+                            room_sem=self.segments.room_sem(token))
         self.channels[name] = rec
         group = self._joining.pop(name, None)
         if group is not None:   # the replica of another node's member of our group
@@ -205,7 +206,8 @@ class Registry:
         rec.next_publisher += 1
         mrec = ChannelRecord(name=alias, token=token, mode=rec.mode, capacity=rec.capacity,
                              max_subscribers=rec.max_subscribers, shm_name=shm_name, mm=mm,
-                             view=ring.RingView(mm), publisher=client, group_of=rec)
+                             view=ring.RingView(mm), publisher=client, group_of=rec,
+                             room_sem=self.segments.room_sem(token))
         self.channels[alias] = mrec
         member = Member(pub, client, key, pid, mrec, self.node)
         self._join(rec, member, 0, 0)
@@ -296,7 +298,8 @@ class Registry:
 
     def members_for(self, rec: ChannelRecord, index: int) -> list[dict]:
         """The member rings subscriber slot ``index`` reads, with where its slot started."""
-        return [{"id": m.publisher, "shm": m.shm_name, "pid": m.pid or None, "node": m.node,
+        return [{"id": m.publisher, "shm": m.shm_name, "room_sem": m.rec.room_sem,
+                 "pid": m.pid or None, "node": m.node,
                  "position": m.starts.get(index, (0, 0))[0], "seq": m.starts.get(index, (0, 0))[1]}
                 for m in rec.members.values()]
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shimmy.daemon")
 SEM_DIR = "/dev/shm"  # where glibc keeps named semaphores, whatever shm_dir says
+ROOM_SUFFIX = "room"  # after sem_prefix: a ring's room semaphore (Segments.room_sem)
 CREATE_MODE = 0o600  # every object starts private; its real mode is set explicitly after
 
 
@@ -80,11 +81,23 @@ class Segments:
     def sem_prefix(self, token: str) -> str:
         return "/" + self.prefix + token + ".s"
 
+    def room_sem(self, token: str) -> str:
+        """The ring's room semaphore, which its publisher sleeps on while it waits for room
+        (spec/ring.md, "Waiting for room"): ``sem_prefix(token) + "room"``, apart from every
+        slot's (``+ <digits>``) and a stream's (``+ "r"``, ``+ "w"``)."""
+        return self.sem_prefix(token) + ROOM_SUFFIX
+
     def create_ring(self, token: str, name: str, mode: int, capacity: int,
                     max_subscribers: int) -> tuple[str, mmap.mmap]:
-        """A pub/sub ring (shimmy/ring/layout.py), space-checked, allocated and formatted."""
-        shm_name, mm = self._allocate(token, f"channel {name!r}",
-                                      ring.segment_size(capacity, max_subscribers))
+        """A pub/sub ring (shimmy/ring/layout.py), space-checked, allocated and formatted, and
+        its room semaphore (``room_sem``)."""
+        self.open_semaphore(token, ROOM_SUFFIX).close()
+        try:
+            shm_name, mm = self._allocate(token, f"channel {name!r}",
+                                          ring.segment_size(capacity, max_subscribers))
+        except BaseException:
+            _unlink_sem(self.room_sem(token))
+            raise
         ring.format_ring(mm, name, mode, capacity, max_subscribers)
         return shm_name, mm
 
@@ -176,6 +189,7 @@ class Segments:
             self._retire(mm)
         _unlink_shm(self.ring_name(token))
         self._owners.pop(token, None)
+        _unlink_sem(self.room_sem(token))
         for slot in range(slots):
             _unlink_sem(self.sem_prefix(token) + str(slot))
 

@@ -140,6 +140,9 @@ class Channel:
         self.capacity = reply["capacity"]
         self.max_message = reply["max_message"]
         self._sem_prefix = reply["sem_prefix"]
+        # The ring's room semaphore: its publisher sleeps on it while it waits for room, its
+        # subscribers post it (spec/ring.md, "Waiting for room"); None from a daemon without.
+        self._room_sem: str | None = reply.get("room_sem")
 
     def reopen(self) -> None:
         """Open the channel again after ``ChannelClosed`` because its daemon restarted (also
@@ -184,7 +187,8 @@ class Channel:
             if plan is not None:
                 self._client.request("publish", name=self.name, carry={
                     "stream": plan[0], "position": plan[1], "seq": plan[2]})
-                new = ring.RingWriter(self._view, self._wakeups, rewind=self.rewind)
+                new = ring.RingWriter(self._view, self._wakeups, rewind=self.rewind,
+                                      room=self._room_sem)
                 _carry(old_view, plan[1], new, plan[3], self.publish_timeout)
                 self._writer = new
             while self._orphans:
@@ -229,7 +233,8 @@ class Channel:
         reply = self._client.request("publish", name=self.name, key=self._key)
         member = reply.get("member")
         if member is None:
-            self._writer = ring.RingWriter(self._view, self._wakeups, rewind=self.rewind)
+            self._writer = ring.RingWriter(self._view, self._wakeups, rewind=self.rewind,
+                                           room=self._room_sem)
             return self._writer
         # A publisher group: our own member ring, whose subscribers sleep on the channel's
         # semaphores (the same slot index in every member).
@@ -238,7 +243,8 @@ class Channel:
             self._wakeups.close()
             self._wakeups = ring.Wakeups(self._member[1], self._sem_prefix)
         self.publisher_id = member["id"]
-        self._writer = ring.RingWriter(self._member[1], self._wakeups, rewind=self.rewind)
+        self._writer = ring.RingWriter(self._member[1], self._wakeups, rewind=self.rewind,
+                                       room=member.get("room_sem"))
         return self._writer
 
     def publish(self, data, *, timeout: float | None | EllipsisType = ...) -> int:

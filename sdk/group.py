@@ -42,7 +42,7 @@ class _Member:
         self.id = info["id"]
         self.reader = ring.GroupReader(self.view, slot, info["position"], info["seq"], group,
                                        epoch, publisher=info["id"], node=info.get("node"),
-                                       pid=info.get("pid"))
+                                       pid=info.get("pid"), room=info.get("room_sem"))
         self.ro = self.view.mv.toreadonly()
         at = ring.waiting_offset(slot)
         self.waiting = self.view.mv[at:at + 1]

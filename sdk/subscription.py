@@ -123,7 +123,8 @@ class Subscription:
         channel = self.channel
         self.slot = slot
         self._view = channel._view
-        self._reader = ring.RingReader(channel._view, slot, position, seq)
+        self._reader = ring.RingReader(channel._view, slot, position, seq,
+                                       room=channel._room_sem)
         self._take_bytes = self._reader.take_bytes
         self._has_data = self._reader.has_data
         self._sem = open_semaphore(channel._sem_prefix + str(slot))

@@ -27,6 +27,9 @@
  */
 #include "_ringcore.h"
 
+#include <fcntl.h>
+#include <semaphore.h>
+
 static PyObject *str_readinto_fast_py, *str_write_py, *str_peer, *str_release, *str_publish_many_py, *str_claim_py, *str_mv, *str_take_py, *str_publish_py, *str_publish_one_of_batch, *str_take_bytes_py,
     *str_take_many_bytes_py, *str_wakeups, *str_posted_w0, *str_wake;
 
@@ -498,6 +501,9 @@ typedef struct {
     Mapping m;
     uint64_t pos_off;               /* byte offset of this subscriber's position word */
     int group;                      /* a group member: tail reloads go through Python */
+    char room_name[256];            /* the ring's room semaphore ("": none to post) */
+    sem_t *room;                    /* opened at the first post (NULL: not yet) */
+    unsigned long long room_posted; /* _room_posted: the room_wait value posted last */
     /* ring.RingReader's state, shared with its Python slow paths as attributes */
     unsigned long long position;    /* position: start of the next frame to read */
     unsigned long long tail;        /* _tail: the tail as last loaded */
@@ -509,13 +515,19 @@ static PyObject *reader_attach(ReaderCore *r, PyObject *args) {
     PyObject *mm;
     unsigned long long data_offset, capacity, max_message, pos_off;
     int group;
-    if (!PyArg_ParseTuple(args, "OKKKKp", &mm, &data_offset, &capacity, &max_message, &pos_off,
-                          &group))
+    const char *room = NULL;
+    if (!PyArg_ParseTuple(args, "OKKKKpz", &mm, &data_offset, &capacity, &max_message, &pos_off,
+                          &group, &room))
         return NULL;
     if (pos_off % 8 || pos_off + 8 > data_offset) {
         PyErr_SetString(PyExc_ValueError, "ring core: position word outside the slot table");
         return NULL;
     }
+    if (room != NULL && strlen(room) >= sizeof r->room_name) {
+        PyErr_SetString(PyExc_ValueError, "ring core: room semaphore name too long");
+        return NULL;
+    }
+    strcpy(r->room_name, room != NULL ? room : "");
     if (mapping_attach(&r->m, mm, data_offset, capacity, max_message) < 0)
         return NULL;
     r->pos_off = pos_off;
@@ -534,6 +546,33 @@ static inline int reader_reload(ReaderCore *r, uint64_t p) {
         return -1;
     r->tail = t;
     return 1;
+}
+
+/* After every store of this subscriber's position ``pos``: the consumer side of the wait for
+ * room (ring.RingReader._room_reached; spec/ring.md, "Waiting for room").  One relaxed load of
+ * a word on the publisher's line, which the take paths load anyway (tail); no fence, by design
+ * (the spec argues why a post this misses costs the publisher at most its bounded sleep).  The
+ * post is sem_post on the ring's room semaphore, opened here at the first post; one that cannot
+ * be opened (gone with its channel, a daemon that made none) is never tried again. */
+static void reader_room_post(ReaderCore *r, uint64_t need) {
+    r->room_posted = need;
+    if (r->room == NULL) {
+        if (!r->room_name[0])
+            return;
+        sem_t *sem = sem_open(r->room_name, 0);
+        if (sem == SEM_FAILED) {
+            r->room_name[0] = 0;
+            return;
+        }
+        r->room = sem;
+    }
+    sem_post(r->room);   /* EOVERFLOW at SEM_VALUE_MAX: the publisher has posts enough */
+}
+
+static inline void reader_room(ReaderCore *r, uint64_t pos) {
+    uint64_t need = LOAD_RLX(r->m.mem + OFF_ROOM_WAIT);   /* SYNC POINT (room wait) */
+    if (__builtin_expect(need != 0, 0) && need <= pos && need != r->room_posted)
+        reader_room_post(r, need);
 }
 
 /* The frame at ``p`` if it is a committed message with the expected seq whose header was intact
@@ -594,8 +633,10 @@ static int reader_step(ReaderCore *r, PyObject **out, int reload, int release) {
                 return -1;
             r->padded += pad - p;
             r->position = pad;
-            if (release)   /* SYNC POINT (consumption), as _take_bytes_py: a PAD is released */
+            if (release) {   /* SYNC POINT (consumption), as _take_bytes_py: a PAD is released */
                 STORE_REL(mem + r->pos_off, pad);
+                reader_room(r, pad);
+            }
             continue;
         }
         uint64_t end = p + frame_size(length);
@@ -612,8 +653,10 @@ static int reader_step(ReaderCore *r, PyObject **out, int reload, int release) {
         }
         r->position = end;
         r->expect = seq + 1;
-        if (release)   /* SYNC POINT (consumption): copied, the publisher may reuse it */
+        if (release) {   /* SYNC POINT (consumption): copied, the publisher may reuse it */
             STORE_REL(mem + r->pos_off, end);
+            reader_room(r, end);
+        }
         *out = data;
         return 1;
     }
@@ -627,6 +670,7 @@ static PyObject *reader_take(ReaderCore *r, PyObject *unused) {
     char *mem = r->m.mem;
     uint64_t p = r->position;
     STORE_REL(mem + r->pos_off, p);   /* SYNC POINT (consumption): the frame handed out last */
+    reader_room(r, p);
     uint64_t length, seq;
     char *frame;
     for (;;) {
@@ -650,6 +694,7 @@ static PyObject *reader_take(ReaderCore *r, PyObject *unused) {
         /* SYNC POINT (consumption), as _take_py: the PAD is released before the frame after it
          * is handed out, so a held view pins its frame only, not a lap of PAD behind it. */
         STORE_REL(mem + r->pos_off, p);
+        reader_room(r, p);
     }
     r->position = p + frame_size(length);
     r->expect = seq + 1;
@@ -709,6 +754,7 @@ static PyObject *reader_take_many_bytes(ReaderCore *r, PyObject *arg) {
     }
     /* SYNC POINT (consumption): everything before position was copied (or skipped). */
     STORE_REL(r->m.mem + r->pos_off, r->position);
+    reader_room(r, r->position);
     if (rc == -2) {
         Py_XDECREF(out);
         return NULL;
@@ -728,16 +774,27 @@ static PyObject *reader_take_many_bytes(ReaderCore *r, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+static void reader_dealloc(PyObject *self) {
+    ReaderCore *r = (ReaderCore *)self;
+    if (r->room != NULL) {
+        sem_close(r->room);
+        r->room = NULL;
+    }
+    core_dealloc(self);
+}
+
 static PyMemberDef reader_members[] = {
     {"position", T_ULONGLONG, offsetof(ReaderCore, position), 0, "start of the next frame"},
     {"_tail", T_ULONGLONG, offsetof(ReaderCore, tail), 0, "the tail as last loaded"},
     {"_expect", T_ULONGLONG, offsetof(ReaderCore, expect), 0, "seq of the next frame"},
     {"padded", T_ULONGLONG, offsetof(ReaderCore, padded), 0, "bytes of PADs skipped"},
+    {"_room_posted", T_ULONGLONG, offsetof(ReaderCore, room_posted), 0,
+     "the room_wait value posted last"},
     {NULL}};
 
 static PyMethodDef reader_methods[] = {
     {"_attach", (PyCFunction)reader_attach, METH_VARARGS,
-     "_attach(mmap, data_offset, capacity, max_message, position_offset, group)"},
+     "_attach(mmap, data_offset, capacity, max_message, position_offset, group, room)"},
     {"_detach", (PyCFunction)core_detach, METH_NOARGS, "release the mapping's buffer"},
     {"take", (PyCFunction)reader_take, METH_NOARGS,
      "take() -> (pos, payload_offset, length, seq, lost) | None (RingReader._take_py in C)"},
@@ -754,7 +811,7 @@ static PyTypeObject ReaderCoreType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "C fast paths of ring.RingReader (subclassed there)",
     .tp_new = PyType_GenericNew,
-    .tp_dealloc = core_dealloc,
+    .tp_dealloc = reader_dealloc,
     .tp_traverse = core_traverse,
     .tp_methods = reader_methods,
     .tp_members = reader_members,
@@ -999,7 +1056,8 @@ PyMODINIT_FUNC PyInit__ringcore(void) {
      * differs from the Python layout. */
 #define EXPORT(name) PyModule_AddIntConstant(m, #name, name) < 0
     if (EXPORT(OFF_MODE) || EXPORT(OFF_MAX_SUBS) || EXPORT(OFF_RETIRED) || EXPORT(OFF_TAIL) ||
-        EXPORT(OFF_HEAD) || EXPORT(OFF_LAST) || EXPORT(OFF_SLOT_HIGH) || EXPORT(OFF_WAITING) ||
+        EXPORT(OFF_HEAD) || EXPORT(OFF_LAST) || EXPORT(OFF_ROOM_WAIT) || EXPORT(OFF_SLOT_HIGH) ||
+        EXPORT(OFF_WAITING) ||
         EXPORT(CONTROL_SIZE) || EXPORT(SLOT_SIZE) || EXPORT(SLOT_OFF_STATE) ||
         EXPORT(SLOT_ACTIVE) || EXPORT(MODE_RELIABLE) || EXPORT(HEADER) || EXPORT(FLAG_PAD) ||
         EXPORT(OFF_STREAM) || EXPORT(REWIND_MIN_FRAME) ||

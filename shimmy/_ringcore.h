@@ -20,6 +20,7 @@
 #define OFF_TAIL 320
 #define OFF_HEAD 328
 #define OFF_LAST 336
+#define OFF_ROOM_WAIT 352
 #define OFF_SLOT_HIGH 384
 #define OFF_WAITING 448
 #define CONTROL_SIZE 4096

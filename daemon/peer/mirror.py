@@ -112,9 +112,13 @@ class MirrorSource(relay.SourceBase):
 
     def __init__(self, name: str, view: ring.RingView, slot: int, sem_name: str,
                  transport: Transport, start: int, start_seq: int | None, resume: int | None,
-                 origin: tuple[int, int] | None = None, wait_seq: int | None = None):
+                 origin: tuple[int, int] | None = None, wait_seq: int | None = None,
+                 room_sem: str | None = None):
         self.name = name
         self.v = view
+        # Posts the ring's room semaphore when a credit reaches the position a waiting
+        # publisher needs (fenced: once per credit, so a post is never late).
+        self.room = ring.RoomPoster(view, room_sem, fenced=True)
         # Resume by sequence number: start at the first message numbered ``wait_seq`` or later,
         # once the ring has it (a publisher carrying its stream over may still be at it).
         self.wait_seq = wait_seq
@@ -153,6 +157,7 @@ class MirrorSource(relay.SourceBase):
                 # SYNC POINT (consumption, as RingReader.release_to): the publisher may now
                 # overwrite bytes before ``consumed``; the replica no longer needs them.
                 self.v.q[self.v.slot_word(self.slot)] = consumed
+                self.room.reached(consumed)   # SYNC POINT (room wait): fence, load, post
 
     def lag(self) -> int:
         return max(self.v.q[ring.W_TAIL] - self.credit, 0)

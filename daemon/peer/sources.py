@@ -157,7 +157,8 @@ class SourceSide:
         transport = self.svc.rdma.source_transport(link, mid, rec, obj.get("rdma"))
         origin = self.origins.get(name, (0, 0)) if ahead else None
         src = MirrorSource(name, rec.view, slot, self.registry.sem_prefix_of(rec) + str(slot),
-                           transport, start, start_seq, resume_pos, origin, wait_seq)
+                           transport, start, start_seq, resume_pos, origin, wait_seq,
+                           rec.room_sem)
         src.credit = hold_at
         self.entries[(link.id, mid)] = SourceEntry(link, mid, name, client, slot, src, link.remote)
         self.counters["mirrors_served"] += 1

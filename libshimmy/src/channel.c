@@ -49,6 +49,7 @@ struct shimmy_channel {
     char name[256];
     char mode[16];
     char sem_prefix[256];
+    char room_sem[256];       /* the channel ring's room semaphore ("": the daemon made none) */
     shm_seg seg;
     wakeups wk;               /* the channel ring's, or our member ring's (channel semaphores) */
     ring_writer writer;
@@ -113,6 +114,9 @@ int shimmy_channel_open(shimmy_client *client, const char *name, const shimmy_ch
         goto fail;
     if (mp_get(r.map, "max_publishers") != NULL && (rc = mp_int(r.map, "max_publishers", &pubs)) < 0)
         goto fail;
+    if (mp_get(r.map, "room_sem") != NULL &&
+        (rc = mp_str(r.map, "room_sem", ch->room_sem, sizeof ch->room_sem)) < 0)
+        goto fail;
     ch->max_publishers = (uint32_t)pubs;
     if ((rc = seg_map(shm, 'r', &ch->seg)) < 0)
         goto fail;
@@ -150,14 +154,16 @@ static int become_publisher(shimmy_channel *ch) {
     const msgpack_object *m = mp_get(r.map, "member");
     if (m == NULL || m->type != MSGPACK_OBJECT_MAP) {
         reply_free(&r);
-        if ((rc = writer_init(&ch->writer, &ch->seg, &ch->wk)) < 0)
+        writer_close(&ch->writer);
+        if ((rc = writer_init(&ch->writer, &ch->seg, &ch->wk, ch->room_sem)) < 0)
             return rc;
         ch->publishing = 1;
         return 0;
     }
-    char shm[256];
+    char shm[256], room[256] = "";
     int64_t id;
-    if ((rc = mp_str(m, "shm", shm, sizeof shm)) < 0 || (rc = mp_int(m, "id", &id)) < 0) {
+    if ((rc = mp_str(m, "shm", shm, sizeof shm)) < 0 || (rc = mp_int(m, "id", &id)) < 0 ||
+        (mp_get(m, "room_sem") != NULL && (rc = mp_str(m, "room_sem", room, sizeof room)) < 0)) {
         reply_free(&r);
         return rc;
     }
@@ -170,7 +176,8 @@ static int become_publisher(shimmy_channel *ch) {
             return rc;
     }
     ch->publisher_id = (uint32_t)id;
-    if ((rc = writer_init(&ch->writer, &ch->member, &ch->wk)) < 0)
+    writer_close(&ch->writer);
+    if ((rc = writer_init(&ch->writer, &ch->member, &ch->wk, room)) < 0)
         return rc;
     ch->publishing = 1;
     return 0;
@@ -229,6 +236,7 @@ void shimmy_loan_cancel(shimmy_channel *ch) { ch->writer.loan_n = UINT64_MAX; }
 /* ---- subscriptions ----------------------------------------------------------------------- */
 
 static void member_close(member *m, uint32_t slot) {
+    reader_close(&m->r);
     st8_rlx(m->seg.mem + waiting_offset(slot), 0);
     seg_unmap(&m->seg);
     free(m);
@@ -260,9 +268,11 @@ static int set_members(shimmy_sub *s, const msgpack_object *infos, uint32_t epoc
     for (size_t i = 0; i < n && rc == 0; i++) {
         const msgpack_object *info = &infos->via.array.ptr[i];
         int64_t id, position, seq;
-        char shm[256];
+        char shm[256], room[256] = "";
         if ((rc = mp_int(info, "id", &id)) < 0 || (rc = mp_int(info, "position", &position)) < 0 ||
-            (rc = mp_int(info, "seq", &seq)) < 0 || (rc = mp_str(info, "shm", shm, sizeof shm)) < 0)
+            (rc = mp_int(info, "seq", &seq)) < 0 || (rc = mp_str(info, "shm", shm, sizeof shm)) < 0 ||
+            (mp_get(info, "room_sem") != NULL &&
+             (rc = mp_str(info, "room_sem", room, sizeof room)) < 0))
             break;
         member *m = find_member(s, (uint32_t)id);
         if (m == NULL) {
@@ -278,7 +288,7 @@ static int set_members(shimmy_sub *s, const msgpack_object *infos, uint32_t epoc
                 continue;
             }
             m->id = (uint32_t)id;
-            reader_init(&m->r, &m->seg, s->slot, (uint64_t)position, (uint64_t)seq);
+            reader_init(&m->r, &m->seg, s->slot, (uint64_t)position, (uint64_t)seq, room);
             m->r.group = (const uint32_t *)(s->ch->seg.mem + OFF_GROUP_EPOCH);
             m->r.publisher = (uint32_t)id;
         }
@@ -364,7 +374,7 @@ int shimmy_subscribe(shimmy_channel *ch, enum shimmy_start start, shimmy_sub **o
         goto fail;
     }
     s->slot = (uint32_t)slot;
-    reader_init(&s->reader, &ch->seg, s->slot, (uint64_t)position, (uint64_t)seq);
+    reader_init(&s->reader, &ch->seg, s->slot, (uint64_t)position, (uint64_t)seq, ch->room_sem);
     char name[300];
     snprintf(name, sizeof name, "%s%u", ch->sem_prefix, s->slot);
     s->sem = sem_open(name, 0);
@@ -419,6 +429,7 @@ void shimmy_sub_close(shimmy_sub *s) {
         member_close(s->members[j], s->slot);
     free(s->members);
     sem_close(s->sem);
+    reader_close(&s->reader);
     st8_rlx(ch->seg.mem + waiting_offset(s->slot), 0);
     ctl_reply r;
     if (!client_closed(ch->c) &&
@@ -698,6 +709,7 @@ void shimmy_channel_close(shimmy_channel *ch) {
         shimmy_sub_close(ch->subs);
     ch->closed = 1;
     wakeups_close(&ch->wk);
+    writer_close(&ch->writer);
     ctl_reply r;
     if (!client_closed(ch->c) &&
         ctl_request(ch->c, "close", &r, "s:name", ch->name, "i:key", ch->key, NULL) == 0)

@@ -66,6 +66,7 @@ static inline void st8_rlx(void *p, uint8_t v) {
 #define OFF_HEAD 328
 #define OFF_LAST 336
 #define OFF_WAITS 344
+#define OFF_ROOM_WAIT 352   /* publisher: the position it waits for (spec/ring.md, "Waiting for room") */
 #define OFF_SLOT_HIGH 384
 #define OFF_WAITING 448
 #define CONTROL_SIZE 4096
@@ -125,9 +126,13 @@ typedef struct {
     uint64_t tail, head, seq, limit;
     double backoff_max;
     uint64_t loan_n;   /* bytes claimed by shimmy_loan, UINT64_MAX when none */
+    char room_name[256];   /* the ring's room semaphore ("": none, poll) */
+    sem_t *room;           /* opened at the first wait for room */
 } ring_writer;
 
-int writer_init(ring_writer *w, shm_seg *seg, wakeups *wk);
+/* `room`: the ring's room semaphore from the daemon's reply (NULL or "": none, poll). */
+int writer_init(ring_writer *w, shm_seg *seg, wakeups *wk, const char *room);
+void writer_close(ring_writer *w);   /* closes its room semaphore; the mapping stays */
 int writer_publish(ring_writer *w, const void *data, uint64_t n, double timeout, uint64_t *seq);
 int64_t writer_publish_many(ring_writer *w, const struct iovec *msgs, size_t count,
                             double timeout, size_t *published);
@@ -147,9 +152,15 @@ typedef struct {
     const uint32_t *group; /* the channel ring's group_epoch word (a member ring), or NULL */
     uint32_t group_epoch;
     int merged, turn;
+    char room_name[256];   /* the ring's room semaphore, posted for a waiting publisher */
+    sem_t *room;           /* opened at the first post */
+    uint64_t room_posted;  /* the room_wait value posted last */
 } ring_reader;
 
-void reader_init(ring_reader *r, shm_seg *seg, uint32_t slot, uint64_t position, uint64_t seq);
+/* `room`: the ring's room semaphore from the daemon's reply (NULL or "": posts nothing). */
+void reader_init(ring_reader *r, shm_seg *seg, uint32_t slot, uint64_t position, uint64_t seq,
+                 const char *room);
+void reader_close(ring_reader *r);   /* closes its room semaphore; the mapping stays */
 /* 1: a frame (payload at *payload, *len, *seq, *lost); 0: nothing (caught up; for a group
  * member also: its batch is done or the group epoch moved); < 0 an error. */
 int reader_take(ring_reader *r, const uint8_t **payload, uint64_t *len, uint64_t *seq,

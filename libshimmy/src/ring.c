@@ -339,13 +339,16 @@ static int closed_error(ring_writer *w) {
 }
 
 /* RingWriter._resume: take over from whatever state the previous holder left. */
-int writer_init(ring_writer *w, shm_seg *seg, wakeups *wk) {
+int writer_init(ring_writer *w, shm_seg *seg, wakeups *wk, const char *room) {
     memset(w, 0, sizeof *w);
     w->seg = seg;
     w->wk = wk;
     w->backoff_max = DEFAULT_BACKOFF_MAX;
     w->loan_n = UINT64_MAX;
+    snprintf(w->room_name, sizeof w->room_name, "%s", room != NULL ? room : "");
     uint8_t *mem = seg->mem;
+    /* A predecessor that died waiting for room left room_wait set; the word is ours now. */
+    st_rlx(mem + OFF_ROOM_WAIT, 0);
     uint64_t tail = ld_acq(mem + OFF_TAIL), head = ld_acq(mem + OFF_HEAD),
              last = ld_acq(mem + OFF_LAST);
     int rc = check_positions(seg, head, last, tail);
@@ -401,10 +404,20 @@ static void sleep_s(double s) {
     nanosleep(&ts, NULL);
 }
 
-/* RingWriter._wait_for_space: reliable, wait (bounded) until the slowest subscriber made room. */
-static int wait_for_space(ring_writer *w, uint64_t end, double timeout, uint64_t *floor) {
-    uint8_t *waits = w->seg->mem + OFF_WAITS;
-    st_rlx(waits, ld_rlx(waits) + 1);   /* slow path only; this process alone writes the word */
+void writer_close(ring_writer *w) {
+    if (w->room != NULL)
+        sem_close(w->room);
+    w->room = NULL;
+}
+
+static int no_room(ring_writer *w, uint64_t end, double timeout) {
+    return shm_fail(SHIMMY_E_BACKPRESSURE_TIMEOUT, "channel '%s': no room for %llu bytes after "
+                    "waiting %g s for the slowest subscriber (publish_timeout)", w->seg->name,
+                    (unsigned long long)(end - w->tail), timeout);
+}
+
+/* RingWriter._poll_for_space: wait_for_space without a room semaphore. */
+static int poll_for_space(ring_writer *w, uint64_t end, double timeout, uint64_t *floor) {
     double now = mono_now();
     double deadline = timeout < 0 ? -1 : now + timeout;
     double fast_until = now + ROOM_POLL_FAST_FOR;
@@ -419,9 +432,7 @@ static int wait_for_space(ring_writer *w, uint64_t end, double timeout, uint64_t
             return closed_error(w);
         now = mono_now();
         if (deadline >= 0 && now >= deadline)
-            return shm_fail(SHIMMY_E_BACKPRESSURE_TIMEOUT, "channel '%s': no room for %llu bytes "
-                            "after waiting %g s for the slowest subscriber (publish_timeout)",
-                            w->seg->name, (unsigned long long)(end - w->tail), timeout);
+            return no_room(w, end, timeout);
         double d = delay;
         if (deadline >= 0 && d > deadline - now)
             d = deadline - now > 0 ? deadline - now : 0;
@@ -431,6 +442,58 @@ static int wait_for_space(ring_writer *w, uint64_t end, double timeout, uint64_t
         if (delay > cap)
             delay = cap;
     }
+}
+
+/* The room wait's loop (RingWriter._wait_for_space): room_wait is set; fence, re-check, sleep
+ * on the room semaphore for at most backoff_max. */
+static int sleep_for_space(ring_writer *w, uint64_t end, double timeout, uint64_t *floor) {
+    double deadline = timeout < 0 ? -1 : mono_now() + timeout;
+    for (;;) {
+        atomic_thread_fence(memory_order_seq_cst);   /* SYNC POINT (room wait, publisher side) */
+        int rc = min_position(w, floor);
+        if (rc < 0)
+            return rc;
+        if (end - *floor <= w->seg->cap)
+            return 0;
+        if (ld_rlx(w->seg->mem + OFF_RETIRED))
+            return closed_error(w);
+        double wait = w->backoff_max;
+        if (deadline >= 0) {
+            double left = deadline - mono_now();
+            if (left <= 0)
+                return no_room(w, end, timeout);
+            if (wait > left)
+                wait = left;
+        }
+        struct timespec at;
+        clock_gettime(CLOCK_MONOTONIC, &at);
+        long ns = at.tv_nsec + (long)(wait * 1e9);
+        at.tv_sec += ns / 1000000000L;
+        at.tv_nsec = ns % 1000000000L;
+        sem_clockwait(w->room, CLOCK_MONOTONIC, &at);   /* a post, the bound or EINTR: re-check */
+    }
+}
+
+/* RingWriter._wait_for_space: reliable, wait (bounded) until the slowest subscriber made room.
+ * Sleeps on the ring's room semaphore, which consumers post when their position reaches the
+ * one stored in room_wait (spec/ring.md, "Waiting for room"); polls without one. */
+static int wait_for_space(ring_writer *w, uint64_t end, double timeout, uint64_t *floor) {
+    uint8_t *mem = w->seg->mem;
+    st_rlx(mem + OFF_WAITS, ld_rlx(mem + OFF_WAITS) + 1);   /* slow path only; our own word */
+    if (w->room == NULL && w->room_name[0]) {
+        sem_t *sem = sem_open(w->room_name, 0);
+        if (sem == SEM_FAILED)
+            w->room_name[0] = 0;   /* none to open: poll from now on */
+        else
+            w->room = sem;
+    }
+    if (w->room == NULL)
+        return poll_for_space(w, end, timeout, floor);
+    /* SYNC POINT (room wait, publisher side): store room_wait, fence (in the loop), re-check */
+    st_rlx(mem + OFF_ROOM_WAIT, end - w->seg->cap);
+    int rc = sleep_for_space(w, end, timeout, floor);
+    st_rlx(mem + OFF_ROOM_WAIT, 0);
+    return rc;
 }
 
 /* RingWriter._make_room: move head so that a frame ending at `end` overwrites nothing still
@@ -646,16 +709,49 @@ uint64_t writer_commit_claim(ring_writer *w, uint64_t n) {
 
 /* ---- a subscriber's cursor (ring.RingReader, ring.GroupReader) --------------------------- */
 
-void reader_init(ring_reader *r, shm_seg *seg, uint32_t slot, uint64_t position, uint64_t seq) {
+void reader_init(ring_reader *r, shm_seg *seg, uint32_t slot, uint64_t position, uint64_t seq,
+                 const char *room) {
     memset(r, 0, sizeof *r);
     r->seg = seg;
     r->pos_off = CONTROL_SIZE + (uint64_t)slot * SLOT_SIZE;
     r->position = r->tail = position;
     r->expect = seq;
+    snprintf(r->room_name, sizeof r->room_name, "%s", room != NULL ? room : "");
+}
+
+void reader_close(ring_reader *r) {
+    if (r->room != NULL)
+        sem_close(r->room);
+    r->room = NULL;
+}
+
+static void room_post(ring_reader *r, uint64_t need) {
+    r->room_posted = need;
+    if (r->room == NULL) {
+        if (!r->room_name[0])
+            return;
+        sem_t *sem = sem_open(r->room_name, 0);
+        if (sem == SEM_FAILED) {
+            r->room_name[0] = 0;   /* gone with its channel: the publisher's bound covers it */
+            return;
+        }
+        r->room = sem;
+    }
+    sem_post(r->room);   /* EOVERFLOW at SEM_VALUE_MAX: the publisher has posts enough */
+}
+
+/* After every store of this subscriber's position ``pos`` (RingReader._room_reached): post the
+ * room semaphore once per room_wait value at most ``pos``.  No fence (spec/ring.md, "Waiting
+ * for room", argues what a post missed this way costs). */
+static inline void room_reached(ring_reader *r, uint64_t pos) {
+    uint64_t need = ld_rlx(r->seg->mem + OFF_ROOM_WAIT);   /* SYNC POINT (room wait) */
+    if (__builtin_expect(need != 0, 0) && need <= pos && need != r->room_posted)
+        room_post(r, need);
 }
 
 void reader_release_to(ring_reader *r, uint64_t pos) {
     st_rel(r->seg->mem + r->pos_off, pos);   /* SYNC POINT (consumption) */
+    room_reached(r, pos);
 }
 
 int reader_has_data(const ring_reader *r) { return ld_rlx(r->seg->mem + OFF_TAIL) != r->position; }
@@ -759,8 +855,10 @@ next_frame(ring_reader *r, int release_pads, uint64_t *at, uint32_t *len, uint64
             if ((rc = pad_end(r, p, length, flags, &end)) < 0)
                 return rc;
             r->position = end;
-            if (release_pads)
+            if (release_pads) {
                 st_rel(s->mem + r->pos_off, end);
+                room_reached(r, end);
+            }
             continue;
         }
         if (length > s->max_message || p + frame_size(length) > r->tail)
@@ -777,6 +875,7 @@ int reader_take(ring_reader *r, const uint8_t **payload, uint64_t *len, uint64_t
                 uint64_t *lost_out, uint64_t *at) {
     shm_seg *s = r->seg;
     st_rel(s->mem + r->pos_off, r->position);   /* SYNC POINT (consumption): handed out last */
+    room_reached(r, r->position);
     uint64_t p = 0, seq = 0;   /* set when next_frame returns 1 (the compiler cannot tell) */
     uint32_t length = 0;
     int rc = next_frame(r, 0, &p, &length, &seq);
@@ -818,8 +917,10 @@ int reader_take_copy(ring_reader *r, uint8_t *buf, uint64_t cap, uint64_t *len, 
         atomic_thread_fence(memory_order_acquire);
         if (ld_rlx(s->mem + OFF_HEAD) > p)
             continue;   /* overwritten while copied: counted as lost by the next message */
-        if (release)
+        if (release) {
             st_rel(s->mem + r->pos_off, end);   /* SYNC POINT (consumption) */
+            room_reached(r, end);
+        }
         uint64_t lost = seq - r->expect;
         if (lost && (rc = count_lost(r, p, seq, lost)) < 0)
             return rc;

@@ -84,9 +84,9 @@ static void test_wrap_and_pads(void) {
     test_ring t;
     make_ring(&t, MODE_RELIABLE, 4096, 1);
     ring_writer w;
-    CHECK(writer_init(&w, &t.seg, &t.wk) == 0, "writer_init");
+    CHECK(writer_init(&w, &t.seg, &t.wk, NULL) == 0, "writer_init");
     ring_reader r;
-    reader_init(&r, &t.seg, 0, 0, 0);
+    reader_init(&r, &t.seg, 0, 0, 0, NULL);
     uint8_t buf[2048];
     for (uint64_t i = 0; i < 5000; i++) {
         uint64_t n = size_of(i, 700), seq, pos, at_tail;
@@ -120,7 +120,7 @@ static void test_backpressure(void) {
     test_ring t;
     make_ring(&t, MODE_RELIABLE, 4096, 1);
     ring_writer w;
-    writer_init(&w, &t.seg, &t.wk);
+    writer_init(&w, &t.seg, &t.wk, NULL);
     uint8_t buf[512] = {0};
     int rc = 0, n = 0;
     while ((rc = writer_publish(&w, buf, sizeof buf, 0.01, NULL)) == 0)
@@ -141,9 +141,9 @@ static void test_lossy_lapping(void) {
     test_ring t;
     make_ring(&t, MODE_LOSSY, 8192, 1);
     ring_writer w;
-    writer_init(&w, &t.seg, &t.wk);
+    writer_init(&w, &t.seg, &t.wk, NULL);
     ring_reader r;
-    reader_init(&r, &t.seg, 0, 0, 0);
+    reader_init(&r, &t.seg, 0, 0, 0, NULL);
     uint8_t buf[1024], out[1024];
     uint64_t received = 0, published = 0, last = 0;
     for (int round = 0; round < 200; round++) {
@@ -182,9 +182,9 @@ static void test_batches_loans_resume(void) {
     test_ring t;
     make_ring(&t, MODE_RELIABLE, 65536, 1);
     ring_writer w;
-    writer_init(&w, &t.seg, &t.wk);
+    writer_init(&w, &t.seg, &t.wk, NULL);
     ring_reader r;
-    reader_init(&r, &t.seg, 0, 0, 0);
+    reader_init(&r, &t.seg, 0, 0, 0, NULL);
     static uint8_t store[64 * 300];
     struct iovec iov[64];
     uint64_t next = 0, got_n = 0;
@@ -229,7 +229,7 @@ static void test_batches_loans_resume(void) {
     fill(p, next, 40);
     st_rel(t.mem + OFF_LAST, w.tail);
     ring_writer successor;
-    CHECK(writer_init(&successor, &t.seg, &t.wk) == 0, "successor");
+    CHECK(writer_init(&successor, &t.seg, &t.wk, NULL) == 0, "successor");
     CHECK(successor.seq == next + 1, "successor seq %llu", (unsigned long long)successor.seq);
     const uint8_t *m;
     uint64_t len, seq, lost, at, index;
@@ -245,13 +245,13 @@ static void test_corrupted(void) {
     test_ring t;
     make_ring(&t, MODE_RELIABLE, 4096, 1);
     ring_writer w;
-    writer_init(&w, &t.seg, &t.wk);
+    writer_init(&w, &t.seg, &t.wk, NULL);
     uint8_t buf[32] = {0};
     writer_publish(&w, buf, sizeof buf, 0, NULL);
     uint32_t bad = 7;
     memcpy(t.seg.data + 4, &bad, 4);
     ring_reader r;
-    reader_init(&r, &t.seg, 0, 0, 0);
+    reader_init(&r, &t.seg, 0, 0, 0, NULL);
     const uint8_t *m;
     uint64_t len, seq, lost, at;
     int rc = reader_take(&r, &m, &len, &seq, &lost, &at);
@@ -271,7 +271,7 @@ typedef struct {
 static void *publisher_thread(void *arg) {
     thread_args *a = arg;
     ring_writer w;
-    writer_init(&w, &a->t->seg, &a->t->wk);
+    writer_init(&w, &a->t->seg, &a->t->wk, NULL);
     uint8_t buf[512];
     for (uint64_t i = 0; i < a->count; i++) {
         uint64_t n = size_of(i, 500);
@@ -289,7 +289,7 @@ static void test_threads(void) {
     pthread_t th;
     pthread_create(&th, NULL, publisher_thread, &a);
     ring_reader r;
-    reader_init(&r, &t.seg, 0, 0, 0);
+    reader_init(&r, &t.seg, 0, 0, 0, NULL);
     uint64_t got = 0;
     while (got < a.count) {
         const uint8_t *m;

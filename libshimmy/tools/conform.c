@@ -181,7 +181,7 @@ static int cmd_read(const char *kind, const char *image, const char *start, int6
             return usage("--start POS:SEQ is needed");
         }
         ring_reader r;
-        reader_init(&r, &seg, (uint32_t)slot, pos, seq);
+        reader_init(&r, &seg, (uint32_t)slot, pos, seq, NULL);
         if (!read_ring(&r, -1))
             emit(json_pack("{s:s}", "end", "empty"));
         unmap(&m);
@@ -211,7 +211,7 @@ static int cmd_read(const char *kind, const char *image, const char *start, int6
             failed = 1;
         } else {
             ring_reader r;
-            reader_init(&r, &ms, (uint32_t)slot, pos, seq);
+            reader_init(&r, &ms, (uint32_t)slot, pos, seq, NULL);
             r.group = epoch_word;
             r.group_epoch = epoch;
             r.publisher = (uint32_t)strtoul(spec, NULL, 10);
@@ -253,7 +253,7 @@ static int write_ring(shm_seg *seg, json_t *ops) {
     ring_writer w;
     int rc = wakeups_init(&wk, seg, NO_SEMAPHORE);
     if (rc == 0)
-        rc = writer_init(&w, seg, &wk);
+        rc = writer_init(&w, seg, &wk, NULL);
     if (rc < 0) {
         emit(error_line(rc));
         wakeups_close(&wk);

@@ -17,6 +17,8 @@ layout, the ownership of every word and the memory-ordering argument are in
            +328  head u64       publisher: start of the oldest intact frame
            +336  last u64       publisher: start of the last complete frame (stored before tail)
            +344  waits u64      publisher: times it waited for room (reliable back-pressure)
+           +352  room_wait u64  publisher: 0, or the position every subscriber must reach for
+                 the frame it waits to write to fit (spec/ring.md, "Waiting for room")
            +384  slot_high u32  daemon: 1 + highest subscriber slot ever handed out
            +448  waiting bytes: slot s at 448 + s + (s >= 7), written only by subscriber s
                  (0 = awake, else its sleep epoch); +455 wide u8 (daemon: a slot >= 7 exists)
@@ -73,6 +75,9 @@ OFF_TAIL = 320
 OFF_HEAD = 328
 OFF_LAST = 336
 OFF_WAITS = 344        # u64, publisher-written: back-pressure waits (slow path only)
+OFF_ROOM_WAIT = 352    # u64, publisher-written: 0, or the position it waits for subscribers
+                       # to reach (spec/ring.md, "Waiting for room"); consumers post its room
+                       # semaphore when their position reaches it
 OFF_SLOT_HIGH = 384
 OFF_WAITING = 448
 OFF_WIDE = OFF_WAITING + 7    # daemon-written byte: 1 once a slot >= 7 was handed out
@@ -80,8 +85,10 @@ MAX_SUBSCRIBERS_LIMIT = CONTROL_SIZE - OFF_WAITING - 1  # a waiting byte each (+
 # Publishers of one channel at once (one member ring each): a subscriber scans every member when
 # it arms its wake-up, so this bounds that scan (spec/ring.md, "Publisher groups").
 MAX_PUBLISHERS_LIMIT = 1024
-# A reliable publisher waiting for room polls at most every ROOM_POLL_FAST s for its first
-# ROOM_POLL_FAST_FOR s of waiting, then backs off to backoff_max (RingWriter._wait_for_space).
+# A reliable publisher waiting for room sleeps on the ring's room semaphore (spec/ring.md,
+# "Waiting for room").  Without one (a daemon that made none, a ring mapped without a daemon)
+# it polls at most every ROOM_POLL_FAST s for its first ROOM_POLL_FAST_FOR s of waiting, then
+# backs off to backoff_max (RingWriter._wait_for_space).
 ROOM_POLL_FAST = 50e-6
 ROOM_POLL_FAST_FOR = 0.01
 
@@ -121,6 +128,7 @@ W_RETIRED = OFF_RETIRED // 8
 W_HEAD = OFF_HEAD // 8
 W_LAST = OFF_LAST // 8
 W_WAITS = OFF_WAITS // 8
+W_ROOM_WAIT = OFF_ROOM_WAIT // 8
 W_CREATED = OFF_CREATED // 8
 W_WAITING0 = OFF_WAITING // 8     # waiting bytes of slots 0-6 + the wide byte, as one u64
 WIDE_BIT = 1 << 56                # the wide byte's lowest bit inside that u64

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from typing import NoReturn
 
+import posix_ipc
+
 from shimmy.errors import RingCorrupted
 from shimmy.ring.checks import corrupted, frame_end
 from shimmy.ring.layout import (FLAG_PAD, HEADER, I_GROUP_EPOCH, MAX_SEQ_GAP, OFF_HEAD, OFF_TAIL,
-                                SLOT_OFF_LOST, W_HEAD, W_TAIL, _unpack_frame, max_message_size)
+                                SLOT_OFF_LOST, W_HEAD, W_ROOM_WAIT, W_TAIL, _unpack_frame,
+                                max_message_size)
 from shimmy.ring.native import _ReaderBase, _core
+from shimmy.ring.room import open_room
 from shimmy.ring.views import RingView
 
 
@@ -28,10 +32,14 @@ class RingReader(_ReaderBase):
     Every frame followed is validated (spec/ring.md, "Validation"): a header that is not
     a frame or PAD within the channel's limits, a position out of bounds or a sequence number
     going backwards raises RingCorrupted naming the channel and offset; nothing else escapes.
+
+    After each store of its position it loads the publisher's ``room_wait`` and posts the
+    ring's room semaphore (``room``, the daemon's name for it; None: posts nothing) when the
+    publisher waits for a position it reached (spec/ring.md, "Waiting for room").
     """
 
     def __init__(self, view: RingView, slot: int, position: int, seq: int, publisher: int = 0,
-                 node: str | None = None, pid: int | None = None):
+                 node: str | None = None, pid: int | None = None, room: str | None = None):
         self.v = view
         self.slot = slot
         # Who writes this ring, as the daemon told us: Message.publisher/node/pid (0, None, None
@@ -50,9 +58,12 @@ class RingReader(_ReaderBase):
         self.padded = 0             # bytes of PADs skipped: position - padded counts frames
         self.lost_total = 0
         self._lost_word = self._pos_word + SLOT_OFF_LOST // 8   # shared copy of lost_total
+        self._room_name = room
+        self._room: posix_ipc.Semaphore | None = None   # opened at the first post
+        self._room_posted = 0      # the room_wait value this reader posted last
         if _core is not None:
             self._attach(view.mm, view.data_offset, view.capacity, self._max, self._pos_word * 8,
-                         self._GROUP)
+                         self._GROUP, room)
             view.cores.append(self)
 
     # GroupReader: tail reloads go through its ``_reload`` hook (its turn and epoch checks), in
@@ -69,7 +80,32 @@ class RingReader(_ReaderBase):
     def release_to(self, pos: int) -> None:
         # SYNC POINT (consumption): tells the publisher (min_position) that bytes before ``pos``
         # may be overwritten.  Stored only after the caller is done with them.
-        self._q[self._pos_word] = pos
+        q = self._q
+        q[self._pos_word] = pos
+        if q[W_ROOM_WAIT]:   # SYNC POINT (room wait, consumer side): no fence, spec/ring.md
+            self._room_reached(pos)
+
+    def _room_reached(self, pos: int) -> None:
+        """After a store of ``pos`` found ``room_wait`` set: post the room semaphore once per
+        value at most ``pos`` (spec/ring.md, "Waiting for room")."""
+        need = self._q[W_ROOM_WAIT]
+        if need and need <= pos and need != self._room_posted:
+            self._room_posted = need
+            self._post_room()
+
+    def _post_room(self) -> None:
+        """Post the room semaphore (_ringcore.c calls this after its own check of the word, with
+        ``_room_posted`` set).  None to post (no name, or gone with its channel): nothing, the
+        publisher's bounded sleep covers it."""
+        if self._room is None:
+            self._room = open_room(self._room_name)
+            if self._room is None:
+                self._room_name = None
+                return
+        try:
+            self._room.release()
+        except (posix_ipc.Error, OSError, ValueError):
+            pass   # at SEM_VALUE_MAX: the publisher has posts enough to wake
 
     def has_data(self) -> bool:
         """Cheap check for the spin loop: has the publisher committed past our cursor?"""
@@ -81,6 +117,8 @@ class RingReader(_ReaderBase):
         q = self._q
         p = self.position
         q[self._pos_word] = p  # SYNC POINT (consumption), see release_to
+        if q[W_ROOM_WAIT]:     # SYNC POINT (room wait, consumer side), see release_to
+            self._room_reached(p)
         while True:
             if p == self._tail:
                 # SYNC POINT (acquire): pairs with the publisher's tail store in _commit.  A
@@ -104,6 +142,8 @@ class RingReader(_ReaderBase):
                 # Released at once: a view held of the frame after it pins that frame only,
                 # not the PAD too (after a rewind, a lap of it: spec/ring.md, "Rewind").
                 q[self._pos_word] = p   # SYNC POINT (consumption), as at the top
+                if q[W_ROOM_WAIT]:
+                    self._room_reached(p)
                 continue
             end = p + ((length + HEADER + 15) & ~15)
             if length > self._max or end > self._tail:
@@ -148,6 +188,8 @@ class RingReader(_ReaderBase):
                 self.position = end = self._pad_end(p, length, flags)
                 # released too: a dead group publisher's ring may end at a PAD committed alone
                 q[self._pos_word] = end       # SYNC POINT (consumption), as below
+                if q[W_ROOM_WAIT]:
+                    self._room_reached(end)
                 continue
             end = p + ((length + HEADER + 15) & ~15)
             if length > self._max or end > self._tail:
@@ -158,6 +200,8 @@ class RingReader(_ReaderBase):
             if q[W_HEAD] > p:                 # SYNC POINT (validate payload): overwritten
                 continue                      # while copied: counted by the next message
             q[self._pos_word] = end           # SYNC POINT (consumption): copied, release it
+            if q[W_ROOM_WAIT]:                # SYNC POINT (room wait), see release_to
+                self._room_reached(end)
             lost = seq - self._expect
             if lost:
                 self._count_lost(p, seq, lost)
@@ -216,6 +260,8 @@ class RingReader(_ReaderBase):
         finally:
             # SYNC POINT (consumption): every message before ``p`` was copied (or skipped).
             q[self._pos_word] = self.position
+            if q[W_ROOM_WAIT]:                # SYNC POINT (room wait), see release_to
+                self._room_reached(self.position)
         return out or None
 
     if _core is None:   # pure Python: the reference versions are the fast paths
@@ -276,8 +322,8 @@ class GroupReader(RingReader):
 
     def __init__(self, view: RingView, slot: int, position: int, seq: int, group: memoryview,
                  group_epoch: int, publisher: int = 0, node: str | None = None,
-                 pid: int | None = None):
-        super().__init__(view, slot, position, seq, publisher, node, pid)
+                 pid: int | None = None, room: str | None = None):
+        super().__init__(view, slot, position, seq, publisher, node, pid, room)
         self._gq = group
         self.group_epoch = group_epoch
         self.merged = False   # set by the subscription while it reads more than one member

@@ -12,17 +12,20 @@ from __future__ import annotations
 import time
 from typing import NoReturn
 
+import posix_ipc
+
 from shimmy.errors import BackpressureTimeout, ChannelClosed, ChannelRetired, MessageTooLarge
 from shimmy.ring.checks import check_positions, corrupted, frame_end, stream_point
 from shimmy.ring import wakeups as _fence
 from shimmy.ring.layout import (CONTROL_SIZE, FLAG_PAD, HEADER, I_SLOT_HIGH, MODE_RELIABLE,
                                 OFF_SLOT_HIGH, OFF_WIDE, REWIND_MIN_FRAME, ROOM_POLL_FAST,
                                 ROOM_POLL_FAST_FOR, SLOT_ACTIVE, SLOT_OFF_LOST, SLOT_OFF_STATE,
-                                SLOT_SIZE, U64, W_HEAD, W_LAST, W_RETIRED, W_STREAM, W_TAIL,
-                                W_WAITING0, W_WAITS, WIDE_BIT,
+                                SLOT_SIZE, U64, W_HEAD, W_LAST, W_RETIRED, W_ROOM_WAIT, W_STREAM,
+                                W_TAIL, W_WAITING0, W_WAITS, WIDE_BIT,
                                 _pack_frame, _unpack_frame, frame_size, max_message_size,
                                 waiting_offset)
 from shimmy.ring.native import _WriterBase, _core
+from shimmy.ring.room import open_room
 from shimmy.ring.views import RingView
 from shimmy.ring.wakeups import Wakeups, fence
 
@@ -64,7 +67,9 @@ class RingWriter(_WriterBase):
     """The one publisher of a ring.  Single-writer: only the process the daemon granted the
     publisher role may construct one; it alone stores tail, head, last and frame bytes.
 
-    ``wakeups`` posts the subscribers found asleep after a commit.  ``publish`` and
+    ``wakeups`` posts the subscribers found asleep after a commit.  ``room`` names the ring's
+    room semaphore (the daemon's reply), which a wait for room sleeps on (None: it polls).
+    ``publish`` and
     ``publish_many`` are shimmy/_ringcore.c's where it is built: the common case in C, the rest
     through ``_publish_py`` / ``_publish_one_of_batch`` / ``_publish_many_py`` below.
     """
@@ -74,7 +79,7 @@ class RingWriter(_WriterBase):
     _wakeups: Wakeups
 
     def __init__(self, view: RingView, wakeups: Wakeups, backoff_max: float = 0.001,
-                 rewind: bool = False):
+                 rewind: bool = False, room: str | None = None):
         self.v = view
         # The publisher's choice (Channel(rewind=True)): large frames may go back to the start
         # of the ring when the subscribers keep up (spec/ring.md, "Rewind", and its cost).
@@ -88,7 +93,14 @@ class RingWriter(_WriterBase):
         self._base = view.data_offset
         self._reliable = view.mode == MODE_RELIABLE
         self.max_message = max_message_size(view.capacity)
+        # The longest sleep of a wait for room between two checks: with the room semaphore,
+        # what a post that never comes costs at most (spec/ring.md, "Waiting for room").
         self._backoff_max = backoff_max
+        self._room_name = room
+        self._room: posix_ipc.Semaphore | None = None   # opened at the first wait
+        # Sleeps on the room semaphore that ran their whole bound (no post came: a subscriber
+        # slower than backoff_max, or a post missed as spec/ring.md allows); this process's.
+        self.room_timeouts = 0
         # The publisher role may move between processes over time (one at a time); it resumes
         # from the words its predecessor stored, whatever instruction that one died at.
         self._resume()
@@ -98,6 +110,9 @@ class RingWriter(_WriterBase):
 
     def _resume(self) -> None:
         q = self._q
+        # A predecessor that died waiting for room left its room_wait set: consumers would post
+        # for a wait nobody sleeps in (harmless, but not for ever).  The word is ours now.
+        q[W_ROOM_WAIT] = 0
         tail, head, last = q[W_TAIL], q[W_HEAD], q[W_LAST]
         check_positions(self.v, head, last, tail)
         if last == tail and tail:
@@ -429,13 +444,51 @@ class RingWriter(_WriterBase):
         self._limit = head + cap
 
     def _wait_for_space(self, end: int, timeout: float | None) -> int:
-        self._q[W_WAITS] += 1   # slow path only; this process alone writes the word
+        """Wait, bounded by ``timeout``, until every ACTIVE subscriber has consumed past
+        ``end - capacity``; return the slowest position then.  Sleeps on the ring's room
+        semaphore, which consumers post when their position reaches the one this stores in
+        ``room_wait`` (spec/ring.md, "Waiting for room"); polls without one."""
+        q = self._q
+        q[W_WAITS] += 1   # slow path only; this process alone writes the word
+        if self._room is None:
+            self._room = open_room(self._room_name)
+            if self._room is None:
+                self._room_name = None   # none to open: poll from now on
+                return self._poll_for_space(end, timeout)
+        room, cap, bound = self._room, self._cap, self._backoff_max
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # SYNC POINT (room wait, publisher side): store room_wait, FENCE, re-check every
+        # position; a consumer stores its position, then loads room_wait and posts.  Dekker
+        # arm of spec/ring.md, "Waiting for room" (why the local readers' arm has no fence).
+        q[W_ROOM_WAIT] = end - cap   # > 0: end - floor > cap with floor >= 0
+        try:
+            while True:
+                fence()
+                floor = self.min_position()
+                if end - floor <= cap:
+                    return floor
+                if self.v.retired():
+                    self._closed()
+                wait = bound
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise self._no_room(end, timeout)
+                    wait = min(wait, left)
+                try:
+                    room.acquire(wait)   # a post, or the bound: re-check either way
+                except posix_ipc.BusyError:
+                    self.room_timeouts += 1
+        finally:
+            q[W_ROOM_WAIT] = 0
+
+    def _poll_for_space(self, end: int, timeout: float | None) -> int:
+        """_wait_for_space without a room semaphore: poll."""
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
         # Poll every few tens of µs for the first ROOM_POLL_FAST_FOR s: room usually comes
-        # soon (a local subscriber's next take, a remote replica's next credit, a few hundred
-        # µs away when a peer streams large messages).  A wait longer than that is a slow
-        # subscriber: back off up to backoff_max between checks.
+        # soon (a local subscriber's next take, a remote replica's next credit).  A wait longer
+        # than that is a slow subscriber: back off up to backoff_max between checks.
         fast_until = now + ROOM_POLL_FAST_FOR
         delay = 0.000_02
         while True:
@@ -446,12 +499,15 @@ class RingWriter(_WriterBase):
                 self._closed()
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                raise BackpressureTimeout(
-                    f"channel {self.v.name!r}: no room for {end - self._tail} bytes after waiting "
-                    f"{timeout} s for the slowest subscriber (publish_timeout)"
-                )
+                raise self._no_room(end, timeout)
             time.sleep(delay if deadline is None else min(delay, max(deadline - now, 0)))
             delay = min(delay * 2, ROOM_POLL_FAST if now < fast_until else self._backoff_max)
+
+    def _no_room(self, end: int, timeout: float | None) -> BackpressureTimeout:
+        return BackpressureTimeout(
+            f"channel {self.v.name!r}: no room for {end - self._tail} bytes after waiting "
+            f"{timeout} s for the slowest subscriber (publish_timeout)"
+        )
 
 
 def _batch_error(exc: MessageTooLarge | BackpressureTimeout | ChannelClosed,
