@@ -23,12 +23,13 @@
  * is visible first), the tail is loaded with acquire semantics (no later load, the frame bytes,
  * is hoisted above it), an acquire fence keeps the frame loads before the overwrite guard's
  * load of head, and the wake-up handshake uses a full (sequentially consistent) fence between
- * the tail store and the load of the waiting bytes, as ring.fence() does.
+ * the tail store and the load of the waiting bytes, as ring.fence() does.  After each store of
+ * its position a reader loads the publisher's room_wait word, with no fence (spec/ring.md,
+ * "Waiting for room", argues why), and posts the ring's room semaphore when it reached it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
-#include <fcntl.h>
 #include <semaphore.h>
 #include <stdint.h>
 #include <string.h>
