@@ -23,11 +23,12 @@
  * is visible first), the tail is loaded with acquire semantics (no later load, the frame bytes,
  * is hoisted above it), an acquire fence keeps the frame loads before the overwrite guard's
  * load of head, and the wake-up handshake uses a full (sequentially consistent) fence between
- * the tail store and the load of the waiting bytes, as ring.fence() does.
+ * the tail store and the load of the waiting bytes, as ring.fence() does.  After each store of
+ * its position a reader loads the publisher's room_wait word, with no fence (spec/ring.md,
+ * "Waiting for room", argues why), and posts the ring's room semaphore when it reached it.
  */
 #include "_ringcore.h"
 
-#include <fcntl.h>
 #include <semaphore.h>
 
 static PyObject *str_readinto_fast_py, *str_write_py, *str_peer, *str_release, *str_publish_many_py, *str_claim_py, *str_mv, *str_take_py, *str_publish_py, *str_publish_one_of_batch, *str_take_bytes_py,

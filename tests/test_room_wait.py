@@ -11,6 +11,7 @@ gets through.
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -188,7 +189,9 @@ def test_unsubscribe_frees_a_waiting_publisher(daemon):
 @needs_c
 def test_c_subscriber_posts(daemon, tmp_path, receive):
     """libshimmy's reader posts too: a Python publisher whose bounded sleep is seconds long
-    gets a burst through a C subscriber (the sanitized build) on a ring of 16 messages."""
+    gets a burst through a C subscriber (the sanitized build).  The subscriber is stopped
+    (SIGSTOP) until the publisher waits for room, then let go, up to five times while the
+    burst lasts, so the publisher waits whatever the two speeds."""
     name = f"room/c-sub/{receive}"
     ready = tmp_path / "ready"
     sub = c_start("sub", "--daemon", daemon.socket, "--count", str(N), "--size", str(SIZE),
@@ -196,20 +199,43 @@ def test_c_subscriber_posts(daemon, tmp_path, receive):
                   "--ready", str(ready), name, asan=True)
     wait_file(ready, sub)
     ch, writer = _publisher(daemon, name, SLOW_BOUND)
-    try:
+    q = ch._view.q
+
+    def publish() -> None:
         for i in range(N):
             ch.publish(c_payload(i, SIZE))
+
+    t = threading.Thread(target=publish)
+    try:
+        os.kill(sub.pid, signal.SIGSTOP)
+        t.start()
+        for _ in range(5):
+            until(lambda: q[ring.W_ROOM_WAIT] or not t.is_alive(), 30,
+                  "the publisher to wait for room")
+            before = writer.room_timeouts
+            os.kill(sub.pid, signal.SIGCONT)
+            if not t.is_alive():
+                break
+            until(lambda: not q[ring.W_ROOM_WAIT], 30, "the C subscriber to make room")
+            # room_wait was set before the subscriber ran again: no race, its post ended the
+            # wait (the bound would have taken 5 s and counted a timeout)
+            assert writer.room_timeouts == before
+            os.kill(sub.pid, signal.SIGSTOP)
+        os.kill(sub.pid, signal.SIGCONT)
+        t.join(120)
         out, err = sub.communicate(timeout=120)
         assert sub.returncode == 0, out + err
         assert out.splitlines()[0] == f"received {N} in order from #0", out
-        waits = ch._view.q[ring.W_WAITS]
-        assert waits > 0, "the C subscriber kept up: nothing here waited for room"
+        waits = q[ring.W_WAITS]
+        assert waits >= 1
         assert writer.room_timeouts <= 2, (writer.room_timeouts, waits)   # as above
-        assert ch._view.q[ring.W_ROOM_WAIT] == 0
+        assert q[ring.W_ROOM_WAIT] == 0
     finally:
         if sub.poll() is None:
+            os.kill(sub.pid, signal.SIGCONT)
             sub.kill()
             sub.wait(5)
+        t.join(30)
         ch.close()
 
 

@@ -94,9 +94,10 @@ class RingReader(_ReaderBase):
             self._post_room()
 
     def _post_room(self) -> None:
-        """Post the room semaphore (_ringcore.c calls this after its own check of the word, with
-        ``_room_posted`` set).  None to post (no name, or gone with its channel): nothing, the
-        publisher's bounded sleep covers it."""
+        """Post the room semaphore, opened at the first post.  None to post (no name, or gone
+        with its channel): nothing, the publisher's bounded sleep covers it.  (_ringcore.c's
+        take paths post the same semaphore through a handle of their own, sharing
+        ``_room_posted`` with these.)"""
         if self._room is None:
             self._room = open_room(self._room_name)
             if self._room is None:

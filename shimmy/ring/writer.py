@@ -69,9 +69,9 @@ class RingWriter(_WriterBase):
 
     ``wakeups`` posts the subscribers found asleep after a commit.  ``room`` names the ring's
     room semaphore (the daemon's reply), which a wait for room sleeps on (None: it polls).
-    ``publish`` and
-    ``publish_many`` are shimmy/_ringcore.c's where it is built: the common case in C, the rest
-    through ``_publish_py`` / ``_publish_one_of_batch`` / ``_publish_many_py`` below.
+    ``publish`` and ``publish_many`` are shimmy/_ringcore.c's where it is built: the common
+    case in C, the rest through ``_publish_py`` / ``_publish_one_of_batch`` /
+    ``_publish_many_py`` below.
     """
 
     # Instance attributes _ringcore.c reads by name (native.check_lookups checks them at import).
