@@ -97,41 +97,11 @@ static PyObject *replica_attach(ReplicaCore *r, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* The commit's wake-up handshake, as MirrorReplica._commit after its tail store: FENCE, load the
- * waiting bytes, wake through the Python Wakeups object when the word differs from the one
- * last scanned; then the credit hook (on_commit). */
+/* After the commit's tail store, as MirrorReplica._commit: the wake-up handshake (_ringcore.h,
+ * SYNC POINT inside), then the credit hook (on_commit). */
 static int replica_after_commit(ReplicaCore *r) {
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* SYNC POINT (wake-up), as RingWriter._commit */
-    uint64_t w = LOAD_RLX(r->m.mem + OFF_WAITING);
-    if (w) {
-        PyObject *wakeups = PyObject_GetAttr((PyObject *)r, str_wakeups);
-        if (wakeups == NULL)
-            return -1;
-        int must = w >= WIDE_BIT;
-        if (!must) {
-            PyObject *posted = PyObject_GetAttr(wakeups, str_posted_w0);
-            if (posted == NULL) {
-                Py_DECREF(wakeups);
-                return -1;
-            }
-            unsigned long long p = PyLong_AsUnsignedLongLong(posted);
-            Py_DECREF(posted);
-            if (p == (unsigned long long)-1 && PyErr_Occurred()) {
-                Py_DECREF(wakeups);
-                return -1;
-            }
-            must = w != p;
-        }
-        if (must) {
-            PyObject *res = PyObject_CallMethodNoArgs(wakeups, str_wake);
-            Py_DECREF(wakeups);
-            if (res == NULL)
-                return -1;
-            Py_DECREF(res);
-        } else {
-            Py_DECREF(wakeups);
-        }
-    }
+    if (wake_after_commit((PyObject *)r, r->m.mem, str_wakeups, str_posted_w0, str_wake) < 0)
+        return -1;
     PyObject *hook = PyObject_GetAttr((PyObject *)r, str_on_commit);
     if (hook == NULL)
         return -1;

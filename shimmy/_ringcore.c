@@ -215,42 +215,10 @@ static inline char *writer_frame(WriterCore *w, uint64_t tail, uint64_t limit, P
     return frame;
 }
 
-/* After a commit: the wake-up handshake (ring.RingWriter._commit, "SYNC POINT (wake-up)").
- * Store tail (done by the caller), FENCE, load the waiting bytes; post sleepers through the
- * Python Wakeups object only when the word differs from the one last scanned. */
+/* After a commit: the wake-up handshake (ring.RingWriter._commit, "SYNC POINT (wake-up)"),
+ * the tail stored by the caller. */
 static int writer_after_commit(WriterCore *w) {
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    uint64_t waiting = LOAD_RLX(w->m.mem + OFF_WAITING);
-    if (!waiting)
-        return 0;
-    PyObject *wakeups = PyObject_GetAttr((PyObject *)w, str_wakeups);
-    if (wakeups == NULL)
-        return -1;
-    int must = waiting >= WIDE_BIT;
-    if (!must) {
-        PyObject *posted = PyObject_GetAttr(wakeups, str_posted_w0);
-        if (posted == NULL) {
-            Py_DECREF(wakeups);
-            return -1;
-        }
-        unsigned long long p = PyLong_AsUnsignedLongLong(posted);
-        Py_DECREF(posted);
-        if (p == (unsigned long long)-1 && PyErr_Occurred()) {
-            Py_DECREF(wakeups);
-            return -1;
-        }
-        must = waiting != p;
-    }
-    if (must) {
-        PyObject *r = PyObject_CallMethodNoArgs(wakeups, str_wake);
-        Py_DECREF(wakeups);
-        if (r == NULL)
-            return -1;
-        Py_DECREF(r);
-        return 0;
-    }
-    Py_DECREF(wakeups);
-    return 0;
+    return wake_after_commit((PyObject *)w, w->m.mem, str_wakeups, str_posted_w0, str_wake);
 }
 
 /* Borrow the bytes of ``data`` without copying: bytes objects directly, anything else through

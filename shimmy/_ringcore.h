@@ -114,4 +114,42 @@ static inline PyObject *core_detach(PyObject *self, PyObject *unused) {
 /* Bytes a frame with an ``n``-byte payload occupies (ring.frame_size). */
 static inline uint64_t frame_size(uint64_t n) { return (n + HEADER + 15) & ~(uint64_t)15; }
 
+/* After a commit's tail store, the wake-up handshake (spec/ring.md, "Wake-up protocol"): FENCE,
+ * load the waiting bytes, and post the sleepers through the Python Wakeups object at
+ * ``owner.<wakeups_attr>`` only when the word differs from the one it scanned last (its
+ * ``posted_w0``) or the wide byte says slots past the first word exist.  The ring's writer
+ * (_ringcore.c) and a replica's (_relaycore.c) both end their commits here.  0, or -1 with a
+ * Python error set. */
+static inline int wake_after_commit(PyObject *owner, const char *mem, PyObject *wakeups_attr,
+                                    PyObject *posted_attr, PyObject *wake_attr) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint64_t waiting = LOAD_RLX(mem + OFF_WAITING);
+    if (!waiting)
+        return 0;
+    PyObject *wakeups = PyObject_GetAttr(owner, wakeups_attr);
+    if (wakeups == NULL)
+        return -1;
+    int must = waiting >= WIDE_BIT;
+    if (!must) {
+        PyObject *posted = PyObject_GetAttr(wakeups, posted_attr);
+        if (posted == NULL) {
+            Py_DECREF(wakeups);
+            return -1;
+        }
+        unsigned long long p = PyLong_AsUnsignedLongLong(posted);
+        Py_DECREF(posted);
+        if (p == (unsigned long long)-1 && PyErr_Occurred()) {
+            Py_DECREF(wakeups);
+            return -1;
+        }
+        must = waiting != p;
+    }
+    PyObject *r = must ? PyObject_CallMethodNoArgs(wakeups, wake_attr) : Py_NewRef(Py_None);
+    Py_DECREF(wakeups);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 #endif

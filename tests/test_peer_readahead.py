@@ -33,6 +33,18 @@ def _frames(seq: int, sizes: list[int], rnd: random.Random) -> bytes:
     return bytes(out)
 
 
+def _add_batch(stream: bytearray, expect: bytearray, pos: int, seq: int, sizes: list[int],
+               rnd: random.Random) -> tuple[int, int]:
+    """Append one batch (PUT, its frames, COMMIT) of messages of ``sizes`` at ``pos``, numbered
+    from ``seq``, to ``stream`` (its frames to ``expect``); return the next ``(pos, seq)``."""
+    blob = _frames(seq, sizes, rnd)
+    last = pos + len(blob) - ring.frame_size(sizes[-1])
+    stream += tcp.HDR.pack(tcp.K_PUT, MID, pos, pos + len(blob), 0, 0) + blob
+    stream += tcp.HDR.pack(tcp.K_COMMIT, MID, pos + len(blob), last, 0, 0)
+    expect += blob
+    return pos + len(blob), seq + len(sizes)
+
+
 def test_reader_lands_every_byte_whatever_the_segmentation():
     rnd = random.Random(19)
     mm = mmap.mmap(-1, ring.segment_size(CAP, 4))
@@ -49,13 +61,7 @@ def test_reader_lands_every_byte_whatever_the_segmentation():
         big = b % 7 == 3
         sizes = [rnd.randrange(tcp.READ_AHEAD, 3 * tcp.READ_AHEAD)] if big else \
             [rnd.randrange(0, 300) for _ in range(rnd.randrange(1, 6))]
-        blob = _frames(seq, sizes, rnd)
-        last = pos + len(blob) - ring.frame_size(sizes[-1])
-        stream += tcp.HDR.pack(tcp.K_PUT, MID, pos, pos + len(blob), 0, 0) + blob
-        stream += tcp.HDR.pack(tcp.K_COMMIT, MID, pos + len(blob), last, 0, 0)
-        expect += blob
-        pos += len(blob)
-        seq += len(sizes)
+        pos, seq = _add_batch(stream, expect, pos, seq, sizes, rnd)
         if b % 5 == 0:
             payload = msgpack.packb({"t": "note", "n": b, "pad": "x" * rnd.randrange(0, 2000)})
             stream += tcp.HDR.pack(tcp.K_CTRL, 0, len(payload), 0, 0, 0) + payload
@@ -126,13 +132,7 @@ def test_buffered_small_batches_land_without_the_python_put():
     for _ in range(200):          # ~50 KiB in all: well inside the ring, no wrap
         sizes = [rnd.randrange(0, 120) for _ in range(rnd.randrange(1, 4))]
         first = first or len(sizes)
-        blob = _frames(seq, sizes, rnd)
-        last = pos + len(blob) - ring.frame_size(sizes[-1])
-        stream += tcp.HDR.pack(tcp.K_PUT, MID, pos, pos + len(blob), 0, 0) + blob
-        stream += tcp.HDR.pack(tcp.K_COMMIT, MID, pos + len(blob), last, 0, 0)
-        expect += blob
-        pos += len(blob)
-        seq += len(sizes)
+        pos, seq = _add_batch(stream, expect, pos, seq, sizes, rnd)
     a, b = socket.socketpair()
     a.settimeout(5)
     link = tcp.Link(a, "dst", "src", "pair", False, 1 << 20, 5.0)

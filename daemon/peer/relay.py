@@ -12,22 +12,13 @@ a drift refuses it instead of corrupting a replica.
 
 from __future__ import annotations
 
-import importlib
-import os
 from typing import Any
 
-from shimmy.ring import layout
-from shimmy.ring.native import check_layout
+from shimmy.ring import layout, native
 
 from . import tcp
 
-_core: Any
-try:
-    if os.environ.get("SHIMMY_PURE_PYTHON"):
-        raise ImportError("SHIMMY_PURE_PYTHON is set")
-    _core = importlib.import_module("shimmy._relaycore")
-except ImportError:
-    _core = None
+_core: Any = native.load("shimmy._relaycore")
 ACCELERATED = _core is not None
 
 
@@ -53,5 +44,5 @@ if _core is not None:
     _expected.update(HDR_SIZE=tcp.HDR.size, K_PUT=tcp.K_PUT, K_COMMIT=tcp.K_COMMIT,
                      PUMP_PYTHON=PUMP_PYTHON, PUMP_RETIRED=PUMP_RETIRED,
                      PUMP_STOPPED=PUMP_STOPPED, PUMP_FAILED=PUMP_FAILED, PUMP_CLOSED=PUMP_CLOSED)
-    check_layout({name: getattr(_core, name, -1) for name in _expected}, _expected,
+    native.check_layout({name: getattr(_core, name, -1) for name in _expected}, _expected,
                  "shimmy._relaycore")

@@ -18,13 +18,18 @@ from typing import Any
 # and keep every other path, and the reference version of each fast path (``_publish_py``,
 # ``_take_bytes_py``, ...), here.  Built at install time where a C compiler is found; without it,
 # or with SHIMMY_PURE_PYTHON=1 in the environment, the Python versions are the fast paths.
-_core: Any
-try:
+def load(module: str) -> Any:
+    """The C module ``module``, or None where it is not built or SHIMMY_PURE_PYTHON=1 asks for
+    the Python versions (of this module's paths and of the peer relay's, daemon/peer/relay.py)."""
     if os.environ.get("SHIMMY_PURE_PYTHON"):
-        raise ImportError("SHIMMY_PURE_PYTHON is set")
-    _core = importlib.import_module("shimmy._ringcore")
-except ImportError:
-    _core = None
+        return None
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+_core: Any = load("shimmy._ringcore")
 ACCELERATED = _core is not None
 _WriterBase: Any = _core.WriterCore if _core else object
 _ReaderBase: Any = _core.ReaderCore if _core else object
