@@ -416,6 +416,19 @@ static int no_room(ring_writer *w, uint64_t end, double timeout) {
                     (unsigned long long)(end - w->tail), timeout);
 }
 
+/* One look of the room wait: 0 a frame ending at `end` fits above the slowest position (in
+ * *floor), 1 not yet, < 0 an error (the ring was retired, or a slot lies). */
+static int room_check(ring_writer *w, uint64_t end, uint64_t *floor) {
+    int rc = min_position(w, floor);
+    if (rc < 0)
+        return rc;
+    if (end - *floor <= w->seg->cap)
+        return 0;
+    if (ld_rlx(w->seg->mem + OFF_RETIRED))
+        return closed_error(w);
+    return 1;
+}
+
 /* RingWriter._poll_for_space: wait_for_space without a room semaphore. */
 static int poll_for_space(ring_writer *w, uint64_t end, double timeout, uint64_t *floor) {
     double now = mono_now();
@@ -423,13 +436,9 @@ static int poll_for_space(ring_writer *w, uint64_t end, double timeout, uint64_t
     double fast_until = now + ROOM_POLL_FAST_FOR;
     double delay = 20e-6;
     for (;;) {
-        int rc = min_position(w, floor);
-        if (rc < 0)
+        int rc = room_check(w, end, floor);
+        if (rc <= 0)
             return rc;
-        if (end - *floor <= w->seg->cap)
-            return 0;
-        if (ld_rlx(w->seg->mem + OFF_RETIRED))
-            return closed_error(w);
         now = mono_now();
         if (deadline >= 0 && now >= deadline)
             return no_room(w, end, timeout);
@@ -450,13 +459,9 @@ static int sleep_for_space(ring_writer *w, uint64_t end, double timeout, uint64_
     double deadline = timeout < 0 ? -1 : mono_now() + timeout;
     for (;;) {
         atomic_thread_fence(memory_order_seq_cst);   /* SYNC POINT (room wait, publisher side) */
-        int rc = min_position(w, floor);
-        if (rc < 0)
+        int rc = room_check(w, end, floor);
+        if (rc <= 0)
             return rc;
-        if (end - *floor <= w->seg->cap)
-            return 0;
-        if (ld_rlx(w->seg->mem + OFF_RETIRED))
-            return closed_error(w);
         double wait = w->backoff_max;
         if (deadline >= 0) {
             double left = deadline - mono_now();
