@@ -416,9 +416,9 @@ static int no_room(ring_writer *w, uint64_t end, double timeout) {
                     (unsigned long long)(end - w->tail), timeout);
 }
 
-/* One look of the room wait: 0 a frame ending at `end` fits above the slowest position (in
- * *floor), 1 not yet, < 0 an error (the ring was retired, or a slot lies). */
-static int room_check(ring_writer *w, uint64_t end, uint64_t *floor) {
+/* RingWriter._room_look, one look of the room wait: 0 a frame ending at `end` fits above the
+ * slowest position (in *floor), 1 not yet, < 0 an error (the ring was retired, or a slot lies). */
+static int room_look(ring_writer *w, uint64_t end, uint64_t *floor) {
     int rc = min_position(w, floor);
     if (rc < 0)
         return rc;
@@ -436,7 +436,7 @@ static int poll_for_space(ring_writer *w, uint64_t end, double timeout, uint64_t
     double fast_until = now + ROOM_POLL_FAST_FOR;
     double delay = 20e-6;
     for (;;) {
-        int rc = room_check(w, end, floor);
+        int rc = room_look(w, end, floor);
         if (rc <= 0)
             return rc;
         now = mono_now();
@@ -459,7 +459,7 @@ static int sleep_for_space(ring_writer *w, uint64_t end, double timeout, uint64_
     double deadline = timeout < 0 ? -1 : mono_now() + timeout;
     for (;;) {
         atomic_thread_fence(memory_order_seq_cst);   /* SYNC POINT (room wait, publisher side) */
-        int rc = room_check(w, end, floor);
+        int rc = room_look(w, end, floor);
         if (rc <= 0)
             return rc;
         double wait = w->backoff_max;

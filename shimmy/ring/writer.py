@@ -464,11 +464,9 @@ class RingWriter(_WriterBase):
         try:
             while True:
                 fence()
-                floor = self.min_position()
-                if end - floor <= cap:
+                floor = self._room_look(end)
+                if floor is not None:
                     return floor
-                if self.v.retired():
-                    self._closed()
                 wait = bound
                 if deadline is not None:
                     left = deadline - time.monotonic()
@@ -492,16 +490,24 @@ class RingWriter(_WriterBase):
         fast_until = now + ROOM_POLL_FAST_FOR
         delay = 0.000_02
         while True:
-            floor = self.min_position()
-            if end - floor <= self._cap:
+            floor = self._room_look(end)
+            if floor is not None:
                 return floor
-            if self.v.retired():
-                self._closed()
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise self._no_room(end, timeout)
             time.sleep(delay if deadline is None else min(delay, max(deadline - now, 0)))
             delay = min(delay * 2, ROOM_POLL_FAST if now < fast_until else self._backoff_max)
+
+    def _room_look(self, end: int) -> int | None:
+        """One look of the room wait: the slowest position when a frame ending at ``end`` fits
+        above it, else None; raises when the ring was retired."""
+        floor = self.min_position()
+        if end - floor <= self._cap:
+            return floor
+        if self.v.retired():
+            self._closed()
+        return None
 
     def _no_room(self, end: int, timeout: float | None) -> BackpressureTimeout:
         return BackpressureTimeout(
